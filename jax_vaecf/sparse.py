@@ -1,0 +1,107 @@
+"""Padded sparse user-item batches: the one format that crosses the host/device line.
+
+A batch of ``B`` users over ``n_items`` items is carried as a padded coordinate list
+(COO) of fixed length ``nnz``:
+
+* ``rows``: int32 ``(nnz,)``, the row of each entry inside the batch, in ``[0, B)``;
+* ``cols``: int32 ``(nnz,)``, the item index of each entry, in ``[0, n_items)``;
+* ``vals``: float32 ``(nnz,)``, the value of each entry; ``0`` marks padding;
+* ``row_mask``: float32 ``(B,)``, ``1`` for real users, ``0`` for padding rows.
+
+Padding entries point at ``(0, 0)`` with value 0, so scatter-adding them is a no-op and
+they never need to be removed. ``nnz`` comes from a small set of bucket sizes, so jit
+compiles a handful of shapes, never one per batch. The dense ``(B, n_items)`` matrix is
+only ever built on the device, inside a jitted function, by :func:`densify`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class SparseBatch(NamedTuple):
+  """Padded COO rows of a user-item matrix (see the module docstring)."""
+
+  rows: jax.Array  # int32 (nnz,)
+  cols: jax.Array  # int32 (nnz,)
+  vals: jax.Array  # float32 (nnz,)
+  row_mask: jax.Array  # float32 (B,)
+
+  @property
+  def batch_size(self) -> int:
+    return self.row_mask.shape[-1]
+
+
+class EvalBatch(NamedTuple):
+  """Held-out users: the fold-in items fed to the model and the items to predict.
+
+  Both halves share ``row_mask`` and the row numbering.
+  """
+
+  fold_in: SparseBatch
+  heldout: SparseBatch
+
+
+def densify(batch: SparseBatch, n_items: int, dtype=jnp.float32) -> jax.Array:
+  """Scatters a padded sparse batch into a dense ``(B, n_items)`` array of ``dtype``.
+
+  Duplicate coordinates add up; padding entries add 0 at ``(0, 0)``.
+  """
+  out = jnp.zeros((batch.batch_size, n_items), dtype)
+  return out.at[batch.rows, batch.cols].add(batch.vals.astype(dtype), mode="drop")
+
+
+def check_sparse_batch(batch: SparseBatch, n_items: int | None = None) -> None:
+  """Raises ``ValueError`` when a batch's shapes or dtypes break the contract.
+
+  Checks shapes and dtypes only (they are static under jit); on concrete host arrays it
+  also checks that every index is in range.
+  """
+  rows, cols, vals, mask = batch
+  for name, a in (("rows", rows), ("cols", cols), ("vals", vals), ("row_mask", mask)):
+    if not hasattr(a, "shape"):
+      raise ValueError(f"SparseBatch.{name}: expected an array, got {type(a).__name__}")
+  if rows.ndim != 1 or cols.shape != rows.shape or vals.shape != rows.shape:
+    raise ValueError(
+        "SparseBatch: rows, cols and vals must be 1-D of one length, got shapes "
+        f"{rows.shape}, {cols.shape}, {vals.shape}")
+  if mask.ndim != 1:
+    raise ValueError(f"SparseBatch.row_mask: expected shape (B,), got {mask.shape}")
+  for name, a in (("rows", rows), ("cols", cols)):
+    if not jnp.issubdtype(a.dtype, jnp.integer):
+      raise ValueError(f"SparseBatch.{name}: expected an integer dtype, got {a.dtype}")
+  if isinstance(rows, np.ndarray) and rows.size:
+    if rows.min() < 0 or rows.max() >= mask.shape[0]:
+      raise ValueError(
+          f"SparseBatch.rows: expected values in [0, {mask.shape[0]}), got "
+          f"[{rows.min()}, {rows.max()}]")
+    if n_items is not None and (cols.min() < 0 or cols.max() >= n_items):
+      raise ValueError(
+          f"SparseBatch.cols: expected values in [0, {n_items}), got "
+          f"[{cols.min()}, {cols.max()}]")
+
+
+def from_dense(x: np.ndarray, nnz: int | None = None,
+               row_mask: np.ndarray | None = None) -> SparseBatch:
+  """Host-side helper: a dense ``(B, n_items)`` numpy array as a padded SparseBatch.
+
+  Used by tests and small examples; the data pipeline builds batches from CSR directly.
+  """
+  x = np.asarray(x)
+  if x.ndim != 2:
+    raise ValueError(f"from_dense: expected a (B, n_items) array, got shape {x.shape}")
+  r, c = np.nonzero(x)
+  n = r.size if nnz is None else nnz
+  if n < r.size:
+    raise ValueError(f"from_dense: nnz={nnz} is smaller than the {r.size} non-zeros")
+  rows = np.zeros(n, np.int32)
+  cols = np.zeros(n, np.int32)
+  vals = np.zeros(n, np.float32)
+  rows[:r.size], cols[:r.size], vals[:r.size] = r, c, x[r, c]
+  mask = np.ones(x.shape[0], np.float32) if row_mask is None else np.asarray(
+      row_mask, np.float32)
+  return SparseBatch(rows, cols, vals, mask)
