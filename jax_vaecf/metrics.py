@@ -1,0 +1,146 @@
+"""Top-k ranking metrics with the paper's definitions, computed on device.
+
+For a user with held-out set ``T`` (``n = |T|``) and ranking ``r_1, r_2, ...`` of all
+items not in the user's fold-in set, by descending score (ties: lower item index first,
+as ``jax.lax.top_k``):
+
+* ``NDCG@k = sum_{j<=k} [r_j in T] / log2(j + 1)  /  sum_{j<=min(k, n)} 1 / log2(j + 1)``
+* ``Recall@k = |{r_1..r_k} & T| / min(k, n)`` (the paper's; it reaches 1 for every user)
+* ``RecallN@k = |{r_1..r_k} & T| / n`` (the LightGCN / NGCF papers' recall)
+
+Every function returns per-user values ``(B,)`` so callers can average, weight or
+bootstrap, together with ``valid`` ``(B,)``: users with no held-out items (and padded
+rows) get value 0 and ``valid = False``, and must be left out of averages.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+
+def _check(scores: Array, heldout: Array, fold_in: Array | None, k: int) -> None:
+  if scores.ndim != 2:
+    raise ValueError(f"scores: expected shape (B, n_items), got {scores.shape}")
+  if heldout.shape != scores.shape:
+    raise ValueError(f"heldout: expected shape {scores.shape}, got {heldout.shape}")
+  if fold_in is not None and fold_in.shape != scores.shape:
+    raise ValueError(f"fold_in: expected shape {scores.shape}, got {fold_in.shape}")
+  if not isinstance(k, (int, np.integer)) or k < 1:
+    raise ValueError(f"k must be a positive int, got {k!r}")
+  if k > scores.shape[1]:
+    raise ValueError(f"k={k} is larger than the number of items ({scores.shape[1]})")
+
+
+def mask_fold_in(scores: Array, fold_in: Array | None) -> Array:
+  """Scores as float32 with the fold-in items (``fold_in > 0``) set to ``-inf``."""
+  scores = scores.astype(jnp.float32)
+  if fold_in is None:
+    return scores
+  return jnp.where(fold_in > 0, -jnp.inf, scores)
+
+
+def _discounts(k: int) -> Array:
+  return 1.0 / jnp.log2(jnp.arange(2, k + 2, dtype=jnp.float32))
+
+
+def ranking_metrics(scores: Array, heldout: Array, fold_in: Array | None = None,
+                    ks: Iterable[int] = (20, 50, 100),
+                    row_mask: Array | None = None) -> dict[str, Array]:
+  """NDCG@k, Recall@k and RecallN@k for several ``k`` from one ``top_k``.
+
+  Args:
+    scores: ``(B, n_items)`` model scores (logits), any float dtype.
+    heldout: ``(B, n_items)``, non-zero where an item is held out (to be predicted).
+    fold_in: ``(B, n_items)`` or ``None``, non-zero where an item was given to the model;
+      those items are removed from the ranking.
+    ks: cut-offs, each in ``[1, n_items]``.
+    row_mask: ``(B,)`` or ``None``; rows with 0 are padding and are marked invalid.
+
+  Returns:
+    ``{'ndcg@k': (B,), 'recall@k': (B,), 'recalln@k': (B,), ..., 'valid': bool (B,),
+    'n_heldout': int32 (B,)}``.
+  """
+  ks = sorted(set(int(k) for k in ks))
+  if not ks:
+    raise ValueError("ks must name at least one cut-off")
+  _check(scores, heldout, fold_in, ks[-1])
+  kmax = ks[-1]
+  hit_matrix = heldout > 0
+  _, top = jax.lax.top_k(mask_fold_in(scores, fold_in), kmax)  # (B, kmax)
+  hits = jnp.take_along_axis(hit_matrix, top, axis=1).astype(jnp.float32)
+  n_heldout = jnp.sum(hit_matrix, axis=1, dtype=jnp.int32)
+  valid = n_heldout > 0
+  if row_mask is not None:
+    valid = valid & (row_mask > 0)
+  n_f = n_heldout.astype(jnp.float32)
+  disc = _discounts(kmax)
+  cum_disc = jnp.cumsum(disc)
+  out: dict[str, Array] = {"valid": valid, "n_heldout": n_heldout}
+  for k in ks:
+    h = hits[:, :k]
+    dcg = h @ disc[:k]
+    n_ideal = jnp.clip(n_heldout, 1, k)
+    idcg = cum_disc[n_ideal - 1]
+    n_hits = jnp.sum(h, axis=1)
+    out[f"ndcg@{k}"] = jnp.where(valid, dcg / idcg, 0.0)
+    out[f"recall@{k}"] = jnp.where(valid, n_hits / jnp.minimum(float(k), jnp.maximum(n_f, 1.0)), 0.0)
+    out[f"recalln@{k}"] = jnp.where(valid, n_hits / jnp.maximum(n_f, 1.0), 0.0)
+  return out
+
+
+def ndcg_at_k(scores: Array, heldout: Array, k: int = 100,
+              fold_in: Array | None = None) -> tuple[Array, Array]:
+  """Per-user NDCG@k ``(B,)`` and ``valid`` ``(B,)`` (see the module docstring)."""
+  m = ranking_metrics(scores, heldout, fold_in, (k,))
+  return m[f"ndcg@{k}"], m["valid"]
+
+
+def recall_at_k(scores: Array, heldout: Array, k: int = 20,
+                fold_in: Array | None = None) -> tuple[Array, Array]:
+  """Per-user Recall@k ``(B,)`` (divided by ``min(k, n)``) and ``valid`` ``(B,)``."""
+  m = ranking_metrics(scores, heldout, fold_in, (k,))
+  return m[f"recall@{k}"], m["valid"]
+
+
+class MetricAccumulator:
+  """Host-side accumulation of per-user metrics over batches.
+
+  ``add`` takes the dict returned by :func:`ranking_metrics` (device or numpy arrays);
+  ``result`` returns the mean and standard error of each metric over valid users, the
+  number of users counted and the number excluded for having no held-out items.
+  """
+
+  def __init__(self):
+    self._values: dict[str, list[np.ndarray]] = {}
+    self._excluded = 0
+
+  def add(self, batch_metrics: Mapping[str, Array], row_mask: Array | None = None) -> None:
+    valid = np.asarray(batch_metrics["valid"]).astype(bool)
+    real = np.ones_like(valid) if row_mask is None else np.asarray(row_mask) > 0
+    self._excluded += int(np.sum(real & ~valid))
+    valid = valid & real
+    for name, v in batch_metrics.items():
+      if name in ("valid", "n_heldout"):
+        continue
+      self._values.setdefault(name, []).append(np.asarray(v, np.float64)[valid])
+
+  def per_user(self) -> dict[str, np.ndarray]:
+    """Each metric's values for the counted users, in the order they were added."""
+    return {k: np.concatenate(v) for k, v in self._values.items()}
+
+  def result(self) -> dict[str, float]:
+    out: dict[str, float] = {}
+    n = 0
+    for name, values in self.per_user().items():
+      n = values.size
+      out[name] = float(values.mean()) if n else float("nan")
+      out[name + "_se"] = float(values.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+    out["n_users"] = n
+    out["n_excluded"] = self._excluded
+    return out

@@ -1,0 +1,260 @@
+"""Mult-VAE and Mult-DAE (Liang et al., "Variational Autoencoders for Collaborative
+Filtering", WWW 2018) as Flax Linen modules.
+
+Both models take a batch of users' interaction rows, either dense ``(B, n_items)`` or a
+padded :class:`jax_vaecf.sparse.SparseBatch`, and return float32 logits over all items.
+The sparse path computes the first layer as a gather-and-sum over each user's items, so
+the input side of a batch is never dense; it is the same function as the dense path
+(see ``tests/test_model.py``).
+
+Architecture, exactly as the paper's code (github dawenl/vae_cf):
+
+* input rows L2-normalised per user (``x / sqrt(max(sum x^2, 1e-12))``), then dropout
+  (rate 0.5, training only, kept entries scaled by ``1 / (1 - rate)``);
+* Mult-VAE encoder ``[n_items, 600, 2 * 200]`` with tanh between layers; the last layer's
+  output is split into the posterior mean and log-variance;
+* ``z = mu + eps * exp(logvar / 2)`` when training, ``z = mu`` when evaluating;
+* decoder ``[200, 600, n_items]`` with tanh hidden layers and linear logits;
+* Mult-DAE: ``[n_items, 200, n_items]`` with tanh, no posterior;
+* weights Glorot-uniform, biases truncated normal with stddev 0.001.
+
+Precision: parameters are stored in ``param_dtype`` (float32); each matmul runs in
+``dtype`` (float32, bfloat16 or float16) and accumulates into float32; hidden activations
+are cast back to ``dtype``; logits, ``mu`` and ``logvar`` are always float32.
+
+RNG streams: ``'dropout'`` (input dropout) and ``'noise'`` (reparameterisation), used
+only when ``train=True``. Masks and noise are functions of each user's global row
+(``row_offset + local row``) and item (:mod:`jax_vaecf.random`), so the dense and sparse
+paths, and one device or many, draw the same ones from the same keys.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jax_vaecf import random as random_lib
+from jax_vaecf import sparse as sparse_lib
+
+Array = jax.Array
+Input = Any  # Array (B, n_items) or sparse_lib.SparseBatch
+
+_L2_EPS = 1e-12  # tf.nn.l2_normalize's epsilon, as in the paper's code.
+kernel_init = nn.initializers.glorot_uniform()
+bias_init = nn.initializers.truncated_normal(stddev=0.001)
+
+
+class ModelOutput(NamedTuple):
+  """What a model returns.
+
+  Attributes:
+    logits: float32 ``(B, n_items)``, unnormalised scores over all items.
+    mu: float32 ``(B, latent_dim)``, posterior mean (``None`` for Mult-DAE).
+    logvar: float32 ``(B, latent_dim)``, posterior log-variance (``None`` for Mult-DAE).
+  """
+
+  logits: Array
+  mu: Array | None = None
+  logvar: Array | None = None
+
+
+class Dense(nn.Module):
+  """``y = x @ kernel + bias`` computed in ``dtype``, accumulated and returned in float32."""
+
+  features: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = self.param("kernel", kernel_init, (x.shape[-1], self.features),
+                        self.param_dtype)
+    bias = self.param("bias", bias_init, (self.features,), self.param_dtype)
+    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype),
+                preferred_element_type=jnp.float32)
+    return y + bias.astype(jnp.float32)
+
+
+class InputDense(nn.Module):
+  """The first layer: L2 normalisation, input dropout and ``x @ kernel + bias``.
+
+  Accepts a dense ``(B, n_items)`` array or a :class:`SparseBatch`. For sparse input the
+  matmul is a gather of the kernel rows of each user's items, weighted by the normalised
+  (and dropped-out) values and summed per user: ``O(nnz * features)`` work instead of
+  ``O(B * n_items * features)``. Its gradient with respect to the kernel is a
+  scatter-add over the same rows.
+
+  The dropout mask of entry ``(u, i)`` is a hash of ``(key, row_offset + u, i)``, so both
+  paths drop the same entries.
+  """
+
+  n_items: int
+  features: int
+  dropout_rate: float
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Input, *, train: bool, row_offset=0) -> Array:
+    kernel = self.param("kernel", kernel_init, (self.n_items, self.features),
+                        self.param_dtype)
+    bias = self.param("bias", bias_init, (self.features,), self.param_dtype)
+    keep = 1.0 - self.dropout_rate
+    use_dropout = train and self.dropout_rate > 0.0
+    if isinstance(x, sparse_lib.SparseBatch):
+      vals = x.vals.astype(jnp.float32)
+      sq = jax.ops.segment_sum(vals * vals, x.rows, num_segments=x.batch_size)
+      vals = vals * jax.lax.rsqrt(jnp.maximum(sq, _L2_EPS))[x.rows]
+      if use_dropout:
+        seed = random_lib.key_to_seed(self.make_rng("dropout"))
+        mask = random_lib.keep_mask(seed, x.rows + row_offset, x.cols, keep)
+        vals = jnp.where(mask, vals / keep, 0.0)
+      # A gather-and-sum has no matmul to speed up, so it runs in float32 whatever
+      # `dtype` is.
+      rows_of_kernel = kernel[x.cols].astype(jnp.float32)  # (nnz, features)
+      y = jax.ops.segment_sum(rows_of_kernel * vals[:, None], x.rows,
+                              num_segments=x.batch_size)
+    else:
+      x = x.astype(jnp.float32)
+      sq = jnp.sum(x * x, axis=-1, keepdims=True)
+      x = x * jax.lax.rsqrt(jnp.maximum(sq, _L2_EPS))
+      if use_dropout:
+        seed = random_lib.key_to_seed(self.make_rng("dropout"))
+        rows = jnp.arange(x.shape[0])[:, None] + row_offset
+        mask = random_lib.keep_mask(seed, rows, jnp.arange(x.shape[1])[None, :], keep)
+        x = jnp.where(mask, x / keep, 0.0)
+      y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype),
+                  preferred_element_type=jnp.float32)
+    return y + bias.astype(jnp.float32)
+
+
+def _check_input(x: Input, n_items: int) -> None:
+  if isinstance(x, sparse_lib.SparseBatch):
+    sparse_lib.check_sparse_batch(x, n_items)
+    return
+  if not hasattr(x, "ndim") or x.ndim != 2 or x.shape[-1] != n_items:
+    raise ValueError(
+        f"expected input of shape (batch, n_items={n_items}) or a SparseBatch, got "
+        f"{getattr(x, 'shape', type(x).__name__)}")
+  if not jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != jnp.bool_ and (
+      not jnp.issubdtype(x.dtype, jnp.integer)):
+    raise ValueError(f"expected a numeric input array, got dtype {x.dtype}")
+
+
+class MultVAE(nn.Module):
+  """Mult-VAE: encoder ``[n_items, *hidden_dims, 2 * latent_dim]``, decoder mirrored.
+
+  Attributes:
+    n_items: number of items (input and output width).
+    hidden_dims: encoder hidden widths (paper: ``(600,)``); the decoder uses them reversed.
+    latent_dim: width of the Gaussian latent (paper: 200).
+    dropout_rate: input dropout rate while training (paper: 0.5).
+    dtype: matmul dtype (float32, bfloat16 or float16).
+    param_dtype: parameter dtype (float32).
+  """
+
+  n_items: int
+  hidden_dims: Sequence[int] = (600,)
+  latent_dim: int = 200
+  dropout_rate: float = 0.5
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def setup(self):
+    dims = list(self.hidden_dims) + [2 * self.latent_dim]
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.encoder_in = InputDense(self.n_items, dims[0], self.dropout_rate, **kw)
+    self.encoder = [Dense(d, **kw) for d in dims[1:]]
+    self.decoder = [Dense(d, **kw) for d in list(self.hidden_dims)[::-1] + [self.n_items]]
+
+  def encode(self, x: Input, *, train: bool = False,
+             row_offset=0) -> tuple[Array, Array]:
+    """Returns the posterior ``(mu, logvar)``, each float32 ``(B, latent_dim)``."""
+    _check_input(x, self.n_items)
+    h = self.encoder_in(x, train=train, row_offset=row_offset)
+    for layer in self.encoder:
+      h = layer(jnp.tanh(h).astype(self.dtype))
+    return h[:, :self.latent_dim], h[:, self.latent_dim:]
+
+  def decode(self, z: Array) -> Array:
+    """Maps latents ``(B, latent_dim)`` to float32 logits ``(B, n_items)``."""
+    h = z
+    for i, layer in enumerate(self.decoder):
+      if i:
+        h = jnp.tanh(h)
+      h = layer(h.astype(self.dtype))
+    return h
+
+  def __call__(self, x: Input, *, train: bool = False, row_offset=0) -> ModelOutput:
+    """Logits and posterior of a batch.
+
+    Args:
+      x: dense ``(B, n_items)`` rows or a :class:`SparseBatch`.
+      train: draw dropout and posterior noise (needs rngs ``'dropout'`` and ``'noise'``).
+      row_offset: global position of this batch's first row (data-parallel shards).
+    """
+    mu, logvar = self.encode(x, train=train, row_offset=row_offset)
+    z = mu
+    if train:
+      rows = jnp.arange(mu.shape[0]) + row_offset
+      eps = random_lib.row_normal(self.make_rng("noise"), rows, self.latent_dim)
+      z = mu + eps * jnp.exp(0.5 * logvar)
+    return ModelOutput(self.decode(z), mu, logvar)
+
+
+class MultDAE(nn.Module):
+  """Mult-DAE: ``[n_items, *hidden_dims, n_items]`` with tanh hidden layers.
+
+  Attributes:
+    n_items: number of items.
+    hidden_dims: hidden widths (paper: ``(200,)``).
+    dropout_rate: input dropout rate while training (paper: 0.5).
+    dtype, param_dtype: as for :class:`MultVAE`.
+  """
+
+  n_items: int
+  hidden_dims: Sequence[int] = (200,)
+  dropout_rate: float = 0.5
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def setup(self):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    dims = list(self.hidden_dims)
+    self.encoder_in = InputDense(self.n_items, dims[0], self.dropout_rate, **kw)
+    self.layers = [Dense(d, **kw) for d in dims[1:] + [self.n_items]]
+
+  def __call__(self, x: Input, *, train: bool = False, row_offset=0) -> ModelOutput:
+    """Logits of a batch (arguments as :meth:`MultVAE.__call__`)."""
+    _check_input(x, self.n_items)
+    h = self.encoder_in(x, train=train, row_offset=row_offset)
+    for layer in self.layers:
+      h = layer(jnp.tanh(h).astype(self.dtype))
+    return ModelOutput(h)
+
+
+def build_model(name: str, n_items: int, *, hidden_dims: Sequence[int] | None = None,
+                latent_dim: int = 200, dropout_rate: float = 0.5,
+                dtype: Any = jnp.float32) -> nn.Module:
+  """Returns ``MultVAE`` (``name='multvae'``) or ``MultDAE`` (``'multdae'``).
+
+  ``hidden_dims=None`` picks the paper's widths: ``(600,)`` for Mult-VAE, ``(200,)`` for
+  Mult-DAE.
+  """
+  if n_items <= 0:
+    raise ValueError(f"n_items must be positive, got {n_items}")
+  if not 0.0 <= dropout_rate < 1.0:
+    raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
+  if name == "multvae":
+    return MultVAE(n_items, tuple(hidden_dims or (600,)), latent_dim, dropout_rate, dtype)
+  if name == "multdae":
+    return MultDAE(n_items, tuple(hidden_dims or (200,)), dropout_rate, dtype)
+  raise ValueError(f"unknown model {name!r}: expected 'multvae' or 'multdae'")
+
+
+def count_params(params) -> int:
+  """Total number of scalars in a parameter pytree."""
+  return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))

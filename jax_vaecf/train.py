@@ -1,0 +1,236 @@
+"""Train state and the pure ``train_step`` / ``eval_step`` functions.
+
+A step takes a :class:`SparseBatch` of host or device arrays, either one batch (leaves
+``(nnz,)`` and ``(B,)``) or a batch split into ``S`` shards along a leading axis (leaves
+``(S, nnz)`` and ``(S, B / S)``, shard ``s`` holding global rows ``s * B / S ...`` with
+local row ids). Shards are mapped with ``vmap``, so the same function runs on one device,
+under ``jax.jit`` with the shard axis split over a device mesh, or under ``jax.pmap``
+with ``axis_name`` set (then each device sees one shard and gradients are summed with
+``psum``). Densification, when the dense input path is chosen, happens here, on device.
+
+The objective is the mean over the real users of the whole (global) batch:
+``mean_u[nll_u] + beta(step) * mean_u[kl_u] + l2_penalty(params, lam)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from jax_vaecf import losses
+from jax_vaecf import metrics as metrics_lib
+from jax_vaecf import model as model_lib
+from jax_vaecf import precision
+from jax_vaecf import sparse as sparse_lib
+
+Array = jax.Array
+INPUT_FORMATS = ("sparse", "dense")
+
+
+class TrainState(struct.PyTreeNode):
+  """Everything a training run carries from step to step.
+
+  Attributes:
+    step: int32 scalar, number of updates applied.
+    params: model parameters (float32 pytree).
+    opt_state: optax state.
+    key: PRNG key data, uint32 ``(2,)``; step ``t`` uses ``fold_in(key, t)``.
+    loss_scale: :class:`jax_vaecf.precision.LossScale` (constant 1 unless fp16).
+  """
+
+  step: Array
+  params: Any
+  opt_state: Any
+  key: Array
+  loss_scale: precision.LossScale
+
+
+def make_optimizer(learning_rate: float = 1e-3, b1: float = 0.9, b2: float = 0.999,
+                   eps: float = 1e-8) -> optax.GradientTransformation:
+  """Adam, as the paper (TensorFlow's defaults)."""
+  if learning_rate <= 0:
+    raise ValueError(f"learning rate must be positive, got {learning_rate}")
+  return optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
+
+
+def init_params(model: nn.Module, key: Array) -> Any:
+  """Initial parameters of ``model`` (shapes depend only on ``model.n_items``)."""
+  x = jnp.zeros((1, model.n_items), jnp.float32)
+  return model.init({"params": key}, x, train=False)["params"]
+
+
+def create_train_state(model: nn.Module, optimizer: optax.GradientTransformation,
+                       key: Array, *, loss_scaling: bool = False) -> TrainState:
+  """A fresh state: parameters from ``key``, a data-independent step key derived from it."""
+  key = jnp.asarray(key)
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.key_data(key)
+  init_key, step_key = jax.random.split(key)
+  params = init_params(model, init_key)
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=optimizer.init(params),
+      key=step_key,
+      loss_scale=precision.init_loss_scale(loss_scaling))
+
+
+def _with_shard_axis(batch):
+  """Adds a leading shard axis of 1 to an unsharded batch."""
+  rows = batch.fold_in.rows if isinstance(batch, sparse_lib.EvalBatch) else batch.rows
+  if rows.ndim == 1:
+    return jax.tree_util.tree_map(lambda a: a[None], batch)
+  if rows.ndim != 2:
+    raise ValueError(f"batch leaves must be (nnz,) or (shards, nnz), got {rows.shape}")
+  return batch
+
+
+def _check_format(input_format: str) -> None:
+  if input_format not in INPUT_FORMATS:
+    raise ValueError(f"unknown input format {input_format!r}: expected {INPUT_FORMATS}")
+
+
+def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
+                    beta_schedule: Callable[[Array], Array], *, lam: float = 0.0,
+                    input_format: str = "sparse", axis_name: str | None = None,
+                    loss_scaling: bool = False, loss_scale_period: int = 2000
+                    ) -> Callable[[TrainState, sparse_lib.SparseBatch],
+                                  tuple[TrainState, dict[str, Array]]]:
+  """Builds ``train_step(state, batch) -> (state, metrics)``, a pure function to jit.
+
+  Args:
+    model: a :class:`MultVAE` or :class:`MultDAE`.
+    optimizer: e.g. :func:`make_optimizer`.
+    beta_schedule: KL weight as a function of ``state.step`` (ignored by Mult-DAE).
+    lam: L2 weight (:func:`jax_vaecf.losses.l2_penalty`).
+    input_format: ``'sparse'`` (first layer as gather-and-sum, loss from gathered
+      logits) or ``'dense'`` (densify on device, plain matmul and log-softmax). Same math.
+    axis_name: the ``pmap`` axis name when run under ``jax.pmap``, else ``None``.
+    loss_scaling: dynamic loss scaling (fp16): non-finite steps are skipped and the
+      scale lowered (:mod:`jax_vaecf.precision`). Needs a state made with
+      ``create_train_state(..., loss_scaling=True)``.
+    loss_scale_period: finite steps before a dynamic loss scale doubles.
+
+  Returns:
+    The step. ``metrics`` holds float32 scalars ``loss``, ``nll``, ``kl``, ``beta``,
+    ``n_users``, ``loss_scale`` and int32 ``skipped_steps``.
+  """
+  _check_format(input_format)
+  if lam < 0:
+    raise ValueError(f"lam must be >= 0, got {lam}")
+  is_vae = isinstance(model, model_lib.MultVAE)
+  n_items = model.n_items
+
+  def shard_sums(params, shard, key, row_offset):
+    x = shard if input_format == "sparse" else sparse_lib.densify(shard, n_items)
+    dropout_key, noise_key = jax.random.split(key)
+    out = model.apply({"params": params}, x, train=True, row_offset=row_offset,
+                      rngs={"dropout": dropout_key, "noise": noise_key})
+    if input_format == "sparse":
+      nll = losses.multinomial_nll_sparse(out.logits, shard)
+    else:
+      nll = losses.multinomial_nll(out.logits, x)
+    kl = losses.gaussian_kl(out.mu, out.logvar) if is_vae else jnp.zeros_like(nll)
+    m = shard.row_mask.astype(jnp.float32)
+    return jnp.sum(nll * m), jnp.sum(kl * m)
+
+  def loss_fn(params, batch, key, beta, n_users, scale, device_offset, n_replicas):
+    n_shards, rows_per_shard = batch.row_mask.shape
+    offsets = device_offset + jnp.arange(n_shards) * rows_per_shard
+    nll_sum, kl_sum = jax.vmap(shard_sums, in_axes=(None, 0, None, 0))(
+        params, batch, key, offsets)
+    denom = jnp.maximum(n_users, 1.0)
+    nll = jnp.sum(nll_sum) / denom
+    kl = jnp.sum(kl_sum) / denom
+    # Under pmap every replica adds its share, so the psum of gradients counts it once.
+    l2 = losses.l2_penalty(params, lam) / n_replicas
+    loss = nll + beta * kl + l2
+    return loss * scale, (nll, kl, l2)
+
+  def train_step(state: TrainState, batch: sparse_lib.SparseBatch):
+    batch = _with_shard_axis(batch)
+    n_users = jnp.sum(batch.row_mask.astype(jnp.float32))
+    if axis_name is not None:
+      n_users = jax.lax.psum(n_users, axis_name)
+      n_replicas = jax.lax.psum(1, axis_name)
+      device_offset = jax.lax.axis_index(axis_name) * batch.row_mask.size
+    else:
+      n_replicas, device_offset = 1, 0
+    beta = beta_schedule(state.step) if is_vae else jnp.zeros((), jnp.float32)
+    key = jax.random.fold_in(state.key, state.step)
+    scale = state.loss_scale.scale
+    grads, (nll, kl, l2) = jax.grad(loss_fn, has_aux=True)(
+        state.params, batch, key, beta, n_users, scale, device_offset, n_replicas)
+    if axis_name is not None:
+      grads = jax.lax.psum(grads, axis_name)
+      nll, kl = jax.lax.psum((nll, kl), axis_name)
+      l2 = jax.lax.psum(l2, axis_name)
+    grads = jax.tree_util.tree_map(lambda g: g / scale, grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    loss_scale = state.loss_scale
+    # Without loss scaling a non-finite step is applied, so a NaN surfaces, not hides.
+    if loss_scaling:
+      finite = precision.all_finite(grads)
+      params = precision.select_tree(finite, params, state.params)
+      opt_state = precision.select_tree(finite, opt_state, state.opt_state)
+      loss_scale = precision.update_loss_scale(loss_scale, finite, period=loss_scale_period)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              loss_scale=loss_scale)
+    metrics = {
+        "loss": nll + beta * kl + l2, "nll": nll, "kl": kl, "beta": beta,
+        "n_users": n_users, "loss_scale": scale,
+        "skipped_steps": loss_scale.skipped_steps,
+    }
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model: nn.Module, ks: Sequence[int] = (20, 50, 100), *,
+                   input_format: str = "sparse"
+                   ) -> Callable[[Any, sparse_lib.EvalBatch], dict[str, Array]]:
+  """Builds ``eval_step(params, batch) -> per-user metrics``, a pure function to jit.
+
+  The fold-in rows go through the model in evaluation mode (no dropout, posterior mean),
+  fold-in items are removed from the ranking, and
+  :func:`jax_vaecf.metrics.ranking_metrics` scores the held-out items. Returns the dict
+  of per-user ``(B,)`` arrays (``B`` summed over shards); padded rows are not ``valid``.
+  """
+  _check_format(input_format)
+  ks = tuple(sorted(set(int(k) for k in ks)))
+  if not ks or ks[0] < 1 or ks[-1] > model.n_items:
+    raise ValueError(f"every k must be in [1, n_items={model.n_items}], got {ks}")
+  n_items = model.n_items
+
+  def shard_metrics(params, batch: sparse_lib.EvalBatch):
+    fold_in = sparse_lib.densify(batch.fold_in, n_items)
+    x = batch.fold_in if input_format == "sparse" else fold_in
+    logits = model.apply({"params": params}, x, train=False).logits
+    heldout = sparse_lib.densify(batch.heldout, n_items)
+    return metrics_lib.ranking_metrics(logits, heldout, fold_in, ks,
+                                       row_mask=batch.fold_in.row_mask)
+
+  def eval_step(params, batch: sparse_lib.EvalBatch):
+    batch = _with_shard_axis(batch)
+    out = jax.vmap(shard_metrics, in_axes=(None, 0))(params, batch)
+    return jax.tree_util.tree_map(lambda a: a.reshape((-1,) + a.shape[2:]), out)
+
+  return eval_step
+
+
+def make_score_fn(model: nn.Module, *, input_format: str = "sparse"
+                  ) -> Callable[[Any, sparse_lib.SparseBatch], Array]:
+  """``score(params, batch) -> float32 (B, n_items)`` logits in evaluation mode."""
+  _check_format(input_format)
+
+  def score(params, batch):
+    x = batch if input_format == "sparse" else sparse_lib.densify(batch, model.n_items)
+    return model.apply({"params": params}, x, train=False).logits
+
+  return score

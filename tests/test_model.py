@@ -1,0 +1,140 @@
+"""Model shapes, parameter counts, the paper's forward pass and dense == sparse."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_vaecf import model as model_lib
+from jax_vaecf import sparse as sparse_lib
+from jax_vaecf import train as train_lib
+
+import _numpy_ref as ref
+
+
+def _params(m, seed=0):
+  return train_lib.init_params(m, jax.random.PRNGKey(seed))
+
+
+def test_paper_parameter_counts():
+  # ML-20M: 20,108 items. VAE [20108, 600, 200, 600, 20108]; DAE [20108, 200, 20108].
+  vae = model_lib.build_model("multvae", 20108)
+  shapes = jax.eval_shape(lambda: _params(vae))
+  assert model_lib.count_params(shapes) == 24_511_308
+  dae = model_lib.build_model("multdae", 20108)
+  shapes = jax.eval_shape(lambda: _params(dae))
+  assert model_lib.count_params(shapes) == 2 * 20108 * 200 + 200 + 20108
+
+
+def test_hidden_sizes_are_configurable():
+  m = model_lib.build_model("multvae", 40, hidden_dims=(16, 8), latent_dim=4)
+  p = _params(m)
+  assert p["encoder_in"]["kernel"].shape == (40, 16)
+  assert p["encoder_1"]["kernel"].shape == (8, 8)  # 2 * latent
+  assert p["decoder_0"]["kernel"].shape == (4, 8)
+  assert p["decoder_2"]["kernel"].shape == (16, 40)
+
+
+def test_initialisation_glorot_and_small_biases():
+  m = model_lib.build_model("multvae", 2000)
+  p = _params(m)
+  w = np.asarray(p["encoder_in"]["kernel"])
+  limit = np.sqrt(6.0 / (2000 + 600))
+  assert np.abs(w).max() <= limit
+  assert np.abs(w).max() > 0.95 * limit  # uniform over the whole Glorot range
+  b = np.asarray(p["decoder_1"]["bias"])
+  assert 0 < np.std(b) < 0.002 and np.abs(b).max() <= 0.002 + 1e-9
+
+
+@pytest.mark.parametrize("name", ["multvae", "multdae"])
+def test_eval_forward_matches_numpy(name):
+  rng = np.random.default_rng(1)
+  m = model_lib.build_model(name, 30, hidden_dims=(12,), latent_dim=5)
+  p = _params(m)
+  x = (rng.random((7, 30)) < 0.3).astype(np.float32) * rng.integers(1, 4, (7, 30))
+  out = m.apply({"params": p}, jnp.asarray(x), train=False)
+  pn = jax.tree_util.tree_map(np.asarray, p)
+  if name == "multvae":
+    logits, mu, logvar = ref.vae_forward(pn, x.astype(np.float64))
+    np.testing.assert_allclose(out.mu, mu, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out.logvar, logvar, rtol=1e-4, atol=1e-5)
+  else:
+    logits = ref.dae_forward(pn, x.astype(np.float64))
+    assert out.mu is None
+  assert out.logits.dtype == jnp.float32 and out.logits.shape == (7, 30)
+  np.testing.assert_allclose(out.logits, logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["multvae", "multdae"])
+def test_sparse_input_equals_dense_in_train_and_eval(name):
+  rng = np.random.default_rng(2)
+  m = model_lib.build_model(name, 64, hidden_dims=(16,), latent_dim=4)
+  p = _params(m)
+  x = (rng.random((9, 64)) < 0.2).astype(np.float32)
+  x[3] = 0  # an empty row must not produce NaN
+  sb = sparse_lib.from_dense(x, nnz=200)
+  rngs = {"dropout": jax.random.PRNGKey(5), "noise": jax.random.PRNGKey(6)}
+  for train in (False, True):
+    a = m.apply({"params": p}, jnp.asarray(x), train=train, rngs=rngs)
+    b = m.apply({"params": p}, sb, train=train, rngs=rngs)
+    np.testing.assert_allclose(a.logits, b.logits, rtol=1e-5, atol=1e-5)
+    assert np.all(np.isfinite(a.logits))
+  # Training-mode output differs from eval mode: dropout and noise are really applied.
+  t = m.apply({"params": p}, sb, train=True, rngs=rngs).logits
+  e = m.apply({"params": p}, sb, train=False).logits
+  assert np.abs(np.asarray(t) - np.asarray(e)).max() > 1e-3
+
+
+def test_dropout_rate_and_scaling():
+  x = np.ones((50, 2000), np.float32)
+  inner = model_lib.InputDense(2000, 4, 0.5)
+  # Use an identity-like probe: the first layer's pre-activation of a kernel of ones
+  # counts the kept, rescaled entries.
+  kp = {"kernel": jnp.ones((2000, 4)), "bias": jnp.zeros((4,))}
+  y = inner.apply({"params": kp}, jnp.asarray(x), train=True,
+                  rngs={"dropout": jax.random.PRNGKey(0)})
+  norm = 1 / np.sqrt(2000)
+  kept = np.asarray(y[:, 0]) / (2 * norm)
+  frac = kept / 2000
+  assert abs(frac.mean() - 0.5) < 0.01
+  assert np.all(np.abs(frac - 0.5) < 0.06)
+
+
+def test_row_offset_shifts_the_randomness():
+  m = model_lib.build_model("multvae", 32, hidden_dims=(8,), latent_dim=3)
+  p = _params(m)
+  x = np.ones((4, 32), np.float32)
+  rngs = {"dropout": jax.random.PRNGKey(1), "noise": jax.random.PRNGKey(2)}
+  full = m.apply({"params": p}, jnp.asarray(x), train=True, rngs=rngs).logits
+  tail = m.apply({"params": p}, jnp.asarray(x[2:]), train=True, rngs=rngs,
+                 row_offset=2).logits
+  np.testing.assert_allclose(full[2:], tail, rtol=1e-6, atol=1e-6)
+
+
+def test_bad_inputs_raise_value_error():
+  m = model_lib.build_model("multvae", 16, hidden_dims=(4,), latent_dim=2)
+  p = _params(m)
+  with pytest.raises(ValueError, match="n_items=16"):
+    m.apply({"params": p}, jnp.ones((2, 15)))
+  with pytest.raises(ValueError, match="n_items=16"):
+    m.apply({"params": p}, jnp.ones((16,)))
+  bad = sparse_lib.SparseBatch(np.zeros(3, np.int32), np.array([0, 5, 16], np.int32),
+                               np.ones(3, np.float32), np.ones(2, np.float32))
+  with pytest.raises(ValueError, match=r"cols.*\[0, 16\)"):
+    m.apply({"params": p}, bad)
+  with pytest.raises(ValueError, match="unknown model"):
+    model_lib.build_model("vae", 10)
+  with pytest.raises(ValueError, match="dropout_rate"):
+    model_lib.build_model("multvae", 10, dropout_rate=1.0)
+
+
+def test_half_precision_keeps_float32_outputs_and_params():
+  m = model_lib.build_model("multvae", 32, hidden_dims=(8,), latent_dim=3,
+                            dtype=jnp.bfloat16)
+  p = _params(m)
+  assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(p))
+  out = m.apply({"params": p}, jnp.ones((2, 32)), train=False)
+  assert out.logits.dtype == jnp.float32 and out.mu.dtype == jnp.float32
+  m32 = model_lib.build_model("multvae", 32, hidden_dims=(8,), latent_dim=3)
+  ref32 = m32.apply({"params": p}, jnp.ones((2, 32)), train=False).logits
+  np.testing.assert_allclose(out.logits, ref32, atol=0.05)
