@@ -1,0 +1,86 @@
+"""Latest/best checkpoints: round trip, best-K by metric, refusal of another run's files."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from jax_vaecf import checkpoint
+from jax_vaecf import model as model_lib
+from jax_vaecf import train as train_lib
+
+IDENTITY = {"model": "multvae", "n_items": 30, "hidden_dims": [8], "latent_dim": 3}
+
+
+def _state(seed=0, n_items=30):
+  m = model_lib.build_model("multvae", n_items, hidden_dims=(8,), latent_dim=3)
+  return train_lib.create_train_state(m, train_lib.make_optimizer(), jax.random.PRNGKey(seed))
+
+
+def _assert_same(a, b):
+  la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+  assert len(la) == len(lb)
+  for x, y in zip(la, lb):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_latest_round_trip_keeps_every_field(tmp_path):
+  state = _state(1).replace(step=np.int32(17))
+  ck = checkpoint.RunCheckpoints(str(tmp_path), IDENTITY)
+  assert ck.restore_latest(_state()) is None
+  ck.save_latest(17, state, {"epoch": 3, "step_in_epoch": 2})
+  restored, meta = ck.restore_latest(_state())
+  _assert_same(restored, state)
+  assert isinstance(restored, train_lib.TrainState)
+  assert meta["epoch"] == 3 and meta["identity"] == IDENTITY
+  ck.close()
+
+
+def test_best_k_by_metric(tmp_path):
+  ck = checkpoint.RunCheckpoints(str(tmp_path), IDENTITY, keep_best=2)
+  states = {s: _state(s) for s in range(1, 5)}
+  for s, v in [(1, 0.30), (2, 0.50), (3, 0.40), (4, 0.10)]:
+    ck.save_best(s, states[s], {"epoch": s}, {"ndcg@100": v})
+  assert ck.best_step() == 2
+  assert sorted(os.listdir(tmp_path / "checkpoints" / "best")) == ["2", "3"]
+  restored, meta = ck.restore_best(_state())
+  _assert_same(restored.params, states[2].params)
+  assert checkpoint.read_best_meta(str(tmp_path))["epoch"] == 2
+  with pytest.raises(KeyError):
+    ck.save_best(5, states[1], {}, {"recall@20": 0.1})
+  ck.close()
+
+
+def test_another_runs_checkpoint_is_refused(tmp_path):
+  ck = checkpoint.RunCheckpoints(str(tmp_path), IDENTITY)
+  ck.save_latest(1, _state(), {})
+  ck.close()
+  other = dict(IDENTITY, n_items=31)
+  with pytest.raises(checkpoint.CheckpointMismatchError, match="n_items: checkpoint has 30"):
+    checkpoint.RunCheckpoints(str(tmp_path), other)
+  # The refused directory is untouched.
+  again = checkpoint.RunCheckpoints(str(tmp_path), IDENTITY)
+  assert again.latest_step() == 1
+  again.close()
+
+
+def test_missing_workdir_has_a_clear_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    checkpoint.read_best_meta(str(tmp_path / "nowhere"))
+
+
+def test_unfinished_save_is_ignored(tmp_path):
+  ck = checkpoint.RunCheckpoints(str(tmp_path), IDENTITY)
+  ck.save_latest(5, _state(5), {"epoch": 5})
+  ck.close()
+  # What a save killed mid-way leaves: a temporary folder for a later step.
+  tmp = tmp_path / "checkpoints" / "latest" / "6.orbax-checkpoint-tmp-123"
+  tmp.mkdir()
+  (tmp / "junk").write_text("partial")
+  ck = checkpoint.RunCheckpoints(str(tmp_path), IDENTITY)
+  assert ck.latest_step() == 5
+  restored, meta = ck.restore_latest(_state())
+  assert meta["epoch"] == 5
+  _assert_same(restored.params, _state(5).params)
+  ck.close()
