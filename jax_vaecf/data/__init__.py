@@ -1,0 +1,1 @@
+"""Data layer: readers, the paper's splits, caching, download and batching."""
