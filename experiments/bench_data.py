@@ -62,7 +62,7 @@ def generate(path: str, rows: int, n_users: int = 138_493, n_items: int = 26_744
   n_users = max(10, min(n_users, rows // 144))
   # Heavy-tailed activity, at least 20 ratings per user (as in ML-20M).
   act = rng.lognormal(0.0, 1.1, n_users)
-  counts = 20 + np.floor(act / act.sum() * max(rows * 1.08 - 20 * n_users, 0)).astype(
+  counts = 20 + np.floor(act / act.sum() * max(rows * 1.3 - 20 * n_users, 0)).astype(
       np.int64)
   users = np.repeat(np.arange(1, n_users + 1), counts)
   pop = 1.0 / np.arange(1, n_items + 1) ** 0.9
