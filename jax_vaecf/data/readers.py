@@ -1,0 +1,358 @@
+"""Readers for the raw interaction files of every supported data set.
+
+Each reader returns an :class:`Interactions`: parallel numpy arrays in file order, one
+entry per line. Numeric ids are kept as they are (int64); string ids (Last.fm user sha1s
+and artists, MSD users and songs) are replaced by their index in the sorted unique list
+of strings, which is kept in ``user_vocab`` / ``item_vocab`` (so codes are contiguous
+and deterministic). Files may be gzip-compressed (detected by content, not name).
+
+Bad input raises ``FileNotFoundError`` (missing file) or ``ValueError`` whose message
+names the file, the 1-based line number and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+from typing import Sequence
+
+import numpy as np
+
+from jax_vaecf.data import _text
+
+
+@dataclasses.dataclass(frozen=True)
+class Interactions:
+  """User-item interactions in file order.
+
+  Attributes:
+    users: int64 (n,), raw user ids, or codes into ``user_vocab`` when it is set.
+    items: int64 (n,), raw item ids, or codes into ``item_vocab`` when it is set.
+    ratings: float32 (n,) or None: rating, play count or other strength.
+    timestamps: int64 (n,) or None: unix seconds.
+    user_vocab, item_vocab: sorted unique ``S`` (bytes) arrays, or None for numeric ids.
+    source: where the data came from (for messages and cache keys).
+  """
+
+  users: np.ndarray
+  items: np.ndarray
+  ratings: np.ndarray | None = None
+  timestamps: np.ndarray | None = None
+  user_vocab: np.ndarray | None = None
+  item_vocab: np.ndarray | None = None
+  source: str = ""
+
+  def __len__(self) -> int:
+    return int(self.users.size)
+
+  def select(self, mask_or_index: np.ndarray) -> "Interactions":
+    """The rows picked by a boolean mask or an index array (order kept)."""
+    pick = lambda a: None if a is None else a[mask_or_index]
+    return dataclasses.replace(
+        self, users=self.users[mask_or_index], items=self.items[mask_or_index],
+        ratings=pick(self.ratings), timestamps=pick(self.timestamps))
+
+  def raw_user_ids(self, users: np.ndarray) -> np.ndarray:
+    """Maps codes back to raw ids (decoded strings for string ids)."""
+    return _decode(users, self.user_vocab)
+
+  def raw_item_ids(self, items: np.ndarray) -> np.ndarray:
+    return _decode(items, self.item_vocab)
+
+
+def _decode(codes, vocab):
+  if vocab is None:
+    return np.asarray(codes)
+  # ``U`` (not object) arrays so they can be saved without pickle.
+  return vocab[codes].astype(str)
+
+
+def _encode(strings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  vocab, codes = np.unique(strings, return_inverse=True)
+  return codes.astype(np.int64).reshape(-1), vocab
+
+
+def _ids(table, j, path, first_line, what):
+  return _text.check_integers(table[:, j], path, first_line, what)
+
+
+def _expect_header(data: bytes, path: str, expected: Sequence[str]) -> bytes:
+  header, rest = _text.split_header(data)
+  names = [h.strip() for h in header.decode("utf-8", "replace").split(",")]
+  if names[:len(expected)] != list(expected):
+    raise ValueError(f"{path}, line 1: expected the header {','.join(expected)!r}, got "
+                     f"{header[:200].decode('utf-8', 'replace')!r}")
+  if not rest:
+    raise ValueError(f"{path}: no data lines after the header")
+  return rest
+
+
+def read_movielens_csv(path: str | os.PathLike) -> Interactions:
+  """MovieLens ``ratings.csv`` (ml-20m, ml-25m, ml-latest(-small)): CSV with the header
+  ``userId,movieId,rating,timestamp``; LF or CRLF line ends."""
+  path = os.fspath(path)
+  data = _expect_header(_text.normalize(_text.read_bytes(path), path), path,
+                        ("userId", "movieId", "rating", "timestamp"))
+  t = _text.numeric_table(data, b",", 4, path, 2)
+  return Interactions(
+      users=_ids(t, 0, path, 2, "userId"), items=_ids(t, 1, path, 2, "movieId"),
+      ratings=_text.check_finite(t[:, 2], path, 2, "rating").astype(np.float32),
+      timestamps=_ids(t, 3, path, 2, "timestamp"), source=path)
+
+
+def read_ml1m(path: str | os.PathLike) -> Interactions:
+  """MovieLens 1M/10M ``ratings.dat``: ``UserID::MovieID::Rating::Timestamp``, no header."""
+  path = os.fspath(path)
+  data = _text.normalize(_text.read_bytes(path), path)
+  return _four_columns(data, b"::", path, 1)
+
+
+def read_ml100k(path: str | os.PathLike) -> Interactions:
+  """MovieLens 100K ``u.data`` (and ``u1.base`` ... ``ub.test``): ``user item rating
+  timestamp`` separated by tabs, no header."""
+  path = os.fspath(path)
+  return _four_columns(_text.normalize(_text.read_bytes(path), path), b"\t", path, 1)
+
+
+def read_pinterest(path: str | os.PathLike) -> Interactions:
+  """NCF ``pinterest-20.train.rating`` (also ``ml-1m.train.rating``): ``user item rating
+  timestamp`` as tab separated integers, no header."""
+  return read_ml100k(path)
+
+
+def _four_columns(data, delim, path, first_line):
+  t = _text.numeric_table(data, delim, 4, path, first_line)
+  return Interactions(
+      users=_ids(t, 0, path, first_line, "user id"),
+      items=_ids(t, 1, path, first_line, "item id"),
+      ratings=_text.check_finite(t[:, 2], path, first_line, "rating").astype(np.float32),
+      timestamps=_ids(t, 3, path, first_line, "timestamp"), source=path)
+
+
+def read_netflix(path: str | os.PathLike) -> Interactions:
+  """Netflix Prize ratings.
+
+  ``path`` is one file or a folder. A folder is searched for ``training_set/mv_*.txt``
+  (or ``mv_*.txt``), else ``combined_data_*.txt``. Both layouts are blocks: a line
+  ``MovieID:`` followed by lines ``CustomerID,Rating,YYYY-MM-DD``; the ``mv_`` files
+  hold one block each, so they are simply concatenated (sorted by name). Timestamps are
+  unix seconds at midnight UTC of the date.
+  """
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    files = (sorted(glob.glob(os.path.join(path, "training_set", "mv_*.txt*")))
+             or sorted(glob.glob(os.path.join(path, "mv_*.txt*")))
+             or sorted(glob.glob(os.path.join(path, "combined_data_*.txt*"))))
+    if not files:
+      raise FileNotFoundError(
+          f"{path}: no Netflix Prize files (training_set/mv_*.txt or "
+          "combined_data_*.txt) in this folder")
+  else:
+    files = [path]
+  parts = [_netflix_file(f) for f in files]
+  cat = lambda k: np.concatenate([getattr(p, k) for p in parts])
+  return Interactions(users=cat("users"), items=cat("items"), ratings=cat("ratings"),
+                      timestamps=cat("timestamps"), source=path)
+
+
+def _netflix_file(path: str) -> Interactions:
+  data = _text.normalize(_text.read_bytes(path), path)
+  buf = np.frombuffer(data, np.uint8)
+  starts, ends = _text.line_bounds(buf)
+  is_movie = buf[ends - 1] == ord(":")
+  if not is_movie[0]:
+    raise ValueError(f"{path}, line 1: expected a 'MovieID:' line, got "
+                     f"{_text.line_text(data, starts, ends, 0)!r}")
+  movie_lines = np.flatnonzero(is_movie)
+  movie_ids = _text.parse_numbers(
+      _text.gather_strings(buf, starts[movie_lines], ends[movie_lines] - 1),
+      np.float64, path, 1, "a numeric MovieID")
+  bad = ~(np.isfinite(movie_ids) & (movie_ids == np.floor(movie_ids)))
+  if bad.any():
+    i = int(movie_lines[np.argmax(bad)])
+    raise ValueError(f"{path}, line {i + 1}: expected an integer MovieID, got "
+                     f"{_text.line_text(data, starts, ends, i)!r}")
+  # Each rating line takes the id of the closest 'MovieID:' line above it.
+  block = np.cumsum(is_movie) - 1
+  rating_lines = np.flatnonzero(~is_movie)
+  items = movie_ids.astype(np.int64)[block[rating_lines]]
+  line_no = rating_lines + 1
+  # Field boundaries for the rating lines only, on the full buffer.
+  dpos = np.flatnonzero(buf == ord(","))
+  first = np.searchsorted(dpos, starts[rating_lines])
+  count = np.searchsorted(dpos, ends[rating_lines]) - first
+  if (count != 2).any():
+    k = int(np.argmax(count != 2))
+    i = int(rating_lines[k])
+    raise ValueError(f"{path}, line {i + 1}: expected CustomerID,Rating,Date, got "
+                     f"{_text.line_text(data, starts, ends, i)!r}")
+  d0, d1 = dpos[first], dpos[first + 1]
+  s0, e2 = starts[rating_lines], ends[rating_lines]
+
+  def col(fs, fe, dtype, what):
+    strings = _text.gather_strings(buf, fs, fe)
+    try:
+      return strings.astype(dtype)
+    except ValueError:
+      for k, s in enumerate(strings):
+        try:
+          np.array(s).astype(dtype)
+        except ValueError:
+          raise ValueError(f"{path}, line {line_no[k]}: expected {what}, got "
+                           f"{s.decode('utf-8', 'replace')!r}") from None
+      raise
+
+  users = col(s0, d0, np.int64, "an integer CustomerID")
+  ratings = col(d0 + 1, d1, np.float32, "a numeric Rating")
+  days = col(d1 + 1, e2, "datetime64[D]", "a date YYYY-MM-DD")
+  return Interactions(users=users, items=items, ratings=ratings,
+                      timestamps=days.astype("datetime64[s]").astype(np.int64),
+                      source=path)
+
+
+def read_lastfm(path: str | os.PathLike) -> Interactions:
+  """Last.fm 360K ``usersha1-artmbid-artname-plays.tsv``: ``user-sha1 \\t artist-mbid
+  \\t artist-name \\t plays``; the mbid may be empty.
+
+  The item is the (mbid, name) pair, as in NVIDIA's VAE-CF parser, so artists without
+  an mbid stay distinct by name. ``ratings`` holds the play count.
+  """
+  path = os.fspath(path)
+  data = _text.normalize(_text.read_bytes(path), path)
+  buf, fs, fe = _text.fields(data, b"\t", 4, path, 1)
+  users, user_vocab = _encode(_text.gather_strings(buf, fs[:, 0], fe[:, 0]))
+  # Fields 1 and 2 are adjacent in the buffer: one gather yields "mbid\tname".
+  items, item_vocab = _encode(_text.gather_strings(buf, fs[:, 1], fe[:, 2]))
+  plays = _text.parse_numbers(_text.gather_strings(buf, fs[:, 3], fe[:, 3]), np.float32,
+                              path, 1, "a numeric play count")
+  return Interactions(users=users, items=items, ratings=plays, user_vocab=user_vocab,
+                      item_vocab=item_vocab, source=path)
+
+
+def read_msd(path: str | os.PathLike) -> Interactions:
+  """Echo Nest taste profile ``train_triplets.txt``: ``user \\t song \\t play count``."""
+  path = os.fspath(path)
+  data = _text.normalize(_text.read_bytes(path), path)
+  buf, fs, fe = _text.fields(data, b"\t", 3, path, 1)
+  users, user_vocab = _encode(_text.gather_strings(buf, fs[:, 0], fe[:, 0]))
+  items, item_vocab = _encode(_text.gather_strings(buf, fs[:, 1], fe[:, 1]))
+  plays = _text.parse_numbers(_text.gather_strings(buf, fs[:, 2], fe[:, 2]), np.float32,
+                              path, 1, "a numeric play count")
+  return Interactions(users=users, items=items, ratings=plays, user_vocab=user_vocab,
+                      item_vocab=item_vocab, source=path)
+
+
+def read_delimited(path: str | os.PathLike, delimiter: str = ",",
+                   columns: Sequence[int | str | None] = (0, 1, 2, 3),
+                   header: bool | None = None, string_ids: bool = False) -> Interactions:
+  """A generic delimited file of user, item[, rating[, time]] columns.
+
+  Args:
+    path: the file (gzip allowed).
+    delimiter: field separator (one or more characters; ``"::"`` works).
+    columns: the user, item, rating and time columns, each a 0-based index, a header
+      name, or None (absent). Shorter sequences leave the rest absent.
+    header: whether the first line is a header; None guesses it is when its user field
+      is not a number. Names in ``columns`` require a header.
+    string_ids: treat user and item ids as strings (coded by sorted unique value).
+  """
+  path = os.fspath(path)
+  data = _text.normalize(_text.read_bytes(path), path)
+  delim = delimiter.encode()
+  if len(delim) != 1:
+    data = data.replace(delim, b"\x1f")
+    delim = b"\x1f"
+  first, rest = _text.split_header(data)
+  names = [n.strip() for n in first.decode("utf-8", "replace").split(delim.decode())]
+  cols = list(columns) + [None] * (4 - len(columns))
+  if header is None:
+    probe = cols[0] if isinstance(cols[0], int) else 0
+    try:
+      float(names[probe])
+      header = any(isinstance(c, str) for c in cols)
+    except (ValueError, IndexError):
+      header = True
+  idx = []
+  for c in cols:
+    if isinstance(c, str):
+      if not header or c not in names:
+        raise ValueError(f"{path}, line 1: expected a header with a column {c!r}, got "
+                         f"{first[:200].decode('utf-8', 'replace')!r}")
+      idx.append(names.index(c))
+    else:
+      idx.append(c)
+  body, first_line = (rest, 2) if header else (data, 1)
+  if not body:
+    raise ValueError(f"{path}: no data lines")
+  n_fields = max(i for i in idx if i is not None) + 1
+  buf, fs, fe = _text.fields(body, delim, n_fields, path, first_line, min_fields=True)
+  # With min_fields the last requested field runs to the line end: cut it at the next
+  # delimiter so extra trailing columns are ignored.
+  last = fe[:, -1]
+  seg = np.frombuffer(body, np.uint8)
+  dpos = np.flatnonzero(seg == delim[0])
+  nxt = np.searchsorted(dpos, fs[:, -1])
+  cut = np.where(nxt < dpos.size, dpos[np.minimum(nxt, dpos.size - 1)], last)
+  fe[:, -1] = np.minimum(cut, last)
+
+  def strings(j):
+    return _text.gather_strings(buf, fs[:, j], fe[:, j])
+
+  out = {}
+  for key, j, what in (("users", idx[0], "user id"), ("items", idx[1], "item id")):
+    if j is None:
+      raise ValueError("read_delimited: the user and item columns are required")
+    if string_ids:
+      out[key], out[key[:-1] + "_vocab"] = _encode(strings(j))
+    else:
+      v = _text.parse_numbers(strings(j), np.float64, path, first_line, f"a numeric {what}")
+      out[key] = _text.check_integers(v, path, first_line, what)
+  if idx[2] is not None:
+    out["ratings"] = _text.check_finite(
+        _text.parse_numbers(strings(idx[2]), np.float64, path, first_line,
+                            "a numeric rating"), path, first_line, "rating").astype(np.float32)
+  if idx[3] is not None:
+    v = _text.parse_numbers(strings(idx[3]), np.float64, path, first_line,
+                            "a numeric timestamp")
+    out["timestamps"] = _text.check_integers(v, path, first_line, "timestamp")
+  return Interactions(source=path, **out)
+
+
+def read_user_lines(path: str | os.PathLike) -> Interactions:
+  """The NGCF / LightGCN format: one line per user, ``user item item ...`` separated by
+  spaces (a user with no items may appear alone on its line)."""
+  path = os.fspath(path)
+  data = _text.normalize(_text.read_bytes(path), path)
+  if b"\t" in data:
+    data = data.replace(b"\t", b" ")
+  buf = np.frombuffer(data, np.uint8)
+  starts, ends = _text.line_bounds(buf)
+  space = (buf == 32) | (buf == 10)
+  # A token starts at a non-space byte preceded by a space, a newline or the start.
+  tok = ~space
+  tok_start = np.flatnonzero(tok & np.concatenate([[True], space[:-1]]))
+  line_of = np.searchsorted(ends, tok_start)
+  per_line = np.bincount(line_of, minlength=starts.size)
+  if (per_line == 0).any():
+    i = int(np.argmax(per_line == 0))
+    raise ValueError(f"{path}, line {i + 1}: expected 'user item item ...', got an "
+                     "empty line")
+  vals = _text._fromstring(data)
+  if vals is None or vals.size != tok_start.size:
+    for i in range(starts.size):
+      v = _text._fromstring(data[starts[i]:ends[i]])
+      if v is None or v.size != per_line[i]:
+        raise ValueError(f"{path}, line {i + 1}: expected integer ids separated by "
+                         f"spaces, got {_text.line_text(data, starts, ends, i)!r}")
+    raise ValueError(f"{path}: could not parse integer ids")
+  bad = ~(np.isfinite(vals) & (vals == np.floor(vals)))
+  if bad.any():
+    i = int(line_of[np.argmax(bad)])
+    raise ValueError(f"{path}, line {i + 1}: expected integer ids, got "
+                     f"{_text.line_text(data, starts, ends, i)!r}")
+  vals = vals.astype(np.int64)
+  is_user = np.zeros(vals.size, bool)
+  is_user[np.concatenate([[0], np.cumsum(per_line)[:-1]])] = True
+  users = np.repeat(vals[is_user], per_line - 1)
+  return Interactions(users=users, items=vals[~is_user], source=path)
