@@ -111,6 +111,10 @@ class RunCheckpoints:
     self._save(self._best, step, state, meta, {self.best_metric: float(
         metrics[self.best_metric])})
 
+  def has_best(self, step: int) -> bool:
+    """Whether the best set already holds ``step`` (a resumed run replaying an epoch)."""
+    return int(step) in self._best.all_steps()
+
   def latest_step(self) -> int | None:
     return self._latest.latest_step()
 

@@ -1,0 +1,391 @@
+"""The train / test / benchmark workflow behind ``python -m experiments.train``.
+
+One clear loop: load (or build and cache) the split, resume from the workdir's latest
+checkpoint if there is one, train epoch by epoch with the host batcher prefetching to
+the device, validate every ``validation_step`` epochs, keep the best checkpoints by
+validation NDCG@100, append one JSON line per epoch to ``<workdir>/metrics.jsonl``, and
+finally score the best checkpoint on the test users.
+
+A run is deterministic: batch order comes from ``(seed, epoch)``, dropout and noise from
+``(seed, step)``. A run killed at any moment and restarted with the same workdir resumes
+from its last complete checkpoint, replays the epochs after it, and ends with the same
+metrics as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from experiments import configs
+from experiments.progress import Progress
+from jax_vaecf import checkpoint as checkpoint_lib
+from jax_vaecf import data as data_lib
+from jax_vaecf import metrics as metrics_lib
+from jax_vaecf import model as model_lib
+from jax_vaecf import precision as precision_lib
+from jax_vaecf import schedules
+from jax_vaecf import train as train_lib
+
+VALIDATION_KS = (20, 50, 100)
+BEST_METRIC = "ndcg@100"
+DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "jax_vaecf")
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def load_data(cfg: configs.Config) -> data_lib.Split:
+  """The split the config asks for, from the cache when it is there."""
+  options: dict[str, Any] = {}
+  per_file_pair = cfg.dataset == "ngcf" or (cfg.dataset == "ml-100k" and cfg.fold)
+  if cfg.dataset in ("ml-20m_alt", "vaecf_dir") or per_file_pair:
+    pass
+  elif cfg.protocol == "heldout_users":
+    options.update(seed=cfg.split_seed, heldout_fraction=cfg.heldout_fraction)
+    if cfg.n_heldout_users:
+      options["n_heldout_users"] = cfg.n_heldout_users
+  else:
+    options["seed"] = cfg.split_seed
+  if not os.path.exists(cfg.data_dir) and not cfg.download:
+    raise FileNotFoundError(
+        f"--data_dir={cfg.data_dir!r} does not exist; point it at the folder holding the "
+        f"{cfg.dataset} files" + (" or add --download" if cfg.dataset.startswith("ml-")
+                                  else ""))
+  return data_lib.load_split(cfg.dataset, cfg.data_dir,
+                             cache_dir=cfg.cache_dir or DEFAULT_CACHE,
+                             download=cfg.download, protocol=cfg.protocol,
+                             fold=cfg.fold or None, **options)
+
+
+def identity(cfg: configs.Config, split: data_lib.Split) -> dict:
+  """What a checkpoint must match to be resumed or tested: model shape and data."""
+  ids = np.ascontiguousarray(split.item_ids)
+  return {
+      "model": cfg.model,
+      "n_items": int(split.n_items),
+      "hidden_dims": [int(h) for h in resolved_hidden_dims(cfg)],
+      "latent_dim": int(cfg.latent_dim),
+      "dataset": cfg.dataset,
+      "protocol": split.protocol,
+      "n_train_users": int(split.train.shape[0]),
+      "items_digest": hashlib.sha256(
+          "\n".join(str(i) for i in ids.tolist()).encode()).hexdigest()[:16],
+  }
+
+
+def resolved_hidden_dims(cfg: configs.Config) -> tuple[int, ...]:
+  if cfg.hidden_dims:
+    return tuple(int(h) for h in cfg.hidden_dims)
+  return (600,) if cfg.model == "multvae" else (200,)
+
+
+# -------------------------------------------------------------------------- pieces
+
+
+def build(cfg: configs.Config, n_items: int):
+  """Model, optimiser, KL schedule and the (parallel) step functions of a config."""
+  policy = precision_lib.get_policy(cfg.precision)
+  model = model_lib.build_model(cfg.model, n_items, hidden_dims=resolved_hidden_dims(cfg),
+                                latent_dim=cfg.latent_dim, dropout_rate=cfg.dropout_rate,
+                                dtype=policy.compute_dtype)
+  optimizer = train_lib.make_optimizer(cfg.lr, b1=cfg.adam_b1, b2=cfg.adam_b2)
+  schedule = schedules.get_schedule(cfg.anneal_schedule, cap=cfg.anneal_cap,
+                                    total_anneal_steps=cfg.total_anneal_steps,
+                                    cycle_steps=cfg.anneal_cycle_steps)
+  input_format = cfg.input_format
+  if input_format == "auto":
+    input_format = "sparse"
+  ks = tuple(sorted(set(VALIDATION_KS) | set(int(k) for k in cfg.test_ks)))
+  steps = _SingleDevice(model, optimizer, schedule, cfg.lam, input_format,
+                        policy.loss_scaling, ks)
+  return model, optimizer, steps
+
+
+class _SingleDevice:
+  def __init__(self, model, optimizer, schedule, lam, input_format, loss_scaling, ks):
+    self.train_step = jax.jit(train_lib.make_train_step(
+        model, optimizer, schedule, lam=lam, input_format=input_format,
+        loss_scaling=loss_scaling), donate_argnums=0)
+    self.eval_step = jax.jit(train_lib.make_eval_step(model, ks, input_format=input_format))
+    self.num_shards = None
+    self.put_batch = jax.device_put
+
+  def init_state(self, state):
+    return jax.device_put(state)
+
+  def to_host(self, state):
+    return state
+
+  def params_of(self, state):
+    return state.params
+
+  def step_of(self, state):
+    return state.step
+
+
+class MetricsLog:
+  """``<workdir>/metrics.jsonl``: one JSON object per line, appended per epoch."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+
+  def records(self) -> list[dict]:
+    if not os.path.exists(self.path):
+      return []
+    out = []
+    with open(self.path) as f:
+      for line in f:
+        line = line.strip()
+        if line:
+          try:
+            out.append(json.loads(line))
+          except json.JSONDecodeError:
+            break  # a line cut by a kill: everything after it is replayed anyway
+    return out
+
+  def truncate_after(self, epoch: int) -> None:
+    """Keeps the training records up to ``epoch`` (a resumed run replays the rest)."""
+    keep = [r for r in self.records() if r.get("split") == "train" and r["epoch"] <= epoch]
+    _atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in keep))
+
+  def write(self, record: dict) -> None:
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+      f.flush()
+      os.fsync(f.fileno())
+
+
+def _atomic_write(path: str, text: str) -> None:
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+  with os.fdopen(fd, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def evaluate(steps, params, split: data_lib.EvalSplit, batch_size: int) -> dict:
+  """Mean (and standard error) of every metric over the split's users with held-out items."""
+  acc = metrics_lib.MetricAccumulator()
+  batches = data_lib.eval_batches(split, batch_size, num_shards=steps.num_shards)
+  for host_batch, out in _pipelined(steps.eval_step, params, batches, steps.put_batch):
+    mask = np.asarray(host_batch.fold_in.row_mask).reshape(-1)
+    acc.add(jax.device_get(out), row_mask=mask)
+  return acc.result()
+
+
+def _pipelined(fn, params, host_batches, put):
+  """Runs ``fn(params, batch)`` over batches, copying the next while one runs."""
+  pending = None
+  for host_batch in host_batches:
+    out = fn(params, put(host_batch))
+    if pending is not None:
+      yield pending
+    pending = (host_batch, out)
+  if pending is not None:
+    yield pending
+
+
+def _mean_of(step_metrics: list[dict]) -> dict:
+  if not step_metrics:
+    return {}
+  host = jax.device_get(step_metrics)  # one transfer per epoch, not per step
+  keys = ("loss", "nll", "kl")
+  out = {k: float(np.mean([m[k] for m in host])) for k in keys}
+  out["beta"] = float(host[-1]["beta"])
+  out["skipped_steps"] = int(host[-1]["skipped_steps"])
+  out["loss_scale"] = float(host[-1]["loss_scale"])
+  return out
+
+
+# ---------------------------------------------------------------------------- modes
+
+
+def train_and_validate(cfg: configs.Config, workdir: str, split: data_lib.Split,
+                       ck: checkpoint_lib.RunCheckpoints | None, steps, model, optimizer,
+                       *, stop_after_epochs: int | None = None) -> dict:
+  """Trains ``cfg.number_of_epochs`` epochs (resuming), validating and checkpointing.
+
+  ``ck`` is None in pure benchmark runs (nothing is written). Returns the benchmark
+  summary and the best validation metrics.
+  """
+  policy = precision_lib.get_policy(cfg.precision)
+  state = train_lib.create_train_state(model, optimizer, jax.random.PRNGKey(cfg.seed),
+                                       loss_scaling=policy.loss_scaling)
+  start_epoch, best = 0, -math.inf
+  log = MetricsLog(workdir) if ck is not None else None
+  if ck is not None:
+    restored = ck.restore_latest(state)
+    if restored is not None:
+      state, meta = restored
+      start_epoch, best = int(meta["epoch"]), float(meta["best"])
+      logging.info("resuming %s after epoch %d (step %d)", workdir, start_epoch,
+                   int(state.step))
+      print(f"resumed from epoch {start_epoch}", flush=True)
+    log.truncate_after(start_epoch)
+  state = steps.init_state(state)
+  batcher = data_lib.TrainBatcher(split.train, cfg.batch_size_train, seed=cfg.seed,
+                                  num_shards=steps.num_shards)
+  n_users = split.train.shape[0]
+  epoch_times, val_times = [], []
+  best_metrics: dict = {}
+  last_epoch = cfg.number_of_epochs
+  for epoch in range(start_epoch, cfg.number_of_epochs):
+    t0 = time.perf_counter()
+    step_metrics = []
+    with Progress(batcher.steps_per_epoch, f"epoch {epoch + 1}") as bar:
+      for batch in data_lib.prefetch(batcher.epoch_batches(epoch), size=cfg.prefetch,
+                                     put=steps.put_batch):
+        state, m = steps.train_step(state, batch)
+        step_metrics.append(m)
+        bar.update()
+    jax.block_until_ready(state)
+    epoch_time = time.perf_counter() - t0
+    epoch_times.append(epoch_time)
+    record = {"split": "train", "epoch": epoch + 1, "step": int(jax.device_get(
+        steps.step_of(state))), **_mean_of(step_metrics), "epoch_time_s": epoch_time,
+              "users_per_s": n_users / epoch_time}
+    done = epoch + 1
+    validate_now = split.validation is not None and (
+        done % cfg.validation_step == 0 or done == last_epoch)
+    host_state = None
+    if validate_now:
+      t1 = time.perf_counter()
+      vm = evaluate(steps, steps.params_of(state), split.validation,
+                    cfg.batch_size_validation)
+      val_times.append(time.perf_counter() - t1)
+      record.update({f"val_{k}": vm[k] for k in ("ndcg@100", "recall@20", "recall@50")})
+      record["val_time_s"] = val_times[-1]
+      if vm[BEST_METRIC] > best:
+        best = vm[BEST_METRIC]
+        best_metrics = {k: vm[k] for k in ("ndcg@100", "recall@20", "recall@50")}
+        if ck is not None:
+          host_state = steps.to_host(state)
+          if not ck.has_best(record["step"]):
+            ck.save_best(record["step"], host_state, {"epoch": done},
+                         {BEST_METRIC: best})
+    elif split.validation is None and done == last_epoch and ck is not None:
+      # Per-user protocol: no validation users, so the final model is the one tested.
+      host_state = steps.to_host(state)
+      if not ck.has_best(record["step"]):
+        ck.save_best(record["step"], host_state, {"epoch": done}, {BEST_METRIC: done})
+    record["best_val_ndcg@100"] = best if best > -math.inf else None
+    if ck is not None and (done % cfg.checkpoint_every == 0 or done == last_epoch):
+      host_state = host_state if host_state is not None else steps.to_host(state)
+      ck.save_latest(record["step"], host_state, {"epoch": done, "best": best})
+    if log is not None:
+      log.write(record)
+    _print_epoch(record)
+    if stop_after_epochs is not None and done - start_epoch >= stop_after_epochs:
+      break
+  summary = {"best_validation": best_metrics}
+  measured = epoch_times[cfg.warm_up_epochs:] if len(epoch_times) > cfg.warm_up_epochs else []
+  if measured:
+    mean_epoch = float(np.mean(measured))
+    summary.update(mean_epoch_time_s=mean_epoch, train_users_per_s=n_users / mean_epoch,
+                   measured_epochs=len(measured))
+  if val_times:
+    summary["mean_validation_time_s"] = float(np.mean(val_times))
+  return summary
+
+
+def _print_epoch(r: dict) -> None:
+  line = (f"epoch {r['epoch']:4d}  loss {r.get('loss', float('nan')):9.3f}  "
+          f"beta {r.get('beta', 0):.4f}  time {r['epoch_time_s']:7.2f}s  "
+          f"{r['users_per_s']:10.0f} users/s")
+  if "val_ndcg@100" in r:
+    line += (f"  val ndcg@100 {r['val_ndcg@100']:.4f}  recall@20 {r['val_recall@20']:.4f}"
+             f"  recall@50 {r['val_recall@50']:.4f}")
+  print(line, flush=True)
+
+
+def test_best(cfg: configs.Config, workdir: str, split: data_lib.Split,
+              ck: checkpoint_lib.RunCheckpoints, steps, model, optimizer) -> dict:
+  """Scores the best checkpoint of ``workdir`` on the test users."""
+  policy = precision_lib.get_policy(cfg.precision)
+  target = train_lib.create_train_state(model, optimizer, jax.random.PRNGKey(cfg.seed),
+                                        loss_scaling=policy.loss_scaling)
+  restored = ck.restore_best(target)
+  if restored is None:
+    raise FileNotFoundError(
+        f"{workdir}: no trained checkpoint to test; run with --train first")
+  state, meta = restored
+  params = steps.params_of(steps.init_state(state))
+  result = evaluate(steps, params, split.test, cfg.batch_size_validation)
+  result["epoch"] = meta.get("epoch")
+  return result
+
+
+def format_test(result: dict, ks) -> str:
+  parts = []
+  for k in sorted(set(int(k) for k in ks)):
+    for name in ("ndcg", "recall"):
+      key = f"{name}@{k}"
+      if key in result:
+        parts.append(f"{key} {result[key]:.4f} (+-{result[key + '_se']:.4f})")
+  return (f"test ({result['n_users']} users, {result['n_excluded']} without held-out "
+          f"items; best epoch {result.get('epoch')}): " + "  ".join(parts))
+
+
+def run(cfg: configs.Config, workdir: str) -> dict:
+  """Runs the modes the config asks for; returns their results."""
+  configs.validate(cfg)
+  split = load_data(cfg)
+  print(data_lib.format_stats(split.stats()), flush=True)
+  n_items = split.n_items
+  too_big = [k for k in cfg.test_ks if int(k) > n_items]
+  if too_big:
+    raise ValueError(f"bad setting: test_ks {too_big} exceed the {n_items} items")
+  model, optimizer, steps = build(cfg, n_items)
+  results: dict = {}
+  os.makedirs(workdir, exist_ok=True)
+  ck = None
+  if cfg.train or cfg.test:
+    ck = checkpoint_lib.RunCheckpoints(workdir, identity(cfg, split),
+                                       keep_best=cfg.keep_best, best_metric=BEST_METRIC)
+    _write_run_files(cfg, workdir, split)
+  try:
+    if cfg.train or cfg.benchmark:
+      results["train"] = train_and_validate(cfg, workdir, split,
+                                            ck if cfg.train else None, steps, model,
+                                            optimizer)
+      if cfg.benchmark:
+        print(format_benchmark(results["train"]), flush=True)
+    if cfg.test:
+      results["test"] = test_best(cfg, workdir, split, ck, steps, model, optimizer)
+      print(format_test(results["test"], cfg.test_ks), flush=True)
+      MetricsLog(workdir).write({"split": "test", **results["test"]})
+  finally:
+    if ck is not None:
+      ck.close()
+  return results
+
+
+def format_benchmark(s: dict) -> str:
+  if "mean_epoch_time_s" not in s:
+    return "benchmark: no epoch after the warm-up epochs; raise --number_of_epochs"
+  line = (f"benchmark: {s['measured_epochs']} epochs after warm-up, mean epoch "
+          f"{s['mean_epoch_time_s']:.3f}s, {s['train_users_per_s']:.0f} training users/s")
+  if "mean_validation_time_s" in s:
+    line += f", validation {s['mean_validation_time_s']:.3f}s"
+  return line
+
+
+def _write_run_files(cfg: configs.Config, workdir: str, split: data_lib.Split) -> None:
+  """The config and raw item ids, so that a workdir alone is enough to serve."""
+  _atomic_write(os.path.join(workdir, "config.json"),
+                json.dumps(dataclasses.asdict(cfg), indent=1, default=list))
+  ids_path = os.path.join(workdir, "item_ids.npy")
+  fd, tmp = tempfile.mkstemp(dir=workdir, prefix=".tmp-", suffix=".npy")
+  with os.fdopen(fd, "wb") as f:
+    np.save(f, np.asarray(split.item_ids), allow_pickle=False)
+  os.replace(tmp, ids_path)
