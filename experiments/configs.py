@@ -10,8 +10,10 @@ import dataclasses
 import os
 from typing import Callable
 
-DEMO_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                         "jax_vaecf", "demo_data", "ml-latest-small")
+import jax_vaecf
+
+DEMO_DATA = os.path.join(os.path.dirname(os.path.abspath(jax_vaecf.__file__)), "demo_data",
+                         "ml-latest-small")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -345,6 +345,9 @@ def run(cfg: configs.Config, workdir: str) -> dict:
   too_big = [k for k in cfg.test_ks if int(k) > n_items]
   if too_big:
     raise ValueError(f"bad setting: test_ks {too_big} exceed the {n_items} items")
+  if n_items < max(VALIDATION_KS):
+    raise ValueError(f"{cfg.dataset}: {n_items} items after preprocessing; validation "
+                     f"ranks the top {max(VALIDATION_KS)} and needs at least that many")
   model, optimizer, steps = build(cfg, n_items)
   results: dict = {}
   os.makedirs(workdir, exist_ok=True)

@@ -1,0 +1,164 @@
+"""End to end on CPU: train -> checkpoint -> test, resume after a kill, bad flags."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from experiments import configs
+from experiments import loop
+
+import _synthetic
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """A MovieLens-format ratings.csv with a low-rank structure (300 users, 150 items)."""
+  d = tmp_path_factory.mktemp("mls")
+  x = _synthetic.low_rank_interactions(n_users=300, n_items=150, n_clusters=4,
+                                       per_user=10, seed=3)
+  u, i = np.nonzero(x)
+  with open(d / "ratings.csv", "w") as f:
+    f.write("userId,movieId,rating,timestamp\n")
+    for a, b in zip(u, i):
+      f.write(f"{a + 1},{b * 7 + 1},4.5,{1000 + a}\n")
+  return str(d)
+
+
+def _cfg(data_dir, tmp_path, **kw):
+  base = configs.get_config("ml-latest-small").replace(
+      data_dir=data_dir, cache_dir=str(tmp_path / "cache"), number_of_epochs=4,
+      batch_size_train=64, batch_size_validation=64, hidden_dims=(16,), latent_dim=4,
+      total_anneal_steps=50, validation_step=1, test_ks=(5, 10), prefetch=1)
+  return base.replace(**kw)
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_train_then_test_mode_reloads_the_best_checkpoint(data_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  cfg = _cfg(data_dir, tmp_path)
+  res = loop.run(cfg, workdir)
+  train_records = [r for r in _records(workdir) if r["split"] == "train"]
+  assert [r["epoch"] for r in train_records] == [1, 2, 3, 4]  # one record per epoch
+  assert all("val_ndcg@100" in r and "loss" in r for r in train_records)
+  best_epoch = int(np.argmax([r["val_ndcg@100"] for r in train_records])) + 1
+  assert res["test"]["epoch"] == best_epoch
+  # Test mode alone, from the workdir, gives the same numbers.
+  again = loop.run(cfg.replace(train=False), workdir)
+  for k in ("ndcg@100", "recall@20", "recall@50", "ndcg@5", "n_users"):
+    assert again["test"][k] == res["test"][k]
+  assert os.path.exists(os.path.join(workdir, "item_ids.npy"))
+  assert json.load(open(os.path.join(workdir, "config.json")))["latent_dim"] == 4
+
+
+def test_resume_after_interruption_matches_one_run(data_dir, tmp_path):
+  cfg = _cfg(data_dir, tmp_path)
+  full = loop.run(cfg, str(tmp_path / "full"))
+  # Interrupted: stop after two epochs (their checkpoint complete), as a kill would.
+  workdir = str(tmp_path / "cut")
+  split = loop.load_data(cfg)
+  model, optimizer, steps = loop.build(cfg, split.n_items)
+  from jax_vaecf import checkpoint
+  ck = checkpoint.RunCheckpoints(workdir, loop.identity(cfg, split))
+  loop.train_and_validate(cfg, workdir, split, ck, steps, model, optimizer,
+                          stop_after_epochs=2)
+  ck.close()
+  # A save killed half-way leaves a temporary folder; it must be ignored.
+  os.makedirs(os.path.join(workdir, "checkpoints", "latest", "99.orbax-checkpoint-tmp-1"))
+  with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+    f.write('{"split": "train", "epoch": 3, "lo')  # a line cut by the kill
+  resumed = loop.run(cfg, workdir)
+  assert resumed["test"]["ndcg@100"] == full["test"]["ndcg@100"]
+  assert resumed["test"]["recall@20"] == full["test"]["recall@20"]
+  epochs = [r["epoch"] for r in _records(workdir) if r["split"] == "train"]
+  assert epochs == [1, 2, 3, 4]
+  a = [r["loss"] for r in _records(str(tmp_path / "full")) if r["split"] == "train"]
+  b = [r["loss"] for r in _records(workdir) if r["split"] == "train"]
+  assert a == b
+
+
+def test_workdir_of_another_model_is_refused(data_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  loop.run(_cfg(data_dir, tmp_path, number_of_epochs=1, test=False), workdir)
+  before = sorted(os.listdir(os.path.join(workdir, "checkpoints", "latest")))
+  with pytest.raises(ValueError, match="latent_dim: checkpoint has 4"):
+    loop.run(_cfg(data_dir, tmp_path, number_of_epochs=1, latent_dim=5), workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints", "latest"))) == before
+
+
+def test_benchmark_mode_reports_timings(data_dir, tmp_path, capsys):
+  cfg = _cfg(data_dir, tmp_path, train=False, test=False, benchmark=True,
+             number_of_epochs=3, warm_up_epochs=1)
+  res = loop.run(cfg, str(tmp_path / "bench"))
+  s = res["train"]
+  assert s["measured_epochs"] == 2 and s["train_users_per_s"] > 0
+  assert "mean_validation_time_s" in s
+  assert "training users/s" in capsys.readouterr().out
+  assert not os.path.exists(tmp_path / "bench" / "checkpoints")  # benchmark writes nothing
+
+
+def _cli(args, timeout=120):
+  return subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config=nope"], "unknown config"),
+    (["--number_of_epochs=-1"], "number_of_epochs must be >= 0"),
+    (["--batch_size_train=0"], "batch_size_train must be >= 1"),
+    (["--anneal_cap=1.5"], "anneal_cap must be in [0, 1]"),
+    (["--test_ks=5,x"], "expected comma-separated integers"),
+    (["--precision=fp8"], "precision must be"),
+    (["--bogus_flag=1"], "Unknown command line flag 'bogus_flag'"),
+])
+def test_bad_flags_fail_fast(args, message, tmp_path):
+  t0 = time.time()
+  r = _cli(["--workdir", str(tmp_path / "w"), *args], timeout=60)
+  assert r.returncode != 0
+  assert message in r.stderr + r.stdout
+  assert not os.path.exists(tmp_path / "w")  # nothing was started
+
+
+def test_missing_data_dir_and_large_k_fail_before_work(data_dir, tmp_path):
+  r = _cli(["--config=ml-latest-small", "--data_dir", str(tmp_path / "none"),
+            "--workdir", str(tmp_path / "w")], timeout=60)
+  assert r.returncode != 0 and "does not exist" in r.stderr
+  with pytest.raises(ValueError, match=r"test_ks \[500\] exceed the \d+ items"):
+    loop.run(_cfg(data_dir, tmp_path, test_ks=(500,)), str(tmp_path / "w2"))
+  assert not os.path.exists(tmp_path / "w2" / "checkpoints")
+
+
+def test_sigkill_and_restart_ends_like_an_uninterrupted_run(data_dir, tmp_path):
+  args = ["--config=ml-latest-small", f"--data_dir={data_dir}",
+          f"--cache_dir={tmp_path / 'cache'}", "--number_of_epochs=6",
+          "--batch_size_train=64", "--batch_size_validation=64", "--hidden_dims=16",
+          "--latent_dim=4", "--total_anneal_steps=50", "--test_ks=5,10"]
+  full = _cli(args + [f"--workdir={tmp_path / 'full'}"])
+  assert full.returncode == 0, full.stderr[-2000:]
+  workdir = tmp_path / "killed"
+  proc = subprocess.Popen([sys.executable, "-m", "experiments.train", *args,
+                           f"--workdir={workdir}"], cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  log = workdir / "metrics.jsonl"
+  deadline = time.time() + 120
+  while time.time() < deadline and proc.poll() is None:
+    if log.exists() and log.read_text().count("\n") >= 2:
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  again = _cli(args + [f"--workdir={workdir}"])
+  assert again.returncode == 0, again.stderr[-2000:]
+  test_line = lambda out: [l for l in out.splitlines() if l.startswith("test (")][0]
+  assert test_line(again.stdout) == test_line(full.stdout)
