@@ -18,6 +18,7 @@ import typing
 
 from absl import app
 from absl import flags
+from absl import logging
 
 from experiments import configs
 from experiments import loop
@@ -121,6 +122,9 @@ def config_from_flags() -> configs.Config:
 
 
 def main(argv):
+  if not FLAGS["verbosity"].present:
+    # Orbax logs every checkpoint operation at INFO; keep the console to our lines.
+    logging.set_verbosity(logging.WARNING)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not FLAGS.workdir:

@@ -34,3 +34,24 @@ def fold_in_split(x, frac=0.2, seed=1):
     fold[u, test] = 0
     held[u, test] = 1
   return fold, held
+
+
+def write_movielens_csv(folder, n_users=300, n_items=150, seed=3, titles=False):
+  """Writes ``ratings.csv`` (and with ``titles`` a ``movies.csv``) in MovieLens format.
+
+  Raw movie ids are ``7 * column + 1`` so that raw ids and column indices differ.
+  """
+  import os
+  x = low_rank_interactions(n_users=n_users, n_items=n_items, n_clusters=4, per_user=10,
+                            seed=seed)
+  u, i = np.nonzero(x)
+  with open(os.path.join(folder, "ratings.csv"), "w") as f:
+    f.write("userId,movieId,rating,timestamp\n")
+    for a, b in zip(u, i):
+      f.write(f"{a + 1},{b * 7 + 1},4.5,{1000 + a}\n")
+  if titles:
+    with open(os.path.join(folder, "movies.csv"), "w") as f:
+      f.write("movieId,title,genres\n")
+      for b in range(n_items):
+        f.write(f'{b * 7 + 1},"Movie {b}, The (2000)",Drama\n')
+  return x

@@ -22,13 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def data_dir(tmp_path_factory):
   """A MovieLens-format ratings.csv with a low-rank structure (300 users, 150 items)."""
   d = tmp_path_factory.mktemp("mls")
-  x = _synthetic.low_rank_interactions(n_users=300, n_items=150, n_clusters=4,
-                                       per_user=10, seed=3)
-  u, i = np.nonzero(x)
-  with open(d / "ratings.csv", "w") as f:
-    f.write("userId,movieId,rating,timestamp\n")
-    for a, b in zip(u, i):
-      f.write(f"{a + 1},{b * 7 + 1},4.5,{1000 + a}\n")
+  _synthetic.write_movielens_csv(str(d))
   return str(d)
 
 

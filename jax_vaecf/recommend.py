@@ -1,0 +1,149 @@
+"""Top-k recommendations for new users, folded in without retraining.
+
+A user is given as the list of raw item ids they interacted with. The trained encoder
+maps that row to its posterior mean, the decoder scores every item, the user's own items
+are excluded, and the k best are returned as raw ids. Batches are padded to a few fixed
+shapes (users and non-zeros), so serving compiles a handful of programs, not one per
+request.
+
+``Recommender.from_workdir(DIR)`` needs nothing but a training run's directory: the
+model's shape is read from the best checkpoint's metadata and the raw item ids from
+``DIR/item_ids.npy``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_vaecf import checkpoint as checkpoint_lib
+from jax_vaecf import model as model_lib
+from jax_vaecf import sparse as sparse_lib
+from jax_vaecf import train as train_lib
+
+_USER_BUCKETS = (1, 8, 64, 512, 4096)
+
+
+def _round_up(n: int, buckets: Sequence[int]) -> int:
+  for b in buckets:
+    if n <= b:
+      return b
+  return -(-n // buckets[-1]) * buckets[-1]
+
+
+def make_topk_fn(model, k: int):
+  """``topk(params, batch) -> (scores float32 (B, k), items int32 (B, k))``, jitted.
+
+  ``batch`` is a :class:`SparseBatch` of the users' known items; those items are never
+  returned.
+  """
+  if not 1 <= k <= model.n_items:
+    raise ValueError(f"k must be in [1, {model.n_items}], got {k}")
+
+  @jax.jit
+  def topk(params, batch: sparse_lib.SparseBatch):
+    logits = model.apply({"params": params}, batch, train=False).logits
+    seen = sparse_lib.densify(batch, model.n_items) > 0
+    return jax.lax.top_k(jnp.where(seen, -jnp.inf, logits), k)
+
+  return topk
+
+
+@dataclasses.dataclass
+class Recommendations:
+  """Per user: raw ids and scores of the top items, and raw ids that were not known."""
+
+  items: list[np.ndarray]
+  scores: list[np.ndarray]
+  unknown: list[list[Any]]
+
+
+class Recommender:
+  """Serves a trained Mult-VAE / Mult-DAE.
+
+  Args:
+    model: the Linen module (``n_items`` wide).
+    params: its parameters.
+    item_ids: ``(n_items,)`` raw id of each column.
+  """
+
+  def __init__(self, model, params, item_ids: np.ndarray):
+    if len(item_ids) != model.n_items:
+      raise ValueError(f"item_ids has {len(item_ids)} entries, the model {model.n_items}")
+    self.model = model
+    self.params = params
+    self.item_ids = np.asarray(item_ids)
+    self._column = {str(raw): j for j, raw in enumerate(self.item_ids.tolist())}
+    self._fns: dict[int, Any] = {}
+
+  @classmethod
+  def from_workdir(cls, workdir: str) -> "Recommender":
+    """Loads the best checkpoint of a training run."""
+    meta = checkpoint_lib.read_best_meta(workdir)
+    ident = meta["identity"]
+    ids_path = os.path.join(workdir, "item_ids.npy")
+    if not os.path.exists(ids_path):
+      raise FileNotFoundError(f"{ids_path}: not found; the workdir is incomplete")
+    item_ids = np.load(ids_path, allow_pickle=False)
+    model = model_lib.build_model(ident["model"], int(ident["n_items"]),
+                                  hidden_dims=tuple(ident["hidden_dims"]),
+                                  latent_dim=int(ident["latent_dim"]))
+    optimizer = train_lib.make_optimizer()
+    target = jax.eval_shape(
+        lambda: train_lib.create_train_state(model, optimizer, jax.random.PRNGKey(0)))
+    ck = checkpoint_lib.RunCheckpoints(workdir, ident)
+    try:
+      state, _ = ck.restore_best(target)
+    finally:
+      ck.close()
+    return cls(model, state.params, item_ids)
+
+  def columns_of(self, raw_items: Sequence[Any]) -> tuple[list[int], list[Any]]:
+    """Column indices of the known raw ids, and the unknown raw ids."""
+    known, unknown = [], []
+    for raw in raw_items:
+      j = self._column.get(str(raw))
+      if j is None:
+        unknown.append(raw)
+      else:
+        known.append(j)
+    return sorted(set(known)), unknown
+
+  def _fn(self, k: int):
+    if k not in self._fns:
+      self._fns[k] = make_topk_fn(self.model, k)
+    return self._fns[k]
+
+  def recommend(self, users: Sequence[Sequence[Any]], k: int = 10) -> Recommendations:
+    """Top-``k`` raw item ids (best first) for each user's list of raw item ids.
+
+    Unknown ids are skipped and reported; a user with no known item gets the items the
+    model scores highest for an empty history.
+    """
+    if not 1 <= k <= self.model.n_items:
+      raise ValueError(f"k must be in [1, {self.model.n_items}], got {k}")
+    cols, unknown = zip(*[self.columns_of(u) for u in users]) if users else ((), ())
+    n = len(cols)
+    b = _round_up(max(n, 1), _USER_BUCKETS)
+    nnz = max(sum(len(c) for c in cols), 1)
+    nnz = 1 << (nnz - 1).bit_length()  # powers of two: few shapes
+    rows = np.zeros(nnz, np.int32)
+    col_arr = np.zeros(nnz, np.int32)
+    vals = np.zeros(nnz, np.float32)
+    pos = 0
+    for r, c in enumerate(cols):
+      rows[pos:pos + len(c)] = r
+      col_arr[pos:pos + len(c)] = c
+      vals[pos:pos + len(c)] = 1.0
+      pos += len(c)
+    mask = (np.arange(b) < n).astype(np.float32)
+    batch = sparse_lib.SparseBatch(rows, col_arr, vals, mask)
+    scores, top = jax.device_get(self._fn(k)(self.params, batch))
+    return Recommendations(items=[self.item_ids[top[i]] for i in range(n)],
+                           scores=[scores[i] for i in range(n)],
+                           unknown=[list(u) for u in unknown])

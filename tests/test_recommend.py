@@ -1,0 +1,100 @@
+"""Recommendations for new users: exclusion of seen items, exactness, unknown ids, CLI."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import configs
+from experiments import loop
+from jax_vaecf import model as model_lib
+from jax_vaecf import recommend
+from jax_vaecf import train as train_lib
+
+import _synthetic
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _recommender(n_items=40, seed=0):
+  m = model_lib.build_model("multvae", n_items, hidden_dims=(8,), latent_dim=3)
+  params = train_lib.init_params(m, jax.random.PRNGKey(seed))
+  ids = np.arange(n_items) * 10 + 5  # raw ids differ from columns
+  return recommend.Recommender(m, params, ids), m, params, ids
+
+
+def test_top_k_equals_brute_force_and_excludes_seen():
+  rec, m, params, ids = _recommender()
+  users = [[5, 15, 105], [395], [5, 25, 35, 45, 55, 65]]
+  out = rec.recommend(users, k=7)
+  for hist, items, scores in zip(users, out.items, out.scores):
+    x = np.zeros((1, 40), np.float32)
+    x[0, [(h - 5) // 10 for h in hist]] = 1
+    logits = np.array(m.apply({"params": params}, jnp.asarray(x)).logits[0])
+    logits[x[0] > 0] = -np.inf
+    want = np.argsort(-logits, kind="stable")[:7]
+    np.testing.assert_array_equal(items, ids[want])
+    np.testing.assert_allclose(scores, logits[want], rtol=1e-5)
+    assert not set(items) & set(hist)
+
+
+def test_batched_equals_one_by_one():
+  rec, *_ = _recommender()
+  rng = np.random.default_rng(0)
+  users = [list(rec.item_ids[rng.choice(40, rng.integers(1, 9), replace=False)])
+           for _ in range(20)]
+  together = rec.recommend(users, k=5)
+  for u, items in zip(users, together.items):
+    np.testing.assert_array_equal(rec.recommend([u], k=5).items[0], items)
+
+
+def test_unknown_ids_are_reported_and_skipped():
+  rec, *_ = _recommender()
+  out = rec.recommend([[5, 999, "abc", 15]], k=3)
+  assert out.unknown == [[999, "abc"]]
+  np.testing.assert_array_equal(out.items[0], rec.recommend([[5, 15]], k=3).items[0])
+  with pytest.raises(ValueError, match="k must be"):
+    rec.recommend([[5]], k=41)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  d = tmp_path_factory.mktemp("rec")
+  _synthetic.write_movielens_csv(str(d), titles=True)
+  cfg = configs.get_config("ml-latest-small").replace(
+      data_dir=str(d), cache_dir=str(d / "cache"), number_of_epochs=2,
+      batch_size_train=64, batch_size_validation=64, hidden_dims=(16,), latent_dim=4,
+      test=False)
+  workdir = str(d / "run")
+  loop.run(cfg, workdir)
+  return workdir
+
+
+def test_workdir_alone_is_enough_to_serve(trained):
+  rec = recommend.Recommender.from_workdir(trained)
+  assert rec.model.n_items == 150 and rec.model.latent_dim == 4
+  out = rec.recommend([[1, 8, 15]], k=10)
+  assert len(out.items[0]) == 10
+  assert set(out.items[0]) <= set(rec.item_ids.tolist())
+  assert not {1, 8, 15} & set(out.items[0].tolist())
+
+
+def test_cli_prints_titles_and_unknown_ids(trained):
+  r = subprocess.run([sys.executable, "-m", "experiments.recommend", "--workdir", trained,
+                      "--items", "1,8,nope", "--k", "3"], cwd=REPO, capture_output=True,
+                     text=True, timeout=120)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "unknown item ids, skipped: nope" in r.stdout
+  ranked = [l for l in r.stdout.splitlines() if l.strip()[:2] in ("1.", "2.", "3.")]
+  assert len(ranked) == 3 and all("Movie " in l for l in ranked)
+
+
+def test_cli_without_a_run_fails_clearly(tmp_path):
+  r = subprocess.run([sys.executable, "-m", "experiments.recommend", "--workdir",
+                      str(tmp_path), "--items", "1"], cwd=REPO, capture_output=True,
+                     text=True, timeout=120)
+  assert r.returncode != 0 and "no checkpoint" in r.stderr
