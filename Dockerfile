@@ -1,0 +1,25 @@
+# jax_vaecf on NVIDIA GPUs: JAX's CUDA 12 wheels on a CUDA base image.
+#   docker build -t jax_vaecf .
+#   docker run --gpus all -v $PWD/data:/data -v $PWD/runs:/runs jax_vaecf
+# The default command trains the paper's ML-20M preset on every GPU, downloading
+# MovieLens-20M into /data on first use and resuming from /runs/ml20m when rerun.
+FROM nvidia/cuda:12.8.1-base-ubuntu24.04
+
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
+
+WORKDIR /opt/jax_vaecf
+COPY pyproject.toml setup.cfg README.md ./
+COPY jax_vaecf ./jax_vaecf
+COPY experiments ./experiments
+RUN pip install --no-cache-dir ".[gpu,plot]"
+
+VOLUME ["/data", "/runs"]
+CMD ["python", "-m", "experiments.train", "--config=ml20m", "--data_dir=/data/ml-20m", \
+     "--cache_dir=/data/cache", "--download", "--workdir=/runs/ml20m", \
+     "--number_of_devices=0"]
