@@ -11,9 +11,11 @@ Launch (see README.md, "Scaling out"):
 
 * explicit: on every node ``--coordinator_address=HOST0:PORT --num_processes=N
   --process_id=i`` (``i = 0`` on the node at ``HOST0``);
-* SLURM / Open MPI / other clusters jax knows: no flags; ``srun`` (one task per node)
-  sets the environment and jax's cluster detection reads it (:func:`initialize` with no
-  arguments).
+* SLURM / Open MPI / other clusters jax knows: no flags; ``srun`` sets the environment
+  and jax's cluster detection reads it (:func:`initialize` with no arguments and
+  ``environ=os.environ``). jax's SLURM detection gives each task one device
+  (``local_device_ids = [SLURM_LOCALID]``), so launch one task per GPU, or pass
+  ``local_device_ids`` explicitly.
 
 On CPU the cross-process collectives go through gloo (``cpu_collectives``).
 """
