@@ -180,8 +180,10 @@ class ParallelSteps:
   def init_state(self, state: train_lib.TrainState) -> train_lib.TrainState:
     """Places a single-device or host state (e.g. freshly made or restored) on the devices.
 
-    Every process must pass the same values. ``'sharded'``: every leaf replicated
-    (``P()``). ``'pmap'``: every leaf gets a leading axis of ``num_shards`` copies.
+    ``state`` is copied, not donated (it stays usable); it must not have been donated
+    to an earlier step. Every process must pass the same values. ``'sharded'``: every
+    leaf replicated (``P()``). ``'pmap'``: every leaf gets a leading axis of
+    ``num_shards`` copies.
     """
     host = jax.tree_util.tree_map(lambda a: np.asarray(jax.device_get(a)), state)
     if self.mode == "pmap":

@@ -101,6 +101,20 @@ def test_parallel_steps_equal_one_device(mode, users):
   np.testing.assert_array_equal(host.key, ref.key)
 
 
+@pytest.mark.parametrize("mode", parallel.MODES)
+def test_more_shards_than_devices(mode):
+  # 8 shards on 4 devices: each device runs 2 shards (vmapped), rows still global.
+  batches = _batches(n=2)
+  ref, ref_losses = _one_device(batches)
+  ps = _steps(mode, 4)
+  st = ps.init_state(train_lib.create_train_state(_model(), OPT, jax.random.PRNGKey(0)))
+  for b in batches:
+    st, met = ps.train_step(st, ps.put_batch(parallel.pad_and_shard(b, 8)))
+  np.testing.assert_allclose(float(ps.metrics_to_host(met)["loss"]), ref_losses[-1],
+                             rtol=1e-5)
+  _assert_trees_close(ps.to_host(st.params), ref.params)
+
+
 def test_state_stays_replicated_and_batch_sharded():
   ps, st, _ = _parallel(_batches(n=1), "sharded", 4)
   for leaf in jax.tree_util.tree_leaves(st):
