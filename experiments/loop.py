@@ -32,7 +32,9 @@ from experiments.progress import Progress
 from jax_vaecf import checkpoint as checkpoint_lib
 from jax_vaecf import data as data_lib
 from jax_vaecf import metrics as metrics_lib
+from jax_vaecf import distributed
 from jax_vaecf import model as model_lib
+from jax_vaecf import parallel as parallel_lib
 from jax_vaecf import precision as precision_lib
 from jax_vaecf import schedules
 from jax_vaecf import train as train_lib
@@ -103,35 +105,34 @@ def build(cfg: configs.Config, n_items: int):
   schedule = schedules.get_schedule(cfg.anneal_schedule, cap=cfg.anneal_cap,
                                     total_anneal_steps=cfg.total_anneal_steps,
                                     cycle_steps=cfg.anneal_cycle_steps)
+  devices = select_devices(cfg)
+  precision_lib.check_backend_supports(policy, devices[0].platform)
   input_format = cfg.input_format
   if input_format == "auto":
     input_format = "sparse"
   ks = tuple(sorted(set(VALIDATION_KS) | set(int(k) for k in cfg.test_ks)))
-  steps = _SingleDevice(model, optimizer, schedule, cfg.lam, input_format,
-                        policy.loss_scaling, ks)
+  steps = parallel_lib.make_parallel_steps(
+      model, optimizer, schedule, mode=cfg.parallel, devices=devices, lam=cfg.lam,
+      input_format=input_format, loss_scaling=policy.loss_scaling, ks=ks)
   return model, optimizer, steps
 
 
-class _SingleDevice:
-  def __init__(self, model, optimizer, schedule, lam, input_format, loss_scaling, ks):
-    self.train_step = jax.jit(train_lib.make_train_step(
-        model, optimizer, schedule, lam=lam, input_format=input_format,
-        loss_scaling=loss_scaling), donate_argnums=0)
-    self.eval_step = jax.jit(train_lib.make_eval_step(model, ks, input_format=input_format))
-    self.num_shards = None
-    self.put_batch = jax.device_put
+def select_devices(cfg: configs.Config) -> list:
+  """``--gpu_number`` (one chosen local device) or ``--number_of_devices`` (0 = all)."""
+  if cfg.gpu_number >= 0:
+    local = jax.local_devices()
+    if cfg.gpu_number >= len(local) or jax.process_count() > 1:
+      raise ValueError(f"--gpu_number={cfg.gpu_number}: this process has {len(local)} "
+                       f"local devices ({local[0].platform}); single-process runs only")
+    return [local[cfg.gpu_number]]
+  return parallel_lib.resolve_devices(cfg.number_of_devices)
 
-  def init_state(self, state):
-    return jax.device_put(state)
 
-  def to_host(self, state):
-    return state
-
-  def params_of(self, state):
-    return state.params
-
-  def step_of(self, state):
-    return state.step
+def _own_shards(batches):
+  """This process's shards of each global batch (all of them in a one-process run)."""
+  n, i = jax.process_count(), jax.process_index()
+  for b in batches:
+    yield b if n == 1 else distributed.process_shards(b, i, n)
 
 
 class MetricsLog:
@@ -177,9 +178,9 @@ def evaluate(steps, params, split: data_lib.EvalSplit, batch_size: int) -> dict:
   """Mean (and standard error) of every metric over the split's users with held-out items."""
   acc = metrics_lib.MetricAccumulator()
   batches = data_lib.eval_batches(split, batch_size, num_shards=steps.num_shards)
-  for host_batch, out in _pipelined(steps.eval_step, params, batches, steps.put_batch):
-    mask = np.asarray(host_batch.fold_in.row_mask).reshape(-1)
-    acc.add(jax.device_get(out), row_mask=mask)
+  for _, out in _pipelined(steps.eval_step, params, _own_shards(batches),
+                                    steps.put_batch):
+    acc.add(steps.metrics_to_host(out))  # every user of the global batch
   return acc.result()
 
 
@@ -195,10 +196,10 @@ def _pipelined(fn, params, host_batches, put):
     yield pending
 
 
-def _mean_of(step_metrics: list[dict]) -> dict:
+def _mean_of(steps, step_metrics: list[dict]) -> dict:
   if not step_metrics:
     return {}
-  host = jax.device_get(step_metrics)  # one transfer per epoch, not per step
+  host = [steps.metrics_to_host(m) for m in step_metrics]  # read once per epoch
   keys = ("loss", "nll", "kl")
   out = {k: float(np.mean([m[k] for m in host])) for k in keys}
   out["beta"] = float(host[-1]["beta"])
@@ -222,7 +223,8 @@ def train_and_validate(cfg: configs.Config, workdir: str, split: data_lib.Split,
   state = train_lib.create_train_state(model, optimizer, jax.random.PRNGKey(cfg.seed),
                                        loss_scaling=policy.loss_scaling)
   start_epoch, best = 0, -math.inf
-  log = MetricsLog(workdir) if ck is not None else None
+  # In a multi-process run every process computes the same records; one writes them.
+  log = MetricsLog(workdir) if ck is not None and jax.process_index() == 0 else None
   if ck is not None:
     restored = ck.restore_latest(state)
     if restored is not None:
@@ -231,7 +233,8 @@ def train_and_validate(cfg: configs.Config, workdir: str, split: data_lib.Split,
       logging.info("resuming %s after epoch %d (step %d)", workdir, start_epoch,
                    int(state.step))
       print(f"resumed from epoch {start_epoch}", flush=True)
-    log.truncate_after(start_epoch)
+    if log is not None:
+      log.truncate_after(start_epoch)
   state = steps.init_state(state)
   batcher = data_lib.TrainBatcher(split.train, cfg.batch_size_train, seed=cfg.seed,
                                   num_shards=steps.num_shards)
@@ -243,16 +246,17 @@ def train_and_validate(cfg: configs.Config, workdir: str, split: data_lib.Split,
     t0 = time.perf_counter()
     step_metrics = []
     with Progress(batcher.steps_per_epoch, f"epoch {epoch + 1}") as bar:
-      for batch in data_lib.prefetch(batcher.epoch_batches(epoch), size=cfg.prefetch,
-                                     put=steps.put_batch):
+      for batch in data_lib.prefetch(_own_shards(batcher.epoch_batches(epoch)),
+                                     size=cfg.prefetch, put=steps.put_batch):
         state, m = steps.train_step(state, batch)
         step_metrics.append(m)
         bar.update()
     jax.block_until_ready(state)
     epoch_time = time.perf_counter() - t0
     epoch_times.append(epoch_time)
-    record = {"split": "train", "epoch": epoch + 1, "step": int(jax.device_get(
-        steps.step_of(state))), **_mean_of(step_metrics), "epoch_time_s": epoch_time,
+    record = {"split": "train", "epoch": epoch + 1,
+              "step": int(steps.to_host(state.step)), **_mean_of(steps, step_metrics),
+              "epoch_time_s": epoch_time,
               "users_per_s": n_users / epoch_time}
     done = epoch + 1
     validate_now = split.validation is not None and (
@@ -260,7 +264,7 @@ def train_and_validate(cfg: configs.Config, workdir: str, split: data_lib.Split,
     host_state = None
     if validate_now:
       t1 = time.perf_counter()
-      vm = evaluate(steps, steps.params_of(state), split.validation,
+      vm = evaluate(steps, state, split.validation,
                     cfg.batch_size_validation)
       val_times.append(time.perf_counter() - t1)
       record.update({f"val_{k}": vm[k] for k in ("ndcg@100", "recall@20", "recall@50")})
@@ -319,8 +323,7 @@ def test_best(cfg: configs.Config, workdir: str, split: data_lib.Split,
     raise FileNotFoundError(
         f"{workdir}: no trained checkpoint to test; run with --train first")
   state, meta = restored
-  params = steps.params_of(steps.init_state(state))
-  result = evaluate(steps, params, split.test, cfg.batch_size_validation)
+  result = evaluate(steps, steps.init_state(state), split.test, cfg.batch_size_validation)
   result["epoch"] = meta.get("epoch")
   return result
 
@@ -339,6 +342,7 @@ def format_test(result: dict, ks) -> str:
 def run(cfg: configs.Config, workdir: str) -> dict:
   """Runs the modes the config asks for; returns their results."""
   configs.validate(cfg)
+  select_devices(cfg)  # fail before any data work
   split = load_data(cfg)
   print(data_lib.format_stats(split.stats()), flush=True)
   n_items = split.n_items
@@ -355,7 +359,8 @@ def run(cfg: configs.Config, workdir: str) -> dict:
   if cfg.train or cfg.test:
     ck = checkpoint_lib.RunCheckpoints(workdir, identity(cfg, split),
                                        keep_best=cfg.keep_best, best_metric=BEST_METRIC)
-    _write_run_files(cfg, workdir, split)
+    if jax.process_index() == 0:
+      _write_run_files(cfg, workdir, split)
   try:
     if cfg.train or cfg.benchmark:
       results["train"] = train_and_validate(cfg, workdir, split,
@@ -366,7 +371,8 @@ def run(cfg: configs.Config, workdir: str) -> dict:
     if cfg.test:
       results["test"] = test_best(cfg, workdir, split, ck, steps, model, optimizer)
       print(format_test(results["test"], cfg.test_ks), flush=True)
-      MetricsLog(workdir).write({"split": "test", **results["test"]})
+      if jax.process_index() == 0:
+        MetricsLog(workdir).write({"split": "test", **results["test"]})
   finally:
     if ck is not None:
       ck.close()

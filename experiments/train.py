@@ -13,6 +13,7 @@ overridden by the flag of the same name (``--help`` lists them). The reference's
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import typing
 
@@ -22,6 +23,7 @@ from absl import logging
 
 from experiments import configs
 from experiments import loop
+from jax_vaecf import distributed
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "ml20m", f"Preset: one of {sorted(configs.PRESETS)}.")
@@ -29,6 +31,11 @@ flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl,
 flags.DEFINE_bool("use_tf_amp", None, "Reference flag: same as --precision=bf16.")
 flags.DEFINE_integer("number_of_gpus", None,
                      "Reference flag: same as --number_of_devices (0 = all).")
+flags.DEFINE_string("coordinator_address", None,
+                    "Multi-node: host:port of process 0 (with --num_processes and "
+                    "--process_id; leave all three out under SLURM).")
+flags.DEFINE_integer("num_processes", None, "Multi-node: number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-node: this process's index.")
 
 _HELP = {
     "dataset": "Data set name (ml-20m, ml-20m_alt, netflix, lastfm, pinterest, msd, "
@@ -134,6 +141,8 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   try:
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                           FLAGS.process_id, environ=os.environ)
     loop.run(cfg, FLAGS.workdir)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)

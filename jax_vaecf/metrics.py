@@ -64,7 +64,7 @@ def ranking_metrics(scores: Array, heldout: Array, fold_in: Array | None = None,
 
   Returns:
     ``{'ndcg@k': (B,), 'recall@k': (B,), 'recalln@k': (B,), ..., 'valid': bool (B,),
-    'n_heldout': int32 (B,)}``.
+    'n_heldout': int32 (B,), 'is_user': bool (B,)}`` (``is_user``: not a padding row).
   """
   ks = sorted(set(int(k) for k in ks))
   if not ks:
@@ -81,7 +81,8 @@ def ranking_metrics(scores: Array, heldout: Array, fold_in: Array | None = None,
   n_f = n_heldout.astype(jnp.float32)
   disc = _discounts(kmax)
   cum_disc = jnp.cumsum(disc)
-  out: dict[str, Array] = {"valid": valid, "n_heldout": n_heldout}
+  is_user = jnp.ones_like(valid) if row_mask is None else row_mask > 0
+  out: dict[str, Array] = {"valid": valid, "n_heldout": n_heldout, "is_user": is_user}
   for k in ks:
     h = hits[:, :k]
     dcg = h @ disc[:k]
@@ -111,7 +112,8 @@ def recall_at_k(scores: Array, heldout: Array, k: int = 20,
 class MetricAccumulator:
   """Host-side accumulation of per-user metrics over batches.
 
-  ``add`` takes the dict returned by :func:`ranking_metrics` (device or numpy arrays);
+  ``add`` takes the dict returned by :func:`ranking_metrics` (device or numpy arrays;
+  padding rows are told apart by its ``is_user``, or by an explicit ``row_mask``);
   ``result`` returns the mean and standard error of each metric over valid users, the
   number of users counted and the number excluded for having no held-out items.
   """
@@ -122,11 +124,14 @@ class MetricAccumulator:
 
   def add(self, batch_metrics: Mapping[str, Array], row_mask: Array | None = None) -> None:
     valid = np.asarray(batch_metrics["valid"]).astype(bool)
-    real = np.ones_like(valid) if row_mask is None else np.asarray(row_mask) > 0
+    if row_mask is not None:
+      real = np.asarray(row_mask) > 0
+    else:
+      real = np.asarray(batch_metrics.get("is_user", np.ones_like(valid))).astype(bool)
     self._excluded += int(np.sum(real & ~valid))
     valid = valid & real
     for name, v in batch_metrics.items():
-      if name in ("valid", "n_heldout"):
+      if name in ("valid", "n_heldout", "is_user"):
         continue
       self._values.setdefault(name, []).append(np.asarray(v, np.float64)[valid])
 

@@ -95,3 +95,53 @@ def update_loss_scale(ls: LossScale, finite: jax.Array, *, period: int = 2000,
 def select_tree(pred: jax.Array, on_true, on_false):
   """Leaf-wise ``where(pred, a, b)`` over two pytrees of one structure."""
   return jax.tree_util.tree_map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
+class PrecisionWarning(UserWarning):
+  """A precision runs on this backend, but emulated or slowly."""
+
+
+# What each backend does with each half type. GPUs (CUDA, ROCm) run both on tensor /
+# matrix cores (bf16 needs an Ampere-or-newer NVIDIA GPU for speed; XLA still runs it
+# correctly on older ones). CPUs compute both correctly but by converting to float32 and
+# back, slower than fp32, so they are allowed (tests, debugging) with a warning. TPUs
+# have no fast float16 path and no need for loss scaling: fp16 there is an error that
+# points to bf16.
+_SLOW = {("cpu", "fp16"), ("cpu", "bf16")}
+_UNSUPPORTED = {("tpu", "fp16"): "TPUs have no fast float16; use precision='bf16'"}
+_PLATFORMS = ("cpu", "gpu", "cuda", "rocm", "tpu")
+
+
+def check_backend_supports(policy: Policy | str, platform: str) -> Policy:
+  """Checks that ``policy`` is usable on ``platform`` and returns the policy.
+
+  Args:
+    policy: a :class:`Policy` or its name.
+    platform: ``jax.devices()[0].platform`` (``'cpu'``, ``'gpu'``, ``'cuda'``,
+      ``'rocm'``, ``'tpu'``), passed in by the caller.
+
+  Returns:
+    The policy, unchanged (there is no silent fallback to another dtype).
+
+  Raises:
+    ValueError: an unknown platform, or a policy the platform has no useful support
+      for (fp16 on TPU).
+
+  Warns:
+    PrecisionWarning: bf16 / fp16 on CPU (correct, but emulated and slower than fp32).
+  """
+  import warnings
+
+  if isinstance(policy, str):
+    policy = get_policy(policy)
+  platform = platform.lower()
+  if platform not in _PLATFORMS:
+    raise ValueError(f"unknown platform {platform!r}: expected one of {_PLATFORMS}")
+  reason = _UNSUPPORTED.get((platform, policy.name))
+  if reason:
+    raise ValueError(f"precision {policy.name!r} on {platform}: {reason}")
+  if (platform, policy.name) in _SLOW:
+    warnings.warn(f"precision {policy.name!r} on {platform} is emulated through float32 "
+                  "and slower than 'fp32'; use it for testing only", PrecisionWarning,
+                  stacklevel=2)
+  return policy

@@ -8,7 +8,7 @@ import pytest
 import scipy.sparse as sp
 
 from jax_vaecf import sparse
-from jax_vaecf.data import EvalSplit, TrainBatcher, eval_batches, prefetch
+from jax_vaecf.data import EvalSplit, TrainBatcher, eval_batches, make_batch, prefetch
 
 
 def _matrix(n_users=103, n_items=40, seed=0):
@@ -81,9 +81,24 @@ def test_resume_reproduces_order():
   assert any(not np.array_equal(x.cols, y.cols) for x, y in zip(a, other))
 
 
-def test_shards_must_divide():
+def test_batch_that_does_not_divide_over_shards_is_padded():
+  m = _matrix()
+  b = TrainBatcher(m, 15, seed=0, num_shards=2)
+  one = TrainBatcher(m, 15, seed=0)
+  assert b.steps_per_epoch == one.steps_per_epoch
+  for sharded, single in zip(b.epoch_batches(0), one.epoch_batches(0)):
+    assert sharded.row_mask.shape == (2, 8)
+    assert sharded.row_mask.sum() == single.row_mask.sum()  # the same users per step
+    # Shard 0 holds the first 8 users, shard 1 the rest, then one padding row.
+    dense = np.zeros((16, m.shape[1]), np.float32)
+    for j in range(2):
+      np.add.at(dense, (sharded.rows[j] + 8 * j, sharded.cols[j]), sharded.vals[j])
+    want = np.zeros((15, m.shape[1]), np.float32)
+    np.add.at(want, (single.rows, single.cols), single.vals)
+    np.testing.assert_array_equal(dense[:15], want)
+    assert not dense[15].any() and sharded.row_mask[1, -1] == 0
   with pytest.raises(ValueError, match="not divisible"):
-    TrainBatcher(_matrix(), 15, seed=0, num_shards=2)
+    make_batch(m, np.arange(3), 15, (1024,), num_shards=2)
 
 
 @pytest.mark.parametrize("num_shards", [None, 2])

@@ -156,3 +156,29 @@ def test_sigkill_and_restart_ends_like_an_uninterrupted_run(data_dir, tmp_path):
   assert again.returncode == 0, again.stderr[-2000:]
   test_line = lambda out: [l for l in out.splitlines() if l.startswith("test (")][0]
   assert test_line(again.stdout) == test_line(full.stdout)
+
+
+@pytest.mark.parametrize("mode", ["sharded", "pmap"])
+def test_four_devices_give_the_one_device_result(data_dir, tmp_path, mode):
+  # 60 users per batch over 4 devices: 15 each; 100 over 4 with padding in the last batch.
+  cfg = _cfg(data_dir, tmp_path, number_of_epochs=2, batch_size_train=60)
+  one = loop.run(cfg, str(tmp_path / "one"))
+  four = loop.run(cfg.replace(number_of_devices=4, parallel=mode), str(tmp_path / "four"))
+  for k in ("ndcg@100", "recall@20", "recall@50"):
+    assert four["test"][k] == pytest.approx(one["test"][k], abs=1e-5)
+  a = [r["loss"] for r in _records(str(tmp_path / "one")) if r["split"] == "train"]
+  b = [r["loss"] for r in _records(str(tmp_path / "four")) if r["split"] == "train"]
+  np.testing.assert_allclose(a, b, rtol=1e-5)
+
+
+def test_batch_not_dividing_over_devices_is_padded(data_dir, tmp_path):
+  cfg = _cfg(data_dir, tmp_path, number_of_epochs=1, batch_size_train=62, test=False)
+  one = loop.run(cfg, str(tmp_path / "one"))
+  four = loop.run(cfg.replace(number_of_devices=4), str(tmp_path / "four"))
+  assert four["train"]["best_validation"]["ndcg@100"] == pytest.approx(
+      one["train"]["best_validation"]["ndcg@100"], abs=1e-5)
+
+
+def test_more_devices_than_exist_fails_fast(data_dir, tmp_path):
+  with pytest.raises(ValueError, match="asked for 9 devices"):
+    loop.run(_cfg(data_dir, tmp_path, number_of_devices=9), str(tmp_path / "w"))

@@ -13,8 +13,11 @@ Shapes are kept to a handful so jit compiles a few programs:
   in the bottom one.
 
 With ``num_shards=k`` (data parallelism) every array gains a leading axis of size k:
-shard j holds users ``j*B/k .. (j+1)*B/k - 1`` of the batch with row ids local to the
-shard, and all shards share one nnz bucket (ladder built for ``B/k`` rows).
+shard j holds users ``j*R .. (j+1)*R - 1`` of the batch with row ids local to the
+shard, and all shards share one nnz bucket (ladder built for ``R`` rows), where
+``R = ceil(B / k)``. When ``k`` does not divide ``B`` the batch still holds ``B`` users
+and is padded to ``k * R`` rows with ``row_mask = 0``, so every device gets one shape
+and the users of each step do not depend on the number of devices.
 """
 
 from __future__ import annotations
@@ -71,15 +74,27 @@ def _check_shards(batch_size: int, num_shards: int | None) -> int:
   if batch_size < 1:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
   k = 1 if num_shards is None else int(num_shards)
-  if k < 1 or batch_size % k:
-    raise ValueError(f"batch_size {batch_size} is not divisible by num_shards {num_shards}")
+  if k < 1:
+    raise ValueError(f"num_shards must be positive, got {num_shards}")
   return k
+
+
+def padded_rows(batch_size: int, num_shards: int | None) -> int:
+  """Rows of a batch of ``batch_size`` users split into ``num_shards`` equal shards."""
+  k = _check_shards(batch_size, num_shards)
+  return -(-batch_size // k) * k
 
 
 def make_batch(m: sp.csr_matrix, users: np.ndarray, batch_size: int,
                buckets: Sequence[int], num_shards: int | None = None) -> SparseBatch:
-  """The padded batch of CSR rows ``users`` (at most ``batch_size`` of them)."""
+  """The padded batch of CSR rows ``users`` (at most ``batch_size`` of them).
+
+  ``batch_size`` must be divisible by ``num_shards`` (see :func:`padded_rows`).
+  """
   k = _check_shards(batch_size, num_shards)
+  if batch_size % k:
+    raise ValueError(f"batch_size {batch_size} is not divisible by num_shards {k}; "
+                     "pad it with padded_rows")
   per = batch_size // k
   users = np.asarray(users, np.int64)
   mask = np.zeros(batch_size, np.float32)
@@ -114,14 +129,15 @@ class TrainBatcher:
     k = _check_shards(batch_size, num_shards)
     self.matrix = sp.csr_matrix(matrix)
     self.batch_size = int(batch_size)
+    self.rows_per_batch = padded_rows(batch_size, num_shards)
     self.seed = int(seed)
     self.num_shards = num_shards
     row_nnz = np.diff(self.matrix.indptr)
     if nnz_buckets is None:
-      self.nnz_buckets = bucket_ladder(row_nnz, batch_size // k)
+      self.nnz_buckets = bucket_ladder(row_nnz, self.rows_per_batch // k)
     else:
       self.nnz_buckets = tuple(sorted(int(b) for b in nnz_buckets))
-      biggest = int(np.sort(row_nnz)[::-1][:batch_size // k].sum())
+      biggest = int(np.sort(row_nnz)[::-1][:self.rows_per_batch // k].sum())
       if self.nnz_buckets[-1] < biggest:
         raise ValueError(f"nnz_buckets {self.nnz_buckets}: the largest must hold the "
                          f"biggest possible batch ({biggest} entries)")
@@ -143,7 +159,7 @@ class TrainBatcher:
     order = self.epoch_order(epoch)
     for step in range(int(start_step), self.steps_per_epoch):
       users = order[step * self.batch_size:(step + 1) * self.batch_size]
-      yield make_batch(self.matrix, users, self.batch_size, self.nnz_buckets,
+      yield make_batch(self.matrix, users, self.rows_per_batch, self.nnz_buckets,
                        self.num_shards)
 
 
@@ -154,15 +170,16 @@ def eval_batches(split, batch_size: int, num_shards: int | None = None
   Fold-in and held-out halves have their own bucket ladders; they share the row mask.
   """
   k = _check_shards(batch_size, num_shards)
+  rows = padded_rows(batch_size, num_shards)
   fold_in = sp.csr_matrix(split.fold_in)
   heldout = sp.csr_matrix(split.heldout)
-  b_in = bucket_ladder(np.diff(fold_in.indptr), batch_size // k)
-  b_out = bucket_ladder(np.diff(heldout.indptr), batch_size // k)
+  b_in = bucket_ladder(np.diff(fold_in.indptr), rows // k)
+  b_out = bucket_ladder(np.diff(heldout.indptr), rows // k)
   n = fold_in.shape[0]
   for lo in range(0, n, batch_size):
     users = np.arange(lo, min(lo + batch_size, n))
-    yield EvalBatch(make_batch(fold_in, users, batch_size, b_in, num_shards),
-                    make_batch(heldout, users, batch_size, b_out, num_shards))
+    yield EvalBatch(make_batch(fold_in, users, rows, b_in, num_shards),
+                    make_batch(heldout, users, rows, b_out, num_shards))
 
 
 _DONE = object()

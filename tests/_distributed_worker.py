@@ -1,0 +1,95 @@
+"""One process of a multi-process data-parallel run, for tests/test_distributed.py.
+
+Run as ``python tests/_distributed_worker.py --process_id=i --num_processes=N
+--port=P --devices=D --out=DIR``: joins the run through 127.0.0.1:P, trains a small
+Mult-VAE for a few steps in ``mode='sharded'`` on the global batches of
+:func:`problem` (feeding only its own shards), evaluates, and writes
+``DIR/process_<i>.npz`` with the final parameters and the per-user NDCG.
+"""
+
+import argparse
+import os
+import sys
+
+
+def problem(num_shards):
+  """The model, optimiser, schedule and global batches, identical in every process."""
+  import jax
+  import numpy as np
+  from jax_vaecf import model as model_lib
+  from jax_vaecf import parallel
+  from jax_vaecf import schedules
+  from jax_vaecf import sparse as sparse_lib
+  from jax_vaecf import train as train_lib
+
+  n_items = 64
+  m = model_lib.build_model("multvae", n_items, hidden_dims=(16,), latent_dim=8)
+  opt = train_lib.make_optimizer(1e-2)
+  sched = schedules.linear_schedule(0.2, 10)
+  state = train_lib.create_train_state(m, opt, jax.random.PRNGKey(7))
+  rng = np.random.default_rng(0)
+  # 14 users: not a multiple of 4 shards, so the last shard carries padding rows.
+  batches = [parallel.pad_and_shard(sparse_lib.from_dense(
+      (rng.random((14, n_items)) < 0.15).astype(np.float32)), num_shards)
+             for _ in range(4)]
+  x = (rng.random((10, n_items)) < 0.2).astype(np.float32)
+  held = (rng.random((10, n_items)) < 0.1).astype(np.float32) * (1 - x)
+  eval_batch = sparse_lib.EvalBatch(
+      parallel.pad_and_shard(sparse_lib.from_dense(x), num_shards),
+      parallel.pad_and_shard(sparse_lib.from_dense(held), num_shards))
+  return m, opt, sched, state, batches, eval_batch
+
+
+def run(steps, process_index, process_count):
+  """Trains on ``steps`` and returns host ``(params, per-user ndcg@10, losses)``."""
+  import jax
+  import numpy as np
+  from jax_vaecf import distributed
+  from jax_vaecf import parallel
+
+  devices = parallel.resolve_devices(0)
+  m, opt, sched, state, batches, eval_batch = problem(len(devices))
+  ps = parallel.make_parallel_steps(m, opt, sched, mode="sharded", devices=devices,
+                                    ks=(10,))
+  st = ps.init_state(state)
+  losses = []
+  for b in batches[:steps]:
+    st, met = ps.train_step(st, ps.put_batch(
+        distributed.process_shards(b, process_index, process_count)))
+    losses.append(float(ps.metrics_to_host(met)["loss"]))
+  ev = ps.metrics_to_host(ps.eval_step(st, ps.put_batch(
+      distributed.process_shards(eval_batch, process_index, process_count))))
+  params = ps.to_host(st.params)
+  return params, ev["ndcg@10"], np.asarray(losses)
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--process_id", type=int, required=True)
+  p.add_argument("--num_processes", type=int, required=True)
+  p.add_argument("--port", type=int, required=True)
+  p.add_argument("--devices", type=int, default=2)
+  p.add_argument("--steps", type=int, default=4)
+  p.add_argument("--out", required=True)
+  a = p.parse_args()
+  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={a.devices}"
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  import jax
+  import numpy as np
+  from jax_vaecf import distributed
+
+  info = distributed.initialize(f"127.0.0.1:{a.port}", a.num_processes, a.process_id,
+                                initialization_timeout=60)
+  assert info.process_count == a.num_processes, info
+  assert info.device_count == a.num_processes * a.devices, info
+  params, ndcg, losses = run(a.steps, info.process_index, info.process_count)
+  flat = {"/".join(str(getattr(k, "key", k)) for k in path): v
+          for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  np.savez(os.path.join(a.out, f"process_{a.process_id}.npz"), ndcg=ndcg, losses=losses,
+           **{"param:" + k: v for k, v in flat.items()})
+  distributed.shutdown()
+  print(f"process {a.process_id}: done", file=sys.stderr)
+
+
+if __name__ == "__main__":
+  main()

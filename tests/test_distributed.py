@@ -1,0 +1,120 @@
+"""Multi-process runs: two local CPU processes (gloo collectives) equal one process."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jax_vaecf import distributed
+from jax_vaecf import parallel
+from jax_vaecf import sparse as sparse_lib
+
+import _distributed_worker
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+TIMEOUT_S = 120
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _flat(params):
+  return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+          for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def test_two_processes_train_like_one(tmp_path):
+  port = _free_port()
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, HERE]), JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)  # the worker sets its own device count (2 each)
+  procs, logs = [], []
+  for i in range(2):
+    log = open(tmp_path / f"log{i}.txt", "w+")
+    logs.append(log)
+    procs.append(subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "_distributed_worker.py"), f"--process_id={i}",
+         "--num_processes=2", f"--port={port}", "--devices=2", f"--out={tmp_path}"],
+        env=env, stdout=log, stderr=subprocess.STDOUT))
+  try:
+    codes = [p.wait(timeout=TIMEOUT_S) for p in procs]
+  except subprocess.TimeoutExpired:
+    codes = None
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+
+  def output():
+    out = []
+    for i, log in enumerate(logs):
+      log.seek(0)
+      out.append(f"--- process {i} ---\n{log.read()[-3000:]}")
+      log.close()
+    return "\n".join(out)
+
+  text = output()
+  assert codes is not None, f"2-process run timed out after {TIMEOUT_S} s\n{text}"
+  assert codes == [0, 0], f"worker exit codes {codes}\n{text}"
+
+  # One process, 4 devices (tests/conftest.py), the same global batches and shards.
+  params, ndcg, losses = _distributed_worker.run(4, 0, 1)
+  want = _flat(params)
+  for i in range(2):
+    got = np.load(tmp_path / f"process_{i}.npz")
+    np.testing.assert_allclose(got["losses"], losses, rtol=1e-5)
+    np.testing.assert_allclose(got["ndcg"], ndcg, rtol=1e-5, atol=1e-7)
+    assert sorted(k[len("param:"):] for k in got.files if k.startswith("param:")) == \
+        sorted(want)
+    for k, v in want.items():
+      np.testing.assert_allclose(got["param:" + k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_single_process_initialize_is_a_no_op():
+  info = distributed.initialize(num_processes=1)
+  assert (info.process_index, info.process_count) == (0, 1)
+  assert info.device_count == 4
+  # No arguments and no multi-task cluster launch in the environment: single process.
+  assert distributed.initialize(environ={"SLURM_NTASKS": "1"}).process_count == 1
+  assert distributed.initialize(environ={}).process_count == 1
+
+
+def test_initialize_rejects_partial_or_bad_arguments():
+  with pytest.raises(ValueError, match="all of coordinator_address"):
+    distributed.initialize("127.0.0.1:1234", num_processes=2)
+  with pytest.raises(ValueError, match="process_id must be in"):
+    distributed.initialize("127.0.0.1:1234", 2, 2)
+  with pytest.raises(ValueError, match="num_processes must be >= 1"):
+    distributed.initialize("127.0.0.1:1234", 0, 0)
+
+
+def test_process_slice_covers_everything_once():
+  for n, p in ((10, 3), (4, 4), (2, 3), (0, 2)):
+    parts = [distributed.process_slice(n, i, p) for i in range(p)]
+    got = np.concatenate([np.arange(n)[s] for s in parts])
+    np.testing.assert_array_equal(got, np.arange(n))
+    sizes = [s.stop - s.start for s in parts]
+    assert max(sizes) - min(sizes) <= 1
+  with pytest.raises(ValueError):
+    distributed.process_slice(10, 3, 3)
+
+
+def test_process_shards_are_the_processes_block_of_the_mesh():
+  x = (np.random.default_rng(0).random((8, 20)) < 0.3).astype(np.float32)
+  b = parallel.pad_and_shard(sparse_lib.from_dense(x), 4)
+  first = distributed.process_shards(b, 0, 2)
+  second = distributed.process_shards(b, 1, 2)
+  assert first.rows.shape[0] == second.rows.shape[0] == 2
+  np.testing.assert_array_equal(np.concatenate([first.rows, second.rows]), b.rows)
+  eb = distributed.process_shards(sparse_lib.EvalBatch(b, b), 1, 2)
+  np.testing.assert_array_equal(eb.heldout.cols, second.cols)
+  with pytest.raises(ValueError, match="divisible by 3"):
+    distributed.process_shards(b, 0, 3)
