@@ -172,3 +172,17 @@ def test_corrupt_gzip(tmp_path):
   p.write_bytes(data[:len(data) // 2])
   with pytest.raises(ValueError, match="ratings.dat.gz: corrupt or truncated gzip"):
     readers.read_ml1m(str(p))
+
+
+def test_write_user_lines_round_trips(tmp_path):
+  from jax_vaecf.data import read_user_lines, write_user_lines
+  users = np.array([3, 1, 3, 0, 1, 3])
+  items = np.array([10, 11, 12, 13, 14, 15])
+  p = tmp_path / "train.txt"
+  write_user_lines(p, users, items)
+  assert p.read_text() == "0 13\n1 11 14\n3 10 12 15\n"
+  back = read_user_lines(p)
+  assert sorted(zip(back.users.tolist(), back.items.tolist())) == sorted(
+      zip(users.tolist(), items.tolist()))
+  with pytest.raises(ValueError, match="one length"):
+    write_user_lines(p, users, items[:2])

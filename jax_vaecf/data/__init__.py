@@ -13,7 +13,7 @@ from jax_vaecf.data.batcher import (TrainBatcher, bucket_ladder, eval_batches,
 from jax_vaecf.data.cache import cache_key, cached, file_identity
 from jax_vaecf.data.download import fetch_movielens, safe_extract
 from jax_vaecf.data.load import DATASETS, load_split
-from jax_vaecf.data.paper_files import read_vaecf_dir, write_vaecf_dir
+from jax_vaecf.data.paper_files import read_vaecf_dir, write_user_lines, write_vaecf_dir
 from jax_vaecf.data.preprocess import (PAPER_SEED, binarize, filter_triplets,
                                        split_from_files, split_heldout_users,
                                        split_nvidia_alt, split_per_user)

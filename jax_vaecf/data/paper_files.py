@@ -113,3 +113,27 @@ def read_vaecf_dir(folder: str | os.PathLike) -> Split:
   return Split(train=binary_csr(u_tr, s_tr, (n_tr, n_items)), validation=evals[0],
                test=evals[1], item_ids=item_ids, train_user_ids=uids[:n_tr],
                protocol="heldout_users")
+
+
+def write_user_lines(path: str | os.PathLike, users: np.ndarray, items: np.ndarray) -> None:
+  """Writes interactions in the NGCF / LightGCN format (``user item item ...`` per line,
+  users in ascending order, items in the given order), atomically.
+
+  ``users`` and ``items`` are integer ids of equal length; :func:`read_user_lines` reads
+  the file back.
+  """
+  path = os.fspath(path)
+  users = np.asarray(users, np.int64)
+  items = np.asarray(items, np.int64)
+  if users.shape != items.shape or users.ndim != 1:
+    raise ValueError(f"write_user_lines: users {users.shape} and items {items.shape} "
+                     "must be 1-D of one length")
+  order = np.argsort(users, kind="stable")
+  users, items = users[order], items[order]
+  bounds = np.flatnonzero(np.diff(users)) + 1
+  lines = [f"{u[0]} " + " ".join(map(str, it.tolist()))
+           for u, it in zip(np.split(users, bounds), np.split(items, bounds)) if u.size]
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write("\n".join(lines) + ("\n" if lines else ""))
+  os.replace(tmp, path)
