@@ -70,7 +70,8 @@ def _versions() -> dict:
   return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
           "optax": optax.__version__, "numpy": np.__version__,
           "python": platform.python_version(), "cpu_model": cpu,
-          "cpu_count": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+          "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg()),
+          "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 def _peak_host_gb() -> float:
