@@ -109,7 +109,7 @@ def build(cfg: configs.Config, n_items: int):
   precision_lib.check_backend_supports(policy, devices[0].platform)
   input_format = cfg.input_format
   if input_format == "auto":
-    input_format = "sparse"
+    input_format = train_lib.default_input_format(devices[0].platform)
   ks = tuple(sorted(set(VALIDATION_KS) | set(int(k) for k in cfg.test_ks)))
   steps = parallel_lib.make_parallel_steps(
       model, optimizer, schedule, mode=cfg.parallel, devices=devices, lam=cfg.lam,

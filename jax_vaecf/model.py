@@ -61,6 +61,30 @@ class ModelOutput(NamedTuple):
   logvar: Array | None = None
 
 
+@jax.custom_vjp
+def add_bias(y: Array, bias: Array) -> Array:
+  """``y + bias`` for float32 ``y`` ``(B, F)`` and ``bias`` ``(F,)``; returns ``(B, F)``.
+
+  The same function as ``y + bias``; only its gradient is computed differently. The
+  bias gradient is a sum over the batch; written as the matrix-vector product
+  ``ones(B) @ g`` it runs as one streaming pass, where XLA CPU's fused reduction of a
+  ``(500, 20108)`` gradient was measured ~2x slower than the whole logsumexp backward.
+  """
+  return y + bias
+
+
+def _add_bias_fwd(y, bias):
+  return y + bias, None
+
+
+def _add_bias_bwd(_, g):
+  ones = jnp.ones((g.shape[0],), g.dtype)
+  return g, jnp.dot(ones, g)
+
+
+add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
 class Dense(nn.Module):
   """``y = x @ kernel + bias`` computed in ``dtype``, accumulated and returned in float32."""
 
@@ -75,7 +99,7 @@ class Dense(nn.Module):
     bias = self.param("bias", bias_init, (self.features,), self.param_dtype)
     y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype),
                 preferred_element_type=jnp.float32)
-    return y + bias.astype(jnp.float32)
+    return add_bias(y, bias.astype(jnp.float32))
 
 
 class InputDense(nn.Module):

@@ -138,3 +138,22 @@ def test_half_precision_keeps_float32_outputs_and_params():
   m32 = model_lib.build_model("multvae", 32, hidden_dims=(8,), latent_dim=3)
   ref32 = m32.apply({"params": p}, jnp.ones((2, 32)), train=False).logits
   np.testing.assert_allclose(out.logits, ref32, atol=0.05)
+
+
+def test_add_bias_has_the_plain_gradient():
+  # add_bias only changes how the bias gradient is computed; value and both gradients
+  # must equal those of `y + b`, also under vmap (the train step maps over shards).
+  rng = np.random.default_rng(0)
+  y = jnp.asarray(rng.standard_normal((3, 7, 5)), jnp.float32)
+  b = jnp.asarray(rng.standard_normal(5), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((7, 5)), jnp.float32)
+
+  def f(add):
+    return lambda y, b: jnp.sum(jax.vmap(lambda yy: jnp.tanh(add(yy, b)) * w)(y))
+
+  np.testing.assert_allclose(model_lib.add_bias(y[0], b), y[0] + b)
+  got = jax.grad(f(model_lib.add_bias), argnums=(0, 1))(y, b)
+  want = jax.grad(f(lambda yy, bb: yy + bb), argnums=(0, 1))(y, b)
+  for g, h in zip(got, want):
+    np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-6)
+  assert float(jnp.max(jnp.abs(got[1]))) > 0  # the bias gradient is not trivially zero

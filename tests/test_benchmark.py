@@ -1,0 +1,70 @@
+"""The benchmark's synthetic data has the asked-for shape, and the benchmark runs end to
+end (one device and a batch split over two) and reports what it promises."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments import synthetic
+from jax_vaecf import data as data_lib
+from jax_vaecf import train as train_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_synthetic_data_has_the_requested_shape():
+  train, split = synthetic.make_dataset(n_users=3000, n_items=800, n_eval_users=400,
+                                        mean_per_user=30, seed=1)
+  assert train.shape == (3000, 800) and split.fold_in.shape == (400, 800)
+  per_user = np.diff(train.indptr)
+  assert per_user.min() >= 5
+  assert 27 <= per_user.mean() <= 31
+  assert per_user.max() > 3 * per_user.mean()  # heavy-tailed activity
+  # Binary, no repeated item inside a row (CSR rows are sorted and strictly increasing).
+  assert set(np.unique(train.data)) == {1.0}
+  for u in range(0, 3000, 97):
+    cols = train.indices[train.indptr[u]:train.indptr[u + 1]]
+    assert np.all(np.diff(cols) > 0)
+  pop = np.sort(np.bincount(train.indices, minlength=800))[::-1]
+  assert pop[0] > 10 * np.median(pop)  # Zipf-like popularity
+  # Fold-in and held-out are disjoint, held-out is ~20% of an evaluation user's items.
+  assert split.fold_in.multiply(split.heldout).nnz == 0
+  share = split.heldout.nnz / (split.heldout.nnz + split.fold_in.nnz)
+  assert 0.15 < share < 0.21
+  # The same seed gives the same data.
+  again, _ = synthetic.make_dataset(n_users=3000, n_items=800, n_eval_users=400,
+                                    mean_per_user=30, seed=1)
+  assert (again != train).nnz == 0
+
+
+def test_default_input_format_is_a_valid_format():
+  for platform in ("cpu", "gpu", "tpu"):
+    assert train_lib.default_input_format(platform) in train_lib.INPUT_FORMATS
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_benchmark_runs_and_reports(tmp_path, devices):
+  out = tmp_path / "bench.jsonl"
+  cmd = [sys.executable, "-m", "experiments.benchmark", "--n_users=400", "--n_items=300",
+         "--mean_per_user=12", "--batch_size=100", "--steps=2", "--eval_users=60",
+         "--eval_batch_size=40", f"--number_of_devices={devices}", f"--json_out={out}"]
+  env = dict(os.environ, PYTHONPATH=REPO)
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "| items | batch |" in proc.stdout  # the table
+  record = json.loads(out.read_text().splitlines()[-1])
+  (r,) = record["results"]
+  assert r["timed_steps"] == 2 and r["steps_per_epoch"] == 4 and r["extrapolated"]
+  # Both are rounded in the record (epoch_s to 10 ms).
+  assert r["epoch_s"] == pytest.approx(r["step_ms"] * 4 / 1000, rel=0.01, abs=0.006)
+  assert r["number_of_devices"] == devices and r["input_format"] == "sparse"
+  assert np.isfinite(r["final_loss"]) and r["final_loss"] > 0
+  assert r["eval_users"] == 60 and r["eval_users_per_s"] > 0
+  assert r["peak_host_gb"] > 0
+  for key in ("jax", "jaxlib", "flax", "optax", "numpy", "python", "cpu_model"):
+    assert record["versions"][key]
