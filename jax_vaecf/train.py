@@ -225,12 +225,16 @@ def make_eval_step(model: nn.Module, ks: Sequence[int] = (20, 50, 100), *,
   n_items = model.n_items
 
   def shard_metrics(params, batch: sparse_lib.EvalBatch):
-    fold_in = sparse_lib.densify(batch.fold_in, n_items)
-    x = batch.fold_in if input_format == "sparse" else fold_in
+    fi, ho = batch.fold_in, batch.heldout
+    x = fi if input_format == "sparse" else sparse_lib.densify(fi, n_items)
     logits = model.apply({"params": params}, x, train=False).logits
-    heldout = sparse_lib.densify(batch.heldout, n_items)
-    return metrics_lib.ranking_metrics(logits, heldout, fold_in, ks,
-                                       row_mask=batch.fold_in.row_mask)
+    # Fold-in items are masked by a scatter into the logits and the held-out rows are
+    # densified as bool, so a wide catalogue holds one float32 (B, n_items) array, not
+    # three (padding entries write (0, 0) with its own value / False: no-ops).
+    logits = logits.at[fi.rows, fi.cols].set(
+        jnp.where(fi.vals > 0, -jnp.inf, logits[fi.rows, fi.cols]))
+    heldout = jnp.zeros(logits.shape, jnp.bool_).at[ho.rows, ho.cols].max(ho.vals > 0)
+    return metrics_lib.ranking_metrics(logits, heldout, None, ks, row_mask=fi.row_mask)
 
   def eval_step(params, batch: sparse_lib.EvalBatch):
     batch = _with_shard_axis(batch)

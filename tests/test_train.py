@@ -202,3 +202,24 @@ def test_bad_step_arguments():
     train_lib.make_eval_step(m, (41,))
   with pytest.raises(ValueError, match="learning rate"):
     train_lib.make_optimizer(0.0)
+
+
+@pytest.mark.parametrize("fmt", ["sparse", "dense"])
+def test_eval_step_equals_dense_ranking_metrics(fmt):
+  rng = np.random.default_rng(7)
+  m = model_lib.build_model("multvae", 40, hidden_dims=(12,), latent_dim=4)
+  params = train_lib.init_params(m, jax.random.PRNGKey(1))
+  fold = (rng.random((10, 40)) < 0.3).astype(np.float32)
+  held = ((rng.random((10, 40)) < 0.2) & (fold == 0)).astype(np.float32)
+  held[4] = 0
+  batch = sparse_lib.EvalBatch(
+      sparse_lib.from_dense(fold, nnz=256, row_mask=np.r_[np.ones(9), 0]),
+      sparse_lib.from_dense(held, nnz=128, row_mask=np.r_[np.ones(9), 0]))
+  got = jax.jit(train_lib.make_eval_step(m, (5, 10), input_format=fmt))(params, batch)
+  logits = m.apply({"params": params}, jnp.asarray(fold)).logits
+  want = metrics.ranking_metrics(logits, jnp.asarray(held), jnp.asarray(fold), (5, 10),
+                                 row_mask=jnp.asarray(np.r_[np.ones(9), 0]))
+  for k in ("ndcg@5", "ndcg@10", "recall@10", "valid", "n_heldout", "is_user"):
+    np.testing.assert_allclose(np.asarray(got[k], np.float64),
+                               np.asarray(want[k], np.float64), rtol=1e-5, atol=1e-6)
+  assert not bool(got["valid"][4]) and not bool(got["valid"][9])
