@@ -172,8 +172,8 @@ def ml_latest_small() -> Config:
   --workdir=runs/mls``.
   """
   return _paper_ml20m().replace(dataset="ml-latest-small", data_dir="data/ml-latest-small",
-                                number_of_epochs=100, total_anneal_steps=2_000,
-                                batch_size_validation=1000)
+                                number_of_epochs=100, batch_size_train=100,
+                                total_anneal_steps=2_000, batch_size_validation=1000)
 
 
 def ml100k() -> Config:
@@ -184,8 +184,8 @@ def ml100k() -> Config:
   ``u1.base`` / ``u1.test`` split.
   """
   return _paper_ml20m().replace(dataset="ml-100k", data_dir="data/ml-100k",
-                                number_of_epochs=100, total_anneal_steps=2_000,
-                                batch_size_validation=1000)
+                                number_of_epochs=100, batch_size_train=100,
+                                total_anneal_steps=2_000, batch_size_validation=1000)
 
 
 def demo() -> Config:
@@ -195,8 +195,7 @@ def demo() -> Config:
   network; trains Mult-VAE for 30 epochs and prints test NDCG@100 / Recall@20 / Recall@50.
   """
   return ml_latest_small().replace(data_dir=DEMO_DATA, number_of_epochs=30,
-                                   batch_size_train=100, total_anneal_steps=1_000,
-                                   validation_step=2)
+                                   total_anneal_steps=1_000, validation_step=2)
 
 
 PRESETS: dict[str, Callable[[], Config]] = {
