@@ -19,8 +19,8 @@ import sys
 import numpy as np
 from absl import app
 from absl import flags
-from absl import logging
 
+from experiments import cli
 from experiments import configs
 from experiments import loop
 
@@ -71,12 +71,7 @@ def summarize(results: list[dict]) -> dict:
 
 
 def main(argv):
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not FLAGS.root:
-    raise app.UsageError("--root is required")
+  cli.start(argv, required=("root",))
   try:
     cfg = configs.get_config(FLAGS.config)
     changes = parse_overrides(FLAGS.set, cfg)

@@ -12,7 +12,8 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
+
+from experiments import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run directory holding metrics.jsonl.")
@@ -64,13 +65,7 @@ def plot(records: list[dict], out: str, title: str) -> None:
 
 
 def main(argv):
-  if not FLAGS["verbosity"].present:
-    # Orbax logs every checkpoint operation at INFO; keep the console to our lines.
-    logging.set_verbosity(logging.WARNING)
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not FLAGS.workdir:
-    raise app.UsageError("--workdir is required")
+  cli.start(argv, required=("workdir",))
   try:
     records = read_records(FLAGS.workdir)
   except (FileNotFoundError, ValueError) as e:

@@ -21,8 +21,8 @@ import time
 import numpy as np
 from absl import app
 from absl import flags
-from absl import logging
 
+from experiments import cli
 from jax_vaecf import recommend as recommend_lib
 
 FLAGS = flags.FLAGS
@@ -99,13 +99,7 @@ def benchmark(rec: recommend_lib.Recommender, k: int) -> dict:
 
 
 def main(argv):
-  if not FLAGS["verbosity"].present:
-    # Orbax logs every checkpoint operation at INFO; keep the console to our lines.
-    logging.set_verbosity(logging.WARNING)
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not FLAGS.workdir:
-    raise app.UsageError("--workdir is required")
+  cli.start(argv, required=("workdir",))
   if FLAGS.k < 1:
     raise app.UsageError(f"--k must be >= 1, got {FLAGS.k}")
   try:

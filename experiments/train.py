@@ -19,8 +19,8 @@ import typing
 
 from absl import app
 from absl import flags
-from absl import logging
 
+from experiments import cli
 from experiments import configs
 from experiments import loop
 from jax_vaecf import distributed
@@ -129,13 +129,7 @@ def config_from_flags() -> configs.Config:
 
 
 def main(argv):
-  if not FLAGS["verbosity"].present:
-    # Orbax logs every checkpoint operation at INFO; keep the console to our lines.
-    logging.set_verbosity(logging.WARNING)
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not FLAGS.workdir:
-    raise app.UsageError("--workdir is required")
+  cli.start(argv, required=("workdir",))
   try:
     cfg = config_from_flags()
   except ValueError as e:
