@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from typing import Any
@@ -64,10 +65,17 @@ def load_data(cfg: configs.Config) -> data_lib.Split:
         f"--data_dir={cfg.data_dir!r} does not exist; point it at the folder holding the "
         f"{cfg.dataset} files" + (" or add --download" if cfg.dataset.startswith("ml-")
                                   else ""))
-  return data_lib.load_split(cfg.dataset, cfg.data_dir,
-                             cache_dir=cfg.cache_dir or DEFAULT_CACHE,
-                             download=cfg.download, protocol=cfg.protocol,
-                             fold=cfg.fold or None, **options)
+  t0 = time.perf_counter()
+
+  def report(stage: str) -> None:
+    print(f"[{time.perf_counter() - t0:6.1f}s] preprocessing {cfg.dataset}: {stage}",
+          file=sys.stderr, flush=True)
+
+  split = data_lib.load_split(cfg.dataset, cfg.data_dir,
+                              cache_dir=cfg.cache_dir or DEFAULT_CACHE,
+                              download=cfg.download, protocol=cfg.protocol,
+                              fold=cfg.fold or None, progress=report, **options)
+  return split
 
 
 def identity(cfg: configs.Config, split: data_lib.Split) -> dict:

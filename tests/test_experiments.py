@@ -182,3 +182,12 @@ def test_batch_not_dividing_over_devices_is_padded(data_dir, tmp_path):
 def test_more_devices_than_exist_fails_fast(data_dir, tmp_path):
   with pytest.raises(ValueError, match="asked for 9 devices"):
     loop.run(_cfg(data_dir, tmp_path, number_of_devices=9), str(tmp_path / "w"))
+
+
+def test_preprocessing_reports_its_stages_then_uses_the_cache(data_dir, tmp_path, capsys):
+  cfg = _cfg(data_dir, tmp_path, cache_dir=str(tmp_path / "fresh_cache"))
+  loop.load_data(cfg)
+  err = capsys.readouterr().err
+  assert "preprocessing ml-latest-small: reading" in err and "splitting" in err
+  loop.load_data(cfg)
+  assert "preprocessing" not in capsys.readouterr().err  # from the cache: nothing to do

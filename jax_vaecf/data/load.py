@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import glob
 import os
+from typing import Callable
 
 from jax_vaecf.data import cache as cache_lib
 from jax_vaecf.data import download as download_lib
@@ -110,7 +111,7 @@ def _read(dataset: str, path: str, reader_options: dict) -> readers.Interactions
 def load_split(dataset: str, data_dir: str | os.PathLike,
                cache_dir: str | os.PathLike | None = None, *, download: bool = False,
                protocol: str = "heldout_users", fold: str | None = None,
-               **options) -> Split:
+               progress: Callable[[str], None] | None = None, **options) -> Split:
   """Reads, splits and (with ``cache_dir``) caches a data set.
 
   Args:
@@ -121,6 +122,8 @@ def load_split(dataset: str, data_dir: str | os.PathLike,
     protocol: ``"heldout_users"`` (paper) or ``"per_user"``.
     fold: ml-100k only: ``"u1"``..``"u5"``, ``"ua"``, ``"ub"`` uses the official
       ``.base``/``.test`` pair (per-user protocol).
+    progress: called with a short message as each stage of a rebuild starts (reading
+      a file, splitting); not called when the split comes from the cache.
     **options: reader options for ``csv`` (``delimiter``, ``columns``, ``header``,
       ``string_ids``) and the options of the split function used.
 
@@ -130,6 +133,7 @@ def load_split(dataset: str, data_dir: str | os.PathLike,
   if dataset not in DATASETS:
     raise ValueError(f"load_split: unknown dataset {dataset!r}, expected one of {DATASETS}")
   data_dir = os.fspath(data_dir)
+  report = progress or (lambda message: None)
   if dataset == "vaecf_dir":
     return paper_files.read_vaecf_dir(data_dir)
   reader_options = {k: options.pop(k) for k in _READER_OPTIONS if k in options}
@@ -143,7 +147,11 @@ def load_split(dataset: str, data_dir: str | os.PathLike,
     for p in pair:
       if not os.path.isfile(p):
         raise FileNotFoundError(f"{p}: not found, expected the {dataset} train/test pair")
-    build = lambda: preprocess.split_from_files(read(pair[0]), read(pair[1]), **options)
+    def build():
+      report(f"reading {pair[0]} and {pair[1]}")
+      tr, te = read(pair[0]), read(pair[1])
+      report("splitting")
+      return preprocess.split_from_files(tr, te, **options)
     return cache_lib.cached(build, cache_dir, dataset,
                             {"dataset": dataset, "fold": fold, **options}, pair)
   if dataset == "netflix":
@@ -172,7 +180,11 @@ def load_split(dataset: str, data_dir: str | os.PathLike,
   else:
     raise ValueError(f"load_split: unknown protocol {protocol!r}, expected "
                      "'heldout_users' or 'per_user'")
-  build = lambda: split_fn(_read(dataset, path, reader_options), **kwargs)
+  def build():
+    report(f"reading {path}")
+    inter = _read(dataset, path, reader_options)
+    report(f"splitting {len(inter):,} interactions ({split_fn.__name__})")
+    return split_fn(inter, **kwargs)
   key_options = {"dataset": dataset, "protocol": protocol, "split": split_fn.__name__,
                  "reader": reader_options, **kwargs}
   return cache_lib.cached(build, cache_dir, dataset, key_options, [path])
