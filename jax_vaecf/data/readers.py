@@ -211,36 +211,37 @@ def _netflix_file(path: str) -> Interactions:
                       source=path)
 
 
+def _string_plays(path: str | os.PathLike, n_fields: int, item_fields: tuple[int, int],
+                  plays_field: int) -> Interactions:
+  """Tab-separated string user ids (field 0), string items (the bytes from the start of
+  ``item_fields[0]`` to the end of ``item_fields[1]``) and a numeric play count."""
+  path = os.fspath(path)
+  data = _text.normalize(_text.read_bytes(path), path)
+  buf, fs, fe = _text.fields(data, b"\t", n_fields, path, 1)
+  users, user_vocab = _encode(_text.gather_strings(buf, fs[:, 0], fe[:, 0]))
+  first, last = item_fields
+  items, item_vocab = _encode(_text.gather_strings(buf, fs[:, first], fe[:, last]))
+  plays = _text.parse_numbers(
+      _text.gather_strings(buf, fs[:, plays_field], fe[:, plays_field]), np.float32,
+      path, 1, "a numeric play count")
+  return Interactions(users=users, items=items, ratings=plays, user_vocab=user_vocab,
+                      item_vocab=item_vocab, source=path)
+
+
 def read_lastfm(path: str | os.PathLike) -> Interactions:
   """Last.fm 360K ``usersha1-artmbid-artname-plays.tsv``: ``user-sha1 \\t artist-mbid
   \\t artist-name \\t plays``; the mbid may be empty.
 
   The item is the (mbid, name) pair, as in NVIDIA's VAE-CF parser, so artists without
-  an mbid stay distinct by name. ``ratings`` holds the play count.
+  an mbid stay distinct by name (fields 1 and 2 are adjacent in the buffer, so one
+  gather yields "mbid\\tname"). ``ratings`` holds the play count.
   """
-  path = os.fspath(path)
-  data = _text.normalize(_text.read_bytes(path), path)
-  buf, fs, fe = _text.fields(data, b"\t", 4, path, 1)
-  users, user_vocab = _encode(_text.gather_strings(buf, fs[:, 0], fe[:, 0]))
-  # Fields 1 and 2 are adjacent in the buffer: one gather yields "mbid\tname".
-  items, item_vocab = _encode(_text.gather_strings(buf, fs[:, 1], fe[:, 2]))
-  plays = _text.parse_numbers(_text.gather_strings(buf, fs[:, 3], fe[:, 3]), np.float32,
-                              path, 1, "a numeric play count")
-  return Interactions(users=users, items=items, ratings=plays, user_vocab=user_vocab,
-                      item_vocab=item_vocab, source=path)
+  return _string_plays(path, 4, (1, 2), 3)
 
 
 def read_msd(path: str | os.PathLike) -> Interactions:
   """Echo Nest taste profile ``train_triplets.txt``: ``user \\t song \\t play count``."""
-  path = os.fspath(path)
-  data = _text.normalize(_text.read_bytes(path), path)
-  buf, fs, fe = _text.fields(data, b"\t", 3, path, 1)
-  users, user_vocab = _encode(_text.gather_strings(buf, fs[:, 0], fe[:, 0]))
-  items, item_vocab = _encode(_text.gather_strings(buf, fs[:, 1], fe[:, 1]))
-  plays = _text.parse_numbers(_text.gather_strings(buf, fs[:, 2], fe[:, 2]), np.float32,
-                              path, 1, "a numeric play count")
-  return Interactions(users=users, items=items, ratings=plays, user_vocab=user_vocab,
-                      item_vocab=item_vocab, source=path)
+  return _string_plays(path, 3, (1, 1), 2)
 
 
 def read_delimited(path: str | os.PathLike, delimiter: str = ",",
