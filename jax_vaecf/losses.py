@@ -11,8 +11,12 @@ with ``beta = 0`` for Mult-DAE.
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jax_vaecf import sparse as sparse_lib
 
@@ -59,6 +63,116 @@ def multinomial_nll_sparse(logits: Array, batch: sparse_lib.SparseBatch) -> Arra
                                      num_segments=b)
   x_total = jax.ops.segment_sum(vals, batch.rows, num_segments=b)
   return x_total * lse - x_dot_logits
+
+
+def _output_chunks(h, kernel, bias, batch, chunk_size, dtype, with_grad):
+  """Scans the output layer and the NLL over row chunks of ``chunk_size`` users."""
+  b, width = h.shape
+  n_chunks = -(-b // chunk_size)
+  pad = n_chunks * chunk_size - b
+  mask = batch.row_mask.astype(jnp.float32)
+  h = jnp.pad(h, ((0, pad), (0, 0))).reshape(n_chunks, chunk_size, width)
+  mask = jnp.pad(mask, (0, pad)).reshape(n_chunks, chunk_size)
+  kernel_c = kernel.astype(dtype)
+  bias = bias.astype(jnp.float32)
+  vals = batch.vals.astype(jnp.float32)
+  n_items = kernel.shape[1]
+
+  def body(carry, xs):
+    h_c, m_c, c = xs
+    # Entries of other chunks get an out-of-range row and are dropped by the scatter.
+    local = batch.rows - c * chunk_size
+    local = jnp.where((local >= 0) & (local < chunk_size), local, chunk_size)
+    x = jnp.zeros((chunk_size, n_items), jnp.float32).at[local, batch.cols].add(
+        vals, mode="drop")
+    h_c = h_c.astype(dtype)
+    logits = jnp.dot(h_c, kernel_c, preferred_element_type=jnp.float32) + bias
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    e = jnp.exp(logits - top)
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    x_total = jnp.sum(x, axis=-1, keepdims=True)
+    nll = x_total[:, 0] * (jnp.log(total[:, 0]) + top[:, 0]) - jnp.sum(x * logits, axis=-1)
+    nll_sum = jnp.sum(m_c * nll)
+    if not with_grad:
+      return carry, nll_sum
+    d_kernel, d_bias = carry
+    # d nll_u / d logits_u = (sum_i x_ui) * softmax(logits_u) - x_u.
+    d_logits = m_c[:, None] * (x_total * (e / total) - x)
+    d_logits_c = d_logits.astype(dtype)
+    d_kernel = d_kernel + jnp.dot(h_c.T, d_logits_c, preferred_element_type=jnp.float32)
+    d_bias = d_bias + jnp.dot(jnp.ones((chunk_size,), jnp.float32), d_logits)
+    d_h = jax.lax.dot_general(d_logits_c, kernel_c, (((1,), (1,)), ((), ())),
+                              preferred_element_type=jnp.float32)
+    return (d_kernel, d_bias), (nll_sum, d_h)
+
+  xs = (h, mask, jnp.arange(n_chunks))
+  if not with_grad:
+    _, sums = jax.lax.scan(body, (), xs)
+    return jnp.sum(sums)
+  init = (jnp.zeros(kernel.shape, jnp.float32), jnp.zeros(bias.shape, jnp.float32))
+  (d_kernel, d_bias), (sums, d_h) = jax.lax.scan(body, init, xs)
+  return jnp.sum(sums), d_h.reshape(n_chunks * chunk_size, width)[:b], d_kernel, d_bias
+
+
+def _check_output_args(h, kernel, bias, batch, chunk_size) -> None:
+  if h.ndim != 2 or h.shape[0] != batch.batch_size or kernel.shape != (h.shape[1],) + (
+      bias.shape[0],):
+    raise ValueError(
+        f"output_layer_nll: expected h (B={batch.batch_size}, width), kernel (width, "
+        f"n_items) and bias (n_items,), got {h.shape}, {kernel.shape}, {bias.shape}")
+  if chunk_size < 1:
+    raise ValueError(f"output_layer_nll: chunk_size must be >= 1, got {chunk_size}")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def output_layer_nll(h: Array, kernel: Array, bias: Array, batch: sparse_lib.SparseBatch,
+                     chunk_size: int, dtype: Any = jnp.float32) -> Array:
+  """``sum_u row_mask_u * multinomial_nll(h @ kernel + bias, x)_u`` without a ``(B, n_items)`` array.
+
+  The model's output layer and the multinomial NLL in one function whose gradient is
+  computed in the same pass as its value: users are taken ``chunk_size`` at a time, and
+  for each chunk the logits, the softmax, ``d logits = n_u * softmax - x_u`` and its three
+  products (``d kernel``, ``d bias``, ``d h``) are formed while the chunk's logits are
+  still in cache. The decoder's three matmuls are done once each, as with autodiff, but
+  no ``(B, n_items)`` logits, probabilities or gradients ever exist, so the memory of a
+  step no longer grows with ``B * n_items`` and large batches run at the speed of small
+  ones. Same math as :func:`multinomial_nll` of the layer's logits (see
+  ``tests/test_losses.py``); only summation order differs.
+
+  Args:
+    h: ``(B, width)`` input of the output layer (any float dtype).
+    kernel: float32 ``(width, n_items)``; ``bias``: float32 ``(n_items,)``.
+    batch: the targets ``x`` as a :class:`SparseBatch` of ``B`` rows.
+    chunk_size: users per chunk (``B`` need not be a multiple: the last chunk is padded).
+    dtype: matmul dtype (float32, bfloat16 or float16); accumulation and the softmax are
+      float32.
+
+  Returns:
+    float32 scalar. Differentiable in ``h``, ``kernel`` and ``bias``; the data ``batch``
+    gets a zero gradient.
+  """
+  _check_output_args(h, kernel, bias, batch, chunk_size)
+  return _output_chunks(h, kernel, bias, batch, chunk_size, dtype, with_grad=False)
+
+
+def _output_layer_nll_fwd(h, kernel, bias, batch, chunk_size, dtype):
+  _check_output_args(h, kernel, bias, batch, chunk_size)
+  nll_sum, d_h, d_kernel, d_bias = _output_chunks(h, kernel, bias, batch, chunk_size,
+                                                  dtype, with_grad=True)
+  return nll_sum, (d_h.astype(h.dtype), d_kernel.astype(kernel.dtype),
+                   d_bias.astype(bias.dtype), batch)
+
+
+def _output_layer_nll_bwd(chunk_size, dtype, res, g):
+  del chunk_size, dtype
+  d_h, d_kernel, d_bias, batch = res
+  zero_batch = jax.tree_util.tree_map(
+      lambda a: jnp.zeros_like(a) if jnp.issubdtype(a.dtype, jnp.floating)
+      else np.zeros(a.shape, jax.dtypes.float0), batch)
+  return g * d_h, g * d_kernel, g * d_bias, zero_batch
+
+
+output_layer_nll.defvjp(_output_layer_nll_fwd, _output_layer_nll_bwd)
 
 
 def gaussian_kl(mu: Array, logvar: Array) -> Array:

@@ -203,14 +203,39 @@ class MultVAE(nn.Module):
       h = layer(jnp.tanh(h).astype(self.dtype))
     return h[:, :self.latent_dim], h[:, self.latent_dim:]
 
+  def decode_features(self, z: Array) -> Array:
+    """Maps latents ``(B, latent_dim)`` to the output layer's input ``(B, width)``.
+
+    Returned in ``dtype``.
+    """
+    h = z
+    for i, layer in enumerate(self.decoder[:-1]):
+      h = layer(h.astype(self.dtype))
+      h = jnp.tanh(h)
+    return h.astype(self.dtype)
+
   def decode(self, z: Array) -> Array:
     """Maps latents ``(B, latent_dim)`` to float32 logits ``(B, n_items)``."""
-    h = z
-    for i, layer in enumerate(self.decoder):
-      if i:
-        h = jnp.tanh(h)
-      h = layer(h.astype(self.dtype))
-    return h
+    return self.decoder[-1](self.decode_features(z))
+
+  @property
+  def output_layer(self) -> str:
+    """Name of the output layer's parameters (``params[name]['kernel' | 'bias']``)."""
+    return f"decoder_{len(self.hidden_dims)}"
+
+  def features(self, x: Input, *, train: bool = False, row_offset=0) -> ModelOutput:
+    """As :meth:`__call__`, but ``logits`` holds the output layer's input ``(B, width)``.
+
+    ``logits = features @ params[output_layer]['kernel'] + ...['bias']``; the training
+    step fuses that layer with the loss (:func:`jax_vaecf.losses.output_layer_nll`).
+    """
+    mu, logvar = self.encode(x, train=train, row_offset=row_offset)
+    z = mu
+    if train:
+      rows = jnp.arange(mu.shape[0]) + row_offset
+      eps = random_lib.row_normal(self.make_rng("noise"), rows, self.latent_dim)
+      z = mu + eps * jnp.exp(0.5 * logvar)
+    return ModelOutput(self.decode_features(z), mu, logvar)
 
   def __call__(self, x: Input, *, train: bool = False, row_offset=0) -> ModelOutput:
     """Logits and posterior of a batch.
@@ -220,13 +245,8 @@ class MultVAE(nn.Module):
       train: draw dropout and posterior noise (needs rngs ``'dropout'`` and ``'noise'``).
       row_offset: global position of this batch's first row (data-parallel shards).
     """
-    mu, logvar = self.encode(x, train=train, row_offset=row_offset)
-    z = mu
-    if train:
-      rows = jnp.arange(mu.shape[0]) + row_offset
-      eps = random_lib.row_normal(self.make_rng("noise"), rows, self.latent_dim)
-      z = mu + eps * jnp.exp(0.5 * logvar)
-    return ModelOutput(self.decode(z), mu, logvar)
+    out = self.features(x, train=train, row_offset=row_offset)
+    return out._replace(logits=self.decoder[-1](out.logits))
 
 
 class MultDAE(nn.Module):
@@ -251,13 +271,23 @@ class MultDAE(nn.Module):
     self.encoder_in = InputDense(self.n_items, dims[0], self.dropout_rate, **kw)
     self.layers = [Dense(d, **kw) for d in dims[1:] + [self.n_items]]
 
-  def __call__(self, x: Input, *, train: bool = False, row_offset=0) -> ModelOutput:
-    """Logits of a batch (arguments as :meth:`MultVAE.__call__`)."""
+  @property
+  def output_layer(self) -> str:
+    """Name of the output layer's parameters (as :attr:`MultVAE.output_layer`)."""
+    return f"layers_{len(self.hidden_dims) - 1}"
+
+  def features(self, x: Input, *, train: bool = False, row_offset=0) -> ModelOutput:
+    """The output layer's input ``(B, width)`` in ``dtype`` (as :meth:`MultVAE.features`)."""
     _check_input(x, self.n_items)
     h = self.encoder_in(x, train=train, row_offset=row_offset)
-    for layer in self.layers:
+    for layer in self.layers[:-1]:
       h = layer(jnp.tanh(h).astype(self.dtype))
-    return ModelOutput(h)
+    return ModelOutput(jnp.tanh(h).astype(self.dtype))
+
+  def __call__(self, x: Input, *, train: bool = False, row_offset=0) -> ModelOutput:
+    """Logits of a batch (arguments as :meth:`MultVAE.__call__`)."""
+    h = self.features(x, train=train, row_offset=row_offset).logits
+    return ModelOutput(self.layers[-1](h))
 
 
 def build_model(name: str, n_items: int, *, hidden_dims: Sequence[int] | None = None,

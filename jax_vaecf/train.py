@@ -114,8 +114,8 @@ def _check_format(input_format: str) -> None:
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
                     beta_schedule: Callable[[Array], Array], *, lam: float = 0.0,
                     input_format: str = "sparse", axis_name: str | None = None,
-                    loss_scaling: bool = False, loss_scale_period: int = 2000
-                    ) -> Callable[[TrainState, sparse_lib.SparseBatch],
+                    loss_scaling: bool = False, loss_scale_period: int = 2000,
+                    output_chunk_size: int = 1024) -> Callable[[TrainState, sparse_lib.SparseBatch],
                                   tuple[TrainState, dict[str, Array]]]:
   """Builds ``train_step(state, batch) -> (state, metrics)``, a pure function to jit.
 
@@ -124,36 +124,46 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
     optimizer: e.g. :func:`make_optimizer`.
     beta_schedule: KL weight as a function of ``state.step`` (ignored by Mult-DAE).
     lam: L2 weight (:func:`jax_vaecf.losses.l2_penalty`).
-    input_format: ``'sparse'`` (first layer as gather-and-sum, loss from gathered
-      logits) or ``'dense'`` (densify on device, plain matmul and log-softmax). Same math.
+    input_format: ``'sparse'`` (first layer as gather-and-sum; output layer and loss
+      fused, :func:`jax_vaecf.losses.output_layer_nll`, so no ``(B, n_items)`` array is
+      formed) or ``'dense'`` (densify on device, plain matmuls, log-softmax and autodiff).
+      Same math.
     axis_name: the ``pmap`` axis name when run under ``jax.pmap``, else ``None``.
     loss_scaling: dynamic loss scaling (fp16): non-finite steps are skipped and the
       scale lowered (:mod:`jax_vaecf.precision`). Needs a state made with
       ``create_train_state(..., loss_scaling=True)``.
     loss_scale_period: finite steps before a dynamic loss scale doubles.
+    output_chunk_size: users per chunk of the fused output layer (sparse path); a
+      shard's rows are processed this many at a time.
 
   Returns:
     The step. ``metrics`` holds float32 scalars ``loss``, ``nll``, ``kl``, ``beta``,
     ``n_users``, ``loss_scale`` and int32 ``skipped_steps``.
   """
   _check_format(input_format)
+  if output_chunk_size < 1:
+    raise ValueError(f"output_chunk_size must be >= 1, got {output_chunk_size}")
   if lam < 0:
     raise ValueError(f"lam must be >= 0, got {lam}")
   is_vae = isinstance(model, model_lib.MultVAE)
   n_items = model.n_items
 
   def shard_sums(params, shard, key, row_offset):
-    x = shard if input_format == "sparse" else sparse_lib.densify(shard, n_items)
     dropout_key, noise_key = jax.random.split(key)
-    out = model.apply({"params": params}, x, train=True, row_offset=row_offset,
-                      rngs={"dropout": dropout_key, "noise": noise_key})
-    if input_format == "sparse":
-      nll = losses.multinomial_nll_sparse(out.logits, shard)
-    else:
-      nll = losses.multinomial_nll(out.logits, x)
-    kl = losses.gaussian_kl(out.mu, out.logvar) if is_vae else jnp.zeros_like(nll)
+    rngs = {"dropout": dropout_key, "noise": noise_key}
     m = shard.row_mask.astype(jnp.float32)
-    return jnp.sum(nll * m), jnp.sum(kl * m)
+    if input_format == "sparse":
+      out = model.apply({"params": params}, shard, train=True, row_offset=row_offset,
+                        rngs=rngs, method="features")
+      layer = params[model.output_layer]
+      nll_sum = losses.output_layer_nll(out.logits, layer["kernel"], layer["bias"], shard,
+                                        output_chunk_size, model.dtype)
+    else:
+      x = sparse_lib.densify(shard, n_items)
+      out = model.apply({"params": params}, x, train=True, row_offset=row_offset, rngs=rngs)
+      nll_sum = jnp.sum(losses.multinomial_nll(out.logits, x) * m)
+    kl_sum = jnp.sum(losses.gaussian_kl(out.mu, out.logvar) * m) if is_vae else 0.0 * nll_sum
+    return nll_sum, kl_sum
 
   def loss_fn(params, batch, key, beta, n_users, scale, device_offset, n_replicas):
     n_shards, rows_per_shard = batch.row_mask.shape

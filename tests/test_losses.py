@@ -39,6 +39,78 @@ def test_nll_is_float32_for_half_precision_logits():
   assert got.dtype == jnp.float32
 
 
+def _output_problem(seed=0, b=10, width=7, n=30):
+  rng = np.random.default_rng(seed)
+  x = (rng.random((b, n)) < 0.25).astype(np.float32) * rng.integers(1, 3, (b, n))
+  x[:, seed % n] = 1
+  mask = np.ones(b, np.float32)
+  mask[-2] = 0.0  # a padding row: contributes nothing
+  h = rng.normal(size=(b, width)).astype(np.float32)
+  kernel = (rng.normal(size=(width, n)) * 0.5).astype(np.float32)
+  bias = (rng.normal(size=n) * 0.1).astype(np.float32)
+  batch = sparse_lib.from_dense(x, nnz=b * n // 2 + 7, row_mask=mask)
+  return x, mask, h, kernel, bias, batch
+
+
+def _output_reference(x, mask, h, kernel, bias):
+  """Value and gradients of sum_u mask_u nll_u(h @ kernel + bias) in float64 numpy."""
+  h, kernel, bias, x = (a.astype(np.float64) for a in (h, kernel, bias, x))
+  logits = h @ kernel + bias
+  value = float(np.sum(mask * ref.nll(logits, x)))
+  p = np.exp(ref.log_softmax(logits))
+  d_logits = mask[:, None] * (x.sum(1, keepdims=True) * p - x)
+  return value, d_logits @ kernel.T, h.T @ d_logits, d_logits.sum(0)
+
+
+@pytest.mark.parametrize("chunk_size", [10, 4, 3, 1, 64])
+def test_output_layer_nll_value_and_gradients_match_numpy(chunk_size):
+  # 10 rows in chunks of 10, 4 and 3 (the last chunk padded), 1, and one oversize chunk.
+  x, mask, h, kernel, bias, batch = _output_problem()
+  want = _output_reference(x, mask, h, kernel, bias)
+
+  def f(h, kernel, bias):
+    return losses.output_layer_nll(h, kernel, bias, batch, chunk_size)
+
+  value, grads = jax.value_and_grad(f, argnums=(0, 1, 2))(
+      jnp.asarray(h), jnp.asarray(kernel), jnp.asarray(bias))
+  assert float(value) == pytest.approx(want[0], rel=1e-5)
+  for got, expected in zip(grads, want[1:]):
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+  assert np.all(np.asarray(grads[0])[-2] == 0)  # the padding row gets no gradient
+
+
+def test_output_layer_nll_scales_with_the_cotangent_and_jits():
+  x, mask, h, kernel, bias, batch = _output_problem(seed=1)
+  want = _output_reference(x, mask, h, kernel, bias)
+
+  @jax.jit
+  def g(kernel):
+    return jax.grad(lambda k: 3.0 * losses.output_layer_nll(
+        jnp.asarray(h), k, jnp.asarray(bias), batch, 4))(kernel)
+
+  np.testing.assert_allclose(g(jnp.asarray(kernel)), 3.0 * want[2], rtol=1e-4, atol=1e-5)
+
+
+def test_output_layer_nll_half_precision_stays_close_and_float32():
+  x, mask, h, kernel, bias, batch = _output_problem(seed=2)
+  want = _output_reference(x, mask, h, kernel, bias)
+  value, d_kernel = jax.value_and_grad(losses.output_layer_nll, argnums=1)(
+      jnp.asarray(h), jnp.asarray(kernel), jnp.asarray(bias), batch, 4, jnp.bfloat16)
+  assert value.dtype == jnp.float32 and d_kernel.dtype == jnp.float32
+  assert float(value) == pytest.approx(want[0], rel=2e-2)
+  np.testing.assert_allclose(d_kernel, want[2], rtol=0.1, atol=0.05)
+
+
+def test_output_layer_nll_rejects_bad_shapes():
+  x, mask, h, kernel, bias, batch = _output_problem()
+  with pytest.raises(ValueError, match="output_layer_nll"):
+    losses.output_layer_nll(jnp.asarray(h[:5]), kernel, bias, batch, 4)
+  with pytest.raises(ValueError, match="output_layer_nll"):
+    losses.output_layer_nll(jnp.asarray(h), kernel[:, :5], bias, batch, 4)
+  with pytest.raises(ValueError, match="chunk_size"):
+    losses.output_layer_nll(jnp.asarray(h), kernel, bias, batch, 0)
+
+
 def test_gaussian_kl_matches_numpy():
   rng = np.random.default_rng(3)
   mu, logvar = rng.normal(size=(2, 5, 4))

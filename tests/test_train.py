@@ -74,6 +74,30 @@ def test_sparse_and_dense_paths_train_identically():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["multvae", "multdae"])
+def test_output_chunk_size_does_not_change_training(name):
+  m = model_lib.build_model(name, 40, hidden_dims=(12,), latent_dim=4)
+  batches = [_batch(s)[1] for s in range(3)]
+  results = []
+  for chunk in (1024, 3):
+    opt = train_lib.make_optimizer(1e-2)
+    state = train_lib.create_train_state(m, opt, jax.random.PRNGKey(3))
+    step = jax.jit(train_lib.make_train_step(m, opt, schedules.linear_schedule(0.2, 10),
+                                             output_chunk_size=chunk))
+    losses_seen = []
+    for b in batches:
+      state, met = step(state, b)
+      losses_seen.append(float(met["loss"]))
+    results.append((state, losses_seen))
+  np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(results[0][0].params),
+                  jax.tree_util.tree_leaves(results[1][0].params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  with pytest.raises(ValueError, match="output_chunk_size"):
+    train_lib.make_train_step(m, train_lib.make_optimizer(), schedules.constant_schedule(0.0),
+                              output_chunk_size=0)
+
+
 def _shard(batch: sparse_lib.SparseBatch, n_shards: int, nnz_per_shard: int):
   """Splits a batch's rows into shards with local row ids (as the batcher does)."""
   x = np.zeros((batch.batch_size, 40), np.float32)
