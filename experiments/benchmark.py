@@ -42,6 +42,8 @@ flags.DEFINE_integer("n_users", 116_677, "Training users (ML-20M: 116,677).")
 flags.DEFINE_float("mean_per_user", 73.0, "Mean interactions per user (ML-20M: ~73).")
 flags.DEFINE_enum("input_format", "auto", ["auto", "sparse", "dense"],
                   "First-layer input path; auto picks the platform's default.")
+flags.DEFINE_integer("output_chunk_size", 1024,
+                     "Users per chunk of the fused output layer (sparse path).")
 flags.DEFINE_integer("epochs", 1, "Full epochs to time (ignored with --steps).")
 flags.DEFINE_integer("steps", 0, "If > 0, time this many steps and extrapolate to an epoch.")
 flags.DEFINE_integer("eval_users", 10_000, "Held-out users to evaluate (0: skip).")
@@ -130,6 +132,7 @@ def run_one(n_items: int, *, steps: int, epochs: int, eval_users: int) -> dict:
                                        loss_scaling=policy.loss_scaling)
   step_fn = train_lib.make_train_step(model, opt, schedules.linear_schedule(0.2, 200_000),
                                       input_format=input_format,
+                                      output_chunk_size=f.output_chunk_size,
                                       loss_scaling=policy.loss_scaling)
   eval_fn = train_lib.make_eval_step(model, (100,), input_format=input_format)
   if shards:
@@ -180,7 +183,8 @@ def run_one(n_items: int, *, steps: int, epochs: int, eval_users: int) -> dict:
 
   out = {
       "n_users": f.n_users, "n_items": n_items, "batch_size": f.batch_size,
-      "precision": f.precision, "input_format": input_format, "model": f.model,
+      "precision": f.precision, "input_format": input_format,
+      "output_chunk_size": f.output_chunk_size, "model": f.model,
       "number_of_devices": k, "platform": platform_name,
       "device_kind": devices[0].device_kind,
       "train_nnz": int(train_csr.nnz), "steps_per_epoch": n_steps,

@@ -61,6 +61,7 @@ class Config:
   # System.
   precision: str = "fp32"  # fp32, bf16 or fp16
   input_format: str = "auto"  # auto, sparse or dense
+  output_chunk_size: int = 1024  # users per chunk of the fused output layer (sparse)
   parallel: str = "sharded"  # sharded or pmap
   number_of_devices: int = 1  # 0 = all local devices
   gpu_number: int = -1  # use this one local device (-1 = the first)
@@ -246,6 +247,7 @@ def validate(cfg: Config) -> None:
       (cfg.precision in ("fp32", "bf16", "fp16"), "precision must be fp32, bf16 or fp16"),
       (cfg.input_format in ("auto", "sparse", "dense"),
        "input_format must be auto, sparse or dense"),
+      (cfg.output_chunk_size >= 1, "output_chunk_size must be >= 1"),
       (cfg.parallel in ("sharded", "pmap"), "parallel must be sharded or pmap"),
       (cfg.anneal_schedule in ("linear", "constant", "cyclical"),
        "anneal_schedule must be linear, constant or cyclical"),

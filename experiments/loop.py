@@ -121,7 +121,8 @@ def build(cfg: configs.Config, n_items: int):
   ks = tuple(sorted(set(VALIDATION_KS) | set(int(k) for k in cfg.test_ks)))
   steps = parallel_lib.make_parallel_steps(
       model, optimizer, schedule, mode=cfg.parallel, devices=devices, lam=cfg.lam,
-      input_format=input_format, loss_scaling=policy.loss_scaling, ks=ks)
+      input_format=input_format, loss_scaling=policy.loss_scaling,
+      output_chunk_size=cfg.output_chunk_size, ks=ks)
   return model, optimizer, steps
 
 

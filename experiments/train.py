@@ -75,6 +75,7 @@ _HELP = {
     "warm_up_epochs": "Epochs left out of the benchmark averages.",
     "precision": "fp32, bf16 or fp16 (matmuls; loss and parameters stay float32).",
     "input_format": "auto, sparse or dense first layer and loss.",
+    "output_chunk_size": "Users per chunk of the fused output layer and loss (sparse path).",
     "parallel": "Data-parallel mode: sharded (jit over a mesh) or pmap.",
     "number_of_devices": "Local devices to train on (0 = all).",
     "gpu_number": "Use only this local device (-1 = the first).",

@@ -251,13 +251,13 @@ def make_parallel_steps(model: nn.Module, optimizer: optax.GradientTransformatio
                         mode: str = "sharded",
                         devices: Sequence[jax.Device] | None = None, lam: float = 0.0,
                         input_format: str = "sparse", loss_scaling: bool = False,
-                        loss_scale_period: int = 2000,
+                        loss_scale_period: int = 2000, output_chunk_size: int = 1024,
                         ks: Sequence[int] = (20, 50, 100)) -> ParallelSteps:
   """Builds data-parallel train and eval steps.
 
   Args:
     model, optimizer, beta_schedule, lam, input_format, loss_scaling,
-      loss_scale_period: as :func:`jax_vaecf.train.make_train_step`.
+      loss_scale_period, output_chunk_size: as :func:`jax_vaecf.train.make_train_step`.
     mode: ``'sharded'`` or ``'pmap'``.
     devices: from :func:`resolve_devices`; ``None`` = all devices.
     ks: cut-offs of the eval metrics.
@@ -285,7 +285,8 @@ def make_parallel_steps(model: nn.Module, optimizer: optax.GradientTransformatio
     step = train_lib.make_train_step(model, optimizer, beta_schedule, lam=lam,
                                      input_format=input_format, axis_name=PMAP_AXIS,
                                      loss_scaling=loss_scaling,
-                                     loss_scale_period=loss_scale_period)
+                                     loss_scale_period=loss_scale_period,
+                                     output_chunk_size=output_chunk_size)
     eval_fn = train_lib.make_eval_step(model, ks, input_format=input_format)
     # A mesh of the same devices names the layout of arrays with a leading device
     # axis, so device_put places shard i on devices[i], as pmap expects.
@@ -308,7 +309,8 @@ def make_parallel_steps(model: nn.Module, optimizer: optax.GradientTransformatio
   sharded = NamedSharding(mesh, P(MESH_AXIS))
   step = train_lib.make_train_step(model, optimizer, beta_schedule, lam=lam,
                                    input_format=input_format, loss_scaling=loss_scaling,
-                                   loss_scale_period=loss_scale_period)
+                                   loss_scale_period=loss_scale_period,
+                                   output_chunk_size=output_chunk_size)
   eval_fn = train_lib.make_eval_step(model, ks, input_format=input_format)
   j_train = jax.jit(step, in_shardings=(replicated, sharded),
                     out_shardings=(replicated, replicated), donate_argnums=0)

@@ -124,6 +124,12 @@ def test_bad_flags_fail_fast(args, message, tmp_path):
   assert not os.path.exists(tmp_path / "w")  # nothing was started
 
 
+def test_validate_names_the_bad_setting():
+  with pytest.raises(ValueError, match="output_chunk_size must be >= 1"):
+    configs.validate(configs.get_config("ml1m").replace(output_chunk_size=0))
+  configs.validate(configs.get_config("ml1m"))  # the preset itself is fine
+
+
 def test_missing_data_dir_and_large_k_fail_before_work(data_dir, tmp_path):
   r = _cli(["--config=ml-latest-small", "--data_dir", str(tmp_path / "none"),
             "--workdir", str(tmp_path / "w")], timeout=60)
