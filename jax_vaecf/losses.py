@@ -68,7 +68,9 @@ def multinomial_nll_sparse(logits: Array, batch: sparse_lib.SparseBatch) -> Arra
 def _output_chunks(h, kernel, bias, batch, chunk_size, dtype, with_grad):
   """Scans the output layer and the NLL over row chunks of ``chunk_size`` users."""
   b, width = h.shape
+  # Equal chunks of at most chunk_size rows, so padding is under one row per chunk.
   n_chunks = -(-b // chunk_size)
+  chunk_size = -(-b // n_chunks)
   pad = n_chunks * chunk_size - b
   mask = batch.row_mask.astype(jnp.float32)
   h = jnp.pad(h, ((0, pad), (0, 0))).reshape(n_chunks, chunk_size, width)
@@ -143,7 +145,8 @@ def output_layer_nll(h: Array, kernel: Array, bias: Array, batch: sparse_lib.Spa
     h: ``(B, width)`` input of the output layer (any float dtype).
     kernel: float32 ``(width, n_items)``; ``bias``: float32 ``(n_items,)``.
     batch: the targets ``x`` as a :class:`SparseBatch` of ``B`` rows.
-    chunk_size: users per chunk (``B`` need not be a multiple: the last chunk is padded).
+    chunk_size: most users per chunk; ``B`` is cut into ``ceil(B / chunk_size)`` equal
+      chunks (padded by under one row each when they do not divide ``B``).
     dtype: matmul dtype (float32, bfloat16 or float16); accumulation and the softmax are
       float32.
 
