@@ -296,16 +296,20 @@ def build_model(name: str, n_items: int, *, hidden_dims: Sequence[int] | None = 
   """Returns ``MultVAE`` (``name='multvae'``) or ``MultDAE`` (``'multdae'``).
 
   ``hidden_dims=None`` picks the paper's widths: ``(600,)`` for Mult-VAE, ``(200,)`` for
-  Mult-DAE.
+  Mult-DAE; ``()`` gives Mult-VAE without hidden layers (a linear encoder and decoder).
   """
   if n_items <= 0:
     raise ValueError(f"n_items must be positive, got {n_items}")
   if not 0.0 <= dropout_rate < 1.0:
     raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
   if name == "multvae":
-    return MultVAE(n_items, tuple(hidden_dims or (600,)), latent_dim, dropout_rate, dtype)
+    dims = (600,) if hidden_dims is None else tuple(hidden_dims)
+    return MultVAE(n_items, dims, latent_dim, dropout_rate, dtype)
   if name == "multdae":
-    return MultDAE(n_items, tuple(hidden_dims or (200,)), dropout_rate, dtype)
+    dims = (200,) if hidden_dims is None else tuple(hidden_dims)
+    if not dims:
+      raise ValueError("Mult-DAE needs at least one hidden layer")
+    return MultDAE(n_items, dims, dropout_rate, dtype)
   raise ValueError(f"unknown model {name!r}: expected 'multvae' or 'multdae'")
 
 

@@ -33,6 +33,16 @@ def test_hidden_sizes_are_configurable():
   assert p["encoder_1"]["kernel"].shape == (8, 8)  # 2 * latent
   assert p["decoder_0"]["kernel"].shape == (4, 8)
   assert p["decoder_2"]["kernel"].shape == (16, 40)
+  assert m.output_layer == "decoder_2"
+  linear = model_lib.build_model("multvae", 40, hidden_dims=(), latent_dim=4)
+  p = _params(linear)
+  assert p["encoder_in"]["kernel"].shape == (40, 8)  # straight to (mu, logvar)
+  assert p["decoder_0"]["kernel"].shape == (4, 40) and linear.output_layer == "decoder_0"
+  assert set(p) == {"encoder_in", "decoder_0"}
+  dae = model_lib.build_model("multdae", 40, hidden_dims=(7, 5))
+  assert dae.output_layer == "layers_1" and _params(dae)["layers_1"]["kernel"].shape == (5, 40)
+  with pytest.raises(ValueError, match="at least one hidden layer"):
+    model_lib.build_model("multdae", 40, hidden_dims=())
 
 
 def test_initialisation_glorot_and_small_biases():
