@@ -43,7 +43,8 @@ flags.DEFINE_float("mean_per_user", 73.0, "Mean interactions per user (ML-20M: ~
 flags.DEFINE_enum("input_format", "auto", ["auto", "sparse", "dense"],
                   "First-layer input path; auto picks the platform's default.")
 flags.DEFINE_integer("output_chunk_size", 1024,
-                     "Users per chunk of the fused output layer (sparse path).")
+                     "Users per chunk of the output layer in training and evaluation "
+                     "(sparse path).")
 flags.DEFINE_integer("epochs", 1, "Full epochs to time (ignored with --steps).")
 flags.DEFINE_integer("steps", 0, "If > 0, time this many steps and extrapolate to an epoch.")
 flags.DEFINE_integer("eval_users", 10_000, "Held-out users to evaluate (0: skip).")
@@ -134,7 +135,8 @@ def run_one(n_items: int, *, steps: int, epochs: int, eval_users: int) -> dict:
                                       input_format=input_format,
                                       output_chunk_size=f.output_chunk_size,
                                       loss_scaling=policy.loss_scaling)
-  eval_fn = train_lib.make_eval_step(model, (100,), input_format=input_format)
+  eval_fn = train_lib.make_eval_step(model, (100,), input_format=input_format,
+                                     output_chunk_size=f.output_chunk_size)
   if shards:
     # The steps vmap over the leading shard axis; splitting it over a mesh makes jit
     # run one shard per device and sum the gradients across them.

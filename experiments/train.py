@@ -75,7 +75,8 @@ _HELP = {
     "warm_up_epochs": "Epochs left out of the benchmark averages.",
     "precision": "fp32, bf16 or fp16 (matmuls; loss and parameters stay float32).",
     "input_format": "auto, sparse or dense first layer and loss.",
-    "output_chunk_size": "Users per chunk of the fused output layer and loss (sparse path).",
+    "output_chunk_size": "Users per chunk of the output layer in training and evaluation (sparse "
+                         "path): bounds memory at any batch size.",
     "parallel": "Data-parallel mode: sharded (jit over a mesh) or pmap.",
     "number_of_devices": "Local devices to train on (0 = all).",
     "gpu_number": "Use only this local device (-1 = the first).",

@@ -287,7 +287,8 @@ def make_parallel_steps(model: nn.Module, optimizer: optax.GradientTransformatio
                                      loss_scaling=loss_scaling,
                                      loss_scale_period=loss_scale_period,
                                      output_chunk_size=output_chunk_size)
-    eval_fn = train_lib.make_eval_step(model, ks, input_format=input_format)
+    eval_fn = train_lib.make_eval_step(model, ks, input_format=input_format,
+                                     output_chunk_size=output_chunk_size)
     # A mesh of the same devices names the layout of arrays with a leading device
     # axis, so device_put places shard i on devices[i], as pmap expects.
     pmesh = Mesh(np.array(devices), (PMAP_AXIS,))
@@ -311,7 +312,8 @@ def make_parallel_steps(model: nn.Module, optimizer: optax.GradientTransformatio
                                    input_format=input_format, loss_scaling=loss_scaling,
                                    loss_scale_period=loss_scale_period,
                                    output_chunk_size=output_chunk_size)
-  eval_fn = train_lib.make_eval_step(model, ks, input_format=input_format)
+  eval_fn = train_lib.make_eval_step(model, ks, input_format=input_format,
+                                     output_chunk_size=output_chunk_size)
   j_train = jax.jit(step, in_shardings=(replicated, sharded),
                     out_shardings=(replicated, replicated), donate_argnums=0)
   # Per-user eval metrics come back replicated (a small all-gather of (B,) vectors), so

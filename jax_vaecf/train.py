@@ -219,7 +219,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
 
 
 def make_eval_step(model: nn.Module, ks: Sequence[int] = (20, 50, 100), *,
-                   input_format: str = "sparse"
+                   input_format: str = "sparse", output_chunk_size: int = 1024
                    ) -> Callable[[Any, sparse_lib.EvalBatch], dict[str, Array]]:
   """Builds ``eval_step(params, batch) -> per-user metrics``, a pure function to jit.
 
@@ -227,16 +227,55 @@ def make_eval_step(model: nn.Module, ks: Sequence[int] = (20, 50, 100), *,
   fold-in items are removed from the ranking, and
   :func:`jax_vaecf.metrics.ranking_metrics` scores the held-out items. Returns the dict
   of per-user ``(B,)`` arrays (``B`` summed over shards); padded rows are not ``valid``.
+
+  On the sparse path the model stops before its output layer and the logits, masks and
+  top-k are formed ``output_chunk_size`` users at a time, so memory holds a few
+  ``(output_chunk_size, n_items)`` arrays whatever the evaluation batch size; the dense
+  path forms the whole batch's (same metrics; see ``tests/test_train.py``).
   """
   _check_format(input_format)
+  if output_chunk_size < 1:
+    raise ValueError(f"output_chunk_size must be >= 1, got {output_chunk_size}")
   ks = tuple(sorted(set(int(k) for k in ks)))
   if not ks or ks[0] < 1 or ks[-1] > model.n_items:
     raise ValueError(f"every k must be in [1, n_items={model.n_items}], got {ks}")
   n_items = model.n_items
 
-  def shard_metrics(params, batch: sparse_lib.EvalBatch):
+  def chunked_metrics(params, batch: sparse_lib.EvalBatch):
     fi, ho = batch.fold_in, batch.heldout
-    x = fi if input_format == "sparse" else sparse_lib.densify(fi, n_items)
+    h = model.apply({"params": params}, fi, train=False, method="features").logits
+    layer = params[model.output_layer]
+    kernel = layer["kernel"].astype(model.dtype)
+    bias = layer["bias"].astype(jnp.float32)
+    b = h.shape[0]
+    n_chunks = -(-b // output_chunk_size)
+    size = -(-b // n_chunks)
+    pad = n_chunks * size - b
+    hs = jnp.pad(h, ((0, pad), (0, 0))).reshape(n_chunks, size, h.shape[1])
+    mask = jnp.pad(fi.row_mask, (0, pad)).reshape(n_chunks, size)
+
+    def local(rows, c):
+      # Rows of other chunks become out of range, and the scatters drop them.
+      r = rows - c * size
+      return jnp.where((r >= 0) & (r < size), r, size)
+
+    def one_chunk(args):
+      h_c, mask_c, c = args
+      logits = jnp.dot(h_c, kernel, preferred_element_type=jnp.float32) + bias
+      logits = logits.at[local(fi.rows, c), fi.cols].min(
+          jnp.where(fi.vals > 0, -jnp.inf, jnp.inf), mode="drop")
+      heldout = jnp.zeros(logits.shape, jnp.bool_).at[local(ho.rows, c), ho.cols].max(
+          ho.vals > 0, mode="drop")
+      return metrics_lib.ranking_metrics(logits, heldout, None, ks, row_mask=mask_c)
+
+    out = jax.lax.map(one_chunk, (hs, mask, jnp.arange(n_chunks)))
+    return jax.tree_util.tree_map(lambda a: a.reshape((n_chunks * size,))[:b], out)
+
+  def shard_metrics(params, batch: sparse_lib.EvalBatch):
+    if input_format == "sparse":
+      return chunked_metrics(params, batch)
+    fi, ho = batch.fold_in, batch.heldout
+    x = sparse_lib.densify(fi, n_items)
     logits = model.apply({"params": params}, x, train=False).logits
     # Fold-in items are masked by a scatter into the logits and the held-out rows are
     # densified as bool, so a wide catalogue holds one float32 (B, n_items) array, not

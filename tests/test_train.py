@@ -228,8 +228,10 @@ def test_bad_step_arguments():
     train_lib.make_optimizer(0.0)
 
 
-@pytest.mark.parametrize("fmt", ["sparse", "dense"])
-def test_eval_step_equals_dense_ranking_metrics(fmt):
+@pytest.mark.parametrize("fmt, chunk", [("sparse", 1024), ("sparse", 4), ("sparse", 1),
+                                        ("dense", 1024)])
+def test_eval_step_equals_dense_ranking_metrics(fmt, chunk):
+  # Sparse: 10 users in one chunk, in chunks of 4 (the last padded) and one at a time.
   rng = np.random.default_rng(7)
   m = model_lib.build_model("multvae", 40, hidden_dims=(12,), latent_dim=4)
   params = train_lib.init_params(m, jax.random.PRNGKey(1))
@@ -239,7 +241,9 @@ def test_eval_step_equals_dense_ranking_metrics(fmt):
   batch = sparse_lib.EvalBatch(
       sparse_lib.from_dense(fold, nnz=256, row_mask=np.r_[np.ones(9), 0]),
       sparse_lib.from_dense(held, nnz=128, row_mask=np.r_[np.ones(9), 0]))
-  got = jax.jit(train_lib.make_eval_step(m, (5, 10), input_format=fmt))(params, batch)
+  got = jax.jit(train_lib.make_eval_step(m, (5, 10), input_format=fmt,
+                                         output_chunk_size=chunk))(params, batch)
+  assert got["ndcg@10"].shape == (10,)
   logits = m.apply({"params": params}, jnp.asarray(fold)).logits
   want = metrics.ranking_metrics(logits, jnp.asarray(held), jnp.asarray(fold), (5, 10),
                                  row_mask=jnp.asarray(np.r_[np.ones(9), 0]))
