@@ -108,7 +108,8 @@ class InputDense(nn.Module):
   Accepts a dense ``(B, n_items)`` array or a :class:`SparseBatch`. For sparse input the
   matmul is a gather of the kernel rows of each user's items, weighted by the normalised
   (and dropped-out) values and summed per user: ``O(nnz * features)`` work instead of
-  ``O(B * n_items * features)``. Its gradient with respect to the kernel is a
+  ``O(B * n_items * features)``, taken ``gather_chunk_size`` entries at a time
+  (:func:`jax_vaecf.sparse.matmul`). Its gradient with respect to the kernel is a
   scatter-add over the same rows.
 
   The dropout mask of entry ``(u, i)`` is a hash of ``(key, row_offset + u, i)``, so both
@@ -120,6 +121,7 @@ class InputDense(nn.Module):
   dropout_rate: float
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  gather_chunk_size: int = 65_536  # sparse input: entries gathered at a time
 
   @nn.compact
   def __call__(self, x: Input, *, train: bool, row_offset=0) -> Array:
@@ -138,9 +140,8 @@ class InputDense(nn.Module):
         vals = jnp.where(mask, vals / keep, 0.0)
       # A gather-and-sum has no matmul to speed up, so it runs in float32 whatever
       # `dtype` is.
-      rows_of_kernel = kernel[x.cols].astype(jnp.float32)  # (nnz, features)
-      y = jax.ops.segment_sum(rows_of_kernel * vals[:, None], x.rows,
-                              num_segments=x.batch_size)
+      y = sparse_lib.matmul(x.rows, x.cols, vals, kernel, x.batch_size,
+                            chunk_size=self.gather_chunk_size)
     else:
       x = x.astype(jnp.float32)
       sq = jnp.sum(x * x, axis=-1, keepdims=True)

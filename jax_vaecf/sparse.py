@@ -55,6 +55,47 @@ def densify(batch: SparseBatch, n_items: int, dtype=jnp.float32) -> jax.Array:
   return out.at[batch.rows, batch.cols].add(batch.vals.astype(dtype), mode="drop")
 
 
+def matmul(rows: jax.Array, cols: jax.Array, vals: jax.Array, matrix: jax.Array,
+           num_rows: int, *, chunk_size: int = 65_536) -> jax.Array:
+  """``X @ matrix`` for the COO matrix ``X`` ``(num_rows, matrix.shape[0])``.
+
+  Args:
+    rows, cols: int ``(nnz,)`` coordinates of ``X``'s entries (padding: value 0).
+    vals: float ``(nnz,)`` entry values.
+    matrix: ``(K, F)``, any float dtype; gathered rows are used in float32.
+    num_rows: rows of the result.
+    chunk_size: entries gathered at a time. Each chunk gathers ``(chunk, F)`` rows of
+      ``matrix`` and scatter-adds them, so the ``(nnz, F)`` gathered rows never exist
+      at once (6.9 GB for a batch of 10,000 ML-20M users at ``F = 600``); the gradient
+      with respect to ``matrix`` is likewise a scatter-add per chunk.
+
+  Returns:
+    float32 ``(num_rows, F)``. Duplicate coordinates add up.
+  """
+  if chunk_size < 1:
+    raise ValueError(f"matmul: chunk_size must be >= 1, got {chunk_size}")
+  nnz = cols.shape[0]
+  matrix = jnp.asarray(matrix)
+  rows, cols = jnp.asarray(rows), jnp.asarray(cols)
+  vals = jnp.asarray(vals, jnp.float32)
+  if nnz <= chunk_size:
+    return jax.ops.segment_sum(matrix[cols].astype(jnp.float32) * vals[:, None], rows,
+                               num_segments=num_rows)
+  n_chunks = -(-nnz // chunk_size)
+  size = -(-nnz // n_chunks)
+  pad = n_chunks * size - nnz  # padding entries have value 0: no-ops
+  rows, cols, vals = (jnp.pad(a, (0, pad)).reshape(n_chunks, size)
+                      for a in (rows, cols, vals))
+
+  def add_chunk(out, chunk):
+    r, c, v = chunk
+    return out.at[r].add(matrix[c].astype(jnp.float32) * v[:, None]), None
+
+  out = jnp.zeros((num_rows, matrix.shape[1]), jnp.float32)
+  out, _ = jax.lax.scan(add_chunk, out, (rows, cols, vals))
+  return out
+
+
 def check_sparse_batch(batch: SparseBatch, n_items: int | None = None) -> None:
   """Raises ``ValueError`` when a batch's shapes or dtypes break the contract.
 

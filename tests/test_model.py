@@ -167,3 +167,42 @@ def test_add_bias_has_the_plain_gradient():
   for g, h in zip(got, want):
     np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-6)
   assert float(jnp.max(jnp.abs(got[1]))) > 0  # the bias gradient is not trivially zero
+
+
+@pytest.mark.parametrize("chunk", [1000, 7, 1])
+def test_sparse_matmul_equals_dense_in_value_and_gradient(chunk):
+  # 30 entries (some duplicated, plus padding) in one chunk, in chunks of 7 (padded) and
+  # one at a time.
+  rng = np.random.default_rng(5)
+  rows = np.r_[rng.integers(0, 6, 26), 2, 2, 0, 0].astype(np.int32)
+  cols = np.r_[rng.integers(0, 11, 26), 4, 4, 0, 0].astype(np.int32)
+  vals = np.r_[rng.normal(size=26), 1.5, 0.5, 0.0, 0.0].astype(np.float32)
+  x = np.zeros((6, 11), np.float32)
+  np.add.at(x, (rows, cols), vals)
+  matrix = rng.normal(size=(11, 3)).astype(np.float32)
+  cot = rng.normal(size=(6, 3)).astype(np.float32)
+
+  def f(m):
+    return jnp.sum(sparse_lib.matmul(rows, cols, vals, m, 6, chunk_size=chunk) * cot)
+
+  got, grad = jax.value_and_grad(f)(jnp.asarray(matrix))
+  np.testing.assert_allclose(sparse_lib.matmul(rows, cols, vals, matrix, 6, chunk_size=chunk),
+                             x @ matrix, rtol=1e-5, atol=1e-5)
+  assert float(got) == pytest.approx(float(np.sum((x @ matrix) * cot)), rel=1e-5)
+  np.testing.assert_allclose(grad, x.T @ cot, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="chunk_size"):
+    sparse_lib.matmul(rows, cols, vals, matrix, 6, chunk_size=0)
+
+
+def test_input_layer_gathers_in_chunks_with_the_same_result():
+  rng = np.random.default_rng(6)
+  x = (rng.random((5, 30)) < 0.4).astype(np.float32)
+  batch = sparse_lib.from_dense(x, nnz=90)
+  whole = model_lib.InputDense(30, 4, 0.5)
+  chunked = model_lib.InputDense(30, 4, 0.5, gather_chunk_size=8)
+  p = whole.init({"params": jax.random.PRNGKey(0)}, jnp.asarray(x), train=False)
+  rngs = {"dropout": jax.random.PRNGKey(3)}
+  for train in (False, True):
+    want = whole.apply(p, jnp.asarray(x), train=train, rngs=rngs)  # the dense path
+    got = chunked.apply(p, batch, train=train, rngs=rngs)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
