@@ -46,7 +46,8 @@ def multinomial_nll_sparse(logits: Array, batch: sparse_lib.SparseBatch) -> Arra
 
   Uses ``-sum_i x_ui log p_ui = (sum_i x_ui) * logsumexp(logits_u) - sum_i x_ui logits_ui``
   and gathers the logits at the interacted items only, so no ``(B, n_items)``
-  log-probability array is formed.
+  log-probability array is formed. Use it when the logits are at hand; the training step
+  uses :func:`output_layer_nll`, which also never forms the logits.
 
   Returns:
     float32 ``(B,)``.
@@ -68,9 +69,7 @@ def multinomial_nll_sparse(logits: Array, batch: sparse_lib.SparseBatch) -> Arra
 def _output_chunks(h, kernel, bias, batch, chunk_size, dtype, with_grad):
   """Scans the output layer and the NLL over row chunks of ``chunk_size`` users."""
   b, width = h.shape
-  # Equal chunks of at most chunk_size rows, so padding is under one row per chunk.
-  n_chunks = -(-b // chunk_size)
-  chunk_size = -(-b // n_chunks)
+  n_chunks, chunk_size = sparse_lib.equal_chunks(b, chunk_size)
   pad = n_chunks * chunk_size - b
   mask = batch.row_mask.astype(jnp.float32)
   h = jnp.pad(h, ((0, pad), (0, 0))).reshape(n_chunks, chunk_size, width)
@@ -82,9 +81,7 @@ def _output_chunks(h, kernel, bias, batch, chunk_size, dtype, with_grad):
 
   def body(carry, xs):
     h_c, m_c, c = xs
-    # Entries of other chunks get an out-of-range row and are dropped by the scatter.
-    local = batch.rows - c * chunk_size
-    local = jnp.where((local >= 0) & (local < chunk_size), local, chunk_size)
+    local = sparse_lib.rows_of_chunk(batch.rows, c, chunk_size)
     x = jnp.zeros((chunk_size, n_items), jnp.float32).at[local, batch.cols].add(
         vals, mode="drop")
     h_c = h_c.astype(dtype)
@@ -129,7 +126,7 @@ def _check_output_args(h, kernel, bias, batch, chunk_size) -> None:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def output_layer_nll(h: Array, kernel: Array, bias: Array, batch: sparse_lib.SparseBatch,
                      chunk_size: int, dtype: Any = jnp.float32) -> Array:
-  """``sum_u row_mask_u * multinomial_nll(h @ kernel + bias, x)_u`` without a ``(B, n_items)`` array.
+  """``sum_u row_mask_u * multinomial_nll(h @ kernel + bias, x)_u``, chunked over users.
 
   The model's output layer and the multinomial NLL in one function whose gradient is
   computed in the same pass as its value: users are taken ``chunk_size`` at a time, and
@@ -137,9 +134,8 @@ def output_layer_nll(h: Array, kernel: Array, bias: Array, batch: sparse_lib.Spa
   products (``d kernel``, ``d bias``, ``d h``) are formed while the chunk's logits are
   still in cache. The decoder's three matmuls are done once each, as with autodiff, but
   no ``(B, n_items)`` logits, probabilities or gradients ever exist, so the memory of a
-  step no longer grows with ``B * n_items`` and large batches run at the speed of small
-  ones. Same math as :func:`multinomial_nll` of the layer's logits (see
-  ``tests/test_losses.py``); only summation order differs.
+  step does not grow with ``B * n_items``. Same math as :func:`multinomial_nll` of the
+  layer's logits (see ``tests/test_losses.py``); only summation order differs.
 
   Args:
     h: ``(B, width)`` input of the output layer (any float dtype).

@@ -55,6 +55,27 @@ def densify(batch: SparseBatch, n_items: int, dtype=jnp.float32) -> jax.Array:
   return out.at[batch.rows, batch.cols].add(batch.vals.astype(dtype), mode="drop")
 
 
+def equal_chunks(n: int, max_size: int) -> tuple[int, int]:
+  """``(count, size)``: the fewest equal chunks of at most ``max_size`` covering ``n``.
+
+  ``count * size - n`` (the padding) is under one element per chunk.
+  """
+  if max_size < 1:
+    raise ValueError(f"chunk_size must be >= 1, got {max_size}")
+  count = max(-(-n // max_size), 1)
+  return count, -(-n // count)
+
+
+def rows_of_chunk(rows: jax.Array, chunk: jax.Array, size: int) -> jax.Array:
+  """Batch rows renumbered inside row chunk ``chunk`` (``size`` rows each).
+
+  Rows of other chunks become ``size``, out of range, so a scatter with
+  ``mode='drop'`` skips them.
+  """
+  local = rows - chunk * size
+  return jnp.where((local >= 0) & (local < size), local, size)
+
+
 def matmul(rows: jax.Array, cols: jax.Array, vals: jax.Array, matrix: jax.Array,
            num_rows: int, *, chunk_size: int = 65_536) -> jax.Array:
   """``X @ matrix`` for the COO matrix ``X`` ``(num_rows, matrix.shape[0])``.
@@ -72,18 +93,14 @@ def matmul(rows: jax.Array, cols: jax.Array, vals: jax.Array, matrix: jax.Array,
   Returns:
     float32 ``(num_rows, F)``. Duplicate coordinates add up.
   """
-  if chunk_size < 1:
-    raise ValueError(f"matmul: chunk_size must be >= 1, got {chunk_size}")
-  nnz = cols.shape[0]
+  n_chunks, size = equal_chunks(cols.shape[0], chunk_size)
   matrix = jnp.asarray(matrix)
   rows, cols = jnp.asarray(rows), jnp.asarray(cols)
   vals = jnp.asarray(vals, jnp.float32)
-  if nnz <= chunk_size:
+  if n_chunks == 1:
     return jax.ops.segment_sum(matrix[cols].astype(jnp.float32) * vals[:, None], rows,
                                num_segments=num_rows)
-  n_chunks = -(-nnz // chunk_size)
-  size = -(-nnz // n_chunks)
-  pad = n_chunks * size - nnz  # padding entries have value 0: no-ops
+  pad = n_chunks * size - cols.shape[0]  # padding entries have value 0: no-ops
   rows, cols, vals = (jnp.pad(a, (0, pad)).reshape(n_chunks, size)
                       for a in (rows, cols, vals))
 

@@ -115,7 +115,8 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
                     beta_schedule: Callable[[Array], Array], *, lam: float = 0.0,
                     input_format: str = "sparse", axis_name: str | None = None,
                     loss_scaling: bool = False, loss_scale_period: int = 2000,
-                    output_chunk_size: int = 1024) -> Callable[[TrainState, sparse_lib.SparseBatch],
+                    output_chunk_size: int = 1024
+                    ) -> Callable[[TrainState, sparse_lib.SparseBatch],
                                   tuple[TrainState, dict[str, Array]]]:
   """Builds ``train_step(state, batch) -> (state, metrics)``, a pure function to jit.
 
@@ -254,24 +255,18 @@ def make_eval_step(model: nn.Module, ks: Sequence[int] = (20, 50, 100), *,
     kernel = layer["kernel"].astype(model.dtype)
     bias = layer["bias"].astype(jnp.float32)
     b = h.shape[0]
-    n_chunks = -(-b // output_chunk_size)
-    size = -(-b // n_chunks)
+    n_chunks, size = sparse_lib.equal_chunks(b, output_chunk_size)
     pad = n_chunks * size - b
     hs = jnp.pad(h, ((0, pad), (0, 0))).reshape(n_chunks, size, h.shape[1])
     mask = jnp.pad(fi.row_mask, (0, pad)).reshape(n_chunks, size)
 
-    def local(rows, c):
-      # Rows of other chunks become out of range, and the scatters drop them.
-      r = rows - c * size
-      return jnp.where((r >= 0) & (r < size), r, size)
-
     def one_chunk(args):
       h_c, mask_c, c = args
       logits = jnp.dot(h_c, kernel, preferred_element_type=jnp.float32) + bias
-      logits = logits.at[local(fi.rows, c), fi.cols].min(
+      logits = logits.at[sparse_lib.rows_of_chunk(fi.rows, c, size), fi.cols].min(
           jnp.where(fi.vals > 0, -jnp.inf, jnp.inf), mode="drop")
-      heldout = jnp.zeros(logits.shape, jnp.bool_).at[local(ho.rows, c), ho.cols].max(
-          ho.vals > 0, mode="drop")
+      heldout = jnp.zeros(logits.shape, jnp.bool_).at[
+          sparse_lib.rows_of_chunk(ho.rows, c, size), ho.cols].max(ho.vals > 0, mode="drop")
       return metrics_lib.ranking_metrics(logits, heldout, None, ks, row_mask=mask_c)
 
     out = jax.lax.map(one_chunk, (hs, mask, jnp.arange(n_chunks)))

@@ -206,3 +206,15 @@ def test_input_layer_gathers_in_chunks_with_the_same_result():
     want = whole.apply(p, jnp.asarray(x), train=train, rngs=rngs)  # the dense path
     got = chunked.apply(p, batch, train=train, rngs=rngs)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n, most", [(10, 4), (10, 10), (10, 64), (10_000, 1024), (7, 1)])
+def test_equal_chunks_cover_with_less_than_one_padding_per_chunk(n, most):
+  count, size = sparse_lib.equal_chunks(n, most)
+  assert size <= most and count * size >= n and count * size - n < count
+  assert count == -(-n // most)
+  rows = jnp.arange(n)
+  seen = np.concatenate([np.asarray(sparse_lib.rows_of_chunk(rows, c, size)) for c in
+                         range(count)])
+  # Every row is in range in exactly one chunk; elsewhere it is marked `size`.
+  assert np.sum(seen < size) == n and np.all(seen <= size)
