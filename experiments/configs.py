@@ -47,6 +47,7 @@ class Config:
   total_anneal_steps: int = 200_000
   anneal_cap: float = 0.2
   anneal_cycle_steps: int = 0
+  ema_decay: float = 0.0  # > 0: evaluate, keep and serve a moving average of the weights
   seed: int = 0
   # Evaluation and checkpoints.
   validation_step: int = 1  # validate every n epochs
@@ -232,6 +233,7 @@ def validate(cfg: Config) -> None:
       (0.0 <= cfg.anneal_cap <= 1.0, "anneal_cap must be in [0, 1]"),
       (cfg.total_anneal_steps >= 0, "total_anneal_steps must be >= 0"),
       (cfg.lam >= 0, "lam must be >= 0"),
+      (0.0 <= cfg.ema_decay < 1.0, "ema_decay must be in [0, 1)"),
       (0.0 <= cfg.dropout_rate < 1.0, "dropout_rate must be in [0, 1)"),
       (cfg.validation_step >= 1, "validation_step must be >= 1"),
       (cfg.checkpoint_every >= 1, "checkpoint_every must be >= 1"),

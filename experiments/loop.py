@@ -91,6 +91,8 @@ def identity(cfg: configs.Config, split: data_lib.Split) -> dict:
       "n_train_users": int(split.train.shape[0]),
       "items_digest": hashlib.sha256(
           "\n".join(str(i) for i in ids.tolist()).encode()).hexdigest()[:16],
+      # The checkpointed state has ema_params exactly when the run keeps an average.
+      "weight_average": cfg.ema_decay > 0,
   }
 
 
@@ -122,7 +124,7 @@ def build(cfg: configs.Config, n_items: int):
   steps = parallel_lib.make_parallel_steps(
       model, optimizer, schedule, mode=cfg.parallel, devices=devices, lam=cfg.lam,
       input_format=input_format, loss_scaling=policy.loss_scaling,
-      output_chunk_size=cfg.output_chunk_size, ks=ks)
+      output_chunk_size=cfg.output_chunk_size, ema_decay=cfg.ema_decay, ks=ks)
   return model, optimizer, steps
 
 
@@ -230,7 +232,8 @@ def train_and_validate(cfg: configs.Config, workdir: str, split: data_lib.Split,
   """
   policy = precision_lib.get_policy(cfg.precision)
   state = train_lib.create_train_state(model, optimizer, jax.random.PRNGKey(cfg.seed),
-                                       loss_scaling=policy.loss_scaling)
+                                       loss_scaling=policy.loss_scaling,
+                                       weight_average=cfg.ema_decay > 0)
   start_epoch, best = 0, -math.inf
   # In a multi-process run every process computes the same records; one writes them.
   log = MetricsLog(workdir) if ck is not None and jax.process_index() == 0 else None
@@ -326,7 +329,8 @@ def test_best(cfg: configs.Config, workdir: str, split: data_lib.Split,
   """Scores the best checkpoint of ``workdir`` on the test users."""
   policy = precision_lib.get_policy(cfg.precision)
   target = train_lib.create_train_state(model, optimizer, jax.random.PRNGKey(cfg.seed),
-                                        loss_scaling=policy.loss_scaling)
+                                        loss_scaling=policy.loss_scaling,
+                                        weight_average=cfg.ema_decay > 0)
   restored = ck.restore_best(target)
   if restored is None:
     raise FileNotFoundError(

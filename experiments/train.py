@@ -64,6 +64,8 @@ _HELP = {
     "total_anneal_steps": "Steps for beta to reach 1 (capped at --anneal_cap).",
     "anneal_cap": "Largest KL weight.",
     "anneal_cycle_steps": "Cycle length of the cyclical schedule (0 = total_anneal_steps).",
+    "ema_decay": "Above 0: validate, test and serve the exponential moving average of the "
+                 "weights with this decay per step (bias-corrected); 0 = the weights.",
     "seed": "Seed of initialisation, batch order, dropout and noise.",
     "validation_step": "Validate every n epochs.",
     "test_ks": "Cut-offs reported in test mode, comma separated.",

@@ -143,8 +143,9 @@ def _num_shards_of(batch) -> int:
 
 
 def _params_of(params_or_state):
-  return (params_or_state.params if isinstance(params_or_state, train_lib.TrainState)
-          else params_or_state)
+  """Evaluation parameters: a state's ``eval_params`` (its weight average when kept)."""
+  return (params_or_state.eval_params
+          if isinstance(params_or_state, train_lib.TrainState) else params_or_state)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,12 +253,14 @@ def make_parallel_steps(model: nn.Module, optimizer: optax.GradientTransformatio
                         devices: Sequence[jax.Device] | None = None, lam: float = 0.0,
                         input_format: str = "sparse", loss_scaling: bool = False,
                         loss_scale_period: int = 2000, output_chunk_size: int = 1024,
+                        ema_decay: float = 0.0,
                         ks: Sequence[int] = (20, 50, 100)) -> ParallelSteps:
   """Builds data-parallel train and eval steps.
 
   Args:
     model, optimizer, beta_schedule, lam, input_format, loss_scaling,
-      loss_scale_period, output_chunk_size: as :func:`jax_vaecf.train.make_train_step`.
+      loss_scale_period, output_chunk_size, ema_decay: as
+      :func:`jax_vaecf.train.make_train_step`.
     mode: ``'sharded'`` or ``'pmap'``.
     devices: from :func:`resolve_devices`; ``None`` = all devices.
     ks: cut-offs of the eval metrics.
@@ -286,7 +289,8 @@ def make_parallel_steps(model: nn.Module, optimizer: optax.GradientTransformatio
                                      input_format=input_format, axis_name=PMAP_AXIS,
                                      loss_scaling=loss_scaling,
                                      loss_scale_period=loss_scale_period,
-                                     output_chunk_size=output_chunk_size)
+                                     output_chunk_size=output_chunk_size,
+                                     ema_decay=ema_decay)
     eval_fn = train_lib.make_eval_step(model, ks, input_format=input_format,
                                      output_chunk_size=output_chunk_size)
     # A mesh of the same devices names the layout of arrays with a leading device
@@ -311,7 +315,8 @@ def make_parallel_steps(model: nn.Module, optimizer: optax.GradientTransformatio
   step = train_lib.make_train_step(model, optimizer, beta_schedule, lam=lam,
                                    input_format=input_format, loss_scaling=loss_scaling,
                                    loss_scale_period=loss_scale_period,
-                                   output_chunk_size=output_chunk_size)
+                                   output_chunk_size=output_chunk_size,
+                                   ema_decay=ema_decay)
   eval_fn = train_lib.make_eval_step(model, ks, input_format=input_format,
                                      output_chunk_size=output_chunk_size)
   j_train = jax.jit(step, in_shardings=(replicated, sharded),

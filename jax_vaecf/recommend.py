@@ -95,13 +95,15 @@ class Recommender:
                                   latent_dim=int(ident["latent_dim"]))
     optimizer = train_lib.make_optimizer()
     target = jax.eval_shape(
-        lambda: train_lib.create_train_state(model, optimizer, jax.random.PRNGKey(0)))
+        lambda: train_lib.create_train_state(
+            model, optimizer, jax.random.PRNGKey(0),
+            weight_average=bool(ident.get("weight_average", False))))
     ck = checkpoint_lib.RunCheckpoints(workdir, ident)
     try:
       state, _ = ck.restore_best(target)
     finally:
       ck.close()
-    return cls(model, state.params, item_ids)
+    return cls(model, state.eval_params, item_ids)
 
   def columns_of(self, raw_items: Sequence[Any]) -> tuple[list[int], list[Any]]:
     """Column indices of the known raw ids, and the unknown raw ids."""

@@ -41,6 +41,8 @@ class TrainState(struct.PyTreeNode):
     opt_state: optax state.
     key: PRNG key data, uint32 ``(2,)``; step ``t`` uses ``fold_in(key, t)``.
     loss_scale: :class:`jax_vaecf.precision.LossScale` (constant 1 unless fp16).
+    ema_params: ``None``, or the exponential moving average of ``params`` over the
+      steps taken (same pytree; see :func:`update_weight_average`).
   """
 
   step: Array
@@ -48,6 +50,12 @@ class TrainState(struct.PyTreeNode):
   opt_state: Any
   key: Array
   loss_scale: precision.LossScale
+  ema_params: Any = None
+
+  @property
+  def eval_params(self) -> Any:
+    """The parameters to evaluate and serve: the weight average when it is kept."""
+    return self.params if self.ema_params is None else self.ema_params
 
 
 def make_optimizer(learning_rate: float = 1e-3, b1: float = 0.9, b2: float = 0.999,
@@ -65,8 +73,13 @@ def init_params(model: nn.Module, key: Array) -> Any:
 
 
 def create_train_state(model: nn.Module, optimizer: optax.GradientTransformation,
-                       key: Array, *, loss_scaling: bool = False) -> TrainState:
-  """A fresh state: parameters from ``key``, a data-independent step key derived from it."""
+                       key: Array, *, loss_scaling: bool = False,
+                       weight_average: bool = False) -> TrainState:
+  """A fresh state: parameters from ``key``, a data-independent step key derived from it.
+
+  ``weight_average=True`` adds ``ema_params`` (a copy of the initial parameters), which a
+  step built with ``ema_decay > 0`` keeps up to date.
+  """
   key = jnp.asarray(key)
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     key = jax.random.key_data(key)
@@ -77,7 +90,23 @@ def create_train_state(model: nn.Module, optimizer: optax.GradientTransformation
       params=params,
       opt_state=optimizer.init(params),
       key=step_key,
-      loss_scale=precision.init_loss_scale(loss_scaling))
+      loss_scale=precision.init_loss_scale(loss_scaling),
+      ema_params=jax.tree_util.tree_map(jnp.copy, params) if weight_average else None)
+
+
+def update_weight_average(ema_params: Any, params: Any, step: Array, decay: float) -> Any:
+  """The bias-corrected exponential moving average of the parameters after ``step`` updates.
+
+  ``ema_t = ema_{t-1} + w_t (params_t - ema_{t-1})`` with
+  ``w_t = (1 - decay) / (1 - decay ** t)``: the same as averaging ``params_1 .. params_t``
+  with weights ``decay ** (t - s)`` and dividing by their sum (optax's ``debias``), so the
+  initial parameters carry no weight (``w_1 = 1``) and early steps are not pulled towards
+  them. ``step`` (int scalar, >= 1) counts updates including this one; ``decay`` in
+  ``[0, 1)``; leaves are float32.
+  """
+  t = jnp.asarray(step, jnp.float32)
+  w = (1.0 - decay) / (1.0 - jnp.power(jnp.float32(decay), t))
+  return jax.tree_util.tree_map(lambda e, p: e + w * (p - e), ema_params, params)
 
 
 def default_input_format(platform: str) -> str:
@@ -115,7 +144,7 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
                     beta_schedule: Callable[[Array], Array], *, lam: float = 0.0,
                     input_format: str = "sparse", axis_name: str | None = None,
                     loss_scaling: bool = False, loss_scale_period: int = 2000,
-                    output_chunk_size: int = 1024
+                    output_chunk_size: int = 1024, ema_decay: float = 0.0
                     ) -> Callable[[TrainState, sparse_lib.SparseBatch],
                                   tuple[TrainState, dict[str, Array]]]:
   """Builds ``train_step(state, batch) -> (state, metrics)``, a pure function to jit.
@@ -136,6 +165,9 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
     loss_scale_period: finite steps before a dynamic loss scale doubles.
     output_chunk_size: users per chunk of the fused output layer (sparse path); a
       shard's rows are processed this many at a time.
+    ema_decay: in ``[0, 1)``; above 0 the step also updates ``state.ema_params``
+      (:func:`update_weight_average`), which evaluation then uses. Needs a state made
+      with ``create_train_state(..., weight_average=True)``.
 
   Returns:
     The step. ``metrics`` holds float32 scalars ``loss``, ``nll``, ``kl``, ``beta``,
@@ -146,6 +178,8 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
     raise ValueError(f"output_chunk_size must be >= 1, got {output_chunk_size}")
   if lam < 0:
     raise ValueError(f"lam must be >= 0, got {lam}")
+  if not 0.0 <= ema_decay < 1.0:
+    raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
   is_vae = isinstance(model, model_lib.MultVAE)
   n_items = model.n_items
 
@@ -186,6 +220,11 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
     return loss * scale, (nll, kl, l2)
 
   def train_step(state: TrainState, batch: sparse_lib.SparseBatch):
+    if (ema_decay > 0) != (state.ema_params is not None):
+      raise ValueError(
+          f"ema_decay={ema_decay} needs a state " + ("with" if ema_decay > 0 else "without")
+          + " ema_params: create_train_state(..., weight_average="
+          + str(ema_decay > 0) + ")")
     batch = _with_shard_axis(batch)
     n_users = jnp.sum(batch.row_mask.astype(jnp.float32))
     if axis_name is not None:
@@ -213,8 +252,11 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
       params = precision.select_tree(finite, params, state.params)
       opt_state = precision.select_tree(finite, opt_state, state.opt_state)
       loss_scale = precision.update_loss_scale(loss_scale, finite, period=loss_scale_period)
+    ema_params = state.ema_params
+    if ema_decay > 0:
+      ema_params = update_weight_average(ema_params, params, state.step + 1, ema_decay)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              loss_scale=loss_scale)
+                              loss_scale=loss_scale, ema_params=ema_params)
     metrics = {
         "loss": nll + beta * kl + l2, "nll": nll, "kl": kl, "beta": beta,
         "n_users": n_users, "loss_scale": scale,

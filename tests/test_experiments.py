@@ -112,6 +112,7 @@ def _cli(args, timeout=120):
     (["--number_of_epochs=-1"], "number_of_epochs must be >= 0"),
     (["--batch_size_train=0"], "batch_size_train must be >= 1"),
     (["--anneal_cap=1.5"], "anneal_cap must be in [0, 1]"),
+    (["--ema_decay=1"], "ema_decay must be in [0, 1)"),
     (["--test_ks=5,x"], "expected comma-separated integers"),
     (["--precision=fp8"], "precision must be"),
     (["--bogus_flag=1"], "Unknown command line flag 'bogus_flag'"),
@@ -197,3 +198,32 @@ def test_preprocessing_reports_its_stages_then_uses_the_cache(data_dir, tmp_path
   assert "preprocessing ml-latest-small: reading" in err and "splitting" in err
   loop.load_data(cfg)
   assert "preprocessing" not in capsys.readouterr().err  # from the cache: nothing to do
+
+
+def test_weight_average_is_tested_served_and_part_of_the_run_identity(data_dir, tmp_path):
+  from jax_vaecf import recommend
+  workdir = str(tmp_path / "run")
+  cfg = _cfg(data_dir, tmp_path, number_of_epochs=2, ema_decay=0.9)
+  res = loop.run(cfg, workdir)
+  # The best checkpoint's average is what test mode scored and what a server loads.
+  split = loop.load_data(cfg)
+  model, optimizer, steps = loop.build(cfg, split.n_items)
+  from jax_vaecf import checkpoint
+  from jax_vaecf import train as train_lib
+  import jax
+  ck = checkpoint.RunCheckpoints(workdir, loop.identity(cfg, split))
+  target = train_lib.create_train_state(model, optimizer, jax.random.PRNGKey(0),
+                                        weight_average=True)
+  state, _ = ck.restore_best(target)
+  ck.close()
+  of_average = loop.evaluate(steps, state.ema_params, split.test, 64)
+  of_weights = loop.evaluate(steps, state.params, split.test, 64)
+  assert res["test"]["ndcg@100"] == of_average["ndcg@100"]
+  assert of_weights["ndcg@100"] != of_average["ndcg@100"]
+  rec = recommend.Recommender.from_workdir(workdir)
+  for a, b in zip(jax.tree_util.tree_leaves(rec.params),
+                  jax.tree_util.tree_leaves(state.ema_params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Resuming that workdir without the average is refused before anything is written.
+  with pytest.raises(ValueError, match="weight_average: checkpoint has True"):
+    loop.run(cfg.replace(ema_decay=0.0, number_of_epochs=3), workdir)

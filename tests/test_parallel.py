@@ -322,3 +322,35 @@ def test_precision_backend_check():
     precision.check_backend_supports("fp16", "tpu")
   with pytest.raises(ValueError, match="unknown platform"):
     precision.check_backend_supports("bf16", "abacus")
+
+
+@pytest.mark.parametrize("mode", parallel.MODES)
+def test_weight_average_in_parallel_equals_one_device_and_is_what_eval_scores(mode):
+  m = _model()
+  decay = 0.5
+  batches = _batches(n=3)
+  state = train_lib.create_train_state(m, OPT, jax.random.PRNGKey(0), weight_average=True)
+  step = jax.jit(train_lib.make_train_step(m, OPT, SCHED, ema_decay=decay))
+  want = state
+  for b in batches:
+    want, _ = step(want, b)
+  ps = parallel.make_parallel_steps(m, OPT, SCHED, mode=mode, ks=(10,), ema_decay=decay,
+                                    devices=parallel.resolve_devices(4))
+  st = ps.init_state(state)
+  for b in batches:
+    st, _ = ps.train_step(st, ps.put_batch(parallel.pad_and_shard(b, 4)))
+  host = ps.to_host(st)
+  _assert_trees_close(host.ema_params, want.ema_params)
+  _assert_trees_close(host.params, want.params)
+  # Evaluating the state scores the average, not the last weights.
+  rng = np.random.default_rng(4)
+  x = (rng.random((8, N_ITEMS)) < 0.2).astype(np.float32)
+  held = (rng.random((8, N_ITEMS)) < 0.2).astype(np.float32) * (1 - x)
+  eb = sparse_lib.EvalBatch(parallel.pad_and_shard(sparse_lib.from_dense(x), 4),
+                            parallel.pad_and_shard(sparse_lib.from_dense(held), 4))
+  put = ps.put_batch(eb)
+  of_state = ps.metrics_to_host(ps.eval_step(st, put))["ndcg@10"]
+  of_average = ps.metrics_to_host(ps.eval_step(ps.init_state(host).ema_params, put))["ndcg@10"]
+  of_weights = ps.metrics_to_host(ps.eval_step(ps.init_state(host).params, put))["ndcg@10"]
+  np.testing.assert_array_equal(of_state, of_average)
+  assert not np.array_equal(of_state, of_weights)

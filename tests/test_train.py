@@ -251,3 +251,54 @@ def test_eval_step_equals_dense_ranking_metrics(fmt, chunk):
     np.testing.assert_allclose(np.asarray(got[k], np.float64),
                                np.asarray(want[k], np.float64), rtol=1e-5, atol=1e-6)
   assert not bool(got["valid"][4]) and not bool(got["valid"][9])
+
+
+def test_weight_average_is_the_debiased_exponential_average_of_the_trajectory():
+  m = model_lib.build_model("multvae", 40, hidden_dims=(12,), latent_dim=4)
+  opt = train_lib.make_optimizer(1e-2)
+  batches = [_batch(s)[1] for s in range(5)]
+  sched = schedules.linear_schedule(0.2, 10)
+  plain = train_lib.create_train_state(m, opt, jax.random.PRNGKey(3))
+  averaged = train_lib.create_train_state(m, opt, jax.random.PRNGKey(3), weight_average=True)
+  step = jax.jit(train_lib.make_train_step(m, opt, sched))
+  decay = 0.7
+  step_avg = jax.jit(train_lib.make_train_step(m, opt, sched, ema_decay=decay))
+  trajectory = []
+  for b in batches:
+    plain, _ = step(plain, b)
+    averaged, _ = step_avg(averaged, b)
+    trajectory.append(jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), plain.params))
+  # Averaging does not change the weights themselves.
+  for a, b in zip(jax.tree_util.tree_leaves(plain.params),
+                  jax.tree_util.tree_leaves(averaged.params)):
+    np.testing.assert_array_equal(a, b)
+  # ema_t = sum_s decay^(t-s) params_s / sum_s decay^(t-s), s = 1..t: no weight on the init.
+  t = len(trajectory)
+  w = np.array([decay ** (t - s) for s in range(1, t + 1)])
+  want = jax.tree_util.tree_map(lambda *ps: sum(wi * p for wi, p in zip(w, ps)) / w.sum(),
+                                *trajectory)
+  for a, b in zip(jax.tree_util.tree_leaves(averaged.ema_params),
+                  jax.tree_util.tree_leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  assert averaged.eval_params is averaged.ema_params and plain.eval_params is plain.params
+  # After one step the average is that step's weights.
+  one, _ = step_avg(train_lib.create_train_state(m, opt, jax.random.PRNGKey(3),
+                                                 weight_average=True), batches[0])
+  for a, b in zip(jax.tree_util.tree_leaves(one.ema_params),
+                  jax.tree_util.tree_leaves(one.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
+
+
+def test_weight_average_needs_a_matching_state():
+  m = model_lib.build_model("multdae", 40, hidden_dims=(6,))
+  opt = train_lib.make_optimizer()
+  sched = schedules.constant_schedule(0.0)
+  _, batch = _batch()
+  with pytest.raises(ValueError, match="ema_decay must be in"):
+    train_lib.make_train_step(m, opt, sched, ema_decay=1.0)
+  plain = train_lib.create_train_state(m, opt, jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match="weight_average=True"):
+    train_lib.make_train_step(m, opt, sched, ema_decay=0.9)(plain, batch)
+  averaged = train_lib.create_train_state(m, opt, jax.random.PRNGKey(0), weight_average=True)
+  with pytest.raises(ValueError, match="weight_average=False"):
+    train_lib.make_train_step(m, opt, sched)(averaged, batch)
