@@ -45,6 +45,9 @@ flags.DEFINE_enum("input_format", "auto", ["auto", "sparse", "dense"],
 flags.DEFINE_integer("output_chunk_size", 1024,
                      "Users per chunk of the output layer in training and evaluation "
                      "(sparse path).")
+flags.DEFINE_float("ema_decay", 0.0,
+                   "Above 0: also keep the moving average of the weights each step "
+                   "(evaluation then scores it).")
 flags.DEFINE_integer("epochs", 1, "Full epochs to time (ignored with --steps).")
 flags.DEFINE_integer("steps", 0, "If > 0, time this many steps and extrapolate to an epoch.")
 flags.DEFINE_integer("eval_users", 10_000, "Held-out users to evaluate (0: skip).")
@@ -130,11 +133,13 @@ def run_one(n_items: int, *, steps: int, epochs: int, eval_users: int) -> dict:
   model = model_lib.build_model(f.model, n_items, dtype=policy.compute_dtype)
   opt = train_lib.make_optimizer(1e-3)
   state = train_lib.create_train_state(model, opt, jax.random.PRNGKey(f.seed),
-                                       loss_scaling=policy.loss_scaling)
+                                       loss_scaling=policy.loss_scaling,
+                                       weight_average=f.ema_decay > 0)
   step_fn = train_lib.make_train_step(model, opt, schedules.linear_schedule(0.2, 200_000),
                                       input_format=input_format,
                                       output_chunk_size=f.output_chunk_size,
-                                      loss_scaling=policy.loss_scaling)
+                                      loss_scaling=policy.loss_scaling,
+                                      ema_decay=f.ema_decay)
   eval_fn = train_lib.make_eval_step(model, (100,), input_format=input_format,
                                      output_chunk_size=f.output_chunk_size)
   if shards:
@@ -187,6 +192,7 @@ def run_one(n_items: int, *, steps: int, epochs: int, eval_users: int) -> dict:
       "n_users": f.n_users, "n_items": n_items, "batch_size": f.batch_size,
       "precision": f.precision, "input_format": input_format,
       "output_chunk_size": f.output_chunk_size, "model": f.model,
+      "ema_decay": f.ema_decay,
       "number_of_devices": k, "platform": platform_name,
       "device_kind": devices[0].device_kind,
       "train_nnz": int(train_csr.nnz), "steps_per_epoch": n_steps,
@@ -200,7 +206,7 @@ def run_one(n_items: int, *, steps: int, epochs: int, eval_users: int) -> dict:
     raise FloatingPointError(f"training loss is {loss}")
 
   if eval_users > 0:
-    params = state.params
+    params = state.eval_params
 
     def eval_pass():
       outs = []

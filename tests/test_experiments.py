@@ -128,7 +128,8 @@ def test_bad_flags_fail_fast(args, message, tmp_path):
 def test_validate_names_the_bad_setting():
   with pytest.raises(ValueError, match="output_chunk_size must be >= 1"):
     configs.validate(configs.get_config("ml1m").replace(output_chunk_size=0))
-  configs.validate(configs.get_config("ml1m"))  # the preset itself is fine
+  for name in configs.PRESETS:  # every preset is a valid setting
+    configs.validate(configs.get_config(name))
 
 
 def test_missing_data_dir_and_large_k_fail_before_work(data_dir, tmp_path):
