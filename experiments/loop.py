@@ -91,9 +91,9 @@ def identity(cfg: configs.Config, split: data_lib.Split) -> dict:
       "n_train_users": int(split.train.shape[0]),
       "items_digest": hashlib.sha256(
           "\n".join(str(i) for i in ids.tolist()).encode()).hexdigest()[:16],
-      # The checkpointed state has ema_params exactly when the run keeps an average.
-      "weight_average": cfg.ema_decay > 0,
-  }
+  } | ({"weight_average": True} if cfg.ema_decay > 0 else {})
+  # The checkpointed state has ema_params exactly when the run keeps an average; the key
+  # is left out otherwise, so workdirs written before averaging existed still match.
 
 
 def resolved_hidden_dims(cfg: configs.Config) -> tuple[int, ...]:

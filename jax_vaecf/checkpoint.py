@@ -82,7 +82,9 @@ class RunCheckpoints:
   def _check_identity(self, mngr: ocp.CheckpointManager, step: int) -> None:
     meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     saved = meta.get("identity", {})
-    diff = {k: (saved.get(k), v) for k, v in self.identity.items() if saved.get(k) != v}
+    # Both ways: a checkpoint with a fact this run lacks is another run's too.
+    diff = {k: (saved.get(k), self.identity.get(k)) for k in set(saved) | set(self.identity)
+            if saved.get(k) != self.identity.get(k)}
     if diff:
       lines = ", ".join(f"{k}: checkpoint has {a!r}, this run has {b!r}"
                         for k, (a, b) in sorted(diff.items()))

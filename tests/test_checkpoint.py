@@ -59,6 +59,14 @@ def test_another_runs_checkpoint_is_refused(tmp_path):
   other = dict(IDENTITY, n_items=31)
   with pytest.raises(checkpoint.CheckpointMismatchError, match="n_items: checkpoint has 30"):
     checkpoint.RunCheckpoints(str(tmp_path), other)
+  # Facts missing on either side count as differences too.
+  with pytest.raises(checkpoint.CheckpointMismatchError,
+                     match="weight_average: checkpoint has None, this run has True"):
+    checkpoint.RunCheckpoints(str(tmp_path), dict(IDENTITY, weight_average=True))
+  fewer = {k: v for k, v in IDENTITY.items() if k != "n_items"}
+  with pytest.raises(checkpoint.CheckpointMismatchError,
+                     match="n_items: checkpoint has 30, this run has None"):
+    checkpoint.RunCheckpoints(str(tmp_path), fewer)
   # The refused directory is untouched.
   again = checkpoint.RunCheckpoints(str(tmp_path), IDENTITY)
   assert again.latest_step() == 1

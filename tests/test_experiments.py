@@ -226,5 +226,5 @@ def test_weight_average_is_tested_served_and_part_of_the_run_identity(data_dir, 
                   jax.tree_util.tree_leaves(state.ema_params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # Resuming that workdir without the average is refused before anything is written.
-  with pytest.raises(ValueError, match="weight_average: checkpoint has True"):
+  with pytest.raises(ValueError, match="weight_average: checkpoint has True, this run has None"):
     loop.run(cfg.replace(ema_decay=0.0, number_of_epochs=3), workdir)
