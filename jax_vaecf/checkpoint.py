@@ -7,7 +7,9 @@ Layout under a run's ``workdir``::
   workdir/checkpoints/best/<step>/{state,meta}     the K best by validation NDCG@100
 
 ``state`` is the :class:`jax_vaecf.train.TrainState` pytree (params, optimiser state,
-step, PRNG key, loss scale); ``meta`` is JSON: the run's identity (model, shapes,
+step, PRNG key, loss scale, and the weight average when the run keeps one), stored as a
+dict of its fields that are not ``None``, so a field added later as optional (``None``
+when unused) leaves earlier checkpoints readable; ``meta`` is JSON: the run's identity (model, shapes,
 dataset) checked before anything is restored, the data-order position, the raw-id
 mapping and whatever else a caller puts there. Orbax writes each step to a temporary
 folder and renames it when complete, so an interrupted save never replaces a good
@@ -17,6 +19,7 @@ saved on N devices restores on M.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Mapping
 
@@ -49,6 +52,15 @@ def _manager(directory: str, *, max_to_keep: int,
 def _plain(tree):
   """Host numpy copies of a pytree's arrays (for saving from any sharding)."""
   return jax.tree_util.tree_map(lambda a: np.asarray(jax.device_get(a)), tree)
+
+
+def _stored_fields(state):
+  """A dataclass state as the dict of its non-``None`` fields (what is written); any other
+  pytree as it is."""
+  if not dataclasses.is_dataclass(state):
+    return state
+  return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
+          if getattr(state, f.name) is not None}
 
 
 class RunCheckpoints:
@@ -96,7 +108,8 @@ class RunCheckpoints:
             metrics: Mapping[str, float] | None = None) -> None:
     meta = dict(meta, identity=self.identity)
     mngr.save(int(step),
-              args=ocp.args.Composite(state=ocp.args.StandardSave(_plain(state)),
+              args=ocp.args.Composite(state=ocp.args.StandardSave(
+                  _plain(_stored_fields(state))),
                                       meta=ocp.args.JsonSave(meta)),
               metrics=dict(metrics) if metrics else None, force=True)
     mngr.wait_until_finished()
@@ -124,10 +137,14 @@ class RunCheckpoints:
     return self._best.best_step()
 
   def _restore(self, mngr, step: int, target):
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
+                                      _stored_fields(target))
     out = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-    return out["state"], out["meta"]
+    state = out["state"]
+    if dataclasses.is_dataclass(target):
+      state = dataclasses.replace(target, **state)
+    return state, out["meta"]
 
   def restore_latest(self, target) -> tuple[Any, dict] | None:
     """``(state, meta)`` of the newest state, laid out like ``target``; None if none."""
