@@ -91,9 +91,17 @@ def identity(cfg: configs.Config, split: data_lib.Split) -> dict:
       "n_train_users": int(split.train.shape[0]),
       "items_digest": hashlib.sha256(
           "\n".join(str(i) for i in ids.tolist()).encode()).hexdigest()[:16],
+    # The checkpointed state has ema_params exactly when the run keeps an average; the
+    # key is left out otherwise, so workdirs written before averaging existed still match.
   } | ({"weight_average": True} if cfg.ema_decay > 0 else {})
-  # The checkpointed state has ema_params exactly when the run keeps an average; the key
-  # is left out otherwise, so workdirs written before averaging existed still match.
+
+
+def fresh_state(cfg: configs.Config, model, optimizer) -> train_lib.TrainState:
+  """The run's initial state (also the layout its checkpoints are restored into)."""
+  return train_lib.create_train_state(
+      model, optimizer, jax.random.PRNGKey(cfg.seed),
+      loss_scaling=precision_lib.get_policy(cfg.precision).loss_scaling,
+      weight_average=cfg.ema_decay > 0)
 
 
 def resolved_hidden_dims(cfg: configs.Config) -> tuple[int, ...]:
@@ -230,10 +238,7 @@ def train_and_validate(cfg: configs.Config, workdir: str, split: data_lib.Split,
   ``ck`` is None in pure benchmark runs (nothing is written). Returns the benchmark
   summary and the best validation metrics.
   """
-  policy = precision_lib.get_policy(cfg.precision)
-  state = train_lib.create_train_state(model, optimizer, jax.random.PRNGKey(cfg.seed),
-                                       loss_scaling=policy.loss_scaling,
-                                       weight_average=cfg.ema_decay > 0)
+  state = fresh_state(cfg, model, optimizer)
   start_epoch, best = 0, -math.inf
   # In a multi-process run every process computes the same records; one writes them.
   log = MetricsLog(workdir) if ck is not None and jax.process_index() == 0 else None
@@ -327,11 +332,7 @@ def _print_epoch(r: dict) -> None:
 def test_best(cfg: configs.Config, workdir: str, split: data_lib.Split,
               ck: checkpoint_lib.RunCheckpoints, steps, model, optimizer) -> dict:
   """Scores the best checkpoint of ``workdir`` on the test users."""
-  policy = precision_lib.get_policy(cfg.precision)
-  target = train_lib.create_train_state(model, optimizer, jax.random.PRNGKey(cfg.seed),
-                                        loss_scaling=policy.loss_scaling,
-                                        weight_average=cfg.ema_decay > 0)
-  restored = ck.restore_best(target)
+  restored = ck.restore_best(fresh_state(cfg, model, optimizer))
   if restored is None:
     raise FileNotFoundError(
         f"{workdir}: no trained checkpoint to test; run with --train first")

@@ -7,10 +7,10 @@ Layout under a run's ``workdir``::
   workdir/checkpoints/best/<step>/{state,meta}     the K best by validation NDCG@100
 
 ``state`` is the :class:`jax_vaecf.train.TrainState` pytree (params, optimiser state,
-step, PRNG key, loss scale, and the weight average when the run keeps one), stored as a
+step, PRNG key, loss scale, and the weight average when the run keeps one), stored as the
 dict of its fields that are not ``None``, so a field added later as optional (``None``
-when unused) leaves earlier checkpoints readable; ``meta`` is JSON: the run's identity (model, shapes,
-dataset) checked before anything is restored, the data-order position, the raw-id
+when unused) leaves earlier checkpoints readable. ``meta`` is JSON: the run's identity
+(model, shapes, dataset) checked before anything is restored, the data-order position, the raw-id
 mapping and whatever else a caller puts there. Orbax writes each step to a temporary
 folder and renames it when complete, so an interrupted save never replaces a good
 checkpoint. Arrays are restored to the shardings of the ``target`` passed in, so a state
@@ -108,9 +108,9 @@ class RunCheckpoints:
             metrics: Mapping[str, float] | None = None) -> None:
     meta = dict(meta, identity=self.identity)
     mngr.save(int(step),
-              args=ocp.args.Composite(state=ocp.args.StandardSave(
-                  _plain(_stored_fields(state))),
-                                      meta=ocp.args.JsonSave(meta)),
+              args=ocp.args.Composite(
+                  state=ocp.args.StandardSave(_plain(_stored_fields(state))),
+                  meta=ocp.args.JsonSave(meta)),
               metrics=dict(metrics) if metrics else None, force=True)
     mngr.wait_until_finished()
 
