@@ -1,13 +1,17 @@
 """Cache reuse and invalidation, and downloads (no network: a fake opener)."""
 
+import errno
 import hashlib
 import io
 import os
+import stat
+import time
 import zipfile
 
 import numpy as np
 import pytest
 
+from jax_vaecf import files
 from jax_vaecf.data import download, load_split, readers
 
 _ROWS = "".join(f"{u}::{i}::{4 + (u + i) % 2}::0\n" for u in range(1, 41)
@@ -115,3 +119,69 @@ def test_missing_files_messages(tmp_path):
     load_split("ml-20m", str(tmp_path))
   with pytest.raises(FileNotFoundError, match="Netflix"):
     load_split("netflix", str(tmp_path))
+
+
+# Atomic writes (jax_vaecf.files), used for every file the project writes.
+
+
+def _plain_open_mode(folder):
+  p = os.path.join(folder, "plain")
+  with open(p, "w") as f:
+    f.write("x")
+  mode = stat.S_IMODE(os.stat(p).st_mode)
+  os.remove(p)
+  return mode
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_atomic_write_has_normal_permissions(tmp_path, mask):
+  old = os.umask(mask)
+  try:
+    expected = _plain_open_mode(tmp_path)
+    files.write_text_atomic(tmp_path / "a.txt", "héllo\n")
+    with files.atomic_write(tmp_path / "b.bin") as f:
+      f.write(b"\x00\x01")
+  finally:
+    os.umask(old)
+  assert expected == 0o666 & ~mask
+  for name in ("a.txt", "b.bin"):
+    assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == expected
+  assert (tmp_path / "a.txt").read_bytes() == "héllo\n".encode()
+  assert (tmp_path / "b.bin").read_bytes() == b"\x00\x01"
+  assert sorted(os.listdir(tmp_path)) == ["a.txt", "b.bin"]
+
+
+def test_atomic_write_failure_keeps_old_content(tmp_path, monkeypatch):
+  p = tmp_path / "f.txt"
+  p.write_text("old\n")
+  with pytest.raises(RuntimeError, match="boom"):
+    with files.atomic_write(p, "w") as f:
+      f.write("new, half written")
+      names = os.listdir(tmp_path)
+      assert len(names) == 2 and any(files.is_temp_name(n) for n in names)
+      raise RuntimeError("boom")
+  assert p.read_text() == "old\n" and os.listdir(tmp_path) == ["f.txt"]
+  # A failure at the end (a full disk found by fsync) is cleaned up the same way.
+  def no_space(fd):
+    raise OSError(errno.ENOSPC, "No space left on device")
+  monkeypatch.setattr(files.os, "fsync", no_space)
+  with pytest.raises(OSError, match="No space left"):
+    files.write_text_atomic(p, "new\n")
+  assert p.read_text() == "old\n" and os.listdir(tmp_path) == ["f.txt"]
+  with pytest.raises(ValueError, match="mode must be"):
+    with files.atomic_write(p, "a"):
+      pass
+
+
+def test_remove_stale_temps(tmp_path):
+  now = time.time()
+  stale = tmp_path / ".x.npz.123.0123abcd.tmp"
+  fresh = tmp_path / ".x.npz.456.89abcdef.tmp"
+  other = tmp_path / "notes.tmp"  # not ours: never touched
+  for p in (stale, fresh, other):
+    p.write_bytes(b"partial")
+  os.utime(stale, (now - 2 * 3600, now - 2 * 3600))
+  os.utime(other, (now - 2 * 3600, now - 2 * 3600))
+  assert files.remove_stale_temps(tmp_path) == [str(stale)]
+  assert sorted(os.listdir(tmp_path)) == sorted([fresh.name, other.name])
+  assert files.remove_stale_temps(tmp_path / "missing") == []
