@@ -4,7 +4,9 @@
   python -m experiments.recommend --workdir runs/demo --benchmark
 
 Prints raw item ids, scores and, for MovieLens data, titles (found next to the run's
-data, or given with ``--titles``). Unknown item ids are reported and skipped.
+data, or given with ``--titles``). Unknown item ids are reported and skipped. Items of
+the history are never recommended: a user with fewer than ``--k`` other items gets
+those only, with a line saying so.
 ``--benchmark`` reports latency at batch 1 and throughput at batch 10,000.
 """
 
@@ -123,6 +125,9 @@ def main(argv):
   known = [i for i in FLAGS.items if i not in set(map(str, out.unknown[0]))]
   if known:
     print("history: " + "; ".join(f"{i} {titles.get(str(i), '')}".strip() for i in known))
+  if len(out.items[0]) < FLAGS.k:
+    print(f"only {len(out.items[0])} of the {rec.model.n_items} items are not in the "
+          "history")
   for rank, (item, score) in enumerate(zip(out.items[0], out.scores[0]), 1):
     title = titles.get(str(item), "")
     print(f"{rank:3d}. {item}  {score:8.3f}  {title}".rstrip())

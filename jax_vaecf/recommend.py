@@ -40,7 +40,9 @@ def make_topk_fn(model, k: int):
   """``topk(params, batch) -> (scores float32 (B, k), items int32 (B, k))``, jitted.
 
   ``batch`` is a :class:`SparseBatch` of the users' known items; those items are never
-  returned.
+  returned. A user with fewer than ``k`` unseen items gets them first, and the remaining
+  entries of the row are fillers: score ``-inf`` and item ``-1`` (the shapes stay fixed,
+  so one program serves every request; :meth:`Recommender.recommend` drops them).
   """
   if not 1 <= k <= model.n_items:
     raise ValueError(f"k must be in [1, {model.n_items}], got {k}")
@@ -49,14 +51,23 @@ def make_topk_fn(model, k: int):
   def topk(params, batch: sparse_lib.SparseBatch):
     logits = model.apply({"params": params}, batch, train=False).logits
     seen = sparse_lib.densify(batch, model.n_items) > 0
-    return jax.lax.top_k(jnp.where(seen, -jnp.inf, logits), k)
+    scores, items = jax.lax.top_k(jnp.where(seen, -jnp.inf, logits), k)
+    # Past a user's unseen items top_k returns seen ones (at -inf); mark them as fillers.
+    filler = jnp.take_along_axis(seen, items, axis=1)
+    return scores, jnp.where(filler, -1, items)
 
   return topk
 
 
 @dataclasses.dataclass
 class Recommendations:
-  """Per user: raw ids and scores of the top items, and raw ids that were not known."""
+  """Per user: raw ids and scores of the top items, and raw ids that were not known.
+
+  ``items[u]`` and ``scores[u]`` are ``(n_u,)`` arrays, best first, with ``n_u = k``
+  unless the user has fewer than ``k`` items they have not interacted with; then
+  ``n_u`` is that number (``0`` for a user who has every item). A known item is never
+  returned.
+  """
 
   items: list[np.ndarray]
   scores: list[np.ndarray]
@@ -125,7 +136,8 @@ class Recommender:
     """Top-``k`` raw item ids (best first) for each user's list of raw item ids.
 
     Unknown ids are skipped and reported; a user with no known item gets the items the
-    model scores highest for an empty history.
+    model scores highest for an empty history. A user with fewer than ``k`` unseen items
+    gets only those (see :class:`Recommendations`), never an item of their history.
     """
     if not 1 <= k <= self.model.n_items:
       raise ValueError(f"k must be in [1, {self.model.n_items}], got {k}")
@@ -146,6 +158,7 @@ class Recommender:
     mask = (np.arange(b) < n).astype(np.float32)
     batch = sparse_lib.SparseBatch(rows, col_arr, vals, mask)
     scores, top = jax.device_get(self._fn(k)(self.params, batch))
-    return Recommendations(items=[self.item_ids[top[i]] for i in range(n)],
-                           scores=[scores[i] for i in range(n)],
+    keep = [top[i] >= 0 for i in range(n)]  # -1: filler past the user's unseen items
+    return Recommendations(items=[self.item_ids[top[i][keep[i]]] for i in range(n)],
+                           scores=[scores[i][keep[i]] for i in range(n)],
                            unknown=[list(u) for u in unknown])

@@ -1,6 +1,7 @@
 """Recommendations for new users: exclusion of seen items, exactness, unknown ids, CLI."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from experiments import configs
 from experiments import loop
 from jax_vaecf import model as model_lib
 from jax_vaecf import recommend
+from jax_vaecf import sparse as sparse_lib
 from jax_vaecf import train as train_lib
 
 import _synthetic
@@ -61,6 +63,25 @@ def test_unknown_ids_are_reported_and_skipped():
     rec.recommend([[5]], k=41)
 
 
+def test_user_with_fewer_unseen_items_than_k_gets_only_those():
+  rec, m, params, ids = _recommender()
+  unseen = [7, 31]
+  history = [i for j, i in enumerate(ids) if j not in unseen]
+  out = rec.recommend([history, list(ids), [5]], k=10)
+  assert sorted(out.items[0].tolist()) == sorted(ids[unseen].tolist())
+  assert np.all(np.isfinite(out.scores[0])) and len(out.scores[0]) == 2
+  assert list(out.scores[0]) == sorted(out.scores[0], reverse=True)
+  assert out.items[1].shape == (0,) and out.scores[1].shape == (0,)  # has every item
+  assert len(out.items[2]) == 10
+  # The jitted function keeps its fixed k: the entries past the unseen items are fillers.
+  x = np.zeros((1, 40), np.float32)
+  x[0, [j for j in range(40) if j not in unseen]] = 1
+  scores, items = recommend.make_topk_fn(m, 10)(params, sparse_lib.from_dense(x))
+  assert sorted(np.asarray(items[0, :2]).tolist()) == unseen
+  assert np.all(np.asarray(items[0, 2:]) == -1)
+  assert np.all(np.asarray(scores[0, 2:]) == -np.inf)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   d = tmp_path_factory.mktemp("rec")
@@ -91,6 +112,19 @@ def test_cli_prints_titles_and_unknown_ids(trained):
   assert "unknown item ids, skipped: nope" in r.stdout
   ranked = [l for l in r.stdout.splitlines() if l.strip()[:2] in ("1.", "2.", "3.")]
   assert len(ranked) == 3 and all("Movie " in l for l in ranked)
+
+
+def test_cli_never_recommends_the_history(trained):
+  ids = np.load(os.path.join(trained, "item_ids.npy")).tolist()
+  unseen = [str(ids[3]), str(ids[77])]
+  history = [str(i) for i in ids if str(i) not in unseen]
+  r = subprocess.run([sys.executable, "-m", "experiments.recommend", "--workdir", trained,
+                      "--items", ",".join(history), "--k", "10"], cwd=REPO,
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr[-2000:]
+  ranked = [l.split()[1] for l in r.stdout.splitlines() if re.match(r"\s*\d+\. ", l)]
+  assert sorted(ranked) == sorted(unseen)
+  assert "only 2 of the 150 items are not in the history" in r.stdout
 
 
 def test_cli_without_a_run_fails_clearly(tmp_path):
