@@ -1,12 +1,16 @@
 """Cache reuse and invalidation, and downloads (no network: a fake opener)."""
 
+import dataclasses
 import errno
 import hashlib
 import io
 import os
+import re
 import stat
+import struct
 import time
 import zipfile
+import zlib
 
 import numpy as np
 import pytest
@@ -185,3 +189,152 @@ def test_remove_stale_temps(tmp_path):
   assert files.remove_stale_temps(tmp_path) == [str(stale)]
   assert sorted(os.listdir(tmp_path)) == sorted([fresh.name, other.name])
   assert files.remove_stale_temps(tmp_path / "missing") == []
+
+
+
+# Cache robustness: corrupt files, killed writers, unwritable folders.
+
+
+def _counting_reader(monkeypatch):
+  calls = []
+  real = readers.read_ml1m
+  monkeypatch.setattr(readers, "read_ml1m", lambda p: calls.append(p) or real(p))
+  return calls
+
+
+def _deflate_start(path, member):
+  """Offset of the first byte of ``member``'s compressed data in a zip file."""
+  with zipfile.ZipFile(path) as z:
+    info = z.getinfo(member)
+  with open(path, "rb") as f:
+    f.seek(info.header_offset)
+    header = f.read(30)
+  name_len, extra_len = struct.unpack("<HH", header[26:30])
+  return info.header_offset + 30 + name_len + extra_len
+
+
+def test_cache_with_corrupt_deflate_stream_is_rebuilt(tmp_path, ml1m, monkeypatch):
+  cache = str(tmp_path / "cache")
+  a = load_split("ml-1m", ml1m, cache)
+  (path,) = [os.path.join(cache, f) for f in os.listdir(cache)]
+  data = bytearray(open(path, "rb").read())
+  # 0xFF opens a final deflate block of the reserved type 3: "invalid block type".
+  data[_deflate_start(path, "train.indices.npy")] = 0xFF
+  with open(path, "wb") as f:
+    f.write(bytes(data))
+  with pytest.raises(zlib.error):  # what numpy lets through: not an OSError
+    np.load(path)["train.indices"]
+  calls = _counting_reader(monkeypatch)
+  with pytest.warns(RuntimeWarning, match=f"{re.escape(path)}: unusable cache file "
+                    r"\(error: .*invalid block type"):
+    b = load_split("ml-1m", ml1m, cache)
+  assert len(calls) == 1 and (a.train != b.train).nnz == 0
+  assert os.listdir(cache) == [os.path.basename(path)]
+  np.testing.assert_array_equal(np.load(path)["train.indices"], a.train.indices)
+  load_split("ml-1m", ml1m, cache)
+  assert len(calls) == 1  # the replaced file is served
+
+
+def test_stale_temp_files_removed_on_next_use(tmp_path, ml1m):
+  cache = tmp_path / "cache"
+  cache.mkdir()
+  old = time.time() - 2 * 3600
+  stale = cache / ".ml-1m-0123456789abcdef0123.npz.4242.0123abcd.tmp"
+  legacy = cache / "tmpk3j_x9a1.npz.tmp"  # named by the mkstemp of earlier versions
+  busy = cache / ".ml-1m-0123456789abcdef0123.npz.4243.89abcdef.tmp"  # being written
+  for p in (stale, legacy, busy):
+    p.write_bytes(b"PK partial")
+  os.utime(stale, (old, old))
+  os.utime(legacy, (old, old))
+  load_split("ml-1m", ml1m, str(cache))
+  names = os.listdir(cache)
+  assert busy.name in names and stale.name not in names and legacy.name not in names
+  assert len([n for n in names if n.endswith(".npz")]) == 1
+
+
+def test_cache_file_has_normal_permissions(tmp_path, ml1m):
+  old = os.umask(0o022)
+  try:
+    load_split("ml-1m", ml1m, str(tmp_path / "cache"))
+  finally:
+    os.umask(old)
+  (name,) = os.listdir(tmp_path / "cache")
+  assert stat.S_IMODE(os.stat(tmp_path / "cache" / name).st_mode) == 0o644
+
+
+def test_full_disk_carries_on_uncached(tmp_path, ml1m, monkeypatch):
+  cache = tmp_path / "cache"
+  expected = load_split("ml-1m", ml1m)
+  real = np.savez_compressed
+
+  def full_disk(f, **arrays):
+    f.write(b"PK\x03\x04 a few bytes before the disk fills")
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(np, "savez_compressed", full_disk)
+  with pytest.warns(RuntimeWarning) as record:
+    s = load_split("ml-1m", ml1m, str(cache))
+  assert len(record) == 1
+  msg = str(record[0].message)
+  assert str(cache) in msg and ".npz" in msg and "No space left on device" in msg
+  assert (s.train != expected.train).nnz == 0
+  assert os.listdir(cache) == []  # no partial file, no temporary file
+  monkeypatch.setattr(np, "savez_compressed", real)
+  load_split("ml-1m", ml1m, str(cache))
+  assert len(os.listdir(cache)) == 1  # space again: cached as usual
+
+
+def test_cache_dir_that_is_a_file(tmp_path, ml1m):
+  not_a_dir = tmp_path / "cache"
+  not_a_dir.write_text("precious\n")
+  with pytest.warns(RuntimeWarning, match=f"{re.escape(str(not_a_dir))} is not a folder"):
+    s = load_split("ml-1m", ml1m, str(not_a_dir))
+  assert (s.train != load_split("ml-1m", ml1m).train).nnz == 0
+  assert not_a_dir.read_text() == "precious\n"
+  assert sorted(os.listdir(tmp_path)) == ["cache", "ml-1m"]
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
+                    reason="root ignores folder permissions")
+def test_read_only_cache_dir(tmp_path, ml1m):
+  cache = tmp_path / "cache"
+  cache.mkdir()
+  cache.chmod(0o500)
+  try:
+    with pytest.warns(RuntimeWarning, match="Permission denied"):
+      s = load_split("ml-1m", ml1m, str(cache))
+    assert s.train.nnz and os.listdir(cache) == []
+  finally:
+    cache.chmod(0o700)
+
+
+def test_cache_stores_extra_scalar_fields(tmp_path, monkeypatch):
+  """A field added to Split (e.g. a count kept by preprocessing) is stored; a cache
+  file written before the field existed is rebuilt, not served without it."""
+  from jax_vaecf.data import cache as cache_lib
+  from jax_vaecf.data.split import EvalSplit, Split, binary_csr
+
+  @dataclasses.dataclass(frozen=True)
+  class NewerSplit(Split):  # names no real Split field will take
+    later_count: int = 0
+    later_note: str | None = None
+
+  m = binary_csr(np.array([0, 1, 1]), np.array([0, 1, 2]), (2, 3))
+  ev = EvalSplit(fold_in=m, heldout=m, user_ids=np.array([5, 6]))
+  plain = Split(train=m, validation=None, test=ev, item_ids=np.array([7, 8, 9]),
+                train_user_ids=np.array([1, 2]))
+  src = tmp_path / "in.txt"
+  src.write_text("x")
+  args = (str(tmp_path / "cache"), "toy", {"a": 1}, [str(src)])
+  cache_lib.cached(lambda: plain, *args)  # the older layout: no such field
+  newer = NewerSplit(**{f.name: getattr(plain, f.name)
+                        for f in dataclasses.fields(Split)}, later_count=3)
+  monkeypatch.setattr(cache_lib, "Split", NewerSplit)
+  calls = []
+  with pytest.warns(RuntimeWarning, match="no stored split field later_count, later_note"):
+    cache_lib.cached(lambda: calls.append(1) or newer, *args)
+  back = cache_lib.cached(lambda: calls.append(1) or newer, *args)
+  assert len(calls) == 1
+  assert isinstance(back, NewerSplit)
+  assert back.later_count == 3 and back.later_note is None
+  assert (back.test.heldout != m).nnz == 0
