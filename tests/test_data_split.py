@@ -33,11 +33,14 @@ def _write_csv(path, x):
   return str(path)
 
 
-def _paper_notebook(path, n_heldout, min_uc=5, min_sc=0):
-  """A transcription of dawenl/vae_cf's notebook preprocessing (pandas)."""
+def _paper_notebook(path, n_heldout, min_uc=5, min_sc=0, drop_duplicates=False):
+  """A transcription of dawenl/vae_cf's notebook preprocessing (pandas); optionally
+  with repeated (user, item) positives dropped (first kept) after the rating filter."""
   pd = pytest.importorskip("pandas")
   raw_data = pd.read_csv(path, header=0)
   raw_data = raw_data[raw_data["rating"] > 3.5]
+  if drop_duplicates:
+    raw_data = raw_data.drop_duplicates(["userId", "movieId"], keep="first")
 
   def get_count(tp, id):
     return tp[[id]].groupby(id, as_index=False).size()
@@ -116,6 +119,33 @@ def test_bit_exact_against_paper_notebook(tmp_path):
   assert _pairs(s.test.fold_in, n_tr + h) == set(zip(*map(np.ndarray.tolist, ttr)))
   assert _pairs(s.test.heldout, n_tr + h) == set(zip(*map(np.ndarray.tolist, tte)))
   assert s.train.nnz == tr[0].size and s.test.heldout.nnz == tte[0].size
+
+
+def test_bit_exact_with_duplicates_against_notebook_plus_drop_duplicates(tmp_path):
+  x = _random_ratings(seed=7)
+  rng = np.random.default_rng(7)
+  # Repeat 3,000 rows with fresh ratings, each somewhere after (or before) the original.
+  rep = rng.choice(len(x), 3_000)
+  both = readers.Interactions(
+      users=np.concatenate([x.users, x.users[rep]]),
+      items=np.concatenate([x.items, x.items[rep]]),
+      ratings=np.concatenate([x.ratings, (rng.integers(1, 11, rep.size) / 2).astype(
+          np.float32)]),
+      timestamps=np.concatenate([x.timestamps, x.timestamps[rep]]), source="fx")
+  path = _write_csv(tmp_path / "ratings.csv", both.select(rng.permutation(len(both))))
+  h = 25
+  sid, uid, tr, vtr, vte, ttr, tte = _paper_notebook(path, h, drop_duplicates=True)
+  s = load_split("ml-20m", path, n_heldout_users=h)
+  assert s.collapsed_duplicates > 0
+  np.testing.assert_array_equal(s.item_ids, sid)
+  np.testing.assert_array_equal(
+      np.concatenate([s.train_user_ids, s.validation.user_ids, s.test.user_ids]), uid)
+  n_tr = s.train.shape[0]
+  for m, offset, ref in ((s.train, 0, tr), (s.validation.fold_in, n_tr, vtr),
+                         (s.validation.heldout, n_tr, vte), (s.test.fold_in, n_tr + h, ttr),
+                         (s.test.heldout, n_tr + h, tte)):
+    assert m.nnz == ref[0].size
+    assert _pairs(m, offset) == set(zip(*map(np.ndarray.tolist, ref)))
 
 
 def test_bit_exact_with_min_sc(tmp_path):

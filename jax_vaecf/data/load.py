@@ -108,6 +108,13 @@ def _read(dataset: str, path: str, reader_options: dict) -> readers.Interactions
   raise AssertionError(dataset)
 
 
+def _reported(split: Split, report: Callable[[str], None]) -> Split:
+  if split.collapsed_duplicates:
+    report(f"collapsed {split.collapsed_duplicates:,} duplicate (user, item) rows into "
+           "their first occurrence")
+  return split
+
+
 def load_split(dataset: str, data_dir: str | os.PathLike,
                cache_dir: str | os.PathLike | None = None, *, download: bool = False,
                protocol: str = "heldout_users", fold: str | None = None,
@@ -123,7 +130,8 @@ def load_split(dataset: str, data_dir: str | os.PathLike,
     fold: ml-100k only: ``"u1"``..``"u5"``, ``"ua"``, ``"ub"`` uses the official
       ``.base``/``.test`` pair (per-user protocol).
     progress: called with a short message as each stage of a rebuild starts (reading
-      a file, splitting); not called when the split comes from the cache.
+      a file, splitting) and with the number of duplicate (user, item) rows collapsed
+      when there were any; not called when the split comes from the cache.
     **options: reader options for ``csv`` (``delimiter``, ``columns``, ``header``,
       ``string_ids``) and the options of the split function used.
 
@@ -151,7 +159,7 @@ def load_split(dataset: str, data_dir: str | os.PathLike,
       report(f"reading {pair[0]} and {pair[1]}")
       tr, te = read(pair[0]), read(pair[1])
       report("splitting")
-      return preprocess.split_from_files(tr, te, **options)
+      return _reported(preprocess.split_from_files(tr, te, **options), report)
     return cache_lib.cached(build, cache_dir, dataset,
                             {"dataset": dataset, "fold": fold, **options}, pair)
   if dataset == "netflix":
@@ -184,7 +192,7 @@ def load_split(dataset: str, data_dir: str | os.PathLike,
     report(f"reading {path}")
     inter = _read(dataset, path, reader_options)
     report(f"splitting {len(inter):,} interactions ({split_fn.__name__})")
-    return split_fn(inter, **kwargs)
+    return _reported(split_fn(inter, **kwargs), report)
   key_options = {"dataset": dataset, "protocol": protocol, "split": split_fn.__name__,
                  "reader": reader_options, **kwargs}
   return cache_lib.cached(build, cache_dir, dataset, key_options, [path])

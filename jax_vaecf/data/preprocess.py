@@ -3,8 +3,10 @@
 :func:`split_heldout_users` reproduces the Mult-VAE paper's notebook (dawenl/vae_cf,
 ``VAE_ML20M_WWW2018.ipynb``) bit for bit, without pandas:
 
-* keep ratings ``> threshold`` (3.5); ``filter_triplets``: items with ``>= min_sc``
-  users when ``min_sc > 0``, then users with ``>= min_uc`` rows;
+* keep ratings ``> threshold`` (3.5); collapse repeated (user, item) rows into the
+  first one (:func:`collapse_duplicates`; the paper's files had none, so this changes
+  nothing there); ``filter_triplets``: items with ``>= min_sc`` users when
+  ``min_sc > 0``, then users with ``>= min_uc`` rows;
 * users sorted by id, permuted by ``RandomState(seed).permutation`` (seed 98765), the
   last ``2 H`` become validation then test users;
 * columns: items of the training users in order of first appearance (``pd.unique``);
@@ -22,6 +24,8 @@ NVIDIA's alternative ML-20M processing.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
@@ -46,6 +50,61 @@ def binarize(inter: Interactions, threshold: float | None,
   return inter.select(keep)
 
 
+def _pair_keys(users: np.ndarray, items: np.ndarray) -> np.ndarray:
+  """An int64 (n,) key per row, equal exactly when the (user, item) pairs are equal."""
+  if users.size == 0:
+    return np.zeros(0, np.int64)
+  u_lo, i_lo = int(users.min()), int(items.min())
+  u_span, i_span = int(users.max()) - u_lo + 1, int(items.max()) - i_lo + 1
+  if u_span * i_span <= 2**63:
+    # The usual case (codes and raw ids of moderate size): one multiply-add, computed
+    # in uint64 so that ids near the int64 limits cannot overflow.
+    u = users.astype(np.uint64) - np.uint64(u_lo % 2**64)
+    i = items.astype(np.uint64) - np.uint64(i_lo % 2**64)
+    return (u * np.uint64(i_span) + i).view(np.int64)
+  order = np.lexsort((items, users))
+  new = np.ones(users.size, bool)
+  new[1:] = (users[order][1:] != users[order][:-1]) | (items[order][1:] != items[order][:-1])
+  keys = np.empty(users.size, np.int64)
+  keys[order] = np.cumsum(new) - 1
+  return keys
+
+
+def collapse_duplicates(inter: Interactions, sum_ratings: bool = False
+                        ) -> tuple[Interactions, int]:
+  """Keeps the first row (in file order) of every repeated (user, item) pair.
+
+  Row order is otherwise unchanged, so first-appearance column order and the per-user
+  file order of the paper's draw are those of the first rows; files without repeats
+  come back as they are. Binarise explicit ratings first (a user who rated an item 2
+  then 5 has a positive row to keep); for count data (every row positive) pass
+  ``sum_ratings=True``: the kept row's rating becomes the pair's total (float32).
+
+  Returns:
+    ``(interactions, n_dropped)``: n_dropped is how many rows were removed.
+  """
+  n = len(inter)
+  keys = _pair_keys(inter.users, inter.items)
+  ordered = np.sort(keys)
+  if n < 2 or not (ordered[1:] == ordered[:-1]).any():
+    return inter, 0
+  # Stable, so within a pair the first row in the file comes first.
+  order = np.argsort(keys, kind="stable")
+  new = np.ones(n, bool)
+  new[1:] = keys[order][1:] != keys[order][:-1]
+  first_rows = order[new]  # file row of each pair's first occurrence, in key order
+  keep = np.zeros(n, bool)
+  keep[first_rows] = True
+  out = inter.select(keep)
+  if sum_ratings and inter.ratings is not None:
+    totals = np.bincount(np.cumsum(new) - 1,
+                         weights=inter.ratings[order].astype(np.float64))
+    # ``out`` lists the pairs by first row; ``totals`` by key.
+    out = dataclasses.replace(
+        out, ratings=totals[np.argsort(first_rows)].astype(np.float32))
+  return out, n - int(first_rows.size)
+
+
 def _counts_per_row(keys: np.ndarray) -> np.ndarray:
   _, inv, counts = np.unique(keys, return_inverse=True, return_counts=True)
   return counts[inv.reshape(-1)]
@@ -54,7 +113,9 @@ def _counts_per_row(keys: np.ndarray) -> np.ndarray:
 def filter_triplets(inter: Interactions, min_uc: int = 5, min_sc: int = 0) -> Interactions:
   """The paper's ``filter_triplets``: items first (only if ``min_sc > 0``), then users.
 
-  Items that drop below ``min_sc`` after the user filter are kept, as in the paper.
+  Counts rows, so pass distinct (user, item) pairs (:func:`collapse_duplicates`) to
+  count distinct items and users. Items that drop below ``min_sc`` after the user
+  filter are kept, as in the paper.
   """
   if min_sc > 0 and len(inter):
     inter = inter.select(_counts_per_row(inter.items) >= min_sc)
@@ -139,7 +200,9 @@ def split_heldout_users(inter: Interactions, n_heldout_users: int | None = None,
     A :class:`Split` with rows in the paper's ``profile2id`` order and columns in its
     ``show2id`` order.
   """
-  kept = filter_triplets(binarize(inter, threshold), min_uc=min_uc, min_sc=min_sc)
+  positive, n_dup = collapse_duplicates(binarize(inter, threshold),
+                                       sum_ratings=threshold is None)
+  kept = filter_triplets(positive, min_uc=min_uc, min_sc=min_sc)
   unique_uid = np.unique(kept.users)
   n = unique_uid.size
   if n == 0:
@@ -179,7 +242,7 @@ def split_heldout_users(inter: Interactions, n_heldout_users: int | None = None,
                test=heldout_block(n_train + h),
                item_ids=inter.raw_item_ids(uniq_sid[sid_order]),
                train_user_ids=inter.raw_user_ids(unique_uid[perm[:n_train]]),
-               protocol="heldout_users")
+               protocol="heldout_users", collapsed_duplicates=n_dup)
 
 
 def split_per_user(inter: Interactions, test_prop: float = 0.2, *, by_time: bool = False,
@@ -194,7 +257,9 @@ def split_per_user(inter: Interactions, test_prop: float = 0.2, *, by_time: bool
   first-appearance order; test rows of other items are dropped. Rows: every user, in
   sorted id order; ``test.fold_in`` is the training matrix itself. No validation set.
   """
-  kept = filter_triplets(binarize(inter, threshold), min_uc=min_uc)
+  positive, n_dup = collapse_duplicates(binarize(inter, threshold),
+                                       sum_ratings=threshold is None)
+  kept = filter_triplets(positive, min_uc=min_uc)
   if len(kept) == 0:
     raise ValueError(f"{inter.source}: no interaction left after filtering "
                      f"(threshold={threshold}, min_uc={min_uc})")
@@ -205,22 +270,34 @@ def split_per_user(inter: Interactions, test_prop: float = 0.2, *, by_time: bool
   else:
     te = _split_proportion(kept.users, np.random.RandomState(seed), test_prop,
                            min_items_to_split)
-  return _per_user_split(inter, kept.select(~te), kept.select(te), kept.users)
+  return _per_user_split(inter, kept.select(~te), kept.select(te), kept.users, n_dup)
 
 
 def split_from_files(train: Interactions, test: Interactions, *,
                      threshold: float | None = None) -> Split:
   """Weak generalisation from a given train/test pair (ml-100k ``u1.base``/``u1.test``,
-  NGCF/LightGCN ``train.txt``/``test.txt``). Rows: users of either file, sorted."""
+  NGCF/LightGCN ``train.txt``/``test.txt``). Rows: users of either file, sorted.
+
+  Repeated (user, item) rows within a file keep their first occurrence, and a test row
+  whose pair is also in the training file is dropped (it cannot be predicted without
+  being seen); both count in ``collapsed_duplicates``.
+  """
   train, test = binarize(train, threshold), binarize(test, threshold)
   if len(train) == 0:
     raise ValueError(f"{train.source}: no training interaction (threshold={threshold})")
   if (train.user_vocab is not None) or (test.user_vocab is not None):
     raise ValueError("split_from_files: string ids must be coded with one vocabulary")
-  return _per_user_split(train, train, test, np.concatenate([train.users, test.users]))
+  train, n_train_dup = collapse_duplicates(train, sum_ratings=threshold is None)
+  test, n_test_dup = collapse_duplicates(test, sum_ratings=threshold is None)
+  keys = _pair_keys(np.concatenate([train.users, test.users]),
+                    np.concatenate([train.items, test.items]))
+  seen = np.isin(keys[len(train):], keys[:len(train)])
+  test = test.select(~seen)
+  return _per_user_split(train, train, test, np.concatenate([train.users, test.users]),
+                         n_train_dup + n_test_dup + int(seen.sum()))
 
 
-def _per_user_split(inter, tr, te, all_users):
+def _per_user_split(inter, tr, te, all_users, n_dup):
   users = np.unique(all_users)
   uniq_sid, column = _first_appearance(tr.items)
   sid_order = np.empty(uniq_sid.size, np.int64)
@@ -236,7 +313,7 @@ def _per_user_split(inter, tr, te, all_users):
   return Split(train=train, validation=None,
                test=EvalSplit(fold_in=train, heldout=heldout, user_ids=user_ids),
                item_ids=inter.raw_item_ids(uniq_sid[sid_order]), train_user_ids=user_ids,
-               protocol="per_user")
+               protocol="per_user", collapsed_duplicates=n_dup)
 
 
 def split_nvidia_alt(inter: Interactions, validation_fraction: float = 0.1,
@@ -268,7 +345,7 @@ def split_nvidia_alt(inter: Interactions, validation_fraction: float = 0.1,
   Columns: items of the training users in first-appearance order (NVIDIA kept the
   order of the original column numbering; the set is the same).
   """
-  pos = binarize(inter, threshold, inclusive=True)
+  pos, n_dup = collapse_duplicates(binarize(inter, threshold, inclusive=True))
   pos = filter_triplets(pos, min_uc=min_items)
   if len(pos) == 0:
     raise ValueError(f"{inter.source}: no user left after filtering (threshold>="
@@ -326,4 +403,4 @@ def split_nvidia_alt(inter: Interactions, validation_fraction: float = 0.1,
   return Split(train=train, validation=heldout(1, groups[1]), test=heldout(2, groups[2]),
                item_ids=inter.raw_item_ids(uniq_sid[sid_order]),
                train_user_ids=inter.raw_user_ids(users_in_order[groups[0]]),
-               protocol="heldout_users")
+               protocol="heldout_users", collapsed_duplicates=n_dup)

@@ -45,6 +45,9 @@ class Split:
     protocol: ``"heldout_users"`` (the paper's strong generalisation: evaluation users
       never appear in training) or ``"per_user"`` (weak generalisation: every user's
       own items are split; ``test.fold_in`` is then the user's training row).
+    collapsed_duplicates: input rows dropped because their (user, item) pair had
+      already been seen (earlier in the file after binarising, or, for a given
+      train/test pair, in the training file); each pair counts once.
   """
 
   train: sp.csr_matrix
@@ -53,6 +56,7 @@ class Split:
   item_ids: np.ndarray
   train_user_ids: np.ndarray
   protocol: str = "heldout_users"
+  collapsed_duplicates: int = 0
 
   @property
   def n_items(self) -> int:
@@ -84,6 +88,7 @@ class Split:
         total += self.validation.heldout.nnz
     out["interactions"] = int(total)
     out["density"] = total / max(out["users"] * self.n_items, 1)
+    out["collapsed_duplicates"] = int(self.collapsed_duplicates)
     return out
 
 
@@ -100,6 +105,9 @@ def format_stats(stats: dict) -> str:
   for name, p in rows:
     lines.append(f"  {name:<20} {p['users']:>9,} users {p['interactions']:>12,} "
                  f"interactions  density {p['density']:.4%}")
+  if stats.get("collapsed_duplicates"):
+    lines.append(f"  {stats['collapsed_duplicates']:,} duplicate (user, item) rows "
+                 "collapsed into their first occurrence")
   return "\n".join(lines)
 
 
