@@ -338,3 +338,21 @@ def test_cache_stores_extra_scalar_fields(tmp_path, monkeypatch):
   assert isinstance(back, NewerSplit)
   assert back.later_count == 3 and back.later_note is None
   assert (back.test.heldout != m).nnz == 0
+
+
+def test_cache_keeps_every_scalar_field_of_split(tmp_path, monkeypatch):
+  """Today's Split fields (e.g. collapsed_duplicates) come back from the cache as built."""
+  from jax_vaecf.data import cache as cache_lib
+  from jax_vaecf.data.split import Split
+  d = tmp_path / "ml-1m"
+  d.mkdir()
+  (d / "ratings.dat").write_text(_ROWS + "1::1::5::0\n2::3::4::0\n")  # two repeats
+  built = load_split("ml-1m", str(d), str(tmp_path / "cache"))
+  calls = _counting_reader(monkeypatch)
+  back = load_split("ml-1m", str(d), str(tmp_path / "cache"))
+  assert calls == []
+  extras = cache_lib._extra_fields(Split, cache_lib._SPLIT_ARRAYS)
+  for name in extras:
+    assert getattr(back, name) == getattr(built, name), name
+  if "collapsed_duplicates" in extras:
+    assert back.collapsed_duplicates == 2
