@@ -179,3 +179,116 @@ def test_load_split_reports_collapsed_rows(tmp_path):
   s = load_split("ml-1m", path, progress=reports.append)
   assert s.collapsed_duplicates == 2
   assert any("collapsed 2 duplicate" in r for r in reports)
+
+
+# ---- ids survive exactly ----
+
+_SHA1 = "3bd73256-3905-4f3a-97e2-8b341527f805"  # an MBID
+_HASH = "00000c289a1829a808ac09c00daf10bc3c4e223b"  # a Last.fm user sha1
+
+
+def _ratings_csv(tmp_path, rows, name="ratings.csv"):
+  text = "userId,movieId,rating,timestamp\n" + "".join(
+      f"{u},{i},{r},{t}\n" for u, i, r, t in rows)
+  return _write(tmp_path / name, text)
+
+
+def test_ids_beyond_float64_stay_distinct(tmp_path):
+  big = 2**53
+  p = _ratings_csv(tmp_path, [(1, big, 5, 0), (1, big + 1, 5, 1), (2, big, 4, 2),
+                              (-(2**63), 2**63 - 1, 4, 3)])
+  x = readers.read_movielens_csv(p)
+  assert x.item_vocab is None and x.items.dtype == np.int64
+  assert x.items.tolist() == [big, big + 1, big, 2**63 - 1]
+  assert x.users.tolist() == [1, 1, 2, -(2**63)]
+  s = preprocess.split_per_user(x, threshold=3.5)
+  assert sorted(s.item_ids.tolist()) == [big, big + 1, 2**63 - 1]
+  assert s.item_ids.dtype == np.int64
+
+
+def _every_row(s):
+  return sorted(np.concatenate(
+      [s.train_user_ids] + [e.user_ids for e in (s.validation, s.test)
+                            if e is not None and s.protocol == "heldout_users"]).tolist())
+
+
+def test_text_ids_survive_into_the_split(tmp_path):
+  items = [str(2**63), _SHA1, "SKU-00012", "007", "7", "1.0"]
+  users = [_HASH, "u-2", str(2**64 + 5)]
+  rows = [(u, i, 5, k) for k, (u, i) in enumerate(
+      (u, i) for u in users for i in items)]
+  p = _ratings_csv(tmp_path, rows)
+  x = readers.read_movielens_csv(p)
+  assert x.item_vocab is not None and x.user_vocab is not None
+  s = preprocess.split_per_user(x, threshold=3.5, min_items_to_split=100)
+  assert s.item_ids.dtype.kind == "U" and s.item_ids.tolist() == items
+  assert s.train_user_ids.tolist() == sorted(users)
+  assert s.train.nnz == len(rows)
+  # Six distinct items ('007' and '7' are two), as written.
+  t = load_split("ml-latest-small", p, min_uc=1, n_heldout_users=1)
+  assert sorted(t.item_ids.tolist()) == sorted(items)
+  assert _every_row(t) == sorted(users)
+  # And through the cache.
+  for _ in range(2):
+    c = load_split("ml-latest-small", p, str(tmp_path / "cache"), min_uc=1,
+                   n_heldout_users=1)
+    assert c.item_ids.tolist() == t.item_ids.tolist() and _every_row(c) == sorted(users)
+
+
+def test_one_text_token_makes_the_column_text(tmp_path):
+  p = _write(tmp_path / "u.data", "1\t10\t5\t0\n2\t010\t5\t0\n1\t+10\t5\t0\n3\t-0\t5\t0\n")
+  x = readers.read_ml100k(p)
+  assert x.user_vocab is None and x.users.tolist() == [1, 2, 1, 3]
+  assert x.raw_item_ids(x.items).tolist() == ["10", "010", "+10", "-0"]
+
+
+@pytest.mark.parametrize("fmt", ["ml1m", "ml100k", "netflix", "delimited", "user_lines",
+                                 "netflix_mv"])
+def test_every_reader_keeps_big_and_text_ids(tmp_path, fmt):
+  big = str(2**63 + 1)
+  if fmt == "ml1m":
+    x = readers.read_ml1m(_write(tmp_path / "r.dat", f"{_HASH}::{big}::5::0\n7::SKU-1::4::1\n"))
+  elif fmt == "ml100k":
+    x = readers.read_ml100k(_write(tmp_path / "u.data", f"{_HASH}\t{big}\t5\t0\n7\tSKU-1\t4\t1\n"))
+  elif fmt == "netflix":
+    x = readers.read_netflix(_write(tmp_path / "combined_data_1.txt",
+                                    f"{big}:\n{_HASH},5,2005-01-01\nSKU-1:\n7,4,2005-01-02\n"))
+  elif fmt == "netflix_mv":
+    (tmp_path / "training_set").mkdir()
+    _write(tmp_path / "training_set" / "mv_1.txt", f"{big}:\n{_HASH},5,2005-01-01\n")
+    _write(tmp_path / "training_set" / "mv_2.txt", "SKU-1:\n7,4,2005-01-02\n")
+    x = readers.read_netflix(str(tmp_path))
+  elif fmt == "delimited":
+    x = readers.read_delimited(
+        _write(tmp_path / "g.csv", f"{_HASH},{big},5,0\n7,SKU-1,4,1\n"), header=False)
+  else:
+    x = readers.read_user_lines(_write(tmp_path / "train.txt", f"{_HASH} {big}\n7 SKU-1\n"))
+  assert x.raw_user_ids(x.users).tolist() == [_HASH, "7"]
+  assert x.raw_item_ids(x.items).tolist() == [big, "SKU-1"]
+
+
+def test_netflix_files_with_numeric_and_text_ids_share_one_vocabulary(tmp_path):
+  (tmp_path / "training_set").mkdir()
+  _write(tmp_path / "training_set" / "mv_1.txt", "1:\n7,5,2005-01-01\n8,5,2005-01-01\n")
+  _write(tmp_path / "training_set" / "mv_2.txt", "2:\n007,4,2005-01-02\n7,3,2005-01-02\n")
+  x = readers.read_netflix(str(tmp_path))
+  assert x.raw_user_ids(x.users).tolist() == ["7", "8", "007", "7"]
+  assert x.users[0] == x.users[3] != x.users[2]
+  assert x.item_vocab is None and x.items.tolist() == [1, 1, 2, 2]
+
+
+def test_ngcf_text_ids_in_one_file_only(tmp_path):
+  _write(tmp_path / "train.txt", "0 1 2\n1 2 3\n")
+  _write(tmp_path / "test.txt", "0 3 sku-9\n1 1\n")
+  s = load_split("ngcf", str(tmp_path))
+  # Items: text in test.txt, so text in both; users stay numbers.
+  assert s.item_ids.tolist() == ["1", "2", "3"]
+  assert _pairs(s.test.heldout, s.test.user_ids) == {(0, 2), (1, 0)}  # sku-9 unseen
+  assert s.test.user_ids.dtype == np.int64
+
+
+def test_utf8_text_ids(tmp_path):
+  p = _write(tmp_path / "g.tsv", "ü\tBjörk\t1\t0\nü\tSigur Rós\t1\t0\nz\tBjörk\t1\t0\n")
+  x = readers.read_delimited(p, delimiter="\t", header=False)
+  assert x.raw_item_ids(x.items).tolist() == ["Björk", "Sigur Rós", "Björk"]
+  assert x.raw_user_ids(x.users).tolist() == ["ü", "ü", "z"]

@@ -114,9 +114,14 @@ def test_user_lines(tmp_path):
 
 @pytest.mark.parametrize("text,line,expect", [
     ("userId,movieId,rating,timestamp\n1,2,3.0,4\n1,2,3.0\n", 3, "expected 4 fields"),
-    ("userId,movieId,rating,timestamp\n1,2,3.0,4\nx,2,3.0,4\n", 3, "expected 4 numbers"),
+    ("userId,movieId,rating,timestamp\n1,2,3.0,4\n1,2,x,4\n", 3,
+     "expected a numeric rating, got 'x'"),
     ("userId,movieId,rating,timestamp\n1,2,3.0,4\n1,,3.0,4\n", 3, "field 2 is empty"),
-    ("userId,movieId,rating,timestamp\n1,2,3.0,4\n1.5,2,3.0,4\n", 3, "integer userId"),
+    ("userId,movieId,rating,timestamp\n1,2,3.0,4\n1,2,3.0,4.5\n", 3, "integer timestamp"),
+    ("userId,movieId,rating,timestamp\n1,2,3.0,4\n1,2,3.0,nan\n", 3, "integer timestamp"),
+    ("userId,movieId,rating,timestamp\n1,2,3.0,4\n1,2,inf,4\n", 3, "finite rating"),
+    ("userId,movieId,rating,timestamp\n1,2,3.0,4\n1, ,3.0,4\n", 3,
+     "expected a movieId, got an empty field"),
     ("userId,movieId,rating,timestamp\n1,2,3.0,4\n1,2,3.0,4,5\n", 3, "expected 4 fields"),
     ("uid,sid,rating,timestamp\n1,2,3.0,4\n", 1, "expected the header"),
 ])
@@ -130,9 +135,9 @@ def test_bad_movielens_lines(tmp_path, text, line, expect):
 
 def test_bad_line_found_in_large_file(tmp_path):
   rows = ["%d\t%d\t1\t0" % (i, i) for i in range(50_000)]
-  rows[41_234] = "5\tabc\t1\t0"
+  rows[41_234] = "5\t5\tabc\t0"
   p = _write(tmp_path / "p.rating", "\n".join(rows) + "\n")
-  with pytest.raises(ValueError, match=r"line 41235: expected 4 numbers"):
+  with pytest.raises(ValueError, match=r"line 41235: expected a numeric rating, got 'abc'"):
     readers.read_pinterest(p)
 
 
@@ -161,8 +166,8 @@ def test_bad_netflix_and_lastfm_and_ngcf(tmp_path):
   s = _write(tmp_path / "lf2.tsv", "aa\tm\tA\t3\naa\tm\tA\tmany\n")
   with pytest.raises(ValueError, match=r"lf2\.tsv, line 2: expected a numeric play count"):
     readers.read_lastfm(s)
-  t = _write(tmp_path / "train.txt", "0 1 2\n1 x\n")
-  with pytest.raises(ValueError, match=r"train\.txt, line 2"):
+  t = _write(tmp_path / "train.txt", "0 1 2\n  \n1 2\n")
+  with pytest.raises(ValueError, match=r"train\.txt, line 2: expected 'user item"):
     readers.read_user_lines(t)
 
 

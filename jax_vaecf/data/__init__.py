@@ -14,10 +14,11 @@ from jax_vaecf.data.cache import cache_key, cached, file_identity
 from jax_vaecf.data.download import fetch_movielens, safe_extract
 from jax_vaecf.data.load import DATASETS, load_split
 from jax_vaecf.data.paper_files import read_vaecf_dir, write_user_lines, write_vaecf_dir
-from jax_vaecf.data.preprocess import (PAPER_SEED, binarize, filter_triplets,
-                                       split_from_files, split_heldout_users,
-                                       split_nvidia_alt, split_per_user)
+from jax_vaecf.data.preprocess import (PAPER_SEED, binarize, collapse_duplicates,
+                                       filter_triplets, split_from_files,
+                                       split_heldout_users, split_nvidia_alt,
+                                       split_per_user)
 from jax_vaecf.data.readers import (Interactions, read_delimited, read_lastfm, read_ml100k,
                                     read_ml1m, read_movielens_csv, read_msd, read_netflix,
-                                    read_pinterest, read_user_lines)
+                                    read_pinterest, read_user_lines, unify_ids)
 from jax_vaecf.data.split import EvalSplit, Split, format_stats

@@ -29,7 +29,7 @@ import dataclasses
 
 import numpy as np
 
-from jax_vaecf.data.readers import Interactions
+from jax_vaecf.data.readers import Interactions, unify_ids
 from jax_vaecf.data.split import EvalSplit, Split, binary_csr
 
 PAPER_SEED = 98765
@@ -285,8 +285,8 @@ def split_from_files(train: Interactions, test: Interactions, *,
   train, test = binarize(train, threshold), binarize(test, threshold)
   if len(train) == 0:
     raise ValueError(f"{train.source}: no training interaction (threshold={threshold})")
-  if (train.user_vocab is not None) or (test.user_vocab is not None):
-    raise ValueError("split_from_files: string ids must be coded with one vocabulary")
+  # Each file was read on its own: text ids must share one vocabulary.
+  train, test = unify_ids(train, test)
   train, n_train_dup = collapse_duplicates(train, sum_ratings=threshold is None)
   test, n_test_dup = collapse_duplicates(test, sum_ratings=threshold is None)
   keys = _pair_keys(np.concatenate([train.users, test.users]),

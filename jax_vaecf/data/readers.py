@@ -1,10 +1,13 @@
 """Readers for the raw interaction files of every supported data set.
 
 Each reader returns an :class:`Interactions`: parallel numpy arrays in file order, one
-entry per line. Numeric ids are kept as they are (int64); string ids (Last.fm user sha1s
-and artists, MSD users and songs) are replaced by their index in the sorted unique list
-of strings, which is kept in ``user_vocab`` / ``item_vocab`` (so codes are contiguous
-and deterministic). Files may be gzip-compressed (detected by content, not name).
+entry per line. Ids are kept exactly as written (:func:`_text.parse_ids`): a user or
+item column whose every token is a canonical decimal integer within int64 is kept as
+int64 (parsed digit by digit, never through float64); any other column (hashes, MBIDs,
+SKUs, ``007``, ``1.0``, integers beyond int64; always for Last.fm and MSD) is text, and
+each id is replaced by its index in the sorted unique list of tokens, kept in
+``user_vocab`` / ``item_vocab`` (so codes are contiguous and deterministic). Ratings and
+timestamps are numbers. Files may be gzip-compressed (detected by content, not name).
 
 Bad input raises ``FileNotFoundError`` (missing file) or ``ValueError`` whose message
 names the file, the 1-based line number and what was expected.
@@ -64,8 +67,12 @@ class Interactions:
 def _decode(codes, vocab):
   if vocab is None:
     return np.asarray(codes)
-  # ``U`` (not object) arrays so they can be saved without pickle.
-  return vocab[codes].astype(str)
+  # ``U`` (not object) arrays so they can be saved without pickle. Tokens are UTF-8
+  # (bytes that are not valid UTF-8 become U+FFFD); plain ASCII takes the fast cast.
+  raw = vocab[codes]
+  if raw.size == 0 or int(raw.view(np.uint8).max()) < 128:
+    return raw.astype(str)
+  return np.char.decode(raw, "utf-8", "replace")
 
 
 def _encode(strings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -73,8 +80,63 @@ def _encode(strings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return codes.astype(np.int64).reshape(-1), vocab
 
 
-def _ids(table, j, path, first_line, what):
-  return _text.check_integers(table[:, j], path, first_line, what)
+def unify_ids(*parts: Interactions) -> tuple[Interactions, ...]:
+  """The parts with their user ids, and their item ids, on one footing.
+
+  A column that is numeric in every part stays as it is. Otherwise, as for one file,
+  the whole column is text: every part's ids are recoded into one sorted vocabulary of
+  the union of their tokens (numeric ids by their decimal text, which is exactly the
+  token they were read from).
+  """
+  out = list(parts)
+  for kind in ("user", "item"):
+    vocabs = [getattr(p, f"{kind}_vocab") for p in parts]
+    if all(v is None for v in vocabs):
+      continue
+    codes = [getattr(p, f"{kind}s") for p in parts]
+    tokens = []
+    for c, v in zip(codes, vocabs):
+      if v is None:
+        uniq, inv = np.unique(c, return_inverse=True)
+        tokens.append((uniq.astype("S"), inv.reshape(-1)))
+      else:
+        tokens.append((v, c))
+    vocab = np.unique(np.concatenate([t for t, _ in tokens]))
+    for k, (t, c) in enumerate(tokens):
+      out[k] = dataclasses.replace(out[k], **{
+          f"{kind}s": np.searchsorted(vocab, t)[c].astype(np.int64),
+          f"{kind}_vocab": vocab})
+  return tuple(out)
+
+
+def concat(parts: Sequence[Interactions], source: str = "") -> Interactions:
+  """The rows of every part in order, ids unified (:func:`unify_ids`)."""
+  parts = unify_ids(*parts)
+  def cat(k):
+    vals = [getattr(p, k) for p in parts]
+    return None if any(v is None for v in vals) else np.concatenate(vals)
+  return Interactions(users=cat("users"), items=cat("items"), ratings=cat("ratings"),
+                      timestamps=cat("timestamps"), user_vocab=parts[0].user_vocab,
+                      item_vocab=parts[0].item_vocab, source=source)
+
+
+def _ids(buf, fs, fe, path, first_line, what, as_strings=False):
+  """``(ids, vocab)`` of one column given its field bounds (blanks around trimmed)."""
+  fs, fe = _text.strip_fields(buf, fs, fe)
+  return _text.parse_ids(_text.gather_strings(buf, fs, fe), path, first_line, what,
+                         as_strings)
+
+
+def _ratings(buf, fs, fe, path, first_line, what="rating"):
+  values = _text.parse_numbers(_text.gather_strings(buf, fs, fe), np.float64, path,
+                               first_line, f"a numeric {what}")
+  return _text.check_finite(values, path, first_line, what).astype(np.float32)
+
+
+def _timestamps(buf, fs, fe, path, first_line, what="timestamp"):
+  values = _text.parse_numbers(_text.gather_strings(buf, fs, fe), np.float64, path,
+                               first_line, f"a numeric {what}")
+  return _text.check_integers(values, path, first_line, what)
 
 
 def _expect_header(data: bytes, path: str, expected: Sequence[str]) -> bytes:
@@ -92,13 +154,9 @@ def read_movielens_csv(path: str | os.PathLike) -> Interactions:
   """MovieLens ``ratings.csv`` (ml-20m, ml-25m, ml-latest(-small)): CSV with the header
   ``userId,movieId,rating,timestamp``; LF or CRLF line ends."""
   path = os.fspath(path)
-  data = _expect_header(_text.normalize(_text.read_bytes(path), path), path,
-                        ("userId", "movieId", "rating", "timestamp"))
-  t = _text.numeric_table(data, b",", 4, path, 2)
-  return Interactions(
-      users=_ids(t, 0, path, 2, "userId"), items=_ids(t, 1, path, 2, "movieId"),
-      ratings=_text.check_finite(t[:, 2], path, 2, "rating").astype(np.float32),
-      timestamps=_ids(t, 3, path, 2, "timestamp"), source=path)
+  names = ("userId", "movieId", "rating", "timestamp")
+  data = _expect_header(_text.normalize(_text.read_bytes(path), path), path, names)
+  return _four_columns(data, b",", path, 2, names)
 
 
 def read_ml1m(path: str | os.PathLike) -> Interactions:
@@ -121,13 +179,22 @@ def read_pinterest(path: str | os.PathLike) -> Interactions:
   return read_ml100k(path)
 
 
-def _four_columns(data, delim, path, first_line):
-  t = _text.numeric_table(data, delim, 4, path, first_line)
+def _four_columns(data, delim, path, first_line,
+                  names=("user id", "item id", "rating", "timestamp")):
+  """user, item, rating, timestamp separated by ``delim`` (messages name ``names``)."""
+  buf, fs, fe = _text.fields(data, delim, 4, path, first_line)
+  empty = fe <= fs
+  if empty.any():
+    i, j = np.argwhere(empty)[0]
+    raise ValueError(f"{path}, line {first_line + i}: field {j + 1} is empty, expected "
+                     f"a {names[j]}: {_text.nth_line(data, i)!r}")
+  users, user_vocab = _ids(buf, fs[:, 0], fe[:, 0], path, first_line, names[0])
+  items, item_vocab = _ids(buf, fs[:, 1], fe[:, 1], path, first_line, names[1])
   return Interactions(
-      users=_ids(t, 0, path, first_line, "user id"),
-      items=_ids(t, 1, path, first_line, "item id"),
-      ratings=_text.check_finite(t[:, 2], path, first_line, "rating").astype(np.float32),
-      timestamps=_ids(t, 3, path, first_line, "timestamp"), source=path)
+      users=users, items=items,
+      ratings=_ratings(buf, fs[:, 2], fe[:, 2], path, first_line, names[2]),
+      timestamps=_timestamps(buf, fs[:, 3], fe[:, 3], path, first_line, names[3]),
+      user_vocab=user_vocab, item_vocab=item_vocab, source=path)
 
 
 def read_netflix(path: str | os.PathLike) -> Interactions:
@@ -150,10 +217,7 @@ def read_netflix(path: str | os.PathLike) -> Interactions:
           "combined_data_*.txt) in this folder")
   else:
     files = [path]
-  parts = [_netflix_file(f) for f in files]
-  cat = lambda k: np.concatenate([getattr(p, k) for p in parts])
-  return Interactions(users=cat("users"), items=cat("items"), ratings=cat("ratings"),
-                      timestamps=cat("timestamps"), source=path)
+  return concat([_netflix_file(f) for f in files], source=path)
 
 
 def _netflix_file(path: str) -> Interactions:
@@ -165,18 +229,12 @@ def _netflix_file(path: str) -> Interactions:
     raise ValueError(f"{path}, line 1: expected a 'MovieID:' line, got "
                      f"{_text.line_text(data, starts, ends, 0)!r}")
   movie_lines = np.flatnonzero(is_movie)
-  movie_ids = _text.parse_numbers(
-      _text.gather_strings(buf, starts[movie_lines], ends[movie_lines] - 1),
-      np.float64, path, 1, "a numeric MovieID")
-  bad = ~(np.isfinite(movie_ids) & (movie_ids == np.floor(movie_ids)))
-  if bad.any():
-    i = int(movie_lines[np.argmax(bad)])
-    raise ValueError(f"{path}, line {i + 1}: expected an integer MovieID, got "
-                     f"{_text.line_text(data, starts, ends, i)!r}")
+  movie_ids, item_vocab = _ids(buf, starts[movie_lines], ends[movie_lines] - 1, path,
+                               movie_lines + 1, "MovieID")
   # Each rating line takes the id of the closest 'MovieID:' line above it.
   block = np.cumsum(is_movie) - 1
   rating_lines = np.flatnonzero(~is_movie)
-  items = movie_ids.astype(np.int64)[block[rating_lines]]
+  items = movie_ids[block[rating_lines]]
   line_no = rating_lines + 1
   # Field boundaries for the rating lines only, on the full buffer.
   dpos = np.flatnonzero(buf == ord(","))
@@ -189,26 +247,13 @@ def _netflix_file(path: str) -> Interactions:
                      f"{_text.line_text(data, starts, ends, i)!r}")
   d0, d1 = dpos[first], dpos[first + 1]
   s0, e2 = starts[rating_lines], ends[rating_lines]
-
-  def col(fs, fe, dtype, what):
-    strings = _text.gather_strings(buf, fs, fe)
-    try:
-      return strings.astype(dtype)
-    except ValueError:
-      for k, s in enumerate(strings):
-        try:
-          np.array(s).astype(dtype)
-        except ValueError:
-          raise ValueError(f"{path}, line {line_no[k]}: expected {what}, got "
-                           f"{s.decode('utf-8', 'replace')!r}") from None
-      raise
-
-  users = col(s0, d0, np.int64, "an integer CustomerID")
-  ratings = col(d0 + 1, d1, np.float32, "a numeric Rating")
-  days = col(d1 + 1, e2, "datetime64[D]", "a date YYYY-MM-DD")
+  users, user_vocab = _ids(buf, s0, d0, path, line_no, "CustomerID")
+  ratings = _ratings(buf, d0 + 1, d1, path, line_no, "Rating")
+  days = _text.parse_numbers(_text.gather_strings(buf, d1 + 1, e2), "datetime64[D]",
+                             path, line_no, "a date YYYY-MM-DD")
   return Interactions(users=users, items=items, ratings=ratings,
                       timestamps=days.astype("datetime64[s]").astype(np.int64),
-                      source=path)
+                      user_vocab=user_vocab, item_vocab=item_vocab, source=path)
 
 
 def _string_plays(path: str | os.PathLike, n_fields: int, item_fields: tuple[int, int],
@@ -304,11 +349,8 @@ def read_delimited(path: str | os.PathLike, delimiter: str = ",",
   for key, j, what in (("users", idx[0], "user id"), ("items", idx[1], "item id")):
     if j is None:
       raise ValueError("read_delimited: the user and item columns are required")
-    if string_ids:
-      out[key], out[key[:-1] + "_vocab"] = _encode(strings(j))
-    else:
-      v = _text.parse_numbers(strings(j), np.float64, path, first_line, f"a numeric {what}")
-      out[key] = _text.check_integers(v, path, first_line, what)
+    out[key], out[key[:-1] + "_vocab"] = _ids(buf, fs[:, j], fe[:, j], path, first_line,
+                                              what, string_ids)
   if idx[2] is not None:
     out["ratings"] = _text.check_finite(
         _text.parse_numbers(strings(idx[2]), np.float64, path, first_line,
@@ -322,7 +364,7 @@ def read_delimited(path: str | os.PathLike, delimiter: str = ",",
 
 def read_user_lines(path: str | os.PathLike) -> Interactions:
   """The NGCF / LightGCN format: one line per user, ``user item item ...`` separated by
-  spaces (a user with no items may appear alone on its line)."""
+  spaces or tabs (a user with no items may appear alone on its line)."""
   path = os.fspath(path)
   data = _text.normalize(_text.read_bytes(path), path)
   if b"\t" in data:
@@ -339,21 +381,14 @@ def read_user_lines(path: str | os.PathLike) -> Interactions:
     i = int(np.argmax(per_line == 0))
     raise ValueError(f"{path}, line {i + 1}: expected 'user item item ...', got an "
                      "empty line")
-  vals = _text._fromstring(data)
-  if vals is None or vals.size != tok_start.size:
-    for i in range(starts.size):
-      v = _text._fromstring(data[starts[i]:ends[i]])
-      if v is None or v.size != per_line[i]:
-        raise ValueError(f"{path}, line {i + 1}: expected integer ids separated by "
-                         f"spaces, got {_text.line_text(data, starts, ends, i)!r}")
-    raise ValueError(f"{path}: could not parse integer ids")
-  bad = ~(np.isfinite(vals) & (vals == np.floor(vals)))
-  if bad.any():
-    i = int(line_of[np.argmax(bad)])
-    raise ValueError(f"{path}, line {i + 1}: expected integer ids, got "
-                     f"{_text.line_text(data, starts, ends, i)!r}")
-  vals = vals.astype(np.int64)
-  is_user = np.zeros(vals.size, bool)
+  # A token ends at a non-space byte followed by a space or a newline.
+  tok_end = np.flatnonzero(tok & np.concatenate([space[1:], [True]])) + 1
+  is_user = np.zeros(tok_start.size, bool)
   is_user[np.concatenate([[0], np.cumsum(per_line)[:-1]])] = True
-  users = np.repeat(vals[is_user], per_line - 1)
-  return Interactions(users=users, items=vals[~is_user], source=path)
+  users, user_vocab = _text.parse_ids(
+      _text.gather_strings(buf, tok_start[is_user], tok_end[is_user]), path, 1, "user id")
+  items, item_vocab = _text.parse_ids(
+      _text.gather_strings(buf, tok_start[~is_user], tok_end[~is_user]), path,
+      line_of[~is_user] + 1, "item id")
+  return Interactions(users=np.repeat(users, per_line - 1), items=items,
+                      user_vocab=user_vocab, item_vocab=item_vocab, source=path)
