@@ -117,7 +117,11 @@ def main(argv):
           f"({res['batch1_users_per_s']:.0f} users/s); batch 10,000: "
           f"{res['batch10000_users_per_s']:.0f} users/s")
     return
-  out = rec.recommend([FLAGS.items], FLAGS.k)
+  try:
+    out = rec.recommend([FLAGS.items], FLAGS.k)
+  except ValueError as e:  # a model whose scores are not finite
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
   if out.unknown[0]:
     print(f"unknown item ids, skipped: {', '.join(map(str, out.unknown[0]))}")
   titles_path = FLAGS.titles or find_titles(FLAGS.workdir)

@@ -11,6 +11,11 @@ as ``jax.lax.top_k``):
 Every function returns per-user values ``(B,)`` so callers can average, weight or
 bootstrap, together with ``valid`` ``(B,)``: users with no held-out items (and padded
 rows) get value 0 and ``valid = False``, and must be left out of averages.
+
+A diverged model (NaN / inf parameters) still yields a ranking, and so finite metrics
+that mean nothing. :func:`ranking_metrics` therefore flags each user whose scores are
+not all finite (``nonfinite``), and :class:`MetricAccumulator` refuses such a batch with
+:class:`NonFiniteModelError`.
 """
 
 from __future__ import annotations
@@ -22,6 +27,21 @@ import jax.numpy as jnp
 import numpy as np
 
 Array = jax.Array
+
+# Per-user outputs of ranking_metrics that are bookkeeping, not metrics to average.
+_NOT_METRICS = ("valid", "n_heldout", "is_user", "nonfinite")
+
+
+class NonFiniteModelError(ValueError):
+  """A model's parameters or scores are NaN / inf: it diverged in training."""
+
+
+def nonfinite_rows(scores: Array) -> Array:
+  """``bool (B,)``: rows of ``(B, n_items)`` scores holding any NaN or +-inf.
+
+  Check the scores before items are masked out with ``-inf`` on purpose.
+  """
+  return jnp.any(~jnp.isfinite(scores), axis=1)
 
 
 def _check(scores: Array, heldout: Array, fold_in: Array | None, k: int) -> None:
@@ -51,7 +71,8 @@ def _discounts(k: int) -> Array:
 
 def ranking_metrics(scores: Array, heldout: Array, fold_in: Array | None = None,
                     ks: Iterable[int] = (20, 50, 100),
-                    row_mask: Array | None = None) -> dict[str, Array]:
+                    row_mask: Array | None = None,
+                    nonfinite: Array | None = None) -> dict[str, Array]:
   """NDCG@k, Recall@k and RecallN@k for several ``k`` from one ``top_k``.
 
   Args:
@@ -61,10 +82,15 @@ def ranking_metrics(scores: Array, heldout: Array, fold_in: Array | None = None,
       those items are removed from the ranking.
     ks: cut-offs, each in ``[1, n_items]``.
     row_mask: ``(B,)`` or ``None``; rows with 0 are padding and are marked invalid.
+    nonfinite: ``bool (B,)`` or ``None``: rows whose scores were not all finite before
+      the caller set some to ``-inf`` (its own fold-in masking). ``None``: found here,
+      by :func:`nonfinite_rows` on ``scores`` as given (before ``fold_in`` masking).
 
   Returns:
     ``{'ndcg@k': (B,), 'recall@k': (B,), 'recalln@k': (B,), ..., 'valid': bool (B,),
-    'n_heldout': int32 (B,), 'is_user': bool (B,)}`` (``is_user``: not a padding row).
+    'n_heldout': int32 (B,), 'is_user': bool (B,), 'nonfinite': bool (B,)}``
+    (``is_user``: not a padding row; ``nonfinite``: a real user with NaN / inf scores,
+    whose metrics are meaningless: :meth:`MetricAccumulator.add` raises on them).
   """
   ks = sorted(set(int(k) for k in ks))
   if not ks:
@@ -82,7 +108,10 @@ def ranking_metrics(scores: Array, heldout: Array, fold_in: Array | None = None,
   disc = _discounts(kmax)
   cum_disc = jnp.cumsum(disc)
   is_user = jnp.ones_like(valid) if row_mask is None else row_mask > 0
-  out: dict[str, Array] = {"valid": valid, "n_heldout": n_heldout, "is_user": is_user}
+  if nonfinite is None:
+    nonfinite = nonfinite_rows(scores)
+  out: dict[str, Array] = {"valid": valid, "n_heldout": n_heldout, "is_user": is_user,
+                           "nonfinite": nonfinite & is_user}
   for k in ks:
     h = hits[:, :k]
     dcg = h @ disc[:k]
@@ -116,6 +145,9 @@ class MetricAccumulator:
   padding rows are told apart by its ``is_user``, or by an explicit ``row_mask``);
   ``result`` returns the mean and standard error of each metric over valid users, the
   number of users counted and the number excluded for having no held-out items.
+
+  ``add`` raises :class:`NonFiniteModelError` when the dict's ``nonfinite`` flags any
+  real user (a diverged model), and keeps nothing of that batch.
   """
 
   def __init__(self):
@@ -128,10 +160,16 @@ class MetricAccumulator:
       real = np.asarray(row_mask) > 0
     else:
       real = np.asarray(batch_metrics.get("is_user", np.ones_like(valid))).astype(bool)
+    if "nonfinite" in batch_metrics:
+      n_bad = int(np.sum(np.asarray(batch_metrics["nonfinite"]).astype(bool) & real))
+      if n_bad:
+        raise NonFiniteModelError(
+            f"non-finite scores for {n_bad} users in evaluation: the model diverged "
+            "(NaN/inf parameters), so its metrics would be meaningless")
     self._excluded += int(np.sum(real & ~valid))
     valid = valid & real
     for name, v in batch_metrics.items():
-      if name in ("valid", "n_heldout", "is_user"):
+      if name in _NOT_METRICS:
         continue
       self._values.setdefault(name, []).append(np.asarray(v, np.float64)[valid])
 

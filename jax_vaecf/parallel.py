@@ -165,7 +165,9 @@ class ParallelSteps:
       :meth:`metrics_to_host`).
     eval_step: ``(params_or_state, eval_batch) -> per-user metrics``, each ``(B,)``
       over the whole global batch (pmap: ``(num_shards, B / num_shards)``; use
-      :meth:`metrics_to_host`).
+      :meth:`metrics_to_host`), with the bool ``nonfinite`` flags of a diverged model
+      that :meth:`jax_vaecf.metrics.MetricAccumulator.add` refuses
+      (:func:`jax_vaecf.train.make_eval_step`).
   """
 
   mode: str

@@ -9,6 +9,10 @@ request.
 ``Recommender.from_workdir(DIR)`` needs nothing but a training run's directory: the
 model's shape is read from the best checkpoint's metadata and the raw item ids from
 ``DIR/item_ids.npy``.
+
+A diverged model is refused rather than served: parameters with NaN / inf when the
+recommender is built, NaN / inf scores when it recommends
+(:class:`jax_vaecf.metrics.NonFiniteModelError`, a ``ValueError``).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_vaecf import checkpoint as checkpoint_lib
+from jax_vaecf import metrics as metrics_lib
 from jax_vaecf import model as model_lib
 from jax_vaecf import sparse as sparse_lib
 from jax_vaecf import train as train_lib
@@ -36,6 +41,18 @@ def _round_up(n: int, buckets: Sequence[int]) -> int:
   return -(-n // buckets[-1]) * buckets[-1]
 
 
+def _check_finite(params) -> None:
+  """Raises NonFiniteModelError naming the parameters that hold NaN / inf."""
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  finite = jax.device_get([jnp.all(jnp.isfinite(leaf)) for _, leaf in leaves])
+  bad = ["/".join(str(getattr(k, "key", k)) for k in path)
+         for (path, _), ok in zip(leaves, finite) if not ok]
+  if bad:
+    raise metrics_lib.NonFiniteModelError(
+        f"the model's parameters are not finite (NaN/inf in {', '.join(bad)}): it "
+        "diverged in training; serve an earlier checkpoint or retrain")
+
+
 def make_topk_fn(model, k: int):
   """``topk(params, batch) -> (scores float32 (B, k), items int32 (B, k))``, jitted.
 
@@ -43,6 +60,8 @@ def make_topk_fn(model, k: int):
   returned. A user with fewer than ``k`` unseen items gets them first, and the remaining
   entries of the row are fillers: score ``-inf`` and item ``-1`` (the shapes stay fixed,
   so one program serves every request; :meth:`Recommender.recommend` drops them).
+  A user whose logits are not all finite (a diverged model) gets NaN for every score of
+  the row, so no caller can take its ranking for a real one.
   """
   if not 1 <= k <= model.n_items:
     raise ValueError(f"k must be in [1, {model.n_items}], got {k}")
@@ -51,10 +70,11 @@ def make_topk_fn(model, k: int):
   def topk(params, batch: sparse_lib.SparseBatch):
     logits = model.apply({"params": params}, batch, train=False).logits
     seen = sparse_lib.densify(batch, model.n_items) > 0
+    bad = metrics_lib.nonfinite_rows(logits)  # before the seen items become -inf
     scores, items = jax.lax.top_k(jnp.where(seen, -jnp.inf, logits), k)
     # Past a user's unseen items top_k returns seen ones (at -inf); mark them as fillers.
     filler = jnp.take_along_axis(seen, items, axis=1)
-    return scores, jnp.where(filler, -1, items)
+    return jnp.where(bad[:, None], jnp.nan, scores), jnp.where(filler, -1, items)
 
   return topk
 
@@ -79,13 +99,17 @@ class Recommender:
 
   Args:
     model: the Linen module (``n_items`` wide).
-    params: its parameters.
+    params: its parameters; every value must be finite.
     item_ids: ``(n_items,)`` raw id of each column.
+
+  Raises:
+    NonFiniteModelError: a parameter holds NaN / inf (the model diverged in training).
   """
 
   def __init__(self, model, params, item_ids: np.ndarray):
     if len(item_ids) != model.n_items:
       raise ValueError(f"item_ids has {len(item_ids)} entries, the model {model.n_items}")
+    _check_finite(params)
     self.model = model
     self.params = params
     self.item_ids = np.asarray(item_ids)
@@ -94,7 +118,12 @@ class Recommender:
 
   @classmethod
   def from_workdir(cls, workdir: str) -> "Recommender":
-    """Loads the best checkpoint of a training run."""
+    """Loads the best checkpoint of a training run.
+
+    Raises ``FileNotFoundError`` when the run has no finished checkpoint (or no
+    ``item_ids.npy``) and :class:`NonFiniteModelError` when the checkpoint's parameters
+    are not finite.
+    """
     meta = checkpoint_lib.read_best_meta(workdir)
     ident = meta["identity"]
     ids_path = os.path.join(workdir, "item_ids.npy")
@@ -114,7 +143,11 @@ class Recommender:
       state, _ = ck.restore_best(target)
     finally:
       ck.close()
-    return cls(model, state.eval_params, item_ids)
+    try:
+      return cls(model, state.eval_params, item_ids)
+    except metrics_lib.NonFiniteModelError as e:
+      raise metrics_lib.NonFiniteModelError(
+          f"the best checkpoint of {workdir!r}: {e}") from None
 
   def columns_of(self, raw_items: Sequence[Any]) -> tuple[list[int], list[Any]]:
     """Column indices of the known raw ids, and the unknown raw ids."""
@@ -138,6 +171,9 @@ class Recommender:
     Unknown ids are skipped and reported; a user with no known item gets the items the
     model scores highest for an empty history. A user with fewer than ``k`` unseen items
     gets only those (see :class:`Recommendations`), never an item of their history.
+
+    Raises :class:`NonFiniteModelError` when the model scores any of the users with a
+    NaN or inf (its parameters or computation are not finite).
     """
     if not 1 <= k <= self.model.n_items:
       raise ValueError(f"k must be in [1, {self.model.n_items}], got {k}")
@@ -158,6 +194,11 @@ class Recommender:
     mask = (np.arange(b) < n).astype(np.float32)
     batch = sparse_lib.SparseBatch(rows, col_arr, vals, mask)
     scores, top = jax.device_get(self._fn(k)(self.params, batch))
+    n_bad = int(np.isnan(scores[:n]).any(axis=1).sum())
+    if n_bad:
+      raise metrics_lib.NonFiniteModelError(
+          f"non-finite scores for {n_bad} of {n} users: the model's parameters are not "
+          "finite (it diverged in training) or its logits overflow; nothing is returned")
     keep = [top[i] >= 0 for i in range(n)]  # -1: filler past the user's unseen items
     return Recommendations(items=[self.item_ids[top[i][keep[i]]] for i in range(n)],
                            scores=[scores[i][keep[i]] for i in range(n)],

@@ -276,6 +276,9 @@ def make_eval_step(model: nn.Module, ks: Sequence[int] = (20, 50, 100), *,
   fold-in items are removed from the ranking, and
   :func:`jax_vaecf.metrics.ranking_metrics` scores the held-out items. Returns the dict
   of per-user ``(B,)`` arrays (``B`` summed over shards); padded rows are not ``valid``.
+  Its bool ``nonfinite`` flags the real users whose logits (before the fold-in items
+  are set to ``-inf``) hold a NaN or inf, i.e. a diverged model;
+  :meth:`jax_vaecf.metrics.MetricAccumulator.add` raises on them.
 
   On the sparse path the model stops before its output layer and the logits, masks and
   top-k are formed ``output_chunk_size`` users at a time, so memory holds a few
@@ -305,11 +308,13 @@ def make_eval_step(model: nn.Module, ks: Sequence[int] = (20, 50, 100), *,
     def one_chunk(args):
       h_c, mask_c, c = args
       logits = jnp.dot(h_c, kernel, preferred_element_type=jnp.float32) + bias
+      bad = metrics_lib.nonfinite_rows(logits)  # before the fold-in items become -inf
       logits = logits.at[sparse_lib.rows_of_chunk(fi.rows, c, size), fi.cols].min(
           jnp.where(fi.vals > 0, -jnp.inf, jnp.inf), mode="drop")
       heldout = jnp.zeros(logits.shape, jnp.bool_).at[
           sparse_lib.rows_of_chunk(ho.rows, c, size), ho.cols].max(ho.vals > 0, mode="drop")
-      return metrics_lib.ranking_metrics(logits, heldout, None, ks, row_mask=mask_c)
+      return metrics_lib.ranking_metrics(logits, heldout, None, ks, row_mask=mask_c,
+                                         nonfinite=bad)
 
     out = jax.lax.map(one_chunk, (hs, mask, jnp.arange(n_chunks)))
     return jax.tree_util.tree_map(lambda a: a.reshape((n_chunks * size,))[:b], out)
@@ -320,13 +325,15 @@ def make_eval_step(model: nn.Module, ks: Sequence[int] = (20, 50, 100), *,
     fi, ho = batch.fold_in, batch.heldout
     x = sparse_lib.densify(fi, n_items)
     logits = model.apply({"params": params}, x, train=False).logits
+    bad = metrics_lib.nonfinite_rows(logits)  # before the fold-in items become -inf
     # Fold-in items are masked by a scatter into the logits and the held-out rows are
     # densified as bool, so a wide catalogue holds one float32 (B, n_items) array, not
     # three (padding entries write (0, 0) with its own value / False: no-ops).
     logits = logits.at[fi.rows, fi.cols].set(
         jnp.where(fi.vals > 0, -jnp.inf, logits[fi.rows, fi.cols]))
     heldout = jnp.zeros(logits.shape, jnp.bool_).at[ho.rows, ho.cols].max(ho.vals > 0)
-    return metrics_lib.ranking_metrics(logits, heldout, None, ks, row_mask=fi.row_mask)
+    return metrics_lib.ranking_metrics(logits, heldout, None, ks, row_mask=fi.row_mask,
+                                       nonfinite=bad)
 
   def eval_step(params, batch: sparse_lib.EvalBatch):
     batch = _with_shard_axis(batch)

@@ -2,6 +2,7 @@
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -12,6 +13,8 @@ import pytest
 
 from experiments import configs
 from experiments import loop
+from jax_vaecf import checkpoint
+from jax_vaecf import metrics
 from jax_vaecf import model as model_lib
 from jax_vaecf import recommend
 from jax_vaecf import sparse as sparse_lib
@@ -82,6 +85,28 @@ def test_user_with_fewer_unseen_items_than_k_gets_only_those():
   assert np.all(np.asarray(scores[0, 2:]) == -np.inf)
 
 
+def _nan(params):
+  return jax.tree_util.tree_map(lambda a: jnp.full_like(a, jnp.nan), params)
+
+
+def test_nonfinite_parameters_and_scores_are_refused():
+  rec, m, params, ids = _recommender()
+  out = m.output_layer
+  bad = dict(params, **{out: dict(params[out], bias=params[out]["bias"].at[3].set(jnp.inf))})
+  with pytest.raises(metrics.NonFiniteModelError,
+                     match=f"parameters are not finite \\(NaN/inf in {out}/bias\\)"):
+    recommend.Recommender(m, bad, ids)
+  # Parameters swapped in after the check (or logits that overflow): the scores say so.
+  rec.params = _nan(params)
+  with pytest.raises(metrics.NonFiniteModelError,
+                     match="non-finite scores for 2 of 2 users: the model's parameters "
+                           "are not finite"):
+    rec.recommend([[5, 15], [25]], k=3)
+  x = np.zeros((2, 40), np.float32)
+  scores, _ = recommend.make_topk_fn(m, 3)(bad, sparse_lib.from_dense(x))
+  assert np.isnan(np.asarray(scores)).all()  # the inf logit poisons the whole row
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   d = tmp_path_factory.mktemp("rec")
@@ -125,6 +150,34 @@ def test_cli_never_recommends_the_history(trained):
   ranked = [l.split()[1] for l in r.stdout.splitlines() if re.match(r"\s*\d+\. ", l)]
   assert sorted(ranked) == sorted(unseen)
   assert "only 2 of the 150 items are not in the history" in r.stdout
+
+
+def test_workdir_with_nonfinite_parameters_is_refused(trained, tmp_path):
+  ident = checkpoint.read_best_meta(trained)["identity"]
+  workdir = str(tmp_path / "diverged")
+  os.makedirs(workdir)
+  shutil.copy(os.path.join(trained, "item_ids.npy"), workdir)
+  m = model_lib.build_model(ident["model"], int(ident["n_items"]),
+                            hidden_dims=tuple(ident["hidden_dims"]),
+                            latent_dim=int(ident["latent_dim"]))
+  state = train_lib.create_train_state(
+      m, train_lib.make_optimizer(), jax.random.PRNGKey(0),
+      weight_average=bool(ident.get("weight_average", False)))
+  state = state.replace(params=_nan(state.params))
+  if state.ema_params is not None:
+    state = state.replace(ema_params=_nan(state.ema_params))
+  ck = checkpoint.RunCheckpoints(workdir, ident)
+  ck.save_best(1, state, {"epoch": 1}, {"ndcg@100": 0.1})
+  ck.close()
+  with pytest.raises(metrics.NonFiniteModelError,
+                     match=f"the best checkpoint of '{workdir}': the model's parameters "
+                           "are not finite"):
+    recommend.Recommender.from_workdir(workdir)
+  r = subprocess.run([sys.executable, "-m", "experiments.recommend", "--workdir", workdir,
+                      "--items", "1"], cwd=REPO, capture_output=True, text=True,
+                     timeout=120)
+  assert r.returncode != 0
+  assert r.stderr.startswith("error: the best checkpoint of") and "Traceback" not in r.stderr
 
 
 def test_cli_without_a_run_fails_clearly(tmp_path):
