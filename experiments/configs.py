@@ -30,6 +30,12 @@ class Config:
   n_heldout_users: int = 0  # 0 = the data set's default (ML-20M 10,000; small sets 10%)
   heldout_fraction: float = 0.1  # held-out users per split when no count is given
   split_seed: int = 98765
+  # --dataset=csv: a user,item[,rating[,time]] file.
+  csv_delimiter: str = ","  # field separator; "tab" or "\\t" for a tab
+  csv_columns: str = ""  # "" = by position; else user,item[,rating[,time]] indices/names
+  csv_header: str = "auto"  # auto, yes or no
+  csv_threshold: float = 3.5  # positives: rating > this (files with a rating column)
+  csv_all_positive: bool = False  # every row is a positive (counts, clicks): no threshold
   # Model.
   model: str = "multvae"  # or "multdae"
   hidden_dims: tuple = ()  # () = the paper's: (600,) Mult-VAE, (200,) Mult-DAE
@@ -243,6 +249,8 @@ def get_config(name: str) -> Config:
 
 def validate(cfg: Config) -> None:
   """Raises ``ValueError`` naming the first nonsensical setting, before any work."""
+  csv_columns = [c.strip() for c in cfg.csv_columns.split(",")] if cfg.csv_columns else []
+  csv_named = [c for c in csv_columns if c]
   checks = [
       (cfg.number_of_epochs >= 0, "number_of_epochs must be >= 0"),
       (cfg.batch_size_train >= 1, "batch_size_train must be >= 1"),
@@ -273,6 +281,20 @@ def validate(cfg: Config) -> None:
        "anneal_schedule must be linear, constant or cyclical"),
       (cfg.protocol in ("heldout_users", "per_user"),
        "protocol must be heldout_users or per_user"),
+      (cfg.csv_delimiter != "" and "\n" not in cfg.csv_delimiter
+       and "\r" not in cfg.csv_delimiter,
+       "csv_delimiter must be one or more characters other than a line break "
+       "(tab or \\t for a tab)"),
+      (not csv_columns or (2 <= len(csv_columns) <= 4 and all(csv_columns[:2])),
+       f"csv_columns={cfg.csv_columns!r}: expected '' or user,item[,rating[,time]] as "
+       "0-based indices or header names (an empty entry leaves rating or time out)"),
+      (len(set(csv_named)) == len(csv_named),
+       f"csv_columns={cfg.csv_columns!r} names one column twice"),
+      (cfg.csv_header in ("auto", "yes", "no"), "csv_header must be auto, yes or no"),
+      (cfg.csv_header != "no" or all(c.isdigit() for c in csv_named),
+       f"csv_columns={cfg.csv_columns!r} names header columns but csv_header=no"),
+      (-float("inf") < cfg.csv_threshold < float("inf"),
+       "csv_threshold must be a finite number"),
       (cfg.train or cfg.test or cfg.benchmark, "nothing to do: give --train, --test or --benchmark"),
   ]
   for ok, message in checks:

@@ -60,6 +60,15 @@ def load_data(cfg: configs.Config) -> data_lib.Split:
       options["n_heldout_users"] = cfg.n_heldout_users
   else:
     options["seed"] = cfg.split_seed
+  if cfg.dataset == "csv":
+    # The flags' text forms, in read_delimited's terms (validate checked them).
+    columns = [c.strip() for c in cfg.csv_columns.split(",")] if cfg.csv_columns else None
+    options.update(
+        delimiter="\t" if cfg.csv_delimiter in ("tab", "\\t") else cfg.csv_delimiter,
+        columns=None if columns is None else tuple(
+            int(c) if c.isdigit() else (c or None) for c in columns),
+        header={"auto": None, "yes": True, "no": False}[cfg.csv_header],
+        threshold=None if cfg.csv_all_positive else cfg.csv_threshold)
   if not os.path.exists(cfg.data_dir) and not cfg.download:
     raise FileNotFoundError(
         f"--data_dir={cfg.data_dir!r} does not exist; point it at the folder holding the "

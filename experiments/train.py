@@ -49,6 +49,16 @@ _HELP = {
     "heldout_fraction": "Fraction of users held out for validation and for test when "
                         "no count is given.",
     "split_seed": "Seed of the user permutation and fold-in split (paper: 98765).",
+    "csv_delimiter": "--dataset=csv: field separator, one or more characters (tab or \\t "
+                     "for a tab).",
+    "csv_columns": "--dataset=csv: the user,item[,rating[,time]] columns as 0-based "
+                   "indices or header names, e.g. userId,movieId,rating,timestamp or 1,0 "
+                   "(an empty entry leaves rating or time out); '' = by position.",
+    "csv_header": "--dataset=csv: whether line 1 is a header: auto, yes or no.",
+    "csv_threshold": "--dataset=csv: a row is a positive when its rating is above this "
+                     "(ignored for a file without a rating column).",
+    "csv_all_positive": "--dataset=csv: every row is a positive (play counts, clicks), "
+                        "whatever its rating.",
     "model": "multvae or multdae.",
     "hidden_dims": "Encoder hidden widths, comma separated ('' = the paper's).",
     "latent_dim": "Latent width of Mult-VAE.",

@@ -292,3 +292,125 @@ def test_utf8_text_ids(tmp_path):
   x = readers.read_delimited(p, delimiter="\t", header=False)
   assert x.raw_item_ids(x.items).tolist() == ["Björk", "Sigur Rós", "Björk"]
   assert x.raw_user_ids(x.users).tolist() == ["ü", "ü", "z"]
+
+
+# ---- generic csv files: 2, 3 or 4+ columns ----
+
+
+def _grid(users=range(1, 13), items=range(1, 8)):
+  return [(u, i) for u in users for i in items]
+
+
+def test_csv_two_columns_without_and_with_header(tmp_path):
+  rows = "".join(f"{u},{i}\n" for u, i in _grid())
+  x = readers.read_delimited(_write(tmp_path / "a.csv", rows))
+  assert x.ratings is None and x.timestamps is None and len(x) == 84
+  assert x.users[0] == 1 and x.items[:3].tolist() == [1, 2, 3]
+  y = readers.read_delimited(_write(tmp_path / "b.csv", "user,item\n" + rows))
+  assert len(y) == 84 and y.user_vocab is None
+  # No rating column: every row is a positive, even with the csv default threshold.
+  s = load_split("csv", str(tmp_path / "b.csv"), n_heldout_users=2)
+  assert s.stats()["interactions"] == 84
+
+
+def test_csv_text_ids_need_a_header_setting(tmp_path):
+  p = _write(tmp_path / "t.csv", "user,item\nalice,x\nbob,y\n")
+  with pytest.raises(ValueError, match=r"t\.csv, line 1: cannot tell whether 'user,item' is "
+                                       r"a header.*header=True"):
+    readers.read_delimited(p)
+  x = readers.read_delimited(p, header=True)
+  assert x.raw_user_ids(x.users).tolist() == ["alice", "bob"]
+  y = readers.read_delimited(p, header=False)
+  assert y.raw_user_ids(y.users).tolist() == ["user", "alice", "bob"]
+
+
+def test_csv_three_columns_threshold(tmp_path):
+  rows = "".join(f"{u},{i},{1 + (u + i) % 5}\n" for u, i in _grid())
+  p = _write(tmp_path / "r.csv", "u,i,r\n" + rows)
+  x = readers.read_delimited(p)
+  assert x.ratings is not None and x.timestamps is None
+  np.testing.assert_array_equal(x.ratings[:3], [3, 4, 5])
+  kept = lambda **kw: load_split("csv", p, protocol="per_user", min_uc=0, **kw).stats()[
+      "interactions"]
+  n = len(x)
+  assert kept() == int((x.ratings > 3.5).sum()) < n  # the default threshold, 3.5
+  assert kept(threshold=4.5) == int((x.ratings > 4.5).sum())
+  assert kept(threshold=None) == n
+
+
+def test_csv_tab_delimiter_and_extra_columns(tmp_path):
+  rows = "".join(f"{u}\t{i}\t4.5\t{u * 100 + i}\tnote, with comma\n" for u, i in _grid())
+  x = readers.read_delimited(_write(tmp_path / "r.tsv", rows), delimiter="\t")
+  assert len(x) == 84 and x.timestamps[:2].tolist() == [101, 102]
+  np.testing.assert_array_equal(np.unique(x.ratings), [4.5])
+
+
+def test_csv_named_and_indexed_columns(tmp_path):
+  p = _write(tmp_path / "n.csv", "ts;item;who;score;note\n5;10;1;4.0;x\n6;11;2;2.0;y\n")
+  x = readers.read_delimited(p, delimiter=";", columns=("who", "item"))
+  assert x.users.tolist() == [1, 2] and x.items.tolist() == [10, 11] and x.ratings is None
+  y = readers.read_delimited(p, delimiter=";", columns=(2, 1, None, 0))
+  assert y.users.tolist() == [1, 2] and y.timestamps.tolist() == [5, 6] and y.ratings is None
+  with pytest.raises(ValueError, match=r"n\.csv, line 1: expected a header with a column "
+                                       r"'user'"):
+    readers.read_delimited(p, delimiter=";", columns=("user", "item"))
+  with pytest.raises(ValueError, match="no header"):
+    readers.read_delimited(p, delimiter=";", columns=("who", "item"), header=False)
+  with pytest.raises(ValueError, match="one column twice"):
+    readers.read_delimited(p, delimiter=";", columns=(2, 2))
+
+
+def test_csv_wrong_delimiter_and_short_lines(tmp_path):
+  p = _write(tmp_path / "s.csv", "1;2\n3;4\n")
+  with pytest.raises(ValueError, match=r"s\.csv, line 1: expected at least 2 fields .*','"):
+    readers.read_delimited(p)
+  q = _write(tmp_path / "q.csv", "1,2,5\n3,4\n")
+  with pytest.raises(ValueError, match=r"q\.csv, line 2: expected at least 3 fields"):
+    readers.read_delimited(q)
+
+
+def test_csv_options_change_the_cache_key(tmp_path):
+  rows = "".join(f"{u},{i},{1 + (u + i) % 5}\n" for u, i in _grid())
+  p = _write(tmp_path / "r.csv", rows)
+  cache = str(tmp_path / "cache")
+  a = load_split("csv", p, cache, protocol="per_user", min_uc=0)
+  b = load_split("csv", p, cache, protocol="per_user", min_uc=0, columns=(0, 1))
+  assert b.stats()["interactions"] == 84 > a.stats()["interactions"]
+
+
+def test_csv_settings_from_the_config(tmp_path):
+  configs = pytest.importorskip("experiments.configs")
+  loop = pytest.importorskip("experiments.loop")
+  grid = _grid(items=range(1, 21))
+  rows = "".join(f"{i}\t{u}\t{1 + (u + i) % 5}\n" for u, i in grid)
+  p = _write(tmp_path / "r.tsv", "what\twho\tstars\n" + rows)
+  cfg = configs.Config(dataset="csv", data_dir=p, cache_dir=str(tmp_path / "cache"),
+                       protocol="per_user", csv_delimiter="tab", csv_columns="who,what",
+                       csv_header="yes")
+  configs.validate(cfg)
+  s = loop.load_data(cfg)
+  assert s.stats()["interactions"] == len(grid) and s.n_items == 20
+  assert s.train_user_ids.tolist() == list(range(1, 13))  # the 'who' column
+  cfg = cfg.replace(csv_columns="who,what,stars", csv_threshold=2.0)
+  configs.validate(cfg)
+  above = sum(1 + (u + i) % 5 > 2 for u, i in grid)
+  assert loop.load_data(cfg).stats()["interactions"] == above < len(grid)
+  cfg = cfg.replace(csv_all_positive=True)
+  assert loop.load_data(cfg).stats()["interactions"] == len(grid)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(csv_header="maybe"), "csv_header must be auto, yes or no"),
+    (dict(csv_columns="user"), "csv_columns='user': expected"),
+    (dict(csv_columns="a,b,c,d,e"), "csv_columns='a,b,c,d,e': expected"),
+    (dict(csv_columns=",item"), "csv_columns=',item': expected"),
+    (dict(csv_columns="a,a"), "names one column twice"),
+    (dict(csv_columns="userId,movieId", csv_header="no"), "csv_header=no"),
+    (dict(csv_delimiter=""), "csv_delimiter must be"),
+    (dict(csv_threshold=float("nan")), "csv_threshold must be a finite number"),
+])
+def test_bad_csv_settings(change, message):
+  configs = pytest.importorskip("experiments.configs")
+  cfg = configs.Config(dataset="csv").replace(**change)
+  with pytest.raises(ValueError, match="bad setting: .*" + message):
+    configs.validate(cfg)

@@ -108,8 +108,8 @@ def fields(data: bytes, delim: bytes, n_fields: int, path: str, first_line: int,
     data: normalised text (no header).
     delim: the separator, one byte or more (a longer one is replaced by a single byte
       first, see :func:`single_byte_delimiter`; messages still show the file's text).
-    n_fields: fields expected on each line (at least that many if ``min_fields``; the
-      last field then runs to the end of the line).
+    n_fields: fields expected on each line (at least that many if ``min_fields``; any
+      further fields are then ignored).
     path, first_line: for error messages; ``first_line`` is the 1-based line number of
       the first line of ``data`` in the file.
 
@@ -142,6 +142,9 @@ def fields(data: bytes, delim: bytes, n_fields: int, path: str, first_line: int,
     fe[:, j - 1] = d
     fs[:, j] = d + 1
   fe[:, -1] = ends
+  if min_fields:
+    more = count > n_fields - 1
+    fe[more, -1] = dpos[first[more] + n_fields - 1]
   return buf, fs, fe
 
 

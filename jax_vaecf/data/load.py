@@ -16,13 +16,20 @@ ml-latest-small    ratings.csv                         paper; 10% / 10%; rating 
 ml-1m              ratings.dat(.gz)                    paper; 10% / 10%; rating > 3.5
 ml-100k            u.data (or u1..u5/ua/ub .base/.test paper; 10% / 10%; rating > 3.5
                    with ``fold='u1'``)
-csv                the file ``data_dir``               paper unless ``protocol='per_user'``
+csv                the file ``data_dir``               paper unless ``protocol='per_user'``;
+                                                       rating > 3.5; every row positive
+                                                       without a rating column
 ngcf               train.txt + test.txt                per-user (given files)
 vaecf_dir          the paper's output folder           as written (never cached)
 =================  =================================  ===================================
 
 ``protocol='per_user'`` switches any single-file set to :func:`split_per_user`
 (``test_prop``, ``by_time``, ``seed``, ``threshold``, ``min_uc``).
+
+``csv`` reads ``user,item[,rating[,time]]`` files with :func:`readers.read_delimited`
+(options ``delimiter``, ``columns``, ``header``, ``string_ids``); ``threshold=None``
+makes every row a positive (play counts, clicks), as does a file without a rating
+column, whatever the threshold.
 """
 
 from __future__ import annotations
@@ -191,8 +198,12 @@ def load_split(dataset: str, data_dir: str | os.PathLike,
   def build():
     report(f"reading {path}")
     inter = _read(dataset, path, reader_options)
+    split_kwargs = dict(kwargs)
+    if dataset == "csv" and inter.ratings is None:
+      # Nothing to threshold: a file of bare (user, item) pairs lists positives.
+      split_kwargs["threshold"] = None
     report(f"splitting {len(inter):,} interactions ({split_fn.__name__})")
-    return _reported(split_fn(inter, **kwargs), report)
+    return _reported(split_fn(inter, **split_kwargs), report)
   key_options = {"dataset": dataset, "protocol": protocol, "split": split_fn.__name__,
                  "reader": reader_options, **kwargs}
   return cache_lib.cached(build, cache_dir, dataset, key_options, [path])

@@ -289,77 +289,121 @@ def read_msd(path: str | os.PathLike) -> Interactions:
   return _string_plays(path, 3, (1, 1), 2)
 
 
+_COLUMN_ROLES = ("user", "item", "rating", "time")
+
+
 def read_delimited(path: str | os.PathLike, delimiter: str = ",",
-                   columns: Sequence[int | str | None] = (0, 1, 2, 3),
+                   columns: Sequence[int | str | None] | None = None,
                    header: bool | None = None, string_ids: bool = False) -> Interactions:
-  """A generic delimited file of user, item[, rating[, time]] columns.
+  """A generic delimited file of ``user,item[,rating[,time]]`` columns.
 
   Args:
     path: the file (gzip allowed).
-    delimiter: field separator (one or more characters; ``"::"`` works).
-    columns: the user, item, rating and time columns, each a 0-based index, a header
-      name, or None (absent). Shorter sequences leave the rest absent.
-    header: whether the first line is a header; None guesses it is when its user field
-      is not a number. Names in ``columns`` require a header.
-    string_ids: treat user and item ids as strings (coded by sorted unique value).
+    delimiter: field separator (one or more characters; ``"\\t"``, ``"::"`` work).
+    columns: None takes the columns by position: user, item, then rating and time when
+      the first line has a third and a fourth field (more are ignored). Otherwise the
+      user, item, rating and time columns in that order, each a 0-based index, a header
+      name, or None (absent); a shorter sequence leaves the rest absent. Without a
+      rating column every row is an interaction (``ratings`` is None).
+    header: whether the first line is a header. None guesses: a header when some used
+      field is not a number on line 1 but is one on line 2; data when some used field
+      of line 1 is a number; a file whose first two lines are all text (string ids, no
+      rating) cannot be told apart and raises. Names in ``columns`` imply a header.
+    string_ids: treat user and item ids as text even when they are all integers.
+
+  Returns:
+    :class:`Interactions` with ids as in :func:`_text.parse_ids`, float32 ratings and
+    int64 timestamps (when those columns exist).
+
+  Raises ValueError (file, 1-based line, what was expected) for bad settings or data.
   """
   path = os.fspath(path)
   data = _text.normalize(_text.read_bytes(path), path)
   delim = delimiter.encode()
-  if len(delim) != 1:
-    data = data.replace(delim, b"\x1f")
-    delim = b"\x1f"
+  if not delim or b"\n" in delim or b"\r" in delim:
+    raise ValueError(f"read_delimited: bad delimiter {delimiter!r}, expected one or more "
+                     "characters other than a line break")
+  shown = delimiter
   first, rest = _text.split_header(data)
-  names = [n.strip() for n in first.decode("utf-8", "replace").split(delim.decode())]
-  cols = list(columns) + [None] * (4 - len(columns))
+  line1 = [f.strip() for f in first.split(delim)]
+  line2 = [f.strip() for f in rest.split(b"\n", 1)[0].split(delim)] if rest else None
+  text1 = first[:200].decode("utf-8", "replace")
+  if columns is None:
+    if len(line1) < 2:
+      raise ValueError(f"{path}, line 1: expected at least 2 fields (user, item) "
+                       f"separated by {shown!r}, got 1: {text1!r}")
+    cols = [0, 1, 2 if len(line1) > 2 else None, 3 if len(line1) > 3 else None]
+  else:
+    cols = list(columns)
+    if not 2 <= len(cols) <= 4:
+      raise ValueError(f"read_delimited: columns {columns!r}: expected 2 to 4 entries "
+                       "(user, item[, rating[, time]])")
+    cols += [None] * (4 - len(cols))
+  named = any(isinstance(c, str) for c in cols)
   if header is None:
-    probe = cols[0] if isinstance(cols[0], int) else 0
-    try:
-      float(names[probe])
-      header = any(isinstance(c, str) for c in cols)
-    except (ValueError, IndexError):
-      header = True
+    header = True if named else _guess_header(line1, line2, cols, path, text1)
+  elif named and not header:
+    raise ValueError(f"read_delimited: columns {columns!r} name header fields, but the "
+                     "file is said to have no header")
+  names = [f.decode("utf-8", "replace") for f in line1] if header else []
   idx = []
-  for c in cols:
+  for role, c in zip(_COLUMN_ROLES, cols):
     if isinstance(c, str):
-      if not header or c not in names:
-        raise ValueError(f"{path}, line 1: expected a header with a column {c!r}, got "
-                         f"{first[:200].decode('utf-8', 'replace')!r}")
-      idx.append(names.index(c))
-    else:
-      idx.append(c)
+      if c not in names:
+        raise ValueError(f"{path}, line 1: expected a header with a column {c!r} (the "
+                         f"{role} column), got {text1!r}")
+      c = names.index(c)
+    elif c is not None and (isinstance(c, bool) or not isinstance(c, (int, np.integer))
+                            or c < 0):
+      raise ValueError(f"read_delimited: {role} column {c!r}: expected a 0-based index, "
+                       "a header name or None")
+    idx.append(None if c is None else int(c))
+  if idx[0] is None or idx[1] is None:
+    raise ValueError(f"read_delimited: columns {columns!r}: the user and item columns "
+                     "are required")
+  used = [i for i in idx if i is not None]
+  if len(set(used)) != len(used):
+    raise ValueError(f"read_delimited: columns {columns!r} use one column twice "
+                     f"(indices {idx})")
   body, first_line = (rest, 2) if header else (data, 1)
   if not body:
-    raise ValueError(f"{path}: no data lines")
-  n_fields = max(i for i in idx if i is not None) + 1
-  buf, fs, fe = _text.fields(body, delim, n_fields, path, first_line, min_fields=True)
-  # With min_fields the last requested field runs to the line end: cut it at the next
-  # delimiter so extra trailing columns are ignored.
-  last = fe[:, -1]
-  seg = np.frombuffer(body, np.uint8)
-  dpos = np.flatnonzero(seg == delim[0])
-  nxt = np.searchsorted(dpos, fs[:, -1])
-  cut = np.where(nxt < dpos.size, dpos[np.minimum(nxt, dpos.size - 1)], last)
-  fe[:, -1] = np.minimum(cut, last)
-
-  def strings(j):
-    return _text.gather_strings(buf, fs[:, j], fe[:, j])
-
+    raise ValueError(f"{path}: no data lines after the header")
+  buf, fs, fe = _text.fields(body, delim, max(used) + 1, path, first_line,
+                             min_fields=True)
   out = {}
   for key, j, what in (("users", idx[0], "user id"), ("items", idx[1], "item id")):
-    if j is None:
-      raise ValueError("read_delimited: the user and item columns are required")
     out[key], out[key[:-1] + "_vocab"] = _ids(buf, fs[:, j], fe[:, j], path, first_line,
                                               what, string_ids)
   if idx[2] is not None:
-    out["ratings"] = _text.check_finite(
-        _text.parse_numbers(strings(idx[2]), np.float64, path, first_line,
-                            "a numeric rating"), path, first_line, "rating").astype(np.float32)
+    out["ratings"] = _ratings(buf, fs[:, idx[2]], fe[:, idx[2]], path, first_line)
   if idx[3] is not None:
-    v = _text.parse_numbers(strings(idx[3]), np.float64, path, first_line,
-                            "a numeric timestamp")
-    out["timestamps"] = _text.check_integers(v, path, first_line, "timestamp")
+    out["timestamps"] = _timestamps(buf, fs[:, idx[3]], fe[:, idx[3]], path, first_line)
   return Interactions(source=path, **out)
+
+
+def _is_number(token: bytes) -> bool:
+  try:
+    float(token)
+    return True
+  except ValueError:
+    return False
+
+
+def _guess_header(line1, line2, cols, path, text1) -> bool:
+  """Whether line 1 is a header, from the used fields of lines 1 and 2 (see
+  :func:`read_delimited`)."""
+  used = [c for c in cols if isinstance(c, int)]
+  at = lambda line, c: line[c] if line is not None and c < len(line) else None
+  for c in used:
+    a, b = at(line1, c), at(line2, c)
+    if a is not None and b is not None and not _is_number(a) and _is_number(b):
+      return True
+  if any(at(line1, c) is not None and _is_number(at(line1, c)) for c in used):
+    return False
+  raise ValueError(
+      f"{path}, line 1: cannot tell whether {text1!r} is a header or data (its fields "
+      "are text, as are the next line's); say which with header=True or header=False "
+      "(csv_header=yes or no)")
 
 
 def read_user_lines(path: str | os.PathLike) -> Interactions:
