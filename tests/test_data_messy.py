@@ -414,3 +414,51 @@ def test_bad_csv_settings(change, message):
   cfg = configs.Config(dataset="csv").replace(**change)
   with pytest.raises(ValueError, match="bad setting: .*" + message):
     configs.validate(cfg)
+
+
+# ---- messages quote the file's own text; gzipped pairs ----
+
+
+def test_ml1m_messages_show_the_double_colons(tmp_path):
+  p = _write(tmp_path / "ratings.dat", "1::2::5::0\n1::2::5\n")
+  with pytest.raises(ValueError) as e:
+    readers.read_ml1m(p)
+  msg = str(e.value)
+  assert "ratings.dat, line 2: expected 4 fields separated by '::', got 3: '1::2::5'" in msg
+  assert "\t" not in msg and "\x1f" not in msg
+  q = _write(tmp_path / "r2.dat", "1::2::5::0\n1::::5::0\n")
+  with pytest.raises(ValueError, match=r"r2\.dat, line 2: field 2 is empty, expected an "
+                                       r"item id: '1::::5::0'"):
+    readers.read_ml1m(q)
+
+
+def test_numeric_table_messages_show_the_file_text(tmp_path):
+  from jax_vaecf.data import _text
+  with pytest.raises(ValueError, match=r"f\.csv, line 3: expected 2 numbers, got '1,x'"):
+    _text.numeric_table(b"1,2\n1,x\n", b",", 2, "f.csv", 2)
+  with pytest.raises(ValueError, match=r"f\.dat, line 2: expected 2 numbers, got '1::x'"):
+    _text.numeric_table(b"1::2\n1::x\n", b"::", 2, "f.dat", 1)
+
+
+@pytest.mark.parametrize("gz", ["train", "test", "both"])
+def test_ngcf_and_ml100k_fold_gzipped(tmp_path, gz):
+  import gzip
+  files = {"train.txt": b"0 1 2\n1 2 3\n", "test.txt": b"0 3\n1 1\n",
+           "u1.base": b"1\t10\t5\t0\n1\t11\t4\t0\n2\t10\t3\t0\n",
+           "u1.test": b"1\t12\t5\t0\n2\t11\t4\t0\n"}
+  for name, data in files.items():
+    zipped = gz == "both" or name.startswith(gz) or (gz == "test" and name.endswith("test"))
+    if zipped:
+      (tmp_path / (name + ".gz")).write_bytes(gzip.compress(data))
+    else:
+      (tmp_path / name).write_bytes(data)
+  s = load_split("ngcf", str(tmp_path))
+  assert s.train.nnz == 4 and s.test.heldout.nnz == 2
+  t = load_split("ml-100k", str(tmp_path), fold="u1")
+  assert t.item_ids.tolist() == [10, 11] and t.test.heldout.nnz == 1
+
+
+def test_ngcf_missing_file(tmp_path):
+  _write(tmp_path / "train.txt", "0 1\n")
+  with pytest.raises(FileNotFoundError, match=r"test\.txt: not found \(nor test\.txt\.gz\)"):
+    load_split("ngcf", str(tmp_path))

@@ -188,6 +188,11 @@ def _is_blank(b: np.ndarray) -> np.ndarray:
   return (b == 32) | (b == 9)
 
 
+def a(what: str) -> str:
+  """``what`` with its indefinite article, for messages ("an item id", "a user id")."""
+  return ("an " if what[:1].lower() in "aeiou" else "a ") + what
+
+
 def _line_no(lines, i: int) -> int:
   """1-based line of entry ``i``: ``lines + i`` for an int, ``lines[i]`` for an array."""
   return int(lines + i) if np.ndim(lines) == 0 else int(lines[i])
@@ -252,7 +257,7 @@ def parse_ids(strings: np.ndarray, path: str, first_line, what: str,
   empty = ~mat.any(axis=1)
   if empty.any():
     i = int(np.argmax(empty))
-    raise ValueError(f"{path}, line {_line_no(first_line, i)}: expected a {what}, got an "
+    raise ValueError(f"{path}, line {_line_no(first_line, i)}: expected {a(what)}, got an "
                      "empty field")
   # The longest int64 token, "-9223372036854775808", has 20 bytes.
   if not as_strings and width <= 20:

@@ -19,7 +19,7 @@ ml-100k            u.data (or u1..u5/ua/ub .base/.test paper; 10% / 10%; rating 
 csv                the file ``data_dir``               paper unless ``protocol='per_user'``;
                                                        rating > 3.5; every row positive
                                                        without a rating column
-ngcf               train.txt + test.txt                per-user (given files)
+ngcf               train.txt + test.txt (or .gz)       per-user (given files)
 vaecf_dir          the paper's output folder           as written (never cached)
 =================  =================================  ===================================
 
@@ -154,14 +154,20 @@ def load_split(dataset: str, data_dir: str | os.PathLike,
   reader_options = {k: options.pop(k) for k in _READER_OPTIONS if k in options}
   if dataset == "ngcf" or (dataset == "ml-100k" and fold is not None):
     if dataset == "ngcf":
-      pair = [os.path.join(data_dir, n) for n in ("train.txt", "test.txt")]
+      names = ("train.txt", "test.txt")
       read = readers.read_user_lines
     else:
-      pair = [os.path.join(data_dir, f"{fold}.{n}") for n in ("base", "test")]
+      names = (f"{fold}.base", f"{fold}.test")
       read = readers.read_ml100k
-    for p in pair:
-      if not os.path.isfile(p):
-        raise FileNotFoundError(f"{p}: not found, expected the {dataset} train/test pair")
+    pair = []
+    for name in names:
+      p = os.path.join(data_dir, name)
+      # Gzipped copies are read too (by content), as for every other data set.
+      found = [c for c in (p, p + ".gz") if os.path.isfile(c)]
+      if not found:
+        raise FileNotFoundError(f"{p}: not found (nor {name}.gz), expected the {dataset} "
+                                "train/test pair")
+      pair.append(found[0])
     def build():
       report(f"reading {pair[0]} and {pair[1]}")
       tr, te = read(pair[0]), read(pair[1])

@@ -187,7 +187,7 @@ def _four_columns(data, delim, path, first_line,
   if empty.any():
     i, j = np.argwhere(empty)[0]
     raise ValueError(f"{path}, line {first_line + i}: field {j + 1} is empty, expected "
-                     f"a {names[j]}: {_text.nth_line(data, i)!r}")
+                     f"{_text.a(names[j])}: {_text.nth_line(data, i)!r}")
   users, user_vocab = _ids(buf, fs[:, 0], fe[:, 0], path, first_line, names[0])
   items, item_vocab = _ids(buf, fs[:, 1], fe[:, 1], path, first_line, names[1])
   return Interactions(
