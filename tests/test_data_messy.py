@@ -358,6 +358,8 @@ def test_csv_named_and_indexed_columns(tmp_path):
     readers.read_delimited(p, delimiter=";", columns=("who", "item"), header=False)
   with pytest.raises(ValueError, match="one column twice"):
     readers.read_delimited(p, delimiter=";", columns=(2, 2))
+  with pytest.raises(ValueError, match=r"item column -1: expected a 0-based index"):
+    readers.read_delimited(p, delimiter=";", columns=(2, -1))
 
 
 def test_csv_wrong_delimiter_and_short_lines(tmp_path):

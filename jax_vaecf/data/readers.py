@@ -339,6 +339,11 @@ def read_delimited(path: str | os.PathLike, delimiter: str = ",",
       raise ValueError(f"read_delimited: columns {columns!r}: expected 2 to 4 entries "
                        "(user, item[, rating[, time]])")
     cols += [None] * (4 - len(cols))
+  for role, c in zip(_COLUMN_ROLES, cols):
+    if not (c is None or isinstance(c, str) or (
+        isinstance(c, (int, np.integer)) and not isinstance(c, bool) and c >= 0)):
+      raise ValueError(f"read_delimited: {role} column {c!r}: expected a 0-based index, "
+                       "a header name or None")
   named = any(isinstance(c, str) for c in cols)
   if header is None:
     header = True if named else _guess_header(line1, line2, cols, path, text1)
@@ -353,10 +358,6 @@ def read_delimited(path: str | os.PathLike, delimiter: str = ",",
         raise ValueError(f"{path}, line 1: expected a header with a column {c!r} (the "
                          f"{role} column), got {text1!r}")
       c = names.index(c)
-    elif c is not None and (isinstance(c, bool) or not isinstance(c, (int, np.integer))
-                            or c < 0):
-      raise ValueError(f"read_delimited: {role} column {c!r}: expected a 0-based index, "
-                       "a header name or None")
     idx.append(None if c is None else int(c))
   if idx[0] is None or idx[1] is None:
     raise ValueError(f"read_delimited: columns {columns!r}: the user and item columns "
@@ -392,7 +393,7 @@ def _is_number(token: bytes) -> bool:
 def _guess_header(line1, line2, cols, path, text1) -> bool:
   """Whether line 1 is a header, from the used fields of lines 1 and 2 (see
   :func:`read_delimited`)."""
-  used = [c for c in cols if isinstance(c, int)]
+  used = [int(c) for c in cols if c is not None]  # indices: no names when guessing
   at = lambda line, c: line[c] if line is not None and c < len(line) else None
   for c in used:
     a, b = at(line1, c), at(line2, c)
@@ -401,9 +402,9 @@ def _guess_header(line1, line2, cols, path, text1) -> bool:
   if any(at(line1, c) is not None and _is_number(at(line1, c)) for c in used):
     return False
   raise ValueError(
-      f"{path}, line 1: cannot tell whether {text1!r} is a header or data (its fields "
-      "are text, as are the next line's); say which with header=True or header=False "
-      "(csv_header=yes or no)")
+      f"{path}, line 1: cannot tell whether {text1!r} is a header or data (the fields "
+      "used are text, on the next line too); say which with header=True or "
+      "header=False (csv_header=yes or no)")
 
 
 def read_user_lines(path: str | os.PathLike) -> Interactions:
