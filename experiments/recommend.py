@@ -18,6 +18,7 @@ import io
 import json
 import os
 import sys
+import threading
 import time
 
 import numpy as np
@@ -100,6 +101,20 @@ def benchmark(rec: recommend_lib.Recommender, k: int) -> dict:
           "batch10000_users_per_s": 10_000 / dt}
 
 
+def _fail(message: str) -> None:
+  """Prints ``error: <message>`` on stderr and exits with status 1.
+
+  Non-daemon threads are joined first, as interpreter exit would, but before exit
+  hooks shut the thread pools down: orbax's CheckpointManager cleans its folder in such
+  a thread, which close() does not wait for and which, cut off, prints a traceback.
+  """
+  print(f"error: {message}", file=sys.stderr)
+  for t in threading.enumerate():
+    if t is not threading.main_thread() and not t.daemon:
+      t.join()
+  sys.exit(1)
+
+
 def main(argv):
   cli.start(argv, required=("workdir",))
   if FLAGS.k < 1:
@@ -107,8 +122,7 @@ def main(argv):
   try:
     rec = recommend_lib.Recommender.from_workdir(FLAGS.workdir)
   except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+    _fail(str(e))
   if FLAGS.k > rec.model.n_items:
     raise app.UsageError(f"--k={FLAGS.k} exceeds the {rec.model.n_items} items")
   if FLAGS.benchmark:
@@ -120,8 +134,7 @@ def main(argv):
   try:
     out = rec.recommend([FLAGS.items], FLAGS.k)
   except ValueError as e:  # a model whose scores are not finite
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+    _fail(str(e))
   if out.unknown[0]:
     print(f"unknown item ids, skipped: {', '.join(map(str, out.unknown[0]))}")
   titles_path = FLAGS.titles or find_titles(FLAGS.workdir)

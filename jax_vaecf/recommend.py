@@ -53,6 +53,26 @@ def _check_finite(params) -> None:
         "diverged in training; serve an earlier checkpoint or retrain")
 
 
+def _check_has_checkpoint(workdir: str) -> None:
+  """Raises FileNotFoundError unless the run's best set holds a finished save.
+
+  Checked on the file system before orbax is involved: a CheckpointManager opened on a
+  folder removes its interrupted saves (a training run writing into it right now would
+  lose its save), and its close() does not wait for that clean-up, whose thread then
+  fails with a traceback when the process exits straight after the error.
+  """
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints", checkpoint_lib.BEST)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"no checkpoint in {workdir!r} (looked for {directory})")
+  # Orbax names a finished step's folder by the step alone; an unfinished one has a
+  # suffix ("12.orbax-checkpoint-tmp-...").
+  if not any(name.isdigit() and os.path.isdir(os.path.join(directory, name))
+             for name in os.listdir(directory)):
+    raise FileNotFoundError(
+        f"no checkpoint in {workdir!r}: {directory} holds no finished save (has the run "
+        "validated yet?)")
+
+
 def make_topk_fn(model, k: int):
   """``topk(params, batch) -> (scores float32 (B, k), items int32 (B, k))``, jitted.
 
@@ -124,6 +144,7 @@ class Recommender:
     ``item_ids.npy``) and :class:`NonFiniteModelError` when the checkpoint's parameters
     are not finite.
     """
+    _check_has_checkpoint(workdir)
     meta = checkpoint_lib.read_best_meta(workdir)
     ident = meta["identity"]
     ids_path = os.path.join(workdir, "item_ids.npy")

@@ -180,8 +180,30 @@ def test_workdir_with_nonfinite_parameters_is_refused(trained, tmp_path):
   assert r.stderr.startswith("error: the best checkpoint of") and "Traceback" not in r.stderr
 
 
-def test_cli_without_a_run_fails_clearly(tmp_path):
+def _unfinished_run(root):
+  """A workdir whose training was stopped before its first validation."""
+  workdir = root / "unfinished"
+  (workdir / "checkpoints" / "best" / "5.orbax-checkpoint-tmp-1").mkdir(parents=True)
+  (workdir / "config.json").write_text("{}")
+  return workdir
+
+
+def test_workdir_without_a_finished_checkpoint_is_refused_untouched(tmp_path):
+  workdir = _unfinished_run(tmp_path)
+  with pytest.raises(FileNotFoundError, match="holds no finished save"):
+    recommend.Recommender.from_workdir(str(workdir))
+  # A save in progress (a run training into the workdir right now) is not removed.
+  assert os.listdir(workdir / "checkpoints" / "best") == ["5.orbax-checkpoint-tmp-1"]
+  with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+    recommend.Recommender.from_workdir(str(tmp_path / "nothing"))
+
+
+@pytest.mark.parametrize("kind", ["empty", "unfinished"])
+def test_cli_without_a_run_fails_with_one_clean_line(tmp_path, kind):
+  workdir = tmp_path if kind == "empty" else _unfinished_run(tmp_path)
   r = subprocess.run([sys.executable, "-m", "experiments.recommend", "--workdir",
-                      str(tmp_path), "--items", "1"], cwd=REPO, capture_output=True,
+                      str(workdir), "--items", "1"], cwd=REPO, capture_output=True,
                      text=True, timeout=120)
-  assert r.returncode != 0 and "no checkpoint" in r.stderr
+  assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: no checkpoint in"), r.stderr
