@@ -15,24 +15,100 @@ mapping and whatever else a caller puts there. Orbax writes each step to a tempo
 folder and renames it when complete, so an interrupted save never replaces a good
 checkpoint. Arrays are restored to the shardings of the ``target`` passed in, so a state
 saved on N devices restores on M.
+
+After a save, ``<step>/checksums.json`` records the size and CRC-32 of every file of the
+step; a restore verifies them first, so a truncated or altered file is reported by name
+instead of being handed to orbax (which may fail deep inside, or read damaged values).
+Two latest states are kept by default, so a newest one that cannot be read (a truncated
+file, a disk error) falls back to the one before it, with a warning naming the bad
+folder; :class:`CheckpointUnreadableError` (naming every folder tried) is raised only
+when no state of a kind can be read.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
+import warnings
+import zlib
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jax_vaecf import files as files_lib
+
 LATEST = "latest"
 BEST = "best"
+CHECKSUMS = "checksums.json"
+_CRC_BLOCK = 1 << 24
 
 
 class CheckpointMismatchError(ValueError):
   """A checkpoint belongs to another model shape or dataset than the run asks for."""
+
+
+class CheckpointUnreadableError(ValueError):
+  """Checkpoint folders exist but none of them can be read back."""
+
+
+def _reason(e: BaseException) -> str:
+  """The first line of an exception's message (orbax nests long tracebacks in them)."""
+  text = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+def _crc32(path: str) -> int:
+  crc = 0
+  with open(path, "rb") as f:
+    while block := f.read(_CRC_BLOCK):
+      crc = zlib.crc32(block, crc)
+  return crc
+
+
+def _step_files(step_dir: str) -> list[str]:
+  out = []
+  for d, _, names in os.walk(step_dir):
+    out += [os.path.relpath(os.path.join(d, n), step_dir) for n in names]
+  return sorted(f for f in out if f != CHECKSUMS)
+
+
+def write_checksums(step_dir: str) -> None:
+  """Records ``[size, crc32]`` of every file under a finished step folder."""
+  table = {f: [os.path.getsize(os.path.join(step_dir, f)), _crc32(os.path.join(step_dir, f))]
+           for f in _step_files(step_dir)}
+  files_lib.write_text_atomic(os.path.join(step_dir, CHECKSUMS),
+                              json.dumps(table, sort_keys=True))
+
+
+def verify_checksums(step_dir: str) -> None:
+  """Raises :class:`CheckpointUnreadableError` naming the first file of ``step_dir`` that
+  is missing, truncated or altered since :func:`write_checksums`. A step saved without
+  checksums (killed before they were written, or an older version) passes unchecked."""
+  path = os.path.join(step_dir, CHECKSUMS)
+  if not os.path.exists(path):
+    return
+  try:
+    with open(path) as f:
+      table = json.load(f)
+    if not isinstance(table, dict):
+      raise ValueError("not a JSON object")
+  except (OSError, ValueError) as e:
+    raise CheckpointUnreadableError(f"{path}: unreadable checksums ({e})") from None
+  for name, (size, crc) in sorted(table.items()):
+    f = os.path.join(step_dir, name)
+    if not os.path.isfile(f):
+      raise CheckpointUnreadableError(f"{f}: missing from the checkpoint")
+    actual = os.path.getsize(f)
+    if actual != size:
+      raise CheckpointUnreadableError(
+          f"{f}: {actual} bytes, the checkpoint wrote {size} (truncated or replaced)")
+    if _crc32(f) != crc:
+      raise CheckpointUnreadableError(f"{f}: content differs from what the checkpoint "
+                                      "wrote (checksum mismatch)")
 
 
 def _manager(directory: str, *, max_to_keep: int,
@@ -70,12 +146,12 @@ class RunCheckpoints:
     workdir: the run's directory.
     identity: JSON-able facts that must match for a checkpoint to be reused (model name
       and sizes, number of items, dataset and processing options).
-    keep_latest: how many of the newest states to keep.
+    keep_latest: how many of the newest states to keep (2: one to fall back on).
     keep_best: how many of the best states (by ``best_metric``) to keep.
     best_metric: the key of the metrics dict passed to :meth:`save_best`.
   """
 
-  def __init__(self, workdir: str, identity: Mapping[str, Any], *, keep_latest: int = 1,
+  def __init__(self, workdir: str, identity: Mapping[str, Any], *, keep_latest: int = 2,
                keep_best: int = 1, best_metric: str = "ndcg@100"):
     if keep_latest < 1 or keep_best < 1:
       raise ValueError("keep_latest and keep_best must be >= 1")
@@ -86,13 +162,35 @@ class RunCheckpoints:
                             best_metric=None)
     self._best = _manager(os.path.join(self.root, BEST), max_to_keep=keep_best,
                           best_metric=best_metric)
+    # Another run's checkpoints are refused before anything is written: the newest
+    # readable meta of each kind is checked (unreadable ones are reported at restore).
     for mngr in (self._latest, self._best):
-      step = mngr.latest_step()
-      if step is not None:
-        self._check_identity(mngr, step)
+      for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+          meta = self._read_meta(mngr, step)
+        except CheckpointUnreadableError:
+          continue
+        self._check_identity(mngr, meta)
+        break
 
-  def _check_identity(self, mngr: ocp.CheckpointManager, step: int) -> None:
-    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  @staticmethod
+  def _step_dir(mngr: ocp.CheckpointManager, step: int) -> str:
+    return os.path.join(os.fspath(mngr.directory), str(step))
+
+  def _read_meta(self, mngr: ocp.CheckpointManager, step: int) -> dict:
+    verify_checksums(self._step_dir(mngr, step))
+    try:
+      meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # orbax raises many kinds for damaged files
+      raise CheckpointUnreadableError(
+          f"{self._step_dir(mngr, step)}: unreadable checkpoint metadata "
+          f"({_reason(e)})") from None
+    if not isinstance(meta, dict):
+      raise CheckpointUnreadableError(
+          f"{self._step_dir(mngr, step)}: checkpoint metadata is not a JSON object")
+    return meta
+
+  def _check_identity(self, mngr: ocp.CheckpointManager, meta: dict) -> None:
     saved = meta.get("identity", {})
     # Both ways: a checkpoint with a fact this run lacks is another run's too.
     diff = {k: (saved.get(k), self.identity.get(k)) for k in set(saved) | set(self.identity)
@@ -113,9 +211,18 @@ class RunCheckpoints:
                   meta=ocp.args.JsonSave(meta)),
               metrics=dict(metrics) if metrics else None, force=True)
     mngr.wait_until_finished()
+    # A best-K manager drops a state at once when it does not rank.
+    if jax.process_index() == 0 and int(step) in mngr.all_steps():
+      write_checksums(self._step_dir(mngr, step))
 
   def save_latest(self, step: int, state, meta: Mapping[str, Any]) -> None:
-    """Saves ``state`` as the newest resumable state at ``step``."""
+    """Saves ``state`` as the newest resumable state at ``step``.
+
+    A state already stored at ``step`` is replaced: a run only saves a step again when
+    it resumed from an older state because that one could not be read.
+    """
+    if int(step) in self._latest.all_steps():
+      self._latest.delete(int(step))
     self._save(self._latest, step, state, meta)
 
   def save_best(self, step: int, state, meta: Mapping[str, Any],
@@ -137,24 +244,73 @@ class RunCheckpoints:
     return self._best.best_step()
 
   def _restore(self, mngr, step: int, target):
+    meta = self._read_meta(mngr, step)
+    self._check_identity(mngr, meta)
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
                                       _stored_fields(target))
-    out = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-    state = out["state"]
+    try:
+      state = mngr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract)))["state"]
+    except Exception as e:  # orbax raises many kinds for damaged files
+      raise CheckpointUnreadableError(
+          f"{self._step_dir(mngr, step)}: unreadable checkpoint state ({_reason(e)})"
+      ) from None
     if dataclasses.is_dataclass(target):
       state = dataclasses.replace(target, **state)
-    return state, out["meta"]
+    return state, meta
+
+  def _restore_newest_readable(self, mngr, steps, target):
+    """The newest of ``steps`` that reads back; warns about each one that does not."""
+    failures = []
+    for step in sorted(steps, reverse=True):
+      try:
+        return self._restore(mngr, step, target)
+      except CheckpointUnreadableError as e:
+        failures.append(str(e))
+        warnings.warn(f"{e}; trying an older checkpoint", RuntimeWarning, stacklevel=3)
+    if failures:
+      raise CheckpointUnreadableError("no readable checkpoint: " + "; ".join(failures))
+    return None
 
   def restore_latest(self, target) -> tuple[Any, dict] | None:
-    """``(state, meta)`` of the newest state, laid out like ``target``; None if none."""
-    step = self._latest.latest_step()
-    return None if step is None else self._restore(self._latest, step, target)
+    """``(state, meta)`` of the newest readable state, laid out like ``target``.
+
+    None when there is none; :class:`CheckpointUnreadableError` when there are some and
+    none reads back.
+    """
+    return self._restore_newest_readable(self._latest, self._latest.all_steps(), target)
 
   def restore_best(self, target) -> tuple[Any, dict] | None:
-    """``(state, meta)`` of the best state, laid out like ``target``; None if none."""
-    step = self._best.best_step()
-    return None if step is None else self._restore(self._best, step, target)
+    """``(state, meta)`` of the best state, laid out like ``target``; None if none.
+
+    If the best cannot be read the next best is used, with a warning.
+    """
+    if self._best.best_step() is None:
+      return None
+    failures = []
+    for s in self._best_ranking():
+      try:
+        return self._restore(self._best, s, target)
+      except CheckpointUnreadableError as e:
+        failures.append(str(e))
+        warnings.warn(f"{e}; trying the next best checkpoint", RuntimeWarning, stacklevel=2)
+    raise CheckpointUnreadableError("no readable best checkpoint: " + "; ".join(failures))
+
+  def restore_newest_best(self, target) -> tuple[Any, dict] | None:
+    """``(state, meta)`` of the most recent state in the best set (a resumable point of
+    the same run when the latest states are lost); None if the set is empty."""
+    return self._restore_newest_readable(self._best, self._best.all_steps(), target)
+
+  def _best_ranking(self) -> list[int]:
+    """Steps of the best set, best first by the stored metric (unscored ones last)."""
+    scored = []
+    for step in self._best.all_steps():
+      try:
+        value = (self._best.metrics(step) or {}).get(self.best_metric)
+      except Exception:  # a damaged step: tried last, and reported when restored
+        value = None
+      scored.append((-math.inf if value is None else float(value), step))
+    return [st for _, st in sorted(scored, key=lambda p: (-p[0], -p[1]))]
 
   def close(self) -> None:
     self._latest.close()
@@ -174,6 +330,12 @@ def read_best_meta(workdir: str) -> dict:
     step = mngr.best_step()
     if step is None:
       raise FileNotFoundError(f"no finished checkpoint in {directory}")
-    return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    verify_checksums(os.path.join(directory, str(step)))
+    try:
+      return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # orbax raises many kinds for damaged files
+      raise CheckpointUnreadableError(
+          f"{os.path.join(directory, str(step))}: unreadable checkpoint metadata "
+          f"({_reason(e)})") from None
   finally:
     mngr.close()

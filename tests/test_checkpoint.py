@@ -131,3 +131,48 @@ def test_states_with_and_without_a_weight_average_and_older_checkpoints_restore(
   ck.close()
   assert got.ema_params is None
   _assert_same(got, plain)
+
+
+def _damage(path, size):
+  with open(path, "r+b") as f:
+    f.truncate(size)
+
+
+def test_damaged_checkpoints_are_named_and_the_previous_one_is_used(tmp_path):
+  ck = checkpoint.RunCheckpoints(str(tmp_path), IDENTITY)
+  ck.save_latest(1, _state(1), {"epoch": 1})
+  ck.save_latest(2, _state(2), {"epoch": 2})
+  ck.close()
+  root = tmp_path / "checkpoints" / "latest"
+  assert sorted(os.listdir(root)) == ["1", "2"]  # the previous one is kept to fall back on
+  meta2 = root / "2" / "meta" / "metadata"
+  _damage(meta2, 5)
+  ck = checkpoint.RunCheckpoints(str(tmp_path), IDENTITY)  # opening still works
+  with pytest.warns(RuntimeWarning, match=f"{meta2}: 5 bytes, the checkpoint wrote"):
+    restored, meta = ck.restore_latest(_state())
+  assert meta["epoch"] == 1
+  _assert_same(restored.params, _state(1).params)
+  # Altered content of the same length is caught by the checksum, before orbax reads it.
+  data1 = max((p for p in (root / "1" / "state").rglob("*") if p.is_file()
+               and p.parent.name == "d"), key=lambda p: p.stat().st_size)
+  raw = bytearray(data1.read_bytes())
+  raw[len(raw) // 2] ^= 0xFF
+  data1.write_bytes(bytes(raw))
+  with pytest.warns(RuntimeWarning), pytest.raises(
+      checkpoint.CheckpointUnreadableError,
+      match=f"no readable checkpoint: {meta2}: .*; {data1}: content differs"):
+    ck.restore_latest(_state())
+  ck.close()
+
+
+def test_a_damaged_best_falls_back_to_the_next_best(tmp_path):
+  ck = checkpoint.RunCheckpoints(str(tmp_path), IDENTITY, keep_best=2)
+  ck.save_best(1, _state(1), {"epoch": 1}, {"ndcg@100": 0.3})
+  ck.save_best(2, _state(2), {"epoch": 2}, {"ndcg@100": 0.5})
+  _damage(tmp_path / "checkpoints" / "best" / "2" / "meta" / "metadata", 3)
+  with pytest.warns(RuntimeWarning, match="trying the next best"):
+    _, meta = ck.restore_best(_state())
+  assert meta["epoch"] == 1
+  with pytest.raises(checkpoint.CheckpointUnreadableError, match="best/2/meta/metadata"):
+    checkpoint.read_best_meta(str(tmp_path))
+  ck.close()
