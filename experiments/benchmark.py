@@ -33,6 +33,8 @@ import time
 from absl import app
 from absl import flags
 
+from experiments import cli
+
 _FLAGS = flags.FLAGS
 flags.DEFINE_integer("batch_size", 500, "Training users per step.")
 flags.DEFINE_enum("precision", "fp32", ["fp32", "bf16", "fp16"], "Matmul precision.")
@@ -275,4 +277,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
