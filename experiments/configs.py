@@ -247,6 +247,17 @@ def get_config(name: str) -> Config:
     raise ValueError(f"unknown config {name!r}: expected one of {sorted(PRESETS)}") from None
 
 
+# Settings a resumed run may change: they do not alter what the checkpoints were trained
+# on or how (data location, run length, evaluation and checkpoint cadence, devices and
+# the layout of the same math). Any other change is refused on resume.
+RESUMABLE_FIELDS = frozenset({
+    "data_dir", "cache_dir", "download", "number_of_epochs", "batch_size_validation",
+    "validation_step", "test_ks", "checkpoint_every", "keep_best", "train", "test",
+    "benchmark", "warm_up_epochs", "input_format", "output_chunk_size", "parallel",
+    "number_of_devices", "gpu_number", "prefetch",
+})
+
+
 def validate(cfg: Config) -> None:
   """Raises ``ValueError`` naming the first nonsensical setting, before any work."""
   csv_columns = [c.strip() for c in cfg.csv_columns.split(",")] if cfg.csv_columns else []

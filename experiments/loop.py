@@ -20,11 +20,12 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
+import warnings
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -34,6 +35,7 @@ from jax_vaecf import checkpoint as checkpoint_lib
 from jax_vaecf import data as data_lib
 from jax_vaecf import metrics as metrics_lib
 from jax_vaecf import distributed
+from jax_vaecf import files as files_lib
 from jax_vaecf import model as model_lib
 from jax_vaecf import parallel as parallel_lib
 from jax_vaecf import precision as precision_lib
@@ -185,21 +187,21 @@ class MetricsLog:
 
   def truncate_after(self, epoch: int) -> None:
     """Keeps the training records up to ``epoch`` (a resumed run replays the rest)."""
-    keep = [r for r in self.records() if r.get("split") == "train" and r["epoch"] <= epoch]
-    _atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in keep))
+    keep = [r for r in self.records()
+            if r.get("split") in ("train", "config") and r["epoch"] <= epoch]
+    files_lib.write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
+
+  def checkpointed_epochs(self) -> list[int]:
+    """Epochs whose record says a resumable checkpoint was saved (records written
+    before that was recorded count as saved: the cautious reading)."""
+    return [int(r["epoch"]) for r in self.records()
+            if r.get("split") == "train" and r.get("checkpointed", True)]
 
   def write(self, record: dict) -> None:
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
       f.flush()
       os.fsync(f.fileno())
-
-
-def _atomic_write(path: str, text: str) -> None:
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-  with os.fdopen(fd, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
 
 
 def evaluate(steps, params, split: data_lib.EvalSplit, batch_size: int) -> dict:
@@ -224,10 +226,10 @@ def _pipelined(fn, params, host_batches, put):
     yield pending
 
 
-def _mean_of(steps, step_metrics: list[dict]) -> dict:
-  if not step_metrics:
+def _mean_of(host: list[dict]) -> dict:
+  """The epoch's record of per-step metrics already on the host."""
+  if not host:
     return {}
-  host = [steps.metrics_to_host(m) for m in step_metrics]  # read once per epoch
   keys = ("loss", "nll", "kl")
   out = {k: float(np.mean([m[k] for m in host])) for k in keys}
   out["beta"] = float(host[-1]["beta"])
@@ -239,28 +241,114 @@ def _mean_of(steps, step_metrics: list[dict]) -> dict:
 # ---------------------------------------------------------------------------- modes
 
 
+class TrainingDivergedError(RuntimeError):
+  """The loss or the parameters stopped being finite: the run cannot go on."""
+
+
+def resume_point(cfg: configs.Config, workdir: str, ck: checkpoint_lib.RunCheckpoints,
+                 state: train_lib.TrainState, log: MetricsLog | None
+                 ) -> tuple[train_lib.TrainState, int, float]:
+  """``(state, epoch, best)`` to continue from: the newest readable latest checkpoint,
+  else (with a warning) the newest state of the best set, else epoch 0.
+
+  Raises ``ValueError`` when the metrics log shows that checkpoints were saved but none
+  can be read, rather than training again from epoch 0 over that log.
+  """
+  reason = "no checkpoint in checkpoints/latest"
+  try:
+    restored = ck.restore_latest(state)
+  except checkpoint_lib.CheckpointUnreadableError as e:
+    restored, reason = None, str(e)
+  if restored is not None:
+    state, meta = restored
+    return state, int(meta["epoch"]), float(meta["best"])
+  saved = log.checkpointed_epochs() if log is not None else []
+  if not saved:
+    return state, 0, -math.inf  # a run killed before its first checkpoint: start over
+  try:
+    fallback = ck.restore_newest_best(state)
+  except checkpoint_lib.CheckpointUnreadableError as e:
+    fallback, reason = None, f"{reason}; {e}"
+  if fallback is not None and "best" in fallback[1]:
+    state, meta = fallback
+    warnings.warn(f"{workdir}: {reason}; resuming from the best checkpoint's state of "
+                  f"epoch {meta['epoch']} instead (later epochs are trained again)",
+                  RuntimeWarning, stacklevel=2)
+    return state, int(meta["epoch"]), float(meta["best"])
+  raise ValueError(
+      f"{workdir}: metrics.jsonl records a checkpoint at epoch {max(saved)} but none can "
+      f"be resumed ({reason}). Not training again from epoch 0 over that log: move or "
+      "delete the workdir's metrics.jsonl and checkpoints/ to start over, or use another "
+      "--workdir")
+
+
+def check_finite(cfg: configs.Config, steps, state: train_lib.TrainState,
+                 host_metrics: list[dict], epoch: int, last_saved_epoch: int) -> None:
+  """Raises :class:`TrainingDivergedError` when an applied step had a non-finite loss or
+  a parameter holds NaN or an infinity.
+
+  Under dynamic loss scaling (fp16) a non-finite step is skipped by design and leaves the
+  parameters as they were, so only the parameters are checked there.
+  """
+  bad_steps = [] if precision_lib.get_policy(cfg.precision).loss_scaling else [
+      i for i, m in enumerate(host_metrics) if not np.isfinite(m["loss"])]
+  trees = {"params": state.params}
+  if state.ema_params is not None:
+    trees["ema_params"] = state.ema_params
+  finite = steps.to_host(_leaf_is_finite(trees))
+  bad_leaves = ["/".join(str(getattr(k, "key", k)) for k in path)
+                for path, ok in jax.tree_util.tree_flatten_with_path(finite)[0]
+                if not bool(np.all(ok))]
+  if not bad_steps and not bad_leaves:
+    return
+  what = []
+  if bad_steps:
+    i = bad_steps[0]
+    what.append(f"the loss is {host_metrics[i]['loss']} from step {i + 1} of the epoch "
+                f"on ({len(bad_steps)} of {len(host_metrics)} steps)")
+  if bad_leaves:
+    what.append("non-finite values in " + ", ".join(bad_leaves[:4])
+                + (f" and {len(bad_leaves) - 4} more arrays" if len(bad_leaves) > 4 else ""))
+  saved = (f"the last checkpoint is epoch {last_saved_epoch}" if last_saved_epoch
+           else "no checkpoint was saved")
+  hint = f"lower --lr (now {cfg.lr:g})"
+  if cfg.precision != "fp32":
+    hint += " or use --precision=fp32"
+  if last_saved_epoch:
+    hint += " and start again in a new --workdir"
+  raise TrainingDivergedError(
+      f"training diverged in epoch {epoch}: {'; '.join(what)}. Nothing of this epoch was "
+      f"validated or saved ({saved}); {hint}")
+
+
+@jax.jit
+def _leaf_is_finite(tree):
+  return jax.tree_util.tree_map(lambda a: jnp.all(jnp.isfinite(a)), tree)
+
+
 def train_and_validate(cfg: configs.Config, workdir: str, split: data_lib.Split,
                        ck: checkpoint_lib.RunCheckpoints | None, steps, model, optimizer,
                        *, stop_after_epochs: int | None = None) -> dict:
   """Trains ``cfg.number_of_epochs`` epochs (resuming), validating and checkpointing.
 
   ``ck`` is None in pure benchmark runs (nothing is written). Returns the benchmark
-  summary and the best validation metrics.
+  summary and the best validation metrics. Raises :class:`TrainingDivergedError` (after
+  logging it) when the loss or the parameters stop being finite.
   """
   state = fresh_state(cfg, model, optimizer)
   start_epoch, best = 0, -math.inf
   # In a multi-process run every process computes the same records; one writes them.
   log = MetricsLog(workdir) if ck is not None and jax.process_index() == 0 else None
   if ck is not None:
-    restored = ck.restore_latest(state)
-    if restored is not None:
-      state, meta = restored
-      start_epoch, best = int(meta["epoch"]), float(meta["best"])
+    state, start_epoch, best = resume_point(cfg, workdir, ck, state, log)
+    if start_epoch:
       logging.info("resuming %s after epoch %d (step %d)", workdir, start_epoch,
                    int(state.step))
       print(f"resumed from epoch {start_epoch}", flush=True)
     if log is not None:
       log.truncate_after(start_epoch)
+      _write_run_files(cfg, workdir, split, start_epoch)
+  last_saved_epoch = start_epoch
   state = steps.init_state(state)
   batcher = data_lib.TrainBatcher(split.train, cfg.batch_size_train, seed=cfg.seed,
                                   num_shards=steps.num_shards)
@@ -280,11 +368,18 @@ def train_and_validate(cfg: configs.Config, workdir: str, split: data_lib.Split,
     jax.block_until_ready(state)
     epoch_time = time.perf_counter() - t0
     epoch_times.append(epoch_time)
-    record = {"split": "train", "epoch": epoch + 1,
-              "step": int(steps.to_host(state.step)), **_mean_of(steps, step_metrics),
+    host_metrics = [steps.metrics_to_host(m) for m in step_metrics]  # once per epoch
+    done = epoch + 1
+    try:
+      check_finite(cfg, steps, state, host_metrics, done, last_saved_epoch)
+    except TrainingDivergedError as e:
+      if log is not None:
+        log.write({"split": "diverged", "epoch": done, "message": str(e)})
+      raise
+    record = {"split": "train", "epoch": done,
+              "step": int(steps.to_host(state.step)), **_mean_of(host_metrics),
               "epoch_time_s": epoch_time,
               "users_per_s": n_users / epoch_time}
-    done = epoch + 1
     validate_now = split.validation is not None and (
         done % cfg.validation_step == 0 or done == last_epoch)
     host_state = None
@@ -301,17 +396,21 @@ def train_and_validate(cfg: configs.Config, workdir: str, split: data_lib.Split,
         if ck is not None:
           host_state = steps.to_host(state)
           if not ck.has_best(record["step"]):
-            ck.save_best(record["step"], host_state, {"epoch": done},
+            ck.save_best(record["step"], host_state, {"epoch": done, "best": best},
                          {BEST_METRIC: best})
     elif split.validation is None and done == last_epoch and ck is not None:
       # Per-user protocol: no validation users, so the final model is the one tested.
       host_state = steps.to_host(state)
       if not ck.has_best(record["step"]):
-        ck.save_best(record["step"], host_state, {"epoch": done}, {BEST_METRIC: done})
+        ck.save_best(record["step"], host_state, {"epoch": done, "best": best},
+                     {BEST_METRIC: done})
     record["best_val_ndcg@100"] = best if best > -math.inf else None
-    if ck is not None and (done % cfg.checkpoint_every == 0 or done == last_epoch):
+    record["checkpointed"] = ck is not None and (
+        done % cfg.checkpoint_every == 0 or done == last_epoch)
+    if record["checkpointed"]:
       host_state = host_state if host_state is not None else steps.to_host(state)
       ck.save_latest(record["step"], host_state, {"epoch": done, "best": best})
+      last_saved_epoch = done
     if log is not None:
       log.write(record)
     _print_epoch(record)
@@ -362,10 +461,78 @@ def format_test(result: dict, ks) -> str:
           f"items; best epoch {result.get('epoch')}): " + "  ".join(parts))
 
 
+def prepare_workdir(cfg: configs.Config, workdir: str) -> None:
+  """Checks, before any data work, that ``workdir`` can hold this run.
+
+  It must be a folder (created if missing) that can be written when the run trains or
+  tests. When it already holds a run, the settings that shape what is trained must be
+  those in its ``config.json`` (``configs.RESUMABLE_FIELDS`` may change); otherwise
+  ``ValueError`` lists the differences, so a record of a run never describes settings
+  its checkpoints were not trained with.
+  """
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"--workdir={workdir}: this is a file, expected a folder for the run")
+  if not (cfg.train or cfg.test):
+    return  # benchmark only: nothing is written
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with files_lib.atomic_write(os.path.join(workdir, ".write-test"), "wb"):
+      pass
+    os.remove(os.path.join(workdir, ".write-test"))
+  except OSError as e:
+    raise ValueError(f"--workdir={workdir}: cannot write there ({e.strerror or e})") from None
+  if cfg.train and _holds_a_run(workdir):
+    changed = config_changes(_saved_config(workdir), cfg)
+    fixed = {k: v for k, v in changed.items() if k not in configs.RESUMABLE_FIELDS}
+    if fixed:
+      lines = "; ".join(f"--{k}: the run has {a!r}, this command asks {b!r}"
+                        for k, (a, b) in sorted(fixed.items()))
+      raise ValueError(
+          f"{workdir} holds a run trained with other settings ({lines}). Resuming would "
+          "mix them; use another --workdir, or the run's own settings")
+
+
+def _holds_a_run(workdir: str) -> bool:
+  ck_root = os.path.join(workdir, "checkpoints")
+  has_steps = any(os.listdir(os.path.join(ck_root, kind))
+                  for kind in (checkpoint_lib.LATEST, checkpoint_lib.BEST)
+                  if os.path.isdir(os.path.join(ck_root, kind)))
+  return has_steps or bool(MetricsLog(workdir).checkpointed_epochs())
+
+
+def _saved_config(workdir: str) -> dict:
+  path = os.path.join(workdir, "config.json")
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except FileNotFoundError:
+    raise ValueError(f"{path}: missing, but the workdir holds checkpoints; cannot tell "
+                     "what they were trained with. Use another --workdir") from None
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path}: unreadable ({e})") from None
+  if not isinstance(saved, dict):
+    raise ValueError(f"{path}: expected a JSON object of settings")
+  return saved
+
+
+def _as_json(cfg: configs.Config) -> dict:
+  return json.loads(json.dumps(dataclasses.asdict(cfg), default=list))
+
+
+def config_changes(saved: dict, cfg: configs.Config) -> dict:
+  """``{field: (saved value, new value)}`` for each setting that differs (a field the
+  saved config lacks counts as its default)."""
+  now = _as_json(cfg)
+  default = _as_json(configs.Config())
+  return {k: (saved.get(k, default[k]), v) for k, v in now.items()
+          if saved.get(k, default[k]) != v}
+
+
 def run(cfg: configs.Config, workdir: str) -> dict:
   """Runs the modes the config asks for; returns their results."""
   configs.validate(cfg)
   select_devices(cfg)  # fail before any data work
+  prepare_workdir(cfg, workdir)
   split = load_data(cfg)
   print(data_lib.format_stats(split.stats()), flush=True)
   n_items = split.n_items
@@ -382,8 +549,6 @@ def run(cfg: configs.Config, workdir: str) -> dict:
   if cfg.train or cfg.test:
     ck = checkpoint_lib.RunCheckpoints(workdir, identity(cfg, split),
                                        keep_best=cfg.keep_best, best_metric=BEST_METRIC)
-    if jax.process_index() == 0:
-      _write_run_files(cfg, workdir, split)
   try:
     if cfg.train or cfg.benchmark:
       results["train"] = train_and_validate(cfg, workdir, split,
@@ -412,12 +577,21 @@ def format_benchmark(s: dict) -> str:
   return line
 
 
-def _write_run_files(cfg: configs.Config, workdir: str, split: data_lib.Split) -> None:
-  """The config and raw item ids, so that a workdir alone is enough to serve."""
-  _atomic_write(os.path.join(workdir, "config.json"),
-                json.dumps(dataclasses.asdict(cfg), indent=1, default=list))
-  ids_path = os.path.join(workdir, "item_ids.npy")
-  fd, tmp = tempfile.mkstemp(dir=workdir, prefix=".tmp-", suffix=".npy")
-  with os.fdopen(fd, "wb") as f:
+def _write_run_files(cfg: configs.Config, workdir: str, split: data_lib.Split,
+                     start_epoch: int) -> None:
+  """The config and raw item ids, so that a workdir alone is enough to serve.
+
+  A run resumed after ``start_epoch`` may have changed only ``configs.RESUMABLE_FIELDS``
+  (checked by :func:`prepare_workdir`); such changes are logged in ``metrics.jsonl`` as
+  a ``{"split": "config"}`` record before ``config.json`` takes the new values.
+  """
+  path = os.path.join(workdir, "config.json")
+  if start_epoch and os.path.exists(path):
+    changed = config_changes(_saved_config(workdir), cfg)
+    if changed:
+      MetricsLog(workdir).write({
+          "split": "config", "epoch": start_epoch,
+          "changes": {k: {"from": a, "to": b} for k, (a, b) in sorted(changed.items())}})
+  files_lib.write_text_atomic(path, json.dumps(_as_json(cfg), indent=1))
+  with files_lib.atomic_write(os.path.join(workdir, "item_ids.npy"), "wb") as f:
     np.save(f, np.asarray(split.item_ids), allow_pickle=False)
-  os.replace(tmp, ids_path)
