@@ -547,8 +547,10 @@ def run(cfg: configs.Config, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   ck = None
   if cfg.train or cfg.test:
+    # Test mode alone only reads: a run still training in the workdir is not disturbed.
     ck = checkpoint_lib.RunCheckpoints(workdir, identity(cfg, split),
-                                       keep_best=cfg.keep_best, best_metric=BEST_METRIC)
+                                       keep_best=cfg.keep_best, best_metric=BEST_METRIC,
+                                       read_only=not cfg.train)
   try:
     if cfg.train or cfg.benchmark:
       results["train"] = train_and_validate(cfg, workdir, split,

@@ -111,16 +111,18 @@ def verify_checksums(step_dir: str) -> None:
                                       "wrote (checksum mismatch)")
 
 
-def _manager(directory: str, *, max_to_keep: int,
-             best_metric: str | None) -> ocp.CheckpointManager:
+def _manager(directory: str, *, max_to_keep: int | None,
+             best_metric: str | None, read_only: bool = False) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep,
+      max_to_keep=None if read_only else max_to_keep,
       best_fn=(lambda m: m[best_metric]) if best_metric else None,
       best_mode="max",
-      create=True,
+      create=not read_only,
       enable_async_checkpointing=False,
-      # Folders of saves that were interrupted are removed, never read.
-      cleanup_tmp_directories=True,
+      # A writer removes folders of its own interrupted saves; a reader (a server on a
+      # run that is still training) must not remove a save in progress.
+      cleanup_tmp_directories=not read_only,
+      read_only=read_only,
   )
   return ocp.CheckpointManager(directory, options=options)
 
@@ -149,19 +151,21 @@ class RunCheckpoints:
     keep_latest: how many of the newest states to keep (2: one to fall back on).
     keep_best: how many of the best states (by ``best_metric``) to keep.
     best_metric: the key of the metrics dict passed to :meth:`save_best`.
+    read_only: only restore: nothing is created, saved or cleaned up (for serving a
+      workdir, possibly while its run is still training).
   """
 
   def __init__(self, workdir: str, identity: Mapping[str, Any], *, keep_latest: int = 2,
-               keep_best: int = 1, best_metric: str = "ndcg@100"):
+               keep_best: int = 1, best_metric: str = "ndcg@100", read_only: bool = False):
     if keep_latest < 1 or keep_best < 1:
       raise ValueError("keep_latest and keep_best must be >= 1")
     self.root = os.path.join(os.path.abspath(workdir), "checkpoints")
     self.identity = dict(identity)
     self.best_metric = best_metric
     self._latest = _manager(os.path.join(self.root, LATEST), max_to_keep=keep_latest,
-                            best_metric=None)
+                            best_metric=None, read_only=read_only)
     self._best = _manager(os.path.join(self.root, BEST), max_to_keep=keep_best,
-                          best_metric=best_metric)
+                          best_metric=best_metric, read_only=read_only)
     # Another run's checkpoints are refused before anything is written: the newest
     # readable meta of each kind is checked (unreadable ones are reported at restore).
     for mngr in (self._latest, self._best):
@@ -325,7 +329,7 @@ def read_best_meta(workdir: str) -> dict:
   directory = os.path.join(os.path.abspath(workdir), "checkpoints", BEST)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"no checkpoint in {workdir!r} (looked for {directory})")
-  mngr = _manager(directory, max_to_keep=1, best_metric="ndcg@100")
+  mngr = _manager(directory, max_to_keep=None, best_metric="ndcg@100", read_only=True)
   try:
     step = mngr.best_step()
     if step is None:

@@ -159,7 +159,7 @@ class Recommender:
         lambda: train_lib.create_train_state(
             model, optimizer, jax.random.PRNGKey(0),
             weight_average=bool(ident.get("weight_average", False))))
-    ck = checkpoint_lib.RunCheckpoints(workdir, ident)
+    ck = checkpoint_lib.RunCheckpoints(workdir, ident, read_only=True)
     try:
       state, _ = ck.restore_best(target)
     finally:

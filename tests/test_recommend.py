@@ -4,6 +4,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 import sys
 
 import jax
@@ -127,6 +128,22 @@ def test_workdir_alone_is_enough_to_serve(trained):
   assert len(out.items[0]) == 10
   assert set(out.items[0]) <= set(rec.item_ids.tolist())
   assert not {1, 8, 15} & set(out.items[0].tolist())
+
+
+def test_serving_a_run_in_progress_leaves_its_saves_alone(trained):
+  # A save in progress of the training run (orbax's temporary folder) must survive a
+  # server (or test mode) opening the same workdir.
+  saving = [os.path.join(trained, "checkpoints", kind, "99.orbax-checkpoint-tmp-7")
+            for kind in ("best", "latest")]
+  for d in saving:
+    os.makedirs(d)
+  try:
+    recommend.Recommender.from_workdir(trained)
+    time.sleep(2)  # orbax cleans up in a background thread
+    assert all(os.path.isdir(d) for d in saving)
+  finally:
+    for d in saving:
+      os.rmdir(d)
 
 
 def test_cli_prints_titles_and_unknown_ids(trained):
