@@ -178,3 +178,14 @@ def test_write_user_lines_is_atomic_with_normal_permissions(tmp_path, monkeypatc
   with pytest.raises(OSError, match="No space left"):
     paper_files.write_user_lines(p, np.array([2]), np.array([7]))
   assert p.read_text() == "0 6\n1 5\n" and os.listdir(tmp_path) == ["train.txt"]
+
+
+def test_raw_ids_survive_exactly(tmp_path):
+  # Numeric only when every id is a canonical int64; anything else stays text as written.
+  for ids, kind in (((str(2**53), str(2**53 + 1), "-5", "0"), "i"),
+                    (("007", "7", str(2**63), "1.0"), "U")):
+    d = tmp_path / kind
+    paper_files.write_vaecf_dir(_tiny_split(item_ids=ids), d)
+    got = paper_files.read_vaecf_dir(d).item_ids
+    assert got.dtype.kind == kind
+    assert [str(i) for i in got.tolist()] == list(ids)

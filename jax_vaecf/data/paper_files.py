@@ -122,10 +122,15 @@ def _read_ids(path: str) -> np.ndarray:
   if blank:
     raise ValueError(f"{path}, line {blank[0] + 1}: blank line, expected one id per "
                      "line (a gap would shift every later id)")
+  # Numeric only when every id is a canonical int64 (the readers' rule), so '007',
+  # '1.0' or 2**63 stay text, exactly as written.
   try:
-    return np.array([int(s) for s in lines], np.int64)
+    values = [int(s) for s in lines]
+    if all(str(v) == s for v, s in zip(values, lines)):
+      return np.array(values, np.int64)
   except (ValueError, OverflowError):
-    return np.array(lines, dtype=str)
+    pass
+  return np.array(lines, dtype=str)
 
 
 def _first_line(parts: dict, folder: str, uid: int) -> tuple[str, int]:
