@@ -18,8 +18,9 @@ def start(argv: Sequence[str], required: Sequence[str] = ()) -> None:
   """
   fl = flags.FLAGS
   if not fl["verbosity"].present:
-    # Orbax logs every checkpoint operation at INFO; keep the console to our lines.
-    logging.set_verbosity(logging.WARNING)
+    # Orbax logs every checkpoint operation at INFO, and notes such as reading a
+    # directory read-only at WARNING; keep the console to our own lines and errors.
+    logging.set_verbosity(logging.ERROR)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   for name in required:

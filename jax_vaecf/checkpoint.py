@@ -115,6 +115,7 @@ def _manager(directory: str, *, max_to_keep: int | None,
              best_metric: str | None, read_only: bool = False) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       max_to_keep=None if read_only else max_to_keep,
+      save_interval_steps=0 if read_only else 1,
       best_fn=(lambda m: m[best_metric]) if best_metric else None,
       best_mode="max",
       create=not read_only,

@@ -92,7 +92,7 @@ def test_workdir_of_another_model_is_refused(data_dir, tmp_path):
   workdir = str(tmp_path / "run")
   loop.run(_cfg(data_dir, tmp_path, number_of_epochs=1, test=False), workdir)
   before = sorted(os.listdir(os.path.join(workdir, "checkpoints", "latest")))
-  with pytest.raises(ValueError, match="latent_dim: checkpoint has 4"):
+  with pytest.raises(ValueError, match="--latent_dim: the run has 4, this command asks 5"):
     loop.run(_cfg(data_dir, tmp_path, number_of_epochs=1, latent_dim=5), workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints", "latest"))) == before
 
@@ -226,5 +226,5 @@ def test_weight_average_is_tested_served_and_part_of_the_run_identity(data_dir, 
                   jax.tree_util.tree_leaves(state.ema_params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # Resuming that workdir without the average is refused before anything is written.
-  with pytest.raises(ValueError, match="weight_average: checkpoint has True, this run has None"):
+  with pytest.raises(ValueError, match="--ema_decay: the run has 0.9, this command asks 0.0"):
     loop.run(cfg.replace(ema_decay=0.0, number_of_epochs=3), workdir)
