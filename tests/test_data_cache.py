@@ -105,6 +105,13 @@ def test_download_checksum_and_truncation(tmp_path):
     download.download("u://x", dest, None, lambda u: _Resp(payload, len(payload) + 5),
                       progress=False)
   assert os.listdir(tmp_path) == []  # nothing half-written
+  old = os.umask(0o022)
+  try:
+    download.download("u://x", dest, None, lambda u: _Resp(payload), progress=False)
+  finally:
+    os.umask(old)
+  assert open(dest, "rb").read() == payload
+  assert stat.S_IMODE(os.stat(dest).st_mode) == 0o644  # not mkstemp's 0600
 
 
 def test_zip_slip_refused(tmp_path):

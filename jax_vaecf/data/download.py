@@ -22,6 +22,8 @@ import urllib.request
 import zipfile
 from typing import Callable
 
+from jax_vaecf import files as files_lib
+
 GROUPLENS = "https://files.grouplens.org/datasets/movielens/{name}.zip"
 
 # md5 of the zip archives (GroupLens publishes md5, not sha256).
@@ -77,37 +79,32 @@ def download(url: str, dest: str, md5: str | None = None,
   """
   folder = os.path.dirname(os.path.abspath(dest))
   os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, suffix=".part")
   h = hashlib.md5()
   done = 0
   try:
-    try:
-      resp = opener(url)
-    except OSError as e:
-      raise OSError(f"{url}: download failed ({e}); fetch it by hand and put it at "
-                    f"{dest}") from e
-    with resp, os.fdopen(fd, "wb") as f:
-      length = resp.headers.get("Content-Length") if hasattr(resp, "headers") else None
-      total = int(length) if length else None
-      while True:
-        chunk = resp.read(_CHUNK)
-        if not chunk:
-          break
-        f.write(chunk)
-        h.update(chunk)
-        done += len(chunk)
-        if progress:
-          _progress(done, total, sys.stderr)
+    resp = opener(url)
+  except OSError as e:
+    raise OSError(f"{url}: download failed ({e}); fetch it by hand and put it at "
+                  f"{dest}") from e
+  # Written under a temporary name and renamed only once complete and verified.
+  with resp, files_lib.atomic_write(dest, "wb") as f:
+    length = resp.headers.get("Content-Length") if hasattr(resp, "headers") else None
+    total = int(length) if length else None
+    while True:
+      chunk = resp.read(_CHUNK)
+      if not chunk:
+        break
+      f.write(chunk)
+      h.update(chunk)
+      done += len(chunk)
+      if progress:
+        _progress(done, total, sys.stderr)
     if progress:
       sys.stderr.write("\n")
     if total is not None and done != total:
       raise ValueError(f"{url}: truncated download, got {done} of {total} bytes")
     if md5 is not None and h.hexdigest() != md5:
       raise ValueError(f"{url}: md5 {h.hexdigest()} does not match the published {md5}")
-    os.replace(tmp, dest)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
   return dest
 
 
