@@ -282,7 +282,7 @@ def resume_point(cfg: configs.Config, workdir: str, ck: checkpoint_lib.RunCheckp
       "--workdir")
 
 
-def check_finite(cfg: configs.Config, steps, state: train_lib.TrainState,
+def check_finite(cfg: configs.Config, state: train_lib.TrainState,
                  host_metrics: list[dict], epoch: int, last_saved_epoch: int) -> None:
   """Raises :class:`TrainingDivergedError` when an applied step had a non-finite loss or
   a parameter holds NaN or an infinity.
@@ -295,7 +295,9 @@ def check_finite(cfg: configs.Config, steps, state: train_lib.TrainState,
   trees = {"params": state.params}
   if state.ema_params is not None:
     trees["ema_params"] = state.ema_params
-  finite = steps.to_host(_leaf_is_finite(trees))
+  # One bool per array, replicated: any process reads it from a local device.
+  finite = jax.tree_util.tree_map(lambda a: np.asarray(a.addressable_data(0)),
+                                  _leaf_is_finite(trees))
   bad_leaves = ["/".join(str(getattr(k, "key", k)) for k in path)
                 for path, ok in jax.tree_util.tree_flatten_with_path(finite)[0]
                 if not bool(np.all(ok))]
@@ -371,7 +373,7 @@ def train_and_validate(cfg: configs.Config, workdir: str, split: data_lib.Split,
     host_metrics = [steps.metrics_to_host(m) for m in step_metrics]  # once per epoch
     done = epoch + 1
     try:
-      check_finite(cfg, steps, state, host_metrics, done, last_saved_epoch)
+      check_finite(cfg, state, host_metrics, done, last_saved_epoch)
     except TrainingDivergedError as e:
       if log is not None:
         log.write({"split": "diverged", "epoch": done, "message": str(e)})

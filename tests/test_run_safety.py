@@ -30,7 +30,7 @@ def data_dir(tmp_path_factory):
 
 def _cfg(data_dir, tmp_path, **kw):
   base = configs.get_config("ml-latest-small").replace(
-      data_dir=data_dir, cache_dir=str(tmp_path / "cache"), number_of_epochs=3,
+      data_dir=data_dir, cache_dir=os.path.join(data_dir, "cache"), number_of_epochs=2,
       batch_size_train=64, batch_size_validation=64, hidden_dims=(16,), latent_dim=4,
       total_anneal_steps=50, validation_step=1, test_ks=(5, 10), prefetch=1)
   return base.replace(**kw)
@@ -73,12 +73,11 @@ def test_divergence_after_good_epochs_keeps_the_good_checkpoints(data_dir, tmp_p
   # The parameters turn non-finite in epoch 3: what an overflow would do.
   real = loop.check_finite
 
-  def poisoned(cfg, steps, state, host_metrics, epoch, last_saved_epoch):
+  def poisoned(cfg, state, host_metrics, epoch, last_saved_epoch):
     import jax
     import jax.numpy as jnp
     params = jax.tree_util.tree_map(lambda a: a * jnp.nan, state.params)
-    return real(cfg, steps, state.replace(params=params), host_metrics, epoch,
-                last_saved_epoch)
+    return real(cfg, state.replace(params=params), host_metrics, epoch, last_saved_epoch)
 
   monkeypatch.setattr(loop, "check_finite", poisoned)
   with pytest.raises(loop.TrainingDivergedError, match="the last checkpoint is epoch 2"):
@@ -89,7 +88,7 @@ def test_divergence_after_good_epochs_keeps_the_good_checkpoints(data_dir, tmp_p
 
 def test_diverged_cli_exits_non_zero_with_one_error_line(data_dir, tmp_path):
   r = _cli(["--config=ml-latest-small", f"--data_dir={data_dir}",
-            f"--cache_dir={tmp_path / 'cache'}", "--number_of_epochs=2", "--lr=1e30",
+            f"--cache_dir={tmp_path / 'cache'}", "--number_of_epochs=1", "--lr=1e30",
             "--hidden_dims=16", "--latent_dim=4", f"--workdir={tmp_path / 'w'}"])
   assert r.returncode == 1
   assert "error: training diverged" in r.stderr and "Traceback" not in r.stderr
@@ -163,11 +162,18 @@ def _test_line(res):
   return {k: res["test"][k] for k in ("ndcg@100", "recall@20", "recall@50", "epoch")}
 
 
-def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(data_dir, tmp_path):
-  cfg = _cfg(data_dir, tmp_path, number_of_epochs=3)
-  full = loop.run(cfg, str(tmp_path / "full"))
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory):
+  """The test line of a 2-epoch run that was never stopped."""
+  tmp = tmp_path_factory.mktemp("full")
+  return _test_line(loop.run(_cfg(data_dir, tmp, number_of_epochs=2), str(tmp / "run")))
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(data_dir, tmp_path,
+                                                                  uninterrupted):
+  cfg = _cfg(data_dir, tmp_path, number_of_epochs=2)
   workdir = str(tmp_path / "cut")
-  loop.run(cfg.replace(number_of_epochs=2, test=False), workdir)
+  loop.run(cfg.replace(test=False), workdir)
   first, newest = _steps(workdir, "latest")  # two kept: one to fall back on
   state_dir = os.path.join(workdir, "checkpoints", "latest", str(newest), "state")
   victim = max(glob.glob(os.path.join(state_dir, "**", "d", "*"), recursive=True),
@@ -176,27 +182,27 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(data_dir, tmp_
     f.truncate(7)
   with pytest.warns(RuntimeWarning, match=f"{os.path.basename(victim)}: 7 bytes, the "
                     "checkpoint wrote \\d+ \\(truncated"):
-    resumed = loop.run(cfg, workdir)
-  assert _test_line(resumed) == _test_line(full)
-  assert [r["epoch"] for r in _records(workdir) if r["split"] == "train"] == [1, 2, 3]
+    resumed = loop.run(cfg, workdir)  # epoch 2 is trained again from epoch 1's state
+  assert _test_line(resumed) == uninterrupted
+  assert [r["epoch"] for r in _records(workdir) if r["split"] == "train"] == [1, 2]
 
 
-def test_lost_latest_checkpoints_resume_from_the_best_or_refuse(data_dir, tmp_path):
-  cfg = _cfg(data_dir, tmp_path, number_of_epochs=3)
-  full = loop.run(cfg, str(tmp_path / "full"))
+def test_lost_latest_checkpoints_resume_from_the_best_or_refuse(data_dir, tmp_path,
+                                                                uninterrupted):
+  cfg = _cfg(data_dir, tmp_path, number_of_epochs=2)
   workdir = str(tmp_path / "cut")
-  loop.run(cfg.replace(number_of_epochs=2, test=False), workdir)
+  loop.run(cfg.replace(number_of_epochs=1, test=False), workdir)
   import shutil
   shutil.rmtree(os.path.join(workdir, "checkpoints", "latest"))
   with pytest.warns(RuntimeWarning, match="resuming from the best checkpoint's state"):
     resumed = loop.run(cfg, workdir)
-  assert _test_line(resumed) == _test_line(full)
+  assert _test_line(resumed) == uninterrupted
   # With every checkpoint gone the log is not silently overwritten from epoch 0.
   shutil.rmtree(os.path.join(workdir, "checkpoints"))
   log_before = open(os.path.join(workdir, "metrics.jsonl")).read()
-  with pytest.raises(ValueError, match="metrics.jsonl records a checkpoint at epoch 3 but "
+  with pytest.raises(ValueError, match="metrics.jsonl records a checkpoint at epoch 2 but "
                      "none can be resumed"):
-    loop.run(cfg.replace(number_of_epochs=4), workdir)
+    loop.run(cfg.replace(number_of_epochs=3), workdir)
   assert open(os.path.join(workdir, "metrics.jsonl")).read() == log_before
 
 
