@@ -224,3 +224,28 @@ def test_cli_without_a_run_fails_with_one_clean_line(tmp_path, kind):
   assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
   lines = r.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: no checkpoint in"), r.stderr
+
+
+def test_raw_ids_survive_to_item_ids_and_recommendations(tmp_path):
+  # Item ids that float64 would merge (2**53, 2**53 + 1) or wrap (2**63), hashes and
+  # SKUs, in a two-column csv (every row positive): each must come back as written.
+  x = _synthetic.low_rank_interactions(n_users=300, n_items=150, n_clusters=4,
+                                       per_user=10, seed=3)
+  special = [str(2**53), str(2**53 + 1), str(2**63), "9f86d081884c7d659a2feaa0c55ad015",
+             "SKU-00012", "007", "7"]
+  names = special + [f"item-{j}" for j in range(len(special), 150)]
+  u, i = np.nonzero(x)
+  path = tmp_path / "clicks.csv"
+  path.write_text("".join(f"user-{a},{names[b]}\n" for a, b in zip(u, i)))
+  cfg = configs.get_config("ml-latest-small").replace(
+      dataset="csv", data_dir=str(path), cache_dir=str(tmp_path / "cache"),
+      csv_header="no", number_of_epochs=1, batch_size_train=64, batch_size_validation=64,
+      hidden_dims=(16,), latent_dim=4, test=False)
+  workdir = str(tmp_path / "run")
+  loop.run(cfg, workdir)
+  saved = np.load(os.path.join(workdir, "item_ids.npy"), allow_pickle=False)
+  assert sorted(saved.tolist()) == sorted(names)  # all 150 distinct, none altered
+  rec = recommend.Recommender.from_workdir(workdir)
+  out = rec.recommend([special[:3]], k=len(names))
+  assert not out.unknown[0]
+  assert sorted(out.items[0].tolist() + special[:3]) == sorted(names)
