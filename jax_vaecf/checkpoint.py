@@ -301,6 +301,40 @@ class RunCheckpoints:
         warnings.warn(f"{e}; trying the next best checkpoint", RuntimeWarning, stacklevel=2)
     raise CheckpointUnreadableError("no readable best checkpoint: " + "; ".join(failures))
 
+  def restore_best_fields(self, fields: Mapping[str, Any]) -> tuple[dict, dict] | None:
+    """``(values, meta)``: only the named fields of the best state, as numpy arrays.
+
+    ``fields`` maps field names of the stored state (e.g. ``"params"``) to trees of
+    ``jax.ShapeDtypeStruct`` (or arrays) giving their layout; nothing else (no optimiser
+    moments) is read. None if the best set is empty; the next best is used, with a
+    warning, when the best cannot be read.
+    """
+    if self._best.best_step() is None:
+      return None
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, dict(fields))
+    restore_args = jax.tree_util.tree_map(
+        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
+    failures = []
+    for step in self._best_ranking():
+      step_dir = self._step_dir(self._best, step)
+      try:
+        meta = self._read_meta(self._best, step)
+        self._check_identity(self._best, meta)
+        try:
+          with ocp.PyTreeCheckpointer() as reader:
+            values = reader.restore(os.path.join(step_dir, "state"),
+                                    args=ocp.args.PyTreeRestore(
+                                        item=abstract, restore_args=restore_args,
+                                        partial_restore=True))
+        except Exception as e:  # orbax raises many kinds for damaged files
+          raise CheckpointUnreadableError(
+              f"{step_dir}: unreadable checkpoint state ({_reason(e)})") from None
+        return dict(values), meta
+      except CheckpointUnreadableError as e:
+        failures.append(str(e))
+        warnings.warn(f"{e}; trying the next best checkpoint", RuntimeWarning, stacklevel=2)
+    raise CheckpointUnreadableError("no readable best checkpoint: " + "; ".join(failures))
+
   def restore_newest_best(self, target) -> tuple[Any, dict] | None:
     """``(state, meta)`` of the most recent state in the best set (a resumable point of
     the same run when the latest states are lost); None if the set is empty."""

@@ -28,18 +28,9 @@ import numpy as np
 from jax_vaecf import checkpoint as checkpoint_lib
 from jax_vaecf import metrics as metrics_lib
 from jax_vaecf import model as model_lib
+from jax_vaecf import serve as serve_lib
 from jax_vaecf import sparse as sparse_lib
 from jax_vaecf import train as train_lib
-
-_USER_BUCKETS = (1, 8, 64, 512, 4096)
-
-
-def _round_up(n: int, buckets: Sequence[int]) -> int:
-  for b in buckets:
-    if n <= b:
-      return b
-  return -(-n // buckets[-1]) * buckets[-1]
-
 
 def _check_finite(params) -> None:
   """Raises NonFiniteModelError naming the parameters that hold NaN / inf."""
@@ -73,21 +64,23 @@ def _check_has_checkpoint(workdir: str) -> None:
         "validated yet?)")
 
 
-def make_topk_fn(model, k: int):
-  """``topk(params, batch) -> (scores float32 (B, k), items int32 (B, k))``, jitted.
+def scorer_fn(model, k: int):
+  """``score(params, rows, cols, vals, row_mask) -> (scores float32 (B, k), items int32
+  (B, k))``, a pure function (not jitted), the program an exported artefact holds.
 
-  ``batch`` is a :class:`SparseBatch` of the users' known items; those items are never
-  returned. A user with fewer than ``k`` unseen items gets them first, and the remaining
-  entries of the row are fillers: score ``-inf`` and item ``-1`` (the shapes stay fixed,
-  so one program serves every request; :meth:`Recommender.recommend` drops them).
-  A user whose logits are not all finite (a diverged model) gets NaN for every score of
-  the row, so no caller can take its ranking for a real one.
+  The arguments are a :class:`SparseBatch`'s arrays (int32 ``(nnz,)`` rows and columns,
+  float32 ``(nnz,)`` values, float32 ``(B,)`` row mask) of the users' known items; those
+  items are never returned. A user with fewer than ``k`` unseen items gets them first,
+  and the remaining entries of the row are fillers: score ``-inf`` and item ``-1`` (the
+  shapes stay fixed, so one program serves every request; :meth:`Recommender.recommend`
+  drops them). A user whose logits are not all finite (a diverged model) gets NaN for
+  every score of the row, so no caller can take its ranking for a real one.
   """
   if not 1 <= k <= model.n_items:
     raise ValueError(f"k must be in [1, {model.n_items}], got {k}")
 
-  @jax.jit
-  def topk(params, batch: sparse_lib.SparseBatch):
+  def score(params, rows, cols, vals, row_mask):
+    batch = sparse_lib.SparseBatch(rows, cols, vals, row_mask)
     logits = model.apply({"params": params}, batch, train=False).logits
     seen = sparse_lib.densify(batch, model.n_items) > 0
     bad = metrics_lib.nonfinite_rows(logits)  # before the seen items become -inf
@@ -96,7 +89,15 @@ def make_topk_fn(model, k: int):
     filler = jnp.take_along_axis(seen, items, axis=1)
     return jnp.where(bad[:, None], jnp.nan, scores), jnp.where(filler, -1, items)
 
-  return topk
+  return score
+
+
+def make_topk_fn(model, k: int):
+  """``topk(params, batch) -> (scores float32 (B, k), items int32 (B, k))``, jitted:
+  :func:`scorer_fn` on a :class:`SparseBatch`."""
+  score = jax.jit(scorer_fn(model, k))
+  return lambda params, batch: score(params, batch.rows, batch.cols, batch.vals,
+                                     batch.row_mask)
 
 
 @dataclasses.dataclass
@@ -135,6 +136,7 @@ class Recommender:
     self.item_ids = np.asarray(item_ids)
     self._column = {str(raw): j for j, raw in enumerate(self.item_ids.tolist())}
     self._fns: dict[int, Any] = {}
+    self.checkpoint_meta: dict = {}  # the best checkpoint's meta when from a workdir
 
   @classmethod
   def from_workdir(cls, workdir: str) -> "Recommender":
@@ -154,21 +156,21 @@ class Recommender:
     model = model_lib.build_model(ident["model"], int(ident["n_items"]),
                                   hidden_dims=tuple(ident["hidden_dims"]),
                                   latent_dim=int(ident["latent_dim"]))
-    optimizer = train_lib.make_optimizer()
-    target = jax.eval_shape(
-        lambda: train_lib.create_train_state(
-            model, optimizer, jax.random.PRNGKey(0),
-            weight_average=bool(ident.get("weight_average", False))))
+    # Only the served weights are read: no optimiser moments, no second copy.
+    field = "ema_params" if ident.get("weight_average", False) else "params"
+    abstract = jax.eval_shape(lambda: train_lib.init_params(model, jax.random.PRNGKey(0)))
     ck = checkpoint_lib.RunCheckpoints(workdir, ident, read_only=True)
     try:
-      state, _ = ck.restore_best(target)
+      values, meta = ck.restore_best_fields({field: abstract})
     finally:
       ck.close()
     try:
-      return cls(model, state.eval_params, item_ids)
+      rec = cls(model, values[field], item_ids)
     except metrics_lib.NonFiniteModelError as e:
       raise metrics_lib.NonFiniteModelError(
           f"the best checkpoint of {workdir!r}: {e}") from None
+    rec.checkpoint_meta = meta
+    return rec
 
   def columns_of(self, raw_items: Sequence[Any]) -> tuple[list[int], list[Any]]:
     """Column indices of the known raw ids, and the unknown raw ids."""
@@ -200,19 +202,8 @@ class Recommender:
       raise ValueError(f"k must be in [1, {self.model.n_items}], got {k}")
     cols, unknown = zip(*[self.columns_of(u) for u in users]) if users else ((), ())
     n = len(cols)
-    b = _round_up(max(n, 1), _USER_BUCKETS)
-    nnz = max(sum(len(c) for c in cols), 1)
-    nnz = 1 << (nnz - 1).bit_length()  # powers of two: few shapes
-    rows = np.zeros(nnz, np.int32)
-    col_arr = np.zeros(nnz, np.int32)
-    vals = np.zeros(nnz, np.float32)
-    pos = 0
-    for r, c in enumerate(cols):
-      rows[pos:pos + len(c)] = r
-      col_arr[pos:pos + len(c)] = c
-      vals[pos:pos + len(c)] = 1.0
-      pos += len(c)
-    mask = (np.arange(b) < n).astype(np.float32)
+    # The same packing as an exported artefact's serve.py: the same arrays, the same top-k.
+    rows, col_arr, vals, mask = serve_lib.pack(cols)
     batch = sparse_lib.SparseBatch(rows, col_arr, vals, mask)
     scores, top = jax.device_get(self._fn(k)(self.params, batch))
     n_bad = int(np.isnan(scores[:n]).any(axis=1).sum())

@@ -1,0 +1,192 @@
+"""Loads and runs an exported scorer artefact; needs only numpy and jax.
+
+This file is copied verbatim into every artefact as ``serve.py`` (by
+:func:`jax_vaecf.export.write_artifact`), so it must never import the project: it uses
+the standard library, numpy and jax (whose serialisation needs the ``flatbuffers``
+package). The project's own :class:`jax_vaecf.recommend.Recommender` batches users with
+the same :func:`pack`, so a user gets the same arrays, and the same top-k, from both.
+
+Use, from the artefact's folder or with it on ``sys.path``::
+
+  import serve
+  scorer = serve.load("path/to/artefact")        # checks every file's sha256 first
+  out = scorer.recommend([["1", "50", "260"], ["318"]], k=10)
+  out[0]["items"], out[0]["scores"], out[0]["unknown"]
+
+The manifest format is described in the project's ``docs/serving.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+FORMAT = "jax_vaecf.scorer/1"
+MANIFEST = "manifest.json"
+# Users per call are padded up to one of these (then to multiples of the last), and the
+# non-zeros to a power of two, so a server compiles a handful of programs.
+USER_BUCKETS = (1, 8, 64, 512, 4096)
+
+
+class ArtifactError(ValueError):
+  """An artefact file is missing, altered, or of another format."""
+
+
+def round_up(n: int, buckets: Sequence[int] = USER_BUCKETS) -> int:
+  """The smallest bucket >= ``n`` (multiples of the largest bucket beyond it)."""
+  for b in buckets:
+    if n <= b:
+      return b
+  return -(-n // buckets[-1]) * buckets[-1]
+
+
+def pack(columns: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
+  """The padded COO arrays of users' item columns, as the scorer takes them.
+
+  Args:
+    columns: per user, the int column indices of their items (distinct).
+
+  Returns:
+    ``(rows int32 (nnz,), cols int32 (nnz,), vals float32 (nnz,), row_mask float32
+    (B,))`` with ``B = round_up(len(columns))`` and ``nnz`` the next power of two of the
+    number of entries; padding entries have value 0 and padding rows mask 0.
+  """
+  n = len(columns)
+  lengths = np.array([len(c) for c in columns], np.int64)
+  total = int(lengths.sum())
+  nnz = 1 << (max(total, 1) - 1).bit_length()
+  rows = np.zeros(nnz, np.int32)
+  cols = np.zeros(nnz, np.int32)
+  vals = np.zeros(nnz, np.float32)
+  rows[:total] = np.repeat(np.arange(n, dtype=np.int32), lengths)
+  if total:
+    cols[:total] = np.concatenate([np.asarray(c, np.int32) for c in columns])
+  vals[:total] = 1.0
+  mask = (np.arange(round_up(max(n, 1))) < n).astype(np.float32)
+  return rows, cols, vals, mask
+
+
+def sha256_of(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    while block := f.read(1 << 24):
+      h.update(block)
+  return h.hexdigest()
+
+
+def read_manifest(folder: str) -> dict:
+  """The manifest, after checking that every file it lists has its recorded sha256.
+
+  Raises :class:`ArtifactError` naming the first missing or altered file.
+  """
+  path = os.path.join(folder, MANIFEST)
+  try:
+    with open(path, encoding="utf-8") as f:
+      manifest = json.load(f)
+  except FileNotFoundError:
+    raise ArtifactError(f"{path}: not found; {folder} is not a scorer artefact") from None
+  except (OSError, ValueError) as e:
+    raise ArtifactError(f"{path}: unreadable ({e})") from None
+  if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    raise ArtifactError(f"{path}: format {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
+                        f"expected {FORMAT!r}")
+  for name, entry in sorted(manifest.get("files", {}).items()):
+    f = os.path.join(folder, name)
+    if not os.path.isfile(f):
+      raise ArtifactError(f"{f}: missing from the artefact")
+    if os.path.getsize(f) != entry["bytes"] or sha256_of(f) != entry["sha256"]:
+      raise ArtifactError(f"{f}: checksum mismatch, the file is not the one exported "
+                          "(corrupted or replaced); export the artefact again")
+  return manifest
+
+
+def _nested(flat: dict[str, np.ndarray]) -> dict:
+  """``{"a/b": x}`` -> ``{"a": {"b": x}}``."""
+  out: dict = {}
+  for key, value in flat.items():
+    node = out
+    *parents, leaf = key.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return out
+
+
+class Scorer:
+  """A loaded artefact: top-k unseen items for users given by their item histories."""
+
+  def __init__(self, folder: str, manifest: dict, exported, params: dict,
+               item_ids: np.ndarray):
+    self.folder = folder
+    self.manifest = manifest
+    self.k = int(manifest["k"])
+    self.n_items = int(manifest["n_items"])
+    self.item_ids = item_ids
+    self._exported = exported
+    self._params = params
+    self._column = {str(raw): j for j, raw in enumerate(item_ids.tolist())}
+
+  def top_k(self, rows, cols, vals, row_mask) -> tuple[np.ndarray, np.ndarray]:
+    """The exported program on packed arrays (:func:`pack`): ``(scores float32 (B, k),
+    columns int32 (B, k))``; ``-1`` columns (score ``-inf``) are fillers past a user's
+    unseen items, and a row of NaN scores marks a user the model cannot score."""
+    scores, cols_out = self._exported.call(self._params, rows, cols, vals, row_mask)
+    return np.asarray(scores), np.asarray(cols_out)
+
+  def recommend(self, histories: Sequence[Sequence[Any]], k: int | None = None
+                ) -> list[dict]:
+    """Per user ``{"items": raw ids, "scores": float32, "unknown": [raw ids]}``.
+
+    ``k`` (default: the exported ``k``) may be at most the exported ``k``. A user gets
+    fewer than ``k`` items only when fewer are left outside their history; ids not in
+    the item table are reported in ``unknown`` and otherwise ignored.
+    """
+    k = self.k if k is None else int(k)
+    if not 1 <= k <= self.k:
+      raise ValueError(f"k must be in [1, {self.k}] (exported with k={self.k}), got {k}")
+    columns, unknown = [], []
+    for history in histories:
+      known, missing = set(), []
+      for raw in history:
+        j = self._column.get(str(raw))
+        if j is None:
+          missing.append(raw)
+        else:
+          known.add(j)
+      columns.append(np.array(sorted(known), np.int32))
+      unknown.append(missing)
+    n = len(columns)
+    out: list[dict] = []
+    for lo in range(0, n, USER_BUCKETS[-1]):
+      part = columns[lo:lo + USER_BUCKETS[-1]]
+      scores, cols_out = self.top_k(*pack(part))
+      if np.isnan(scores[:len(part)]).any():
+        raise ValueError("non-finite scores: the exported model's parameters are not "
+                         "finite; nothing is returned")
+      for i in range(len(part)):
+        keep = cols_out[i, :k] >= 0
+        out.append({"items": self.item_ids[cols_out[i, :k][keep]],
+                    "scores": scores[i, :k][keep],
+                    "unknown": unknown[lo + i]})
+    return out
+
+
+def load(folder: str) -> Scorer:
+  """Checks and loads an artefact folder (see the module docstring)."""
+  from jax import export  # after the checks' imports: a missing jax fails here, clearly
+
+  folder = os.fspath(folder)
+  manifest = read_manifest(folder)
+  with open(os.path.join(folder, manifest["program"]), "rb") as f:
+    exported = export.deserialize(bytearray(f.read()))
+  with np.load(os.path.join(folder, manifest["params"]), allow_pickle=False) as z:
+    params = _nested({name: z[name] for name in z.files})
+  item_ids = np.load(os.path.join(folder, manifest["item_ids"]), allow_pickle=False)
+  if item_ids.shape != (int(manifest["n_items"]),):
+    raise ArtifactError(f"{folder}: {item_ids.shape[0]} item ids, the manifest says "
+                        f"{manifest['n_items']}")
+  return Scorer(folder, manifest, exported, params, item_ids)
