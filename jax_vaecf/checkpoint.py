@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import warnings
@@ -125,7 +126,16 @@ def _manager(directory: str, *, max_to_keep: int | None,
       cleanup_tmp_directories=not read_only,
       read_only=read_only,
   )
-  return ocp.CheckpointManager(directory, options=options)
+  if not read_only:
+    return ocp.CheckpointManager(directory, options=options)
+  # Orbax notes at WARNING that a read-only directory is read-only; that is the intent.
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(max(level, logging.ERROR))
+  try:
+    return ocp.CheckpointManager(directory, options=options)
+  finally:
+    absl_logger.setLevel(level)
 
 
 def _plain(tree):

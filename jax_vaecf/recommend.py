@@ -32,7 +32,7 @@ from jax_vaecf import serve as serve_lib
 from jax_vaecf import sparse as sparse_lib
 from jax_vaecf import train as train_lib
 
-def _check_finite(params) -> None:
+def check_finite_params(params) -> None:
   """Raises NonFiniteModelError naming the parameters that hold NaN / inf."""
   leaves = jax.tree_util.tree_flatten_with_path(params)[0]
   finite = jax.device_get([jnp.all(jnp.isfinite(leaf)) for _, leaf in leaves])
@@ -130,7 +130,7 @@ class Recommender:
   def __init__(self, model, params, item_ids: np.ndarray):
     if len(item_ids) != model.n_items:
       raise ValueError(f"item_ids has {len(item_ids)} entries, the model {model.n_items}")
-    _check_finite(params)
+    check_finite_params(params)
     self.model = model
     self.params = params
     self.item_ids = np.asarray(item_ids)
@@ -201,17 +201,45 @@ class Recommender:
     if not 1 <= k <= self.model.n_items:
       raise ValueError(f"k must be in [1, {self.model.n_items}], got {k}")
     cols, unknown = zip(*[self.columns_of(u) for u in users]) if users else ((), ())
-    n = len(cols)
-    # The same packing as an exported artefact's serve.py: the same arrays, the same top-k.
-    rows, col_arr, vals, mask = serve_lib.pack(cols)
-    batch = sparse_lib.SparseBatch(rows, col_arr, vals, mask)
-    scores, top = jax.device_get(self._fn(k)(self.params, batch))
-    n_bad = int(np.isnan(scores[:n]).any(axis=1).sum())
+    scores, top = self.recommend_columns(cols, k)
+    keep = top >= 0  # -1: filler past the user's unseen items
+    return Recommendations(items=[self.item_ids[t[m]] for t, m in zip(top, keep)],
+                           scores=[sc[m] for sc, m in zip(scores, keep)],
+                           unknown=[list(u) for u in unknown])
+
+  def recommend_columns(self, columns: Sequence[np.ndarray], k: int = 10
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` item columns for users given as their item columns (no id mapping).
+
+    Args:
+      columns: per user, the distinct int column indices of their history.
+      k: items per user.
+
+    Returns:
+      ``(scores float32 (n, k), columns int32 (n, k))``, best first; ``-1`` columns
+      (score ``-inf``) are fillers past a user's unseen items. Users are scored
+      ``serve.USER_BUCKETS[-1]`` at a time, packed as an exported artefact packs them.
+
+    Raises :class:`NonFiniteModelError` when the model scores any of the users with a
+    NaN or inf (its parameters or computation are not finite).
+    """
+    if not 1 <= k <= self.model.n_items:
+      raise ValueError(f"k must be in [1, {self.model.n_items}], got {k}")
+    n = len(columns)
+    scores = np.empty((n, k), np.float32)
+    top = np.empty((n, k), np.int32)
+    step = serve_lib.USER_BUCKETS[-1]
+    for lo in range(0, n, step):
+      part = columns[lo:lo + step]
+      # The same packing as an exported artefact's serve.py: the same arrays, the same
+      # top-k.
+      rows, col_arr, vals, mask = serve_lib.pack(part)
+      batch = sparse_lib.SparseBatch(rows, col_arr, vals, mask)
+      s, t = jax.device_get(self._fn(k)(self.params, batch))
+      scores[lo:lo + len(part)], top[lo:lo + len(part)] = s[:len(part)], t[:len(part)]
+    n_bad = int(np.isnan(scores).any(axis=1).sum())
     if n_bad:
       raise metrics_lib.NonFiniteModelError(
           f"non-finite scores for {n_bad} of {n} users: the model's parameters are not "
           "finite (it diverged in training) or its logits overflow; nothing is returned")
-    keep = [top[i] >= 0 for i in range(n)]  # -1: filler past the user's unseen items
-    return Recommendations(items=[self.item_ids[top[i][keep[i]]] for i in range(n)],
-                           scores=[scores[i][keep[i]] for i in range(n)],
-                           unknown=[list(u) for u in unknown])
+    return scores, top
