@@ -99,12 +99,17 @@ def write_artifact(out_dir: str | os.PathLike, model, params, item_ids: np.ndarr
     raise ValueError(f"item_ids: expected shape ({model.n_items},), got {item_ids.shape}")
   recommend_lib.check_finite_params(params)
   exported = export_scorer(model, params, k, platforms)
+  try:
+    program = bytes(exported.serialize())
+  except ImportError as e:  # jax serialises with flatbuffers, an optional package of jax
+    raise ValueError(f"cannot serialise the program ({e}); pip install "
+                     "'jax_vaecf[export]' (or flatbuffers)") from None
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
   staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.")
   try:
     os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700 would outlive the rename
-    files_lib.write_bytes_atomic(os.path.join(staging, PROGRAM), bytes(exported.serialize()))
+    files_lib.write_bytes_atomic(os.path.join(staging, PROGRAM), program)
     with files_lib.atomic_write(os.path.join(staging, PARAMS), "wb") as f:
       np.savez(f, **_flat_params(params))
     with files_lib.atomic_write(os.path.join(staging, ITEM_IDS), "wb") as f:

@@ -1,0 +1,140 @@
+"""Exported scorer artefacts: the same top-k as the Recommender, loaded without the
+project, weights only, refusing altered files."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments import configs
+from experiments import loop
+from jax_vaecf import export as export_lib
+from jax_vaecf import recommend
+from jax_vaecf import serve
+
+import _synthetic
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Run in a fresh interpreter where importing the project fails: the artefact must not
+# need it. Prints the recommendations as JSON.
+_ISOLATED = """
+import json, sys
+sys.modules["jax_vaecf"] = None
+sys.modules["experiments"] = None
+repo = sys.argv[1]
+sys.path = [p for p in sys.path if p not in ("", ".") and not p.startswith(repo)]
+sys.path.insert(0, sys.argv[2])
+import serve
+scorer = serve.load(sys.argv[2])
+out = scorer.recommend(json.load(open(sys.argv[3])), k=int(sys.argv[4]))
+json.dump([{"items": [str(i) for i in o["items"].tolist()],
+            "scores": [float(s) for s in o["scores"].tolist()],
+            "unknown": [str(u) for u in o["unknown"]]} for o in out], sys.stdout)
+"""
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  d = tmp_path_factory.mktemp("exp")
+  _synthetic.write_movielens_csv(str(d))
+  cfg = configs.get_config("ml-latest-small").replace(
+      data_dir=str(d), cache_dir=str(d / "cache"), number_of_epochs=2, batch_size_train=64,
+      batch_size_validation=64, hidden_dims=(16,), latent_dim=4, ema_decay=0.9)
+  loop.run(cfg, str(d / "run"))
+  out = str(d / "artefact")
+  r = subprocess.run([sys.executable, "-m", "experiments.export", "--workdir",
+                      str(d / "run"), "--out", out, "--k", "20"], cwd=REPO,
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr[-2000:]
+  return str(d / "run"), out
+
+
+def test_the_artefact_without_the_project_matches_the_recommender(run, tmp_path):
+  workdir, artefact = run
+  rec = recommend.Recommender.from_workdir(workdir)
+  rng = np.random.default_rng(0)
+  ids = [str(i) for i in rec.item_ids.tolist()]
+  # 1,000 users of every history length, a few with unknown ids and one with everything.
+  histories = [[ids[j] for j in rng.choice(len(ids), rng.integers(0, 40), replace=False)]
+               for _ in range(997)]
+  histories += [["nope", ids[3]], ids[:-5], []]
+  (tmp_path / "h.json").write_text(json.dumps(histories))
+  r = subprocess.run([sys.executable, "-c", _ISOLATED, REPO, artefact,
+                      str(tmp_path / "h.json"), "20"], cwd=str(tmp_path),
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr[-3000:]
+  got = json.loads(r.stdout)
+  want = rec.recommend(histories, k=20)
+  assert len(got) == 1000
+  for g, items, scores, unknown in zip(got, want.items, want.scores, want.unknown):
+    assert g["items"] == [str(i) for i in items.tolist()]
+    assert g["scores"] == [float(s) for s in scores.tolist()]  # bit for bit
+    assert g["unknown"] == [str(u) for u in unknown]
+  assert len(got[-2]["items"]) == 5  # only 5 items are left outside that history
+  assert got[-3]["unknown"] == ["nope"]
+
+
+def test_manifest_holds_weights_only_and_the_checkpoint_facts(run):
+  workdir, artefact = run
+  manifest = json.load(open(os.path.join(artefact, "manifest.json")))
+  assert manifest["format"] == serve.FORMAT and manifest["k"] == 20
+  assert manifest["n_items"] == 150 and manifest["platforms"] == ["cpu"]
+  assert manifest["model"]["weights"] == "weight average"
+  assert manifest["metrics"]["epoch"] == manifest["metrics"]["test"]["epoch"]
+  assert 0 < manifest["metrics"]["validation"]["ndcg@100"] <= 1
+  assert sorted(os.listdir(artefact)) == sorted(list(manifest["files"]) + ["manifest.json"])
+  rec = recommend.Recommender.from_workdir(workdir)
+  with np.load(os.path.join(artefact, "params.npz")) as z:
+    stored = {name: z[name] for name in z.files}
+  served = export_lib._flat_params(rec.params)  # the average, not the raw weights
+  assert sorted(stored) == sorted(served)  # no optimiser moments, no second copy
+  for name in served:
+    np.testing.assert_array_equal(stored[name], served[name])
+  scorer = serve.load(artefact)
+  out = scorer.recommend([[str(rec.item_ids[0])]], k=5)
+  full = scorer.recommend([[str(rec.item_ids[0])]])
+  np.testing.assert_array_equal(out[0]["items"], full[0]["items"][:5])
+  with pytest.raises(ValueError, match="exported with k=20"):
+    scorer.recommend([[]], k=21)
+
+
+@pytest.mark.parametrize("victim", ["params.npz", "scorer.jax", "item_ids.npy", "serve.py"])
+def test_an_altered_file_is_refused_by_name(run, tmp_path, victim):
+  _, artefact = run
+  copy = tmp_path / "copy"
+  import shutil
+  shutil.copytree(artefact, copy)
+  raw = bytearray((copy / victim).read_bytes())
+  raw[len(raw) // 2] ^= 0x01
+  (copy / victim).write_bytes(bytes(raw))
+  with pytest.raises(serve.ArtifactError, match=f"{victim}: checksum mismatch"):
+    serve.load(str(copy))
+  os.remove(copy / victim)
+  with pytest.raises(serve.ArtifactError, match=f"{victim}: missing"):
+    serve.load(str(copy))
+
+
+def test_export_refuses_an_occupied_folder_and_a_diverged_model(run, tmp_path):
+  workdir, _ = run
+  occupied = tmp_path / "out"
+  occupied.mkdir()
+  (occupied / "keep.txt").write_text("mine")
+  r = subprocess.run([sys.executable, "-m", "experiments.export", "--workdir", workdir,
+                      "--out", str(occupied)], cwd=REPO, capture_output=True, text=True,
+                     timeout=120)
+  assert r.returncode == 1
+  assert r.stderr.strip().splitlines() == [
+      f"error: {occupied}: exists and is not an empty folder; choose a new --out"]
+  assert os.listdir(occupied) == ["keep.txt"]
+  rec = recommend.Recommender.from_workdir(workdir)
+  import jax
+  nan = jax.tree_util.tree_map(lambda a: a * np.nan, rec.params)
+  with pytest.raises(ValueError, match="not finite"):
+    export_lib.write_artifact(tmp_path / "nan", rec.model, nan, rec.item_ids, 5,
+                              model_info={})
+  assert not os.path.exists(tmp_path / "nan")
+  assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []  # no staging left
