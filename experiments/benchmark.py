@@ -58,6 +58,36 @@ flags.DEFINE_list("sweep_items", [], "Item counts: report epoch time for each (u
 flags.DEFINE_string("json_out", "", "Also write the JSON result(s) to this path.")
 flags.DEFINE_integer("seed", 0, "Seed of the data and the model.")
 flags.DEFINE_string("model", "multvae", "multvae or multdae.")
+flags.DEFINE_bool("serving", False, "Instead of training: latency at batch 1 and "
+                  "throughput at batch 10,000 of the Recommender and of an exported "
+                  "artefact, for the paper's model at --n_items (random weights: the "
+                  "cost does not depend on them).")
+
+
+def run_serving(n_items: int, model_name: str, seed: int, k: int = 10) -> list[dict]:
+  """Both serving paths timed on a freshly initialised paper-sized model."""
+  import tempfile
+
+  import jax
+  import numpy as np
+
+  from experiments import export as export_cli
+  from jax_vaecf import export as export_lib
+  from jax_vaecf import model as model_lib
+  from jax_vaecf import recommend as recommend_lib
+  from jax_vaecf import train as train_lib
+
+  model = model_lib.build_model(model_name, n_items)
+  params = train_lib.init_params(model, jax.random.PRNGKey(seed))
+  rec = recommend_lib.Recommender(model, params, np.arange(n_items, dtype=np.int64))
+  with tempfile.TemporaryDirectory() as tmp:
+    out = f"{tmp}/artefact"
+    export_lib.write_artifact(out, model, params, rec.item_ids, k,
+                              model_info={"model": model_name})
+    rows = export_cli.benchmark(rec, out, k)
+  for r in rows:
+    r.update(n_items=n_items, model=model_name, device_kind=jax.devices()[0].device_kind)
+  return rows
 
 
 def _versions() -> dict:
@@ -253,6 +283,20 @@ def format_table(rows: list[dict]) -> str:
 def main(argv):
   del argv
   f = _FLAGS
+  if f.serving:
+    from experiments import export as export_cli
+    rows = run_serving(f.n_items, f.model, f.seed)
+    info = _versions()
+    print(f"machine: {info['cpu_model']} ({info['cpu_count']} cores), device "
+          f"{rows[0]['device_kind']}; {f.model} over {f.n_items:,} items, top 10, 20 "
+          "items per user")
+    print(export_cli.format_benchmark(rows))
+    record = {"serving": rows, "versions": info, "argv": sys.argv[1:]}
+    print(json.dumps(record))
+    if f.json_out:
+      with open(f.json_out, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+    return
   if f.batch_size % f.number_of_devices:
     raise app.UsageError("--batch_size must be divisible by --number_of_devices")
   items = [int(x) for x in f.sweep_items] or [f.n_items]

@@ -126,15 +126,19 @@ class Scorer:
     self.k = int(manifest["k"])
     self.n_items = int(manifest["n_items"])
     self.item_ids = item_ids
-    self._exported = exported
-    self._params = params
+    import jax
+
+    # Compiled once per input shape; the weights are copied to the device once, not per
+    # call (they are most of the work of a batch-1 request otherwise).
+    self._call = jax.jit(exported.call)
+    self._params = jax.device_put(params)
     self._column = {str(raw): j for j, raw in enumerate(item_ids.tolist())}
 
   def top_k(self, rows, cols, vals, row_mask) -> tuple[np.ndarray, np.ndarray]:
     """The exported program on packed arrays (:func:`pack`): ``(scores float32 (B, k),
     columns int32 (B, k))``; ``-1`` columns (score ``-inf``) are fillers past a user's
     unseen items, and a row of NaN scores marks a user the model cannot score."""
-    scores, cols_out = self._exported.call(self._params, rows, cols, vals, row_mask)
+    scores, cols_out = self._call(self._params, rows, cols, vals, row_mask)
     return np.asarray(scores), np.asarray(cols_out)
 
   def recommend(self, histories: Sequence[Sequence[Any]], k: int | None = None
