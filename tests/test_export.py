@@ -138,3 +138,21 @@ def test_export_refuses_an_occupied_folder_and_a_diverged_model(run, tmp_path):
                               model_info={})
   assert not os.path.exists(tmp_path / "nan")
   assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []  # no staging left
+
+
+def test_mult_dae_exports_too(tmp_path):
+  import jax
+  from jax_vaecf import model as model_lib
+  from jax_vaecf import train as train_lib
+  m = model_lib.build_model("multdae", 60, hidden_dims=(8,))
+  params = train_lib.init_params(m, jax.random.PRNGKey(3))
+  ids = np.array([f"sku-{j}" for j in range(60)])
+  rec = recommend.Recommender(m, params, ids)
+  export_lib.write_artifact(tmp_path / "dae", m, params, ids, 7, model_info={"model": "multdae"})
+  histories = [["sku-1", "sku-5"], [], [f"sku-{j}" for j in range(57)]]
+  got = serve.load(str(tmp_path / "dae")).recommend(histories)
+  want = rec.recommend(histories, k=7)
+  for g, items, scores in zip(got, want.items, want.scores):
+    np.testing.assert_array_equal(g["items"], items)
+    np.testing.assert_array_equal(g["scores"], scores)
+  assert len(got[2]["items"]) == 3
