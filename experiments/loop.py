@@ -502,19 +502,30 @@ def _holds_a_run(workdir: str) -> bool:
   return has_steps or bool(MetricsLog(workdir).checkpointed_epochs())
 
 
-def _saved_config(workdir: str) -> dict:
+def read_run_config(workdir: str) -> dict:
+  """The settings a run recorded in ``<workdir>/config.json``, as the JSON object.
+
+  Raises FileNotFoundError when there is none, ValueError when it cannot be read.
+  """
   path = os.path.join(workdir, "config.json")
   try:
     with open(path) as f:
       saved = json.load(f)
   except FileNotFoundError:
-    raise ValueError(f"{path}: missing, but the workdir holds checkpoints; cannot tell "
-                     "what they were trained with. Use another --workdir") from None
+    raise FileNotFoundError(f"{path}: not found") from None
   except (OSError, ValueError) as e:
     raise ValueError(f"{path}: unreadable ({e})") from None
   if not isinstance(saved, dict):
     raise ValueError(f"{path}: expected a JSON object of settings")
   return saved
+
+
+def _saved_config(workdir: str) -> dict:
+  try:
+    return read_run_config(workdir)
+  except FileNotFoundError as e:
+    raise ValueError(f"{e}, but the workdir holds checkpoints; cannot tell what they "
+                     "were trained with. Use another --workdir") from None
 
 
 def _as_json(cfg: configs.Config) -> dict:

@@ -10,7 +10,6 @@ import json
 import os
 import sys
 
-from absl import app
 from absl import flags
 
 from experiments import cli

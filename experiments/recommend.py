@@ -230,17 +230,11 @@ def run_config(workdir: str):
   model's item table afterwards, which catches any that mattered.
   """
   from experiments import configs
-  path = os.path.join(workdir, "config.json")
+  from experiments import loop
   try:
-    with open(path) as f:
-      saved = json.load(f)
-  except FileNotFoundError:
-    raise FileNotFoundError(f"{path}: not found; the run's split is rebuilt from its "
-                            "settings") from None
-  except (OSError, ValueError) as e:
-    raise ValueError(f"{path}: unreadable ({e})") from None
-  if not isinstance(saved, dict):
-    raise ValueError(f"{path}: expected a JSON object of settings")
+    saved = loop.read_run_config(workdir)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{e}; the run's split is rebuilt from its settings") from None
   fields = {f.name for f in dataclasses.fields(configs.Config)}
   # JSON has no tuples; the Config's sequence fields are tuples.
   return configs.Config(**{k: tuple(v) if isinstance(v, list) else v

@@ -16,6 +16,7 @@ from experiments import loop
 from jax_vaecf import checkpoint
 from jax_vaecf import recommend
 
+import _runs
 import _synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,16 +31,10 @@ def data_dir(tmp_path_factory):
 
 
 def _cfg(data_dir, tmp_path, **kw):
-  base = configs.get_config("ml-latest-small").replace(
-      data_dir=data_dir, cache_dir=str(tmp_path / "cache"), number_of_epochs=4,
-      batch_size_train=64, batch_size_validation=64, hidden_dims=(16,), latent_dim=4,
-      total_anneal_steps=50, validation_step=1, test_ks=(5, 10), prefetch=1)
-  return base.replace(**kw)
+  return _runs.small_config(data_dir, **{"cache_dir": str(tmp_path / "cache"), **kw})
 
 
-def _records(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
+_records = _runs.records
 
 
 def test_train_then_test_mode_reloads_the_best_checkpoint(data_dir, tmp_path):

@@ -11,11 +11,11 @@ import sys
 
 import pytest
 
-from experiments import configs
 from experiments import loop
 from jax_vaecf import checkpoint
 from jax_vaecf import files as files_lib
 
+import _runs
 import _synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,16 +29,11 @@ def data_dir(tmp_path_factory):
 
 
 def _cfg(data_dir, tmp_path, **kw):
-  base = configs.get_config("ml-latest-small").replace(
-      data_dir=data_dir, cache_dir=os.path.join(data_dir, "cache"), number_of_epochs=2,
-      batch_size_train=64, batch_size_validation=64, hidden_dims=(16,), latent_dim=4,
-      total_anneal_steps=50, validation_step=1, test_ks=(5, 10), prefetch=1)
-  return base.replace(**kw)
+  return _runs.small_config(data_dir, **{"cache_dir": os.path.join(data_dir, "cache"),
+                                         "number_of_epochs": 2, **kw})
 
 
-def _records(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
+_records = _runs.records
 
 
 def _steps(workdir, kind):
