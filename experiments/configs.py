@@ -11,9 +11,26 @@ import os
 from typing import Callable
 
 import jax_vaecf
+from jax_vaecf import model as model_lib
+from jax_vaecf import parallel as parallel_lib
+from jax_vaecf import precision as precision_lib
+from jax_vaecf import schedules
+from jax_vaecf import train as train_lib
+from jax_vaecf.data import split as split_lib
 
 DEMO_DATA = os.path.join(os.path.dirname(os.path.abspath(jax_vaecf.__file__)), "demo_data",
                          "ml-latest-small")
+
+
+def setting(default, help: str):
+  """A :class:`Config` field: its default and its one-line help, declared together; every
+  tool's flags take both from here."""
+  return dataclasses.field(default=default, metadata={"help": help})
+
+
+def help_of(name: str) -> str:
+  """The help line of the :class:`Config` field ``name``."""
+  return Config.__dataclass_fields__[name].metadata["help"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,65 +38,89 @@ class Config:
   """Every setting of a run. Field names follow the reference's flags where it had one."""
 
   # Data.
-  dataset: str = "ml-20m"
-  data_dir: str = "data/ml-20m"
-  cache_dir: str = ""  # "" = <data_dir>/cache
-  download: bool = False
-  protocol: str = "heldout_users"  # or "per_user"
-  fold: str = ""  # ml-100k official split, e.g. "u1" (per-user protocol)
-  n_heldout_users: int = 0  # 0 = the data set's default (ML-20M 10,000; small sets 10%)
-  heldout_fraction: float = 0.1  # held-out users per split when no count is given
-  split_seed: int = 98765
+  dataset: str = setting("ml-20m", "Data set name (ml-20m, ml-20m_alt, netflix, lastfm, "
+                                   "pinterest, msd, ml-latest-small, ml-1m, ml-100k, csv, "
+                                   "ngcf, vaecf_dir).")
+  data_dir: str = setting("data/ml-20m", "Folder holding the raw files (or the file itself "
+                                         "for csv).")
+  cache_dir: str = setting("", "Where processed splits and downloads go ('' = "
+                               "~/.cache/jax_vaecf).")
+  download: bool = setting(False, "Fetch a missing MovieLens archive from GroupLens.")
+  protocol: str = setting("heldout_users", "heldout_users (the paper's) or per_user.")
+  fold: str = setting("", "ml-100k official split, e.g. u1 (with --protocol=per_user).")
+  n_heldout_users: int = setting(0, "Validation and test users each (0 = the data set's "
+                                    "default).")
+  heldout_fraction: float = setting(0.1, "Fraction of users held out for validation and "
+                                         "for test when no count is given.")
+  split_seed: int = setting(98765, "Seed of the user permutation and fold-in split (paper: "
+                                   "98765).")
   # --dataset=csv: a user,item[,rating[,time]] file.
-  csv_delimiter: str = ","  # field separator; "tab" or "\\t" for a tab
-  csv_columns: str = ""  # "" = by position; else user,item[,rating[,time]] indices/names
-  csv_header: str = "auto"  # auto, yes or no
-  csv_threshold: float = 3.5  # positives: rating > this (files with a rating column)
-  csv_all_positive: bool = False  # every row is a positive (counts, clicks): no threshold
+  csv_delimiter: str = setting(",", "--dataset=csv: field separator, one or more "
+                                    "characters (tab or \\t for a tab).")
+  csv_columns: str = setting("", "--dataset=csv: the user,item[,rating[,time]] columns as "
+                                 "0-based indices or header names, e.g. "
+                                 "userId,movieId,rating,timestamp or 1,0 (an empty entry "
+                                 "leaves rating or time out); '' = by position.")
+  csv_header: str = setting("auto", "--dataset=csv: whether line 1 is a header: auto, yes "
+                                    "or no.")
+  csv_threshold: float = setting(3.5, "--dataset=csv: a row is a positive when its rating "
+                                      "is above this (ignored for a file without a rating "
+                                      "column).")
+  csv_all_positive: bool = setting(False, "--dataset=csv: every row is a positive (play "
+                                          "counts, clicks), whatever its rating.")
   # Model.
-  model: str = "multvae"  # or "multdae"
-  hidden_dims: tuple = ()  # () = the paper's: (600,) Mult-VAE, (200,) Mult-DAE
-  latent_dim: int = 200
-  dropout_rate: float = 0.5
+  model: str = setting("multvae", "multvae or multdae.")
+  hidden_dims: tuple = setting((), "Encoder hidden widths, comma separated ('' = the "
+                                   "paper's).")
+  latent_dim: int = setting(200, "Latent width of Mult-VAE.")
+  dropout_rate: float = setting(0.5, "Input dropout rate.")
   # Optimisation.
-  number_of_epochs: int = 200
-  batch_size_train: int = 500
-  batch_size_validation: int = 2000
-  lr: float = 1e-3
-  adam_b1: float = 0.9
-  adam_b2: float = 0.999
-  lam: float = 0.0
-  anneal_schedule: str = "linear"  # linear, constant or cyclical
-  total_anneal_steps: int = 200_000
-  anneal_cap: float = 0.2
-  anneal_cycle_steps: int = 0
-  ema_decay: float = 0.0  # > 0: evaluate, keep and serve a moving average of the weights
-  seed: int = 0
+  number_of_epochs: int = setting(200, "Training epochs.")
+  batch_size_train: int = setting(500, "Users per training batch (global, over all "
+                                       "devices).")
+  batch_size_validation: int = setting(2000, "Users per validation / test batch.")
+  lr: float = setting(1e-3, "Adam learning rate.")
+  adam_b1: float = setting(0.9, "Adam beta1.")
+  adam_b2: float = setting(0.999, "Adam beta2.")
+  lam: float = setting(0.0, "L2 weight on the weight matrices (lam * sum ||W||^2).")
+  anneal_schedule: str = setting("linear", "KL weight schedule: linear, constant or "
+                                           "cyclical.")
+  total_anneal_steps: int = setting(200_000, "Steps for beta to reach 1 (capped at "
+                                             "--anneal_cap).")
+  anneal_cap: float = setting(0.2, "Largest KL weight.")
+  anneal_cycle_steps: int = setting(0, "Cycle length of the cyclical schedule (0 = "
+                                       "total_anneal_steps).")
+  ema_decay: float = setting(0.0, "Above 0: validate, test and serve the exponential "
+                                  "moving average of the weights with this decay per step "
+                                  "(bias-corrected); 0 = the weights.")
+  seed: int = setting(0, "Seed of initialisation, batch order, dropout and noise.")
   # Evaluation and checkpoints.
-  validation_step: int = 1  # validate every n epochs
-  test_ks: tuple = (20, 50, 100)
-  checkpoint_every: int = 1  # epochs between resumable checkpoints
-  keep_best: int = 1
+  validation_step: int = setting(1, "Validate every n epochs.")
+  test_ks: tuple = setting((20, 50, 100), "Cut-offs reported in test mode, comma "
+                                          "separated.")
+  checkpoint_every: int = setting(1, "Epochs between resumable checkpoints.")
+  keep_best: int = setting(1, "How many best checkpoints (by validation NDCG@100) to keep.")
   # Modes (combinable, as the reference's --train / --test / --benchmark).
-  train: bool = True
-  test: bool = True
-  benchmark: bool = False
-  warm_up_epochs: int = 1
+  train: bool = setting(True, "Train (resuming from --workdir).")
+  test: bool = setting(True, "Score the best checkpoint of --workdir on the test users.")
+  benchmark: bool = setting(False, "Report mean epoch time, training users/s and "
+                                   "validation time.")
+  warm_up_epochs: int = setting(1, "Epochs left out of the benchmark averages.")
   # System.
-  precision: str = "fp32"  # fp32, bf16 or fp16
-  input_format: str = "auto"  # auto, sparse or dense
-  output_chunk_size: int = 1024  # users per chunk of the fused output layer (sparse)
-  parallel: str = "sharded"  # sharded or pmap
-  number_of_devices: int = 1  # 0 = all local devices
-  gpu_number: int = -1  # use this one local device (-1 = the first)
-  prefetch: int = 2
+  precision: str = setting("fp32", "fp32, bf16 or fp16 (matmuls; loss and parameters stay "
+                                   "float32).")
+  input_format: str = setting("auto", "auto, sparse or dense first layer and loss.")
+  output_chunk_size: int = setting(1024, "Users per chunk of the output layer in training "
+                                         "and evaluation (sparse path): bounds memory at "
+                                         "any batch size.")
+  parallel: str = setting("sharded", "Data-parallel mode: sharded (jit over a mesh) or "
+                                     "pmap.")
+  number_of_devices: int = setting(1, "Local devices to train on (0 = all).")
+  gpu_number: int = setting(-1, "Use only this local device (-1 = the first).")
+  prefetch: int = setting(2, "Batches copied to the device ahead of the step.")
 
   def replace(self, **changes) -> "Config":
     return dataclasses.replace(self, **changes)
-
-
-def _paper_ml20m() -> Config:
-  return Config()
 
 
 def ml20m() -> Config:
@@ -91,7 +132,7 @@ def ml20m() -> Config:
   the best validation NDCG@100 kept. Paper's test result: Recall@20 0.395, Recall@50
   0.537, NDCG@100 0.426.
   """
-  return _paper_ml20m()
+  return Config()
 
 
 def ml20m_large_batch() -> Config:
@@ -102,7 +143,7 @@ def ml20m_large_batch() -> Config:
   Batch 24,576, lr 0.004, Adam beta2 0.9, KL cap 0.1 over 15,000 steps, 400 epochs.
   NVIDIA reported validation NDCG@100 of about 0.430 with these settings.
   """
-  return _paper_ml20m().replace(batch_size_train=24_576, lr=0.004, adam_b2=0.9,
+  return ml20m().replace(batch_size_train=24_576, lr=0.004, adam_b2=0.9,
                                 anneal_cap=0.1, total_anneal_steps=15_000,
                                 number_of_epochs=400, batch_size_validation=10_000)
 
@@ -113,7 +154,7 @@ def ml20m_alt() -> Config:
   Command: ``python -m experiments.train --config=ml20m_alt --data_dir=DIR
   --workdir=runs/ml20m_alt``. Same training settings as ``ml20m``.
   """
-  return _paper_ml20m().replace(dataset="ml-20m_alt")
+  return ml20m().replace(dataset="ml-20m_alt")
 
 
 def netflix() -> Config:
@@ -123,7 +164,7 @@ def netflix() -> Config:
   --workdir=runs/netflix`` (``DIR`` holds ``training_set/mv_*.txt`` or
   ``combined_data_*.txt``). Paper: Recall@20 0.351, Recall@50 0.444, NDCG@100 0.386.
   """
-  return _paper_ml20m().replace(dataset="netflix", data_dir="data/netflix")
+  return ml20m().replace(dataset="netflix", data_dir="data/netflix")
 
 
 def msd() -> Config:
@@ -133,7 +174,7 @@ def msd() -> Config:
   (``DIR`` holds ``train_triplets.txt``). Paper: Recall@20 0.266, Recall@50 0.364,
   NDCG@100 0.316.
   """
-  return _paper_ml20m().replace(dataset="msd", data_dir="data/msd")
+  return ml20m().replace(dataset="msd", data_dir="data/msd")
 
 
 def lastfm() -> Config:
@@ -142,7 +183,7 @@ def lastfm() -> Config:
   Command: ``python -m experiments.train --config=lastfm --data_dir=DIR
   --workdir=runs/lastfm`` (``DIR`` holds ``usersha1-artmbid-artname-plays.tsv``).
   """
-  return _paper_ml20m().replace(dataset="lastfm", data_dir="data/lastfm",
+  return ml20m().replace(dataset="lastfm", data_dir="data/lastfm",
                                 batch_size_validation=500)
 
 
@@ -152,7 +193,7 @@ def pinterest() -> Config:
   Command: ``python -m experiments.train --config=pinterest --data_dir=DIR
   --workdir=runs/pinterest`` (``DIR`` holds ``pinterest-20.train.rating``).
   """
-  return _paper_ml20m().replace(dataset="pinterest", data_dir="data/pinterest",
+  return ml20m().replace(dataset="pinterest", data_dir="data/pinterest",
                                 batch_size_validation=500)
 
 
@@ -169,7 +210,7 @@ def ml1m() -> Config:
   served as their moving average (``ema_decay`` 0.995). The README's results table gives
   the test metrics this preset reached.
   """
-  return _paper_ml20m().replace(dataset="ml-1m", data_dir="data/ml-1m",
+  return ml20m().replace(dataset="ml-1m", data_dir="data/ml-1m",
                                 number_of_epochs=100, batch_size_train=250,
                                 hidden_dims=(1200,), dropout_rate=0.7,
                                 total_anneal_steps=10_000, ema_decay=0.995,
@@ -185,7 +226,7 @@ def ml1m_dae() -> Config:
   by validation NDCG@100; not tuned further. The README's results table gives its test
   metrics.
   """
-  return _paper_ml20m().replace(dataset="ml-1m", data_dir="data/ml-1m", model="multdae",
+  return ml20m().replace(dataset="ml-1m", data_dir="data/ml-1m", model="multdae",
                                 number_of_epochs=150, batch_size_train=250,
                                 dropout_rate=0.5, lam=0.00004, batch_size_validation=1000)
 
@@ -196,7 +237,7 @@ def ml_latest_small() -> Config:
   Command: ``python -m experiments.train --config=ml-latest-small --data_dir=DIR
   --workdir=runs/mls``.
   """
-  return _paper_ml20m().replace(dataset="ml-latest-small", data_dir="data/ml-latest-small",
+  return ml20m().replace(dataset="ml-latest-small", data_dir="data/ml-latest-small",
                                 number_of_epochs=100, batch_size_train=100,
                                 total_anneal_steps=2_000, batch_size_validation=1000)
 
@@ -208,7 +249,7 @@ def ml100k() -> Config:
   --workdir=runs/ml100k``. Add ``--protocol=per_user --fold=u1`` for the official
   ``u1.base`` / ``u1.test`` split.
   """
-  return _paper_ml20m().replace(dataset="ml-100k", data_dir="data/ml-100k",
+  return ml20m().replace(dataset="ml-100k", data_dir="data/ml-100k",
                                 number_of_epochs=100, batch_size_train=100,
                                 total_anneal_steps=2_000, batch_size_validation=1000)
 
@@ -282,16 +323,16 @@ def validate(cfg: Config) -> None:
       (all(int(k) >= 1 for k in cfg.test_ks) and cfg.test_ks, "test_ks must be positive"),
       (0.0 < cfg.heldout_fraction < 0.5, "heldout_fraction must be in (0, 0.5)"),
       (cfg.n_heldout_users >= 0, "n_heldout_users must be >= 0"),
-      (cfg.model in ("multvae", "multdae"), "model must be multvae or multdae"),
-      (cfg.precision in ("fp32", "bf16", "fp16"), "precision must be fp32, bf16 or fp16"),
-      (cfg.input_format in ("auto", "sparse", "dense"),
-       "input_format must be auto, sparse or dense"),
+      (cfg.model in model_lib.MODELS, f"model must be one of {model_lib.MODELS}"),
+      (cfg.precision in precision_lib.POLICIES,
+       f"precision must be one of {tuple(precision_lib.POLICIES)}"),
+      (cfg.input_format in ("auto",) + train_lib.INPUT_FORMATS,
+       f"input_format must be one of {('auto',) + train_lib.INPUT_FORMATS}"),
       (cfg.output_chunk_size >= 1, "output_chunk_size must be >= 1"),
-      (cfg.parallel in ("sharded", "pmap"), "parallel must be sharded or pmap"),
-      (cfg.anneal_schedule in ("linear", "constant", "cyclical"),
-       "anneal_schedule must be linear, constant or cyclical"),
-      (cfg.protocol in ("heldout_users", "per_user"),
-       "protocol must be heldout_users or per_user"),
+      (cfg.parallel in parallel_lib.MODES, f"parallel must be one of {parallel_lib.MODES}"),
+      (cfg.anneal_schedule in schedules.SCHEDULES,
+       f"anneal_schedule must be one of {schedules.SCHEDULES}"),
+      (cfg.protocol in split_lib.PROTOCOLS, f"protocol must be one of {split_lib.PROTOCOLS}"),
       (cfg.csv_delimiter != "" and "\n" not in cfg.csv_delimiter
        and "\r" not in cfg.csv_delimiter,
        "csv_delimiter must be one or more characters other than a line break "

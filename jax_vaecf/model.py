@@ -291,6 +291,9 @@ class MultDAE(nn.Module):
     return ModelOutput(self.layers[-1](h))
 
 
+MODELS = ("multvae", "multdae")
+
+
 def build_model(name: str, n_items: int, *, hidden_dims: Sequence[int] | None = None,
                 latent_dim: int = 200, dropout_rate: float = 0.5,
                 dtype: Any = jnp.float32) -> nn.Module:

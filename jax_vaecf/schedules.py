@@ -64,6 +64,9 @@ def cyclical_schedule(cycle_steps: int, cap: float = 1.0, ratio: float = 0.5) ->
   return schedule
 
 
+SCHEDULES = ("linear", "constant", "cyclical")
+
+
 def get_schedule(kind: str, *, cap: float, total_anneal_steps: int,
                  cycle_steps: int = 0, ratio: float = 0.5) -> Schedule:
   """Builds a schedule by name: ``'linear'``, ``'constant'`` (beta = cap) or ``'cyclical'``."""
@@ -73,4 +76,4 @@ def get_schedule(kind: str, *, cap: float, total_anneal_steps: int,
     return constant_schedule(cap)
   if kind == "cyclical":
     return cyclical_schedule(cycle_steps or max(total_anneal_steps, 1), cap, ratio)
-  raise ValueError(f"unknown anneal schedule {kind!r}: expected linear, constant or cyclical")
+  raise ValueError(f"unknown anneal schedule {kind!r}: expected one of {SCHEDULES}")

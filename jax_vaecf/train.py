@@ -343,15 +343,3 @@ def make_eval_step(model: nn.Module, ks: Sequence[int] = (20, 50, 100), *,
     return jax.tree_util.tree_map(lambda a: a.reshape((-1,) + a.shape[2:]), out)
 
   return eval_step
-
-
-def make_score_fn(model: nn.Module, *, input_format: str = "sparse"
-                  ) -> Callable[[Any, sparse_lib.SparseBatch], Array]:
-  """``score(params, batch) -> float32 (B, n_items)`` logits in evaluation mode."""
-  _check_format(input_format)
-
-  def score(params, batch):
-    x = batch if input_format == "sparse" else sparse_lib.densify(batch, model.n_items)
-    return model.apply({"params": params}, x, train=False).logits
-
-  return score
