@@ -288,6 +288,14 @@ def get_config(name: str) -> Config:
     raise ValueError(f"unknown config {name!r}: expected one of {sorted(PRESETS)}") from None
 
 
+def hidden_dims_of(cfg: Config) -> tuple[int, ...]:
+  """The encoder's hidden widths: ``cfg.hidden_dims``, or the paper's when empty (600 for
+  Mult-VAE, 200 for Mult-DAE)."""
+  if cfg.hidden_dims:
+    return tuple(int(h) for h in cfg.hidden_dims)
+  return (600,) if cfg.model == "multvae" else (200,)
+
+
 # Settings a resumed run may change: they do not alter what the checkpoints were trained
 # on or how (data location, run length, evaluation and checkpoint cadence, devices and
 # the layout of the same math). Any other change is refused on resume.

@@ -15,8 +15,6 @@ metrics as an uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import os
 import sys
@@ -30,12 +28,12 @@ import numpy as np
 from absl import logging
 
 from experiments import configs
+from experiments import workdir as workdir_lib
 from experiments.progress import Progress
 from jax_vaecf import checkpoint as checkpoint_lib
 from jax_vaecf import data as data_lib
 from jax_vaecf import metrics as metrics_lib
 from jax_vaecf import distributed
-from jax_vaecf import files as files_lib
 from jax_vaecf import model as model_lib
 from jax_vaecf import parallel as parallel_lib
 from jax_vaecf import precision as precision_lib
@@ -89,24 +87,6 @@ def load_data(cfg: configs.Config) -> data_lib.Split:
   return split
 
 
-def identity(cfg: configs.Config, split: data_lib.Split) -> dict:
-  """What a checkpoint must match to be resumed or tested: model shape and data."""
-  ids = np.ascontiguousarray(split.item_ids)
-  return {
-      "model": cfg.model,
-      "n_items": int(split.n_items),
-      "hidden_dims": [int(h) for h in resolved_hidden_dims(cfg)],
-      "latent_dim": int(cfg.latent_dim),
-      "dataset": cfg.dataset,
-      "protocol": split.protocol,
-      "n_train_users": int(split.train.shape[0]),
-      "items_digest": hashlib.sha256(
-          "\n".join(str(i) for i in ids.tolist()).encode()).hexdigest()[:16],
-    # The checkpointed state has ema_params exactly when the run keeps an average; the
-    # key is left out otherwise, so workdirs written before averaging existed still match.
-  } | ({"weight_average": True} if cfg.ema_decay > 0 else {})
-
-
 def fresh_state(cfg: configs.Config, model, optimizer) -> train_lib.TrainState:
   """The run's initial state (also the layout its checkpoints are restored into)."""
   return train_lib.create_train_state(
@@ -115,19 +95,13 @@ def fresh_state(cfg: configs.Config, model, optimizer) -> train_lib.TrainState:
       weight_average=cfg.ema_decay > 0)
 
 
-def resolved_hidden_dims(cfg: configs.Config) -> tuple[int, ...]:
-  if cfg.hidden_dims:
-    return tuple(int(h) for h in cfg.hidden_dims)
-  return (600,) if cfg.model == "multvae" else (200,)
-
-
 # -------------------------------------------------------------------------- pieces
 
 
 def build(cfg: configs.Config, n_items: int):
   """Model, optimiser, KL schedule and the (parallel) step functions of a config."""
   policy = precision_lib.get_policy(cfg.precision)
-  model = model_lib.build_model(cfg.model, n_items, hidden_dims=resolved_hidden_dims(cfg),
+  model = model_lib.build_model(cfg.model, n_items, hidden_dims=configs.hidden_dims_of(cfg),
                                 latent_dim=cfg.latent_dim, dropout_rate=cfg.dropout_rate,
                                 dtype=policy.compute_dtype)
   optimizer = train_lib.make_optimizer(cfg.lr, b1=cfg.adam_b1, b2=cfg.adam_b2)
@@ -163,45 +137,6 @@ def _own_shards(batches):
   n, i = jax.process_count(), jax.process_index()
   for b in batches:
     yield b if n == 1 else distributed.process_shards(b, i, n)
-
-
-class MetricsLog:
-  """``<workdir>/metrics.jsonl``: one JSON object per line, appended per epoch."""
-
-  def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, "metrics.jsonl")
-
-  def records(self) -> list[dict]:
-    if not os.path.exists(self.path):
-      return []
-    out = []
-    with open(self.path) as f:
-      for line in f:
-        line = line.strip()
-        if line:
-          try:
-            out.append(json.loads(line))
-          except json.JSONDecodeError:
-            break  # a line cut by a kill: everything after it is replayed anyway
-    return out
-
-  def truncate_after(self, epoch: int) -> None:
-    """Keeps the training records up to ``epoch`` (a resumed run replays the rest)."""
-    keep = [r for r in self.records()
-            if r.get("split") in ("train", "config") and r["epoch"] <= epoch]
-    files_lib.write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
-
-  def checkpointed_epochs(self) -> list[int]:
-    """Epochs whose record says a resumable checkpoint was saved (records written
-    before that was recorded count as saved: the cautious reading)."""
-    return [int(r["epoch"]) for r in self.records()
-            if r.get("split") == "train" and r.get("checkpointed", True)]
-
-  def write(self, record: dict) -> None:
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
-      f.flush()
-      os.fsync(f.fileno())
 
 
 def evaluate(steps, params, split: data_lib.EvalSplit, batch_size: int) -> dict:
@@ -246,7 +181,7 @@ class TrainingDivergedError(RuntimeError):
 
 
 def resume_point(cfg: configs.Config, workdir: str, ck: checkpoint_lib.RunCheckpoints,
-                 state: train_lib.TrainState, log: MetricsLog | None
+                 state: train_lib.TrainState, log: workdir_lib.MetricsLog | None
                  ) -> tuple[train_lib.TrainState, int, float]:
   """``(state, epoch, best)`` to continue from: the newest readable latest checkpoint,
   else (with a warning) the newest state of the best set, else epoch 0.
@@ -310,7 +245,8 @@ def check_finite(cfg: configs.Config, state: train_lib.TrainState,
                 f"on ({len(bad_steps)} of {len(host_metrics)} steps)")
   if bad_leaves:
     what.append("non-finite values in " + ", ".join(bad_leaves[:4])
-                + (f" and {len(bad_leaves) - 4} more arrays" if len(bad_leaves) > 4 else ""))
+                + (f" and {len(bad_leaves) - 4} more arrays" if len(bad_leaves) > 4
+                   else ""))
   saved = (f"the last checkpoint is epoch {last_saved_epoch}" if last_saved_epoch
            else "no checkpoint was saved")
   hint = f"lower --lr (now {cfg.lr:g})"
@@ -328,6 +264,104 @@ def _leaf_is_finite(tree):
   return jax.tree_util.tree_map(lambda a: jnp.all(jnp.isfinite(a)), tree)
 
 
+@dataclasses.dataclass
+class Standing:
+  """Where a run stands between epochs: the best validation NDCG@100 so far (and its
+  metrics) and the last epoch with a resumable checkpoint."""
+
+  best: float = -math.inf
+  best_metrics: dict = dataclasses.field(default_factory=dict)
+  last_saved_epoch: int = 0
+
+
+def start(cfg: configs.Config, workdir: str, split: data_lib.Split,
+          ck: checkpoint_lib.RunCheckpoints | None, model, optimizer
+          ) -> tuple[train_lib.TrainState, int, Standing, workdir_lib.MetricsLog | None]:
+  """``(state, first epoch, standing, log)``: a fresh state, or the run resumed from its
+  checkpoints (its log cut back to the resumed epoch, its run files written)."""
+  state = fresh_state(cfg, model, optimizer)
+  # In a multi-process run every process computes the same records; one writes them.
+  writes = ck is not None and jax.process_index() == 0
+  log = workdir_lib.MetricsLog(workdir) if writes else None
+  if ck is None:
+    return state, 0, Standing(), log
+  state, start_epoch, best = resume_point(cfg, workdir, ck, state, log)
+  if start_epoch:
+    logging.info("resuming %s after epoch %d (step %d)", workdir, start_epoch,
+                 int(state.step))
+    print(f"resumed from epoch {start_epoch}", flush=True)
+  if log is not None:
+    log.truncate_after(start_epoch)
+    workdir_lib.write_run_files(cfg, workdir, split, start_epoch)
+  return state, start_epoch, Standing(best=best, last_saved_epoch=start_epoch), log
+
+
+def train_epoch(steps, state: train_lib.TrainState, batcher: data_lib.TrainBatcher,
+                epoch: int, prefetch: int
+                ) -> tuple[train_lib.TrainState, list[dict], float]:
+  """One epoch of ``steps.train_step`` over ``batcher``'s batches for ``epoch`` (this
+  process's shards, copied to the devices ``prefetch`` batches ahead).
+
+  Returns the state, each step's metrics on the host (read once, after the epoch) and
+  the epoch's seconds. :mod:`experiments.benchmark` times this same function.
+  """
+  t0 = time.perf_counter()
+  step_metrics = []
+  with Progress(batcher.steps_per_epoch, f"epoch {epoch + 1}") as bar:
+    for batch in data_lib.prefetch(_own_shards(batcher.epoch_batches(epoch)),
+                                   size=prefetch, put=steps.put_batch):
+      state, m = steps.train_step(state, batch)
+      step_metrics.append(m)
+      bar.update()
+  jax.block_until_ready(state)
+  seconds = time.perf_counter() - t0
+  return state, [steps.metrics_to_host(m) for m in step_metrics], seconds
+
+
+def validate_and_keep_best(cfg: configs.Config, steps, state, split: data_lib.Split,
+                           ck: checkpoint_lib.RunCheckpoints | None, standing: Standing,
+                           record: dict):
+  """Validates when the epoch calls for it, adds the metrics to ``record`` and offers a
+  new best state to the best checkpoints. Returns the host copy of the state when one
+  was made (so the latest checkpoint reuses it), else None."""
+  done, last = record["epoch"], cfg.number_of_epochs
+  host_state = None
+  if split.validation is not None and (done % cfg.validation_step == 0 or done == last):
+    t0 = time.perf_counter()
+    vm = evaluate(steps, state, split.validation, cfg.batch_size_validation)
+    record.update({f"val_{k}": vm[k] for k in ("ndcg@100", "recall@20", "recall@50")})
+    record["val_time_s"] = time.perf_counter() - t0
+    if vm[BEST_METRIC] > standing.best:
+      standing.best = vm[BEST_METRIC]
+      standing.best_metrics = {k: vm[k] for k in ("ndcg@100", "recall@20", "recall@50")}
+      if ck is not None:
+        host_state = steps.to_host(state)
+        if not ck.has_best(record["step"]):
+          ck.save_best(record["step"], host_state, {"epoch": done, "best": standing.best},
+                       {BEST_METRIC: standing.best})
+  elif split.validation is None and done == last and ck is not None:
+    # Per-user protocol: no validation users, so the final model is the one tested.
+    host_state = steps.to_host(state)
+    if not ck.has_best(record["step"]):
+      ck.save_best(record["step"], host_state, {"epoch": done, "best": standing.best},
+                   {BEST_METRIC: done})
+  record["best_val_ndcg@100"] = standing.best if standing.best > -math.inf else None
+  return host_state
+
+
+def save_latest(cfg: configs.Config, steps, state, ck: checkpoint_lib.RunCheckpoints | None,
+                standing: Standing, record: dict, host_state=None) -> None:
+  """Saves the resumable state every ``checkpoint_every`` epochs and after the last; the
+  record says whether it did."""
+  done = record["epoch"]
+  record["checkpointed"] = ck is not None and (
+      done % cfg.checkpoint_every == 0 or done == cfg.number_of_epochs)
+  if record["checkpointed"]:
+    host_state = host_state if host_state is not None else steps.to_host(state)
+    ck.save_latest(record["step"], host_state, {"epoch": done, "best": standing.best})
+    standing.last_saved_epoch = done
+
+
 def train_and_validate(cfg: configs.Config, workdir: str, split: data_lib.Split,
                        ck: checkpoint_lib.RunCheckpoints | None, steps, model, optimizer,
                        *, stop_after_epochs: int | None = None) -> dict:
@@ -337,89 +371,40 @@ def train_and_validate(cfg: configs.Config, workdir: str, split: data_lib.Split,
   summary and the best validation metrics. Raises :class:`TrainingDivergedError` (after
   logging it) when the loss or the parameters stop being finite.
   """
-  state = fresh_state(cfg, model, optimizer)
-  start_epoch, best = 0, -math.inf
-  # In a multi-process run every process computes the same records; one writes them.
-  log = MetricsLog(workdir) if ck is not None and jax.process_index() == 0 else None
-  if ck is not None:
-    state, start_epoch, best = resume_point(cfg, workdir, ck, state, log)
-    if start_epoch:
-      logging.info("resuming %s after epoch %d (step %d)", workdir, start_epoch,
-                   int(state.step))
-      print(f"resumed from epoch {start_epoch}", flush=True)
-    if log is not None:
-      log.truncate_after(start_epoch)
-      _write_run_files(cfg, workdir, split, start_epoch)
-  last_saved_epoch = start_epoch
+  state, start_epoch, standing, log = start(cfg, workdir, split, ck, model, optimizer)
   state = steps.init_state(state)
   batcher = data_lib.TrainBatcher(split.train, cfg.batch_size_train, seed=cfg.seed,
                                   num_shards=steps.num_shards)
-  n_users = split.train.shape[0]
   epoch_times, val_times = [], []
-  best_metrics: dict = {}
-  last_epoch = cfg.number_of_epochs
   for epoch in range(start_epoch, cfg.number_of_epochs):
-    t0 = time.perf_counter()
-    step_metrics = []
-    with Progress(batcher.steps_per_epoch, f"epoch {epoch + 1}") as bar:
-      for batch in data_lib.prefetch(_own_shards(batcher.epoch_batches(epoch)),
-                                     size=cfg.prefetch, put=steps.put_batch):
-        state, m = steps.train_step(state, batch)
-        step_metrics.append(m)
-        bar.update()
-    jax.block_until_ready(state)
-    epoch_time = time.perf_counter() - t0
-    epoch_times.append(epoch_time)
-    host_metrics = [steps.metrics_to_host(m) for m in step_metrics]  # once per epoch
-    done = epoch + 1
+    state, host_metrics, seconds = train_epoch(steps, state, batcher, epoch, cfg.prefetch)
+    epoch_times.append(seconds)
     try:
-      check_finite(cfg, state, host_metrics, done, last_saved_epoch)
+      check_finite(cfg, state, host_metrics, epoch + 1, standing.last_saved_epoch)
     except TrainingDivergedError as e:
       if log is not None:
-        log.write({"split": "diverged", "epoch": done, "message": str(e)})
+        log.write({"split": "diverged", "epoch": epoch + 1, "message": str(e)})
       raise
-    record = {"split": "train", "epoch": done,
+    record = {"split": "train", "epoch": epoch + 1,
               "step": int(steps.to_host(state.step)), **_mean_of(host_metrics),
-              "epoch_time_s": epoch_time,
-              "users_per_s": n_users / epoch_time}
-    validate_now = split.validation is not None and (
-        done % cfg.validation_step == 0 or done == last_epoch)
-    host_state = None
-    if validate_now:
-      t1 = time.perf_counter()
-      vm = evaluate(steps, state, split.validation,
-                    cfg.batch_size_validation)
-      val_times.append(time.perf_counter() - t1)
-      record.update({f"val_{k}": vm[k] for k in ("ndcg@100", "recall@20", "recall@50")})
-      record["val_time_s"] = val_times[-1]
-      if vm[BEST_METRIC] > best:
-        best = vm[BEST_METRIC]
-        best_metrics = {k: vm[k] for k in ("ndcg@100", "recall@20", "recall@50")}
-        if ck is not None:
-          host_state = steps.to_host(state)
-          if not ck.has_best(record["step"]):
-            ck.save_best(record["step"], host_state, {"epoch": done, "best": best},
-                         {BEST_METRIC: best})
-    elif split.validation is None and done == last_epoch and ck is not None:
-      # Per-user protocol: no validation users, so the final model is the one tested.
-      host_state = steps.to_host(state)
-      if not ck.has_best(record["step"]):
-        ck.save_best(record["step"], host_state, {"epoch": done, "best": best},
-                     {BEST_METRIC: done})
-    record["best_val_ndcg@100"] = best if best > -math.inf else None
-    record["checkpointed"] = ck is not None and (
-        done % cfg.checkpoint_every == 0 or done == last_epoch)
-    if record["checkpointed"]:
-      host_state = host_state if host_state is not None else steps.to_host(state)
-      ck.save_latest(record["step"], host_state, {"epoch": done, "best": best})
-      last_saved_epoch = done
+              "epoch_time_s": seconds, "users_per_s": split.train.shape[0] / seconds}
+    host_state = validate_and_keep_best(cfg, steps, state, split, ck, standing, record)
+    if "val_time_s" in record:
+      val_times.append(record["val_time_s"])
+    save_latest(cfg, steps, state, ck, standing, record, host_state)
     if log is not None:
       log.write(record)
     _print_epoch(record)
-    if stop_after_epochs is not None and done - start_epoch >= stop_after_epochs:
+    if stop_after_epochs is not None and epoch + 1 - start_epoch >= stop_after_epochs:
       break
-  summary = {"best_validation": best_metrics}
-  measured = epoch_times[cfg.warm_up_epochs:] if len(epoch_times) > cfg.warm_up_epochs else []
+  return _summary(cfg, standing, epoch_times, val_times, split.train.shape[0])
+
+
+def _summary(cfg: configs.Config, standing: Standing, epoch_times: list[float],
+             val_times: list[float], n_users: int) -> dict:
+  """The best validation metrics and, after the warm-up epochs, the mean timings."""
+  summary = {"best_validation": standing.best_metrics}
+  measured = epoch_times[cfg.warm_up_epochs:]
   if measured:
     mean_epoch = float(np.mean(measured))
     summary.update(mean_epoch_time_s=mean_epoch, train_users_per_s=n_users / mean_epoch,
@@ -463,89 +448,11 @@ def format_test(result: dict, ks) -> str:
           f"items; best epoch {result.get('epoch')}): " + "  ".join(parts))
 
 
-def prepare_workdir(cfg: configs.Config, workdir: str) -> None:
-  """Checks, before any data work, that ``workdir`` can hold this run.
-
-  It must be a folder (created if missing) that can be written when the run trains or
-  tests. When it already holds a run, the settings that shape what is trained must be
-  those in its ``config.json`` (``configs.RESUMABLE_FIELDS`` may change); otherwise
-  ``ValueError`` lists the differences, so a record of a run never describes settings
-  its checkpoints were not trained with.
-  """
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ValueError(f"--workdir={workdir}: this is a file, expected a folder for the run")
-  if not (cfg.train or cfg.test):
-    return  # benchmark only: nothing is written
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    with files_lib.atomic_write(os.path.join(workdir, ".write-test"), "wb"):
-      pass
-    os.remove(os.path.join(workdir, ".write-test"))
-  except OSError as e:
-    raise ValueError(f"--workdir={workdir}: cannot write there ({e.strerror or e})") from None
-  if cfg.train and _holds_a_run(workdir):
-    changed = config_changes(_saved_config(workdir), cfg)
-    fixed = {k: v for k, v in changed.items() if k not in configs.RESUMABLE_FIELDS}
-    if fixed:
-      lines = "; ".join(f"--{k}: the run has {a!r}, this command asks {b!r}"
-                        for k, (a, b) in sorted(fixed.items()))
-      raise ValueError(
-          f"{workdir} holds a run trained with other settings ({lines}). Resuming would "
-          "mix them; use another --workdir, or the run's own settings")
-
-
-def _holds_a_run(workdir: str) -> bool:
-  ck_root = os.path.join(workdir, "checkpoints")
-  has_steps = any(os.listdir(os.path.join(ck_root, kind))
-                  for kind in (checkpoint_lib.LATEST, checkpoint_lib.BEST)
-                  if os.path.isdir(os.path.join(ck_root, kind)))
-  return has_steps or bool(MetricsLog(workdir).checkpointed_epochs())
-
-
-def read_run_config(workdir: str) -> dict:
-  """The settings a run recorded in ``<workdir>/config.json``, as the JSON object.
-
-  Raises FileNotFoundError when there is none, ValueError when it cannot be read.
-  """
-  path = os.path.join(workdir, "config.json")
-  try:
-    with open(path) as f:
-      saved = json.load(f)
-  except FileNotFoundError:
-    raise FileNotFoundError(f"{path}: not found") from None
-  except (OSError, ValueError) as e:
-    raise ValueError(f"{path}: unreadable ({e})") from None
-  if not isinstance(saved, dict):
-    raise ValueError(f"{path}: expected a JSON object of settings")
-  return saved
-
-
-def _saved_config(workdir: str) -> dict:
-  try:
-    return read_run_config(workdir)
-  except FileNotFoundError as e:
-    raise ValueError(f"{e}, but the workdir holds checkpoints; cannot tell what they "
-                     "were trained with. Use another --workdir") from None
-
-
-def _as_json(cfg: configs.Config) -> dict:
-  return json.loads(json.dumps(dataclasses.asdict(cfg), default=list))
-
-
-def config_changes(saved: dict, cfg: configs.Config) -> dict:
-  """``{field: (saved value, new value)}`` for each setting that differs (a field the
-  saved config lacks counts as its default)."""
-  now = _as_json(cfg)
-  default = _as_json(configs.Config())
-  return {k: (saved.get(k, default[k]), v) for k, v in now.items()
-          if saved.get(k, default[k]) != v}
-
-
 def run(cfg: configs.Config, workdir: str) -> dict:
   """Runs the modes the config asks for; returns their results."""
   configs.validate(cfg)
   select_devices(cfg)  # fail before any data work
-  prepare_workdir(cfg, workdir)
+  workdir_lib.prepare_workdir(cfg, workdir)
   split = load_data(cfg)
   print(data_lib.format_stats(split.stats()), flush=True)
   n_items = split.n_items
@@ -561,7 +468,7 @@ def run(cfg: configs.Config, workdir: str) -> dict:
   ck = None
   if cfg.train or cfg.test:
     # Test mode alone only reads: a run still training in the workdir is not disturbed.
-    ck = checkpoint_lib.RunCheckpoints(workdir, identity(cfg, split),
+    ck = checkpoint_lib.RunCheckpoints(workdir, workdir_lib.identity(cfg, split),
                                        keep_best=cfg.keep_best, best_metric=BEST_METRIC,
                                        read_only=not cfg.train)
   try:
@@ -575,7 +482,7 @@ def run(cfg: configs.Config, workdir: str) -> dict:
       results["test"] = test_best(cfg, workdir, split, ck, steps, model, optimizer)
       print(format_test(results["test"], cfg.test_ks), flush=True)
       if jax.process_index() == 0:
-        MetricsLog(workdir).write({"split": "test", **results["test"]})
+        workdir_lib.MetricsLog(workdir).write({"split": "test", **results["test"]})
   finally:
     if ck is not None:
       ck.close()
@@ -590,23 +497,3 @@ def format_benchmark(s: dict) -> str:
   if "mean_validation_time_s" in s:
     line += f", validation {s['mean_validation_time_s']:.3f}s"
   return line
-
-
-def _write_run_files(cfg: configs.Config, workdir: str, split: data_lib.Split,
-                     start_epoch: int) -> None:
-  """The config and raw item ids, so that a workdir alone is enough to serve.
-
-  A run resumed after ``start_epoch`` may have changed only ``configs.RESUMABLE_FIELDS``
-  (checked by :func:`prepare_workdir`); such changes are logged in ``metrics.jsonl`` as
-  a ``{"split": "config"}`` record before ``config.json`` takes the new values.
-  """
-  path = os.path.join(workdir, "config.json")
-  if start_epoch and os.path.exists(path):
-    changed = config_changes(_saved_config(workdir), cfg)
-    if changed:
-      MetricsLog(workdir).write({
-          "split": "config", "epoch": start_epoch,
-          "changes": {k: {"from": a, "to": b} for k, (a, b) in sorted(changed.items())}})
-  files_lib.write_text_atomic(path, json.dumps(_as_json(cfg), indent=1))
-  with files_lib.atomic_write(os.path.join(workdir, "item_ids.npy"), "wb") as f:
-    np.save(f, np.asarray(split.item_ids), allow_pickle=False)

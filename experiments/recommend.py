@@ -230,9 +230,9 @@ def run_config(workdir: str):
   model's item table afterwards, which catches any that mattered.
   """
   from experiments import configs
-  from experiments import loop
+  from experiments import workdir as workdir_lib
   try:
-    saved = loop.read_run_config(workdir)
+    saved = workdir_lib.read_run_config(workdir)
   except FileNotFoundError as e:
     raise FileNotFoundError(f"{e}; the run's split is rebuilt from its settings") from None
   fields = {f.name for f in dataclasses.fields(configs.Config)}

@@ -13,6 +13,7 @@ import pytest
 
 from experiments import configs
 from experiments import loop
+from experiments import workdir as workdir_lib
 from jax_vaecf import checkpoint
 from jax_vaecf import recommend
 
@@ -64,7 +65,7 @@ def test_resume_after_interruption_matches_one_run(data_dir, tmp_path, ema_decay
   workdir = str(tmp_path / "cut")
   split = loop.load_data(cfg)
   model, optimizer, steps = loop.build(cfg, split.n_items)
-  ck = checkpoint.RunCheckpoints(workdir, loop.identity(cfg, split))
+  ck = checkpoint.RunCheckpoints(workdir, workdir_lib.identity(cfg, split))
   loop.train_and_validate(cfg, workdir, split, ck, steps, model, optimizer,
                           stop_after_epochs=2)
   ck.close()
@@ -209,7 +210,7 @@ def test_weight_average_is_tested_served_and_part_of_the_run_identity(data_dir, 
   # The best checkpoint's average is what test mode scored and what a server loads.
   split = loop.load_data(cfg)
   model, optimizer, steps = loop.build(cfg, split.n_items)
-  ck = checkpoint.RunCheckpoints(workdir, loop.identity(cfg, split))
+  ck = checkpoint.RunCheckpoints(workdir, workdir_lib.identity(cfg, split))
   state, _ = ck.restore_best(loop.fresh_state(cfg, model, optimizer))
   ck.close()
   of_average = loop.evaluate(steps, state.ema_params, split.test, 64)

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from experiments import loop
+from experiments import workdir as workdir_lib
 from jax_vaecf import checkpoint
 from jax_vaecf import files as files_lib
 
@@ -218,7 +219,7 @@ def _pieces(cfg, workdir):
   split = loop.load_data(cfg)
   model, optimizer, steps = loop.build(cfg, split.n_items)
   os.makedirs(workdir, exist_ok=True)
-  ck = checkpoint.RunCheckpoints(workdir, loop.identity(cfg, split))
+  ck = checkpoint.RunCheckpoints(workdir, workdir_lib.identity(cfg, split))
   return split, ck, steps, model, optimizer
 
 
