@@ -38,9 +38,8 @@ class Config:
   """Every setting of a run. Field names follow the reference's flags where it had one."""
 
   # Data.
-  dataset: str = setting("ml-20m", "Data set name (ml-20m, ml-20m_alt, netflix, lastfm, "
-                                   "pinterest, msd, ml-latest-small, ml-1m, ml-100k, csv, "
-                                   "ngcf, vaecf_dir).")
+  dataset: str = setting("ml-20m", "Data set: one of " + ", ".join(
+      jax_vaecf.data.registry.names()) + " (each is an entry of jax_vaecf/data/registry.py).")
   data_dir: str = setting("data/ml-20m", "Folder holding the raw files (or the file itself "
                                          "for csv).")
   cache_dir: str = setting("", "Where processed splits and downloads go ('' = "

@@ -50,16 +50,14 @@ DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "jax_vaecf")
 
 def load_data(cfg: configs.Config) -> data_lib.Split:
   """The split the config asks for, from the cache when it is there."""
-  options: dict[str, Any] = {}
-  per_file_pair = cfg.dataset == "ngcf" or (cfg.dataset == "ml-100k" and cfg.fold)
-  if cfg.dataset in ("ml-20m_alt", "vaecf_dir") or per_file_pair:
-    pass
-  elif cfg.protocol == "heldout_users":
-    options.update(seed=cfg.split_seed, heldout_fraction=cfg.heldout_fraction)
-    if cfg.n_heldout_users:
-      options["n_heldout_users"] = cfg.n_heldout_users
-  else:
-    options["seed"] = cfg.split_seed
+  settings = {"seed": cfg.split_seed, "heldout_fraction": cfg.heldout_fraction}
+  if cfg.n_heldout_users:  # 0 leaves the data set's default
+    settings["n_heldout_users"] = cfg.n_heldout_users
+  # Passed only to a split function that takes them: the data set's registry entry
+  # decides (a given train/test pair, the paper's folder and ml-20m_alt's own procedure
+  # take none).
+  takes = data_lib.split_options(cfg.dataset, cfg.protocol, cfg.fold or None)
+  options: dict[str, Any] = {k: v for k, v in settings.items() if k in takes}
   if cfg.dataset == "csv":
     # The flags' text forms, in read_delimited's terms (validate checked them).
     columns = [c.strip() for c in cfg.csv_columns.split(",")] if cfg.csv_columns else None
@@ -72,8 +70,8 @@ def load_data(cfg: configs.Config) -> data_lib.Split:
   if not os.path.exists(cfg.data_dir) and not cfg.download:
     raise FileNotFoundError(
         f"--data_dir={cfg.data_dir!r} does not exist; point it at the folder holding the "
-        f"{cfg.dataset} files" + (" or add --download" if cfg.dataset.startswith("ml-")
-                                  else ""))
+        f"{cfg.dataset} files" + (" or add --download"
+                                  if data_lib.registry.get(cfg.dataset).download else ""))
   t0 = time.perf_counter()
 
   def report(stage: str) -> None:

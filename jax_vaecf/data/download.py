@@ -1,14 +1,15 @@
-"""Fetching the MovieLens archives; clear instructions for sets without a public URL.
+"""Fetching the archives of the data sets that have one; clear instructions for the rest.
 
 Downloads stream into a temporary file in the cache folder while an md5 is computed,
 check the length announced by the server and the published checksum, then
 ``os.replace`` the file to its final name. Extraction refuses any archive member whose
 path would leave the target folder and also extracts via a temporary folder.
 
-Checksums: GroupLens publishes md5 sums (no sha256) for its frozen archives; the values
-below are the ones recorded for these zips by other loaders (e.g. DataRec,
-eli-osherovich/papers_with_code). ``ml-latest-small`` is regenerated over time and has
-no fixed checksum, so only its length is checked.
+Which archive (URL, md5) belongs to which data set, and where to get the others by hand,
+is each data set's entry in :mod:`registry`. Checksums: GroupLens publishes md5 sums (no
+sha256) for its frozen archives; the values there are the ones recorded for these zips
+by other loaders (e.g. DataRec, eli-osherovich/papers_with_code). ``ml-latest-small`` is
+regenerated over time and has no fixed checksum, so only its length is checked.
 """
 
 from __future__ import annotations
@@ -20,44 +21,55 @@ import sys
 import tempfile
 import urllib.request
 import zipfile
-from typing import Callable
+from typing import Callable, Sequence
 
 from jax_vaecf import files as files_lib
+from jax_vaecf.data import registry
 
-GROUPLENS = "https://files.grouplens.org/datasets/movielens/{name}.zip"
+GROUPLENS = registry.GROUPLENS
 
-# md5 of the zip archives (GroupLens publishes md5, not sha256).
-MD5 = {
-    "ml-20m": "cd245b17a1ae2cc31bb14903e1204af3",
-    "ml-1m": "c4d9eecfca2ab87c1945afe126590906",
-    "ml-100k": "0e33842e24a9c977be4e0107933c0723",
-    "ml-latest-small": None,
-}
-
-# Where to get the sets that cannot be downloaded automatically.
-MANUAL = {
-    "netflix": ("training_set/ (mv_*.txt) or combined_data_*.txt",
-                "the Netflix Prize data set (e.g. https://archive.org/details/nf_prize_dataset.tar "
-                "or Kaggle 'netflix-prize-data')"),
-    "msd": ("train_triplets.txt",
-            "the Echo Nest Taste Profile subset, http://millionsongdataset.com/tasteprofile/"),
-    "lastfm": ("usersha1-artmbid-artname-plays.tsv",
-               "Last.fm Dataset 360K, http://ocelma.net/MusicRecommendationDataset/lastfm-360K.html"),
-    "pinterest": ("pinterest-20.train.rating",
-                  "the NCF repository, https://github.com/hexiangnan/neural_collaborative_filtering "
-                  "(Data/)"),
-}
+# md5 of each registered archive by name, for fetch_movielens (from the registry's
+# entries, built once at import).
+MD5 = {d.archive: d.md5 for d in registry.downloads()}
 
 _CHUNK = 1 << 20
 
 
-def missing_file_error(dataset: str, expected_path: str) -> FileNotFoundError:
-  """The error for a data set that must be fetched by hand."""
-  name, where = MANUAL.get(dataset, ("the data file", "its publisher"))
+def missing_files_error(entry: registry.DataSet, data_dir: str,
+                        cache_dir: str | None = None) -> FileNotFoundError:
+  """The error for a data set whose files are not in ``data_dir``: which files go where,
+  and how to get them (``download=True``, or where to fetch them by hand)."""
+  if entry.layout == registry.GIVEN:
+    return FileNotFoundError(f"{data_dir}: not found, expected {entry.obtain or 'a file'} "
+                             f"(the {entry.name!r} data set reads the file data_dir names)")
+  what = " or ".join(entry.files)
+  if entry.layout == registry.FOLDER:
+    where = data_dir if os.path.isdir(data_dir) else f"{data_dir} (no such folder)"
+    head = f"{where}: no {what} (or .gz) in this folder."
+    put = f"put them in {data_dir}"
+  else:
+    expected = os.path.join(data_dir, entry.files[0])
+    also = "".join(f", {name}" for name in entry.files[1:])
+    head = (f"{expected}{also}: not found (nor .gz, nor in "
+            f"{os.path.join(data_dir, entry.subfolder)}).")
+    put = f"put it at {expected}"
+  if entry.download is not None:
+    return FileNotFoundError(
+        f"{head} Pass download=True to fetch {entry.download.url} into "
+        f"{cache_dir or data_dir}, or unzip it into {data_dir} yourself.")
+  source = f" from {entry.obtain}" if entry.obtain else ""
   return FileNotFoundError(
-      f"{expected_path}: not found. The {dataset!r} data set cannot be downloaded "
-      f"automatically: fetch {name} from {where} and put it at {expected_path} (or pass "
-      "its location as data_dir / path).")
+      f"{head} The {entry.name!r} data set cannot be downloaded automatically: fetch "
+      f"{what}{source} and {put} (or pass its location as data_dir / path).")
+
+
+def missing_pair_error(entry: registry.DataSet, data_dir: str, names: Sequence[str],
+                       missing: str) -> FileNotFoundError:
+  """The error for a train/test pair (ngcf, ml-100k's folds) missing file ``missing``."""
+  source = f", from {entry.obtain}" if entry.obtain else ""
+  return FileNotFoundError(
+      f"{os.path.join(data_dir, missing)}: not found (nor {missing}.gz), expected the "
+      f"{entry.name} train/test pair {names[0]} and {names[1]} in {data_dir}{source}")
 
 
 def _progress(done: int, total: int | None, out) -> None:
@@ -129,22 +141,31 @@ def safe_extract(archive: str, target: str) -> None:
       shutil.rmtree(tmp, ignore_errors=True)
 
 
+def fetch(archive: registry.Download, cache_dir: str | os.PathLike, *,
+          opener: Callable = urllib.request.urlopen, progress: bool = True) -> str:
+  """Returns the folder ``cache_dir/<archive.archive>`` holding the extracted archive,
+  downloading (checking its md5) and extracting it first when absent."""
+  cache_dir = os.fspath(cache_dir)
+  folder = os.path.join(cache_dir, archive.archive)
+  if os.path.isdir(folder):
+    return folder
+  path = os.path.join(cache_dir, f"{archive.archive}.zip")
+  if not os.path.exists(path):
+    download(archive.url, path, archive.md5, opener, progress)
+  safe_extract(path, cache_dir)
+  if not os.path.isdir(folder):
+    raise ValueError(f"{path}: expected a top-level folder {archive.archive}/ in the "
+                     "archive")
+  return folder
+
+
 def fetch_movielens(name: str, cache_dir: str | os.PathLike, *, url: str | None = None,
                     opener: Callable = urllib.request.urlopen,
                     progress: bool = True) -> str:
-  """Returns the folder ``cache_dir/name`` holding the extracted archive, downloading
-  and extracting it first when absent."""
+  """:func:`fetch` by archive name (``ml-20m``, ``ml-1m``, ``ml-100k``,
+  ``ml-latest-small``), checked against :data:`MD5`; ``url`` replaces GroupLens'."""
   if name not in MD5:
     raise ValueError(f"fetch_movielens: unknown data set {name!r}, expected one of "
                      f"{sorted(MD5)}")
-  cache_dir = os.fspath(cache_dir)
-  folder = os.path.join(cache_dir, name)
-  if os.path.isdir(folder):
-    return folder
-  archive = os.path.join(cache_dir, f"{name}.zip")
-  if not os.path.exists(archive):
-    download(url or GROUPLENS.format(name=name), archive, MD5[name], opener, progress)
-  safe_extract(archive, cache_dir)
-  if not os.path.isdir(folder):
-    raise ValueError(f"{archive}: expected a top-level folder {name}/ in the archive")
-  return folder
+  return fetch(registry.Download(name, url or GROUPLENS.format(name=name), MD5[name]),
+               cache_dir, opener=opener, progress=progress)

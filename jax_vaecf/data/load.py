@@ -1,118 +1,123 @@
-"""One entry point: :func:`load_split` reads, splits and caches a named data set.
+"""One entry point: :func:`load_split` reads, splits and caches a data set.
 
-Defaults per data set (every one can be overridden by keyword):
+What each data set is (the files looked for, the reader, the split defaults, where to
+get it) is its entry in :mod:`registry`; ``print(registry.describe())`` lists them.
+Every default can be overridden by keyword.
 
-=================  =================================  ===================================
-dataset            file(s) looked for in data_dir      split
-=================  =================================  ===================================
-ml-20m             ratings.csv                         paper; H=10,000; rating > 3.5
-ml-20m_alt         ratings.csv                         :func:`split_nvidia_alt`
-netflix            training_set/ or combined_data_*    paper; H=40,000; rating > 3.5
-msd                train_triplets.txt                  paper; H=50,000; min_sc=200,
-                                                       min_uc=20; every row positive
-lastfm             usersha1-artmbid-artname-plays.tsv  paper; 10% / 10%; every row positive
-pinterest          pinterest-20.train.rating           paper; 10% / 10%; every row positive
-ml-latest-small    ratings.csv                         paper; 10% / 10%; rating > 3.5
-ml-1m              ratings.dat(.gz)                    paper; 10% / 10%; rating > 3.5
-ml-100k            u.data (or u1..u5/ua/ub .base/.test paper; 10% / 10%; rating > 3.5
-                   with ``fold='u1'``)
-csv                the file ``data_dir``               paper unless ``protocol='per_user'``;
-                                                       rating > 3.5; every row positive
-                                                       without a rating column
-ngcf               train.txt + test.txt (or .gz)       per-user (given files)
-vaecf_dir          the paper's output folder           as written (never cached)
-=================  =================================  ===================================
-
-``protocol='per_user'`` switches any single-file set to :func:`split_per_user`
-(``test_prop``, ``by_time``, ``seed``, ``threshold``, ``min_uc``).
+The split: ``protocol='heldout_users'`` (the paper's, :func:`split_heldout_users`) or
+``'per_user'`` (:func:`split_per_user`: ``test_prop``, ``by_time``, ``seed``,
+``threshold``, ``min_uc``), unless the data set has its own procedure (ml-20m_alt:
+:func:`split_nvidia_alt`), is a given train/test pair (ngcf; ml-100k with ``fold``:
+:func:`split_from_files`) or a finished split (vaecf_dir, read as written and never
+cached). A reader that yields no ratings (a ``csv`` file without a rating column) lists
+positives: every row is kept, whatever the threshold.
 
 ``csv`` reads ``user,item[,rating[,time]]`` files with :func:`readers.read_delimited`
 (options ``delimiter``, ``columns``, ``header``, ``string_ids``); ``threshold=None``
-makes every row a positive (play counts, clicks), as does a file without a rating
-column, whatever the threshold.
+makes every row a positive (play counts, clicks).
 """
 
 from __future__ import annotations
 
 import glob
+import inspect
 import os
 from typing import Callable
 
 from jax_vaecf.data import cache as cache_lib
 from jax_vaecf.data import download as download_lib
-from jax_vaecf.data import paper_files, preprocess, readers
+from jax_vaecf.data import preprocess, registry
 from jax_vaecf.data.split import Split
 
-DATASETS = ("ml-20m", "ml-20m_alt", "netflix", "lastfm", "pinterest", "msd",
-            "ml-latest-small", "ml-1m", "ml-100k", "csv", "ngcf", "vaecf_dir")
+# The built-in data sets (registry.names() also lists any registered since).
+DATASETS = registry.names()
 
-_MOVIELENS = {"ml-20m": "ml-20m", "ml-20m_alt": "ml-20m", "ml-latest-small":
-              "ml-latest-small", "ml-1m": "ml-1m", "ml-100k": "ml-100k"}
-
-_FILES = {
-    "ml-20m": ("ratings.csv",), "ml-20m_alt": ("ratings.csv",),
-    "ml-latest-small": ("ratings.csv",), "ml-1m": ("ratings.dat",),
-    "ml-100k": ("u.data",), "msd": ("train_triplets.txt",),
-    "lastfm": ("usersha1-artmbid-artname-plays.tsv",),
-    "pinterest": ("pinterest-20.train.rating",),
-}
-
-_SPLIT_DEFAULTS = {
-    "ml-20m": dict(n_heldout_users=10_000, threshold=3.5, min_uc=5),
-    "netflix": dict(n_heldout_users=40_000, threshold=3.5, min_uc=5),
-    "msd": dict(n_heldout_users=50_000, threshold=None, min_uc=20, min_sc=200),
-    "lastfm": dict(threshold=None, min_uc=5),
-    "pinterest": dict(threshold=None, min_uc=5),
-    "ml-latest-small": dict(threshold=3.5, min_uc=5),
-    "ml-1m": dict(threshold=3.5, min_uc=5),
-    "ml-100k": dict(threshold=3.5, min_uc=5),
-    "csv": dict(threshold=3.5, min_uc=5),
-}
-
-_READER_OPTIONS = ("delimiter", "columns", "header", "string_ids")
+# A run's split settings, passed by callers (the experiments) to the split functions
+# that take them: see split_options.
+RUN_SPLIT_OPTIONS = ("seed", "heldout_fraction", "n_heldout_users")
 
 
-def _find(dataset: str, data_dir: str, cache_dir, download: bool) -> str:
+def _entry(dataset: str | registry.DataSet) -> registry.DataSet:
+  if isinstance(dataset, registry.DataSet):
+    return dataset
+  try:
+    return registry.get(dataset)
+  except ValueError as e:
+    raise ValueError(f"load_split: {e}") from None
+
+
+def _pair_names(entry: registry.DataSet, fold: str | None) -> tuple[str, ...] | None:
+  """The (train, test) file names when the split is a given pair, else None."""
+  if entry.layout == registry.PAIR:
+    return entry.files
+  if fold is not None and entry.fold_files:
+    return tuple(name.format(fold=fold) for name in entry.fold_files)
+  return None
+
+
+def split_function(dataset: str | registry.DataSet, protocol: str = "heldout_users",
+                   fold: str | None = None) -> Callable[..., Split] | None:
+  """The function :func:`load_split` splits ``dataset`` with; None for a finished split
+  (vaecf_dir). ValueError for an unknown data set or protocol."""
+  entry = _entry(dataset)
+  if entry.layout == registry.SPLIT:
+    return None
+  if _pair_names(entry, fold) is not None:
+    return preprocess.split_from_files
+  if entry.split is not None:
+    return entry.split_fn
+  if protocol == "per_user":
+    return preprocess.split_per_user
+  if protocol == "heldout_users":
+    return preprocess.split_heldout_users
+  raise ValueError(f"load_split: unknown protocol {protocol!r}, expected "
+                   "'heldout_users' or 'per_user'")
+
+
+def _parameters(fn: Callable) -> set[str]:
+  return set(inspect.signature(fn).parameters)
+
+
+def split_options(dataset: str | registry.DataSet, protocol: str = "heldout_users",
+                  fold: str | None = None) -> tuple[str, ...]:
+  """Which of a run's split settings (:data:`RUN_SPLIT_OPTIONS`) the split of
+  ``dataset`` takes: those the protocol's split function has (seed, heldout_fraction
+  and n_heldout_users for heldout_users; seed for per_user). None for a data set with
+  its own procedure (ml-20m_alt stays the reference's fixed processing), a given
+  train/test pair or a finished split."""
+  entry = _entry(dataset)
+  fn = split_function(entry, protocol, fold)
+  if fn is None or entry.split is not None:
+    return ()
+  return tuple(k for k in RUN_SPLIT_OPTIONS if k in _parameters(fn))
+
+
+def _gz(path: str) -> str | None:
+  """``path`` or its gzipped copy (read by content, like every file), if either exists."""
+  return next((p for p in (path, path + ".gz") if os.path.isfile(p)), None)
+
+
+def _find_file(entry: registry.DataSet, data_dir: str, cache_dir: str | None,
+               download: bool) -> str:
   if os.path.isfile(data_dir):
     return data_dir
-  names = _FILES[dataset]
-  for folder in (data_dir, os.path.join(data_dir, _MOVIELENS.get(dataset, dataset))):
-    for name in names:
-      for cand in (name, name + ".gz"):
-        p = os.path.join(folder, cand)
-        if os.path.isfile(p):
-          return p
-  expected = os.path.join(data_dir, names[0])
-  if dataset in _MOVIELENS:
-    name = _MOVIELENS[dataset]
-    if download:
-      folder = download_lib.fetch_movielens(name, cache_dir or data_dir)
-      return _find(dataset, folder, cache_dir, False)
-    raise FileNotFoundError(
-        f"{expected}: not found. Pass download=True to fetch "
-        f"{download_lib.GROUPLENS.format(name=name)} into {cache_dir or data_dir}, or "
-        "unzip it there yourself.")
-  raise download_lib.missing_file_error(dataset, expected)
+  for folder in (data_dir, os.path.join(data_dir, entry.subfolder)):
+    for name in entry.files:
+      found = _gz(os.path.join(folder, name))
+      if found:
+        return found
+  if entry.download is not None and download:
+    folder = download_lib.fetch(entry.download, cache_dir or data_dir)
+    return _find_file(entry, folder, cache_dir, False)
+  raise download_lib.missing_files_error(entry, data_dir, cache_dir)
 
 
-def _read(dataset: str, path: str, reader_options: dict) -> readers.Interactions:
-  if dataset in ("ml-20m", "ml-20m_alt", "ml-latest-small"):
-    return readers.read_movielens_csv(path)
-  if dataset == "ml-1m":
-    return readers.read_ml1m(path)
-  if dataset == "ml-100k":
-    return readers.read_ml100k(path)
-  if dataset == "netflix":
-    return readers.read_netflix(path)
-  if dataset == "lastfm":
-    return readers.read_lastfm(path)
-  if dataset == "msd":
-    return readers.read_msd(path)
-  if dataset == "pinterest":
-    return readers.read_pinterest(path)
-  if dataset == "csv":
-    return readers.read_delimited(path, **reader_options)
-  raise AssertionError(dataset)
+def _find_folder(entry: registry.DataSet, data_dir: str, cache_dir: str | None) -> str:
+  # A file given as data_dir is read as is; a folder must hold files of a pattern.
+  if os.path.isfile(data_dir) or (os.path.isdir(data_dir) and any(
+      glob.glob(os.path.join(data_dir, pattern + "*")) for pattern in entry.files)):
+    return data_dir
+  raise download_lib.missing_files_error(entry, data_dir, cache_dir)
 
 
 def _reported(split: Split, report: Callable[[str], None]) -> Split:
@@ -122,94 +127,73 @@ def _reported(split: Split, report: Callable[[str], None]) -> Split:
   return split
 
 
-def load_split(dataset: str, data_dir: str | os.PathLike,
+def load_split(dataset: str | registry.DataSet, data_dir: str | os.PathLike,
                cache_dir: str | os.PathLike | None = None, *, download: bool = False,
                protocol: str = "heldout_users", fold: str | None = None,
                progress: Callable[[str], None] | None = None, **options) -> Split:
   """Reads, splits and (with ``cache_dir``) caches a data set.
 
   Args:
-    dataset: one of :data:`DATASETS`.
+    dataset: a registered name (:func:`registry.names`; the built-in ones are
+      :data:`DATASETS`) or a :class:`registry.DataSet`.
     data_dir: the folder holding the raw file(s), or the file itself.
     cache_dir: where processed splits (and downloads) are kept; None disables caching.
-    download: fetch a missing MovieLens archive from GroupLens into ``cache_dir``.
+    download: fetch a missing archive (the MovieLens sets) into ``cache_dir``.
     protocol: ``"heldout_users"`` (paper) or ``"per_user"``.
-    fold: ml-100k only: ``"u1"``..``"u5"``, ``"ua"``, ``"ub"`` uses the official
-      ``.base``/``.test`` pair (per-user protocol).
+    fold: for a data set with official train/test pairs (ml-100k: ``"u1"``..``"u5"``,
+      ``"ua"``, ``"ub"``), reads that pair (per-user protocol).
     progress: called with a short message as each stage of a rebuild starts (reading
       a file, splitting) and with the number of duplicate (user, item) rows collapsed
       when there were any; not called when the split comes from the cache.
-    **options: reader options for ``csv`` (``delimiter``, ``columns``, ``header``,
+    **options: the reader's options (``csv``: ``delimiter``, ``columns``, ``header``,
       ``string_ids``) and the options of the split function used.
 
   Returns:
     The :class:`Split`. Call ``split.stats()`` for its statistics.
   """
-  if dataset not in DATASETS:
-    raise ValueError(f"load_split: unknown dataset {dataset!r}, expected one of {DATASETS}")
+  entry = _entry(dataset)
+  name = entry.name
   data_dir = os.fspath(data_dir)
   report = progress or (lambda message: None)
-  if dataset == "vaecf_dir":
-    return paper_files.read_vaecf_dir(data_dir)
-  reader_options = {k: options.pop(k) for k in _READER_OPTIONS if k in options}
-  if dataset == "ngcf" or (dataset == "ml-100k" and fold is not None):
-    if dataset == "ngcf":
-      names = ("train.txt", "test.txt")
-      read = readers.read_user_lines
-    else:
-      names = (f"{fold}.base", f"{fold}.test")
-      read = readers.read_ml100k
+  if entry.layout == registry.SPLIT:
+    return entry.read(data_dir)
+  reader_options = {k: options.pop(k) for k in entry.reader_options if k in options}
+  pair_names = _pair_names(entry, fold)
+  if pair_names is not None:
     pair = []
-    for name in names:
-      p = os.path.join(data_dir, name)
-      # Gzipped copies are read too (by content), as for every other data set.
-      found = [c for c in (p, p + ".gz") if os.path.isfile(c)]
+    for file_name in pair_names:
+      found = _gz(os.path.join(data_dir, file_name))
       if not found:
-        raise FileNotFoundError(f"{p}: not found (nor {name}.gz), expected the {dataset} "
-                                "train/test pair")
-      pair.append(found[0])
-    def build():
+        raise download_lib.missing_pair_error(entry, data_dir, pair_names, file_name)
+      pair.append(found)
+    def build_pair():
       report(f"reading {pair[0]} and {pair[1]}")
-      tr, te = read(pair[0]), read(pair[1])
+      tr, te = entry.read(pair[0]), entry.read(pair[1])
       report("splitting")
       return _reported(preprocess.split_from_files(tr, te, **options), report)
-    return cache_lib.cached(build, cache_dir, dataset,
-                            {"dataset": dataset, "fold": fold, **options}, pair)
-  if dataset == "netflix":
+    return cache_lib.cached(build_pair, cache_dir, name,
+                            {"dataset": name, "fold": fold, **options}, pair)
+  if entry.layout == registry.FOLDER:
+    path = _find_folder(entry, data_dir, cache_dir)
+  elif entry.layout == registry.GIVEN:
+    if not os.path.isfile(data_dir):
+      raise download_lib.missing_files_error(entry, data_dir, cache_dir)
     path = data_dir
-    if not os.path.exists(path) or (os.path.isdir(path) and not (
-        glob.glob(os.path.join(path, "training_set", "mv_*"))
-        or glob.glob(os.path.join(path, "mv_*"))
-        or glob.glob(os.path.join(path, "combined_data_*")))):
-      raise download_lib.missing_file_error("netflix", os.path.join(path, "training_set"))
   else:
-    if dataset == "csv" and not os.path.isfile(data_dir):
-      raise FileNotFoundError(f"{data_dir}: not found, expected a delimited file")
-    path = data_dir if dataset == "csv" else _find(dataset, data_dir, cache_dir, download)
-  if dataset == "ml-20m_alt":
-    split_fn = preprocess.split_nvidia_alt
-    kwargs = dict(options)
-  elif protocol == "per_user":
-    split_fn = preprocess.split_per_user
-    kwargs = {k: v for k, v in _SPLIT_DEFAULTS.get(dataset, {}).items()
-              if k in ("threshold", "min_uc")}
-    kwargs.update(options)
-  elif protocol == "heldout_users":
-    split_fn = preprocess.split_heldout_users
-    kwargs = dict(_SPLIT_DEFAULTS.get(dataset, {}))
-    kwargs.update(options)
-  else:
-    raise ValueError(f"load_split: unknown protocol {protocol!r}, expected "
-                     "'heldout_users' or 'per_user'")
+    path = _find_file(entry, data_dir, cache_dir, download)
+  split_fn = split_function(entry, protocol, fold)
+  takes = _parameters(split_fn)
+  kwargs = {k: v for k, v in entry.split_defaults.items() if k in takes}
+  kwargs.update(options)
   def build():
     report(f"reading {path}")
-    inter = _read(dataset, path, reader_options)
+    inter = entry.read(path, **reader_options)
     split_kwargs = dict(kwargs)
-    if dataset == "csv" and inter.ratings is None:
+    if inter.ratings is None and "threshold" in takes:
       # Nothing to threshold: a file of bare (user, item) pairs lists positives.
       split_kwargs["threshold"] = None
     report(f"splitting {len(inter):,} interactions ({split_fn.__name__})")
     return _reported(split_fn(inter, **split_kwargs), report)
-  key_options = {"dataset": dataset, "protocol": protocol, "split": split_fn.__name__,
+  key_options = {"dataset": name, "protocol": protocol, "split": split_fn.__name__,
                  "reader": reader_options, **kwargs}
-  return cache_lib.cached(build, cache_dir, dataset, key_options, [path])
+  return cache_lib.cached(build, cache_dir, name, key_options, [path])
