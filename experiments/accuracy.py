@@ -3,11 +3,15 @@
   python -m experiments.accuracy --config=ml1m --data_dir=DIR --seeds=0,1,2,3,4 \
       --root=runs/acc_ml1m [--model=multdae] [--precision=bf16] [--number_of_devices=4]
 
-Trains (or resumes) one run per seed under ``ROOT/seed_N``, each keeping its best
-checkpoint by validation NDCG@100, scores it on the test users, and prints the mean and
-standard error over seeds of NDCG@100, Recall@20 and Recall@50 as a markdown row. The
-split is the same for every seed (``--split_seed``); only initialisation, batch order,
-dropout and noise change. Results are appended as JSON lines to ``ROOT/summary.jsonl``.
+Takes exactly ``experiments.train``'s settings (``--config=PRESET``, default ``ml20m``,
+and the flag of any Config field, e.g. ``--hidden_dims=600 --ema_decay=0``; ``--help``
+lists them) and runs, for each seed of ``--seeds``, what ``train`` runs with those flags
+and ``--seed=N --workdir=ROOT/seed_N``: it trains (or resumes) the run, keeping its best
+checkpoint by validation NDCG@100, and scores it on the test users. It then prints the
+mean and standard error over seeds of NDCG@100, Recall@20 and Recall@50 as a markdown
+row. The split is the same for every seed (``--split_seed``); only initialisation, batch
+order, dropout and noise change. Results are appended as JSON lines to
+``ROOT/summary.jsonl``.
 """
 
 from __future__ import annotations
@@ -21,42 +25,14 @@ from absl import app
 from absl import flags
 
 from experiments import cli
-from experiments import configs
 from experiments import loop
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("config", "ml1m", "Preset name.")
 flags.DEFINE_string("root", None, "Folder for the per-seed workdirs and summary.jsonl.")
-flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Training seeds.")
-flags.DEFINE_list("set", [], "Overrides field=value, e.g. --set=lr=0.002,dropout_rate=0.6.")
-flags.DEFINE_string("data_dir", None, "Overrides the preset's data_dir.")
-flags.DEFINE_string("model", None, "multvae or multdae.")
-flags.DEFINE_string("precision", None, "fp32, bf16 or fp16.")
-flags.DEFINE_integer("number_of_devices", None, "Devices (0 = all).")
-flags.DEFINE_string("protocol", None, "heldout_users or per_user.")
-flags.DEFINE_string("dataset", None, "Overrides the preset's dataset.")
-flags.DEFINE_string("fold", None, "ml-100k official split (per_user), e.g. u1.")
+flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"],
+                  "Training seeds: one run per seed, each as --seed.")
 
 METRICS = ("ndcg@100", "recall@20", "recall@50", "ndcg@20", "recalln@20")
-
-
-def parse_overrides(items: list[str], cfg: configs.Config) -> dict:
-  """``['lr=0.002', 'hidden_dims=600;200']`` -> typed changes for ``cfg``."""
-  changes = {}
-  for item in items:
-    if "=" not in item:
-      raise ValueError(f"--set: expected field=value, got {item!r}")
-    name, value = item.split("=", 1)
-    if not hasattr(cfg, name):
-      raise ValueError(f"--set: unknown field {name!r}")
-    old = getattr(cfg, name)
-    if isinstance(old, bool):
-      changes[name] = value.lower() in ("1", "true", "yes")
-    elif isinstance(old, tuple):
-      changes[name] = tuple(int(v) for v in value.split(";") if v)
-    else:
-      changes[name] = type(old)(value)
-  return changes
 
 
 def summarize(results: list[dict]) -> dict:
@@ -70,27 +46,34 @@ def summarize(results: list[dict]) -> dict:
   return out
 
 
+def _seeds() -> list[int]:
+  try:
+    seeds = [int(s) for s in FLAGS.seeds]
+  except ValueError:
+    raise app.UsageError(f"--seeds: expected comma-separated integers, got "
+                         f"{','.join(FLAGS.seeds)!r}") from None
+  if not seeds:
+    raise app.UsageError("--seeds is empty")
+  return seeds
+
+
 def main(argv):
   cli.start(argv, required=("root",))
-  try:
-    cfg = configs.get_config(FLAGS.config)
-    changes = parse_overrides(FLAGS.set, cfg)
-    for name in ("data_dir", "model", "precision", "number_of_devices", "protocol",
-                 "dataset", "fold"):
-      if getattr(FLAGS, name) is not None:
-        changes[name] = getattr(FLAGS, name)
-    cfg = cfg.replace(train=True, test=True, **changes)
-    configs.validate(cfg)
-    seeds = [int(s) for s in FLAGS.seeds]
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
+  cfg = cli.config_from_flags()
+  given = cli.config_overrides()
+  # The seed is what varies between the runs; a fixed one would make them all the same.
+  if "seed" in given:
+    raise app.UsageError("--seed: accuracy trains one run per seed of --seeds")
+  if not cfg.test:
+    raise app.UsageError("--notest: accuracy reports each seed's test metrics")
+  seeds = _seeds()
   results = []
   for seed in seeds:
     workdir = os.path.join(FLAGS.root, f"seed_{seed}")
     print(f"== seed {seed}: {workdir}", flush=True)
     try:
       res = loop.run(cfg.replace(seed=seed), workdir)["test"]
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, loop.TrainingDivergedError) as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(1)
     results.append(res)
@@ -99,12 +82,13 @@ def main(argv):
   print(f"| {cfg.dataset} | {cfg.model} | {cfg.precision} | {len(seeds)} seeds | {cells} |")
   os.makedirs(FLAGS.root, exist_ok=True)
   with open(os.path.join(FLAGS.root, "summary.jsonl"), "a") as f:
-    f.write(json.dumps({"config": FLAGS.config, "overrides": FLAGS.set,
-                        "settings": {k: str(v) for k, v in changes.items()},
+    f.write(json.dumps({"config": FLAGS.config,
+                        "settings": {k: str(v) for k, v in given.items()},
                         "seeds": seeds, **s,
                         "per_seed": [{k: r[k] for k in METRICS if k in r}
                                      for r in results]}) + "\n")
 
 
 if __name__ == "__main__":
+  cli.define_config_flags()
   cli.run(main)

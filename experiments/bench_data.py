@@ -1,6 +1,6 @@
 """Benchmarks the data layer on a synthetic ML-20M-sized ratings.csv.
 
-  python -m experiments.bench_data [--rows 20000000] [--keep DIR]
+  python -m experiments.bench_data [--rows=20000000] [--keep=DIR]
 
 Generates (vectorised, a few seconds) a ``ratings.csv`` with the header
 ``userId,movieId,rating,timestamp``: ~138k users with heavy-tailed activity, ~27k
@@ -12,7 +12,6 @@ reading, the paper's split (H = 10,000) and the training batcher at batch 500 an
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -22,6 +21,17 @@ import tempfile
 import time
 
 import numpy as np
+from absl import flags
+
+from experiments import cli
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("rows", 20_000_000, "Rows of the synthetic ratings.csv.")
+flags.DEFINE_string("keep", None, "Folder to keep (or reuse) ratings.csv in; without it "
+                    "the file is written to a temporary folder and removed.")
+flags.DEFINE_string("child", None, "Internal: time the data layer on this ratings.csv in "
+                    "this process and print one JSON line (the parent runs it in a fresh "
+                    "child so the peak memory is the data layer's own).")
 
 
 def _digits(x: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -113,26 +123,22 @@ def _child(path: str) -> dict:
   return out
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--rows", type=int, default=20_000_000)
-  p.add_argument("--keep", default=None, help="folder to keep/reuse ratings.csv in")
-  p.add_argument("--child", default=None, help=argparse.SUPPRESS)
-  args = p.parse_args(argv)
-  if args.child:
-    print(json.dumps(_child(args.child)))
+def main(argv):
+  cli.start(argv)
+  if FLAGS.child:
+    print(json.dumps(_child(FLAGS.child)))
     return
-  folder = args.keep or tempfile.mkdtemp(prefix="bench_data-")
+  folder = FLAGS.keep or tempfile.mkdtemp(prefix="bench_data-")
   os.makedirs(folder, exist_ok=True)
   path = os.path.join(folder, "ratings.csv")
   gen_s = None
   if not os.path.exists(path):
     t = time.perf_counter()
-    rows = generate(path, args.rows)
+    rows = generate(path, FLAGS.rows)
     gen_s = time.perf_counter() - t
     print(f"generated {rows:,} rows ({os.path.getsize(path) / 1e6:.0f} MB) in "
           f"{gen_s:.1f} s -> {path}", file=sys.stderr)
-  res = subprocess.run([sys.executable, "-m", "experiments.bench_data", "--child", path],
+  res = subprocess.run([sys.executable, "-m", "experiments.bench_data", f"--child={path}"],
                        capture_output=True, text=True)
   if res.returncode:
     sys.exit(f"benchmark child failed:\n{res.stderr}")
@@ -154,9 +160,9 @@ def main(argv=None):
   print(f"{'measure':<{w}}  value")
   for k, v in rows:
     print(f"{k:<{w}}  {v}")
-  if not args.keep:
+  if not FLAGS.keep:
     os.remove(path)
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)

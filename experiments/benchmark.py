@@ -1,9 +1,18 @@
 """Training and evaluation throughput of Mult-VAE on synthetic data of a real shape.
 
   python -m experiments.benchmark                       # ML-20M shape, batch 500, fp32
-  python -m experiments.benchmark --batch_size=10000 --precision=bf16
+  python -m experiments.benchmark --batch_size_train=10000 --precision=bf16
   python -m experiments.benchmark --steps=40            # time 40 steps, extrapolate
   python -m experiments.benchmark --sweep_items=5000,20000,80000,295041 --steps=20
+  python -m experiments.benchmark --config=ml1m --n_items=3416 --n_users=4838
+
+The model, optimiser, KL schedule, batch sizes, precision, input format, output chunks,
+weight average, seed and devices are ``experiments.train``'s settings, taken the same way
+(``--config=PRESET``, default ``ml20m``, and the flag of any Config field; ``--help``
+lists them), so the benchmark times what ``train`` would run with the same flags. The
+other Config settings (data set, split, epochs, validation, checkpoints) do not apply to
+it and are refused when given. ``--batch_size`` and ``--eval_batch_size`` are deprecated
+names of ``--batch_size_train`` and ``--batch_size_validation``.
 
 The data (:mod:`experiments.synthetic`) is built directly as CSR with ML-20M's shape
 by default: 116,677 training users, 20,108 items, ~73 interactions per user, 10,000
@@ -36,36 +45,72 @@ from absl import flags
 from experiments import cli
 
 _FLAGS = flags.FLAGS
-flags.DEFINE_integer("batch_size", 500, "Training users per step.")
-flags.DEFINE_enum("precision", "fp32", ["fp32", "bf16", "fp16"], "Matmul precision.")
-flags.DEFINE_integer("number_of_devices", 1, "Devices to split each batch over.")
 flags.DEFINE_integer("n_items", 20_108, "Items (ML-20M: 20,108).")
 flags.DEFINE_integer("n_users", 116_677, "Training users (ML-20M: 116,677).")
 flags.DEFINE_float("mean_per_user", 73.0, "Mean interactions per user (ML-20M: ~73).")
-flags.DEFINE_enum("input_format", "auto", ["auto", "sparse", "dense"],
-                  "First-layer input path; auto picks the platform's default.")
-flags.DEFINE_integer("output_chunk_size", 1024,
-                     "Users per chunk of the output layer in training and evaluation "
-                     "(sparse path).")
-flags.DEFINE_float("ema_decay", 0.0,
-                   "Above 0: also keep the moving average of the weights each step "
-                   "(evaluation then scores it).")
 flags.DEFINE_integer("epochs", 1, "Full epochs to time (ignored with --steps).")
 flags.DEFINE_integer("steps", 0, "If > 0, time this many steps and extrapolate to an epoch.")
 flags.DEFINE_integer("eval_users", 10_000, "Held-out users to evaluate (0: skip).")
-flags.DEFINE_integer("eval_batch_size", 2_000, "Users per evaluation batch.")
 flags.DEFINE_list("sweep_items", [], "Item counts: report epoch time for each (uses --steps).")
 flags.DEFINE_string("json_out", "", "Also write the JSON result(s) to this path.")
-flags.DEFINE_integer("seed", 0, "Seed of the data and the model.")
-flags.DEFINE_string("model", "multvae", "multvae or multdae.")
 flags.DEFINE_bool("serving", False, "Instead of training: latency at batch 1 and "
                   "throughput at batch 10,000 of the Recommender and of an exported "
-                  "artefact, for the paper's model at --n_items (random weights: the "
+                  "artefact, for the configured model at --n_items (random weights: the "
                   "cost does not depend on them).")
 
+# The benchmark's names before it took the Config flags; kept so old commands still run.
+ALIASES = {"batch_size": "batch_size_train", "eval_batch_size": "batch_size_validation"}
 
-def run_serving(n_items: int, model_name: str, seed: int, k: int = 10) -> list[dict]:
-  """Both serving paths timed on a freshly initialised paper-sized model."""
+# The Config settings the benchmark reads. Any other one given on the command line is
+# refused, not ignored: the synthetic data has no data set, split or checkpoints, and a
+# setting that silently did nothing would make a number look like something it is not.
+USED_SETTINGS = frozenset({
+    "model", "hidden_dims", "latent_dim", "dropout_rate", "lr", "adam_b1", "adam_b2",
+    "lam", "anneal_schedule", "total_anneal_steps", "anneal_cap", "anneal_cycle_steps",
+    "ema_decay", "seed", "batch_size_train", "batch_size_validation", "precision",
+    "input_format", "output_chunk_size", "number_of_devices", "gpu_number", "prefetch",
+    "parallel",
+})
+
+
+def _hidden_dims(cfg):
+  # None lets build_model pick the paper's widths, as Config's '' means.
+  return tuple(int(h) for h in cfg.hidden_dims) or None
+
+
+def check_settings(given: dict) -> None:
+  """Raises ``app.UsageError`` for given Config settings the benchmark does not use."""
+  unused = [name for name in given if name not in USED_SETTINGS]
+  if unused:
+    raise app.UsageError(
+        f"{', '.join('--' + n for n in unused)}: not used by the benchmark (synthetic data "
+        "of --n_users x --n_items, timed for --epochs or --steps; no split, validation "
+        "or checkpoints)")
+  # Its steps are jit over a device mesh, i.e. the sharded mode.
+  if given.get("parallel", "sharded") != "sharded":
+    raise app.UsageError("--parallel: the benchmark times the sharded mode only")
+
+
+def select_devices(cfg) -> list:
+  """``--gpu_number`` (one local device) or ``--number_of_devices`` (0 = all)."""
+  import jax
+
+  from jax_vaecf import parallel as parallel_lib
+
+  if cfg.gpu_number >= 0:
+    local = jax.local_devices()
+    if cfg.gpu_number >= len(local):
+      raise app.UsageError(f"--gpu_number={cfg.gpu_number}: there are {len(local)} "
+                           f"{local[0].platform} devices")
+    return [local[cfg.gpu_number]]
+  try:
+    return parallel_lib.resolve_devices(cfg.number_of_devices)
+  except ValueError as e:
+    raise app.UsageError(f"--number_of_devices: {e}") from None
+
+
+def run_serving(cfg, n_items: int, k: int = 10) -> list[dict]:
+  """Both serving paths timed on a freshly initialised model of ``cfg``'s shape."""
   import tempfile
 
   import jax
@@ -77,8 +122,10 @@ def run_serving(n_items: int, model_name: str, seed: int, k: int = 10) -> list[d
   from jax_vaecf import recommend as recommend_lib
   from jax_vaecf import train as train_lib
 
-  model = model_lib.build_model(model_name, n_items)
-  params = train_lib.init_params(model, jax.random.PRNGKey(seed))
+  model_name = cfg.model
+  model = model_lib.build_model(model_name, n_items, hidden_dims=_hidden_dims(cfg),
+                                latent_dim=cfg.latent_dim)
+  params = train_lib.init_params(model, jax.random.PRNGKey(cfg.seed))
   rec = recommend_lib.Recommender(model, params, np.arange(n_items, dtype=np.int64))
   with tempfile.TemporaryDirectory() as tmp:
     out = f"{tmp}/artefact"
@@ -128,8 +175,9 @@ def _peak_device_gb(devices) -> float | None:
   return max(peaks) if peaks else None
 
 
-def run_one(n_items: int, *, steps: int, epochs: int, eval_users: int) -> dict:
-  """Builds the data and the steps for one configuration and times them."""
+def run_one(cfg, devices: list, n_items: int, *, steps: int, epochs: int,
+            eval_users: int) -> dict:
+  """Builds the data and the steps of ``cfg`` for ``n_items`` items and times them."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -145,35 +193,37 @@ def run_one(n_items: int, *, steps: int, epochs: int, eval_users: int) -> dict:
 
   f = _FLAGS
   platform_name = jax.default_backend()
-  devices = jax.devices()[:f.number_of_devices]
-  if len(devices) < f.number_of_devices:
-    raise ValueError(f"--number_of_devices={f.number_of_devices} but only "
-                     f"{len(jax.devices())} {platform_name} devices exist")
-  input_format = f.input_format
+  input_format = cfg.input_format
   if input_format == "auto":
     input_format = train_lib.default_input_format(platform_name)
-  k = f.number_of_devices
+  k = len(devices)
   shards = None if k == 1 else k
 
   t0 = time.perf_counter()
   train_csr, eval_split = synthetic.make_dataset(
       n_users=f.n_users, n_items=n_items, n_eval_users=max(eval_users, 1),
-      mean_per_user=f.mean_per_user, seed=f.seed)
+      mean_per_user=f.mean_per_user, seed=cfg.seed)
   data_s = time.perf_counter() - t0
 
-  policy = precision_lib.get_policy(f.precision)
-  model = model_lib.build_model(f.model, n_items, dtype=policy.compute_dtype)
-  opt = train_lib.make_optimizer(1e-3)
-  state = train_lib.create_train_state(model, opt, jax.random.PRNGKey(f.seed),
+  # The model, optimiser and schedule as experiments.loop builds them from a Config.
+  policy = precision_lib.get_policy(cfg.precision)
+  model = model_lib.build_model(cfg.model, n_items, hidden_dims=_hidden_dims(cfg),
+                                latent_dim=cfg.latent_dim, dropout_rate=cfg.dropout_rate,
+                                dtype=policy.compute_dtype)
+  opt = train_lib.make_optimizer(cfg.lr, b1=cfg.adam_b1, b2=cfg.adam_b2)
+  schedule = schedules.get_schedule(cfg.anneal_schedule, cap=cfg.anneal_cap,
+                                    total_anneal_steps=cfg.total_anneal_steps,
+                                    cycle_steps=cfg.anneal_cycle_steps)
+  state = train_lib.create_train_state(model, opt, jax.random.PRNGKey(cfg.seed),
                                        loss_scaling=policy.loss_scaling,
-                                       weight_average=f.ema_decay > 0)
-  step_fn = train_lib.make_train_step(model, opt, schedules.linear_schedule(0.2, 200_000),
+                                       weight_average=cfg.ema_decay > 0)
+  step_fn = train_lib.make_train_step(model, opt, schedule, lam=cfg.lam,
                                       input_format=input_format,
-                                      output_chunk_size=f.output_chunk_size,
+                                      output_chunk_size=cfg.output_chunk_size,
                                       loss_scaling=policy.loss_scaling,
-                                      ema_decay=f.ema_decay)
+                                      ema_decay=cfg.ema_decay)
   eval_fn = train_lib.make_eval_step(model, (100,), input_format=input_format,
-                                     output_chunk_size=f.output_chunk_size)
+                                     output_chunk_size=cfg.output_chunk_size)
   if shards:
     # The steps vmap over the leading shard axis; splitting it over a mesh makes jit
     # run one shard per device and sum the gradients across them.
@@ -188,11 +238,12 @@ def run_one(n_items: int, *, steps: int, epochs: int, eval_users: int) -> dict:
   train_step = jax.jit(step_fn, donate_argnums=0)
   eval_step = jax.jit(eval_fn)
 
-  batcher = data_lib.TrainBatcher(train_csr, f.batch_size, f.seed, num_shards=shards)
+  batcher = data_lib.TrainBatcher(train_csr, cfg.batch_size_train, cfg.seed,
+                                  num_shards=shards)
   # Compile every shape an epoch can produce, on empty batches (all rows padding).
   t0 = time.perf_counter()
   lead = () if shards is None else (k,)
-  rows_per = f.batch_size // k
+  rows_per = cfg.batch_size_train // k
   for nnz in batcher.nnz_buckets:
     empty = sparse_lib.SparseBatch(np.zeros(lead + (nnz,), np.int32),
                                    np.zeros(lead + (nnz,), np.int32),
@@ -209,7 +260,7 @@ def run_one(n_items: int, *, steps: int, epochs: int, eval_users: int) -> dict:
   metrics = None
   for epoch in range(1 if steps > 0 else epochs):
     batches = batcher.epoch_batches(epoch + 1)
-    for batch in data_lib.prefetch(batches, size=2, put=put):
+    for batch in data_lib.prefetch(batches, size=cfg.prefetch, put=put):
       state, metrics = train_step(state, batch)
       done += 1
       if done == timed_steps:
@@ -221,10 +272,10 @@ def run_one(n_items: int, *, steps: int, epochs: int, eval_users: int) -> dict:
   users_s = f.n_users / epoch_s
 
   out = {
-      "n_users": f.n_users, "n_items": n_items, "batch_size": f.batch_size,
-      "precision": f.precision, "input_format": input_format,
-      "output_chunk_size": f.output_chunk_size, "model": f.model,
-      "ema_decay": f.ema_decay,
+      "n_users": f.n_users, "n_items": n_items, "batch_size": cfg.batch_size_train,
+      "precision": cfg.precision, "input_format": input_format,
+      "output_chunk_size": cfg.output_chunk_size, "model": cfg.model,
+      "ema_decay": cfg.ema_decay,
       "number_of_devices": k, "platform": platform_name,
       "device_kind": devices[0].device_kind,
       "train_nnz": int(train_csr.nnz), "steps_per_epoch": n_steps,
@@ -243,8 +294,8 @@ def run_one(n_items: int, *, steps: int, epochs: int, eval_users: int) -> dict:
     def eval_pass():
       outs = []
       for b in data_lib.prefetch(
-          data_lib.eval_batches(eval_split, f.eval_batch_size, num_shards=shards),
-          size=2, put=put):
+          data_lib.eval_batches(eval_split, cfg.batch_size_validation, num_shards=shards),
+          size=cfg.prefetch, put=put):
         outs.append(eval_step(params, b)["ndcg@100"])
       return jax.device_get(outs)
 
@@ -281,14 +332,16 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv):
-  del argv
+  cli.start(argv)
+  cfg = cli.config_from_flags()
+  check_settings(cli.config_overrides())
   f = _FLAGS
   if f.serving:
     from experiments import export as export_cli
-    rows = run_serving(f.n_items, f.model, f.seed)
+    rows = run_serving(cfg, f.n_items)
     info = _versions()
     print(f"machine: {info['cpu_model']} ({info['cpu_count']} cores), device "
-          f"{rows[0]['device_kind']}; {f.model} over {f.n_items:,} items, top 10, 20 "
+          f"{rows[0]['device_kind']}; {cfg.model} over {f.n_items:,} items, top 10, 20 "
           "items per user")
     print(export_cli.format_benchmark(rows))
     record = {"serving": rows, "versions": info, "argv": sys.argv[1:]}
@@ -297,12 +350,14 @@ def main(argv):
       with open(f.json_out, "a") as fh:
         fh.write(json.dumps(record) + "\n")
     return
-  if f.batch_size % f.number_of_devices:
-    raise app.UsageError("--batch_size must be divisible by --number_of_devices")
+  devices = select_devices(cfg)
+  if cfg.batch_size_train % len(devices):
+    raise app.UsageError(f"--batch_size_train={cfg.batch_size_train} must be divisible by "
+                         f"the number of devices ({len(devices)})")
   items = [int(x) for x in f.sweep_items] or [f.n_items]
   results = []
   for n in items:
-    r = run_one(n, steps=f.steps, epochs=f.epochs,
+    r = run_one(cfg, devices, n, steps=f.steps, epochs=f.epochs,
                 eval_users=f.eval_users if not f.sweep_items else 0)
     results.append(r)
     print(json.dumps(r), flush=True)
@@ -321,4 +376,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  cli.define_config_flags(aliases=ALIASES)
   cli.run(main)

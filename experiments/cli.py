@@ -1,14 +1,154 @@
-"""What every command-line entry point of ``experiments`` does first, and how it fails."""
+"""What every command-line entry point of ``experiments`` does first, and how it fails.
+
+Every tool that runs a :class:`~experiments.configs.Config` (``train``, ``accuracy``,
+``benchmark``) takes it the same way: ``--config=PRESET`` picks a preset and the flag of
+each field's name overrides that field (:func:`define_config_flags`,
+:func:`config_from_flags`), so the same flags mean the same run in every tool.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
-from typing import Any, Callable, Sequence
+import typing
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from absl import app
 from absl import flags
 from absl import logging
+
+if TYPE_CHECKING:
+  from experiments import configs
+
+# The preset a tool starts from without --config: the paper's ML-20M run, the shape the
+# benchmark's synthetic data has, so one command line means the same run everywhere.
+DEFAULT_PRESET = "ml20m"
+
+# Other names of Config fields, old name -> field: the reference's --number_of_gpus and
+# the names a tool gave a setting before it took the Config flags. Shared by every
+# FlagValues; config_overrides reads those defined in the one it is given.
+_aliases: dict[str, str] = {"number_of_gpus": "number_of_devices"}
+
+
+def _configs():
+  # Imported when first needed: configs imports jax, and tools that take no Config
+  # (bench_data's parent process, numpy only) use this module too.
+  # pylint: disable-next=g-import-not-at-top,redefined-outer-name
+  from experiments import configs
+  return configs
+
+
+def _define(kind: type, name: str, help_text: str, flag_values: flags.FlagValues) -> None:
+  # Every default is None, so "given on the command line" is "not None" and an unset
+  # flag leaves the preset's value.
+  if kind is bool:
+    flags.DEFINE_bool(name, None, help_text, flag_values=flag_values)
+  elif kind is int:
+    flags.DEFINE_integer(name, None, help_text, flag_values=flag_values)
+  elif kind is float:
+    flags.DEFINE_float(name, None, help_text, flag_values=flag_values)
+  elif kind is tuple:
+    flags.DEFINE_list(name, None, help_text, flag_values=flag_values)
+  else:
+    flags.DEFINE_string(name, None, help_text, flag_values=flag_values)
+
+
+def define_config_flags(flag_values: flags.FlagValues = flags.FLAGS, *,
+                        aliases: Mapping[str, str] | None = None) -> None:
+  """Defines ``--config=PRESET``, one flag per :class:`~experiments.configs.Config` field
+  (same name, type and help; unset means the preset's value), the reference's
+  ``--use_tf_amp`` and ``--number_of_gpus``, and ``aliases`` (old flag name -> field,
+  help "Deprecated: same as --field").
+
+  A tool calls it in its ``if __name__ == "__main__"`` block, before :func:`run`, not at
+  import: ~50 global flags defined by importing a tool would clash with another tool's
+  own flags of the same name (``recommend --benchmark``) wherever both are imported, as
+  in the tests. The flags are made key flags of the main program, so ``--help`` lists
+  them. Calling it again on the same ``flag_values`` only adds new aliases.
+  """
+  configs = _configs()
+  hints = typing.get_type_hints(configs.Config)
+  new = []
+  if "config" not in flag_values:
+    flags.DEFINE_string("config", DEFAULT_PRESET,
+                        "Preset that the setting flags (one per Config field) "
+                        f"override: one of {sorted(configs.PRESETS)} "
+                        "(experiments/configs.py).",
+                        flag_values=flag_values)
+    for field in dataclasses.fields(configs.Config):
+      _define(hints[field.name], field.name, configs.help_of(field.name), flag_values)
+    flags.DEFINE_bool("use_tf_amp", None, "Reference flag: same as --precision=bf16.",
+                      flag_values=flag_values)
+    _define(int, "number_of_gpus", "Reference flag: same as --number_of_devices (0 = all).",
+            flag_values)
+    new += ["config", *(f.name for f in dataclasses.fields(configs.Config)), "use_tf_amp",
+            "number_of_gpus"]
+  for old, name in (aliases or {}).items():
+    if name not in hints:
+      raise ValueError(f"alias --{old}: {name!r} is not a Config field")
+    if old not in flag_values:
+      _define(hints[name], old, f"Deprecated: same as --{name}.", flag_values)
+      _aliases[old] = name
+      new.append(old)
+  for name in new:
+    # absl's --help shows the key flags of the module named sys.argv[0], the program.
+    flag_values.register_key_flag_for_module(sys.argv[0], flag_values[name])
+
+
+def _typed(name: str, value: Any, flag: str) -> Any:
+  """A flag's value as the Config field ``name`` holds it (lists become int tuples)."""
+  configs = _configs()
+  if isinstance(configs.Config.__dataclass_fields__[name].default, tuple):
+    try:
+      return tuple(int(v) for v in value if str(v).strip())
+    except ValueError:
+      raise app.UsageError(f"--{flag}: expected comma-separated integers, got "
+                           f"{','.join(value)!r}") from None
+  return value
+
+
+def config_overrides(flag_values: flags.FlagValues = flags.FLAGS) -> dict[str, Any]:
+  """The Config fields given on the command line (aliases resolved), as Config values.
+
+  Raises ``app.UsageError`` for a malformed list or an alias contradicting its field.
+  """
+  configs = _configs()
+  fv = flag_values
+  changes = {}
+  for field in dataclasses.fields(configs.Config):
+    value = fv[field.name].value
+    if value is not None:
+      changes[field.name] = _typed(field.name, value, field.name)
+  for old, name in _aliases.items():
+    if old not in fv or fv[old].value is None:
+      continue
+    value = _typed(name, fv[old].value, old)
+    if name in changes and changes[name] != value:
+      raise app.UsageError(f"--{old} is --{name}: give one of them")
+    changes[name] = value
+  if fv["use_tf_amp"].value:
+    if changes.get("precision", "bf16") != "bf16":
+      raise app.UsageError("--use_tf_amp means --precision=bf16; do not give both")
+    changes["precision"] = "bf16"
+  return changes
+
+
+def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> configs.Config:
+  """The preset named by ``--config`` with every setting given on the command line,
+  validated (:func:`experiments.configs.validate`).
+
+  Raises ``app.UsageError`` (one line, through :func:`run`) for an unknown preset or a
+  bad setting, before any work.
+  """
+  configs = _configs()
+  try:
+    cfg = configs.get_config(flag_values["config"].value)
+    cfg = cfg.replace(**config_overrides(flag_values))
+    configs.validate(cfg)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  return cfg
 
 
 def start(argv: Sequence[str], required: Sequence[str] = ()) -> None:

@@ -1,5 +1,6 @@
-"""The benchmark's synthetic data has the asked-for shape, and the benchmark runs end to
-end (one device and a batch split over two) and reports what it promises."""
+"""The benchmark's synthetic data has the asked-for shape, the benchmark runs end to end
+(one device and a batch split over two) and reports what it promises, and it takes its
+settings as ``train`` does (``--config`` and the setting flags)."""
 
 import json
 import os
@@ -46,15 +47,20 @@ def test_default_input_format_is_a_valid_format():
     assert train_lib.default_input_format(platform) in train_lib.INPUT_FORMATS
 
 
+def _benchmark(*args, timeout=300):
+  cmd = [sys.executable, "-m", "experiments.benchmark", "--n_users=400", "--n_items=300",
+         "--mean_per_user=12", *args]
+  env = dict(os.environ, PYTHONPATH=REPO)
+  return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=timeout)
+
+
 @pytest.mark.parametrize("devices", [1, 2])
 def test_benchmark_runs_and_reports(tmp_path, devices):
   out = tmp_path / "bench.jsonl"
-  cmd = [sys.executable, "-m", "experiments.benchmark", "--n_users=400", "--n_items=300",
-         "--mean_per_user=12", "--batch_size=100", "--steps=2", "--eval_users=60",
-         "--eval_batch_size=40", f"--number_of_devices={devices}", f"--json_out={out}"]
-  env = dict(os.environ, PYTHONPATH=REPO)
-  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=300)
+  proc = _benchmark("--batch_size_train=100", "--steps=2", "--eval_users=60",
+                    "--batch_size_validation=40", f"--number_of_devices={devices}",
+                    f"--json_out={out}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "| items | batch |" in proc.stdout  # the table
   record = json.loads(out.read_text().splitlines()[-1])
@@ -68,3 +74,30 @@ def test_benchmark_runs_and_reports(tmp_path, devices):
   assert r["peak_host_gb"] > 0
   for key in ("jax", "jaxlib", "flax", "optax", "numpy", "python", "cpu_model"):
     assert record["versions"][key]
+
+
+def test_benchmark_takes_the_preset_and_the_old_flag_names(tmp_path):
+  out = tmp_path / "bench.jsonl"
+  # ml1m's preset: batch 250, hidden layer 1,200, moving average 0.995; --batch_size and
+  # --eval_batch_size are the deprecated names of the batch sizes.
+  proc = _benchmark("--config=ml1m", "--batch_size=100", "--eval_batch_size=40",
+                    "--steps=1", "--eval_users=60", f"--json_out={out}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (r,) = json.loads(out.read_text().splitlines()[-1])["results"]
+  assert r["batch_size"] == 100 and r["steps_per_epoch"] == 4
+  assert r["ema_decay"] == 0.995 and r["model"] == "multvae"
+  assert np.isfinite(r["final_loss"]) and r["eval_users_per_s"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--number_of_epochs=3", "--data_dir=x"],
+     "--data_dir, --number_of_epochs: not used by the benchmark (synthetic data"),
+    (["--batch_size=100", "--batch_size_train=200"],
+     "--batch_size is --batch_size_train: give one of them"),
+    (["--parallel=pmap"], "--parallel: the benchmark times the sharded mode only"),
+])
+def test_benchmark_refuses_settings_it_would_ignore(args, message):
+  proc = _benchmark(*args, "--steps=1", "--eval_users=0", timeout=60)
+  assert proc.returncode == 2
+  error, hint = proc.stderr.splitlines()  # one line and the hint, before any work
+  assert error.startswith(f"error: {message}") and hint.startswith("hint: ")

@@ -1,0 +1,101 @@
+"""Every tool that runs a Config takes it one way (experiments.cli): ``--config=PRESET``
+and the flag of each field, listed by its ``--helpfull``, and a bad setting fails the same
+way in each."""
+
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from absl import app
+from absl import flags
+
+from experiments import cli
+from experiments import configs
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Each tool with the flags it requires, so that only the setting under test can fail.
+TOOLS = {
+    "train": ["--workdir={tmp}/w"],
+    "accuracy": ["--root={tmp}/w"],
+    "benchmark": [],
+}
+
+
+def _tool(name, *args, timeout=60):
+  return subprocess.run([sys.executable, "-m", f"experiments.{name}", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout,
+                        env=dict(os.environ, PYTHONPATH=REPO))
+
+
+@pytest.mark.parametrize("tool", sorted(TOOLS))
+def test_helpfull_lists_every_setting_with_its_help(tool):
+  r = _tool(tool, "--helpfull")
+  text = re.sub(r"\s+", " ", r.stdout + r.stderr)
+  assert re.search(r"--config: Preset", text)
+  for f in dataclasses.fields(configs.Config):
+    words = " ".join(configs.help_of(f.name).split()[:4])
+    assert re.search(rf"--(\[no\])?{f.name}: {re.escape(words)}", text), f.name
+
+
+@pytest.mark.parametrize("tool", sorted(TOOLS))
+def test_a_bad_setting_fails_the_same_way_in_every_tool(tool, tmp_path):
+  args = [a.format(tmp=tmp_path) for a in TOOLS[tool]]
+  r = _tool(tool, *args, "--config=ml1m", "--batch_size_train=0")
+  assert r.returncode == 2
+  assert r.stderr.splitlines() == [
+      "error: bad setting: batch_size_train must be >= 1",
+      f"hint: python -m experiments.{tool} --help lists every flag"]
+  assert not os.path.exists(tmp_path / "w")  # nothing was started
+
+
+def _parse(*args, aliases=None):
+  fv = flags.FlagValues()
+  cli.define_config_flags(fv, aliases=aliases)
+  fv(["tool", *args])
+  return fv
+
+
+def test_config_is_the_preset_with_the_given_flags():
+  fv = _parse("--config=ml1m", "--lr=0.002", "--hidden_dims=300,100", "--nodownload",
+              "--anneal_schedule=cyclical")
+  assert cli.config_overrides(fv) == {"lr": 0.002, "hidden_dims": (300, 100),
+                                      "download": False, "anneal_schedule": "cyclical"}
+  assert cli.config_from_flags(fv) == configs.get_config("ml1m").replace(
+      lr=0.002, hidden_dims=(300, 100), download=False, anneal_schedule="cyclical")
+  assert cli.config_from_flags(_parse()) == configs.get_config(cli.DEFAULT_PRESET)
+  assert cli.config_from_flags(_parse("--hidden_dims=")).hidden_dims == ()
+
+
+def test_reference_flags_and_aliases_mean_their_setting():
+  fv = _parse("--use_tf_amp", "--number_of_gpus=2", "--batch_size=100",
+              aliases={"batch_size": "batch_size_train"})
+  cfg = cli.config_from_flags(fv)
+  assert (cfg.precision, cfg.number_of_devices, cfg.batch_size_train) == ("bf16", 2, 100)
+  # The same value twice is fine; two different ones are refused.
+  fv = _parse("--number_of_gpus=2", "--number_of_devices=2")
+  assert cli.config_from_flags(fv).number_of_devices == 2
+  for args, message in [
+      (("--number_of_gpus=2", "--number_of_devices=4"),
+       "--number_of_gpus is --number_of_devices: give one of them"),
+      (("--use_tf_amp", "--precision=fp16"),
+       "--use_tf_amp means --precision=bf16; do not give both"),
+      (("--test_ks=5,x",), "--test_ks: expected comma-separated integers, got '5,x'"),
+      (("--config=nope",), "unknown config 'nope'"),
+      (("--ema_decay=1",), "bad setting: ema_decay must be in [0, 1)"),
+  ]:
+    with pytest.raises(app.UsageError, match=re.escape(message)):
+      cli.config_from_flags(_parse(*args))
+
+
+def test_defining_the_flags_twice_only_adds_aliases():
+  fv = flags.FlagValues()
+  cli.define_config_flags(fv)
+  cli.define_config_flags(fv, aliases={"eval_batch_size": "batch_size_validation"})
+  fv(["tool", "--eval_batch_size=40"])
+  assert cli.config_from_flags(fv).batch_size_validation == 40
+  with pytest.raises(ValueError, match="not a Config field"):
+    cli.define_config_flags(fv, aliases={"bs": "batch"})
