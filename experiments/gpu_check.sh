@@ -27,15 +27,15 @@ PY
 
 # ML-20M shape, batch 24,576: 5 steps an epoch, so time 3 epochs; evaluate the 10,000
 # held-out users as one batch.
-bench --precision=bf16 --batch_size=24576 --epochs=3 --eval_users=10000 \
-  --eval_batch_size=10000
+bench --precision=bf16 --batch_size_train=24576 --epochs=3 --eval_users=10000 \
+  --batch_size_validation=10000
 # The same with larger output-layer chunks (the default, 1,024 users, was chosen on CPU).
-bench --precision=bf16 --batch_size=24576 --epochs=2 --eval_users=10000 \
-  --eval_batch_size=10000 --output_chunk_size=8192
+bench --precision=bf16 --batch_size_train=24576 --epochs=2 --eval_users=10000 \
+  --batch_size_validation=10000 --output_chunk_size=8192
 # ML-20M shape, batch 500: one full epoch (234 steps).
-bench --precision=bf16 --batch_size=500 --epochs=1 --eval_users=0
+bench --precision=bf16 --batch_size_train=500 --epochs=1 --eval_users=0
 # Pinterest-shaped catalogue: 2,565,241 items (~3.1e9 parameters with Adam's moments:
 # ~49 GB), batch 1,024 (logits ~10 GB per copy), 5 steps extrapolated.
-bench --precision=bf16 --batch_size=1024 --n_items=2565241 --n_users=50000 \
+bench --precision=bf16 --batch_size_train=1024 --n_items=2565241 --n_users=50000 \
   --mean_per_user=20 --steps=5 --eval_users=0
 echo "gpu_check: results in $out" >&2
