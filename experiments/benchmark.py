@@ -179,25 +179,17 @@ def run_one(cfg, devices: list, n_items: int, *, steps: int, epochs: int,
             eval_users: int) -> dict:
   """Builds the data and the steps of ``cfg`` for ``n_items`` items and times them."""
   import jax
-  import jax.numpy as jnp
   import numpy as np
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+  from experiments import loop
   from experiments import synthetic
   from jax_vaecf import data as data_lib
-  from jax_vaecf import model as model_lib
-  from jax_vaecf import precision as precision_lib
-  from jax_vaecf import schedules
   from jax_vaecf import sparse as sparse_lib
   from jax_vaecf import train as train_lib
 
   f = _FLAGS
   platform_name = jax.default_backend()
-  input_format = cfg.input_format
-  if input_format == "auto":
-    input_format = train_lib.default_input_format(platform_name)
   k = len(devices)
-  shards = None if k == 1 else k
 
   t0 = time.perf_counter()
   train_csr, eval_split = synthetic.make_dataset(
@@ -205,68 +197,38 @@ def run_one(cfg, devices: list, n_items: int, *, steps: int, epochs: int,
       mean_per_user=f.mean_per_user, seed=cfg.seed)
   data_s = time.perf_counter() - t0
 
-  # The model, optimiser and schedule as experiments.loop builds them from a Config.
-  policy = precision_lib.get_policy(cfg.precision)
-  model = model_lib.build_model(cfg.model, n_items, hidden_dims=_hidden_dims(cfg),
-                                latent_dim=cfg.latent_dim, dropout_rate=cfg.dropout_rate,
-                                dtype=policy.compute_dtype)
-  opt = train_lib.make_optimizer(cfg.lr, b1=cfg.adam_b1, b2=cfg.adam_b2)
-  schedule = schedules.get_schedule(cfg.anneal_schedule, cap=cfg.anneal_cap,
-                                    total_anneal_steps=cfg.total_anneal_steps,
-                                    cycle_steps=cfg.anneal_cycle_steps)
-  state = train_lib.create_train_state(model, opt, jax.random.PRNGKey(cfg.seed),
-                                       loss_scaling=policy.loss_scaling,
-                                       weight_average=cfg.ema_decay > 0)
-  step_fn = train_lib.make_train_step(model, opt, schedule, lam=cfg.lam,
-                                      input_format=input_format,
-                                      output_chunk_size=cfg.output_chunk_size,
-                                      loss_scaling=policy.loss_scaling,
-                                      ema_decay=cfg.ema_decay)
-  eval_fn = train_lib.make_eval_step(model, (100,), input_format=input_format,
-                                     output_chunk_size=cfg.output_chunk_size)
-  if shards:
-    # The steps vmap over the leading shard axis; splitting it over a mesh makes jit
-    # run one shard per device and sum the gradients across them.
-    mesh = Mesh(np.array(devices), ("data",))
-    split = NamedSharding(mesh, P("data"))
-    replicated = NamedSharding(mesh, P())
-    put = lambda b: jax.device_put(b, split)
-    state = jax.device_put(state, replicated)
-  else:
-    put = lambda b: jax.device_put(b, devices[0])
-    state = jax.device_put(state, devices[0])
-  train_step = jax.jit(step_fn, donate_argnums=0)
-  eval_step = jax.jit(eval_fn)
-
+  # The model, optimiser, steps, placement and epoch loop of a training run: the
+  # loop's own functions, so these numbers are the loop's numbers.
+  model, optimizer, par = loop.build(cfg, n_items)
+  input_format = cfg.input_format
+  if input_format == "auto":
+    input_format = train_lib.default_input_format(platform_name)
+  state = par.init_state(loop.fresh_state(cfg, model, optimizer))
   batcher = data_lib.TrainBatcher(train_csr, cfg.batch_size_train, cfg.seed,
-                                  num_shards=shards)
+                                  num_shards=par.num_shards)
   # Compile every shape an epoch can produce, on empty batches (all rows padding).
   t0 = time.perf_counter()
-  lead = () if shards is None else (k,)
   rows_per = cfg.batch_size_train // k
   for nnz in batcher.nnz_buckets:
-    empty = sparse_lib.SparseBatch(np.zeros(lead + (nnz,), np.int32),
-                                   np.zeros(lead + (nnz,), np.int32),
-                                   np.zeros(lead + (nnz,), np.float32),
-                                   np.zeros(lead + (rows_per,), np.float32))
-    state, m = train_step(state, put(empty))
+    empty = sparse_lib.SparseBatch(np.zeros((par.num_shards, nnz), np.int32),
+                                   np.zeros((par.num_shards, nnz), np.int32),
+                                   np.zeros((par.num_shards, nnz), np.float32),
+                                   np.zeros((par.num_shards, rows_per), np.float32))
+    state, m = par.train_step(state, par.put_batch(empty))
   jax.block_until_ready((state, m))
   compile_s = time.perf_counter() - t0
 
   n_steps = batcher.steps_per_epoch
   timed_steps = min(steps, n_steps) if steps > 0 else n_steps * epochs
-  t0 = time.perf_counter()
-  done = 0
-  metrics = None
+  train_s, done, host_metrics = 0.0, 0, []
   for epoch in range(1 if steps > 0 else epochs):
-    batches = batcher.epoch_batches(epoch + 1)
-    for batch in data_lib.prefetch(batches, size=cfg.prefetch, put=put):
-      state, metrics = train_step(state, batch)
-      done += 1
-      if done == timed_steps:
-        break
-  loss = float(jax.device_get(metrics["loss"]))  # the one host sync, as in the loop
-  train_s = time.perf_counter() - t0
+    # Epoch numbers from 1: the warm-up above is not an epoch of the data.
+    state, host_metrics, seconds = loop.train_epoch(
+        par, state, batcher, epoch + 1, cfg.prefetch,
+        max_steps=timed_steps if steps > 0 else None)
+    train_s += seconds
+    done += len(host_metrics)
+  loss = float(host_metrics[-1]["loss"])
   step_s = train_s / done
   epoch_s = step_s * n_steps
   users_s = f.n_users / epoch_s
@@ -289,15 +251,8 @@ def run_one(cfg, devices: list, n_items: int, *, steps: int, epochs: int,
     raise FloatingPointError(f"training loss is {loss}")
 
   if eval_users > 0:
-    params = state.eval_params
-
     def eval_pass():
-      outs = []
-      for b in data_lib.prefetch(
-          data_lib.eval_batches(eval_split, cfg.batch_size_validation, num_shards=shards),
-          size=cfg.prefetch, put=put):
-        outs.append(eval_step(params, b)["ndcg@100"])
-      return jax.device_get(outs)
+      return loop.evaluate(par, state, eval_split, cfg.batch_size_validation)
 
     t0 = time.perf_counter()
     eval_pass()  # compiles every shape

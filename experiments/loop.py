@@ -295,22 +295,27 @@ def start(cfg: configs.Config, workdir: str, split: data_lib.Split,
 
 
 def train_epoch(steps, state: train_lib.TrainState, batcher: data_lib.TrainBatcher,
-                epoch: int, prefetch: int
+                epoch: int, prefetch: int, *, max_steps: int | None = None
                 ) -> tuple[train_lib.TrainState, list[dict], float]:
   """One epoch of ``steps.train_step`` over ``batcher``'s batches for ``epoch`` (this
-  process's shards, copied to the devices ``prefetch`` batches ahead).
+  process's shards, copied to the devices ``prefetch`` batches ahead), or its first
+  ``max_steps`` steps.
 
   Returns the state, each step's metrics on the host (read once, after the epoch) and
   the epoch's seconds. :mod:`experiments.benchmark` times this same function.
   """
+  total = batcher.steps_per_epoch if max_steps is None else min(
+      max_steps, batcher.steps_per_epoch)
   t0 = time.perf_counter()
   step_metrics = []
-  with Progress(batcher.steps_per_epoch, f"epoch {epoch + 1}") as bar:
+  with Progress(total, f"epoch {epoch + 1}") as bar:
     for batch in data_lib.prefetch(_own_shards(batcher.epoch_batches(epoch)),
                                    size=prefetch, put=steps.put_batch):
       state, m = steps.train_step(state, batch)
       step_metrics.append(m)
       bar.update()
+      if len(step_metrics) == total:
+        break
   jax.block_until_ready(state)
   seconds = time.perf_counter() - t0
   return state, [steps.metrics_to_host(m) for m in step_metrics], seconds
