@@ -185,7 +185,6 @@ def run_one(cfg, devices: list, n_items: int, *, steps: int, epochs: int,
   from experiments import synthetic
   from jax_vaecf import data as data_lib
   from jax_vaecf import sparse as sparse_lib
-  from jax_vaecf import train as train_lib
 
   f = _FLAGS
   platform_name = jax.default_backend()
@@ -201,8 +200,6 @@ def run_one(cfg, devices: list, n_items: int, *, steps: int, epochs: int,
   # loop's own functions, so these numbers are the loop's numbers.
   model, optimizer, par = loop.build(cfg, n_items)
   input_format = cfg.input_format
-  if input_format == "auto":
-    input_format = train_lib.default_input_format(platform_name)
   state = par.init_state(loop.fresh_state(cfg, model, optimizer))
   batcher = data_lib.TrainBatcher(train_csr, cfg.batch_size_train, cfg.seed,
                                   num_shards=par.num_shards)

@@ -108,13 +108,10 @@ def build(cfg: configs.Config, n_items: int):
                                     cycle_steps=cfg.anneal_cycle_steps)
   devices = select_devices(cfg)
   precision_lib.check_backend_supports(policy, devices[0].platform)
-  input_format = cfg.input_format
-  if input_format == "auto":
-    input_format = train_lib.default_input_format(devices[0].platform)
   ks = tuple(sorted(set(VALIDATION_KS) | set(int(k) for k in cfg.test_ks)))
   steps = parallel_lib.make_parallel_steps(
       model, optimizer, schedule, mode=cfg.parallel, devices=devices, lam=cfg.lam,
-      input_format=input_format, loss_scaling=policy.loss_scaling,
+      input_format=cfg.input_format, loss_scaling=policy.loss_scaling,
       output_chunk_size=cfg.output_chunk_size, ema_decay=cfg.ema_decay, ks=ks)
   return model, optimizer, steps
 

@@ -109,22 +109,6 @@ def update_weight_average(ema_params: Any, params: Any, step: Array, decay: floa
   return jax.tree_util.tree_map(lambda e, p: e + w * (p - e), ema_params, params)
 
 
-def default_input_format(platform: str) -> str:
-  """The fastest first-layer input path on a backend (``'cpu'``, ``'gpu'``, ``'tpu'``...).
-
-  CPU (measured, ``python -m experiments.benchmark``): ``'sparse'``. The dense path's
-  first layer is a second ``(B, n_items) x (n_items, 600)`` matmul (and its kernel
-  gradient a third), adding ~50% to the decoder's FLOPs; the sparse gather costs
-  ``O(nnz * 600)``, ~270x less at ML-20M's density.
-
-  GPU / TPU (unmeasured; reasoned from the FLOP count): also ``'sparse'``. The same
-  FLOP ratio holds, and the gather and scatter-add over ``nnz`` rows of 600 floats are
-  memory-bound but small next to the decoder's matmuls.
-  """
-  del platform  # every backend measured or reasoned about so far prefers sparse
-  return "sparse"
-
-
 def _with_shard_axis(batch):
   """Adds a leading shard axis of 1 to an unsharded batch."""
   rows = batch.fold_in.rows if isinstance(batch, sparse_lib.EvalBatch) else batch.rows

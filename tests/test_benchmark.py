@@ -12,7 +12,6 @@ import pytest
 
 from experiments import synthetic
 from jax_vaecf import data as data_lib
-from jax_vaecf import train as train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,11 +39,6 @@ def test_synthetic_data_has_the_requested_shape():
   again, _ = synthetic.make_dataset(n_users=3000, n_items=800, n_eval_users=400,
                                     mean_per_user=30, seed=1)
   assert (again != train).nnz == 0
-
-
-def test_default_input_format_is_a_valid_format():
-  for platform in ("cpu", "gpu", "tpu"):
-    assert train_lib.default_input_format(platform) in train_lib.INPUT_FORMATS
 
 
 def _benchmark(*args, timeout=300):
