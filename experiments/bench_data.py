@@ -1,13 +1,14 @@
 """Benchmarks the data layer on a synthetic ML-20M-sized ratings.csv.
 
-  python -m experiments.bench_data [--rows=20000000] [--keep=DIR]
+  python -m experiments.bench_data [--rows=20000000] [--keep=DIR] [--config=ml20m]
 
 Generates (vectorised, a few seconds) a ``ratings.csv`` with the header
 ``userId,movieId,rating,timestamp``: ~138k users with heavy-tailed activity, ~27k
 movies with Zipf popularity, half-star ratings, rows sorted by user then movie like the
 real file. Then, in a fresh child process (so its peak memory is its own), it times
-reading, the paper's split (H = 10,000) and the training batcher at batch 500 and
-10,000 (host side only), and prints a table.
+reading, the configured data set's split (``--config``/``--dataset``, with the same
+setting flags as every tool; ML-20M by default: H = 10,000) and the training batcher at
+batch 500 and 10,000 (host side only), and prints a table.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import tempfile
 import time
 
 import numpy as np
+from absl import app
 from absl import flags
 
 from experiments import cli
@@ -95,16 +97,43 @@ def generate(path: str, rows: int, n_users: int = 138_493, n_items: int = 26_744
   return int(users.size)
 
 
-def _child(path: str) -> dict:
-  from jax_vaecf.data import TrainBatcher, preprocess, readers  # pylint: disable=g-import-not-at-top
+# The settings this tool reads: the split of the configured data set (whose file the
+# synthetic ratings.csv imitates). Any other setting given is refused, not ignored.
+USED_SETTINGS = frozenset({"dataset", "n_heldout_users", "heldout_fraction", "split_seed"})
+
+
+def check_settings(cfg, given: dict) -> None:
+  """Raises ``app.UsageError`` for a setting this tool would ignore, or a data set whose
+  raw file is not a MovieLens ``ratings.csv`` (the format generated here)."""
+  from jax_vaecf.data import registry  # pylint: disable=g-import-not-at-top
+  unused = sorted(set(given) - USED_SETTINGS)
+  if unused:
+    raise app.UsageError(f"bench_data times reading and splitting only; it does not use "
+                         f"--{', --'.join(unused)}")
+  entry = registry.get(cfg.dataset)
+  if entry.files[:1] != ("ratings.csv",) or cfg.dataset == "ml-20m_alt":
+    raise app.UsageError(f"--dataset={cfg.dataset}: bench_data generates a MovieLens "
+                         "ratings.csv and times the paper's split of it; use ml-20m, "
+                         "ml-latest-small or another ratings.csv data set")
+
+
+def _child(path: str, cfg) -> dict:
+  from jax_vaecf.data import TrainBatcher, preprocess, readers, registry  # pylint: disable=g-import-not-at-top
   out = {}
   t0 = time.perf_counter()
   inter = readers.read_movielens_csv(path)
   out["read_s"] = time.perf_counter() - t0
   t1 = time.perf_counter()
-  # H = 10,000 as in the paper; smoke runs with few users hold out 10%.
-  h = min(10_000, np.unique(inter.users).size // 10)
-  split = preprocess.split_heldout_users(inter, n_heldout_users=h)
+  # The data set's split (ML-20M: H = 10,000, ratings > 3.5, users with >= 5 items);
+  # smoke runs with few users hold out at most 10% of them.
+  options = dict(registry.get(cfg.dataset).split_defaults)
+  if cfg.n_heldout_users:
+    options["n_heldout_users"] = cfg.n_heldout_users
+  n_users = np.unique(inter.users).size
+  if "n_heldout_users" in options:
+    options["n_heldout_users"] = min(options["n_heldout_users"], n_users // 10)
+  split = preprocess.split_heldout_users(inter, heldout_fraction=cfg.heldout_fraction,
+                                         seed=cfg.split_seed, **options)
   out["split_s"] = time.perf_counter() - t1
   out["preprocess_s"] = time.perf_counter() - t0
   out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -125,8 +154,10 @@ def _child(path: str) -> dict:
 
 def main(argv):
   cli.start(argv)
+  cfg = cli.config_from_flags()
+  check_settings(cfg, cli.config_overrides())
   if FLAGS.child:
-    print(json.dumps(_child(FLAGS.child)))
+    print(json.dumps(_child(FLAGS.child, cfg)))
     return
   folder = FLAGS.keep or tempfile.mkdtemp(prefix="bench_data-")
   os.makedirs(folder, exist_ok=True)
@@ -138,8 +169,9 @@ def main(argv):
     gen_s = time.perf_counter() - t
     print(f"generated {rows:,} rows ({os.path.getsize(path) / 1e6:.0f} MB) in "
           f"{gen_s:.1f} s -> {path}", file=sys.stderr)
-  res = subprocess.run([sys.executable, "-m", "experiments.bench_data", f"--child={path}"],
-                       capture_output=True, text=True)
+  # The child gets the same settings flags (its own process, so its peak memory is its own).
+  res = subprocess.run([sys.executable, "-m", "experiments.bench_data", *sys.argv[1:],
+                        f"--child={path}"], capture_output=True, text=True)
   if res.returncode:
     sys.exit(f"benchmark child failed:\n{res.stderr}")
   r = json.loads(res.stdout.strip().splitlines()[-1])
@@ -165,4 +197,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  cli.define_config_flags()
   cli.run(main)

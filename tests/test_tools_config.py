@@ -22,6 +22,7 @@ TOOLS = {
     "train": ["--workdir={tmp}/w"],
     "accuracy": ["--root={tmp}/w"],
     "benchmark": [],
+    "bench_data": ["--keep={tmp}/w"],
 }
 
 
@@ -99,3 +100,14 @@ def test_defining_the_flags_twice_only_adds_aliases():
   assert cli.config_from_flags(fv).batch_size_validation == 40
   with pytest.raises(ValueError, match="not a Config field"):
     cli.define_config_flags(fv, aliases={"bs": "batch"})
+
+
+def test_bench_data_refuses_settings_it_would_ignore(tmp_path):
+  for args, message in (
+      (["--lr=0.1"], "error: bench_data times reading and splitting only; it does not "
+                     "use --lr"),
+      (["--config=netflix"], "error: --dataset=netflix: bench_data generates a MovieLens "
+                             "ratings.csv")):
+    r = _tool("bench_data", f"--keep={tmp_path}/w", *args)
+    assert r.returncode == 2 and r.stderr.splitlines()[0].startswith(message), r.stderr
+    assert not os.path.exists(tmp_path / "w")
