@@ -22,8 +22,8 @@ import importlib.metadata
 import inspect
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -106,9 +106,10 @@ def write_artifact(out_dir: str | os.PathLike, model, params, item_ids: np.ndarr
                      "'jax_vaecf[export]' (or flatbuffers)") from None
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.")
+  # os.mkdir applies the umask, as the rename keeps the folder's mode (mkdtemp: 0700).
+  staging = os.path.join(parent, f".{os.path.basename(out_dir)}.{secrets.token_hex(4)}.tmp")
+  os.mkdir(staging, 0o777)
   try:
-    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700 would outlive the rename
     files_lib.write_bytes_atomic(os.path.join(staging, PROGRAM), program)
     with files_lib.atomic_write(os.path.join(staging, PARAMS), "wb") as f:
       np.savez(f, **_flat_params(params))
@@ -146,8 +147,3 @@ def write_artifact(out_dir: str | os.PathLike, model, params, item_ids: np.ndarr
     raise
   return manifest
 
-
-def _umask() -> int:
-  mask = os.umask(0)
-  os.umask(mask)
-  return mask

@@ -1,9 +1,30 @@
-"""Small end-to-end runs shared by the experiment tests: one config, one log reader."""
+"""Small end-to-end runs shared by the experiment tests: one config, one trained
+workdir, one log reader."""
 
 import json
 import os
 
 from experiments import configs
+
+import _synthetic
+
+
+def movielens_dir(tmp_path_factory, name: str, titles: bool = False) -> str:
+  """A folder with a low-rank MovieLens-format ratings.csv (300 users, 150 items)."""
+  d = tmp_path_factory.mktemp(name)
+  _synthetic.write_movielens_csv(str(d), titles=titles)
+  return str(d)
+
+
+def trained_workdir(tmp_path_factory, name: str, titles: bool = False, **changes) -> str:
+  """The workdir of a 2-epoch run of :func:`small_config` (not tested) on fresh data."""
+  from experiments import loop
+  d = movielens_dir(tmp_path_factory, name, titles=titles)
+  cfg = small_config(d, **{"cache_dir": os.path.join(d, "cache"), "number_of_epochs": 2,
+                           "test": False, **changes})
+  workdir = os.path.join(d, "run")
+  loop.run(cfg, workdir)
+  return workdir
 
 
 def small_config(data_dir, **changes):

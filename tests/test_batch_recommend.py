@@ -10,28 +10,19 @@ import sys
 import numpy as np
 import pytest
 
-from experiments import configs
 from experiments import loop
 from experiments import progress as progress_lib
 from experiments import recommend as cli_lib
 from jax_vaecf import recommend
 
-import _synthetic
+import _runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  d = tmp_path_factory.mktemp("batch")
-  _synthetic.write_movielens_csv(str(d))
-  cfg = configs.get_config("ml-latest-small").replace(
-      data_dir=str(d), cache_dir=str(d / "cache"), number_of_epochs=2,
-      batch_size_train=64, batch_size_validation=64, hidden_dims=(16,), latent_dim=4,
-      test=False)
-  workdir = str(d / "run")
-  loop.run(cfg, workdir)
-  return workdir
+  return _runs.trained_workdir(tmp_path_factory, "batch")
 
 
 @pytest.fixture(scope="module")

@@ -18,17 +18,13 @@ from jax_vaecf import checkpoint
 from jax_vaecf import recommend
 
 import _runs
-import _synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-  """A MovieLens-format ratings.csv with a low-rank structure (300 users, 150 items)."""
-  d = tmp_path_factory.mktemp("mls")
-  _synthetic.write_movielens_csv(str(d))
-  return str(d)
+  return _runs.movielens_dir(tmp_path_factory, "mls")
 
 
 def _cfg(data_dir, tmp_path, **kw):

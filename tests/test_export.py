@@ -9,13 +9,11 @@ import sys
 import numpy as np
 import pytest
 
-from experiments import configs
-from experiments import loop
 from jax_vaecf import export as export_lib
 from jax_vaecf import recommend
 from jax_vaecf import serve
 
-import _synthetic
+import _runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,18 +37,13 @@ json.dump([{"items": [str(i) for i in o["items"].tolist()],
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-  d = tmp_path_factory.mktemp("exp")
-  _synthetic.write_movielens_csv(str(d))
-  cfg = configs.get_config("ml-latest-small").replace(
-      data_dir=str(d), cache_dir=str(d / "cache"), number_of_epochs=2, batch_size_train=64,
-      batch_size_validation=64, hidden_dims=(16,), latent_dim=4, ema_decay=0.9)
-  loop.run(cfg, str(d / "run"))
-  out = str(d / "artefact")
+  workdir = _runs.trained_workdir(tmp_path_factory, "exp", ema_decay=0.9, test=True)
+  out = os.path.join(os.path.dirname(workdir), "artefact")
   r = subprocess.run([sys.executable, "-m", "experiments.export", "--workdir",
-                      str(d / "run"), "--out", out, "--k", "20"], cwd=REPO,
+                      workdir, "--out", out, "--k", "20"], cwd=REPO,
                      capture_output=True, text=True, timeout=120)
   assert r.returncode == 0, r.stderr[-2000:]
-  return str(d / "run"), out
+  return workdir, out
 
 
 def test_the_artefact_without_the_project_matches_the_recommender(run, tmp_path):

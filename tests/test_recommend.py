@@ -21,6 +21,7 @@ from jax_vaecf import recommend
 from jax_vaecf import sparse as sparse_lib
 from jax_vaecf import train as train_lib
 
+import _runs
 import _synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,15 +111,7 @@ def test_nonfinite_parameters_and_scores_are_refused():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  d = tmp_path_factory.mktemp("rec")
-  _synthetic.write_movielens_csv(str(d), titles=True)
-  cfg = configs.get_config("ml-latest-small").replace(
-      data_dir=str(d), cache_dir=str(d / "cache"), number_of_epochs=2,
-      batch_size_train=64, batch_size_validation=64, hidden_dims=(16,), latent_dim=4,
-      test=False)
-  workdir = str(d / "run")
-  loop.run(cfg, workdir)
-  return workdir
+  return _runs.trained_workdir(tmp_path_factory, "rec", titles=True)
 
 
 def test_workdir_alone_is_enough_to_serve(trained):
