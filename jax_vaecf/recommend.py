@@ -226,6 +226,12 @@ class Recommender:
     if not 1 <= k <= self.model.n_items:
       raise ValueError(f"k must be in [1, {self.model.n_items}], got {k}")
     n = len(columns)
+    for i, c in enumerate(columns):
+      c = np.asarray(c)
+      # An out-of-range column would be clipped by the device gather, silently.
+      if c.size and (c.min() < 0 or c.max() >= self.model.n_items):
+        raise ValueError(f"user {i}: item columns must be in [0, {self.model.n_items}), "
+                         f"got {int(c.min())}..{int(c.max())}")
     scores = np.empty((n, k), np.float32)
     top = np.empty((n, k), np.int32)
     step = serve_lib.USER_BUCKETS[-1]

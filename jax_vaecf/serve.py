@@ -138,6 +138,11 @@ class Scorer:
     """The exported program on packed arrays (:func:`pack`): ``(scores float32 (B, k),
     columns int32 (B, k))``; ``-1`` columns (score ``-inf``) are fillers past a user's
     unseen items, and a row of NaN scores marks a user the model cannot score."""
+    cols = np.asarray(cols)
+    # An out-of-range column would be clipped by the device gather, silently.
+    if cols.size and (cols.min() < 0 or cols.max() >= self.n_items):
+      raise ValueError(f"cols must be in [0, {self.n_items}), got "
+                       f"{int(cols.min())}..{int(cols.max())}")
     scores, cols_out = self._call(self._params, rows, cols, vals, row_mask)
     return np.asarray(scores), np.asarray(cols_out)
 

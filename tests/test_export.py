@@ -149,3 +149,13 @@ def test_mult_dae_exports_too(tmp_path):
     np.testing.assert_array_equal(g["items"], items)
     np.testing.assert_array_equal(g["scores"], scores)
   assert len(got[2]["items"]) == 3
+
+
+def test_out_of_range_columns_are_refused(run):
+  workdir, artefact = run
+  rec = recommend.Recommender.from_workdir(workdir)
+  with pytest.raises(ValueError, match=r"user 1: item columns must be in \[0, 150\)"):
+    rec.recommend_columns([np.array([3]), np.array([5, 150])], k=3)
+  scorer = serve.load(artefact)
+  with pytest.raises(ValueError, match=r"cols must be in \[0, 150\)"):
+    scorer.top_k(*serve.pack([np.array([-1, 4])]))
