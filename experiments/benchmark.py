@@ -1,6 +1,7 @@
-"""Training and evaluation throughput of Mult-VAE on synthetic data of a real shape.
+"""Training and evaluation throughput of a model on synthetic data of a real shape.
 
   python -m experiments.benchmark                       # ML-20M shape, batch 500, fp32
+  python -m experiments.benchmark --model=recvae --steps=20  # a RecVAE round vs Mult-VAE
   python -m experiments.benchmark --batch_size_train=10000 --precision=bf16
   python -m experiments.benchmark --steps=40            # time 40 steps, extrapolate
   python -m experiments.benchmark --sweep_items=5000,20000,80000,295041 --steps=20
@@ -53,6 +54,9 @@ flags.DEFINE_integer("steps", 0, "If > 0, time this many steps and extrapolate t
 flags.DEFINE_integer("eval_users", 10_000, "Held-out users to evaluate (0: skip).")
 flags.DEFINE_list("sweep_items", [], "Item counts: report epoch time for each (uses --steps).")
 flags.DEFINE_string("json_out", "", "Also write the JSON result(s) to this path.")
+flags.DEFINE_bool("compare_multvae", True, "With --model other than multvae: first time a "
+                  "Mult-VAE epoch (the paper's widths, the same other settings) in the same "
+                  "run and report the model's epoch as a ratio of it.")
 flags.DEFINE_bool("serving", False, "Instead of training: latency at batch 1 and "
                   "throughput at batch 10,000 of the Recommender and of an exported "
                   "artefact, for the configured model at --n_items (random weights: the "
@@ -65,8 +69,8 @@ ALIASES = {"batch_size": "batch_size_train", "eval_batch_size": "batch_size_vali
 # refused, not ignored: the synthetic data has no data set, split or checkpoints, and a
 # setting that silently did nothing would make a number look like something it is not.
 USED_SETTINGS = frozenset({
-    "model", "hidden_dims", "latent_dim", "dropout_rate", "lr", "adam_b1", "adam_b2",
-    "lam", "anneal_schedule", "total_anneal_steps", "anneal_cap", "anneal_cycle_steps",
+    "model", "hidden_dims", "latent_dim", "dropout_rate", "encoder_epochs",
+    "decoder_epochs", "kl_gamma", "lr", "adam_b1", "adam_b2", "lam", "anneal_schedule", "total_anneal_steps", "anneal_cap", "anneal_cycle_steps",
     "ema_decay", "seed", "batch_size_train", "batch_size_validation", "precision",
     "input_format", "output_chunk_size", "number_of_devices", "gpu_number", "prefetch",
     "parallel",
@@ -198,9 +202,10 @@ def run_one(cfg, devices: list, n_items: int, *, steps: int, epochs: int,
 
   # The model, optimiser, steps, placement and epoch loop of a training run: the
   # loop's own functions, so these numbers are the loop's numbers.
-  model, optimizer, par = loop.build(cfg, n_items)
+  built = loop.build(cfg, n_items)
+  par = built.steps
   input_format = cfg.input_format
-  state = par.init_state(loop.fresh_state(cfg, model, optimizer))
+  state = par.init_state(loop.fresh_state(cfg, built))
   batcher = data_lib.TrainBatcher(train_csr, cfg.batch_size_train, cfg.seed,
                                   num_shards=par.num_shards)
   # Compile every shape an epoch can produce, on empty batches (all rows padding).
@@ -211,23 +216,29 @@ def run_one(cfg, devices: list, n_items: int, *, steps: int, epochs: int,
                                    np.zeros((par.num_shards, nnz), np.int32),
                                    np.zeros((par.num_shards, nnz), np.float32),
                                    np.zeros((par.num_shards, rows_per), np.float32))
-    state, m = par.train_step(state, par.put_batch(empty))
+    for train_step in par.train_steps:  # every phase's step
+      state, m = train_step(state, par.put_batch(empty))
+  if any(p.refresh_frozen for p in par.phases):
+    state = par.refresh_frozen(state)
   jax.block_until_ready((state, m))
   compile_s = time.perf_counter() - t0
 
   n_steps = batcher.steps_per_epoch
-  timed_steps = min(steps, n_steps) if steps > 0 else n_steps * epochs
+  # One epoch is one round of the model's phases: passes_per_epoch passes of the data.
+  passes = loop.passes_per_epoch(par)
+  per_pass = min(steps, n_steps) if steps > 0 else n_steps
   train_s, done, host_metrics = 0.0, 0, []
   for epoch in range(1 if steps > 0 else epochs):
     # Epoch numbers from 1: the warm-up above is not an epoch of the data.
     state, host_metrics, seconds = loop.train_epoch(
         par, state, batcher, epoch + 1, cfg.prefetch,
-        max_steps=timed_steps if steps > 0 else None)
+        max_steps=per_pass if steps > 0 else None)
     train_s += seconds
     done += len(host_metrics)
   loss = float(host_metrics[-1]["loss"])
   step_s = train_s / done
-  epoch_s = step_s * n_steps
+  # Every pass of the round was cut to per_pass steps, so the round scales as a whole.
+  epoch_s = train_s / (done / passes) * n_steps
   users_s = f.n_users / epoch_s
 
   out = {
@@ -238,7 +249,8 @@ def run_one(cfg, devices: list, n_items: int, *, steps: int, epochs: int,
       "number_of_devices": k, "platform": platform_name,
       "device_kind": devices[0].device_kind,
       "train_nnz": int(train_csr.nnz), "steps_per_epoch": n_steps,
-      "timed_steps": done, "extrapolated": steps > 0 and done < n_steps,
+      "passes_per_epoch": passes,
+      "timed_steps": done, "extrapolated": steps > 0 and per_pass < n_steps,
       "compile_s": round(compile_s, 2), "step_ms": round(step_s * 1e3, 2),
       "epoch_s": round(epoch_s, 2), "train_users_per_s": round(users_s, 1),
       "final_loss": loss, "data_gen_s": round(data_s, 2),
@@ -268,7 +280,8 @@ def run_one(cfg, devices: list, n_items: int, *, steps: int, epochs: int,
 
 
 def format_table(rows: list[dict]) -> str:
-  cols = [("n_items", "items"), ("batch_size", "batch"), ("precision", "prec"),
+  cols = [("model", "model"), ("n_items", "items"), ("batch_size", "batch"),
+          ("precision", "prec"),
           ("input_format", "input"), ("compile_s", "compile s"), ("step_ms", "step ms"),
           ("epoch_s", "epoch s"), ("train_users_per_s", "train users/s"),
           ("eval_users_per_s", "eval users/s"), ("peak_host_gb", "host GB"),
@@ -277,8 +290,14 @@ def format_table(rows: list[dict]) -> str:
   lines = ["| " + " | ".join(h for _, h in cols) + " | note |",
            "|" + "---|" * (len(cols) + 1)]
   for r in rows:
-    note = (f"extrapolated from {r['timed_steps']} of {r['steps_per_epoch']} steps"
+    passes = r.get("passes_per_epoch", 1)
+    of = r["steps_per_epoch"] * passes
+    note = (f"extrapolated from {r['timed_steps']} of {of} steps"
             if r["extrapolated"] else f"{r['timed_steps']} steps timed")
+    if passes > 1:
+      note += f"; an epoch is a round of {passes} passes"
+    if "vs_multvae_epoch" in r:
+      note += f"; {r['vs_multvae_epoch']:.2f}x the Mult-VAE epoch above"
     lines.append("| " + " | ".join(str(r.get(c, "")) for c, _ in cols) + f" | {note} |")
   return "\n".join(lines)
 
@@ -308,9 +327,18 @@ def main(argv):
                          f"the number of devices ({len(devices)})")
   items = [int(x) for x in f.sweep_items] or [f.n_items]
   results = []
+  baseline = cfg.replace(model="multvae", hidden_dims=(), encoder_epochs=3,
+                         decoder_epochs=1, kl_gamma=0.0)
   for n in items:
+    base = None
+    if cfg.model != "multvae" and f.compare_multvae:
+      base = run_one(baseline, devices, n, steps=f.steps, epochs=f.epochs, eval_users=0)
+      results.append(base)
+      print(json.dumps(base), flush=True)
     r = run_one(cfg, devices, n, steps=f.steps, epochs=f.epochs,
                 eval_users=f.eval_users if not f.sweep_items else 0)
+    if base is not None:
+      r["vs_multvae_epoch"] = round(r["epoch_s"] / base["epoch_s"], 3)
     results.append(r)
     print(json.dumps(r), flush=True)
   info = _versions()

@@ -68,10 +68,15 @@ class Config:
   csv_all_positive: bool = setting(False, "--dataset=csv: every row is a positive (play "
                                           "counts, clicks), whatever its rating.")
   # Model.
-  model: str = setting("multvae", "multvae or multdae.")
+  model: str = setting("multvae", "multvae, multdae or recvae (each is an entry of "
+                                  "jax_vaecf.model's registry).")
   hidden_dims: tuple = setting((), "Encoder hidden widths, comma separated ('' = the "
-                                   "paper's).")
-  latent_dim: int = setting(200, "Latent width of Mult-VAE.")
+                                   "model's paper: 600 for Mult-VAE, 200 for Mult-DAE, "
+                                   "600,600,600,600,600 for RecVAE).")
+  latent_dim: int = setting(200, "Latent width of Mult-VAE and RecVAE.")
+  encoder_epochs: int = setting(3, "RecVAE: passes of the encoder phase in each epoch "
+                                   "(one epoch = one round of both phases).")
+  decoder_epochs: int = setting(1, "RecVAE: passes of the decoder phase in each epoch.")
   dropout_rate: float = setting(0.5, "Input dropout rate.")
   # Optimisation.
   number_of_epochs: int = setting(200, "Training epochs.")
@@ -89,6 +94,9 @@ class Config:
   anneal_cap: float = setting(0.2, "Largest KL weight.")
   anneal_cycle_steps: int = setting(0, "Cycle length of the cyclical schedule (0 = "
                                        "total_anneal_steps).")
+  kl_gamma: float = setting(0.0, "Above 0: weigh each user's KL term by kl_gamma times "
+                                 "the user's number of items (RecVAE's rule) instead of "
+                                 "the beta schedule; 0 = the schedule.")
   ema_decay: float = setting(0.0, "Above 0: validate, test and serve the exponential "
                                   "moving average of the weights with this decay per step "
                                   "(bias-corrected); 0 = the weights.")
@@ -290,11 +298,11 @@ def get_config(name: str) -> Config:
 
 
 def hidden_dims_of(cfg: Config) -> tuple[int, ...]:
-  """The encoder's hidden widths: ``cfg.hidden_dims``, or the paper's when empty (600 for
-  Mult-VAE, 200 for Mult-DAE)."""
+  """The encoder's hidden widths: ``cfg.hidden_dims``, or the model's paper's when empty
+  (600 for Mult-VAE, 200 for Mult-DAE, five of 600 for RecVAE)."""
   if cfg.hidden_dims:
     return tuple(int(h) for h in cfg.hidden_dims)
-  return (600,) if cfg.model == "multvae" else (200,)
+  return model_lib.model_entry(cfg.model).default_hidden_dims
 
 
 # Settings a resumed run may change: they do not alter what the checkpoints were trained
@@ -333,6 +341,14 @@ def validate(cfg: Config) -> None:
       (0.0 < cfg.heldout_fraction < 0.5, "heldout_fraction must be in (0, 0.5)"),
       (cfg.n_heldout_users >= 0, "n_heldout_users must be >= 0"),
       (cfg.model in model_lib.MODELS, f"model must be one of {model_lib.MODELS}"),
+      (cfg.kl_gamma >= 0, "kl_gamma must be >= 0"),
+      (cfg.encoder_epochs >= 1 and cfg.decoder_epochs >= 1,
+       "encoder_epochs and decoder_epochs must be >= 1"),
+      (cfg.model not in model_lib.MODELS or cfg.model == "recvae" or (
+          cfg.encoder_epochs, cfg.decoder_epochs) == (3, 1),
+       "encoder_epochs and decoder_epochs are RecVAE settings (--model=recvae)"),
+      (cfg.model != "recvae" or len(set(hidden_dims_of(cfg))) == 1,
+       "RecVAE's encoder layers need one width (e.g. --hidden_dims=600,600,600,600,600)"),
       (cfg.precision in precision_lib.POLICIES,
        f"precision must be one of {tuple(precision_lib.POLICIES)}"),
       (cfg.input_format in train_lib.INPUT_FORMATS,

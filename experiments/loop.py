@@ -85,35 +85,57 @@ def load_data(cfg: configs.Config) -> data_lib.Split:
   return split
 
 
-def fresh_state(cfg: configs.Config, model, optimizer) -> train_lib.TrainState:
-  """The run's initial state (also the layout its checkpoints are restored into)."""
-  return train_lib.create_train_state(
-      model, optimizer, jax.random.PRNGKey(cfg.seed),
+def step_options(cfg: configs.Config) -> train_lib.StepOptions:
+  """The config's :class:`jax_vaecf.train.StepOptions`: how a step updates the state."""
+  schedule = schedules.get_schedule(cfg.anneal_schedule, cap=cfg.anneal_cap,
+                                    total_anneal_steps=cfg.total_anneal_steps,
+                                    cycle_steps=cfg.anneal_cycle_steps)
+  return train_lib.StepOptions(
+      beta_schedule=schedule, kl_gamma=cfg.kl_gamma, lam=cfg.lam,
+      input_format=cfg.input_format,
       loss_scaling=precision_lib.get_policy(cfg.precision).loss_scaling,
-      weight_average=cfg.ema_decay > 0)
+      output_chunk_size=cfg.output_chunk_size, ema_decay=cfg.ema_decay)
+
+
+def build_model(cfg: configs.Config, n_items: int):
+  """The config's model (``--model`` and its settings) over ``n_items`` items."""
+  entry = model_lib.model_entry(cfg.model)
+  return model_lib.build_model(
+      cfg.model, n_items, hidden_dims=configs.hidden_dims_of(cfg),
+      latent_dim=cfg.latent_dim, dropout_rate=cfg.dropout_rate,
+      dtype=precision_lib.get_policy(cfg.precision).compute_dtype,
+      **{name: getattr(cfg, name) for name in entry.extra})
+
+
+def fresh_state(cfg: configs.Config, built: "Built") -> train_lib.TrainState:
+  """The run's initial state (also the layout its checkpoints are restored into)."""
+  optimizer = train_lib.make_optimizer(cfg.lr, b1=cfg.adam_b1, b2=cfg.adam_b2)
+  return train_lib.create_train_state(built.model, optimizer, jax.random.PRNGKey(cfg.seed),
+                                      built.options)
 
 
 # -------------------------------------------------------------------------- pieces
 
 
-def build(cfg: configs.Config, n_items: int):
-  """Model, optimiser, KL schedule and the (parallel) step functions of a config."""
-  policy = precision_lib.get_policy(cfg.precision)
-  model = model_lib.build_model(cfg.model, n_items, hidden_dims=configs.hidden_dims_of(cfg),
-                                latent_dim=cfg.latent_dim, dropout_rate=cfg.dropout_rate,
-                                dtype=policy.compute_dtype)
-  optimizer = train_lib.make_optimizer(cfg.lr, b1=cfg.adam_b1, b2=cfg.adam_b2)
-  schedule = schedules.get_schedule(cfg.anneal_schedule, cap=cfg.anneal_cap,
-                                    total_anneal_steps=cfg.total_anneal_steps,
-                                    cycle_steps=cfg.anneal_cycle_steps)
+@dataclasses.dataclass(frozen=True)
+class Built:
+  """What a config builds: its model, step options and placed steps."""
+
+  model: Any
+  options: train_lib.StepOptions
+  steps: parallel_lib.ParallelSteps
+
+
+def build(cfg: configs.Config, n_items: int) -> "Built":
+  """Model, step options and the (parallel) step functions of a config."""
+  model = build_model(cfg, n_items)
+  options = step_options(cfg)
   devices = select_devices(cfg)
-  precision_lib.check_backend_supports(policy, devices[0].platform)
+  precision_lib.check_backend_supports(cfg.precision, devices[0].platform)
   ks = tuple(sorted(set(VALIDATION_KS) | set(int(k) for k in cfg.test_ks)))
-  steps = parallel_lib.make_parallel_steps(
-      model, optimizer, schedule, mode=cfg.parallel, devices=devices, lam=cfg.lam,
-      input_format=cfg.input_format, loss_scaling=policy.loss_scaling,
-      output_chunk_size=cfg.output_chunk_size, ema_decay=cfg.ema_decay, ks=ks)
-  return model, optimizer, steps
+  steps = parallel_lib.make_parallel_steps(model, options, mode=cfg.parallel,
+                                           devices=devices, ks=ks)
+  return Built(model, options, steps)
 
 
 def select_devices(cfg: configs.Config) -> list:
@@ -156,12 +178,18 @@ def _pipelined(fn, params, host_batches, put):
     yield pending
 
 
-def _mean_of(host: list[dict]) -> dict:
-  """The epoch's record of per-step metrics already on the host."""
+def _mean_of(host: list[dict], phase_names: list[str]) -> dict:
+  """The epoch's record of per-step metrics already on the host (with several phases,
+  also each phase's mean loss as ``<phase>_loss``)."""
   if not host:
     return {}
   keys = ("loss", "nll", "kl")
   out = {k: float(np.mean([m[k] for m in host])) for k in keys}
+  if len(phase_names) > 1:
+    for i, name in enumerate(phase_names):
+      losses = [m["loss"] for m in host if m["phase"] == i]
+      if losses:
+        out[f"{name}_loss"] = float(np.mean(losses))
   out["beta"] = float(host[-1]["beta"])
   out["skipped_steps"] = int(host[-1]["skipped_steps"])
   out["loss_scale"] = float(host[-1]["loss_scale"])
@@ -270,11 +298,11 @@ class Standing:
 
 
 def start(cfg: configs.Config, workdir: str, split: data_lib.Split,
-          ck: checkpoint_lib.RunCheckpoints | None, model, optimizer
+          ck: checkpoint_lib.RunCheckpoints | None, built: Built
           ) -> tuple[train_lib.TrainState, int, Standing, workdir_lib.MetricsLog | None]:
   """``(state, first epoch, standing, log)``: a fresh state, or the run resumed from its
   checkpoints (its log cut back to the resumed epoch, its run files written)."""
-  state = fresh_state(cfg, model, optimizer)
+  state = fresh_state(cfg, built)
   # In a multi-process run every process computes the same records; one writes them.
   writes = ck is not None and jax.process_index() == 0
   log = workdir_lib.MetricsLog(workdir) if writes else None
@@ -291,31 +319,48 @@ def start(cfg: configs.Config, workdir: str, split: data_lib.Split,
   return state, start_epoch, Standing(best=best, last_saved_epoch=start_epoch), log
 
 
+def passes_per_epoch(steps) -> int:
+  """Passes over the training users in one epoch: one round of the model's phases."""
+  return sum(p.passes for p in steps.phases)
+
+
 def train_epoch(steps, state: train_lib.TrainState, batcher: data_lib.TrainBatcher,
                 epoch: int, prefetch: int, *, max_steps: int | None = None
                 ) -> tuple[train_lib.TrainState, list[dict], float]:
-  """One epoch of ``steps.train_step`` over ``batcher``'s batches for ``epoch`` (this
-  process's shards, copied to the devices ``prefetch`` batches ahead), or its first
-  ``max_steps`` steps.
+  """One epoch: a round of the model's phases, each phase ``passes`` passes of its
+  ``steps.train_steps[i]`` over ``batcher``'s batches (this process's shards, copied to
+  the devices ``prefetch`` batches ahead); with ``max_steps``, each pass's first
+  ``max_steps`` steps. Pass ``j`` of the round takes the batch order of
+  ``epoch * passes_per_epoch + j`` (a one-phase model: ``epoch``, as before phases).
 
-  Returns the state, each step's metrics on the host (read once, after the epoch) and
-  the epoch's seconds. :mod:`experiments.benchmark` times this same function.
+  Returns the state, each step's metrics on the host (read once, after the epoch, with
+  its phase's index as ``phase``) and the epoch's seconds. :mod:`experiments.benchmark`
+  times this same function.
   """
-  total = batcher.steps_per_epoch if max_steps is None else min(
+  per_pass = batcher.steps_per_epoch if max_steps is None else min(
       max_steps, batcher.steps_per_epoch)
+  n_passes = passes_per_epoch(steps)
   t0 = time.perf_counter()
   step_metrics = []
-  with Progress(total, f"epoch {epoch + 1}") as bar:
-    for batch in data_lib.prefetch(_own_shards(batcher.epoch_batches(epoch)),
-                                   size=prefetch, put=steps.put_batch):
-      state, m = steps.train_step(state, batch)
-      step_metrics.append(m)
-      bar.update()
-      if len(step_metrics) == total:
-        break
+  with Progress(per_pass * n_passes, f"epoch {epoch + 1}") as bar:
+    pass_index = epoch * n_passes
+    for i, phase in enumerate(steps.phases):
+      if phase.refresh_frozen:
+        state = steps.refresh_frozen(state)
+      for _ in range(phase.passes):
+        done = 0
+        for batch in data_lib.prefetch(_own_shards(batcher.epoch_batches(pass_index)),
+                                       size=prefetch, put=steps.put_batch):
+          state, m = steps.train_steps[i](state, batch)
+          step_metrics.append((i, m))
+          done += 1
+          bar.update()
+          if done == per_pass:
+            break
+        pass_index += 1
   jax.block_until_ready(state)
   seconds = time.perf_counter() - t0
-  return state, [steps.metrics_to_host(m) for m in step_metrics], seconds
+  return state, [{**steps.metrics_to_host(m), "phase": i} for i, m in step_metrics], seconds
 
 
 def validate_and_keep_best(cfg: configs.Config, steps, state, split: data_lib.Split,
@@ -363,7 +408,7 @@ def save_latest(cfg: configs.Config, steps, state, ck: checkpoint_lib.RunCheckpo
 
 
 def train_and_validate(cfg: configs.Config, workdir: str, split: data_lib.Split,
-                       ck: checkpoint_lib.RunCheckpoints | None, steps, model, optimizer,
+                       ck: checkpoint_lib.RunCheckpoints | None, built: Built,
                        *, stop_after_epochs: int | None = None) -> dict:
   """Trains ``cfg.number_of_epochs`` epochs (resuming), validating and checkpointing.
 
@@ -371,7 +416,8 @@ def train_and_validate(cfg: configs.Config, workdir: str, split: data_lib.Split,
   summary and the best validation metrics. Raises :class:`TrainingDivergedError` (after
   logging it) when the loss or the parameters stop being finite.
   """
-  state, start_epoch, standing, log = start(cfg, workdir, split, ck, model, optimizer)
+  steps = built.steps
+  state, start_epoch, standing, log = start(cfg, workdir, split, ck, built)
   state = steps.init_state(state)
   batcher = data_lib.TrainBatcher(split.train, cfg.batch_size_train, seed=cfg.seed,
                                   num_shards=steps.num_shards)
@@ -386,7 +432,8 @@ def train_and_validate(cfg: configs.Config, workdir: str, split: data_lib.Split,
         log.write({"split": "diverged", "epoch": epoch + 1, "message": str(e)})
       raise
     record = {"split": "train", "epoch": epoch + 1,
-              "step": int(steps.to_host(state.step)), **_mean_of(host_metrics),
+              "step": int(steps.to_host(state.step)),
+              **_mean_of(host_metrics, [p.name for p in steps.phases]),
               "epoch_time_s": seconds, "users_per_s": split.train.shape[0] / seconds}
     host_state = validate_and_keep_best(cfg, steps, state, split, ck, standing, record)
     if "val_time_s" in record:
@@ -425,9 +472,10 @@ def _print_epoch(r: dict) -> None:
 
 
 def test_best(cfg: configs.Config, workdir: str, split: data_lib.Split,
-              ck: checkpoint_lib.RunCheckpoints, steps, model, optimizer) -> dict:
+              ck: checkpoint_lib.RunCheckpoints, built: Built) -> dict:
   """Scores the best checkpoint of ``workdir`` on the test users."""
-  restored = ck.restore_best(fresh_state(cfg, model, optimizer))
+  steps = built.steps
+  restored = ck.restore_best(fresh_state(cfg, built))
   if restored is None:
     raise FileNotFoundError(
         f"{workdir}: no trained checkpoint to test; run with --train first")
@@ -462,7 +510,7 @@ def run(cfg: configs.Config, workdir: str) -> dict:
   if n_items < max(VALIDATION_KS):
     raise ValueError(f"{cfg.dataset}: {n_items} items after preprocessing; validation "
                      f"ranks the top {max(VALIDATION_KS)} and needs at least that many")
-  model, optimizer, steps = build(cfg, n_items)
+  built = build(cfg, n_items)
   results: dict = {}
   os.makedirs(workdir, exist_ok=True)
   ck = None
@@ -474,12 +522,11 @@ def run(cfg: configs.Config, workdir: str) -> dict:
   try:
     if cfg.train or cfg.benchmark:
       results["train"] = train_and_validate(cfg, workdir, split,
-                                            ck if cfg.train else None, steps, model,
-                                            optimizer)
+                                            ck if cfg.train else None, built)
       if cfg.benchmark:
         print(format_benchmark(results["train"]), flush=True)
     if cfg.test:
-      results["test"] = test_best(cfg, workdir, split, ck, steps, model, optimizer)
+      results["test"] = test_best(cfg, workdir, split, ck, built)
       print(format_test(results["test"], cfg.test_ks), flush=True)
       if jax.process_index() == 0:
         workdir_lib.MetricsLog(workdir).write({"split": "test", **results["test"]})

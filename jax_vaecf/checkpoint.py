@@ -144,12 +144,13 @@ def _plain(tree):
 
 
 def _stored_fields(state):
-  """A dataclass state as the dict of its non-``None`` fields (what is written); any other
-  pytree as it is."""
+  """A dataclass state as the dict of its non-``None`` array fields (what is written; a
+  static field such as the state's optimiser is part of the run's settings, not of its
+  values); any other pytree as it is."""
   if not dataclasses.is_dataclass(state):
     return state
   return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
-          if getattr(state, f.name) is not None}
+          if getattr(state, f.name) is not None and f.metadata.get("pytree_node", True)}
 
 
 class RunCheckpoints:

@@ -66,8 +66,10 @@ def multinomial_nll_sparse(logits: Array, batch: sparse_lib.SparseBatch) -> Arra
   return x_total * lse - x_dot_logits
 
 
-def _output_chunks(h, kernel, bias, batch, chunk_size, dtype, with_grad):
+def _output_chunks(h, kernel, bias, batch, chunk_size, dtype, with_grad, wrt="all"):
   """Scans the output layer and the NLL over row chunks of ``chunk_size`` users."""
+  d_input = wrt in ("all", "input")
+  d_params = wrt in ("all", "params")
   b, width = h.shape
   n_chunks, chunk_size = sparse_lib.equal_chunks(b, chunk_size)
   pad = n_chunks * chunk_size - b
@@ -98,8 +100,11 @@ def _output_chunks(h, kernel, bias, batch, chunk_size, dtype, with_grad):
     # d nll_u / d logits_u = (sum_i x_ui) * softmax(logits_u) - x_u.
     d_logits = m_c[:, None] * (x_total * (e / total) - x)
     d_logits_c = d_logits.astype(dtype)
-    d_kernel = d_kernel + jnp.dot(h_c.T, d_logits_c, preferred_element_type=jnp.float32)
-    d_bias = d_bias + jnp.dot(jnp.ones((chunk_size,), jnp.float32), d_logits)
+    if d_params:
+      d_kernel = d_kernel + jnp.dot(h_c.T, d_logits_c, preferred_element_type=jnp.float32)
+      d_bias = d_bias + jnp.dot(jnp.ones((chunk_size,), jnp.float32), d_logits)
+    if not d_input:
+      return (d_kernel, d_bias), nll_sum
     d_h = jax.lax.dot_general(d_logits_c, kernel_c, (((1,), (1,)), ((), ())),
                               preferred_element_type=jnp.float32)
     return (d_kernel, d_bias), (nll_sum, d_h)
@@ -108,12 +113,23 @@ def _output_chunks(h, kernel, bias, batch, chunk_size, dtype, with_grad):
   if not with_grad:
     _, sums = jax.lax.scan(body, (), xs)
     return jnp.sum(sums)
-  init = (jnp.zeros(kernel.shape, jnp.float32), jnp.zeros(bias.shape, jnp.float32))
+  if d_params:
+    init = (jnp.zeros(kernel.shape, jnp.float32), jnp.zeros(bias.shape, jnp.float32))
+  else:  # nothing to accumulate: no (width, n_items) carry through the scan
+    init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+  if not d_input:
+    (d_kernel, d_bias), sums = jax.lax.scan(body, init, xs)
+    return jnp.sum(sums), jnp.zeros((b, width), jnp.float32), d_kernel, d_bias
   (d_kernel, d_bias), (sums, d_h) = jax.lax.scan(body, init, xs)
   return jnp.sum(sums), d_h.reshape(n_chunks * chunk_size, width)[:b], d_kernel, d_bias
 
 
-def _check_output_args(h, kernel, bias, batch, chunk_size) -> None:
+OUTPUT_GRADS = ("all", "input", "params")
+
+
+def _check_output_args(h, kernel, bias, batch, chunk_size, wrt="all") -> None:
+  if wrt not in OUTPUT_GRADS:
+    raise ValueError(f"output_layer_nll: wrt must be one of {OUTPUT_GRADS}, got {wrt!r}")
   if h.ndim != 2 or h.shape[0] != batch.batch_size or kernel.shape != (h.shape[1],) + (
       bias.shape[0],):
     raise ValueError(
@@ -123,9 +139,9 @@ def _check_output_args(h, kernel, bias, batch, chunk_size) -> None:
     raise ValueError(f"output_layer_nll: chunk_size must be >= 1, got {chunk_size}")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def output_layer_nll(h: Array, kernel: Array, bias: Array, batch: sparse_lib.SparseBatch,
-                     chunk_size: int, dtype: Any = jnp.float32) -> Array:
+                     chunk_size: int, dtype: Any = jnp.float32, wrt: str = "all") -> Array:
   """``sum_u row_mask_u * multinomial_nll(h @ kernel + bias, x)_u``, chunked over users.
 
   The model's output layer and the multinomial NLL in one function whose gradient is
@@ -145,25 +161,31 @@ def output_layer_nll(h: Array, kernel: Array, bias: Array, batch: sparse_lib.Spa
       chunks (padded by under one row each when they do not divide ``B``).
     dtype: matmul dtype (float32, bfloat16 or float16); accumulation and the softmax are
       float32.
+    wrt: the gradients formed: ``'all'``, ``'input'`` (``h`` only: the layer is a
+      constant of the step, e.g. RecVAE's encoder phase) or ``'params'`` (``kernel`` and
+      ``bias`` only: ``h`` is a constant, e.g. its decoder phase). The others are
+      returned as zeros, and one of the three large products per chunk is skipped.
 
   Returns:
     float32 scalar. Differentiable in ``h``, ``kernel`` and ``bias``; the data ``batch``
     gets a zero gradient.
   """
-  _check_output_args(h, kernel, bias, batch, chunk_size)
+  _check_output_args(h, kernel, bias, batch, chunk_size, wrt)
   return _output_chunks(h, kernel, bias, batch, chunk_size, dtype, with_grad=False)
 
 
-def _output_layer_nll_fwd(h, kernel, bias, batch, chunk_size, dtype):
-  _check_output_args(h, kernel, bias, batch, chunk_size)
+def _output_layer_nll_fwd(h, kernel, bias, batch, chunk_size, dtype, wrt):
+  _check_output_args(h, kernel, bias, batch, chunk_size, wrt)
   nll_sum, d_h, d_kernel, d_bias = _output_chunks(h, kernel, bias, batch, chunk_size,
-                                                  dtype, with_grad=True)
+                                                  dtype, with_grad=True, wrt=wrt)
+  if wrt == "input":
+    d_kernel, d_bias = jnp.zeros_like(kernel), jnp.zeros_like(bias)
   return nll_sum, (d_h.astype(h.dtype), d_kernel.astype(kernel.dtype),
                    d_bias.astype(bias.dtype), batch)
 
 
-def _output_layer_nll_bwd(chunk_size, dtype, res, g):
-  del chunk_size, dtype
+def _output_layer_nll_bwd(chunk_size, dtype, wrt, res, g):
+  del chunk_size, dtype, wrt
   d_h, d_kernel, d_bias, batch = res
   zero_batch = jax.tree_util.tree_map(
       lambda a: jnp.zeros_like(a) if jnp.issubdtype(a.dtype, jnp.floating)

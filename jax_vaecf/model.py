@@ -30,12 +30,14 @@ paths, and one device or many, draw the same ones from the same keys.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+import dataclasses
+from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jax_vaecf import losses
 from jax_vaecf import random as random_lib
 from jax_vaecf import sparse as sparse_lib
 
@@ -51,14 +53,55 @@ class ModelOutput(NamedTuple):
   """What a model returns.
 
   Attributes:
-    logits: float32 ``(B, n_items)``, unnormalised scores over all items.
+    logits: float32 ``(B, n_items)``, unnormalised scores over all items (from
+      ``features``: the output layer's input ``(B, width)`` in the model's ``dtype``).
     mu: float32 ``(B, latent_dim)``, posterior mean (``None`` for Mult-DAE).
     logvar: float32 ``(B, latent_dim)``, posterior log-variance (``None`` for Mult-DAE).
+    kl: float32 ``(B,)``, each user's KL term of the objective, before its weight
+      (``beta`` or ``gamma * |x_u|``); ``None`` when the model has none or it was not
+      asked for (evaluation, a phase that trains no encoder).
   """
 
   logits: Array
   mu: Array | None = None
   logvar: Array | None = None
+  kl: Array | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  """One stage of a model's training round; a round is one epoch of the run.
+
+  A model trains in the phases of its ``phases`` tuple, in order, each for ``passes``
+  passes over the training users, with its own optimiser state. Mult-VAE and Mult-DAE
+  have one phase that trains everything; RecVAE alternates an encoder phase and a
+  decoder phase.
+
+  Attributes:
+    name: the phase's name (metrics and logs).
+    passes: passes over the training users in each round.
+    trains: the top-level parameter groups (keys of ``params``) this phase updates;
+      ``None`` = all. The others are constants of the step: no gradient is formed for
+      them (the fused output layer skips its kernel or input gradient accordingly).
+    dropout: apply input dropout (posterior noise is drawn in every training phase).
+    kl: add the KL term (a phase that cannot change it, such as RecVAE's decoder phase,
+      skips computing it).
+    refresh_frozen: before the phase's first step, set the state's ``frozen`` variables
+      to ``model.frozen_from(params)`` (RecVAE's prior encoder).
+  """
+
+  name: str = "train"
+  passes: int = 1
+  trains: tuple[str, ...] | None = None
+  dropout: bool = True
+  kl: bool = True
+  refresh_frozen: bool = False
+
+  def trains_group(self, name: str) -> bool:
+    return self.trains is None or name in self.trains
+
+
+ONE_PHASE = (Phase(),)
 
 
 @jax.custom_vjp
@@ -156,7 +199,7 @@ class InputDense(nn.Module):
     return y + bias.astype(jnp.float32)
 
 
-def _check_input(x: Input, n_items: int) -> None:
+def check_input(x: Input, n_items: int) -> None:
   if isinstance(x, sparse_lib.SparseBatch):
     sparse_lib.check_sparse_batch(x, n_items)
     return
@@ -169,7 +212,59 @@ def _check_input(x: Input, n_items: int) -> None:
     raise ValueError(f"expected a numeric input array, got dtype {x.dtype}")
 
 
-class MultVAE(nn.Module):
+class CFModel(nn.Module):
+  """What every model of the library declares; the train step, the parallel modes,
+  precision, weight averaging, checkpoints, the recommender and the CLI take any
+  subclass without knowing which model it is.
+
+  A subclass has the fields ``n_items``, ``dtype`` and ``param_dtype`` and implements:
+
+  * ``features(x, *, train, row_offset=0, dropout=True, frozen=None, kl=True)`` ->
+    :class:`ModelOutput` whose ``logits`` holds the output layer's input ``(B, width)``
+    in ``dtype`` and whose ``kl`` holds each user's KL term (when ``train`` and ``kl``);
+    ``dropout=False`` turns input dropout off in a training pass; ``frozen`` is the
+    state's ``frozen`` variables (see below);
+  * ``__call__(x, *, train=False, row_offset=0)`` -> :class:`ModelOutput` with float32
+    logits ``(B, n_items)`` (evaluation and serving use ``train=False``, which needs
+    only ``params``);
+  * ``output_layer``: the key of ``params`` holding the output layer's ``kernel``
+    ``(width, n_items)`` and ``bias`` ``(n_items,)``, fused with the likelihood by the
+    training step (:func:`jax_vaecf.losses.output_layer_nll`).
+
+  and may override:
+
+  * ``phases``: its training round (default: one phase training every parameter);
+  * ``init_frozen(params, key)`` / ``frozen_from(params)``: variables kept beside the
+    parameters that no optimiser updates (default: none).
+
+  Input rows are dense ``(B, n_items)`` arrays or a :class:`SparseBatch`; ``row_offset``
+  is the global position of the batch's first row (dropout masks and noise are
+  functions of the global row). RNG streams ``'dropout'`` and ``'noise'``.
+  """
+
+  @property
+  def phases(self) -> tuple[Phase, ...]:
+    return ONE_PHASE
+
+  def init_frozen(self, params: Any, key: Array) -> Any:
+    """The frozen variables of a fresh state (``None``: the model keeps none)."""
+    del params, key
+    return None
+
+  def frozen_from(self, params: Any) -> Any:
+    """The frozen variables a phase with ``refresh_frozen`` sets from the parameters."""
+    del params
+    return None
+
+
+def sample_posterior(module: nn.Module, mu: Array, logvar: Array, row_offset) -> Array:
+  """``z = mu + eps * exp(logvar / 2)`` with ``eps`` a function of the global row."""
+  rows = jnp.arange(mu.shape[0]) + row_offset
+  eps = random_lib.row_normal(module.make_rng("noise"), rows, mu.shape[-1])
+  return mu + eps * jnp.exp(0.5 * logvar)
+
+
+class MultVAE(CFModel):
   """Mult-VAE: encoder ``[n_items, *hidden_dims, 2 * latent_dim]``, decoder mirrored.
 
   Attributes:
@@ -197,8 +292,11 @@ class MultVAE(nn.Module):
 
   def encode(self, x: Input, *, train: bool = False,
              row_offset=0) -> tuple[Array, Array]:
-    """Returns the posterior ``(mu, logvar)``, each float32 ``(B, latent_dim)``."""
-    _check_input(x, self.n_items)
+    """Returns the posterior ``(mu, logvar)``, each float32 ``(B, latent_dim)``.
+
+    ``train`` applies input dropout.
+    """
+    check_input(x, self.n_items)
     h = self.encoder_in(x, train=train, row_offset=row_offset)
     for layer in self.encoder:
       h = layer(jnp.tanh(h).astype(self.dtype))
@@ -210,7 +308,7 @@ class MultVAE(nn.Module):
     Returned in ``dtype``.
     """
     h = z
-    for i, layer in enumerate(self.decoder[:-1]):
+    for layer in self.decoder[:-1]:
       h = layer(h.astype(self.dtype))
       h = jnp.tanh(h)
     return h.astype(self.dtype)
@@ -224,33 +322,40 @@ class MultVAE(nn.Module):
     """Name of the output layer's parameters (``params[name]['kernel' | 'bias']``)."""
     return f"decoder_{len(self.hidden_dims)}"
 
-  def features(self, x: Input, *, train: bool = False, row_offset=0) -> ModelOutput:
+  def features(self, x: Input, *, train: bool = False, row_offset=0, dropout: bool = True,
+               frozen: Any = None, kl: bool = True) -> ModelOutput:
     """As :meth:`__call__`, but ``logits`` holds the output layer's input ``(B, width)``.
 
     ``logits = features @ params[output_layer]['kernel'] + ...['bias']``; the training
     step fuses that layer with the loss (:func:`jax_vaecf.losses.output_layer_nll`).
+    When training, ``kl`` is ``KL(q(z|x) || N(0, I))`` per user
+    (:func:`jax_vaecf.losses.gaussian_kl`).
     """
-    mu, logvar = self.encode(x, train=train, row_offset=row_offset)
+    del frozen
+    mu, logvar = self.encode(x, train=train and dropout, row_offset=row_offset)
     z = mu
+    kl_u = None
     if train:
-      rows = jnp.arange(mu.shape[0]) + row_offset
-      eps = random_lib.row_normal(self.make_rng("noise"), rows, self.latent_dim)
-      z = mu + eps * jnp.exp(0.5 * logvar)
-    return ModelOutput(self.decode_features(z), mu, logvar)
+      z = sample_posterior(self, mu, logvar, row_offset)
+      if kl:
+        kl_u = losses.gaussian_kl(mu, logvar)
+    return ModelOutput(self.decode_features(z), mu, logvar, kl_u)
 
-  def __call__(self, x: Input, *, train: bool = False, row_offset=0) -> ModelOutput:
+  def __call__(self, x: Input, *, train: bool = False, row_offset=0, **kwargs
+               ) -> ModelOutput:
     """Logits and posterior of a batch.
 
     Args:
       x: dense ``(B, n_items)`` rows or a :class:`SparseBatch`.
       train: draw dropout and posterior noise (needs rngs ``'dropout'`` and ``'noise'``).
       row_offset: global position of this batch's first row (data-parallel shards).
+      **kwargs: ``dropout``, ``frozen``, ``kl`` as :meth:`features`.
     """
-    out = self.features(x, train=train, row_offset=row_offset)
+    out = self.features(x, train=train, row_offset=row_offset, **kwargs)
     return out._replace(logits=self.decoder[-1](out.logits))
 
 
-class MultDAE(nn.Module):
+class MultDAE(CFModel):
   """Mult-DAE: ``[n_items, *hidden_dims, n_items]`` with tanh hidden layers.
 
   Attributes:
@@ -277,44 +382,96 @@ class MultDAE(nn.Module):
     """Name of the output layer's parameters (as :attr:`MultVAE.output_layer`)."""
     return f"layers_{len(self.hidden_dims) - 1}"
 
-  def features(self, x: Input, *, train: bool = False, row_offset=0) -> ModelOutput:
-    """The output layer's input ``(B, width)`` in ``dtype`` (as :meth:`MultVAE.features`)."""
-    _check_input(x, self.n_items)
-    h = self.encoder_in(x, train=train, row_offset=row_offset)
+  def features(self, x: Input, *, train: bool = False, row_offset=0, dropout: bool = True,
+               frozen: Any = None, kl: bool = True) -> ModelOutput:
+    """The output layer's input ``(B, width)`` in ``dtype`` (as :meth:`MultVAE.features`);
+    no KL term."""
+    del frozen, kl
+    check_input(x, self.n_items)
+    h = self.encoder_in(x, train=train and dropout, row_offset=row_offset)
     for layer in self.layers[:-1]:
       h = layer(jnp.tanh(h).astype(self.dtype))
     return ModelOutput(jnp.tanh(h).astype(self.dtype))
 
-  def __call__(self, x: Input, *, train: bool = False, row_offset=0) -> ModelOutput:
+  def __call__(self, x: Input, *, train: bool = False, row_offset=0, **kwargs
+               ) -> ModelOutput:
     """Logits of a batch (arguments as :meth:`MultVAE.__call__`)."""
-    h = self.features(x, train=train, row_offset=row_offset).logits
+    h = self.features(x, train=train, row_offset=row_offset, **kwargs).logits
     return ModelOutput(self.layers[-1](h))
 
 
-MODELS = ("multvae", "multdae")
+@dataclasses.dataclass(frozen=True)
+class ModelEntry:
+  """A model the library can build by name (``--model=NAME``).
+
+  Attributes:
+    build: ``(n_items, hidden_dims, latent_dim, dropout_rate, dtype, **extra) -> module``
+      with ``hidden_dims`` already defaulted; ``extra`` holds the model's own settings.
+    default_hidden_dims: the widths used when none are given.
+    title: the model's name in prose.
+    extra: the names of the model's own settings (of ``experiments.configs.Config``).
+  """
+
+  build: Callable[..., CFModel]
+  default_hidden_dims: tuple[int, ...]
+  title: str
+  extra: tuple[str, ...] = ()
+
+
+def _build_multvae(n_items, hidden_dims, latent_dim, dropout_rate, dtype):
+  return MultVAE(n_items, hidden_dims, latent_dim, dropout_rate, dtype)
+
+
+def _build_multdae(n_items, hidden_dims, latent_dim, dropout_rate, dtype):
+  del latent_dim
+  if not hidden_dims:
+    raise ValueError("Mult-DAE needs at least one hidden layer")
+  return MultDAE(n_items, hidden_dims, dropout_rate, dtype)
+
+
+def _registry() -> dict[str, ModelEntry]:
+  # A model in its own file registers here (imported late: it builds on this module's
+  # layers).
+  from jax_vaecf import recvae
+  return {
+      "multvae": ModelEntry(_build_multvae, (600,), "Mult-VAE"),
+      "multdae": ModelEntry(_build_multdae, (200,), "Mult-DAE"),
+      "recvae": recvae.ENTRY,
+  }
+
+
+MODELS = ("multvae", "multdae", "recvae")
+
+
+def model_entry(name: str) -> ModelEntry:
+  """The :class:`ModelEntry` called ``name`` (one of :data:`MODELS`)."""
+  entries = _registry()
+  if name not in entries:
+    raise ValueError(f"unknown model {name!r}: expected one of {MODELS}")
+  return entries[name]
 
 
 def build_model(name: str, n_items: int, *, hidden_dims: Sequence[int] | None = None,
                 latent_dim: int = 200, dropout_rate: float = 0.5,
-                dtype: Any = jnp.float32) -> nn.Module:
-  """Returns ``MultVAE`` (``name='multvae'``) or ``MultDAE`` (``'multdae'``).
+                dtype: Any = jnp.float32, **extra) -> CFModel:
+  """The model called ``name`` (``'multvae'``, ``'multdae'`` or ``'recvae'``).
 
   ``hidden_dims=None`` picks the paper's widths: ``(600,)`` for Mult-VAE, ``(200,)`` for
-  Mult-DAE; ``()`` gives Mult-VAE without hidden layers (a linear encoder and decoder).
+  Mult-DAE, five layers of 600 for RecVAE; ``()`` gives Mult-VAE without hidden layers
+  (a linear encoder and decoder). ``extra`` holds a model's own settings (RecVAE:
+  ``encoder_epochs``, ``decoder_epochs``); a setting the model does not take is an error.
   """
   if n_items <= 0:
     raise ValueError(f"n_items must be positive, got {n_items}")
   if not 0.0 <= dropout_rate < 1.0:
     raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
-  if name == "multvae":
-    dims = (600,) if hidden_dims is None else tuple(hidden_dims)
-    return MultVAE(n_items, dims, latent_dim, dropout_rate, dtype)
-  if name == "multdae":
-    dims = (200,) if hidden_dims is None else tuple(hidden_dims)
-    if not dims:
-      raise ValueError("Mult-DAE needs at least one hidden layer")
-    return MultDAE(n_items, dims, dropout_rate, dtype)
-  raise ValueError(f"unknown model {name!r}: expected 'multvae' or 'multdae'")
+  entry = model_entry(name)
+  unknown = sorted(set(extra) - set(entry.extra))
+  if unknown:
+    raise ValueError(f"{entry.title} takes no setting {', '.join(unknown)}")
+  dims = entry.default_hidden_dims if hidden_dims is None else tuple(hidden_dims)
+  return entry.build(n_items, tuple(int(d) for d in dims), latent_dim, dropout_rate,
+                     dtype, **extra)
 
 
 def count_params(params) -> int:

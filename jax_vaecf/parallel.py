@@ -23,19 +23,21 @@ feeds; :func:`pad_and_shard` makes such a batch from an unsharded one, padding r
 of devices: the extra devices then see only padding rows, which add nothing).
 
 The CLI flags map 1:1: ``--parallel`` -> ``mode``, ``--number_of_devices`` ->
-:func:`resolve_devices`, ``--precision`` -> the model dtype and ``loss_scaling``
-(:mod:`jax_vaecf.precision`).
+:func:`resolve_devices`, ``--precision`` -> the model dtype and the options'
+``loss_scaling`` (:mod:`jax_vaecf.precision`). The steps are built by
+:mod:`jax_vaecf.train` from one :class:`jax_vaecf.train.StepOptions`; this module only
+places them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
-import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jax_vaecf import sparse as sparse_lib
@@ -159,10 +161,13 @@ class ParallelSteps:
     num_local_shards: devices this process feeds; the leading axis of the host batches
       passed to :meth:`put_batch` must be a multiple of it.
     mesh: the 1-D mesh (``'sharded'``) or ``None``.
-    train_step: ``(state, batch) -> (state, metrics)``; ``state`` as made by
-      :meth:`init_state` (donated), ``batch`` from :meth:`put_batch`. Metrics are
+    phases: the model's training phases (``model.phases``).
+    train_steps: one ``(state, batch) -> (state, metrics)`` per phase; ``state`` as made
+      by :meth:`init_state` (donated), ``batch`` from :meth:`put_batch`. Metrics are
       float32 / int32 scalars (sharded) or ``(num_shards,)`` copies (pmap; see
       :meth:`metrics_to_host`).
+    refresh_frozen: ``state -> state`` with the model's frozen variables set from its
+      parameters (run before a phase with ``refresh_frozen``).
     eval_step: ``(params_or_state, eval_batch) -> per-user metrics``, each ``(B,)``
       over the whole global batch (pmap: ``(num_shards, B / num_shards)``; use
       :meth:`metrics_to_host`), with the bool ``nonfinite`` flags of a diverged model
@@ -175,10 +180,20 @@ class ParallelSteps:
   num_shards: int
   num_local_shards: int
   mesh: Mesh | None
-  train_step: Callable
+  phases: tuple
+  train_steps: tuple
+  refresh_frozen: Callable
   eval_step: Callable
   _replicated: Any
   _batch_sharding: Any
+
+  @property
+  def train_step(self) -> Callable:
+    """The train step of a model with one phase (Mult-VAE, Mult-DAE)."""
+    if len(self.train_steps) != 1:
+      raise ValueError(f"the model trains in {len(self.train_steps)} phases "
+                       f"({[p.name for p in self.phases]}): use train_steps[i]")
+    return self.train_steps[0]
 
   def init_state(self, state: train_lib.TrainState) -> train_lib.TrainState:
     """Places a single-device or host state (e.g. freshly made or restored) on the devices.
@@ -249,20 +264,16 @@ class ParallelSteps:
     return jax.tree_util.tree_map(lambda a: np.asarray(a.addressable_data(0)), metrics)
 
 
-def make_parallel_steps(model: nn.Module, optimizer: optax.GradientTransformation,
-                        beta_schedule: Callable[[jax.Array], jax.Array], *,
+def make_parallel_steps(model: nn.Module, options: train_lib.StepOptions | None = None, *,
                         mode: str = "sharded",
-                        devices: Sequence[jax.Device] | None = None, lam: float = 0.0,
-                        input_format: str = "sparse", loss_scaling: bool = False,
-                        loss_scale_period: int = 2000, output_chunk_size: int = 1024,
-                        ema_decay: float = 0.0,
+                        devices: Sequence[jax.Device] | None = None,
                         ks: Sequence[int] = (20, 50, 100)) -> ParallelSteps:
-  """Builds data-parallel train and eval steps.
+  """Places the model's train steps (one per phase) and its eval step on devices.
 
   Args:
-    model, optimizer, beta_schedule, lam, input_format, loss_scaling,
-      loss_scale_period, output_chunk_size, ema_decay: as
-      :func:`jax_vaecf.train.make_train_step`.
+    model: any :class:`jax_vaecf.model.CFModel`.
+    options: the :class:`jax_vaecf.train.StepOptions` of the run (the steps are built
+      from it, unchanged).
     mode: ``'sharded'`` or ``'pmap'``.
     devices: from :func:`resolve_devices`; ``None`` = all devices.
     ks: cut-offs of the eval metrics.
@@ -270,6 +281,7 @@ def make_parallel_steps(model: nn.Module, optimizer: optax.GradientTransformatio
   Returns:
     A :class:`ParallelSteps`.
   """
+  options = options or train_lib.StepOptions()
   if mode not in MODES:
     raise ValueError(f"unknown parallel mode {mode!r}: expected one of {MODES}")
   devices = tuple(resolve_devices(0) if devices is None else devices)
@@ -282,28 +294,27 @@ def make_parallel_steps(model: nn.Module, optimizer: optax.GradientTransformatio
   n_processes = len({d.process_index for d in devices})
   if len(devices) != len(local) * n_processes:
     raise ValueError("every process must contribute the same number of devices")
+  if mode == "pmap" and n_processes > 1:
+    raise ValueError("mode='pmap' is single-process here; use mode='sharded' to span "
+                     "processes (multi-host)")
+
+  axis_name = PMAP_AXIS if mode == "pmap" else None
+  steps = [train_lib.make_train_step(model, options, phase=i, axis_name=axis_name)
+           for i in range(len(model.phases))]
+  eval_fn = train_lib.make_eval_step(model, ks, input_format=options.input_format,
+                                     output_chunk_size=options.output_chunk_size)
+  evaluate = lambda params, b: eval_fn(_params_of(params), b)
+  refresh = functools.partial(train_lib.refresh_frozen, model)
 
   if mode == "pmap":
-    if n_processes > 1:
-      raise ValueError("mode='pmap' is single-process here; use mode='sharded' to span "
-                       "processes (multi-host)")
-    step = train_lib.make_train_step(model, optimizer, beta_schedule, lam=lam,
-                                     input_format=input_format, axis_name=PMAP_AXIS,
-                                     loss_scaling=loss_scaling,
-                                     loss_scale_period=loss_scale_period,
-                                     output_chunk_size=output_chunk_size,
-                                     ema_decay=ema_decay)
-    eval_fn = train_lib.make_eval_step(model, ks, input_format=input_format,
-                                     output_chunk_size=output_chunk_size)
     # A mesh of the same devices names the layout of arrays with a leading device
     # axis, so device_put places shard i on devices[i], as pmap expects.
     pmesh = Mesh(np.array(devices), (PMAP_AXIS,))
-    p_train = jax.pmap(step, axis_name=PMAP_AXIS, devices=list(devices),
-                       donate_argnums=0)
-    p_eval = jax.pmap(lambda params, b: eval_fn(_params_of(params), b),
-                      axis_name=PMAP_AXIS, devices=list(devices))
-    return ParallelSteps(mode, devices, len(devices), len(local), None, p_train, p_eval,
-                         None, NamedSharding(pmesh, P(PMAP_AXIS)))
+    place = lambda fn, **kw: jax.pmap(fn, axis_name=PMAP_AXIS, devices=list(devices), **kw)
+    return ParallelSteps(mode, devices, len(devices), len(local), None, model.phases,
+                         tuple(place(s, donate_argnums=0) for s in steps),
+                         place(refresh, donate_argnums=0), place(evaluate), None,
+                         NamedSharding(pmesh, P(PMAP_AXIS)))
 
   kw = {}
   axis_type = getattr(jax.sharding, "AxisType", None)
@@ -314,18 +325,13 @@ def make_parallel_steps(model: nn.Module, optimizer: optax.GradientTransformatio
   mesh = Mesh(np.array(devices), (MESH_AXIS,), **kw)
   replicated = NamedSharding(mesh, P())
   sharded = NamedSharding(mesh, P(MESH_AXIS))
-  step = train_lib.make_train_step(model, optimizer, beta_schedule, lam=lam,
-                                   input_format=input_format, loss_scaling=loss_scaling,
-                                   loss_scale_period=loss_scale_period,
-                                   output_chunk_size=output_chunk_size,
-                                   ema_decay=ema_decay)
-  eval_fn = train_lib.make_eval_step(model, ks, input_format=input_format,
-                                     output_chunk_size=output_chunk_size)
-  j_train = jax.jit(step, in_shardings=(replicated, sharded),
-                    out_shardings=(replicated, replicated), donate_argnums=0)
+  j_train = tuple(jax.jit(s, in_shardings=(replicated, sharded),
+                          out_shardings=(replicated, replicated), donate_argnums=0)
+                  for s in steps)
+  j_refresh = jax.jit(refresh, in_shardings=replicated, out_shardings=replicated,
+                      donate_argnums=0)
   # Per-user eval metrics come back replicated (a small all-gather of (B,) vectors), so
   # every process can read all users' values.
-  j_eval = jax.jit(lambda params, b: eval_fn(_params_of(params), b),
-                   in_shardings=(replicated, sharded), out_shardings=replicated)
-  return ParallelSteps(mode, devices, len(devices), len(local), mesh, j_train, j_eval,
-                       replicated, sharded)
+  j_eval = jax.jit(evaluate, in_shardings=(replicated, sharded), out_shardings=replicated)
+  return ParallelSteps(mode, devices, len(devices), len(local), mesh, model.phases,
+                       j_train, j_refresh, j_eval, replicated, sharded)

@@ -9,11 +9,15 @@ with ``axis_name`` set (then each device sees one shard and gradients are summed
 ``psum``). Densification, when the dense input path is chosen, happens here, on device.
 
 The objective is the mean over the real users of the whole (global) batch:
-``mean_u[nll_u] + beta(step) * mean_u[kl_u] + l2_penalty(params, lam)``.
+``mean_u[nll_u] + beta(step) * mean_u[kl_u] + l2_penalty(params, lam)`` (with
+``kl_gamma``: ``mean_u[gamma * |x_u| * kl_u]``), where ``kl_u`` is the model's own KL
+term (``ModelOutput.kl``). A model trains in phases (``model.phases``); each phase has
+its own step, updating its parameter groups with its own optimiser state.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -36,13 +40,17 @@ class TrainState(struct.PyTreeNode):
   """Everything a training run carries from step to step.
 
   Attributes:
-    step: int32 scalar, number of updates applied.
+    step: int32 scalar, number of updates applied (over all phases).
     params: model parameters (float32 pytree).
-    opt_state: optax state.
+    opt_state: one optax state per phase of ``model.phases`` (a tuple), each over the
+      parameter groups that phase trains.
     key: PRNG key data, uint32 ``(2,)``; step ``t`` uses ``fold_in(key, t)``.
     loss_scale: :class:`jax_vaecf.precision.LossScale` (constant 1 unless fp16).
     ema_params: ``None``, or the exponential moving average of ``params`` over the
       steps taken (same pytree; see :func:`update_weight_average`).
+    frozen: ``None``, or the variables the model keeps beside its parameters that no
+      optimiser updates (RecVAE's prior encoder; ``model.init_frozen``).
+    tx: the optimiser (not a pytree leaf: not checkpointed, fixed by the run's settings).
   """
 
   step: Array
@@ -51,11 +59,70 @@ class TrainState(struct.PyTreeNode):
   key: Array
   loss_scale: precision.LossScale
   ema_params: Any = None
+  frozen: Any = None
+  tx: optax.GradientTransformation | None = struct.field(pytree_node=False, default=None)
 
   @property
   def eval_params(self) -> Any:
     """The parameters to evaluate and serve: the weight average when it is kept."""
     return self.params if self.ema_params is None else self.ema_params
+
+
+def _zero_beta(step):
+  del step
+  return jnp.zeros((), jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+  """Everything that decides how a step turns a batch into an update, in one object that
+  :func:`create_train_state`, :func:`make_train_step`, :func:`make_eval_step` and
+  :func:`jax_vaecf.parallel.make_parallel_steps` share (so the state and the step cannot
+  disagree about weight averaging or loss scaling).
+
+  Attributes:
+    beta_schedule: KL weight as a function of ``state.step`` (unused with ``kl_gamma``).
+    kl_gamma: above 0, each user's KL term is weighted by ``kl_gamma * |x_u|`` (the sum
+      of the user's input row, RecVAE's rule) instead of ``beta_schedule``.
+    lam: L2 weight (:func:`jax_vaecf.losses.l2_penalty`) on the trained kernels.
+    input_format: ``'sparse'`` (first layer as gather-and-sum; output layer and loss
+      fused, :func:`jax_vaecf.losses.output_layer_nll`, so no ``(B, n_items)`` array is
+      formed) or ``'dense'`` (densify on device, plain matmuls, log-softmax and autodiff).
+      Same math.
+    loss_scaling: dynamic loss scaling (fp16): non-finite steps are skipped and the
+      scale lowered (:mod:`jax_vaecf.precision`).
+    loss_scale_period: finite steps before a dynamic loss scale doubles.
+    output_chunk_size: users per chunk of the fused output layer and of evaluation's
+      logits (sparse path).
+    ema_decay: in ``[0, 1)``; above 0 the state keeps ``ema_params``
+      (:func:`update_weight_average`), which evaluation then uses.
+  """
+
+  beta_schedule: Callable[[Array], Array] = _zero_beta
+  kl_gamma: float = 0.0
+  lam: float = 0.0
+  input_format: str = "sparse"
+  loss_scaling: bool = False
+  loss_scale_period: int = 2000
+  output_chunk_size: int = 1024
+  ema_decay: float = 0.0
+
+  def __post_init__(self):
+    _check_format(self.input_format)
+    if self.output_chunk_size < 1:
+      raise ValueError(f"output_chunk_size must be >= 1, got {self.output_chunk_size}")
+    if self.lam < 0:
+      raise ValueError(f"lam must be >= 0, got {self.lam}")
+    if self.kl_gamma < 0:
+      raise ValueError(f"kl_gamma must be >= 0, got {self.kl_gamma}")
+    if not 0.0 <= self.ema_decay < 1.0:
+      raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+    if self.loss_scale_period < 1:
+      raise ValueError(f"loss_scale_period must be >= 1, got {self.loss_scale_period}")
+
+  @property
+  def weight_average(self) -> bool:
+    return self.ema_decay > 0
 
 
 def make_optimizer(learning_rate: float = 1e-3, b1: float = 0.9, b2: float = 0.999,
@@ -72,26 +139,53 @@ def init_params(model: nn.Module, key: Array) -> Any:
   return model.init({"params": key}, x, train=False)["params"]
 
 
-def create_train_state(model: nn.Module, optimizer: optax.GradientTransformation,
-                       key: Array, *, loss_scaling: bool = False,
-                       weight_average: bool = False) -> TrainState:
-  """A fresh state: parameters from ``key``, a data-independent step key derived from it.
+def trained_part(params: Any, phase: model_lib.Phase) -> Any:
+  """The parameter groups ``phase`` updates (all of ``params`` when it trains all)."""
+  if phase.trains is None:
+    return params
+  missing = [g for g in phase.trains if g not in params]
+  if missing:
+    raise ValueError(f"phase {phase.name!r} trains {missing}, which are not parameter "
+                     f"groups of the model ({sorted(params)})")
+  return {g: params[g] for g in phase.trains}
 
-  ``weight_average=True`` adds ``ema_params`` (a copy of the initial parameters), which a
-  step built with ``ema_decay > 0`` keeps up to date.
+
+def _merge(params: Any, part: Any, phase: model_lib.Phase) -> Any:
+  if phase.trains is None:
+    return part
+  return {**params, **part}
+
+
+def create_train_state(model: nn.Module, optimizer: optax.GradientTransformation,
+                       key: Array, options: StepOptions | None = None) -> TrainState:
+  """A fresh state: parameters (and the model's frozen variables) from ``key``, a
+  data-independent step key derived from it, one optimiser state per phase, and what
+  ``options`` asks for (``ema_params`` with weight averaging, a loss scale with loss
+  scaling).
   """
+  options = options or StepOptions()
   key = jnp.asarray(key)
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     key = jax.random.key_data(key)
   init_key, step_key = jax.random.split(key)
   params = init_params(model, init_key)
+  frozen = model.init_frozen(params, jax.random.fold_in(init_key, 1))
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
-      opt_state=optimizer.init(params),
+      opt_state=tuple(optimizer.init(trained_part(params, ph)) for ph in model.phases),
       key=step_key,
-      loss_scale=precision.init_loss_scale(loss_scaling),
-      ema_params=jax.tree_util.tree_map(jnp.copy, params) if weight_average else None)
+      loss_scale=precision.init_loss_scale(options.loss_scaling),
+      ema_params=(jax.tree_util.tree_map(jnp.copy, params) if options.weight_average
+                  else None),
+      frozen=frozen,
+      tx=optimizer)
+
+
+def refresh_frozen(model: nn.Module, state: TrainState) -> TrainState:
+  """The state with ``frozen = model.frozen_from(params)`` (a phase's
+  ``refresh_frozen``); pure, to jit."""
+  return state.replace(frozen=model.frozen_from(state.params))
 
 
 def update_weight_average(ema_params: Any, params: Any, step: Array, decay: float) -> Any:
@@ -124,91 +218,102 @@ def _check_format(input_format: str) -> None:
     raise ValueError(f"unknown input format {input_format!r}: expected {INPUT_FORMATS}")
 
 
-def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
-                    beta_schedule: Callable[[Array], Array], *, lam: float = 0.0,
-                    input_format: str = "sparse", axis_name: str | None = None,
-                    loss_scaling: bool = False, loss_scale_period: int = 2000,
-                    output_chunk_size: int = 1024, ema_decay: float = 0.0
+def _output_grads(model: nn.Module, phase: model_lib.Phase) -> str:
+  """Which gradients of the fused output layer ``phase`` needs (see output_layer_nll)."""
+  if phase.trains is None:
+    return "all"
+  layer = phase.trains_group(model.output_layer)
+  upstream = any(g != model.output_layer for g in phase.trains)
+  if layer and upstream:
+    return "all"
+  return "params" if layer else "input"
+
+
+def make_train_step(model: nn.Module, options: StepOptions | None = None, *,
+                    phase: int = 0, axis_name: str | None = None
                     ) -> Callable[[TrainState, sparse_lib.SparseBatch],
                                   tuple[TrainState, dict[str, Array]]]:
   """Builds ``train_step(state, batch) -> (state, metrics)``, a pure function to jit.
 
   Args:
-    model: a :class:`MultVAE` or :class:`MultDAE`.
-    optimizer: e.g. :func:`make_optimizer`.
-    beta_schedule: KL weight as a function of ``state.step`` (ignored by Mult-DAE).
-    lam: L2 weight (:func:`jax_vaecf.losses.l2_penalty`).
-    input_format: ``'sparse'`` (first layer as gather-and-sum; output layer and loss
-      fused, :func:`jax_vaecf.losses.output_layer_nll`, so no ``(B, n_items)`` array is
-      formed) or ``'dense'`` (densify on device, plain matmuls, log-softmax and autodiff).
-      Same math.
+    model: any :class:`jax_vaecf.model.CFModel` (Mult-VAE, Mult-DAE, RecVAE).
+    options: the :class:`StepOptions` the state was made with.
+    phase: index into ``model.phases``: the step updates that phase's parameter groups
+      with its optimiser state (``state.opt_state[phase]``), using ``state.tx``.
     axis_name: the ``pmap`` axis name when run under ``jax.pmap``, else ``None``.
-    loss_scaling: dynamic loss scaling (fp16): non-finite steps are skipped and the
-      scale lowered (:mod:`jax_vaecf.precision`). Needs a state made with
-      ``create_train_state(..., loss_scaling=True)``.
-    loss_scale_period: finite steps before a dynamic loss scale doubles.
-    output_chunk_size: users per chunk of the fused output layer (sparse path); a
-      shard's rows are processed this many at a time.
-    ema_decay: in ``[0, 1)``; above 0 the step also updates ``state.ema_params``
-      (:func:`update_weight_average`), which evaluation then uses. Needs a state made
-      with ``create_train_state(..., weight_average=True)``.
 
   Returns:
-    The step. ``metrics`` holds float32 scalars ``loss``, ``nll``, ``kl``, ``beta``,
-    ``n_users``, ``loss_scale`` and int32 ``skipped_steps``.
+    The step. ``metrics`` holds float32 scalars ``loss``, ``nll``, ``kl`` (the weighted
+    KL term's mean), ``beta``, ``n_users``, ``loss_scale`` and int32 ``skipped_steps``.
   """
-  _check_format(input_format)
-  if output_chunk_size < 1:
-    raise ValueError(f"output_chunk_size must be >= 1, got {output_chunk_size}")
-  if lam < 0:
-    raise ValueError(f"lam must be >= 0, got {lam}")
-  if not 0.0 <= ema_decay < 1.0:
-    raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
-  is_vae = isinstance(model, model_lib.MultVAE)
+  options = options or StepOptions()
+  phases = model.phases
+  if not 0 <= phase < len(phases):
+    raise ValueError(f"phase must be in [0, {len(phases)}), got {phase}")
+  ph = phases[phase]
   n_items = model.n_items
+  output_grads = _output_grads(model, ph)
+  gamma = options.kl_gamma
 
-  def shard_sums(params, shard, key, row_offset):
+  def shard_sums(part, params, frozen, shard, key, row_offset):
     dropout_key, noise_key = jax.random.split(key)
     rngs = {"dropout": dropout_key, "noise": noise_key}
+    variables = {"params": _merge(params, part, ph)}
+    kw = dict(train=True, row_offset=row_offset, rngs=rngs, dropout=ph.dropout,
+              frozen=frozen, kl=ph.kl)
     m = shard.row_mask.astype(jnp.float32)
-    if input_format == "sparse":
-      out = model.apply({"params": params}, shard, train=True, row_offset=row_offset,
-                        rngs=rngs, method="features")
-      layer = params[model.output_layer]
+    if options.input_format == "sparse":
+      out = model.apply(variables, shard, method="features", **kw)
+      layer = variables["params"][model.output_layer]
       nll_sum = losses.output_layer_nll(out.logits, layer["kernel"], layer["bias"], shard,
-                                        output_chunk_size, model.dtype)
+                                        options.output_chunk_size, model.dtype,
+                                        output_grads)
+      counts = (jax.ops.segment_sum(shard.vals.astype(jnp.float32), shard.rows,
+                                    num_segments=shard.batch_size) if gamma > 0 else None)
     else:
       x = sparse_lib.densify(shard, n_items)
-      out = model.apply({"params": params}, x, train=True, row_offset=row_offset, rngs=rngs)
+      out = model.apply(variables, x, **kw)
       nll_sum = jnp.sum(losses.multinomial_nll(out.logits, x) * m)
-    kl_sum = jnp.sum(losses.gaussian_kl(out.mu, out.logvar) * m) if is_vae else 0.0 * nll_sum
+      counts = jnp.sum(x, axis=-1) if gamma > 0 else None
+    if out.kl is None:
+      kl_sum = 0.0 * nll_sum
+    elif counts is None:
+      kl_sum = jnp.sum(out.kl * m)
+    else:
+      kl_sum = jnp.sum(out.kl * counts * m)
     return nll_sum, kl_sum
 
-  def loss_fn(params, batch, key, beta, n_users, scale, device_offset, n_replicas):
+  def loss_fn(part, params, frozen, batch, key, beta, n_users, scale, device_offset,
+              n_replicas):
     n_shards, rows_per_shard = batch.row_mask.shape
     if n_shards == 1:
       # Without the vmap XLA CPU keeps plain 2-D gathers, scatters and matmuls; the
       # batched forms of a size-1 axis were measured 1.5x slower at batch 10,000.
       one = jax.tree_util.tree_map(lambda a: a[0], batch)
-      nll_sum, kl_sum = shard_sums(params, one, key, device_offset)
+      nll_sum, kl_sum = shard_sums(part, params, frozen, one, key, device_offset)
     else:
       offsets = device_offset + jnp.arange(n_shards) * rows_per_shard
-      nll_sum, kl_sum = jax.vmap(shard_sums, in_axes=(None, 0, None, 0))(
-          params, batch, key, offsets)
+      nll_sum, kl_sum = jax.vmap(shard_sums, in_axes=(None, None, None, 0, None, 0))(
+          part, params, frozen, batch, key, offsets)
     denom = jnp.maximum(n_users, 1.0)
     nll = jnp.sum(nll_sum) / denom
     kl = jnp.sum(kl_sum) / denom
     # Under pmap every replica adds its share, so the psum of gradients counts it once.
-    l2 = losses.l2_penalty(params, lam) / n_replicas
+    l2 = losses.l2_penalty(part, options.lam) / n_replicas
     loss = nll + beta * kl + l2
     return loss * scale, (nll, kl, l2)
 
   def train_step(state: TrainState, batch: sparse_lib.SparseBatch):
-    if (ema_decay > 0) != (state.ema_params is not None):
+    if options.weight_average != (state.ema_params is not None):
       raise ValueError(
-          f"ema_decay={ema_decay} needs a state " + ("with" if ema_decay > 0 else "without")
-          + " ema_params: create_train_state(..., weight_average="
-          + str(ema_decay > 0) + ")")
+          f"ema_decay={options.ema_decay} needs a state "
+          + ("with" if options.weight_average else "without")
+          + " ema_params: make it with create_train_state(..., options) of these options")
+    if state.tx is None:
+      raise ValueError("the state carries no optimiser: make it with create_train_state")
+    if len(state.opt_state) != len(phases):
+      raise ValueError(f"the state has {len(state.opt_state)} optimiser states, the "
+                       f"model {len(phases)} phases")
     batch = _with_shard_axis(batch)
     n_users = jnp.sum(batch.row_mask.astype(jnp.float32))
     if axis_name is not None:
@@ -217,28 +322,38 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
       device_offset = jax.lax.axis_index(axis_name) * batch.row_mask.size
     else:
       n_replicas, device_offset = 1, 0
-    beta = beta_schedule(state.step) if is_vae else jnp.zeros((), jnp.float32)
+    if gamma > 0:
+      beta = jnp.asarray(gamma, jnp.float32)
+    else:
+      beta = options.beta_schedule(state.step)
     key = jax.random.fold_in(state.key, state.step)
     scale = state.loss_scale.scale
+    part = trained_part(state.params, ph)
     grads, (nll, kl, l2) = jax.grad(loss_fn, has_aux=True)(
-        state.params, batch, key, beta, n_users, scale, device_offset, n_replicas)
+        part, state.params, state.frozen, batch, key, beta, n_users, scale, device_offset,
+        n_replicas)
     if axis_name is not None:
       grads = jax.lax.psum(grads, axis_name)
       nll, kl = jax.lax.psum((nll, kl), axis_name)
       l2 = jax.lax.psum(l2, axis_name)
     grads = jax.tree_util.tree_map(lambda g: g / scale, grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    phase_opt = state.opt_state[phase]
+    updates, new_opt = state.tx.update(grads, phase_opt, part)
+    new_part = optax.apply_updates(part, updates)
     loss_scale = state.loss_scale
     # Without loss scaling a non-finite step is applied, so a NaN surfaces, not hides.
-    if loss_scaling:
+    if options.loss_scaling:
       finite = precision.all_finite(grads)
-      params = precision.select_tree(finite, params, state.params)
-      opt_state = precision.select_tree(finite, opt_state, state.opt_state)
-      loss_scale = precision.update_loss_scale(loss_scale, finite, period=loss_scale_period)
+      new_part = precision.select_tree(finite, new_part, part)
+      new_opt = precision.select_tree(finite, new_opt, phase_opt)
+      loss_scale = precision.update_loss_scale(loss_scale, finite,
+                                               period=options.loss_scale_period)
+    params = _merge(state.params, new_part, ph)
+    opt_state = tuple(new_opt if i == phase else o for i, o in enumerate(state.opt_state))
     ema_params = state.ema_params
-    if ema_decay > 0:
-      ema_params = update_weight_average(ema_params, params, state.step + 1, ema_decay)
+    if options.weight_average:
+      ema_params = update_weight_average(ema_params, params, state.step + 1,
+                                         options.ema_decay)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               loss_scale=loss_scale, ema_params=ema_params)
     metrics = {
@@ -254,6 +369,8 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation,
 def make_eval_step(model: nn.Module, ks: Sequence[int] = (20, 50, 100), *,
                    input_format: str = "sparse", output_chunk_size: int = 1024
                    ) -> Callable[[Any, sparse_lib.EvalBatch], dict[str, Array]]:
+  # Takes the two step options it uses, not a StepOptions: evaluation has no state to
+  # agree with, and serving code builds it without any training settings.
   """Builds ``eval_step(params, batch) -> per-user metrics``, a pure function to jit.
 
   The fold-in rows go through the model in evaluation mode (no dropout, posterior mean),
