@@ -341,3 +341,31 @@ def test_sigkill_and_restart_ends_like_an_uninterrupted_run(data_dir, tmp_path):
   assert again.returncode == 0, again.stderr[-2000:]
   test_line = lambda out: [l for l in out.splitlines() if l.startswith("test (")][0]
   assert test_line(again.stdout) == test_line(full.stdout)
+
+
+def test_a_recvae_run_is_served_and_exported_like_any_model(tmp_path_factory, tmp_path):
+  from jax_vaecf import recommend
+  from jax_vaecf import serve
+  workdir = _runs.trained_workdir(tmp_path_factory, "recvae_serve", model="recvae",
+                                  hidden_dims=(16,) * 3, latent_dim=8, kl_gamma=0.005,
+                                  encoder_epochs=1)
+  rec = recommend.Recommender.from_workdir(workdir)
+  assert isinstance(rec.model, recvae.RecVAE)
+  out = str(tmp_path / "artefact")
+  r = subprocess.run([sys.executable, "-m", "experiments.export", "--workdir", workdir,
+                      "--out", out, "--k", "10"], cwd=REPO, capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  ids = [str(i) for i in rec.item_ids.tolist()]
+  rng = np.random.default_rng(0)
+  histories = [[ids[j] for j in rng.choice(len(ids), rng.integers(0, 30), replace=False)]
+               for _ in range(50)]
+  want = rec.recommend(histories, k=10)
+  got = serve.load(out).recommend(histories, k=10)
+  for g, items, history in zip(got, want.items, histories):
+    assert [str(i) for i in g["items"].tolist()] == [str(i) for i in items.tolist()]
+    assert not set(str(i) for i in items.tolist()) & set(history)
+  # Weights only: no optimiser state and no prior encoder travel with the artefact.
+  weights = np.load(os.path.join(out, "params.npz"))
+  assert any(k.startswith("encoder/") for k in weights.files)
+  assert not [k for k in weights.files if "prior" in k]
