@@ -264,13 +264,28 @@ class RunCheckpoints:
     self._check_identity(mngr, meta)
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
                                       _stored_fields(target))
+
+    def read(layout):
+      return mngr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(layout)))["state"]
+
     try:
-      state = mngr.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract)))["state"]
+      state = read(abstract)
     except Exception as e:  # orbax raises many kinds for damaged files
-      raise CheckpointUnreadableError(
-          f"{self._step_dir(mngr, step)}: unreadable checkpoint state ({_reason(e)})"
-      ) from None
+      state = None
+      # A one-phase state saved before optimiser states were kept per phase holds the
+      # bare optimiser state where a 1-tuple is expected now.
+      opt = abstract.get("opt_state") if isinstance(abstract, dict) else None
+      if isinstance(opt, tuple) and len(opt) == 1:
+        try:
+          state = read({**abstract, "opt_state": opt[0]})
+          state["opt_state"] = (state["opt_state"],)
+        except Exception:  # pylint: disable=broad-except
+          state = None
+      if state is None:
+        raise CheckpointUnreadableError(
+            f"{self._step_dir(mngr, step)}: unreadable checkpoint state ({_reason(e)})"
+        ) from None
     if dataclasses.is_dataclass(target):
       state = dataclasses.replace(target, **state)
     return state, meta

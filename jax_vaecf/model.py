@@ -234,6 +234,7 @@ class CFModel(nn.Module):
   and may override:
 
   * ``phases``: its training round (default: one phase training every parameter);
+  * ``has_kl``: whether it has a KL term (default True; Mult-DAE has none);
   * ``init_frozen(params, key)`` / ``frozen_from(params)``: variables kept beside the
     parameters that no optimiser updates (default: none).
 
@@ -245,6 +246,11 @@ class CFModel(nn.Module):
   @property
   def phases(self) -> tuple[Phase, ...]:
     return ONE_PHASE
+
+  @property
+  def has_kl(self) -> bool:
+    """Whether ``features`` returns a KL term when training (False: an autoencoder)."""
+    return True
 
   def init_frozen(self, params: Any, key: Array) -> Any:
     """The frozen variables of a fresh state (``None``: the model keeps none)."""
@@ -381,6 +387,10 @@ class MultDAE(CFModel):
   def output_layer(self) -> str:
     """Name of the output layer's parameters (as :attr:`MultVAE.output_layer`)."""
     return f"layers_{len(self.hidden_dims) - 1}"
+
+  @property
+  def has_kl(self) -> bool:
+    return False
 
   def features(self, x: Input, *, train: bool = False, row_offset=0, dropout: bool = True,
                frozen: Any = None, kl: bool = True) -> ModelOutput:

@@ -322,7 +322,9 @@ def make_train_step(model: nn.Module, options: StepOptions | None = None, *,
       device_offset = jax.lax.axis_index(axis_name) * batch.row_mask.size
     else:
       n_replicas, device_offset = 1, 0
-    if gamma > 0:
+    if not (model.has_kl and ph.kl):
+      beta = jnp.zeros((), jnp.float32)  # no KL term to weigh: reported as 0
+    elif gamma > 0:
       beta = jnp.asarray(gamma, jnp.float32)
     else:
       beta = options.beta_schedule(state.step)

@@ -13,7 +13,7 @@ import sys
 
 
 def problem(num_shards):
-  """The model, optimiser, schedule and global batches, identical in every process."""
+  """The model, step options, state and global batches, identical in every process."""
   import jax
   import numpy as np
   from jax_vaecf import model as model_lib
@@ -25,8 +25,8 @@ def problem(num_shards):
   n_items = 64
   m = model_lib.build_model("multvae", n_items, hidden_dims=(16,), latent_dim=8)
   opt = train_lib.make_optimizer(1e-2)
-  sched = schedules.linear_schedule(0.2, 10)
-  state = train_lib.create_train_state(m, opt, jax.random.PRNGKey(7))
+  options = train_lib.StepOptions(beta_schedule=schedules.linear_schedule(0.2, 10))
+  state = train_lib.create_train_state(m, opt, jax.random.PRNGKey(7), options)
   rng = np.random.default_rng(0)
   # 14 users: not a multiple of 4 shards, so the last shard carries padding rows.
   batches = [parallel.pad_and_shard(sparse_lib.from_dense(
@@ -37,7 +37,7 @@ def problem(num_shards):
   eval_batch = sparse_lib.EvalBatch(
       parallel.pad_and_shard(sparse_lib.from_dense(x), num_shards),
       parallel.pad_and_shard(sparse_lib.from_dense(held), num_shards))
-  return m, opt, sched, state, batches, eval_batch
+  return m, options, state, batches, eval_batch
 
 
 def run(steps, process_index, process_count):
@@ -48,8 +48,8 @@ def run(steps, process_index, process_count):
   from jax_vaecf import parallel
 
   devices = parallel.resolve_devices(0)
-  m, opt, sched, state, batches, eval_batch = problem(len(devices))
-  ps = parallel.make_parallel_steps(m, opt, sched, mode="sharded", devices=devices,
+  m, options, state, batches, eval_batch = problem(len(devices))
+  ps = parallel.make_parallel_steps(m, options, mode="sharded", devices=devices,
                                     ks=(10,))
   st = ps.init_state(state)
   losses = []

@@ -97,17 +97,19 @@ def test_unfinished_save_is_ignored(tmp_path):
 def test_states_with_and_without_a_weight_average_and_older_checkpoints_restore(tmp_path):
   m = model_lib.build_model("multvae", 30, hidden_dims=(8,), latent_dim=3)
   opt = train_lib.make_optimizer()
-  averaged = train_lib.create_train_state(m, opt, jax.random.PRNGKey(1), weight_average=True)
+  with_average = train_lib.StepOptions(ema_decay=0.9)  # a state that keeps ema_params
+  averaged = train_lib.create_train_state(m, opt, jax.random.PRNGKey(1), with_average)
   averaged = averaged.replace(
       ema_params=jax.tree_util.tree_map(lambda a: a + 1.0, averaged.ema_params))
   ck = checkpoint.RunCheckpoints(str(tmp_path / "avg"), IDENTITY)
   ck.save_latest(3, averaged, {})
   got, _ = ck.restore_latest(train_lib.create_train_state(m, opt, jax.random.PRNGKey(0),
-                                                          weight_average=True))
+                                                          with_average))
   ck.close()
   _assert_same(got, averaged)  # ema_params included, distinct from params
-  # A checkpoint written before TrainState had ema_params (the same fields, as a Flax
-  # dataclass without it, saved by orbax in this module's layout) restores with None.
+  # A checkpoint written before TrainState had ema_params and per-phase optimiser states
+  # (the same fields, as a Flax dataclass without it and with the bare optimiser state,
+  # saved by orbax in this module's layout) restores with None and a 1-tuple.
   from flax import struct
   import orbax.checkpoint as ocp
 
@@ -119,7 +121,7 @@ def test_states_with_and_without_a_weight_average_and_older_checkpoints_restore(
     loss_scale: object
 
   plain = _state(2)
-  older = OlderTrainState(plain.step, plain.params, plain.opt_state, plain.key,
+  older = OlderTrainState(plain.step, plain.params, plain.opt_state[0], plain.key,
                           plain.loss_scale)
   mngr = ocp.CheckpointManager(str(tmp_path / "old" / "checkpoints" / "latest"))
   mngr.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(older),

@@ -60,10 +60,9 @@ def test_resume_after_interruption_matches_one_run(data_dir, tmp_path, ema_decay
   # Interrupted: stop after two epochs (their checkpoint complete), as a kill would.
   workdir = str(tmp_path / "cut")
   split = loop.load_data(cfg)
-  model, optimizer, steps = loop.build(cfg, split.n_items)
+  built = loop.build(cfg, split.n_items)
   ck = checkpoint.RunCheckpoints(workdir, workdir_lib.identity(cfg, split))
-  loop.train_and_validate(cfg, workdir, split, ck, steps, model, optimizer,
-                          stop_after_epochs=2)
+  loop.train_and_validate(cfg, workdir, split, ck, built, stop_after_epochs=2)
   ck.close()
   # A save killed half-way leaves a temporary folder; it must be ignored.
   os.makedirs(os.path.join(workdir, "checkpoints", "latest", "99.orbax-checkpoint-tmp-1"))
@@ -205,9 +204,10 @@ def test_weight_average_is_tested_served_and_part_of_the_run_identity(data_dir, 
   res = loop.run(cfg, workdir)
   # The best checkpoint's average is what test mode scored and what a server loads.
   split = loop.load_data(cfg)
-  model, optimizer, steps = loop.build(cfg, split.n_items)
+  built = loop.build(cfg, split.n_items)
+  steps = built.steps
   ck = checkpoint.RunCheckpoints(workdir, workdir_lib.identity(cfg, split))
-  state, _ = ck.restore_best(loop.fresh_state(cfg, model, optimizer))
+  state, _ = ck.restore_best(loop.fresh_state(cfg, built))
   ck.close()
   of_average = loop.evaluate(steps, state.ema_params, split.test, 64)
   of_weights = loop.evaluate(steps, state.params, split.test, 64)

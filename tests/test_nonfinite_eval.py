@@ -99,9 +99,10 @@ def test_eval_step_flags_nan_params_but_not_fold_in_masking(fmt, chunk):
 def test_parallel_eval_of_nan_params_is_refused(mode):
   m = _model()
   opt = train_lib.make_optimizer()
-  ps = parallel.make_parallel_steps(m, opt, schedules.constant_schedule(0.1), mode=mode,
+  options = train_lib.StepOptions(beta_schedule=schedules.constant_schedule(0.1))
+  ps = parallel.make_parallel_steps(m, options, mode=mode,
                                     devices=parallel.resolve_devices(4), ks=(10,))
-  state = train_lib.create_train_state(m, opt, jax.random.PRNGKey(0))
+  state = train_lib.create_train_state(m, opt, jax.random.PRNGKey(0), options)
   batch = _eval_batch(n_users=10, n_real=10)
   eb = sparse_lib.EvalBatch(parallel.pad_and_shard(batch.fold_in, 4),
                             parallel.pad_and_shard(batch.heldout, 4))

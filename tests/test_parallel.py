@@ -22,20 +22,23 @@ import _synthetic
 N_ITEMS = 64
 SCHED = schedules.linear_schedule(0.2, 10)
 OPT = train_lib.make_optimizer(1e-2)
+OPTIONS = train_lib.StepOptions(beta_schedule=SCHED)
 NNZ = 256  # one shape for every unsharded batch, so the reference compiles once
 
 
 @functools.lru_cache(maxsize=None)
 def _steps(mode, n_devices, dtype=jnp.float32, loss_scaling=False, period=2000):
   """Parallel steps, built (and so compiled) once per configuration for the whole file."""
+  options = train_lib.StepOptions(beta_schedule=SCHED, loss_scaling=loss_scaling,
+                                  loss_scale_period=period)
   return parallel.make_parallel_steps(
-      _model(dtype), OPT, SCHED, mode=mode, ks=(10,), loss_scaling=loss_scaling,
-      loss_scale_period=period, devices=parallel.resolve_devices(n_devices))
+      _model(dtype), options, mode=mode, ks=(10,),
+      devices=parallel.resolve_devices(n_devices))
 
 
 @functools.lru_cache(maxsize=None)
 def _reference_step():
-  return jax.jit(train_lib.make_train_step(_model(), OPT, SCHED))
+  return jax.jit(train_lib.make_train_step(_model(), OPTIONS))
 
 
 def _model(dtype=jnp.float32):
@@ -180,7 +183,8 @@ def test_parallel_eval_equals_one_device(mode):
 @pytest.mark.parametrize("mode", parallel.MODES)
 def test_loss_scaling_recovers_from_overflow_in_parallel(mode):
   m = _model(jnp.float16)
-  state = train_lib.create_train_state(m, OPT, jax.random.PRNGKey(0), loss_scaling=True)
+  state = train_lib.create_train_state(m, OPT, jax.random.PRNGKey(0), train_lib.StepOptions(
+      beta_schedule=SCHED, loss_scaling=True, loss_scale_period=2))
   # So large a scale that the float16 backward pass overflows: the step is skipped.
   state = state.replace(loss_scale=state.loss_scale.replace(scale=jnp.float32(2.0**24)))
   ps = _steps(mode, 4, jnp.float16, loss_scaling=True, period=2)
@@ -215,10 +219,10 @@ def _low_rank_ndcg(policy_name, epochs=8):
   m = model_lib.build_model("multvae", n_items, hidden_dims=(48,), latent_dim=12,
                             dtype=policy.compute_dtype)
   opt = train_lib.make_optimizer(5e-3)
-  ps = parallel.make_parallel_steps(m, opt, schedules.linear_schedule(0.2, 200),
-                                    loss_scaling=policy.loss_scaling, ks=(50,))
-  st = ps.init_state(train_lib.create_train_state(
-      m, opt, jax.random.PRNGKey(0), loss_scaling=policy.loss_scaling))
+  options = train_lib.StepOptions(beta_schedule=schedules.linear_schedule(0.2, 200),
+                                  loss_scaling=policy.loss_scaling)
+  ps = parallel.make_parallel_steps(m, options, ks=(50,))
+  st = ps.init_state(train_lib.create_train_state(m, opt, jax.random.PRNGKey(0), options))
   rng = np.random.default_rng(0)
   for _ in range(epochs):
     order = rng.permutation(480)
@@ -283,13 +287,13 @@ def test_checkpoint_saved_on_4_devices_restores_on_1_and_back(tmp_path):
 
 
 def test_bad_parallel_input():
-  m, opt = _model(), OPT
+  m = _model()
   with pytest.raises(ValueError, match="asked for 5 devices but this process has 4"):
     parallel.resolve_devices(5)
   with pytest.raises(ValueError, match=">= 0"):
     parallel.resolve_devices(-1)
   with pytest.raises(ValueError, match="unknown parallel mode 'horovod'"):
-    parallel.make_parallel_steps(m, opt, SCHED, mode="horovod", ks=(10,))
+    parallel.make_parallel_steps(m, OPTIONS, mode="horovod", ks=(10,))
   ps = _steps("sharded", 4)
   batch = _batches(n=1, users=3)[0]
   with pytest.raises(ValueError, match="leading shard axis"):
@@ -329,12 +333,13 @@ def test_weight_average_in_parallel_equals_one_device_and_is_what_eval_scores(mo
   m = _model()
   decay = 0.5
   batches = _batches(n=3)
-  state = train_lib.create_train_state(m, OPT, jax.random.PRNGKey(0), weight_average=True)
-  step = jax.jit(train_lib.make_train_step(m, OPT, SCHED, ema_decay=decay))
+  options = train_lib.StepOptions(beta_schedule=SCHED, ema_decay=decay)
+  state = train_lib.create_train_state(m, OPT, jax.random.PRNGKey(0), options)
+  step = jax.jit(train_lib.make_train_step(m, options))
   want = state
   for b in batches:
     want, _ = step(want, b)
-  ps = parallel.make_parallel_steps(m, OPT, SCHED, mode=mode, ks=(10,), ema_decay=decay,
+  ps = parallel.make_parallel_steps(m, options, mode=mode, ks=(10,),
                                     devices=parallel.resolve_devices(4))
   st = ps.init_state(state)
   for b in batches:

@@ -170,9 +170,11 @@ def test_workdir_with_nonfinite_parameters_is_refused(trained, tmp_path):
   m = model_lib.build_model(ident["model"], int(ident["n_items"]),
                             hidden_dims=tuple(ident["hidden_dims"]),
                             latent_dim=int(ident["latent_dim"]))
+  # A run with weight averaging (any ema_decay above 0) stores ema_params too.
+  options = train_lib.StepOptions(
+      ema_decay=0.9 if bool(ident.get("weight_average", False)) else 0.0)
   state = train_lib.create_train_state(
-      m, train_lib.make_optimizer(), jax.random.PRNGKey(0),
-      weight_average=bool(ident.get("weight_average", False)))
+      m, train_lib.make_optimizer(), jax.random.PRNGKey(0), options)
   state = state.replace(params=_nan(state.params))
   if state.ema_params is not None:
     state = state.replace(ema_params=_nan(state.ema_params))

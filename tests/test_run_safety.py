@@ -203,9 +203,8 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over(data_dir, tmp_path
   # checkpoint_every=5: epochs 1-2 were logged without a checkpoint, so epoch 0 is right.
   workdir = str(tmp_path / "run")
   cfg = _cfg(data_dir, tmp_path, number_of_epochs=6, checkpoint_every=5, test=False)
-  split, ck, steps, model, optimizer = _pieces(cfg, workdir)
-  loop.train_and_validate(cfg, workdir, split, ck, steps, model, optimizer,
-                          stop_after_epochs=2)
+  split, ck, built = _pieces(cfg, workdir)
+  loop.train_and_validate(cfg, workdir, split, ck, built, stop_after_epochs=2)
   ck.close()
   assert [r["checkpointed"] for r in _records(workdir)] == [False, False]
   loop.run(cfg.replace(number_of_epochs=2), workdir)
@@ -214,10 +213,10 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over(data_dir, tmp_path
 
 def _pieces(cfg, workdir):
   split = loop.load_data(cfg)
-  model, optimizer, steps = loop.build(cfg, split.n_items)
+  built = loop.build(cfg, split.n_items)
   os.makedirs(workdir, exist_ok=True)
   ck = checkpoint.RunCheckpoints(workdir, workdir_lib.identity(cfg, split))
-  return split, ck, steps, model, optimizer
+  return split, ck, built
 
 
 # ---------------------------------------------------------------- usage and files

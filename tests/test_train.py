@@ -31,8 +31,8 @@ def test_dae_step_is_exact_sgd_on_the_papers_objective():
   lr, lam = 0.1, 0.01
   opt = optax.sgd(lr)
   state = train_lib.create_train_state(m, opt, jax.random.PRNGKey(0))
-  step = jax.jit(train_lib.make_train_step(m, opt, schedules.constant_schedule(0.5),
-                                           lam=lam))
+  step = jax.jit(train_lib.make_train_step(m, train_lib.StepOptions(
+      beta_schedule=schedules.constant_schedule(0.5), lam=lam)))
   new_state, met = step(state, batch)
   pn = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), state.params)
   want = ref.nll(ref.dae_forward(pn, x.astype(np.float64)), x).mean() + ref.l2(pn, lam)
@@ -54,8 +54,8 @@ def test_dae_step_is_exact_sgd_on_the_papers_objective():
 def _run(m, fmt, batches, steps_fn=None, sched=None):
   opt = train_lib.make_optimizer(1e-2)
   state = train_lib.create_train_state(m, opt, jax.random.PRNGKey(3))
-  step = jax.jit(train_lib.make_train_step(
-      m, opt, sched or schedules.linear_schedule(0.2, 10), input_format=fmt))
+  step = jax.jit(train_lib.make_train_step(m, train_lib.StepOptions(
+      beta_schedule=sched or schedules.linear_schedule(0.2, 10), input_format=fmt)))
   out = []
   for b in batches:
     state, met = step(state, b)
@@ -82,8 +82,8 @@ def test_output_chunk_size_does_not_change_training(name):
   for chunk in (1024, 3):
     opt = train_lib.make_optimizer(1e-2)
     state = train_lib.create_train_state(m, opt, jax.random.PRNGKey(3))
-    step = jax.jit(train_lib.make_train_step(m, opt, schedules.linear_schedule(0.2, 10),
-                                             output_chunk_size=chunk))
+    step = jax.jit(train_lib.make_train_step(m, train_lib.StepOptions(
+        beta_schedule=schedules.linear_schedule(0.2, 10), output_chunk_size=chunk)))
     losses_seen = []
     for b in batches:
       state, met = step(state, b)
@@ -94,8 +94,8 @@ def test_output_chunk_size_does_not_change_training(name):
                   jax.tree_util.tree_leaves(results[1][0].params)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   with pytest.raises(ValueError, match="output_chunk_size"):
-    train_lib.make_train_step(m, train_lib.make_optimizer(), schedules.constant_schedule(0.0),
-                              output_chunk_size=0)
+    train_lib.make_train_step(m, train_lib.StepOptions(
+        beta_schedule=schedules.constant_schedule(0.0), output_chunk_size=0))
 
 
 def _shard(batch: sparse_lib.SparseBatch, n_shards: int, nnz_per_shard: int):
@@ -136,8 +136,8 @@ def test_beta_follows_the_schedule_and_steps_count():
   m = model_lib.build_model("multvae", 40, hidden_dims=(12,), latent_dim=4)
   opt = train_lib.make_optimizer()
   state = train_lib.create_train_state(m, opt, jax.random.PRNGKey(0))
-  step = jax.jit(train_lib.make_train_step(m, opt, schedules.linear_schedule(0.2, 20)),
-                 donate_argnums=0)
+  step = jax.jit(train_lib.make_train_step(m, train_lib.StepOptions(
+      beta_schedule=schedules.linear_schedule(0.2, 20))), donate_argnums=0)
   betas = []
   for s in range(6):
     state, met = step(state, _batch(s)[1])
@@ -150,11 +150,12 @@ def test_fp16_loss_scaling_recovers_from_overflow():
   m = model_lib.build_model("multvae", 40, hidden_dims=(12,), latent_dim=4,
                             dtype=jnp.float16)
   opt = train_lib.make_optimizer()
-  state = train_lib.create_train_state(m, opt, jax.random.PRNGKey(0), loss_scaling=True)
+  options = train_lib.StepOptions(beta_schedule=schedules.constant_schedule(0.2),
+                                  loss_scaling=True, loss_scale_period=2)
+  state = train_lib.create_train_state(m, opt, jax.random.PRNGKey(0), options)
   # A scale so large that the float16 backward pass overflows: the step is skipped.
   state = state.replace(loss_scale=state.loss_scale.replace(scale=jnp.float32(2.0**24)))
-  step = jax.jit(train_lib.make_train_step(m, opt, schedules.constant_schedule(0.2),
-                                           loss_scaling=True, loss_scale_period=2))
+  step = jax.jit(train_lib.make_train_step(m, options))
   before = state.params
   state, met = step(state, _batch(0)[1])
   assert int(met["skipped_steps"]) == 1
@@ -197,8 +198,8 @@ def test_training_learns_the_low_rank_structure():
   m = model_lib.build_model("multvae", n_items, hidden_dims=(64,), latent_dim=16)
   opt = train_lib.make_optimizer(3e-3)
   state = train_lib.create_train_state(m, opt, jax.random.PRNGKey(0))
-  step = jax.jit(train_lib.make_train_step(m, opt, schedules.linear_schedule(0.2, 500)),
-                 donate_argnums=0)
+  step = jax.jit(train_lib.make_train_step(m, train_lib.StepOptions(
+      beta_schedule=schedules.linear_schedule(0.2, 500))), donate_argnums=0)
   rng = np.random.default_rng(0)
   for epoch in range(30):
     order = rng.permutation(800)
@@ -217,11 +218,12 @@ def test_training_learns_the_low_rank_structure():
 
 def test_bad_step_arguments():
   m = model_lib.build_model("multvae", 40, hidden_dims=(12,), latent_dim=4)
-  opt = train_lib.make_optimizer()
+  sched = schedules.constant_schedule(0.1)
   with pytest.raises(ValueError, match="input format"):
-    train_lib.make_train_step(m, opt, schedules.constant_schedule(0.1), input_format="coo")
+    train_lib.make_train_step(m, train_lib.StepOptions(beta_schedule=sched,
+                                                       input_format="coo"))
   with pytest.raises(ValueError, match="lam"):
-    train_lib.make_train_step(m, opt, schedules.constant_schedule(0.1), lam=-1.0)
+    train_lib.make_train_step(m, train_lib.StepOptions(beta_schedule=sched, lam=-1.0))
   with pytest.raises(ValueError, match="n_items"):
     train_lib.make_eval_step(m, (41,))
   with pytest.raises(ValueError, match="learning rate"):
@@ -258,11 +260,13 @@ def test_weight_average_is_the_debiased_exponential_average_of_the_trajectory():
   opt = train_lib.make_optimizer(1e-2)
   batches = [_batch(s)[1] for s in range(5)]
   sched = schedules.linear_schedule(0.2, 10)
-  plain = train_lib.create_train_state(m, opt, jax.random.PRNGKey(3))
-  averaged = train_lib.create_train_state(m, opt, jax.random.PRNGKey(3), weight_average=True)
-  step = jax.jit(train_lib.make_train_step(m, opt, sched))
   decay = 0.7
-  step_avg = jax.jit(train_lib.make_train_step(m, opt, sched, ema_decay=decay))
+  plain_options = train_lib.StepOptions(beta_schedule=sched)
+  avg_options = train_lib.StepOptions(beta_schedule=sched, ema_decay=decay)
+  plain = train_lib.create_train_state(m, opt, jax.random.PRNGKey(3), plain_options)
+  averaged = train_lib.create_train_state(m, opt, jax.random.PRNGKey(3), avg_options)
+  step = jax.jit(train_lib.make_train_step(m, plain_options))
+  step_avg = jax.jit(train_lib.make_train_step(m, avg_options))
   trajectory = []
   for b in batches:
     plain, _ = step(plain, b)
@@ -283,7 +287,7 @@ def test_weight_average_is_the_debiased_exponential_average_of_the_trajectory():
   assert averaged.eval_params is averaged.ema_params and plain.eval_params is plain.params
   # After one step the average is that step's weights.
   one, _ = step_avg(train_lib.create_train_state(m, opt, jax.random.PRNGKey(3),
-                                                 weight_average=True), batches[0])
+                                                 avg_options), batches[0])
   for a, b in zip(jax.tree_util.tree_leaves(one.ema_params),
                   jax.tree_util.tree_leaves(one.params)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
@@ -295,10 +299,13 @@ def test_weight_average_needs_a_matching_state():
   sched = schedules.constant_schedule(0.0)
   _, batch = _batch()
   with pytest.raises(ValueError, match="ema_decay must be in"):
-    train_lib.make_train_step(m, opt, sched, ema_decay=1.0)
-  plain = train_lib.create_train_state(m, opt, jax.random.PRNGKey(0))
-  with pytest.raises(ValueError, match="weight_average=True"):
-    train_lib.make_train_step(m, opt, sched, ema_decay=0.9)(plain, batch)
-  averaged = train_lib.create_train_state(m, opt, jax.random.PRNGKey(0), weight_average=True)
-  with pytest.raises(ValueError, match="weight_average=False"):
-    train_lib.make_train_step(m, opt, sched)(averaged, batch)
+    train_lib.make_train_step(m, train_lib.StepOptions(beta_schedule=sched, ema_decay=1.0))
+  plain_options = train_lib.StepOptions(beta_schedule=sched)
+  avg_options = train_lib.StepOptions(beta_schedule=sched, ema_decay=0.9)
+  # The state and the step made with different options: the step refuses the state.
+  plain = train_lib.create_train_state(m, opt, jax.random.PRNGKey(0), plain_options)
+  with pytest.raises(ValueError, match="needs a state with ema_params"):
+    train_lib.make_train_step(m, avg_options)(plain, batch)
+  averaged = train_lib.create_train_state(m, opt, jax.random.PRNGKey(0), avg_options)
+  with pytest.raises(ValueError, match="needs a state without ema_params"):
+    train_lib.make_train_step(m, plain_options)(averaged, batch)
