@@ -178,19 +178,21 @@ def _pipelined(fn, params, host_batches, put):
     yield pending
 
 
-def _mean_of(host: list[dict], phase_names: list[str]) -> dict:
+def _mean_of(host: list[dict], phases) -> dict:
   """The epoch's record of per-step metrics already on the host (with several phases,
-  also each phase's mean loss as ``<phase>_loss``)."""
+  also each phase's mean loss as ``<phase>_loss``); ``beta`` is the last step's KL
+  weight among the phases that have the KL term."""
   if not host:
     return {}
   keys = ("loss", "nll", "kl")
   out = {k: float(np.mean([m[k] for m in host])) for k in keys}
-  if len(phase_names) > 1:
-    for i, name in enumerate(phase_names):
+  if len(phases) > 1:
+    for i, phase in enumerate(phases):
       losses = [m["loss"] for m in host if m["phase"] == i]
       if losses:
-        out[f"{name}_loss"] = float(np.mean(losses))
-  out["beta"] = float(host[-1]["beta"])
+        out[f"{phase.name}_loss"] = float(np.mean(losses))
+  with_kl = [m for m in host if phases[m["phase"]].kl] or host
+  out["beta"] = float(with_kl[-1]["beta"])
   out["skipped_steps"] = int(host[-1]["skipped_steps"])
   out["loss_scale"] = float(host[-1]["loss_scale"])
   return out
@@ -433,7 +435,7 @@ def train_and_validate(cfg: configs.Config, workdir: str, split: data_lib.Split,
       raise
     record = {"split": "train", "epoch": epoch + 1,
               "step": int(steps.to_host(state.step)),
-              **_mean_of(host_metrics, [p.name for p in steps.phases]),
+              **_mean_of(host_metrics, steps.phases),
               "epoch_time_s": seconds, "users_per_s": split.train.shape[0] / seconds}
     host_state = validate_and_keep_best(cfg, steps, state, split, ck, standing, record)
     if "val_time_s" in record:
