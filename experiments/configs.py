@@ -372,11 +372,7 @@ def validate(cfg: Config) -> None:
       (cfg.kl_gamma >= 0, "kl_gamma must be >= 0"),
       (cfg.encoder_epochs >= 1 and cfg.decoder_epochs >= 1,
        "encoder_epochs and decoder_epochs must be >= 1"),
-      (cfg.model not in model_lib.MODELS or cfg.model == "recvae" or (
-          cfg.encoder_epochs, cfg.decoder_epochs) == (3, 1),
-       "encoder_epochs and decoder_epochs are RecVAE settings (--model=recvae)"),
-      (cfg.model != "recvae" or len(set(hidden_dims_of(cfg))) == 1,
-       "RecVAE's encoder layers need one width (e.g. --hidden_dims=600,600,600,600,600)"),
+
       (cfg.precision in precision_lib.POLICIES,
        f"precision must be one of {tuple(precision_lib.POLICIES)}"),
       (cfg.input_format in train_lib.INPUT_FORMATS,
@@ -405,3 +401,22 @@ def validate(cfg: Config) -> None:
   for ok, message in checks:
     if not ok:
       raise ValueError(f"bad setting: {message}")
+  _check_model_settings(cfg)
+
+
+def _check_model_settings(cfg: Config) -> None:
+  """The model's own settings: another model's changed from its default is refused, and
+  the model is built once (on one item) so its own checks run before any data work."""
+  entry = model_lib.model_entry(cfg.model)
+  others = {n for m in model_lib.MODELS for n in model_lib.model_entry(m).extra}
+  for name in sorted(others - set(entry.extra)):
+    if getattr(cfg, name) != Config.__dataclass_fields__[name].default:
+      owners = [m for m in model_lib.MODELS if name in model_lib.model_entry(m).extra]
+      raise ValueError(f"bad setting: {name} is a setting of --model="
+                       f"{' or '.join(owners)}, not of {cfg.model}")
+  try:
+    model_lib.build_model(cfg.model, 1, hidden_dims=hidden_dims_of(cfg),
+                          latent_dim=cfg.latent_dim, dropout_rate=cfg.dropout_rate,
+                          **{name: getattr(cfg, name) for name in entry.extra})
+  except ValueError as e:
+    raise ValueError(f"bad setting: {e}") from None

@@ -31,6 +31,7 @@ paths, and one device or many, draw the same ones from the same keys.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
@@ -439,26 +440,25 @@ def _build_multdae(n_items, hidden_dims, latent_dim, dropout_rate, dtype):
   return MultDAE(n_items, hidden_dims, dropout_rate, dtype)
 
 
-def _registry() -> dict[str, ModelEntry]:
-  # A model in its own file registers here (imported late: it builds on this module's
-  # layers).
-  from jax_vaecf import recvae
-  return {
-      "multvae": ModelEntry(_build_multvae, (600,), "Mult-VAE"),
-      "multdae": ModelEntry(_build_multdae, (200,), "Mult-DAE"),
-      "recvae": recvae.ENTRY,
-  }
+MULTVAE = ModelEntry(_build_multvae, (600,), "Mult-VAE")
+MULTDAE = ModelEntry(_build_multdae, (200,), "Mult-DAE")
 
-
-MODELS = ("multvae", "multdae", "recvae")
+# Every model by name: "module:attribute" of its ModelEntry. A model in its own file
+# builds on this module's layers, so its entry is imported when first asked for.
+_ENTRIES = {
+    "multvae": "jax_vaecf.model:MULTVAE",
+    "multdae": "jax_vaecf.model:MULTDAE",
+    "recvae": "jax_vaecf.recvae:ENTRY",
+}
+MODELS = tuple(_ENTRIES)
 
 
 def model_entry(name: str) -> ModelEntry:
   """The :class:`ModelEntry` called ``name`` (one of :data:`MODELS`)."""
-  entries = _registry()
-  if name not in entries:
+  if name not in _ENTRIES:
     raise ValueError(f"unknown model {name!r}: expected one of {MODELS}")
-  return entries[name]
+  module, attribute = _ENTRIES[name].split(":")
+  return getattr(importlib.import_module(module), attribute)
 
 
 def build_model(name: str, n_items: int, *, hidden_dims: Sequence[int] | None = None,

@@ -249,6 +249,13 @@ def test_settings_recvae_does_not_take_are_refused():
     model_lib.build_model("recvae", 10, hidden_dims=(8, 6))
   with pytest.raises(ValueError, match="takes no setting encoder_epochs"):
     model_lib.build_model("multvae", 10, encoder_epochs=2)
+  from experiments import configs
+  cfg = configs.get_config("ml20m_recvae")
+  configs.validate(cfg)
+  with pytest.raises(ValueError, match="bad setting: RecVAE.*one width"):
+    configs.validate(cfg.replace(hidden_dims=(600, 300)))
+  with pytest.raises(ValueError, match="encoder_epochs is a setting of --model=recvae"):
+    configs.validate(cfg.replace(model="multvae", hidden_dims=(), encoder_epochs=2))
   model = _tiny()
   with pytest.raises(ValueError, match="prior encoder"):
     model.apply({"params": train_lib.init_params(model, jax.random.PRNGKey(0))},
