@@ -266,6 +266,21 @@ def netflix_recvae() -> Config:
   return ml20m_recvae().replace(dataset="netflix", data_dir="data/netflix")
 
 
+def ml1m_recvae() -> Config:
+  """RecVAE on MovieLens-1M (the ``ml1m`` split), chosen on the validation users only.
+
+  Command: ``python -m experiments.accuracy --config=ml1m_recvae --data_dir=DIR
+  --root=runs/acc_ml1m_recvae``. The paper's settings (``ml20m_recvae``) with two
+  departures: the weights are validated, kept and served as their moving average
+  (``ema_decay`` 0.995) and the run lasts 100 epochs instead of 50, the best by
+  validation NDCG@100 kept (validation peaked near epoch 70 and fell after). The
+  README's results table gives the test metrics this preset reached.
+  """
+  return ml20m_recvae().replace(dataset="ml-1m", data_dir="data/ml-1m",
+                                number_of_epochs=100, ema_decay=0.995,
+                                batch_size_validation=1000)
+
+
 def ml_latest_small() -> Config:
   """MovieLens latest-small, the paper's protocol with 10% / 10% users held out.
 
@@ -311,6 +326,7 @@ PRESETS: dict[str, Callable[[], Config]] = {
     "ml1m_dae": ml1m_dae,
     "ml20m_recvae": ml20m_recvae,
     "netflix_recvae": netflix_recvae,
+    "ml1m_recvae": ml1m_recvae,
     "ml-latest-small": ml_latest_small,
     "ml100k": ml100k,
     "demo": demo,
