@@ -1,3 +1,3 @@
-"""jax_vaecf: Mult-VAE and Mult-DAE for collaborative filtering in JAX/Flax."""
+"""jax_vaecf: Mult-VAE, Mult-DAE and RecVAE for collaborative filtering in JAX/Flax."""
 
 __version__ = "0.1.0"
