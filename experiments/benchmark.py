@@ -306,6 +306,9 @@ def main(argv):
   cli.start(argv)
   cfg = cli.config_from_flags()
   check_settings(cli.config_overrides())
+  from experiments import configs
+  from jax_vaecf import model as model_lib
+
   f = _FLAGS
   if f.serving:
     from experiments import export as export_cli
@@ -327,8 +330,10 @@ def main(argv):
                          f"the number of devices ({len(devices)})")
   items = [int(x) for x in f.sweep_items] or [f.n_items]
   results = []
-  baseline = cfg.replace(model="multvae", hidden_dims=(), encoder_epochs=3,
-                         decoder_epochs=1, kl_gamma=0.0)
+  # The model's own settings go back to their defaults; every other setting is kept.
+  baseline = cfg.replace(model="multvae", hidden_dims=(), **{
+      name: configs.Config.__dataclass_fields__[name].default
+      for name in model_lib.model_entry(cfg.model).extra})
   for n in items:
     base = None
     if cfg.model != "multvae" and f.compare_multvae:

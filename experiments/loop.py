@@ -333,7 +333,7 @@ def train_epoch(steps, state: train_lib.TrainState, batcher: data_lib.TrainBatch
   ``steps.train_steps[i]`` over ``batcher``'s batches (this process's shards, copied to
   the devices ``prefetch`` batches ahead); with ``max_steps``, each pass's first
   ``max_steps`` steps. Pass ``j`` of the round takes the batch order of
-  ``epoch * passes_per_epoch + j`` (a one-phase model: ``epoch``, as before phases).
+  ``epoch * passes_per_epoch + j`` (for a one-phase model, ``epoch``).
 
   Returns the state, each step's metrics on the host (read once, after the epoch, with
   its phase's index as ``phase``) and the epoch's seconds. :mod:`experiments.benchmark`

@@ -76,9 +76,10 @@ def _zero_beta(step):
 @dataclasses.dataclass(frozen=True)
 class StepOptions:
   """Everything that decides how a step turns a batch into an update, in one object that
-  :func:`create_train_state`, :func:`make_train_step`, :func:`make_eval_step` and
+  :func:`create_train_state`, :func:`make_train_step` and
   :func:`jax_vaecf.parallel.make_parallel_steps` share (so the state and the step cannot
-  disagree about weight averaging or loss scaling).
+  disagree about weight averaging or loss scaling); the eval step is built from its
+  ``input_format`` and ``output_chunk_size``.
 
   Attributes:
     beta_schedule: KL weight as a function of ``state.step`` (unused with ``kl_gamma``).
