@@ -202,7 +202,7 @@ def run_one(cfg, devices: list, n_items: int, *, steps: int, epochs: int,
 
   # The model, optimiser, steps, placement and epoch loop of a training run: the
   # loop's own functions, so these numbers are the loop's numbers.
-  built = loop.build(cfg, n_items)
+  built = loop.build(cfg, n_items, train_csr.shape[0])
   par = built.steps
   input_format = cfg.input_format
   state = par.init_state(loop.fresh_state(cfg, built))

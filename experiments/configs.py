@@ -7,6 +7,7 @@ name. Each preset's docstring gives its exact command and what to expect.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Callable
 
@@ -53,6 +54,11 @@ class Config:
                                          "for test when no count is given.")
   split_seed: int = setting(98765, "Seed of the user permutation and fold-in split (paper: "
                                    "98765).")
+  validation_fraction: float = setting(0.1, "--protocol=per_user: fraction of each user's "
+                                            "training items held out (seeded by "
+                                            "--split_seed) as validation targets to choose "
+                                            "the best epoch; 0 = no validation, the last "
+                                            "epoch is tested.")
   # --dataset=csv: a user,item[,rating[,time]] file.
   csv_delimiter: str = setting(",", "--dataset=csv: field separator, one or more "
                                     "characters (tab or \\t for a tab).")
@@ -94,6 +100,11 @@ class Config:
   anneal_cap: float = setting(0.2, "Largest KL weight.")
   anneal_cycle_steps: int = setting(0, "Cycle length of the cyclical schedule (0 = "
                                        "total_anneal_steps).")
+  anneal_epochs: float = setting(0.0, "Above 0: the anneal length in epochs instead of "
+                                      "steps (total_anneal_steps = anneal_epochs x steps "
+                                      "per epoch, and the cycle of the cyclical schedule "
+                                      "with it), so a setting keeps its meaning on a data "
+                                      "set of another size; 0 = total_anneal_steps.")
   kl_gamma: float = setting(0.0, "Above 0: weigh each user's KL term by kl_gamma times "
                                  "the user's number of items (RecVAE's rule) instead of "
                                  "the beta schedule; 0 = the schedule.")
@@ -103,6 +114,9 @@ class Config:
   seed: int = setting(0, "Seed of initialisation, batch order, dropout and noise.")
   # Evaluation and checkpoints.
   validation_step: int = setting(1, "Validate every n epochs.")
+  early_stopping: int = setting(0, "Above 0: stop after this many validations in a row "
+                                   "without a better validation NDCG@100 (recorded in "
+                                   "metrics.jsonl); 0 = run every epoch.")
   test_ks: tuple = setting((20, 50, 100), "Cut-offs reported in test mode, comma "
                                           "separated.")
   checkpoint_every: int = setting(1, "Epochs between resumable checkpoints.")
@@ -334,11 +348,57 @@ PRESETS: dict[str, Callable[[], Config]] = {
 
 
 def get_config(name: str) -> Config:
-  """The preset called ``name``."""
-  try:
+  """The preset called ``name``, or the settings in the JSON file ``name`` (a run's
+  ``config.json``, or the ``best.json`` that ``experiments.tune`` writes)."""
+  if name in PRESETS:
     return PRESETS[name]()
-  except KeyError:
-    raise ValueError(f"unknown config {name!r}: expected one of {sorted(PRESETS)}") from None
+  if name.endswith(".json") or os.path.isfile(name):
+    try:
+      with open(name) as f:
+        obj = json.load(f)
+    except FileNotFoundError:
+      raise ValueError(f"--config={name}: no such file") from None
+    except (OSError, ValueError) as e:
+      raise ValueError(f"--config={name}: unreadable ({e})") from None
+    return from_json(obj, name)
+  raise ValueError(f"unknown config {name!r}: expected one of {sorted(PRESETS)} or a "
+                   "JSON file of settings")
+
+
+def to_json(cfg: Config) -> dict:
+  """The settings as a JSON object (tuples as lists): the form of ``config.json``."""
+  return json.loads(json.dumps(dataclasses.asdict(cfg), default=list))
+
+
+def from_json(obj, source: str) -> Config:
+  """The :class:`Config` of a JSON object written by :func:`to_json`; a field it lacks
+  keeps its default. ``ValueError`` naming ``source`` for an unknown field or a value
+  of the wrong type."""
+  if not isinstance(obj, dict):
+    raise ValueError(f"{source}: expected a JSON object of settings")
+  fields = Config.__dataclass_fields__
+  unknown = sorted(set(obj) - set(fields))
+  if unknown:
+    raise ValueError(f"{source}: unknown settings {unknown}")
+  changes = {}
+  for name, value in obj.items():
+    default = fields[name].default
+    if isinstance(default, tuple):
+      ok = isinstance(value, list) and all(
+          isinstance(v, int) and not isinstance(v, bool) for v in value)
+      value = tuple(value) if ok else value
+    elif isinstance(default, bool):
+      ok = isinstance(value, bool)
+    elif isinstance(default, float):
+      ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+      value = float(value) if ok else value
+    else:
+      ok = isinstance(value, type(default)) and not isinstance(value, bool)
+    if not ok:
+      raise ValueError(f"{source}: {name} = {value!r}, expected "
+                       f"{'a list of int' if isinstance(default, tuple) else type(default).__name__}")
+    changes[name] = value
+  return Config().replace(**changes)
 
 
 def hidden_dims_of(cfg: Config) -> tuple[int, ...]:
@@ -354,7 +414,7 @@ def hidden_dims_of(cfg: Config) -> tuple[int, ...]:
 # the layout of the same math). Any other change is refused on resume.
 RESUMABLE_FIELDS = frozenset({
     "data_dir", "cache_dir", "download", "number_of_epochs", "batch_size_validation",
-    "validation_step", "test_ks", "checkpoint_every", "keep_best", "train", "test",
+    "validation_step", "early_stopping", "test_ks", "checkpoint_every", "keep_best", "train", "test",
     "benchmark", "warm_up_epochs", "input_format", "output_chunk_size", "parallel",
     "number_of_devices", "gpu_number", "prefetch",
 })
@@ -374,6 +434,9 @@ def validate(cfg: Config) -> None:
       (cfg.lam >= 0, "lam must be >= 0"),
       (0.0 <= cfg.ema_decay < 1.0, "ema_decay must be in [0, 1)"),
       (0.0 <= cfg.dropout_rate < 1.0, "dropout_rate must be in [0, 1)"),
+      (0.0 <= cfg.validation_fraction < 1.0, "validation_fraction must be in [0, 1)"),
+      (cfg.early_stopping >= 0, "early_stopping must be >= 0"),
+      (cfg.anneal_epochs >= 0, "anneal_epochs must be >= 0"),
       (cfg.validation_step >= 1, "validation_step must be >= 1"),
       (cfg.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
       (cfg.keep_best >= 1, "keep_best must be >= 1"),

@@ -20,7 +20,7 @@ import os
 import sys
 import time
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -82,14 +82,41 @@ def load_data(cfg: configs.Config) -> data_lib.Split:
                               cache_dir=cfg.cache_dir or DEFAULT_CACHE,
                               download=cfg.download, protocol=cfg.protocol,
                               fold=cfg.fold or None, progress=report, **options)
+  if (split.protocol == "per_user" and split.validation is None
+      and cfg.validation_fraction > 0):
+    # Validation targets come out of the training rows; the test fold-in stays the
+    # user's full training row and the test items are never read.
+    split = data_lib.hold_out_validation(split, cfg.validation_fraction, cfg.split_seed)
   return split
 
 
-def step_options(cfg: configs.Config) -> train_lib.StepOptions:
-  """The config's :class:`jax_vaecf.train.StepOptions`: how a step updates the state."""
+def anneal_steps(cfg: configs.Config, steps_per_epoch: int) -> tuple[int, int]:
+  """``(total_anneal_steps, anneal_cycle_steps)`` in steps: as given, or with
+  ``anneal_epochs`` the anneal (and the cycle, when it follows the anneal) that many
+  epochs of ``steps_per_epoch`` optimiser steps long."""
+  if cfg.anneal_epochs <= 0:
+    return cfg.total_anneal_steps, cfg.anneal_cycle_steps
+  total = max(1, round(cfg.anneal_epochs * steps_per_epoch))
+  return total, (cfg.anneal_cycle_steps and total)
+
+
+def steps_per_epoch(cfg: configs.Config, n_train_users: int) -> int:
+  """Optimiser steps in one epoch: a round of the model's phases over the users."""
+  passes = sum(p.passes for p in build_model(cfg, 1).phases)
+  return passes * -(-n_train_users // cfg.batch_size_train)
+
+
+def step_options(cfg: configs.Config, n_train_users: int | None = None
+                 ) -> train_lib.StepOptions:
+  """The config's :class:`jax_vaecf.train.StepOptions`: how a step updates the state.
+
+  ``n_train_users`` sizes an epoch for ``anneal_epochs``; it is needed only then."""
+  if cfg.anneal_epochs > 0 and n_train_users is None:
+    raise ValueError("anneal_epochs: the number of training users is needed")
+  total, cycle = anneal_steps(
+      cfg, steps_per_epoch(cfg, n_train_users) if cfg.anneal_epochs > 0 else 0)
   schedule = schedules.get_schedule(cfg.anneal_schedule, cap=cfg.anneal_cap,
-                                    total_anneal_steps=cfg.total_anneal_steps,
-                                    cycle_steps=cfg.anneal_cycle_steps)
+                                    total_anneal_steps=total, cycle_steps=cycle)
   return train_lib.StepOptions(
       beta_schedule=schedule, kl_gamma=cfg.kl_gamma, lam=cfg.lam,
       input_format=cfg.input_format,
@@ -126,10 +153,11 @@ class Built:
   steps: parallel_lib.ParallelSteps
 
 
-def build(cfg: configs.Config, n_items: int) -> "Built":
-  """Model, step options and the (parallel) step functions of a config."""
+def build(cfg: configs.Config, n_items: int, n_train_users: int | None = None) -> "Built":
+  """Model, step options and the (parallel) step functions of a config
+  (``n_train_users``: see :func:`step_options`)."""
   model = build_model(cfg, n_items)
-  options = step_options(cfg)
+  options = step_options(cfg, n_train_users)
   devices = select_devices(cfg)
   precision_lib.check_backend_supports(cfg.precision, devices[0].platform)
   ks = tuple(sorted(set(VALIDATION_KS) | set(int(k) for k in cfg.test_ks)))
@@ -201,15 +229,22 @@ def _mean_of(host: list[dict], phases) -> dict:
 # ---------------------------------------------------------------------------- modes
 
 
+# Called after each epoch that validated with (epoch, the epoch's record); a returned
+# reason stops the run after that epoch.
+OnValidation = Callable[[int, dict], "str | None"]
+
+
 class TrainingDivergedError(RuntimeError):
   """The loss or the parameters stopped being finite: the run cannot go on."""
 
 
 def resume_point(cfg: configs.Config, workdir: str, ck: checkpoint_lib.RunCheckpoints,
                  state: train_lib.TrainState, log: workdir_lib.MetricsLog | None
-                 ) -> tuple[train_lib.TrainState, int, float]:
-  """``(state, epoch, best)`` to continue from: the newest readable latest checkpoint,
-  else (with a warning) the newest state of the best set, else epoch 0.
+                 ) -> tuple[train_lib.TrainState, dict]:
+  """``(state, meta)`` to continue from: the newest readable latest checkpoint, else
+  (with a warning) the newest state of the best set, else epoch 0 (``meta`` then
+  ``{"epoch": 0}``). ``meta`` is the checkpoint's: ``epoch``, ``best`` and, when the
+  run recorded them, the :class:`Standing` fields.
 
   Raises ``ValueError`` when the metrics log shows that checkpoints were saved but none
   can be read, rather than training again from epoch 0 over that log.
@@ -220,11 +255,10 @@ def resume_point(cfg: configs.Config, workdir: str, ck: checkpoint_lib.RunCheckp
   except checkpoint_lib.CheckpointUnreadableError as e:
     restored, reason = None, str(e)
   if restored is not None:
-    state, meta = restored
-    return state, int(meta["epoch"]), float(meta["best"])
+    return restored
   saved = log.checkpointed_epochs() if log is not None else []
   if not saved:
-    return state, 0, -math.inf  # a run killed before its first checkpoint: start over
+    return state, {"epoch": 0}  # a run killed before its first checkpoint: start over
   try:
     fallback = ck.restore_newest_best(state)
   except checkpoint_lib.CheckpointUnreadableError as e:
@@ -234,7 +268,7 @@ def resume_point(cfg: configs.Config, workdir: str, ck: checkpoint_lib.RunCheckp
     warnings.warn(f"{workdir}: {reason}; resuming from the best checkpoint's state of "
                   f"epoch {meta['epoch']} instead (later epochs are trained again)",
                   RuntimeWarning, stacklevel=2)
-    return state, int(meta["epoch"]), float(meta["best"])
+    return state, meta
   raise ValueError(
       f"{workdir}: metrics.jsonl records a checkpoint at epoch {max(saved)} but none can "
       f"be resumed ({reason}). Not training again from epoch 0 over that log: move or "
@@ -291,12 +325,33 @@ def _leaf_is_finite(tree):
 
 @dataclasses.dataclass
 class Standing:
-  """Where a run stands between epochs: the best validation NDCG@100 so far (and its
-  metrics) and the last epoch with a resumable checkpoint."""
+  """Where a run stands between epochs: the best validation NDCG@100 so far (its
+  metrics and epoch), the validations since it improved (``stale``, for early
+  stopping), why the run stopped before its last epoch (``stopped``) and the last epoch
+  with a resumable checkpoint. Saved in every checkpoint's metadata, so a resumed run
+  continues with the same standing."""
 
   best: float = -math.inf
   best_metrics: dict = dataclasses.field(default_factory=dict)
+  best_epoch: int | None = None
+  stale: int = 0
+  stopped: str | None = None
   last_saved_epoch: int = 0
+
+  def meta(self, epoch: int) -> dict:
+    """A checkpoint's metadata at the end of ``epoch``."""
+    return {"epoch": epoch, "best": self.best, "best_metrics": self.best_metrics,
+            "best_epoch": self.best_epoch, "stale": self.stale, "stopped": self.stopped}
+
+  @classmethod
+  def from_meta(cls, meta: dict) -> "Standing":
+    """The standing a checkpoint recorded (checkpoints of older runs hold only
+    ``epoch`` and ``best``)."""
+    epoch = int(meta["epoch"])
+    return cls(best=float(meta.get("best", -math.inf)),
+               best_metrics=dict(meta.get("best_metrics") or {}),
+               best_epoch=meta.get("best_epoch"), stale=int(meta.get("stale", 0)),
+               stopped=meta.get("stopped"), last_saved_epoch=epoch)
 
 
 def start(cfg: configs.Config, workdir: str, split: data_lib.Split,
@@ -310,7 +365,8 @@ def start(cfg: configs.Config, workdir: str, split: data_lib.Split,
   log = workdir_lib.MetricsLog(workdir) if writes else None
   if ck is None:
     return state, 0, Standing(), log
-  state, start_epoch, best = resume_point(cfg, workdir, ck, state, log)
+  state, meta = resume_point(cfg, workdir, ck, state, log)
+  start_epoch, standing = int(meta["epoch"]), Standing.from_meta(meta)
   if start_epoch:
     logging.info("resuming %s after epoch %d (step %d)", workdir, start_epoch,
                  int(state.step))
@@ -318,7 +374,7 @@ def start(cfg: configs.Config, workdir: str, split: data_lib.Split,
   if log is not None:
     log.truncate_after(start_epoch)
     workdir_lib.write_run_files(cfg, workdir, split, start_epoch)
-  return state, start_epoch, Standing(best=best, last_saved_epoch=start_epoch), log
+  return state, start_epoch, standing, log
 
 
 def passes_per_epoch(steps) -> int:
@@ -379,19 +435,24 @@ def validate_and_keep_best(cfg: configs.Config, steps, state, split: data_lib.Sp
     record.update({f"val_{k}": vm[k] for k in ("ndcg@100", "recall@20", "recall@50")})
     record["val_time_s"] = time.perf_counter() - t0
     if vm[BEST_METRIC] > standing.best:
-      standing.best = vm[BEST_METRIC]
+      standing.best, standing.best_epoch, standing.stale = vm[BEST_METRIC], done, 0
       standing.best_metrics = {k: vm[k] for k in ("ndcg@100", "recall@20", "recall@50")}
       if ck is not None:
         host_state = steps.to_host(state)
         if not ck.has_best(record["step"]):
-          ck.save_best(record["step"], host_state, {"epoch": done, "best": standing.best},
+          ck.save_best(record["step"], host_state, standing.meta(done),
                        {BEST_METRIC: standing.best})
+    else:
+      standing.stale += 1
+      if cfg.early_stopping and standing.stale >= cfg.early_stopping:
+        standing.stopped = (f"early_stopping: {standing.stale} validations without a "
+                            f"better ndcg@100 (best {standing.best:.4f}, epoch "
+                            f"{standing.best_epoch})")
   elif split.validation is None and done == last and ck is not None:
-    # Per-user protocol: no validation users, so the final model is the one tested.
+    # Per-user protocol without validation: the final model is the one tested.
     host_state = steps.to_host(state)
     if not ck.has_best(record["step"]):
-      ck.save_best(record["step"], host_state, {"epoch": done, "best": standing.best},
-                   {BEST_METRIC: done})
+      ck.save_best(record["step"], host_state, standing.meta(done), {BEST_METRIC: done})
   record["best_val_ndcg@100"] = standing.best if standing.best > -math.inf else None
   return host_state
 
@@ -402,21 +463,31 @@ def save_latest(cfg: configs.Config, steps, state, ck: checkpoint_lib.RunCheckpo
   record says whether it did."""
   done = record["epoch"]
   record["checkpointed"] = ck is not None and (
-      done % cfg.checkpoint_every == 0 or done == cfg.number_of_epochs)
+      done % cfg.checkpoint_every == 0 or done == cfg.number_of_epochs
+      or standing.stopped is not None)
   if record["checkpointed"]:
     host_state = host_state if host_state is not None else steps.to_host(state)
-    ck.save_latest(record["step"], host_state, {"epoch": done, "best": standing.best})
+    ck.save_latest(record["step"], host_state, standing.meta(done))
     standing.last_saved_epoch = done
 
 
 def train_and_validate(cfg: configs.Config, workdir: str, split: data_lib.Split,
                        ck: checkpoint_lib.RunCheckpoints | None, built: Built,
-                       *, stop_after_epochs: int | None = None) -> dict:
+                       *, stop_after_epochs: int | None = None,
+                       on_validation: OnValidation | None = None) -> dict:
   """Trains ``cfg.number_of_epochs`` epochs (resuming), validating and checkpointing.
 
+  The run ends early when ``cfg.early_stopping`` validations in a row bring no better
+  NDCG@100, or when ``on_validation(epoch, record)``, called after each epoch that
+  validated, returns a reason; the epoch's record then says why (``stopped``) and a
+  resumable checkpoint is saved. A resumed run that had stopped early trains no more
+  (unless ``early_stopping`` was raised or set to 0 since); one stopped by
+  ``on_validation`` continues, and the new call decides again.
+
   ``ck`` is None in pure benchmark runs (nothing is written). Returns the benchmark
-  summary and the best validation metrics. Raises :class:`TrainingDivergedError` (after
-  logging it) when the loss or the parameters stop being finite.
+  summary and the best validation metrics and epoch. Raises
+  :class:`TrainingDivergedError` (after logging it) when the loss or the parameters
+  stop being finite.
   """
   steps = built.steps
   state, start_epoch, standing, log = start(cfg, workdir, split, ck, built)
@@ -424,6 +495,12 @@ def train_and_validate(cfg: configs.Config, workdir: str, split: data_lib.Split,
   batcher = data_lib.TrainBatcher(split.train, cfg.batch_size_train, seed=cfg.seed,
                                   num_shards=steps.num_shards)
   epoch_times, val_times = [], []
+  if (0 < start_epoch < cfg.number_of_epochs and cfg.early_stopping
+      and standing.stale >= cfg.early_stopping):
+    print(f"the run stopped early after epoch {start_epoch} ({standing.stale} validations "
+          "without improvement): nothing to train", flush=True)
+    return _summary(cfg, standing, epoch_times, val_times, split.train.shape[0])
+  standing.stopped = None  # a stop asked by on_validation is asked again on resume
   for epoch in range(start_epoch, cfg.number_of_epochs):
     state, host_metrics, seconds = train_epoch(steps, state, batcher, epoch, cfg.prefetch)
     epoch_times.append(seconds)
@@ -440,10 +517,19 @@ def train_and_validate(cfg: configs.Config, workdir: str, split: data_lib.Split,
     host_state = validate_and_keep_best(cfg, steps, state, split, ck, standing, record)
     if "val_time_s" in record:
       val_times.append(record["val_time_s"])
+      if on_validation is not None and standing.stopped is None:
+        standing.stopped = on_validation(epoch + 1, record) or None
+    if standing.stopped is not None and epoch + 1 < cfg.number_of_epochs:
+      record["stopped"] = standing.stopped
+    else:
+      standing.stopped = None  # the last epoch ends the run anyway
     save_latest(cfg, steps, state, ck, standing, record, host_state)
     if log is not None:
       log.write(record)
     _print_epoch(record)
+    if standing.stopped is not None:
+      print(f"stopped after epoch {epoch + 1}: {standing.stopped}", flush=True)
+      break
     if stop_after_epochs is not None and epoch + 1 - start_epoch >= stop_after_epochs:
       break
   return _summary(cfg, standing, epoch_times, val_times, split.train.shape[0])
@@ -452,7 +538,8 @@ def train_and_validate(cfg: configs.Config, workdir: str, split: data_lib.Split,
 def _summary(cfg: configs.Config, standing: Standing, epoch_times: list[float],
              val_times: list[float], n_users: int) -> dict:
   """The best validation metrics and, after the warm-up epochs, the mean timings."""
-  summary = {"best_validation": standing.best_metrics}
+  summary = {"best_validation": standing.best_metrics, "best_epoch": standing.best_epoch,
+             "stopped": standing.stopped}
   measured = epoch_times[cfg.warm_up_epochs:]
   if measured:
     mean_epoch = float(np.mean(measured))
@@ -498,8 +585,10 @@ def format_test(result: dict, ks) -> str:
           f"items; best epoch {result.get('epoch')}): " + "  ".join(parts))
 
 
-def run(cfg: configs.Config, workdir: str) -> dict:
-  """Runs the modes the config asks for; returns their results."""
+def run(cfg: configs.Config, workdir: str, *,
+        on_validation: OnValidation | None = None) -> dict:
+  """Runs the modes the config asks for; returns their results. ``on_validation``: see
+  :func:`train_and_validate`."""
   configs.validate(cfg)
   select_devices(cfg)  # fail before any data work
   workdir_lib.prepare_workdir(cfg, workdir)
@@ -512,7 +601,7 @@ def run(cfg: configs.Config, workdir: str) -> dict:
   if n_items < max(VALIDATION_KS):
     raise ValueError(f"{cfg.dataset}: {n_items} items after preprocessing; validation "
                      f"ranks the top {max(VALIDATION_KS)} and needs at least that many")
-  built = build(cfg, n_items)
+  built = build(cfg, n_items, split.train.shape[0])
   results: dict = {}
   os.makedirs(workdir, exist_ok=True)
   ck = None
@@ -524,7 +613,8 @@ def run(cfg: configs.Config, workdir: str) -> dict:
   try:
     if cfg.train or cfg.benchmark:
       results["train"] = train_and_validate(cfg, workdir, split,
-                                            ck if cfg.train else None, built)
+                                            ck if cfg.train else None, built,
+                                            on_validation=on_validation)
       if cfg.benchmark:
         print(format_benchmark(results["train"]), flush=True)
     if cfg.test:

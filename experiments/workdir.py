@@ -10,7 +10,6 @@ permissions (:mod:`jax_vaecf.files`).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -148,15 +147,11 @@ def _saved_config(workdir: str) -> dict:
                      "were trained with. Use another --workdir") from None
 
 
-def _as_json(cfg: configs.Config) -> dict:
-  return json.loads(json.dumps(dataclasses.asdict(cfg), default=list))
-
-
 def config_changes(saved: dict, cfg: configs.Config) -> dict:
   """``{field: (saved value, new value)}`` for each setting that differs (a field the
   saved config lacks counts as its default)."""
-  now = _as_json(cfg)
-  default = _as_json(configs.Config())
+  now = configs.to_json(cfg)
+  default = configs.to_json(configs.Config())
   return {k: (saved.get(k, default[k]), v) for k, v in now.items()
           if saved.get(k, default[k]) != v}
 
@@ -177,6 +172,6 @@ def write_run_files(cfg: configs.Config, workdir: str, split: data_lib.Split,
       MetricsLog(workdir).write({
           "split": "config", "epoch": start_epoch,
           "changes": {k: {"from": a, "to": b} for k, (a, b) in sorted(changed.items())}})
-  files_lib.write_text_atomic(path, json.dumps(_as_json(cfg), indent=1))
+  files_lib.write_text_atomic(path, json.dumps(configs.to_json(cfg), indent=1))
   with files_lib.atomic_write(os.path.join(workdir, "item_ids.npy"), "wb") as f:
     np.save(f, np.asarray(split.item_ids), allow_pickle=False)

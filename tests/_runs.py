@@ -16,6 +16,14 @@ def movielens_dir(tmp_path_factory, name: str, titles: bool = False) -> str:
   return str(d)
 
 
+def movielens_dir_plain(tmp_path, name: str = "data") -> str:
+  """:func:`movielens_dir` in a test's own ``tmp_path``."""
+  d = tmp_path / name
+  d.mkdir()
+  _synthetic.write_movielens_csv(str(d))
+  return str(d)
+
+
 def trained_workdir(tmp_path_factory, name: str, titles: bool = False, **changes) -> str:
   """The workdir of a 2-epoch run of :func:`small_config` (not tested) on fresh data."""
   from experiments import loop

@@ -25,4 +25,4 @@ from jax_vaecf.data.readers import (Interactions, read_delimited, read_lastfm, r
                                     read_ml1m, read_movielens_csv, read_msd, read_netflix,
                                     read_pinterest, read_user_lines, unify_ids)
 from jax_vaecf.data.registry import DataSet, Download, register
-from jax_vaecf.data.split import EvalSplit, Split, format_stats
+from jax_vaecf.data.split import EvalSplit, Split, format_stats, hold_out_validation

@@ -92,6 +92,54 @@ class Split:
     return out
 
 
+# Users with fewer training items keep them all (the paper's rule for fold-in splits).
+MIN_ITEMS_FOR_VALIDATION = 5
+
+
+def hold_out_validation(split: Split, fraction: float, seed: int) -> Split:
+  """The per-user protocol with validation: a seeded slice of each user's training items
+  becomes that user's validation targets.
+
+  Each user with at least :data:`MIN_ITEMS_FOR_VALIDATION` training items holds out
+  ``max(1, round(fraction * n))`` of its ``n`` items, drawn uniformly by
+  ``numpy.random.default_rng(seed)``. The returned split trains on the rest
+  (``train``), validates by folding in the rest and predicting the held-out slice
+  (``validation``), and tests as before: ``test.fold_in`` stays the user's *full*
+  training row, ``test.heldout`` the test items. Test items are never read.
+
+  Args:
+    split: a per-user split without validation (``split.protocol == "per_user"``).
+    fraction: in (0, 1).
+    seed: seed of the draw (the run's ``split_seed``).
+
+  Returns:
+    A new :class:`Split`; ``split`` is unchanged. ``ValueError`` for a split of another
+    protocol, one that already has validation, or a fraction outside (0, 1).
+  """
+  if split.protocol != "per_user" or split.validation is not None:
+    raise ValueError("hold_out_validation: expected a per-user split without validation "
+                     f"(got protocol {split.protocol!r}"
+                     f"{', with validation' if split.validation is not None else ''})")
+  if not 0.0 < fraction < 1.0:
+    raise ValueError(f"hold_out_validation: fraction must be in (0, 1), got {fraction}")
+  full = split.train
+  n = np.diff(full.indptr).astype(np.int64)
+  k = np.where(n >= MIN_ITEMS_FOR_VALIDATION,
+               np.clip(np.floor(fraction * n + 0.5), 1, n - 1), 0).astype(np.int64)
+  rows = np.repeat(np.arange(full.shape[0]), n)
+  key = np.random.default_rng(seed).random(full.nnz)
+  order = np.lexsort((key, rows))  # each row's entries in a random order
+  rank = np.empty(full.nnz, np.int64)
+  rank[order] = np.arange(full.nnz) - np.repeat(full.indptr[:-1].astype(np.int64), n)
+  held = rank < k[rows]
+  cols = full.indices.astype(np.int64)
+  fold_in = binary_csr(rows[~held], cols[~held], full.shape)
+  targets = binary_csr(rows[held], cols[held], full.shape)
+  validation = EvalSplit(fold_in=fold_in, heldout=targets,
+                         user_ids=split.train_user_ids)
+  return dataclasses.replace(split, train=fold_in, validation=validation)
+
+
 def format_stats(stats: dict) -> str:
   """A small human readable table of :meth:`Split.stats`."""
   lines = [f"protocol {stats['protocol']}: {stats['users']:,} users, "
