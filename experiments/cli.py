@@ -74,7 +74,8 @@ def define_config_flags(flag_values: flags.FlagValues = flags.FLAGS, *,
     flags.DEFINE_string("config", DEFAULT_PRESET,
                         "Preset that the setting flags (one per Config field) "
                         f"override: one of {sorted(configs.PRESETS)} "
-                        "(experiments/configs.py).",
+                        "(experiments/configs.py), or a JSON file of settings (a run's "
+                        "config.json, experiments.tune's best.json).",
                         flag_values=flag_values)
     for field in dataclasses.fields(configs.Config):
       _define(hints[field.name], field.name, configs.help_of(field.name), flag_values)
