@@ -17,7 +17,7 @@ WORKDIR /opt/jax_vaecf
 COPY pyproject.toml setup.cfg README.md ./
 COPY jax_vaecf ./jax_vaecf
 COPY experiments ./experiments
-RUN pip install --no-cache-dir ".[gpu,plot,export]"
+RUN pip install --no-cache-dir ".[gpu,plot,export,tune]"
 
 VOLUME ["/data", "/runs"]
 CMD ["python", "-m", "experiments.train", "--config=ml20m", "--data_dir=/data/ml-20m", \
