@@ -291,10 +291,10 @@ def test_a_run_stopped_inside_a_phase_resumes_to_the_uninterrupted_result(
   full = loop.run(cfg, str(tmp_path / "full"))
   build, calls = loop.build, []
 
-  def build_dying(cfg, n_items):
+  def build_dying(cfg, n_items, n_train_users=None):
     # The decoder phase's step raises on its 2nd call of epoch 2 (4 steps a pass): the
     # run stops with the encoder phase of that round done and the prior refreshed.
-    built = build(cfg, n_items)
+    built = build(cfg, n_items, n_train_users)
     decoder_step = built.steps.train_steps[1]
 
     def step(state, batch):
