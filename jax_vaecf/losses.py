@@ -66,8 +66,17 @@ def multinomial_nll_sparse(logits: Array, batch: sparse_lib.SparseBatch) -> Arra
   return x_total * lse - x_dot_logits
 
 
-def _output_chunks(h, kernel, bias, batch, chunk_size, dtype, with_grad, wrt="all"):
-  """Scans the output layer and the NLL over row chunks of ``chunk_size`` users."""
+def _output_chunks(h, kernel, bias, batch, chunk_size, dtype, with_grad, wrt="all",
+                   items=None):
+  """Scans the output layer and the NLL over row chunks of ``chunk_size`` users.
+
+  With ``items`` (an :class:`jax_vaecf.item_shards.ItemShards`, inside ``shard_map``)
+  ``kernel`` and ``bias`` hold this device's item columns: each device forms its
+  shard's logits and the row's maximum, sum of exponentials, ``sum_i x_ui`` and
+  ``sum_i x_ui logits_ui`` are combined over the mesh axis. The gradients returned are
+  this shard's: its kernel and bias columns, and its part of ``d h`` (summed over the
+  axis by the ``psum`` that made ``h``'s input, see :func:`output_layer_nll`).
+  """
   d_input = wrt in ("all", "input")
   d_params = wrt in ("all", "params")
   b, width = h.shape
@@ -80,19 +89,33 @@ def _output_chunks(h, kernel, bias, batch, chunk_size, dtype, with_grad, wrt="al
   bias = bias.astype(jnp.float32)
   vals = batch.vals.astype(jnp.float32)
   n_items = kernel.shape[1]
+  cols = batch.cols
+  if items is not None:
+    cols, inside = items.local(cols)
+    vals = jnp.where(inside, vals, 0.0)
+    real = items.real_columns()
+    total_over = lambda a: jax.lax.psum(a, items.axis)
+  else:
+    total_over = lambda a: a
 
   def body(carry, xs):
     h_c, m_c, c = xs
     local = sparse_lib.rows_of_chunk(batch.rows, c, chunk_size)
-    x = jnp.zeros((chunk_size, n_items), jnp.float32).at[local, batch.cols].add(
+    x = jnp.zeros((chunk_size, n_items), jnp.float32).at[local, cols].add(
         vals, mode="drop")
     h_c = h_c.astype(dtype)
     logits = jnp.dot(h_c, kernel_c, preferred_element_type=jnp.float32) + bias
-    top = jnp.max(logits, axis=-1, keepdims=True)
-    e = jnp.exp(logits - top)
-    total = jnp.sum(e, axis=-1, keepdims=True)
-    x_total = jnp.sum(x, axis=-1, keepdims=True)
-    nll = x_total[:, 0] * (jnp.log(total[:, 0]) + top[:, 0]) - jnp.sum(x * logits, axis=-1)
+    if items is None:
+      top = jnp.max(logits, axis=-1, keepdims=True)
+      e = jnp.exp(logits - top)
+    else:  # padding columns have probability 0
+      top = jax.lax.pmax(jnp.max(jnp.where(real, logits, -jnp.inf), axis=-1,
+                                 keepdims=True), items.axis)
+      e = jnp.where(real, jnp.exp(logits - top), 0.0)
+    total = total_over(jnp.sum(e, axis=-1, keepdims=True))
+    x_total = total_over(jnp.sum(x, axis=-1, keepdims=True))
+    nll = (x_total[:, 0] * (jnp.log(total[:, 0]) + top[:, 0])
+           - total_over(jnp.sum(x * logits, axis=-1)))
     nll_sum = jnp.sum(m_c * nll)
     if not with_grad:
       return carry, nll_sum
@@ -139,9 +162,10 @@ def _check_output_args(h, kernel, bias, batch, chunk_size, wrt="all") -> None:
     raise ValueError(f"output_layer_nll: chunk_size must be >= 1, got {chunk_size}")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def output_layer_nll(h: Array, kernel: Array, bias: Array, batch: sparse_lib.SparseBatch,
-                     chunk_size: int, dtype: Any = jnp.float32, wrt: str = "all") -> Array:
+                     chunk_size: int, dtype: Any = jnp.float32, wrt: str = "all",
+                     items: Any = None) -> Array:
   """``sum_u row_mask_u * multinomial_nll(h @ kernel + bias, x)_u``, chunked over users.
 
   The model's output layer and the multinomial NLL in one function whose gradient is
@@ -165,28 +189,40 @@ def output_layer_nll(h: Array, kernel: Array, bias: Array, batch: sparse_lib.Spa
       constant of the step, e.g. RecVAE's encoder phase) or ``'params'`` (``kernel`` and
       ``bias`` only: ``h`` is a constant, e.g. its decoder phase). The others are
       returned as zeros, and one of the three large products per chunk is skipped.
+    items: ``None``, or the :class:`jax_vaecf.item_shards.ItemShards` of a
+      model-parallel step (inside ``shard_map``): ``kernel`` ``(width, per_shard)`` and
+      ``bias`` ``(per_shard,)`` are this device's columns, ``batch`` holds global item
+      indices, and the value (the same on every shard) combines the shards' logits with
+      collectives. Its gradient follows ``shard_map``'s convention that each device's
+      output is a separate term of one global sum: the cotangents of all shards are
+      summed, and ``d h`` is this shard's part, which the ``psum`` of the first layer
+      (transposed) adds up.
 
   Returns:
     float32 scalar. Differentiable in ``h``, ``kernel`` and ``bias``; the data ``batch``
     gets a zero gradient.
   """
   _check_output_args(h, kernel, bias, batch, chunk_size, wrt)
-  return _output_chunks(h, kernel, bias, batch, chunk_size, dtype, with_grad=False)
+  return _output_chunks(h, kernel, bias, batch, chunk_size, dtype, with_grad=False,
+                        items=items)
 
 
-def _output_layer_nll_fwd(h, kernel, bias, batch, chunk_size, dtype, wrt):
+def _output_layer_nll_fwd(h, kernel, bias, batch, chunk_size, dtype, wrt, items):
   _check_output_args(h, kernel, bias, batch, chunk_size, wrt)
   nll_sum, d_h, d_kernel, d_bias = _output_chunks(h, kernel, bias, batch, chunk_size,
-                                                  dtype, with_grad=True, wrt=wrt)
+                                                  dtype, with_grad=True, wrt=wrt,
+                                                  items=items)
   if wrt == "input":
     d_kernel, d_bias = jnp.zeros_like(kernel), jnp.zeros_like(bias)
   return nll_sum, (d_h.astype(h.dtype), d_kernel.astype(kernel.dtype),
                    d_bias.astype(bias.dtype), batch)
 
 
-def _output_layer_nll_bwd(chunk_size, dtype, wrt, res, g):
+def _output_layer_nll_bwd(chunk_size, dtype, wrt, items, res, g):
   del chunk_size, dtype, wrt
   d_h, d_kernel, d_bias, batch = res
+  if items is not None:
+    g = jax.lax.psum(g, items.axis)
   zero_batch = jax.tree_util.tree_map(
       lambda a: jnp.zeros_like(a) if jnp.issubdtype(a.dtype, jnp.floating)
       else np.zeros(a.shape, jax.dtypes.float0), batch)

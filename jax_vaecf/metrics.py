@@ -99,8 +99,32 @@ def ranking_metrics(scores: Array, heldout: Array, fold_in: Array | None = None,
   kmax = ks[-1]
   hit_matrix = heldout > 0
   _, top = jax.lax.top_k(mask_fold_in(scores, fold_in), kmax)  # (B, kmax)
-  hits = jnp.take_along_axis(hit_matrix, top, axis=1).astype(jnp.float32)
+  hits = jnp.take_along_axis(hit_matrix, top, axis=1)
   n_heldout = jnp.sum(hit_matrix, axis=1, dtype=jnp.int32)
+  if nonfinite is None:
+    nonfinite = nonfinite_rows(scores)
+  return metrics_from_hits(hits, n_heldout, ks, row_mask, nonfinite)
+
+
+def metrics_from_hits(hits: Array, n_heldout: Array, ks: Iterable[int],
+                      row_mask: Array | None, nonfinite: Array) -> dict[str, Array]:
+  """:func:`ranking_metrics` from a ranking already made.
+
+  Args:
+    hits: bool ``(B, kmax)``: whether the item ranked ``j`` is held out, ``kmax`` the
+      largest of ``ks``.
+    n_heldout: int32 ``(B,)``: held-out items per user.
+    ks, row_mask: as :func:`ranking_metrics`.
+    nonfinite: bool ``(B,)``: users whose scores were not all finite.
+
+  Returns:
+    The dict of :func:`ranking_metrics`.
+  """
+  ks = sorted(set(int(k) for k in ks))
+  kmax = ks[-1]
+  if hits.ndim != 2 or hits.shape[1] != kmax:
+    raise ValueError(f"hits: expected shape (B, {kmax}), got {hits.shape}")
+  hits = hits.astype(jnp.float32)
   valid = n_heldout > 0
   if row_mask is not None:
     valid = valid & (row_mask > 0)
@@ -108,8 +132,6 @@ def ranking_metrics(scores: Array, heldout: Array, fold_in: Array | None = None,
   disc = _discounts(kmax)
   cum_disc = jnp.cumsum(disc)
   is_user = jnp.ones_like(valid) if row_mask is None else row_mask > 0
-  if nonfinite is None:
-    nonfinite = nonfinite_rows(scores)
   out: dict[str, Array] = {"valid": valid, "n_heldout": n_heldout, "is_user": is_user,
                            "nonfinite": nonfinite & is_user}
   for k in ks:

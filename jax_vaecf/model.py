@@ -38,6 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jax_vaecf import item_shards as item_shards_lib
 from jax_vaecf import losses
 from jax_vaecf import random as random_lib
 from jax_vaecf import sparse as sparse_lib
@@ -158,6 +159,12 @@ class InputDense(nn.Module):
 
   The dropout mask of entry ``(u, i)`` is a hash of ``(key, row_offset + u, i)``, so both
   paths drop the same entries.
+
+  With ``item_shards`` (inside ``shard_map``, :mod:`jax_vaecf.item_shards`) the kernel
+  holds this device's rows only (``n_items`` is then the shard's width): the rows are
+  normalised and dropped out over all their items, each device gathers the entries that
+  fall in its shard, and the partial products are summed over the mesh axis. Sparse
+  input only.
   """
 
   n_items: int
@@ -166,6 +173,7 @@ class InputDense(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   gather_chunk_size: int = 65_536  # sparse input: entries gathered at a time
+  item_shards: item_shards_lib.ItemShards | None = None
 
   @nn.compact
   def __call__(self, x: Input, *, train: bool, row_offset=0) -> Array:
@@ -182,11 +190,20 @@ class InputDense(nn.Module):
         seed = random_lib.key_to_seed(self.make_rng("dropout"))
         mask = random_lib.keep_mask(seed, x.rows + row_offset, x.cols, keep)
         vals = jnp.where(mask, vals / keep, 0.0)
+      cols = x.cols
+      if self.item_shards is not None:
+        cols, inside = self.item_shards.local(cols)
+        vals = jnp.where(inside, vals, 0.0)
       # A gather-and-sum has no matmul to speed up, so it runs in float32 whatever
       # `dtype` is.
-      y = sparse_lib.matmul(x.rows, x.cols, vals, kernel, x.batch_size,
+      y = sparse_lib.matmul(x.rows, cols, vals, kernel, x.batch_size,
                             chunk_size=self.gather_chunk_size)
+      if self.item_shards is not None:
+        y = jax.lax.psum(y, self.item_shards.axis)
     else:
+      if self.item_shards is not None:
+        raise ValueError("item-sharded models take sparse input only (input_format="
+                         "'sparse')")
       x = x.astype(jnp.float32)
       sq = jnp.sum(x * x, axis=-1, keepdims=True)
       x = x * jax.lax.rsqrt(jnp.maximum(sq, _L2_EPS))
@@ -242,6 +259,11 @@ class CFModel(nn.Module):
   Input rows are dense ``(B, n_items)`` arrays or a :class:`SparseBatch`; ``row_offset``
   is the global position of the batch's first row (dropout masks and noise are
   functions of the global row). RNG streams ``'dropout'`` and ``'noise'``.
+
+  A model-parallel step (:mod:`jax_vaecf.parallel`, a mesh with a ``model`` axis) runs
+  ``model.clone(n_items=shards.per_shard, item_shards=shards)`` inside ``shard_map``:
+  a model passes its ``item_shards`` field to its :class:`InputDense`, and nothing else
+  changes (the item-indexed arrays are found by :func:`jax_vaecf.item_shards.item_axes`).
   """
 
   @property
@@ -281,6 +303,8 @@ class MultVAE(CFModel):
     dropout_rate: input dropout rate while training (paper: 0.5).
     dtype: matmul dtype (float32, bfloat16 or float16).
     param_dtype: parameter dtype (float32).
+    item_shards: ``None``, or the item split of a model-parallel step (then ``n_items``
+      is one shard's width; see :class:`CFModel`).
   """
 
   n_items: int
@@ -289,11 +313,13 @@ class MultVAE(CFModel):
   dropout_rate: float = 0.5
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  item_shards: item_shards_lib.ItemShards | None = None
 
   def setup(self):
     dims = list(self.hidden_dims) + [2 * self.latent_dim]
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    self.encoder_in = InputDense(self.n_items, dims[0], self.dropout_rate, **kw)
+    self.encoder_in = InputDense(self.n_items, dims[0], self.dropout_rate, **kw,
+                                 item_shards=self.item_shards)
     self.encoder = [Dense(d, **kw) for d in dims[1:]]
     self.decoder = [Dense(d, **kw) for d in list(self.hidden_dims)[::-1] + [self.n_items]]
 
@@ -369,7 +395,7 @@ class MultDAE(CFModel):
     n_items: number of items.
     hidden_dims: hidden widths (paper: ``(200,)``).
     dropout_rate: input dropout rate while training (paper: 0.5).
-    dtype, param_dtype: as for :class:`MultVAE`.
+    dtype, param_dtype, item_shards: as for :class:`MultVAE`.
   """
 
   n_items: int
@@ -377,11 +403,13 @@ class MultDAE(CFModel):
   dropout_rate: float = 0.5
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  item_shards: item_shards_lib.ItemShards | None = None
 
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     dims = list(self.hidden_dims)
-    self.encoder_in = InputDense(self.n_items, dims[0], self.dropout_rate, **kw)
+    self.encoder_in = InputDense(self.n_items, dims[0], self.dropout_rate, **kw,
+                                 item_shards=self.item_shards)
     self.layers = [Dense(d, **kw) for d in dims[1:] + [self.n_items]]
 
   @property

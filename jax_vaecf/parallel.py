@@ -22,7 +22,21 @@ feeds; :func:`pad_and_shard` makes such a batch from an unsharded one, padding r
 ``row_mask = 0`` when ``B`` does not divide (also when ``B`` is smaller than the number
 of devices: the extra devices then see only padding rows, which add nothing).
 
-The CLI flags map 1:1: ``--parallel`` -> ``mode``, ``--number_of_devices`` ->
+Item sharding (model parallelism): with ``model_shards = M > 1`` the devices form a 2-D
+mesh ``(data, model)`` of ``N / M`` by ``M`` devices (``--mesh=DxM``). The item-indexed
+arrays of the state (first-layer kernel rows, output kernel columns and bias, their Adam
+moments, weight average and frozen copies; found by
+:func:`jax_vaecf.item_shards.item_axes`) are split over ``model``, zero-padded to a
+multiple of ``M`` items; everything else is replicated. The steps run under
+``shard_map``: each device takes its data row's batch shard with its item columns, and
+the model's layers combine shards with collectives (:mod:`jax_vaecf.item_shards`), so
+no device holds a full ``(B, n_items)`` row or a full item-indexed array. The batch is
+split over ``data`` as above (``S`` a multiple of ``N / M``) and replicated over
+``model``. :meth:`ParallelSteps.to_host` returns unpadded global arrays, so a checkpoint
+restores on any mesh shape.
+
+The CLI flags map 1:1: ``--mesh`` -> ``model_shards`` (and the device count),
+``--parallel`` -> ``mode``, ``--number_of_devices`` ->
 :func:`resolve_devices`, ``--precision`` -> the model dtype and the options'
 ``loss_scaling`` (:mod:`jax_vaecf.precision`). The steps are built by
 :mod:`jax_vaecf.train` from one :class:`jax_vaecf.train.StepOptions`; this module only
@@ -40,11 +54,13 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jax_vaecf import item_shards as item_shards_lib
 from jax_vaecf import sparse as sparse_lib
 from jax_vaecf import train as train_lib
 
 MODES = ("sharded", "pmap")
 MESH_AXIS = "data"
+ITEM_AXIS = "model"
 PMAP_AXIS = "batch"
 
 
@@ -157,10 +173,12 @@ class ParallelSteps:
   Attributes:
     mode: ``'sharded'`` or ``'pmap'``.
     devices: the global device list (all processes).
-    num_shards: devices in the run, over all processes.
-    num_local_shards: devices this process feeds; the leading axis of the host batches
-      passed to :meth:`put_batch` must be a multiple of it.
-    mesh: the 1-D mesh (``'sharded'``) or ``None``.
+    num_shards: batch shards of the run (the devices, over all processes, divided by
+      ``model_shards``).
+    num_local_shards: batch shards this process feeds; the leading axis of the host
+      batches passed to :meth:`put_batch` must be a multiple of it.
+    mesh: the 1-D mesh (``'sharded'``), the ``(data, model)`` mesh (item sharding) or
+      ``None``.
     phases: the model's training phases (``model.phases``).
     train_steps: one ``(state, batch) -> (state, metrics)`` per phase; ``state`` as made
       by :meth:`init_state` (donated), ``batch`` from :meth:`put_batch`. Metrics are
@@ -186,6 +204,13 @@ class ParallelSteps:
   eval_step: Callable
   _replicated: Any
   _batch_sharding: Any
+  item_shards: item_shards_lib.ItemShards | None = None
+  _state_axes: Callable | None = None  # tx -> item axes of a host state (item sharding)
+
+  @property
+  def model_shards(self) -> int:
+    """Devices the items are split over (1: every device holds the whole model)."""
+    return 1 if self.item_shards is None else self.item_shards.count
 
   @property
   def train_step(self) -> Callable:
@@ -204,6 +229,13 @@ class ParallelSteps:
     ``num_shards`` copies.
     """
     host = jax.tree_util.tree_map(lambda a: np.asarray(jax.device_get(a)), state)
+    if self.item_shards is not None:
+      axes = self._state_axes(state.tx)
+      host = item_shards_lib.pad(host, axes, self.item_shards)
+      return item_shards_lib.map_with_axes(
+          lambda a, ax: jax.make_array_from_callback(
+              a.shape, NamedSharding(self.mesh, _item_spec(ax)),
+              lambda idx, a=a: a[idx]), host, axes)
     if self.mode == "pmap":
       host = jax.tree_util.tree_map(
           lambda a: np.broadcast_to(a, (self.num_shards,) + a.shape), host)
@@ -248,11 +280,25 @@ class ParallelSteps:
   def to_host(self, tree):
     """A host numpy copy of a placed state (or params): one copy, no device axis.
 
-    Works in every process (replicated leaves are read from a local device).
+    Works in every process (replicated leaves are read from a local device). Under item
+    sharding the split arrays are gathered and cut back to the real items.
     """
+    if self.item_shards is not None:
+      return jax.tree_util.tree_map(self._gather_items, tree)
     if self.mode == "pmap":
       return jax.tree_util.tree_map(lambda a: np.asarray(a.addressable_data(0))[0], tree)
     return jax.tree_util.tree_map(lambda a: np.asarray(a.addressable_data(0)), tree)
+
+  def _gather_items(self, a):
+    spec = tuple(a.sharding.spec) if isinstance(a.sharding, NamedSharding) else ()
+    if ITEM_AXIS not in spec:
+      return np.asarray(a.addressable_data(0))
+    if a.is_fully_addressable:
+      host = np.asarray(a)
+    else:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      host = np.asarray(multihost_utils.process_allgather(a, tiled=True))
+    return item_shards_lib.unpad(host, spec.index(ITEM_AXIS), self.item_shards.n_items)
 
   def metrics_to_host(self, metrics):
     """Host numpy metrics: scalars for train metrics, ``(B,)`` per-user eval metrics."""
@@ -264,10 +310,15 @@ class ParallelSteps:
     return jax.tree_util.tree_map(lambda a: np.asarray(a.addressable_data(0)), metrics)
 
 
+def _item_spec(axis: int | None) -> P:
+  return P() if axis is None else P(*([None] * axis), ITEM_AXIS)
+
+
 def make_parallel_steps(model: nn.Module, options: train_lib.StepOptions | None = None, *,
                         mode: str = "sharded",
                         devices: Sequence[jax.Device] | None = None,
-                        ks: Sequence[int] = (20, 50, 100)) -> ParallelSteps:
+                        ks: Sequence[int] = (20, 50, 100),
+                        model_shards: int = 1) -> ParallelSteps:
   """Places the model's train steps (one per phase) and its eval step on devices.
 
   Args:
@@ -277,6 +328,9 @@ def make_parallel_steps(model: nn.Module, options: train_lib.StepOptions | None 
     mode: ``'sharded'`` or ``'pmap'``.
     devices: from :func:`resolve_devices`; ``None`` = all devices.
     ks: cut-offs of the eval metrics.
+    model_shards: ``M``, devices the items are split over (the mesh's ``model`` axis;
+      ``1``: data parallelism only). ``M > 1`` needs ``mode='sharded'``, the sparse
+      input format, and a multiple of ``M`` devices in every process.
 
   Returns:
     A :class:`ParallelSteps`.
@@ -297,6 +351,14 @@ def make_parallel_steps(model: nn.Module, options: train_lib.StepOptions | None 
   if mode == "pmap" and n_processes > 1:
     raise ValueError("mode='pmap' is single-process here; use mode='sharded' to span "
                      "processes (multi-host)")
+
+  if model_shards < 1:
+    raise ValueError(f"model_shards must be >= 1, got {model_shards}")
+  if model_shards > 1:
+    if mode != "sharded":
+      raise ValueError(f"item sharding (model_shards={model_shards}) runs in mode "
+                       f"'sharded', not {mode!r}")
+    return _item_sharded_steps(model, options, devices, local, ks, model_shards)
 
   axis_name = PMAP_AXIS if mode == "pmap" else None
   steps = [train_lib.make_train_step(model, options, phase=i, axis_name=axis_name)
@@ -335,3 +397,69 @@ def make_parallel_steps(model: nn.Module, options: train_lib.StepOptions | None 
   j_eval = jax.jit(evaluate, in_shardings=(replicated, sharded), out_shardings=replicated)
   return ParallelSteps(mode, devices, len(devices), len(local), mesh, model.phases,
                        j_train, j_refresh, j_eval, replicated, sharded)
+
+
+def _item_sharded_steps(model, options, devices, local, ks, model_shards) -> ParallelSteps:
+  """The steps on a ``(data, model)`` mesh under ``shard_map`` (see the module docstring)."""
+  if len(local) % model_shards:
+    raise ValueError(
+        f"the model axis ({model_shards}) must divide each process's {len(local)} "
+        f"devices, so a process feeds whole rows of the mesh")
+  if options.input_format != "sparse":
+    raise ValueError("item sharding needs input_format='sparse'")
+  shards = item_shards_lib.ItemShards(ITEM_AXIS, model_shards, model.n_items)
+  local_model = model.clone(n_items=shards.per_shard, item_shards=shards)
+  kw = {}
+  axis_type = getattr(jax.sharding, "AxisType", None)
+  if axis_type is not None:
+    kw["axis_types"] = (axis_type.Auto, axis_type.Auto)
+  grid = np.array(devices).reshape(len(devices) // model_shards, model_shards)
+  mesh = Mesh(grid, (MESH_AXIS, ITEM_AXIS), **kw)
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P(MESH_AXIS))
+  key = np.zeros((2,), np.uint32)
+
+  @functools.lru_cache(maxsize=8)
+  def state_axes(tx):
+    return item_shards_lib.item_axes(
+        lambda n: train_lib.create_train_state(model.clone(n_items=n), tx, key, options),
+        model.n_items)
+
+  def specs_of(tree):
+    # A placed tree carries its layout: each array's sharding names its item axis.
+    return jax.tree_util.tree_map(lambda a: a.sharding.spec, tree)
+
+  def placed(body, out_specs_of, donate, out_shardings=None):
+    """jit(shard_map(body)) built once per layout of the first argument."""
+    cache = {}
+
+    def call(tree, *rest):
+      leaves, treedef = jax.tree_util.tree_flatten(tree)
+      key_ = (treedef, tuple(a.sharding.spec for a in leaves))
+      if key_ not in cache:
+        specs = specs_of(tree)
+        in_specs = (specs,) + tuple(P(MESH_AXIS) for _ in rest)
+        fn = jax.shard_map(body, mesh=mesh, in_specs=in_specs,
+                           out_specs=out_specs_of(specs), check_vma=False)
+        cache[key_] = jax.jit(fn, donate_argnums=(0,) if donate else (),
+                              out_shardings=out_shardings)
+      return cache[key_](tree, *rest)
+
+    return call
+
+  train_steps = tuple(
+      placed(train_lib.make_train_step(local_model, options, phase=i,
+                                       axis_name=MESH_AXIS),
+             lambda specs: (specs, P()), donate=True)
+      for i in range(len(model.phases)))
+  refresh = placed(functools.partial(train_lib.refresh_frozen, local_model),
+                   lambda specs: specs, donate=True)
+  eval_fn = train_lib.make_eval_step(local_model, ks, input_format=options.input_format,
+                                     output_chunk_size=options.output_chunk_size)
+  # Per-user metrics come back replicated, as in the data-parallel mode.
+  evaluate = placed(lambda params, b: eval_fn(_params_of(params), b),
+                    lambda specs: P(MESH_AXIS), donate=False, out_shardings=replicated)
+
+  return ParallelSteps("sharded", tuple(devices), grid.shape[0],
+                       len(local) // model_shards, mesh, model.phases, train_steps,
+                       refresh, evaluate, replicated, batch_sharding, shards, state_axes)

@@ -86,6 +86,7 @@ class RecVAEEncoder(nn.Module):
     latent_dim: width of the latent.
     dropout_rate: input dropout rate when called with ``train=True``.
     dtype, param_dtype: matmul and parameter dtypes; LayerNorm runs in float32.
+    item_shards: as :class:`jax_vaecf.model.MultVAE`.
   """
 
   n_items: int
@@ -94,11 +95,13 @@ class RecVAEEncoder(nn.Module):
   dropout_rate: float = 0.5
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  item_shards: Any = None
 
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     width = self.hidden_dims[0]
-    self.input = model_lib.InputDense(self.n_items, width, self.dropout_rate, **kw)
+    self.input = model_lib.InputDense(self.n_items, width, self.dropout_rate, **kw,
+                                      item_shards=self.item_shards)
     self.hidden = [model_lib.Dense(width, **kw) for _ in self.hidden_dims[1:]]
     self.norms = [nn.LayerNorm(epsilon=LAYER_NORM_EPS, use_fast_variance=False,
                                dtype=jnp.float32, param_dtype=self.param_dtype)
@@ -128,6 +131,7 @@ class RecVAE(model_lib.CFModel):
     dtype, param_dtype: as :class:`jax_vaecf.model.MultVAE`.
     encoder_epochs: passes of the encoder phase per round (paper: 3).
     decoder_epochs: passes of the decoder phase per round (paper: 1).
+    item_shards: as :class:`jax_vaecf.model.MultVAE`.
   """
 
   n_items: int
@@ -138,10 +142,12 @@ class RecVAE(model_lib.CFModel):
   param_dtype: Any = jnp.float32
   encoder_epochs: int = 3
   decoder_epochs: int = 1
+  item_shards: Any = None
 
   def _encoder(self, **kw) -> RecVAEEncoder:
     return RecVAEEncoder(self.n_items, tuple(self.hidden_dims), self.latent_dim,
-                         self.dropout_rate, self.dtype, self.param_dtype, **kw)
+                         self.dropout_rate, self.dtype, self.param_dtype,
+                         item_shards=self.item_shards, **kw)
 
   def setup(self):
     self.encoder = self._encoder()

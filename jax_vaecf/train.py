@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from jax_vaecf import item_shards as item_shards_lib
 from jax_vaecf import losses
 from jax_vaecf import metrics as metrics_lib
 from jax_vaecf import model as model_lib
@@ -140,6 +141,17 @@ def init_params(model: nn.Module, key: Array) -> Any:
   return model.init({"params": key}, x, train=False)["params"]
 
 
+def param_item_axes(model: nn.Module) -> Any:
+  """The item axis of each parameter of an item-sharded model (``None``: replicated).
+
+  ``model.item_shards`` must be set; the axes are those of the whole (global) model.
+  """
+  shards = model.item_shards
+  return item_shards_lib.item_axes(
+      lambda n: init_params(model.clone(n_items=n, item_shards=None),
+                            jax.random.PRNGKey(0)), shards.n_items)
+
+
 def trained_part(params: Any, phase: model_lib.Phase) -> Any:
   """The parameter groups ``phase`` updates (all of ``params`` when it trains all)."""
   if phase.trains is None:
@@ -241,7 +253,17 @@ def make_train_step(model: nn.Module, options: StepOptions | None = None, *,
     options: the :class:`StepOptions` the state was made with.
     phase: index into ``model.phases``: the step updates that phase's parameter groups
       with its optimiser state (``state.opt_state[phase]``), using ``state.tx``.
-    axis_name: the ``pmap`` axis name when run under ``jax.pmap``, else ``None``.
+    axis_name: the ``pmap`` axis name when run under ``jax.pmap``, or the data axis
+      of a ``shard_map`` (:mod:`jax_vaecf.parallel`), else ``None``.
+
+  With ``model.item_shards`` set (a shard's clone, run inside ``shard_map`` over a mesh
+  with the data axis ``axis_name`` and the item axis ``model.item_shards.axis``), each
+  device computes its data shard's terms with its item columns; following
+  ``shard_map``'s convention that each device's loss is one term of a global sum, the
+  data term is divided by the number of item shards, the L2 penalty of replicated
+  kernels by the number of devices and that of item-split kernels by the data axis
+  size; gradients of replicated parameters are summed over both axes, those of
+  item-split parameters over the data axis only.
 
   Returns:
     The step. ``metrics`` holds float32 scalars ``loss``, ``nll``, ``kl`` (the weighted
@@ -255,6 +277,14 @@ def make_train_step(model: nn.Module, options: StepOptions | None = None, *,
   n_items = model.n_items
   output_grads = _output_grads(model, ph)
   gamma = options.kl_gamma
+  items = getattr(model, "item_shards", None)
+  if items is not None:
+    if axis_name is None:
+      raise ValueError("an item-sharded step runs inside shard_map: give the data axis "
+                       "as axis_name")
+    if options.input_format != "sparse":
+      raise ValueError("item sharding needs input_format='sparse'")
+    part_axes = trained_part(param_item_axes(model), ph)
 
   def shard_sums(part, params, frozen, shard, key, row_offset):
     dropout_key, noise_key = jax.random.split(key)
@@ -268,7 +298,7 @@ def make_train_step(model: nn.Module, options: StepOptions | None = None, *,
       layer = variables["params"][model.output_layer]
       nll_sum = losses.output_layer_nll(out.logits, layer["kernel"], layer["bias"], shard,
                                         options.output_chunk_size, model.dtype,
-                                        output_grads)
+                                        output_grads, items)
       counts = (jax.ops.segment_sum(shard.vals.astype(jnp.float32), shard.rows,
                                     num_segments=shard.batch_size) if gamma > 0 else None)
     else:
@@ -300,8 +330,16 @@ def make_train_step(model: nn.Module, options: StepOptions | None = None, *,
     nll = jnp.sum(nll_sum) / denom
     kl = jnp.sum(kl_sum) / denom
     # Under pmap every replica adds its share, so the psum of gradients counts it once.
-    l2 = losses.l2_penalty(part, options.lam) / n_replicas
-    loss = nll + beta * kl + l2
+    if items is None:
+      l2 = losses.l2_penalty(part, options.lam) / n_replicas
+      return (nll + beta * kl + l2) * scale, (nll, kl, l2)
+    replicated = item_shards_lib.map_with_axes(lambda x, a: x if a is None else None, part,
+                                               part_axes)
+    split = item_shards_lib.map_with_axes(lambda x, a: None if a is None else x, part,
+                                          part_axes)
+    l2 = (losses.l2_penalty(replicated, options.lam) / (n_replicas * items.count)
+          + losses.l2_penalty(split, options.lam) / n_replicas)
+    loss = (nll + beta * kl) / items.count + l2
     return loss * scale, (nll, kl, l2)
 
   def train_step(state: TrainState, batch: sparse_lib.SparseBatch):
@@ -335,7 +373,13 @@ def make_train_step(model: nn.Module, options: StepOptions | None = None, *,
     grads, (nll, kl, l2) = jax.grad(loss_fn, has_aux=True)(
         part, state.params, state.frozen, batch, key, beta, n_users, scale, device_offset,
         n_replicas)
-    if axis_name is not None:
+    if items is not None:
+      grads = item_shards_lib.map_with_axes(
+          lambda g, a: jax.lax.psum(g, axis_name if a is not None
+                                    else (axis_name, items.axis)), grads, part_axes)
+      nll, kl = jax.lax.psum((nll, kl), axis_name)
+      l2 = jax.lax.psum(l2, (axis_name, items.axis))
+    elif axis_name is not None:
       grads = jax.lax.psum(grads, axis_name)
       nll, kl = jax.lax.psum((nll, kl), axis_name)
       l2 = jax.lax.psum(l2, axis_name)
@@ -347,6 +391,8 @@ def make_train_step(model: nn.Module, options: StepOptions | None = None, *,
     # Without loss scaling a non-finite step is applied, so a NaN surfaces, not hides.
     if options.loss_scaling:
       finite = precision.all_finite(grads)
+      if items is not None:  # every shard of the item-split gradients must agree
+        finite = jax.lax.psum((~finite).astype(jnp.int32), items.axis) == 0
       new_part = precision.select_tree(finite, new_part, part)
       new_opt = precision.select_tree(finite, new_opt, phase_opt)
       loss_scale = precision.update_loss_scale(loss_scale, finite,
@@ -393,8 +439,12 @@ def make_eval_step(model: nn.Module, ks: Sequence[int] = (20, 50, 100), *,
   if output_chunk_size < 1:
     raise ValueError(f"output_chunk_size must be >= 1, got {output_chunk_size}")
   ks = tuple(sorted(set(int(k) for k in ks)))
-  if not ks or ks[0] < 1 or ks[-1] > model.n_items:
-    raise ValueError(f"every k must be in [1, n_items={model.n_items}], got {ks}")
+  items = getattr(model, "item_shards", None)
+  all_items = model.n_items if items is None else items.n_items
+  if not ks or ks[0] < 1 or ks[-1] > all_items:
+    raise ValueError(f"every k must be in [1, n_items={all_items}], got {ks}")
+  if items is not None and input_format != "sparse":
+    raise ValueError("item sharding needs input_format='sparse'")
   n_items = model.n_items
 
   def chunked_metrics(params, batch: sparse_lib.EvalBatch):
@@ -412,6 +462,8 @@ def make_eval_step(model: nn.Module, ks: Sequence[int] = (20, 50, 100), *,
     def one_chunk(args):
       h_c, mask_c, c = args
       logits = jnp.dot(h_c, kernel, preferred_element_type=jnp.float32) + bias
+      if items is not None:
+        return shard_chunk_metrics(logits, mask_c, c)
       bad = metrics_lib.nonfinite_rows(logits)  # before the fold-in items become -inf
       logits = logits.at[sparse_lib.rows_of_chunk(fi.rows, c, size), fi.cols].min(
           jnp.where(fi.vals > 0, -jnp.inf, jnp.inf), mode="drop")
@@ -419,6 +471,26 @@ def make_eval_step(model: nn.Module, ks: Sequence[int] = (20, 50, 100), *,
           sparse_lib.rows_of_chunk(ho.rows, c, size), ho.cols].max(ho.vals > 0, mode="drop")
       return metrics_lib.ranking_metrics(logits, heldout, None, ks, row_mask=mask_c,
                                          nonfinite=bad)
+
+    def shard_chunk_metrics(logits, mask_c, c):
+      # Each device ranks its own items; the merged top candidates give the ranking.
+      real = items.real_columns()
+      bad = jax.lax.psum(jnp.any(~jnp.isfinite(logits) & real, axis=1).astype(jnp.int32),
+                         items.axis) > 0
+      logits = jnp.where(real, logits, -jnp.inf)
+      cols, inside = items.local(fi.cols)
+      logits = logits.at[sparse_lib.rows_of_chunk(fi.rows, c, size), cols].min(
+          jnp.where(inside & (fi.vals > 0), -jnp.inf, jnp.inf), mode="drop")
+      cols, inside = items.local(ho.cols)
+      heldout = jnp.zeros(logits.shape, jnp.bool_).at[
+          sparse_lib.rows_of_chunk(ho.rows, c, size), cols].max(
+              inside & (ho.vals > 0), mode="drop")
+      n_heldout = jax.lax.psum(jnp.sum(heldout, axis=1, dtype=jnp.int32), items.axis)
+      top, where = jax.lax.top_k(logits, min(ks[-1], items.per_shard))
+      hits = jnp.take_along_axis(heldout, where, axis=1)
+      _, _, hits = item_shards_lib.merge_top_k(top, where + items.offset(), hits, ks[-1],
+                                               items.axis)
+      return metrics_lib.metrics_from_hits(hits, n_heldout, ks, mask_c, bad)
 
     out = jax.lax.map(one_chunk, (hs, mask, jnp.arange(n_chunks)))
     return jax.tree_util.tree_map(lambda a: a.reshape((n_chunks * size,))[:b], out)
