@@ -73,6 +73,11 @@ class Config:
                                       "column).")
   csv_all_positive: bool = setting(False, "--dataset=csv: every row is a positive (play "
                                           "counts, clicks), whatever its rating.")
+  partitioned_data: str = setting("", "A folder written by python -m experiments.partition "
+                                      "for as many processes as the run has: each process "
+                                      "reads only its part (memory-mapped) and batches "
+                                      "follow the block order (docs/parallel.md); '' = read "
+                                      "the data set whole.")
   # Model.
   model: str = setting("multvae", "multvae, multdae or recvae (each is an entry of "
                                   "jax_vaecf.model's registry).")
@@ -139,6 +144,11 @@ class Config:
   parallel: str = setting("sharded", "Data-parallel mode: sharded (jit over a mesh) or "
                                      "pmap.")
   number_of_devices: int = setting(1, "Local devices to train on (0 = all).")
+  mesh: str = setting("", "Device mesh DATAxMODEL, e.g. 2x4: the batch split over DATA "
+                          "rows, the item layers (and their Adam moments) over MODEL "
+                          "devices; Nx1 is data parallelism. Uses DATA*MODEL devices "
+                          "over all processes, instead of --number_of_devices; empty = "
+                          "--number_of_devices data-parallel.")
   gpu_number: int = setting(-1, "Use only this local device (-1 = the first).")
   prefetch: int = setting(2, "Batches copied to the device ahead of the step.")
 
@@ -416,14 +426,25 @@ RESUMABLE_FIELDS = frozenset({
     "data_dir", "cache_dir", "download", "number_of_epochs", "batch_size_validation",
     "validation_step", "early_stopping", "test_ks", "checkpoint_every", "keep_best", "train", "test",
     "benchmark", "warm_up_epochs", "input_format", "output_chunk_size", "parallel",
-    "number_of_devices", "gpu_number", "prefetch",
+    "number_of_devices", "mesh", "gpu_number", "prefetch",
 })
+
+
+def _mesh_model_axis(text: str) -> int | None:
+  """The model axis of ``--mesh`` (1 when empty), ``None`` when it does not parse."""
+  if not text:
+    return 1
+  try:
+    return parallel_lib.parse_mesh(text)[1]
+  except ValueError:
+    return None
 
 
 def validate(cfg: Config) -> None:
   """Raises ``ValueError`` naming the first nonsensical setting, before any work."""
   csv_columns = [c.strip() for c in cfg.csv_columns.split(",")] if cfg.csv_columns else []
   csv_named = [c for c in csv_columns if c]
+  model_axis = _mesh_model_axis(cfg.mesh)
   checks = [
       (cfg.number_of_epochs >= 0, "number_of_epochs must be >= 0"),
       (cfg.batch_size_train >= 1, "batch_size_train must be >= 1"),
@@ -458,6 +479,13 @@ def validate(cfg: Config) -> None:
        f"input_format must be one of {train_lib.INPUT_FORMATS}"),
       (cfg.output_chunk_size >= 1, "output_chunk_size must be >= 1"),
       (cfg.parallel in parallel_lib.MODES, f"parallel must be one of {parallel_lib.MODES}"),
+      (model_axis is not None, f"mesh must be DATAxMODEL with positive integers, e.g. "
+                               f"2x4, got {cfg.mesh!r}"),
+      (not cfg.mesh or cfg.gpu_number < 0, "give --mesh or --gpu_number, not both"),
+      (model_axis in (None, 1) or cfg.input_format == "sparse",
+       "a mesh with a model axis above 1 needs --input_format=sparse"),
+      (model_axis in (None, 1) or cfg.parallel == "sharded",
+       "a mesh with a model axis above 1 needs --parallel=sharded"),
       (cfg.anneal_schedule in schedules.SCHEDULES,
        f"anneal_schedule must be one of {schedules.SCHEDULES}"),
       (cfg.protocol in split_lib.PROTOCOLS, f"protocol must be one of {split_lib.PROTOCOLS}"),

@@ -48,8 +48,26 @@ DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "jax_vaecf")
 # ---------------------------------------------------------------------------- data
 
 
+# The Config fields load_data builds the split from (data_dir, cache_dir and download
+# say only where the files are): a partitioned folder records them and a run reading it
+# must give the same.
+DATA_SETTINGS = ("dataset", "protocol", "fold", "n_heldout_users", "heldout_fraction",
+                 "split_seed", "validation_fraction", "csv_delimiter", "csv_columns",
+                 "csv_header", "csv_threshold", "csv_all_positive")
+
+
+def data_settings(cfg: configs.Config) -> dict:
+  """The config's :data:`DATA_SETTINGS`, as JSON values."""
+  return {name: getattr(cfg, name) for name in DATA_SETTINGS}
+
+
 def load_data(cfg: configs.Config) -> data_lib.Split:
-  """The split the config asks for, from the cache when it is there."""
+  """The split the config asks for, from the cache when it is there; with
+  ``--partitioned_data``, this process's part of that folder
+  (:class:`jax_vaecf.data.PartSplit`, memory-mapped)."""
+  if cfg.partitioned_data:
+    return data_lib.open_part(cfg.partitioned_data, jax.process_index(),
+                              jax.process_count(), settings=data_settings(cfg))
   settings = {"seed": cfg.split_seed, "heldout_fraction": cfg.heldout_fraction}
   if cfg.n_heldout_users:  # 0 leaves the data set's default
     settings["n_heldout_users"] = cfg.n_heldout_users
@@ -161,13 +179,27 @@ def build(cfg: configs.Config, n_items: int, n_train_users: int | None = None) -
   devices = select_devices(cfg)
   precision_lib.check_backend_supports(cfg.precision, devices[0].platform)
   ks = tuple(sorted(set(VALIDATION_KS) | set(int(k) for k in cfg.test_ks)))
+  model_shards = parallel_lib.parse_mesh(cfg.mesh)[1] if cfg.mesh else 1
   steps = parallel_lib.make_parallel_steps(model, options, mode=cfg.parallel,
-                                           devices=devices, ks=ks)
+                                           devices=devices, ks=ks,
+                                           model_shards=model_shards)
   return Built(model, options, steps)
 
 
 def select_devices(cfg: configs.Config) -> list:
-  """``--gpu_number`` (one chosen local device) or ``--number_of_devices`` (0 = all)."""
+  """``--mesh`` (``DATA * MODEL`` devices over all processes), ``--gpu_number`` (one
+  chosen local device) or ``--number_of_devices`` (0 = all)."""
+  if cfg.mesh:
+    d, m = parallel_lib.parse_mesh(cfg.mesh)
+    n_proc = jax.process_count()
+    if (d * m) % n_proc:
+      raise ValueError(f"--mesh={cfg.mesh}: {d * m} devices do not split over "
+                       f"{n_proc} processes")
+    per_process = d * m // n_proc
+    if per_process % m:
+      raise ValueError(f"--mesh={cfg.mesh}: each of the {n_proc} processes has "
+                       f"{per_process} of the devices, not whole rows of {m}")
+    return parallel_lib.resolve_devices(per_process)
   if cfg.gpu_number >= 0:
     local = jax.local_devices()
     if cfg.gpu_number >= len(local) or jax.process_count() > 1:
@@ -177,19 +209,35 @@ def select_devices(cfg: configs.Config) -> list:
   return parallel_lib.resolve_devices(cfg.number_of_devices)
 
 
-def _own_shards(batches):
-  """This process's shards of each global batch (all of them in a one-process run)."""
+def _own_shards(batches, process_local: bool = False):
+  """This process's shards of each global batch (all of them in a one-process run);
+  ``process_local`` batches (partitioned data) hold only them already."""
   n, i = jax.process_count(), jax.process_index()
   for b in batches:
-    yield b if n == 1 else distributed.process_shards(b, i, n)
+    yield b if n == 1 or process_local else distributed.process_shards(b, i, n)
+
+
+def train_batcher(cfg: configs.Config, split: data_lib.Split, num_shards: int):
+  """The run's training batches: a :class:`jax_vaecf.data.TrainBatcher` over the whole
+  split, or for partitioned data the :class:`jax_vaecf.data.BlockBatcher` of this
+  process's part (its shards only)."""
+  if isinstance(split, data_lib.PartSplit):
+    return split.train_batcher(cfg.batch_size_train, cfg.seed, num_shards)
+  return data_lib.TrainBatcher(split.train, cfg.batch_size_train, seed=cfg.seed,
+                               num_shards=num_shards)
 
 
 def evaluate(steps, params, split: data_lib.EvalSplit, batch_size: int) -> dict:
-  """Mean (and standard error) of every metric over the split's users with held-out items."""
+  """Mean (and standard error) of every metric over the split's users with held-out items
+  (a :class:`jax_vaecf.data.PartEvalSplit`: every process's users, each process feeding
+  its own; the per-user metrics come back to every process)."""
   acc = metrics_lib.MetricAccumulator()
-  batches = data_lib.eval_batches(split, batch_size, num_shards=steps.num_shards)
-  for _, out in _pipelined(steps.eval_step, params, _own_shards(batches),
-                                    steps.put_batch):
+  if isinstance(split, data_lib.PartEvalSplit):
+    batches = split.batches(batch_size, steps.num_shards)
+  else:
+    batches = _own_shards(data_lib.eval_batches(split, batch_size,
+                                                num_shards=steps.num_shards))
+  for _, out in _pipelined(steps.eval_step, params, batches, steps.put_batch):
     acc.add(steps.metrics_to_host(out))  # every user of the global batch
   return acc.result()
 
@@ -407,8 +455,9 @@ def train_epoch(steps, state: train_lib.TrainState, batcher: data_lib.TrainBatch
         state = steps.refresh_frozen(state)
       for _ in range(phase.passes):
         done = 0
-        for batch in data_lib.prefetch(_own_shards(batcher.epoch_batches(pass_index)),
-                                       size=prefetch, put=steps.put_batch):
+        own = _own_shards(batcher.epoch_batches(pass_index),
+                          getattr(batcher, "process_local", False))
+        for batch in data_lib.prefetch(own, size=prefetch, put=steps.put_batch):
           state, m = steps.train_steps[i](state, batch)
           step_metrics.append((i, m))
           done += 1
@@ -492,14 +541,13 @@ def train_and_validate(cfg: configs.Config, workdir: str, split: data_lib.Split,
   steps = built.steps
   state, start_epoch, standing, log = start(cfg, workdir, split, ck, built)
   state = steps.init_state(state)
-  batcher = data_lib.TrainBatcher(split.train, cfg.batch_size_train, seed=cfg.seed,
-                                  num_shards=steps.num_shards)
+  batcher = train_batcher(cfg, split, steps.num_shards)
   epoch_times, val_times = [], []
   if (0 < start_epoch < cfg.number_of_epochs and cfg.early_stopping
       and standing.stale >= cfg.early_stopping):
     print(f"the run stopped early after epoch {start_epoch} ({standing.stale} validations "
           "without improvement): nothing to train", flush=True)
-    return _summary(cfg, standing, epoch_times, val_times, split.train.shape[0])
+    return _summary(cfg, standing, epoch_times, val_times, split.n_train_users)
   standing.stopped = None  # a stop asked by on_validation is asked again on resume
   for epoch in range(start_epoch, cfg.number_of_epochs):
     state, host_metrics, seconds = train_epoch(steps, state, batcher, epoch, cfg.prefetch)
@@ -513,7 +561,7 @@ def train_and_validate(cfg: configs.Config, workdir: str, split: data_lib.Split,
     record = {"split": "train", "epoch": epoch + 1,
               "step": int(steps.to_host(state.step)),
               **_mean_of(host_metrics, steps.phases),
-              "epoch_time_s": seconds, "users_per_s": split.train.shape[0] / seconds}
+              "epoch_time_s": seconds, "users_per_s": split.n_train_users / seconds}
     host_state = validate_and_keep_best(cfg, steps, state, split, ck, standing, record)
     if "val_time_s" in record:
       val_times.append(record["val_time_s"])
@@ -532,7 +580,7 @@ def train_and_validate(cfg: configs.Config, workdir: str, split: data_lib.Split,
       break
     if stop_after_epochs is not None and epoch + 1 - start_epoch >= stop_after_epochs:
       break
-  return _summary(cfg, standing, epoch_times, val_times, split.train.shape[0])
+  return _summary(cfg, standing, epoch_times, val_times, split.n_train_users)
 
 
 def _summary(cfg: configs.Config, standing: Standing, epoch_times: list[float],
@@ -601,7 +649,7 @@ def run(cfg: configs.Config, workdir: str, *,
   if n_items < max(VALIDATION_KS):
     raise ValueError(f"{cfg.dataset}: {n_items} items after preprocessing; validation "
                      f"ranks the top {max(VALIDATION_KS)} and needs at least that many")
-  built = build(cfg, n_items, split.train.shape[0])
+  built = build(cfg, n_items, split.n_train_users)
   results: dict = {}
   os.makedirs(workdir, exist_ok=True)
   ck = None

@@ -64,6 +64,17 @@ ITEM_AXIS = "model"
 PMAP_AXIS = "batch"
 
 
+def parse_mesh(text: str) -> tuple[int, int]:
+  """``'DxM'`` -> ``(D, M)``: the mesh's data and model axis sizes (``--mesh``)."""
+  parts = text.lower().split("x")
+  if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+    raise ValueError(f"a mesh is DATAxMODEL, e.g. 2x4, got {text!r}")
+  d, m = (int(p) for p in parts)
+  if d < 1 or m < 1:
+    raise ValueError(f"mesh axes must be >= 1, got {text!r}")
+  return d, m
+
+
 def resolve_devices(number_of_devices: int = 0, *, backend: str | None = None
                     ) -> list[jax.Device]:
   """The devices a run uses: the first ``number_of_devices`` of each process.
