@@ -6,6 +6,8 @@
   python -m experiments.benchmark --steps=40            # time 40 steps, extrapolate
   python -m experiments.benchmark --sweep_items=5000,20000,80000,295041 --steps=20
   python -m experiments.benchmark --config=ml1m --n_items=3416 --n_users=4838
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+    python -m experiments.benchmark --mesh=1x8 --n_items=295041 --steps=3  # item-sharded
 
 The model, optimiser, KL schedule, batch sizes, precision, input format, output chunks,
 weight average, seed and devices are ``experiments.train``'s settings, taken the same way
@@ -27,6 +29,11 @@ reported as compile time), then ``--epochs`` full epochs are timed, or, with
 marked ``extrapolated``. Metrics are read once, after the timed steps, as the training
 loop does. Evaluation: a first pass over the held-out users compiles, a second is timed
 (top-100 over all items with the fold-in items removed, via ``make_eval_step``).
+
+``--mesh=DxM`` runs the steps on a ``(data, model)`` mesh (:mod:`jax_vaecf.parallel`); the
+table reports the mesh and the bytes of the train state (parameters, Adam moments,
+weight average, frozen copies) held by one device, which falls as ``1 / M`` for the
+item-indexed arrays.
 
 Prints a table and one JSON line (also written to ``--json_out``).
 """
@@ -73,7 +80,7 @@ USED_SETTINGS = frozenset({
     "decoder_epochs", "kl_gamma", "lr", "adam_b1", "adam_b2", "lam", "anneal_schedule", "total_anneal_steps", "anneal_cap", "anneal_cycle_steps",
     "ema_decay", "seed", "batch_size_train", "batch_size_validation", "precision",
     "input_format", "output_chunk_size", "number_of_devices", "gpu_number", "prefetch",
-    "parallel",
+    "parallel", "mesh",
 })
 
 
@@ -96,10 +103,18 @@ def check_settings(given: dict) -> None:
 
 
 def select_devices(cfg) -> list:
-  """``--gpu_number`` (one local device) or ``--number_of_devices`` (0 = all)."""
+  """``--mesh``, ``--gpu_number`` (one local device) or ``--number_of_devices`` (0 = all)."""
   import jax
 
+  from experiments import loop
   from jax_vaecf import parallel as parallel_lib
+
+  if cfg.mesh:
+    try:
+      return loop.select_devices(cfg)
+    except ValueError as e:
+      raise app.UsageError(f"--mesh: {e} (more virtual CPU devices: "
+                           "XLA_FLAGS=--xla_force_host_platform_device_count=N)") from None
 
   if cfg.gpu_number >= 0:
     local = jax.local_devices()
@@ -210,7 +225,7 @@ def run_one(cfg, devices: list, n_items: int, *, steps: int, epochs: int,
                                   num_shards=par.num_shards)
   # Compile every shape an epoch can produce, on empty batches (all rows padding).
   t0 = time.perf_counter()
-  rows_per = cfg.batch_size_train // k
+  rows_per = cfg.batch_size_train // par.num_shards
   for nnz in batcher.nnz_buckets:
     empty = sparse_lib.SparseBatch(np.zeros((par.num_shards, nnz), np.int32),
                                    np.zeros((par.num_shards, nnz), np.int32),
@@ -246,7 +261,9 @@ def run_one(cfg, devices: list, n_items: int, *, steps: int, epochs: int,
       "precision": cfg.precision, "input_format": input_format,
       "output_chunk_size": cfg.output_chunk_size, "model": cfg.model,
       "ema_decay": cfg.ema_decay,
-      "number_of_devices": k, "platform": platform_name,
+      "number_of_devices": k, "mesh": f"{par.num_shards}x{par.model_shards}",
+      "state_mb_per_device": round(par.device_bytes(state) / 2**20, 2),
+      "platform": platform_name,
       "device_kind": devices[0].device_kind,
       "train_nnz": int(train_csr.nnz), "steps_per_epoch": n_steps,
       "passes_per_epoch": passes,
@@ -281,7 +298,8 @@ def run_one(cfg, devices: list, n_items: int, *, steps: int, epochs: int,
 
 def format_table(rows: list[dict]) -> str:
   cols = [("model", "model"), ("n_items", "items"), ("batch_size", "batch"),
-          ("precision", "prec"),
+          ("precision", "prec"), ("mesh", "mesh"),
+          ("state_mb_per_device", "state MB/device"),
           ("input_format", "input"), ("compile_s", "compile s"), ("step_ms", "step ms"),
           ("epoch_s", "epoch s"), ("train_users_per_s", "train users/s"),
           ("eval_users_per_s", "eval users/s"), ("peak_host_gb", "host GB"),
@@ -325,9 +343,11 @@ def main(argv):
         fh.write(json.dumps(record) + "\n")
     return
   devices = select_devices(cfg)
-  if cfg.batch_size_train % len(devices):
+  from jax_vaecf import parallel as parallel_lib
+  data_axis = parallel_lib.parse_mesh(cfg.mesh)[0] if cfg.mesh else len(devices)
+  if cfg.batch_size_train % data_axis:
     raise app.UsageError(f"--batch_size_train={cfg.batch_size_train} must be divisible by "
-                         f"the number of devices ({len(devices)})")
+                         f"the mesh's data axis ({data_axis} devices)")
   items = [int(x) for x in f.sweep_items] or [f.n_items]
   results = []
   # The model's own settings go back to their defaults; every other setting is kept.

@@ -311,6 +311,16 @@ class ParallelSteps:
       host = np.asarray(multihost_utils.process_allgather(a, tiled=True))
     return item_shards_lib.unpad(host, spec.index(ITEM_AXIS), self.item_shards.n_items)
 
+  def device_bytes(self, tree) -> int:
+    """Bytes of a placed pytree (e.g. a state from :meth:`init_state`) held by the
+    first device of the run: its share of the item-split arrays plus every replicated
+    one (pmap: one device's copy)."""
+    first = self.devices[0]
+    total = 0
+    for a in jax.tree_util.tree_leaves(tree):
+      total += sum(s.data.nbytes for s in a.addressable_shards if s.device == first)
+    return total
+
   def metrics_to_host(self, metrics):
     """Host numpy metrics: scalars for train metrics, ``(B,)`` per-user eval metrics."""
     if self.mode == "pmap":
