@@ -32,7 +32,7 @@ def identity(cfg: configs.Config, split: data_lib.Split) -> dict:
       "latent_dim": int(cfg.latent_dim),
       "dataset": cfg.dataset,
       "protocol": split.protocol,
-      "n_train_users": int(split.train.shape[0]),
+      "n_train_users": int(split.n_train_users),
       "items_digest": hashlib.sha256(
           "\n".join(str(i) for i in ids.tolist()).encode()).hexdigest()[:16],
     # The checkpointed state has ema_params exactly when the run keeps an average; the

@@ -23,6 +23,7 @@ TOOLS = {
     "accuracy": ["--root={tmp}/w"],
     "benchmark": [],
     "bench_data": ["--keep={tmp}/w"],
+    "partition": ["--processes=2", "--out={tmp}/w"],
 }
 
 

@@ -11,11 +11,13 @@ Each data set is one entry in :mod:`jax_vaecf.data.registry` (``data.register`` 
 one).
 """
 
-from jax_vaecf.data.batcher import (TrainBatcher, bucket_ladder, eval_batches,
-                                    make_batch, prefetch)
+from jax_vaecf.data.batcher import (BlockBatcher, TrainBatcher, block_eval_batches,
+                                    bucket_ladder, eval_batches, make_batch, prefetch)
 from jax_vaecf.data.cache import cache_key, cached, file_identity
 from jax_vaecf.data.download import fetch, fetch_movielens, safe_extract
 from jax_vaecf.data.load import DATASETS, load_split, split_function, split_options
+from jax_vaecf.data.partition import (PartEvalSplit, PartSplit, open_part,
+                                      write_partitions)
 from jax_vaecf.data.paper_files import read_vaecf_dir, write_user_lines, write_vaecf_dir
 from jax_vaecf.data.preprocess import (PAPER_SEED, binarize, collapse_duplicates,
                                        filter_triplets, split_from_files,

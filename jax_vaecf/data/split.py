@@ -62,6 +62,12 @@ class Split:
   def n_items(self) -> int:
     return self.train.shape[1]
 
+  @property
+  def n_train_users(self) -> int:
+    """Training users of the whole data set (a process's part of partitioned data,
+    :class:`~jax_vaecf.data.partition.PartSplit`, holds only its block's rows)."""
+    return self.train.shape[0]
+
   def stats(self) -> dict:
     """Users, items, interactions and density of every part, as a nested dict."""
     def part(m):

@@ -1,0 +1,80 @@
+"""One process of a multi-process run on partitioned data, for tests/test_partition.py.
+
+Run as ``python tests/_partition_worker.py --process_id=i --num_processes=N --port=P
+--devices=D --data=PARTS --out=DIR``: joins the run through 127.0.0.1:P, opens only its
+part of ``PARTS`` (``jax_vaecf.data.open_part``), trains a small Mult-VAE for
+:data:`EPOCHS` epochs in ``mode='sharded'`` on the part's block batches with the loop's
+own ``train_epoch``, evaluates its validation users with ``loop.evaluate``, and writes
+``DIR/process_<i>.npz``: the final parameters, the losses, the validation metrics and
+the part's training nnz.
+"""
+
+import argparse
+import os
+import sys
+
+BATCH, EVAL_BATCH, SEED, EPOCHS = 8, 8, 3, 2
+
+
+def train(batcher, validation, n_items):
+  """Trains on ``batcher`` and evaluates ``validation`` on all devices of the run.
+
+  Returns host ``(params, per-step losses, validation metrics)``.
+  """
+  import jax
+  import numpy as np
+  from experiments import loop
+  from jax_vaecf import model as model_lib
+  from jax_vaecf import parallel
+  from jax_vaecf import schedules
+  from jax_vaecf import train as train_lib
+
+  m = model_lib.build_model("multvae", n_items, hidden_dims=(16,), latent_dim=8)
+  options = train_lib.StepOptions(beta_schedule=schedules.linear_schedule(0.2, 10))
+  state = train_lib.create_train_state(m, train_lib.make_optimizer(1e-2),
+                                       jax.random.PRNGKey(7), options)
+  ps = parallel.make_parallel_steps(m, options, mode="sharded",
+                                    devices=parallel.resolve_devices(0), ks=(10,))
+  st = ps.init_state(state)
+  losses = []
+  for epoch in range(EPOCHS):
+    st, metrics, _ = loop.train_epoch(ps, st, batcher, epoch, prefetch=1)
+    losses += [m["loss"] for m in metrics]
+  result = loop.evaluate(ps, st, validation, EVAL_BATCH)
+  return ps.to_host(st.params), np.asarray(losses), result
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--process_id", type=int, required=True)
+  p.add_argument("--num_processes", type=int, required=True)
+  p.add_argument("--port", type=int, required=True)
+  p.add_argument("--devices", type=int, default=2)
+  p.add_argument("--data", required=True)
+  p.add_argument("--out", required=True)
+  a = p.parse_args()
+  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={a.devices}"
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  import jax
+  import numpy as np
+  from jax_vaecf import distributed
+  from jax_vaecf import data
+
+  info = distributed.initialize(f"127.0.0.1:{a.port}", a.num_processes, a.process_id,
+                                initialization_timeout=60)
+  part = data.open_part(a.data, info.process_index, info.process_count)
+  assert isinstance(part.train.indices, np.memmap), type(part.train.indices)
+  batcher = part.train_batcher(BATCH, SEED, num_shards=info.device_count)
+  params, losses, result = train(batcher, part.validation, part.n_items)
+  flat = {"/".join(str(getattr(k, "key", k)) for k in path): v
+          for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  np.savez(os.path.join(a.out, f"process_{a.process_id}.npz"), losses=losses,
+           train_nnz=part.train.nnz, train_users=part.train.shape[0],
+           **{"metric:" + k: v for k, v in result.items()},
+           **{"param:" + k: v for k, v in flat.items()})
+  distributed.shutdown()
+  print(f"process {a.process_id}: done", file=sys.stderr)
+
+
+if __name__ == "__main__":
+  main()
