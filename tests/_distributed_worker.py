@@ -1,7 +1,7 @@
 """One process of a multi-process data-parallel run, for tests/test_distributed.py.
 
 Run as ``python tests/_distributed_worker.py --process_id=i --num_processes=N
---port=P --devices=D --out=DIR``: joins the run through 127.0.0.1:P, trains a small
+--port=P --devices=D --out=DIR [--model_shards=M]``: joins the run through 127.0.0.1:P, trains a small
 Mult-VAE for a few steps in ``mode='sharded'`` on the global batches of
 :func:`problem` (feeding only its own shards), evaluates, and writes
 ``DIR/process_<i>.npz`` with the final parameters and the per-user NDCG.
@@ -40,17 +40,18 @@ def problem(num_shards):
   return m, options, state, batches, eval_batch
 
 
-def run(steps, process_index, process_count):
-  """Trains on ``steps`` and returns host ``(params, per-user ndcg@10, losses)``."""
+def run(steps, process_index, process_count, model_shards=1):
+  """Trains on ``steps`` and returns host ``(params, per-user ndcg@10, losses)``;
+  ``model_shards > 1``: on a (data, model) mesh with the items split over ``model``."""
   import jax
   import numpy as np
   from jax_vaecf import distributed
   from jax_vaecf import parallel
 
   devices = parallel.resolve_devices(0)
-  m, options, state, batches, eval_batch = problem(len(devices))
+  m, options, state, batches, eval_batch = problem(len(devices) // model_shards)
   ps = parallel.make_parallel_steps(m, options, mode="sharded", devices=devices,
-                                    ks=(10,))
+                                    ks=(10,), model_shards=model_shards)
   st = ps.init_state(state)
   losses = []
   for b in batches[:steps]:
@@ -70,6 +71,7 @@ def main():
   p.add_argument("--port", type=int, required=True)
   p.add_argument("--devices", type=int, default=2)
   p.add_argument("--steps", type=int, default=4)
+  p.add_argument("--model_shards", type=int, default=1)
   p.add_argument("--out", required=True)
   a = p.parse_args()
   os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={a.devices}"
@@ -82,7 +84,8 @@ def main():
                                 initialization_timeout=60)
   assert info.process_count == a.num_processes, info
   assert info.device_count == a.num_processes * a.devices, info
-  params, ndcg, losses = run(a.steps, info.process_index, info.process_count)
+  params, ndcg, losses = run(a.steps, info.process_index, info.process_count,
+                             a.model_shards)
   flat = {"/".join(str(getattr(k, "key", k)) for k in path): v
           for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
   np.savez(os.path.join(a.out, f"process_{a.process_id}.npz"), ndcg=ndcg, losses=losses,
