@@ -220,12 +220,13 @@ def run_one(cfg, devices: list, n_items: int, *, steps: int, epochs: int,
   built = loop.build(cfg, n_items, train_csr.shape[0])
   par = built.steps
   input_format = cfg.input_format
-  state = par.init_state(loop.fresh_state(cfg, built))
+  state = loop.placed_fresh_state(cfg, built)
   batcher = data_lib.TrainBatcher(train_csr, cfg.batch_size_train, cfg.seed,
                                   num_shards=par.num_shards)
   # Compile every shape an epoch can produce, on empty batches (all rows padding).
   t0 = time.perf_counter()
-  rows_per = cfg.batch_size_train // par.num_shards
+  # A batch that does not divide over the shards is padded, as in training.
+  rows_per = -(-cfg.batch_size_train // par.num_shards)
   for nnz in batcher.nnz_buckets:
     empty = sparse_lib.SparseBatch(np.zeros((par.num_shards, nnz), np.int32),
                                    np.zeros((par.num_shards, nnz), np.int32),
@@ -343,11 +344,6 @@ def main(argv):
         fh.write(json.dumps(record) + "\n")
     return
   devices = select_devices(cfg)
-  from jax_vaecf import parallel as parallel_lib
-  data_axis = parallel_lib.parse_mesh(cfg.mesh)[0] if cfg.mesh else len(devices)
-  if cfg.batch_size_train % data_axis:
-    raise app.UsageError(f"--batch_size_train={cfg.batch_size_train} must be divisible by "
-                         f"the mesh's data axis ({data_axis} devices)")
   items = [int(x) for x in f.sweep_items] or [f.n_items]
   results = []
   # The model's own settings go back to their defaults; every other setting is kept.

@@ -152,11 +152,27 @@ def build_model(cfg: configs.Config, n_items: int):
       **{name: getattr(cfg, name) for name in entry.extra})
 
 
+def optimizer(cfg: configs.Config):
+  """The run's optimiser (Adam with the config's learning rate and betas)."""
+  return train_lib.make_optimizer(cfg.lr, b1=cfg.adam_b1, b2=cfg.adam_b2)
+
+
 def fresh_state(cfg: configs.Config, built: "Built") -> train_lib.TrainState:
-  """The run's initial state (also the layout its checkpoints are restored into)."""
-  optimizer = train_lib.make_optimizer(cfg.lr, b1=cfg.adam_b1, b2=cfg.adam_b2)
-  return train_lib.create_train_state(built.model, optimizer, jax.random.PRNGKey(cfg.seed),
-                                      built.options)
+  """The run's initial state, as host-side arrays of one device."""
+  return train_lib.create_train_state(built.model, optimizer(cfg),
+                                      jax.random.PRNGKey(cfg.seed), built.options)
+
+
+def state_layout(cfg: configs.Config, built: "Built") -> train_lib.TrainState:
+  """The shapes and dtypes of the run's state (nothing allocated): the layout its
+  checkpoints are restored into."""
+  return jax.eval_shape(lambda: fresh_state(cfg, built))
+
+
+def placed_fresh_state(cfg: configs.Config, built: "Built") -> train_lib.TrainState:
+  """The run's initial state made on its devices (item-split arrays shard by shard;
+  the same values as :func:`fresh_state`)."""
+  return built.steps.create_state(optimizer(cfg), jax.random.PRNGKey(cfg.seed))
 
 
 # -------------------------------------------------------------------------- pieces
@@ -290,8 +306,8 @@ def resume_point(cfg: configs.Config, workdir: str, ck: checkpoint_lib.RunCheckp
                  state: train_lib.TrainState, log: workdir_lib.MetricsLog | None
                  ) -> tuple[train_lib.TrainState, dict]:
   """``(state, meta)`` to continue from: the newest readable latest checkpoint, else
-  (with a warning) the newest state of the best set, else epoch 0 (``meta`` then
-  ``{"epoch": 0}``). ``meta`` is the checkpoint's: ``epoch``, ``best`` and, when the
+  (with a warning) the newest state of the best set, else epoch 0 (``state`` then is
+  the ``state`` given, ``meta`` ``{"epoch": 0}``). ``meta`` is the checkpoint's: ``epoch``, ``best`` and, when the
   run recorded them, the :class:`Standing` fields.
 
   Raises ``ValueError`` when the metrics log shows that checkpoints were saved but none
@@ -406,14 +422,17 @@ def start(cfg: configs.Config, workdir: str, split: data_lib.Split,
           ck: checkpoint_lib.RunCheckpoints | None, built: Built
           ) -> tuple[train_lib.TrainState, int, Standing, workdir_lib.MetricsLog | None]:
   """``(state, first epoch, standing, log)``: a fresh state, or the run resumed from its
-  checkpoints (its log cut back to the resumed epoch, its run files written)."""
-  state = fresh_state(cfg, built)
+  checkpoints (its log cut back to the resumed epoch, its run files written); the state
+  is placed on the run's devices."""
   # In a multi-process run every process computes the same records; one writes them.
   writes = ck is not None and jax.process_index() == 0
   log = workdir_lib.MetricsLog(workdir) if writes else None
   if ck is None:
-    return state, 0, Standing(), log
-  state, meta = resume_point(cfg, workdir, ck, state, log)
+    return placed_fresh_state(cfg, built), 0, Standing(), log
+  layout = state_layout(cfg, built)
+  state, meta = resume_point(cfg, workdir, ck, layout, log)
+  state = (placed_fresh_state(cfg, built) if state is layout
+           else built.steps.init_state(state))
   start_epoch, standing = int(meta["epoch"]), Standing.from_meta(meta)
   if start_epoch:
     logging.info("resuming %s after epoch %d (step %d)", workdir, start_epoch,
@@ -540,7 +559,6 @@ def train_and_validate(cfg: configs.Config, workdir: str, split: data_lib.Split,
   """
   steps = built.steps
   state, start_epoch, standing, log = start(cfg, workdir, split, ck, built)
-  state = steps.init_state(state)
   batcher = train_batcher(cfg, split, steps.num_shards)
   epoch_times, val_times = [], []
   if (0 < start_epoch < cfg.number_of_epochs and cfg.early_stopping
@@ -612,7 +630,7 @@ def test_best(cfg: configs.Config, workdir: str, split: data_lib.Split,
               ck: checkpoint_lib.RunCheckpoints, built: Built) -> dict:
   """Scores the best checkpoint of ``workdir`` on the test users."""
   steps = built.steps
-  restored = ck.restore_best(fresh_state(cfg, built))
+  restored = ck.restore_best(state_layout(cfg, built))
   if restored is None:
     raise FileNotFoundError(
         f"{workdir}: no trained checkpoint to test; run with --train first")

@@ -51,6 +51,7 @@ from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -217,6 +218,15 @@ class ParallelSteps:
   _batch_sharding: Any
   item_shards: item_shards_lib.ItemShards | None = None
   _state_axes: Callable | None = None  # tx -> item axes of a host state (item sharding)
+  _create: Callable | None = None  # (tx, key) -> a fresh placed state
+
+  def create_state(self, optimizer, key) -> train_lib.TrainState:
+    """A fresh state made on the devices, as :func:`jax_vaecf.train.create_train_state`
+    of the model and options the steps were built from would make it, then
+    :meth:`init_state`: the same values. Under item sharding every device computes only
+    its share (one jit with the state's shardings as outputs), so no device ever holds a
+    whole item-indexed array."""
+    return self._create(optimizer, key)
 
   @property
   def model_shards(self) -> int:
@@ -389,15 +399,20 @@ def make_parallel_steps(model: nn.Module, options: train_lib.StepOptions | None 
   evaluate = lambda params, b: eval_fn(_params_of(params), b)
   refresh = functools.partial(train_lib.refresh_frozen, model)
 
+  def create(ps):
+    return lambda tx, key: ps.init_state(
+        train_lib.create_train_state(model, tx, key, options))
+
   if mode == "pmap":
     # A mesh of the same devices names the layout of arrays with a leading device
     # axis, so device_put places shard i on devices[i], as pmap expects.
     pmesh = Mesh(np.array(devices), (PMAP_AXIS,))
     place = lambda fn, **kw: jax.pmap(fn, axis_name=PMAP_AXIS, devices=list(devices), **kw)
-    return ParallelSteps(mode, devices, len(devices), len(local), None, model.phases,
-                         tuple(place(s, donate_argnums=0) for s in steps),
-                         place(refresh, donate_argnums=0), place(evaluate), None,
-                         NamedSharding(pmesh, P(PMAP_AXIS)))
+    ps = ParallelSteps(mode, devices, len(devices), len(local), None, model.phases,
+                       tuple(place(s, donate_argnums=0) for s in steps),
+                       place(refresh, donate_argnums=0), place(evaluate), None,
+                       NamedSharding(pmesh, P(PMAP_AXIS)))
+    return dataclasses.replace(ps, _create=create(ps))
 
   kw = {}
   axis_type = getattr(jax.sharding, "AxisType", None)
@@ -416,8 +431,9 @@ def make_parallel_steps(model: nn.Module, options: train_lib.StepOptions | None 
   # Per-user eval metrics come back replicated (a small all-gather of (B,) vectors), so
   # every process can read all users' values.
   j_eval = jax.jit(evaluate, in_shardings=(replicated, sharded), out_shardings=replicated)
-  return ParallelSteps(mode, devices, len(devices), len(local), mesh, model.phases,
-                       j_train, j_refresh, j_eval, replicated, sharded)
+  ps = ParallelSteps(mode, devices, len(devices), len(local), mesh, model.phases,
+                     j_train, j_refresh, j_eval, replicated, sharded)
+  return dataclasses.replace(ps, _create=create(ps))
 
 
 def _item_sharded_steps(model, options, devices, local, ks, model_shards) -> ParallelSteps:
@@ -481,6 +497,22 @@ def _item_sharded_steps(model, options, devices, local, ks, model_shards) -> Par
   evaluate = placed(lambda params, b: eval_fn(_params_of(params), b),
                     lambda specs: P(MESH_AXIS), donate=False, out_shardings=replicated)
 
+  def create(tx, key):
+    axes = state_axes(tx)
+
+    def padded_state(key):
+      state = train_lib.create_train_state(model, tx, key, options)
+      return item_shards_lib.map_with_axes(
+          lambda a, ax: a if ax is None else jnp.pad(
+              a, [(0, shards.padded - shards.n_items) if i == ax else (0, 0)
+                  for i in range(a.ndim)]), state, axes)
+
+    shardings = item_shards_lib.map_with_axes(
+        lambda a, ax: NamedSharding(mesh, _item_spec(ax)),
+        jax.eval_shape(padded_state, key), axes)
+    return jax.jit(padded_state, out_shardings=shardings)(key)
+
   return ParallelSteps("sharded", tuple(devices), grid.shape[0],
                        len(local) // model_shards, mesh, model.phases, train_steps,
-                       refresh, evaluate, replicated, batch_sharding, shards, state_axes)
+                       refresh, evaluate, replicated, batch_sharding, shards, state_axes,
+                       create)

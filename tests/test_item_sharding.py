@@ -252,3 +252,19 @@ def test_eight_devices(tmp_path):
   resumed = result["resumed"]
   for mesh in ("8x1", "1x1"):
     np.testing.assert_allclose(resumed[mesh], resumed["2x4"], atol=2e-4, err_msg=mesh)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_state_made_on_the_mesh_equals_the_host_state(name):
+  host = _fresh(name)
+  for mesh in ((1, 1), (2, 2), (1, 4)):
+    ps = _steps(name, mesh)
+    made = ps.create_state(OPT, jax.random.PRNGKey(7))
+    if mesh[1] > 1:  # item arrays split: each device holds its shard only
+      layer = _model(name).output_layer
+      kernel = made.params[layer]["kernel"]
+      assert {s.data.shape for s in kernel.addressable_shards} == {
+          (16 if name != "recvae" else 8, ps.item_shards.per_shard)}
+    for a, b in zip(jax.tree_util.tree_leaves(ps.to_host(made)),
+                    jax.tree_util.tree_leaves(host)):
+      np.testing.assert_array_equal(a, np.asarray(b))
