@@ -8,7 +8,8 @@
 # Targets (ML-20M shape, bf16): >= 3,000,000 training users/s at batch 24,576;
 # evaluation of 10,000 users (top-100 over all items) in <= 50 ms. Plus a
 # Pinterest-shaped catalogue (2,565,241 items) training a few steps at a batch that
-# fits, with its peak device memory.
+# fits, with its peak device memory; on 2+ GPUs the same catalogue split over them
+# (--mesh=1xN) and data parallelism Nx1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-.}/gpu_check.jsonl"
@@ -41,4 +42,14 @@ bench --model=recvae --precision=bf16 --batch_size_train=500 --steps=40 --eval_u
 # ~49 GB), batch 1,024 (logits ~10 GB per copy), 5 steps extrapolated.
 bench --precision=bf16 --batch_size_train=1024 --n_items=2565241 --n_users=50000 \
   --mean_per_user=20 --steps=5 --eval_users=0
+# Item sharding (--mesh=DxM): only with 2 or more GPUs. The Pinterest shape on 1xN
+# against 1x1's state bytes, and data parallelism Nx1 against 1x1 at the same batch.
+n_gpus="$("$py" -c 'import jax; print(jax.local_device_count())')"
+if [ "$n_gpus" -ge 2 ]; then
+  bench --precision=bf16 --batch_size_train=1024 --n_items=2565241 --n_users=50000 \
+    --mean_per_user=20 --steps=5 --eval_users=1000 --mesh="1x$n_gpus"
+  bench --precision=bf16 --batch_size_train=24576 --steps=5 --eval_users=0 --mesh=1x1
+  bench --precision=bf16 --batch_size_train=24576 --steps=5 --eval_users=0 \
+    --mesh="${n_gpus}x1"
+fi
 echo "gpu_check: results in $out" >&2
