@@ -101,6 +101,16 @@ def test_output_layer_nll_half_precision_stays_close_and_float32():
   np.testing.assert_allclose(d_kernel, want[2], rtol=0.1, atol=0.05)
 
 
+def test_row_major_transpose_is_the_exact_transpose():
+  h = np.random.default_rng(3).standard_normal((7, 5)).astype(np.float32)
+  for dtype in (jnp.float32, jnp.bfloat16):
+    hd = jnp.asarray(h, dtype)
+    got = jax.jit(losses._row_major_transpose)(hd)  # pylint: disable=protected-access
+    assert got.dtype == hd.dtype and got.shape == (5, 7)
+    np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                  np.asarray(hd, np.float32).T)
+
+
 def test_output_layer_nll_rejects_bad_shapes():
   x, mask, h, kernel, bias, batch = _output_problem()
   with pytest.raises(ValueError, match="output_layer_nll"):

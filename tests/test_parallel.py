@@ -322,6 +322,8 @@ def test_precision_backend_check():
   assert precision.check_backend_supports("fp16", "gpu").loss_scaling
   with pytest.warns(precision.PrecisionWarning, match="emulated"):
     precision.check_backend_supports("fp16", "cpu")
+  with pytest.warns(precision.PrecisionWarning, match="AVX512-BF16 or AMX"):
+    precision.check_backend_supports("bf16", "cpu")
   with pytest.raises(ValueError, match="use precision='bf16'"):
     precision.check_backend_supports("fp16", "tpu")
   with pytest.raises(ValueError, match="unknown platform"):

@@ -1,0 +1,135 @@
+"""GFLOP/s of each large matmul form of the training step, fp32 against bf16, here.
+
+  python -m experiments.probe_matmul                      # ML-20M shape, chunk 1,024
+  python -m experiments.probe_matmul --rows=500 --n_items=295041
+
+The fused output layer (:func:`jax_vaecf.losses.output_layer_nll`) runs three products
+per chunk of ``rows`` users over ``n_items`` items at width ``width``, and evaluation a
+fourth; each is timed as the step writes it and in the forms a faster layout would use:
+
+* ``forward``: ``h @ W`` (training logits and evaluation's);
+* ``kernel grad``: ``h.T @ g`` as written (a transposed left operand), with ``h.T``
+  arriving row-major from outside the jit, and with the step's row-major copy
+  (``losses._row_major_transpose``: a product with the identity);
+* ``input grad``: ``g @ W.T`` as written (contracting both operands' item axis), and
+  with ``W.T`` arriving row-major.
+
+Each form is jitted alone with ``preferred_element_type=float32`` (the step's
+accumulation) and timed best of ``--repeats``. The machine's CPU model and its
+AVX512-BF16 / AMX flags are printed with the table, so the next CPU generation can be
+checked in one command. Results depend on the machine's load: run it idle.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+
+from absl import app
+from absl import flags
+
+_FLAGS = flags.FLAGS
+flags.DEFINE_integer("rows", 1024, "Users per chunk (the step's --output_chunk_size, or a "
+                     "smaller batch).")
+flags.DEFINE_integer("width", 600, "Width of the output layer's input (Mult-VAE: 600).")
+flags.DEFINE_integer("n_items", 20_108, "Items (ML-20M: 20,108).")
+flags.DEFINE_integer("repeats", 5, "Timed runs of each form; the best is reported.")
+
+
+def cpu_flags() -> dict:
+  """The CPU model and whether it reports AVX512-BF16 and AMX (Linux /proc/cpuinfo)."""
+  model, found = platform.processor() or "unknown", set()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name") and model in ("", "unknown", "x86_64"):
+          model = line.split(":", 1)[1].strip()
+        if line.startswith("flags"):
+          found = set(line.split(":", 1)[1].split())
+          break
+  except OSError:
+    pass
+  return {"cpu": model, "avx512_bf16": "avx512_bf16" in found,
+          "amx_bf16": "amx_bf16" in found, "amx_tile": "amx_tile" in found}
+
+
+def forms(rows: int, width: int, n_items: int):
+  """``{name: (fn, args builder)}`` of the step's matmul forms for one dtype."""
+  import jax
+  import jax.numpy as jnp
+
+  from jax_vaecf import losses
+
+  f32 = jnp.float32
+  nt = (((1,), (1,)), ((), ()))  # contract both operands' last axis
+  tn = (((0,), (0,)), ((), ()))  # contract both operands' first axis
+
+  def make(dtype):
+    key = jax.random.split(jax.random.PRNGKey(0), 3)
+    h = jax.random.normal(key[0], (rows, width), f32).astype(dtype)
+    w = (0.01 * jax.random.normal(key[1], (width, n_items), f32)).astype(dtype)
+    g = (0.01 * jax.random.normal(key[2], (rows, n_items), f32)).astype(dtype)
+    return {
+        "forward h @ W": (lambda h, w: jnp.dot(h, w, preferred_element_type=f32), (h, w)),
+        "kernel grad h.T @ g, as written": (
+            lambda h, g: jax.lax.dot_general(h, g, tn, preferred_element_type=f32), (h, g)),
+        "kernel grad, h.T row-major input": (
+            lambda ht, g: jnp.dot(ht, g, preferred_element_type=f32),
+            (jnp.asarray(h.T.copy()), g)),
+        "kernel grad, the step's form": (
+            lambda h, g: jnp.dot(losses._row_major_transpose(h), g,  # pylint: disable=protected-access
+                                 preferred_element_type=f32), (h, g)),
+        "input grad g @ W.T, as written": (
+            lambda g, w: jax.lax.dot_general(g, w, nt, preferred_element_type=f32), (g, w)),
+        "input grad, W.T row-major input": (
+            lambda g, wt: jnp.dot(g, wt, preferred_element_type=f32),
+            (g, jnp.asarray(w.T.copy()))),
+    }
+  return make
+
+
+def time_form(fn, args, repeats: int) -> float:
+  import jax
+  jitted = jax.jit(fn)
+  jax.block_until_ready(jitted(*args))
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(jitted(*args))
+    best = min(best, time.perf_counter() - t0)
+  return best
+
+
+def main(argv):
+  del argv
+  import jax
+  import jax.numpy as jnp
+
+  f = _FLAGS
+  for name in ("rows", "width", "n_items", "repeats"):
+    if getattr(f, name) < 1:
+      raise app.UsageError(f"--{name} must be >= 1")
+  flop = 2.0 * f.rows * f.width * f.n_items
+  make = forms(f.rows, f.width, f.n_items)
+  rates = {}
+  for dtype in (jnp.float32, jnp.bfloat16):
+    for name, (fn, args) in make(dtype).items():
+      rates.setdefault(name, {})[jnp.dtype(dtype).name] = (
+          flop / time_form(fn, args, f.repeats) / 1e9)
+  info = {**cpu_flags(), "backend": jax.default_backend(), "jax": jax.__version__,
+          "rows": f.rows, "width": f.width, "n_items": f.n_items}
+  print(f"{info['cpu']} ({jax.default_backend()}); AVX512-BF16 {info['avx512_bf16']}, "
+        f"AMX-BF16 {info['amx_bf16']}; {f.rows} x {f.width} x {f.n_items:,}, best of "
+        f"{f.repeats}, GFLOP/s")
+  print("| product | float32 | bfloat16 | bf16 / fp32 |")
+  print("|---|---|---|---|")
+  for name, r in rates.items():
+    print(f"| {name} | {r['float32']:.0f} | {r['bfloat16']:.0f} | "
+          f"{r['bfloat16'] / r['float32']:.2f} |")
+  print(json.dumps({"probe_matmul": {k: {d: round(v, 1) for d, v in r.items()}
+                                     for k, r in rates.items()}, **info}))
+
+
+if __name__ == "__main__":
+  app.run(main)
