@@ -12,6 +12,22 @@ import os
 import sys
 
 
+def free_port():
+  """A TCP port on 127.0.0.1 that is free now (for the coordinator)."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def flat(params):
+  """A parameter pytree as ``{'a/b/kernel': numpy array}``."""
+  import jax
+  import numpy as np
+  return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+          for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
 def problem(num_shards):
   """The model, step options, state and global batches, identical in every process."""
   import jax
@@ -43,7 +59,6 @@ def problem(num_shards):
 def run(steps, process_index, process_count, model_shards=1):
   """Trains on ``steps`` and returns host ``(params, per-user ndcg@10, losses)``;
   ``model_shards > 1``: on a (data, model) mesh with the items split over ``model``."""
-  import jax
   import numpy as np
   from jax_vaecf import distributed
   from jax_vaecf import parallel

@@ -1,11 +1,9 @@
 """Multi-process runs: two local CPU processes (gloo collectives) equal one process."""
 
 import os
-import socket
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
@@ -20,22 +18,13 @@ ROOT = os.path.dirname(HERE)
 TIMEOUT_S = 120
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _flat(params):
-  return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
-          for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
 @pytest.mark.parametrize("model_shards", [1, 2])
 def test_two_processes_train_like_one(tmp_path, model_shards):
   """2 processes x 2 devices, data parallel or a 2 x 2 mesh with the items split over
   each process's two devices (gathered across processes by ``to_host``)."""
-  port = _free_port()
+  port = _distributed_worker.free_port()
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, HERE]), JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)  # the worker sets its own device count (2 each)
   procs, logs = [], []
@@ -71,7 +60,7 @@ def test_two_processes_train_like_one(tmp_path, model_shards):
 
   # One process, 4 devices (tests/conftest.py), the same global batches and shards.
   params, ndcg, losses = _distributed_worker.run(4, 0, 1)
-  want = _flat(params)
+  want = _distributed_worker.flat(params)
   for i in range(2):
     got = np.load(tmp_path / f"process_{i}.npz")
     np.testing.assert_allclose(got["losses"], losses, rtol=1e-5)

@@ -3,7 +3,6 @@ the same global batches in any process layout, and a 2-process run equal to one.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -19,6 +18,7 @@ from jax_vaecf.data import (BlockBatcher, EvalSplit, Split, TrainBatcher, block_
                             eval_batches, open_part, partition, write_partitions)
 from jax_vaecf.data.split import binary_csr
 
+import _distributed_worker
 import _partition_worker
 import _runs
 
@@ -282,22 +282,13 @@ def test_eval_blocks_compose_and_one_block_is_eval_batches(split, blocks, num_sh
 # ------------------------------------------------------------------ multi-process
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _flat(params):
-  return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
-          for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
 def test_two_processes_on_their_parts_train_like_one(tmp_path):
   s = _split(n_train=41, n_eval=13)
   data = tmp_path / "parts"
   write_partitions(s, data, 2, settings=SETTINGS)
-  port = _free_port()
+  port = _distributed_worker.free_port()
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, HERE]), JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)  # the worker sets its own device count (2 each)
   procs, logs = [], []
@@ -328,7 +319,7 @@ def test_two_processes_on_their_parts_train_like_one(tmp_path):
   batcher = BlockBatcher(s.train, _partition_worker.BATCH, _partition_worker.SEED,
                          row_nnz=np.diff(s.train.indptr), blocks=2, num_shards=4)
   params, losses, result = _partition_worker.train(batcher, s.validation, s.n_items)
-  want = _flat(params)
+  want = _distributed_worker.flat(params)
   for i in range(2):
     got = np.load(tmp_path / f"process_{i}.npz")
     # Each process held its half of the training rows.
