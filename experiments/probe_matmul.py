@@ -23,11 +23,12 @@ checked in one command. Results depend on the machine's load: run it idle.
 from __future__ import annotations
 
 import json
-import platform
 import time
 
 from absl import app
 from absl import flags
+
+from experiments.machine import cpu_flags
 
 _FLAGS = flags.FLAGS
 flags.DEFINE_integer("rows", 1024, "Users per chunk (the step's --output_chunk_size, or a "
@@ -35,23 +36,6 @@ flags.DEFINE_integer("rows", 1024, "Users per chunk (the step's --output_chunk_s
 flags.DEFINE_integer("width", 600, "Width of the output layer's input (Mult-VAE: 600).")
 flags.DEFINE_integer("n_items", 20_108, "Items (ML-20M: 20,108).")
 flags.DEFINE_integer("repeats", 5, "Timed runs of each form; the best is reported.")
-
-
-def cpu_flags() -> dict:
-  """The CPU model and whether it reports AVX512-BF16 and AMX (Linux /proc/cpuinfo)."""
-  model, found = platform.processor() or "unknown", set()
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name") and model in ("", "unknown", "x86_64"):
-          model = line.split(":", 1)[1].strip()
-        if line.startswith("flags"):
-          found = set(line.split(":", 1)[1].split())
-          break
-  except OSError:
-    pass
-  return {"cpu": model, "avx512_bf16": "avx512_bf16" in found,
-          "amx_bf16": "amx_bf16" in found, "amx_tile": "amx_tile" in found}
 
 
 def forms(rows: int, width: int, n_items: int):

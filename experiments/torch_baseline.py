@@ -1,0 +1,142 @@
+"""A plain PyTorch Mult-VAE on the benchmark's data, timed beside this library's.
+
+  python -m experiments.torch_baseline --batch_size=500 --steps=40
+  python -m experiments.torch_baseline --batch_size=10000 --steps=6 --compare
+
+The baseline every peer implementation resembles: an ``nn.Module`` Mult-VAE
+``[n_items, 600, 200]`` (L2-normalised input, dropout 0.5, tanh, the multinomial
+likelihood over a dense ``log_softmax``), dense batches made on the host from the same
+synthetic CSR as ``experiments.benchmark`` (:mod:`experiments.synthetic`, ML-20M's shape by
+default), Adam (lr 1e-3) and the paper's KL anneal. It is timed in float32 and under
+``torch.autocast("cpu", torch.bfloat16)``: ``--steps`` steps after 3 warm-up steps,
+extrapolated to an epoch. ``--compare`` also runs ``experiments.benchmark`` in both
+precisions with the same shape and batch (a subprocess, so both libraries do not share
+the process) and prints each epoch as a ratio of the PyTorch one.
+
+PyTorch is needed only to run this script (``pip install torch``); it is no dependency
+of the project.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+_FLAGS = flags.FLAGS
+flags.DEFINE_integer("n_items", 20_108, "Items (ML-20M: 20,108).")
+flags.DEFINE_integer("n_users", 116_677, "Training users (ML-20M: 116,677).")
+flags.DEFINE_float("mean_per_user", 73.0, "Mean interactions per user (ML-20M: ~73).")
+flags.DEFINE_integer("batch_size", 500, "Users per step.")
+flags.DEFINE_integer("steps", 20, "Timed steps (after 3 warm-up steps), extrapolated.")
+flags.DEFINE_integer("seed", 0, "Data and model seed.")
+flags.DEFINE_bool("compare", False, "Also time experiments.benchmark (fp32 and bf16) "
+                  "with the same shape and batch and print the ratios.")
+
+
+def torch_epoch(csr, batch_size: int, steps: int, bf16: bool, seed: int) -> dict:
+  """Seconds per step and per epoch of the PyTorch Mult-VAE on ``csr``'s rows."""
+  import numpy as np
+  import torch
+  from torch import nn
+  import torch.nn.functional as F
+
+  torch.manual_seed(seed)
+  torch.set_num_threads(os.cpu_count() or 1)
+  n_users, n_items = csr.shape
+
+  class MultVAE(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.enc1, self.enc2 = nn.Linear(n_items, 600), nn.Linear(600, 400)
+      self.dec1, self.dec2 = nn.Linear(200, 600), nn.Linear(600, n_items)
+      self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+      h = self.drop(F.normalize(x, dim=1))
+      h = self.enc2(torch.tanh(self.enc1(h)))
+      mu, logvar = h[:, :200], h[:, 200:]
+      z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+      return self.dec2(torch.tanh(self.dec1(z))), mu, logvar
+
+  model = MultVAE()
+  opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+  rng = np.random.default_rng(seed)
+  order = rng.permutation(n_users)
+
+  def step(i):
+    users = order[(i * batch_size) % n_users:][:batch_size]
+    x = torch.from_numpy(csr[users].toarray())
+    beta = min(0.2, i / 200_000)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+      logits, mu, logvar = model(x)
+    logits, mu, logvar = logits.float(), mu.float(), logvar.float()
+    nll = -(F.log_softmax(logits, dim=1) * x).sum(1).mean()
+    kl = (0.5 * (-logvar + logvar.exp() + mu * mu - 1)).sum(1).mean()
+    loss = nll + beta * kl
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss)
+
+  for i in range(3):
+    step(i)
+  t0 = time.perf_counter()
+  for i in range(3, 3 + steps):
+    loss = step(i)
+  step_s = (time.perf_counter() - t0) / steps
+  per_epoch = -(-n_users // batch_size)
+  return {"library": "pytorch", "precision": "bf16" if bf16 else "fp32",
+          "step_ms": round(step_s * 1e3, 2), "epoch_s": round(step_s * per_epoch, 2),
+          "final_loss": loss, "torch": torch.__version__}
+
+
+def ours(precision: str) -> dict:
+  """``experiments.benchmark``'s result for the same shape, batch and steps."""
+  f = _FLAGS
+  out = subprocess.run(
+      [sys.executable, "-m", "experiments.benchmark", f"--n_items={f.n_items}",
+       f"--n_users={f.n_users}", f"--mean_per_user={f.mean_per_user}",
+       f"--batch_size_train={f.batch_size}", f"--steps={f.steps}", "--eval_users=0",
+       f"--precision={precision}", f"--seed={f.seed}"],
+      capture_output=True, text=True, check=True)
+  r = json.loads(out.stdout.strip().splitlines()[-1])["results"][0]
+  return {"library": "jax_vaecf", "precision": precision, "step_ms": r["step_ms"],
+          "epoch_s": r["epoch_s"], "final_loss": r["final_loss"]}
+
+
+def main(argv):
+  del argv
+  try:
+    import torch  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel  # only its presence
+  except ImportError:
+    raise app.UsageError("this script needs PyTorch: pip install torch") from None
+  from experiments import synthetic
+  from experiments.machine import cpu_flags
+
+  f = _FLAGS
+  csr, _ = synthetic.make_dataset(n_users=f.n_users, n_items=f.n_items, n_eval_users=1,
+                                  mean_per_user=f.mean_per_user, seed=f.seed)
+  rows = [torch_epoch(csr, f.batch_size, f.steps, bf16, f.seed) for bf16 in (False, True)]
+  if f.compare:
+    rows += [ours("fp32"), ours("bf16")]
+  torch_bf16 = rows[1]["epoch_s"]
+  info = cpu_flags()
+  print(f"{info['cpu']}, {os.cpu_count()} cores, AVX512-BF16 {info['avx512_bf16']}, "
+        f"AMX-BF16 {info['amx_bf16']}; {f.n_users:,} users x {f.n_items:,} items, batch "
+        f"{f.batch_size}, {f.steps} steps timed and extrapolated")
+  print("| library | precision | step ms | epoch s | vs PyTorch bf16 |")
+  print("|---|---|---|---|---|")
+  for r in rows:
+    print(f"| {r['library']} | {r['precision']} | {r['step_ms']} | {r['epoch_s']} | "
+          f"{torch_bf16 / r['epoch_s']:.2f}x |")
+  print(json.dumps({"torch_baseline": rows, **info, "batch_size": f.batch_size}))
+
+
+if __name__ == "__main__":
+  app.run(main)
