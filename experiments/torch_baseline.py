@@ -19,6 +19,7 @@ of the project.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -112,10 +113,8 @@ def ours(precision: str) -> dict:
 
 def main(argv):
   del argv
-  try:
-    import torch  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel  # only its presence
-  except ImportError:
-    raise app.UsageError("this script needs PyTorch: pip install torch") from None
+  if importlib.util.find_spec("torch") is None:
+    raise app.UsageError("this script needs PyTorch: pip install torch")
   from experiments import synthetic
   from experiments.machine import cpu_flags
 
