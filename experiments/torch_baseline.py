@@ -83,7 +83,7 @@ def torch_epoch(csr, batch_size: int, steps: int, bf16: bool, seed: int) -> dict
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return float(loss)
+    return float(loss.detach())
 
   for i in range(3):
     step(i)
