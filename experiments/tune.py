@@ -252,7 +252,7 @@ def make_space(base: configs.Config, names: tuple[str, ...] = (),
     raise TuneError(f"--space names a parameter twice: {','.join(names)}")
   has_kl = _has_kl(base)
   if n_train_users is None:
-    n_train_users = lambda: loop.load_data(base).train.shape[0]
+    n_train_users = lambda: loop.load_data(base).n_train_users
   cache: list[int] = []
 
   def users() -> int:
@@ -820,7 +820,7 @@ def search(base: configs.Config, root: str, settings: Settings, *,
   split = loop.load_data(base)
   if split.validation is None or split.validation.n_users == 0:
     raise TuneError(f"{base.dataset}: the split has no validation users to tune on")
-  n_train = int(split.train.shape[0])
+  n_train = int(split.n_train_users)
   del split
   space = make_space(base, tuple(settings.space), lambda: n_train,
                      note=lambda s: print(f"note: {s}", file=out, flush=True))
