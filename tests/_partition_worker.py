@@ -1,7 +1,7 @@
 """One process of a multi-process run on partitioned data, for tests/test_partition.py.
 
 Run as ``python tests/_partition_worker.py --process_id=i --num_processes=N --port=P
---devices=D --data=PARTS --out=DIR``: joins the run through 127.0.0.1:P, opens only its
+--devices=D --data=PARTS --out=DIR [--model_shards=M]``: joins the run through 127.0.0.1:P, opens only its
 part of ``PARTS`` (``jax_vaecf.data.open_part``), trains a small Mult-VAE for
 :data:`EPOCHS` epochs in ``mode='sharded'`` on the part's block batches with the loop's
 own ``train_epoch``, evaluates its validation users with ``loop.evaluate``, and writes
@@ -16,8 +16,9 @@ import sys
 BATCH, EVAL_BATCH, SEED, EPOCHS = 8, 8, 3, 2
 
 
-def train(batcher, validation, n_items):
-  """Trains on ``batcher`` and evaluates ``validation`` on all devices of the run.
+def train(batcher, validation, n_items, model_shards=1):
+  """Trains on ``batcher`` and evaluates ``validation`` on all devices of the run
+  (``model_shards > 1``: a (data, model) mesh with the items split over ``model``).
 
   Returns host ``(params, per-step losses, validation metrics)``.
   """
@@ -34,7 +35,8 @@ def train(batcher, validation, n_items):
   state = train_lib.create_train_state(m, train_lib.make_optimizer(1e-2),
                                        jax.random.PRNGKey(7), options)
   ps = parallel.make_parallel_steps(m, options, mode="sharded",
-                                    devices=parallel.resolve_devices(0), ks=(10,))
+                                    devices=parallel.resolve_devices(0), ks=(10,),
+                                    model_shards=model_shards)
   st = ps.init_state(state)
   losses = []
   for epoch in range(EPOCHS):
@@ -52,6 +54,7 @@ def main():
   p.add_argument("--devices", type=int, default=2)
   p.add_argument("--data", required=True)
   p.add_argument("--out", required=True)
+  p.add_argument("--model_shards", type=int, default=1)
   a = p.parse_args()
   os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={a.devices}"
   os.environ["JAX_PLATFORMS"] = "cpu"
@@ -64,8 +67,9 @@ def main():
                                 initialization_timeout=60)
   part = data.open_part(a.data, info.process_index, info.process_count)
   assert isinstance(part.train.indices, np.memmap), type(part.train.indices)
-  batcher = part.train_batcher(BATCH, SEED, num_shards=info.device_count)
-  params, losses, result = train(batcher, part.validation, part.n_items)
+  batcher = part.train_batcher(BATCH, SEED,
+                               num_shards=info.device_count // a.model_shards)
+  params, losses, result = train(batcher, part.validation, part.n_items, a.model_shards)
   flat = {"/".join(str(getattr(k, "key", k)) for k in path): v
           for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
   np.savez(os.path.join(a.out, f"process_{a.process_id}.npz"), losses=losses,

@@ -284,7 +284,10 @@ def test_eval_blocks_compose_and_one_block_is_eval_batches(split, blocks, num_sh
 
 
 
-def test_two_processes_on_their_parts_train_like_one(tmp_path):
+@pytest.mark.parametrize("model_shards", [1, 2])
+def test_two_processes_on_their_parts_train_like_one(tmp_path, model_shards):
+  """2 processes x 2 devices on their own parts: data parallel, or a 2 x 2 mesh with
+  the items split over each process's devices."""
   s = _split(n_train=41, n_eval=13)
   data = tmp_path / "parts"
   write_partitions(s, data, 2, settings=SETTINGS)
@@ -297,7 +300,8 @@ def test_two_processes_on_their_parts_train_like_one(tmp_path):
     procs.append(subprocess.Popen(
         [sys.executable, os.path.join(HERE, "_partition_worker.py"), f"--process_id={i}",
          "--num_processes=2", f"--port={port}", "--devices=2", f"--data={data}",
-         f"--out={tmp_path}"], env=env, stdout=logs[-1], stderr=subprocess.STDOUT))
+         f"--out={tmp_path}", f"--model_shards={model_shards}"], env=env,
+        stdout=logs[-1], stderr=subprocess.STDOUT))
   try:
     codes = [p.wait(timeout=120) for p in procs]
   except subprocess.TimeoutExpired:
