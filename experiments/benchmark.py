@@ -344,6 +344,8 @@ def main(argv):
         fh.write(json.dumps(record) + "\n")
     return
   devices = select_devices(cfg)
+  from experiments import loop
+  cfg = loop.resolve_precision(cfg)
   items = [int(x) for x in f.sweep_items] or [f.n_items]
   results = []
   # The model's own settings go back to their defaults; every other setting is kept.

@@ -134,7 +134,10 @@ class Config:
   warm_up_epochs: int = setting(1, "Epochs left out of the benchmark averages.")
   # System.
   precision: str = setting("fp32", "fp32, bf16 or fp16 (matmuls; loss and parameters stay "
-                                   "float32).")
+                                   "float32), or auto: bf16 when the step's large "
+                                   "products measure >= 1.2x faster in it on the run's "
+                                   "device, else fp32 (the choice is recorded in "
+                                   "config.json).")
   input_format: str = setting("sparse", "sparse (gather-and-sum first layer, fused output "
                                         "layer and loss; the fastest measured) or dense "
                                         "(plain matmuls and autodiff: the check).")
@@ -430,6 +433,12 @@ RESUMABLE_FIELDS = frozenset({
 })
 
 
+# The precision policies, and "auto" (resolved by measurement before a run starts:
+# experiments.loop.resolve_precision).
+AUTO_PRECISION = "auto"
+PRECISIONS = tuple(precision_lib.POLICIES) + (AUTO_PRECISION,)
+
+
 def _mesh_model_axis(text: str) -> int | None:
   """The model axis of ``--mesh`` (1 when empty), ``None`` when it does not parse."""
   if not text:
@@ -473,8 +482,7 @@ def validate(cfg: Config) -> None:
       (cfg.encoder_epochs >= 1 and cfg.decoder_epochs >= 1,
        "encoder_epochs and decoder_epochs must be >= 1"),
 
-      (cfg.precision in precision_lib.POLICIES,
-       f"precision must be one of {tuple(precision_lib.POLICIES)}"),
+      (cfg.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
       (cfg.input_format in train_lib.INPUT_FORMATS,
        f"input_format must be one of {train_lib.INPUT_FORMATS}"),
       (cfg.output_chunk_size >= 1, "output_chunk_size must be >= 1"),

@@ -651,12 +651,29 @@ def format_test(result: dict, ks) -> str:
           f"items; best epoch {result.get('epoch')}): " + "  ".join(parts))
 
 
+def resolve_precision(cfg: configs.Config) -> configs.Config:
+  """``cfg`` with ``--precision=auto`` replaced by the measured choice: ``bf16`` when the
+  step's large products run at least ``machine.AUTO_BF16_SPEEDUP`` times faster in it
+  on the run's first device (:func:`experiments.machine.bf16_speedup`), else ``fp32``.
+  Any other precision is returned unchanged."""
+  if cfg.precision != configs.AUTO_PRECISION:
+    return cfg
+  from experiments import machine  # pylint: disable=import-outside-toplevel
+  device = select_devices(cfg)[0]
+  speedup = machine.bf16_speedup(device)
+  chosen = "bf16" if speedup >= machine.AUTO_BF16_SPEEDUP else "fp32"
+  print(f"precision auto: {chosen} (the step's large products run {speedup:.2f}x as fast "
+        f"in bf16 as in fp32 on this {device.platform} device)", flush=True)
+  return cfg.replace(precision=chosen)
+
+
 def run(cfg: configs.Config, workdir: str, *,
         on_validation: OnValidation | None = None) -> dict:
   """Runs the modes the config asks for; returns their results. ``on_validation``: see
   :func:`train_and_validate`."""
   configs.validate(cfg)
   select_devices(cfg)  # fail before any data work
+  cfg = resolve_precision(cfg)
   workdir_lib.prepare_workdir(cfg, workdir)
   split = load_data(cfg)
   print(data_lib.format_stats(split.stats()), flush=True)
