@@ -368,7 +368,9 @@ def make_train_step(model: nn.Module, options: StepOptions | None = None, *,
     else:
       beta = options.beta_schedule(state.step)
     key = jax.random.fold_in(state.key, state.step)
-    scale = state.loss_scale.scale
+    # Without loss scaling the scale is the constant 1, which XLA folds away: no pass
+    # over the gradients multiplies or divides by the state's (always 1.0) scale.
+    scale = state.loss_scale.scale if options.loss_scaling else 1.0
     part = trained_part(state.params, ph)
     grads, (nll, kl, l2) = jax.grad(loss_fn, has_aux=True)(
         part, state.params, state.frozen, batch, key, beta, n_users, scale, device_offset,
@@ -407,7 +409,7 @@ def make_train_step(model: nn.Module, options: StepOptions | None = None, *,
                               loss_scale=loss_scale, ema_params=ema_params)
     metrics = {
         "loss": nll + beta * kl + l2, "nll": nll, "kl": kl, "beta": beta,
-        "n_users": n_users, "loss_scale": scale,
+        "n_users": n_users, "loss_scale": state.loss_scale.scale,
         "skipped_steps": loss_scale.skipped_steps,
     }
     return new_state, metrics
