@@ -106,7 +106,7 @@ class PrecisionWarning(UserWarning):
 # correctly on older ones). CPUs compute fp16 correctly but by converting to float32 and
 # back, slower than fp32, so it is allowed (tests, debugging) with a warning. bf16 on a
 # CPU with AVX512-BF16 or AMX runs the step's matmuls faster than float32 (measured on a
-# 2-core AMD EPYC: 1.29x a batch-500 step, 1.57x at 10,000), and emulated, slower,
+# 2-core AMD EPYC: 1.36x a batch-500 step, 1.59x at 10,000), and emulated, slower,
 # elsewhere; the warning says how to check. TPUs have no fast float16 path and no need
 # for loss scaling: fp16 there is an error that points to bf16.
 _SLOW = {("cpu", "fp16"): "is emulated through float32 and slower than 'fp32'; use it "
