@@ -12,7 +12,9 @@ base. A trial trains ``number_of_epochs`` epochs in ``ROOT/trials/NNNN`` with
 ``--notest``, validating every ``validation_step`` epochs; its objective is its best
 validation NDCG@100 (maximised). Optuna's TPE sampler proposes the trials and a median
 pruner stops a trial whose best-so-far validation NDCG@100 falls below the median of the
-finished trials at the same epoch (from ``--prune_warmup_epochs`` on). A trial whose
+finished trials at the same epoch (from ``--prune_warmup_epochs`` on; a trial with
+weight averaging only once its average spans ``1 / (1 - ema_decay)`` steps,
+:func:`may_prune`). A trial whose
 training diverges (NaN) is recorded as failed, with the message, and never chosen.
 
 Only the validation users are read for any decision: trials run with ``test=False``, so
@@ -479,6 +481,20 @@ def _result_from_log(workdir: str, params: dict, seconds: float) -> dict:
           "best_epoch": best_epoch, "reason": reason}
 
 
+def may_prune(cfg: configs.Config, epoch: int, record: dict) -> bool:
+  """Whether the pruner may stop a trial after validating ``epoch`` (its log ``record``).
+
+  Never at the last epoch (the trial is complete), and not while a weight average is
+  younger than its window: with ``ema_decay = d`` the validated average weighs the last
+  ``1 / (1 - d)`` steps, so before that many steps it still carries the early weights
+  and scores below the plain weights of a trial without averaging at the same epoch
+  (at ``d = 0.999`` and 10 steps an epoch: the first 100 epochs).
+  """
+  if epoch >= cfg.number_of_epochs:
+    return False
+  return cfg.ema_decay <= 0 or int(record["step"]) * (1.0 - cfg.ema_decay) >= 1.0
+
+
 def run_trial(trial, cfg: configs.Config, workdir: str, params: dict) -> dict:
   """Trains one trial in ``workdir`` (resuming it), reporting its best-so-far validation
   NDCG@100 per validated epoch to Optuna and stopping when the pruner says so.
@@ -517,7 +533,7 @@ def run_trial(trial, cfg: configs.Config, workdir: str, params: dict) -> dict:
         best = v
     best = max(best, float(record[METRIC]))
     report(epoch, best)
-    if epoch < cfg.number_of_epochs and trial.should_prune():
+    if may_prune(cfg, epoch, record) and trial.should_prune():
       return f"{PRUNED_PREFIX} at epoch {epoch}"
     return None
 

@@ -266,3 +266,14 @@ def test_unknown_space_name_is_a_one_line_usage_error(tmp_path):
                              "from lr, dropout_rate"), lines
   assert lines[1].startswith("hint: ") and len(lines) == 2
   assert not os.path.exists(tmp_path / "tune" / "study.db")
+
+
+def test_a_young_weight_average_is_not_pruned():
+  cfg = configs.Config().replace(number_of_epochs=50, ema_decay=0.99)
+  assert not tune.may_prune(cfg, 10, {"step": 99})   # the average spans 100 steps
+  assert tune.may_prune(cfg, 10, {"step": 100})
+  assert not tune.may_prune(cfg, 50, {"step": 10_000})  # the last epoch: complete
+  plain = cfg.replace(ema_decay=0.0)
+  assert tune.may_prune(plain, 1, {"step": 1})
+  slow = cfg.replace(ema_decay=0.999)
+  assert not tune.may_prune(slow, 40, {"step": 999})
