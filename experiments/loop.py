@@ -658,6 +658,11 @@ def resolve_precision(cfg: configs.Config) -> configs.Config:
   Any other precision is returned unchanged."""
   if cfg.precision != configs.AUTO_PRECISION:
     return cfg
+  if jax.process_count() > 1:
+    # Each process would measure its own machine, and processes that chose differently
+    # would run different programs against each other's collectives.
+    raise ValueError("bad setting: --precision=auto measures one machine; give "
+                     "--precision=fp32 or bf16 in a multi-process run")
   from experiments import machine  # pylint: disable=import-outside-toplevel
   device = select_devices(cfg)[0]
   speedup = machine.bf16_speedup(device)

@@ -10,7 +10,7 @@ fourth; each is timed as the step writes it and in the forms a faster layout wou
 * ``forward``: ``h @ W`` (training logits and evaluation's);
 * ``kernel grad``: ``h.T @ g`` as written (a transposed left operand), with ``h.T``
   arriving row-major from outside the jit, and with the step's row-major copy
-  (``losses._row_major_transpose``: a product with the identity);
+  (``losses.row_major_transpose``: a product with the identity);
 * ``input grad``: ``g @ W.T`` as written (contracting both operands' item axis), and
   with ``W.T`` arriving row-major.
 
@@ -23,12 +23,11 @@ checked in one command. Results depend on the machine's load: run it idle.
 from __future__ import annotations
 
 import json
-import time
 
 from absl import app
 from absl import flags
 
-from experiments.machine import cpu_flags
+from experiments.machine import best_seconds, cpu_flags
 
 _FLAGS = flags.FLAGS
 flags.DEFINE_integer("rows", 1024, "Users per chunk (the step's --output_chunk_size, or a "
@@ -62,7 +61,7 @@ def forms(rows: int, width: int, n_items: int):
             lambda ht, g: jnp.dot(ht, g, preferred_element_type=f32),
             (jnp.asarray(h.T.copy()), g)),
         "kernel grad, the step's form": (
-            lambda h, g: jnp.dot(losses._row_major_transpose(h), g,  # pylint: disable=protected-access
+            lambda h, g: jnp.dot(losses.row_major_transpose(h), g,
                                  preferred_element_type=f32), (h, g)),
         "input grad g @ W.T, as written": (
             lambda g, w: jax.lax.dot_general(g, w, nt, preferred_element_type=f32), (g, w)),
@@ -71,18 +70,6 @@ def forms(rows: int, width: int, n_items: int):
             (g, jnp.asarray(w.T.copy()))),
     }
   return make
-
-
-def time_form(fn, args, repeats: int) -> float:
-  import jax
-  jitted = jax.jit(fn)
-  jax.block_until_ready(jitted(*args))
-  best = float("inf")
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(jitted(*args))
-    best = min(best, time.perf_counter() - t0)
-  return best
 
 
 def main(argv):
@@ -100,7 +87,7 @@ def main(argv):
   for dtype in (jnp.float32, jnp.bfloat16):
     for name, (fn, args) in make(dtype).items():
       rates.setdefault(name, {})[jnp.dtype(dtype).name] = (
-          flop / time_form(fn, args, f.repeats) / 1e9)
+          flop / best_seconds(fn, args, f.repeats) / 1e9)
   info = {**cpu_flags(), "backend": jax.default_backend(), "jax": jax.__version__,
           "rows": f.rows, "width": f.width, "n_items": f.n_items}
   print(f"{info['cpu']} ({jax.default_backend()}); AVX512-BF16 {info['avx512_bf16']}, "

@@ -66,7 +66,7 @@ def multinomial_nll_sparse(logits: Array, batch: sparse_lib.SparseBatch) -> Arra
   return x_total * lse - x_dot_logits
 
 
-def _row_major_transpose(h: Array) -> Array:
+def row_major_transpose(h: Array) -> Array:
   """``h.T`` ``(width, rows)``, materialised row-major when ``h`` is 16-bit.
 
   XLA CPU's ``bf16 x bf16 -> f32`` dot runs at the fast rate only for row-major
@@ -141,7 +141,7 @@ def _output_chunks(h, kernel, bias, batch, chunk_size, dtype, with_grad, wrt="al
     d_logits = m_c[:, None] * (x_total * (e / total) - x)
     d_logits_c = d_logits.astype(dtype)
     if d_params:
-      d_kernel = d_kernel + jnp.dot(_row_major_transpose(h_c), d_logits_c,
+      d_kernel = d_kernel + jnp.dot(row_major_transpose(h_c), d_logits_c,
                                     preferred_element_type=jnp.float32)
       d_bias = d_bias + jnp.dot(jnp.ones((chunk_size,), jnp.float32), d_logits)
     if not d_input:

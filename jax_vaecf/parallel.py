@@ -472,6 +472,10 @@ def _item_sharded_steps(model, options, devices, local, ks, model_shards) -> Par
 
     def call(tree, *rest):
       leaves, treedef = jax.tree_util.tree_flatten(tree)
+      if not all(isinstance(a, jax.Array) and isinstance(a.sharding, NamedSharding)
+                 and a.sharding.mesh == mesh for a in leaves):
+        raise ValueError("an item-sharded step takes a state (or parameters) placed on "
+                         "its mesh: make it with ParallelSteps.init_state or create_state")
       key_ = (treedef, tuple(a.sharding.spec for a in leaves))
       if key_ not in cache:
         specs = specs_of(tree)

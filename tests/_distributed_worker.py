@@ -12,12 +12,74 @@ import os
 import sys
 
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+TIMEOUT_S = 120
+
+
 def free_port():
   """A TCP port on 127.0.0.1 that is free now (for the coordinator)."""
   import socket
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
+
+
+def run_processes(script, out, *args, processes=2, devices=2, timeout=TIMEOUT_S):
+  """Runs ``processes`` copies of the worker ``script`` (a file of this folder) as one
+  multi-process run of ``devices`` CPU devices each, writing to ``out``, and asserts
+  that every one exits 0 (their logs' tails in the message)."""
+  import subprocess
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]),
+             JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)  # each worker sets its own device count
+  port = free_port()
+  procs, logs = [], []
+  for i in range(processes):
+    logs.append(open(os.path.join(out, f"log{i}.txt"), "w+"))
+    procs.append(subprocess.Popen(
+        [sys.executable, os.path.join(HERE, script), f"--process_id={i}",
+         f"--num_processes={processes}", f"--port={port}", f"--devices={devices}",
+         f"--out={out}", *args], env=env, stdout=logs[-1], stderr=subprocess.STDOUT))
+  try:
+    codes = [p.wait(timeout=timeout) for p in procs]
+  except subprocess.TimeoutExpired:
+    codes = None
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  text = ""
+  for i, log in enumerate(logs):
+    log.seek(0)
+    text += f"--- process {i} ---\n{log.read()[-3000:]}\n"
+    log.close()
+  assert codes is not None, f"{script}: timed out after {timeout} s\n{text}"
+  assert codes == [0] * processes, f"{script}: exit codes {codes}\n{text}"
+
+
+def worker_parser():
+  """The flags every worker takes (:func:`run_processes` passes them)."""
+  p = argparse.ArgumentParser()
+  p.add_argument("--process_id", type=int, required=True)
+  p.add_argument("--num_processes", type=int, required=True)
+  p.add_argument("--port", type=int, required=True)
+  p.add_argument("--devices", type=int, default=2)
+  p.add_argument("--out", required=True)
+  p.add_argument("--model_shards", type=int, default=1)
+  return p
+
+
+def join(a):
+  """Gives this process ``a.devices`` CPU devices and joins the run; its ProcessInfo."""
+  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={a.devices}"
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  from jax_vaecf import distributed
+  info = distributed.initialize(f"127.0.0.1:{a.port}", a.num_processes, a.process_id,
+                                initialization_timeout=60)
+  assert info.process_count == a.num_processes, info
+  assert info.device_count == a.num_processes * a.devices, info
+  return info
 
 
 def flat(params):
@@ -80,31 +142,17 @@ def run(steps, process_index, process_count, model_shards=1):
 
 
 def main():
-  p = argparse.ArgumentParser()
-  p.add_argument("--process_id", type=int, required=True)
-  p.add_argument("--num_processes", type=int, required=True)
-  p.add_argument("--port", type=int, required=True)
-  p.add_argument("--devices", type=int, default=2)
+  p = worker_parser()
   p.add_argument("--steps", type=int, default=4)
-  p.add_argument("--model_shards", type=int, default=1)
-  p.add_argument("--out", required=True)
   a = p.parse_args()
-  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={a.devices}"
-  os.environ["JAX_PLATFORMS"] = "cpu"
-  import jax
+  info = join(a)
   import numpy as np
   from jax_vaecf import distributed
 
-  info = distributed.initialize(f"127.0.0.1:{a.port}", a.num_processes, a.process_id,
-                                initialization_timeout=60)
-  assert info.process_count == a.num_processes, info
-  assert info.device_count == a.num_processes * a.devices, info
   params, ndcg, losses = run(a.steps, info.process_index, info.process_count,
                              a.model_shards)
-  flat = {"/".join(str(getattr(k, "key", k)) for k in path): v
-          for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
   np.savez(os.path.join(a.out, f"process_{a.process_id}.npz"), ndcg=ndcg, losses=losses,
-           **{"param:" + k: v for k, v in flat.items()})
+           **{"param:" + k: v for k, v in flat(params).items()})
   distributed.shutdown()
   print(f"process {a.process_id}: done", file=sys.stderr)
 

@@ -9,9 +9,10 @@ own ``train_epoch``, evaluates its validation users with ``loop.evaluate``, and 
 the part's training nnz.
 """
 
-import argparse
 import os
 import sys
+
+import _distributed_worker
 
 BATCH, EVAL_BATCH, SEED, EPOCHS = 8, 8, 3, 2
 
@@ -47,35 +48,23 @@ def train(batcher, validation, n_items, model_shards=1):
 
 
 def main():
-  p = argparse.ArgumentParser()
-  p.add_argument("--process_id", type=int, required=True)
-  p.add_argument("--num_processes", type=int, required=True)
-  p.add_argument("--port", type=int, required=True)
-  p.add_argument("--devices", type=int, default=2)
+  p = _distributed_worker.worker_parser()
   p.add_argument("--data", required=True)
-  p.add_argument("--out", required=True)
-  p.add_argument("--model_shards", type=int, default=1)
   a = p.parse_args()
-  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={a.devices}"
-  os.environ["JAX_PLATFORMS"] = "cpu"
-  import jax
+  info = _distributed_worker.join(a)
   import numpy as np
-  from jax_vaecf import distributed
   from jax_vaecf import data
+  from jax_vaecf import distributed
 
-  info = distributed.initialize(f"127.0.0.1:{a.port}", a.num_processes, a.process_id,
-                                initialization_timeout=60)
   part = data.open_part(a.data, info.process_index, info.process_count)
   assert isinstance(part.train.indices, np.memmap), type(part.train.indices)
   batcher = part.train_batcher(BATCH, SEED,
                                num_shards=info.device_count // a.model_shards)
   params, losses, result = train(batcher, part.validation, part.n_items, a.model_shards)
-  flat = {"/".join(str(getattr(k, "key", k)) for k in path): v
-          for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
   np.savez(os.path.join(a.out, f"process_{a.process_id}.npz"), losses=losses,
            train_nnz=part.train.nnz, train_users=part.train.shape[0],
            **{"metric:" + k: v for k, v in result.items()},
-           **{"param:" + k: v for k, v in flat.items()})
+           **{"param:" + k: v for k, v in _distributed_worker.flat(params).items()})
   distributed.shutdown()
   print(f"process {a.process_id}: done", file=sys.stderr)
 

@@ -1,9 +1,5 @@
 """Multi-process runs: two local CPU processes (gloo collectives) equal one process."""
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
@@ -13,50 +9,13 @@ from jax_vaecf import sparse as sparse_lib
 
 import _distributed_worker
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-TIMEOUT_S = 120
-
-
-
 
 @pytest.mark.parametrize("model_shards", [1, 2])
 def test_two_processes_train_like_one(tmp_path, model_shards):
   """2 processes x 2 devices, data parallel or a 2 x 2 mesh with the items split over
   each process's two devices (gathered across processes by ``to_host``)."""
-  port = _distributed_worker.free_port()
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, HERE]), JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)  # the worker sets its own device count (2 each)
-  procs, logs = [], []
-  for i in range(2):
-    log = open(tmp_path / f"log{i}.txt", "w+")
-    logs.append(log)
-    procs.append(subprocess.Popen(
-        [sys.executable, os.path.join(HERE, "_distributed_worker.py"), f"--process_id={i}",
-         "--num_processes=2", f"--port={port}", "--devices=2", f"--out={tmp_path}",
-         f"--model_shards={model_shards}"],
-        env=env, stdout=log, stderr=subprocess.STDOUT))
-  try:
-    codes = [p.wait(timeout=TIMEOUT_S) for p in procs]
-  except subprocess.TimeoutExpired:
-    codes = None
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-
-  def output():
-    out = []
-    for i, log in enumerate(logs):
-      log.seek(0)
-      out.append(f"--- process {i} ---\n{log.read()[-3000:]}")
-      log.close()
-    return "\n".join(out)
-
-  text = output()
-  assert codes is not None, f"2-process run timed out after {TIMEOUT_S} s\n{text}"
-  assert codes == [0, 0], f"worker exit codes {codes}\n{text}"
+  _distributed_worker.run_processes("_distributed_worker.py", str(tmp_path),
+                                    f"--model_shards={model_shards}")
 
   # One process, 4 devices (tests/conftest.py), the same global batches and shards.
   params, ndcg, losses = _distributed_worker.run(4, 0, 1)

@@ -227,6 +227,23 @@ def test_bad_item_sharding_requests():
     with pytest.raises(ValueError):
       parallel.parse_mesh(text)
   assert parallel.parse_mesh("2x4") == (2, 4)
+  ps = _steps("multvae", (1, 2))
+  with pytest.raises(ValueError, match="placed on its mesh"):
+    ps.eval_step(_fresh("multvae").params, None)  # host arrays, not the mesh's
+
+
+def test_bad_mesh_settings_are_refused_before_any_work():
+  from experiments import configs
+  configs.validate(configs.Config().replace(mesh="2x4"))
+  for changes, message in (
+      ({"mesh": "2x"}, "mesh must be DATAxMODEL"),
+      ({"mesh": "0x4"}, "mesh must be DATAxMODEL"),
+      ({"mesh": "1x2", "gpu_number": 0}, "not both"),
+      ({"mesh": "1x2", "input_format": "dense"}, "input_format=sparse"),
+      ({"mesh": "1x2", "parallel": "pmap"}, "parallel=sharded")):
+    with pytest.raises(ValueError, match=message):
+      configs.validate(configs.Config().replace(**changes))
+  configs.validate(configs.Config().replace(mesh="4x1", input_format="dense"))
 
 
 def test_eight_devices(tmp_path):

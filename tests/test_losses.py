@@ -105,7 +105,7 @@ def test_row_major_transpose_is_the_exact_transpose():
   h = np.random.default_rng(3).standard_normal((7, 5)).astype(np.float32)
   for dtype in (jnp.float32, jnp.bfloat16):
     hd = jnp.asarray(h, dtype)
-    got = jax.jit(losses._row_major_transpose)(hd)  # pylint: disable=protected-access
+    got = jax.jit(losses.row_major_transpose)(hd)
     assert got.dtype == hd.dtype and got.shape == (5, 7)
     np.testing.assert_array_equal(np.asarray(got, np.float32),
                                   np.asarray(hd, np.float32).T)

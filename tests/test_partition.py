@@ -291,32 +291,8 @@ def test_two_processes_on_their_parts_train_like_one(tmp_path, model_shards):
   s = _split(n_train=41, n_eval=13)
   data = tmp_path / "parts"
   write_partitions(s, data, 2, settings=SETTINGS)
-  port = _distributed_worker.free_port()
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, HERE]), JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)  # the worker sets its own device count (2 each)
-  procs, logs = [], []
-  for i in range(2):
-    logs.append(open(tmp_path / f"log{i}.txt", "w+"))
-    procs.append(subprocess.Popen(
-        [sys.executable, os.path.join(HERE, "_partition_worker.py"), f"--process_id={i}",
-         "--num_processes=2", f"--port={port}", "--devices=2", f"--data={data}",
-         f"--out={tmp_path}", f"--model_shards={model_shards}"], env=env,
-        stdout=logs[-1], stderr=subprocess.STDOUT))
-  try:
-    codes = [p.wait(timeout=120) for p in procs]
-  except subprocess.TimeoutExpired:
-    codes = None
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  text = ""
-  for i, log in enumerate(logs):
-    log.seek(0)
-    text += f"--- process {i} ---\n{log.read()[-3000:]}\n"
-    log.close()
-  assert codes == [0, 0], f"worker exit codes {codes}\n{text}"
+  _distributed_worker.run_processes("_partition_worker.py", str(tmp_path), f"--data={data}",
+                                    f"--model_shards={model_shards}")
 
   # One process, 4 devices (tests/conftest.py), every block, the same global batches;
   # evaluation of the whole validation set the usual way.

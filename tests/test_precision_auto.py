@@ -43,3 +43,9 @@ def test_auto_is_a_valid_setting_and_nonsense_is_not():
   configs.validate(configs.Config().replace(precision="auto"))
   with pytest.raises(ValueError, match="precision must be one of"):
     configs.validate(configs.Config().replace(precision="fp64"))
+
+
+def test_auto_is_refused_in_a_multi_process_run(monkeypatch):
+  monkeypatch.setattr(loop.jax, "process_count", lambda: 2)
+  with pytest.raises(ValueError, match="measures one machine"):
+    loop.resolve_precision(configs.Config().replace(precision="auto"))
