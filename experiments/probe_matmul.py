@@ -18,6 +18,11 @@ Each form is jitted alone with ``preferred_element_type=float32`` (the step's
 accumulation) and timed best of ``--repeats``. The machine's CPU model and its
 AVX512-BF16 / AMX flags are printed with the table, so the next CPU generation can be
 checked in one command. Results depend on the machine's load: run it idle.
+
+A second table times the first layer's sparse product ``X @ W1`` (``--per_user``
+entries per row, ``n_items x width`` kernel) and its kernel gradient in both forms of
+:func:`jax_vaecf.sparse.matmul`: the gather and scatter-add XLA emits for indexing, and
+the entry loop the library runs on CPU.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ flags.DEFINE_integer("rows", 1024, "Users per chunk (the step's --output_chunk_s
                      "smaller batch).")
 flags.DEFINE_integer("width", 600, "Width of the output layer's input (Mult-VAE: 600).")
 flags.DEFINE_integer("n_items", 20_108, "Items (ML-20M: 20,108).")
+flags.DEFINE_integer("per_user", 73, "First-layer table: entries per row (ML-20M: ~73).")
 flags.DEFINE_integer("repeats", 5, "Timed runs of each form; the best is reported.")
 
 
@@ -72,13 +78,35 @@ def forms(rows: int, width: int, n_items: int):
   return make
 
 
+def first_layer_forms(rows: int, width: int, n_items: int, per_user: int):
+  """``{name: (fn, args)}``: the first layer's product and kernel gradient, per form."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from jax_vaecf import sparse as sparse_lib
+
+  rng = np.random.default_rng(0)
+  nnz = rows * per_user
+  r = jnp.asarray(np.sort(rng.integers(0, rows, nnz)).astype(np.int32))
+  c = jnp.asarray(rng.integers(0, n_items, nnz).astype(np.int32))
+  v = jnp.asarray(rng.random(nnz).astype(np.float32))
+  w = 0.01 * jax.random.normal(jax.random.PRNGKey(0), (n_items, width), jnp.float32)
+  gather = lambda w: sparse_lib._gather_matmul(r, c, v, w, rows, 65_536)
+  loop = lambda w: sparse_lib._loop_matmul(r, c, v, w, rows)
+  grad = lambda f: jax.grad(lambda w: jnp.sum(jnp.tanh(f(w))))
+  return {"X @ W1, gather": (gather, (w,)), "X @ W1, entry loop": (loop, (w,)),
+          "X @ W1 + kernel grad, gather": (grad(gather), (w,)),
+          "X @ W1 + kernel grad, entry loop": (grad(loop), (w,))}
+
+
 def main(argv):
   del argv
   import jax
   import jax.numpy as jnp
 
   f = _FLAGS
-  for name in ("rows", "width", "n_items", "repeats"):
+  for name in ("rows", "width", "n_items", "per_user", "repeats"):
     if getattr(f, name) < 1:
       raise app.UsageError(f"--{name} must be >= 1")
   flop = 2.0 * f.rows * f.width * f.n_items
@@ -98,8 +126,17 @@ def main(argv):
   for name, r in rates.items():
     print(f"| {name} | {r['float32']:.0f} | {r['bfloat16']:.0f} | "
           f"{r['bfloat16'] / r['float32']:.2f} |")
+  first = {name: 1e3 * best_seconds(fn, args, f.repeats) for name, (fn, args) in
+           first_layer_forms(f.rows, f.width, f.n_items, f.per_user).items()}
+  print(f"\nfirst layer, {f.rows} rows x {f.per_user} entries, kernel {f.n_items:,} x "
+        f"{f.width}, float32, best of {f.repeats}")
+  print("| form | ms |")
+  print("|---|---|")
+  for name, ms in first.items():
+    print(f"| {name} | {ms:.1f} |")
   print(json.dumps({"probe_matmul": {k: {d: round(v, 1) for d, v in r.items()}
-                                     for k, r in rates.items()}, **info}))
+                                     for k, r in rates.items()},
+                    "first_layer_ms": {k: round(v, 2) for k, v in first.items()}, **info}))
 
 
 if __name__ == "__main__":

@@ -169,10 +169,8 @@ def test_add_bias_has_the_plain_gradient():
   assert float(jnp.max(jnp.abs(got[1]))) > 0  # the bias gradient is not trivially zero
 
 
-@pytest.mark.parametrize("chunk", [1000, 7, 1])
-def test_sparse_matmul_equals_dense_in_value_and_gradient(chunk):
-  # 30 entries (some duplicated, plus padding) in one chunk, in chunks of 7 (padded) and
-  # one at a time.
+def _coo_case():
+  # 30 entries (some duplicated, plus padding) over a 6 x 11 matrix.
   rng = np.random.default_rng(5)
   rows = np.r_[rng.integers(0, 6, 26), 2, 2, 0, 0].astype(np.int32)
   cols = np.r_[rng.integers(0, 11, 26), 4, 4, 0, 0].astype(np.int32)
@@ -181,15 +179,68 @@ def test_sparse_matmul_equals_dense_in_value_and_gradient(chunk):
   np.add.at(x, (rows, cols), vals)
   matrix = rng.normal(size=(11, 3)).astype(np.float32)
   cot = rng.normal(size=(6, 3)).astype(np.float32)
+  return rows, cols, vals, x, matrix, cot
 
-  def f(m):
-    return jnp.sum(sparse_lib.matmul(rows, cols, vals, m, 6, chunk_size=chunk) * cot)
 
-  got, grad = jax.value_and_grad(f)(jnp.asarray(matrix))
-  np.testing.assert_allclose(sparse_lib.matmul(rows, cols, vals, matrix, 6, chunk_size=chunk),
-                             x @ matrix, rtol=1e-5, atol=1e-5)
+# Both forms of the product: the entry loop (what CPU runs) and the gather form (what
+# other platforms run) in one chunk, in chunks of 7 (padded) and one entry at a time.
+_FORMS = {
+    "loop": lambda r, c, v, m, n: sparse_lib._loop_matmul(r, c, v, m, n),
+    "gather": lambda r, c, v, m, n: sparse_lib._gather_matmul(r, c, v, m, n, 1000),
+    "gather_7": lambda r, c, v, m, n: sparse_lib._gather_matmul(r, c, v, m, n, 7),
+    "gather_1": lambda r, c, v, m, n: sparse_lib._gather_matmul(r, c, v, m, n, 1),
+    "matmul": lambda r, c, v, m, n: sparse_lib.matmul(r, c, v, m, n),
+}
+
+
+@pytest.mark.parametrize("form", sorted(_FORMS))
+def test_sparse_matmul_equals_dense_in_value_and_gradient(form):
+  rows, cols, vals, x, matrix, cot = _coo_case()
+  product = _FORMS[form]
+
+  def f(v, m):
+    return jnp.sum(product(rows, cols, v, m, 6) * cot)
+
+  got, (d_vals, d_matrix) = jax.value_and_grad(f, argnums=(0, 1))(jnp.asarray(vals),
+                                                                   jnp.asarray(matrix))
+  np.testing.assert_allclose(product(rows, cols, vals, matrix, 6), x @ matrix, rtol=1e-5,
+                             atol=1e-5)
   assert float(got) == pytest.approx(float(np.sum((x @ matrix) * cot)), rel=1e-5)
-  np.testing.assert_allclose(grad, x.T @ cot, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(d_matrix, x.T @ cot, rtol=1e-5, atol=1e-5)
+  # d/d vals_i of sum((X @ M) * cot) = <M[cols_i], cot[rows_i]>.
+  np.testing.assert_allclose(d_vals, np.sum(matrix[cols] * cot[rows], axis=1), rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_sparse_matmul_loop_and_gather_forms_agree_jitted_vmapped_and_in_bf16():
+  rows, cols, vals, _, matrix, cot = _coo_case()
+  for dtype in (jnp.float32, jnp.bfloat16):
+    m = jnp.asarray(matrix, dtype)
+    grads = [jax.jit(jax.grad(lambda m, p=p: jnp.sum(p(rows, cols, vals, m, 6) * cot)))(m)
+             for p in (_FORMS["loop"], _FORMS["gather"])]
+    assert grads[0].dtype == grads[1].dtype == dtype
+    np.testing.assert_allclose(np.float32(grads[0]), np.float32(grads[1]), rtol=1e-2,
+                               atol=1e-2)
+  both = np.stack([vals, 2 * vals])  # vmapped over the values, as a sharded step does
+  got = [jax.vmap(lambda v, p=p: p(rows, cols, v, matrix, 6))(both)
+         for p in (_FORMS["loop"], _FORMS["gather"])]
+  np.testing.assert_allclose(got[0], got[1], rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_matmul_entries_outside_the_matrix_add_nothing():
+  rows, cols, vals, x, matrix, _ = _coo_case()
+  bad_rows = np.r_[rows, 6, -1, 0].astype(np.int32)  # row 6 and -1 are outside 6 rows
+  bad_cols = np.r_[cols, 0, 3, 11].astype(np.int32)  # item 11 is outside 11 items
+  bad_vals = np.r_[vals, 5.0, 5.0, 5.0].astype(np.float32)
+  np.testing.assert_allclose(sparse_lib.matmul(bad_rows, bad_cols, bad_vals, matrix, 6),
+                             x @ matrix, rtol=1e-5, atol=1e-5)
+  grad = jax.grad(lambda m: jnp.sum(sparse_lib.matmul(bad_rows, bad_cols, bad_vals, m, 6)))(
+      jnp.asarray(matrix))
+  np.testing.assert_allclose(grad, x.T @ np.ones((6, 3), np.float32), rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_matmul_refuses_a_nonsense_chunk_size():
+  rows, cols, vals, _, matrix, _ = _coo_case()
   with pytest.raises(ValueError, match="chunk_size"):
     sparse_lib.matmul(rows, cols, vals, matrix, 6, chunk_size=0)
 

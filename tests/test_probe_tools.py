@@ -30,6 +30,10 @@ def test_probe_matmul_times_every_form_in_both_precisions():
     assert all(v > 0 for v in rates.values())
   assert {"cpu", "avx512_bf16", "amx_bf16"} <= set(record)
   assert "| kernel grad, the step's form |" in r.stdout
+  first = record["first_layer_ms"]
+  assert set(first) == {"X @ W1, gather", "X @ W1, entry loop",
+                        "X @ W1 + kernel grad, gather", "X @ W1 + kernel grad, entry loop"}
+  assert all(v > 0 for v in first.values())
 
 
 def test_probe_matmul_refuses_a_nonsense_shape():
