@@ -175,7 +175,8 @@ def _versions() -> dict:
           "optax": optax.__version__, "numpy": np.__version__,
           "python": platform.python_version(), "cpu_model": cpu,
           "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg()),
-          "xla_flags": os.environ.get("XLA_FLAGS", "")}
+          "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "reuse_host_memory": bool(_FLAGS.reuse_host_memory)}
 
 
 def _peak_host_gb() -> float:

@@ -11,7 +11,9 @@ default), Adam (lr 1e-3) and the paper's KL anneal. It is timed in float32 and u
 ``torch.autocast("cpu", torch.bfloat16)``: ``--steps`` steps after 3 warm-up steps,
 extrapolated to an epoch. ``--compare`` also runs ``experiments.benchmark`` in both
 precisions with the same shape and batch (a subprocess, so both libraries do not share
-the process) and prints each epoch as a ratio of the PyTorch one.
+the process) and prints each epoch as a ratio of the PyTorch one. ``--reuse_host_memory``
+(the default; :mod:`jax_vaecf.host_memory`) applies to both libraries' processes, so
+``--noreuse_host_memory`` times both with glibc's default allocator.
 
 PyTorch is needed only to run this script (``pip install torch``); it is no dependency
 of the project.
@@ -28,6 +30,8 @@ import time
 
 from absl import app
 from absl import flags
+
+from experiments import cli
 
 _FLAGS = flags.FLAGS
 flags.DEFINE_integer("n_items", 20_108, "Items (ML-20M: 20,108).")
@@ -104,7 +108,8 @@ def ours(precision: str) -> dict:
       [sys.executable, "-m", "experiments.benchmark", f"--n_items={f.n_items}",
        f"--n_users={f.n_users}", f"--mean_per_user={f.mean_per_user}",
        f"--batch_size_train={f.batch_size}", f"--steps={f.steps}", "--eval_users=0",
-       f"--precision={precision}", f"--seed={f.seed}"],
+       f"--precision={precision}", f"--seed={f.seed}",
+       f"--reuse_host_memory={f.reuse_host_memory}"],
       capture_output=True, text=True, check=True)
   r = json.loads(out.stdout.strip().splitlines()[-1])["results"][0]
   return {"library": "jax_vaecf", "precision": precision, "step_ms": r["step_ms"],
@@ -134,8 +139,9 @@ def main(argv):
   for r in rows:
     print(f"| {r['library']} | {r['precision']} | {r['step_ms']} | {r['epoch_s']} | "
           f"{torch_bf16 / r['epoch_s']:.2f}x |")
-  print(json.dumps({"torch_baseline": rows, **info, "batch_size": f.batch_size}))
+  print(json.dumps({"torch_baseline": rows, **info, "batch_size": f.batch_size,
+                    "reuse_host_memory": bool(f.reuse_host_memory)}))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -1,0 +1,83 @@
+"""The host allocator settings: applied where glibc is, and never a change of result."""
+
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
+def _python(code: str) -> str:
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                       text=True, timeout=120, env=dict(os.environ, PYTHONPATH=REPO))
+  assert out.returncode == 0, out.stderr[-2000:]
+  return out.stdout.strip()
+
+
+@pytest.mark.skipif(not GLIBC, reason="the settings are glibc's")
+def test_settings_are_applied_and_freed_memory_is_reused():
+  # After the settings, a large block freed and asked for again is served from the
+  # process's heap: no new pages are faulted in the second time.
+  out = _python(
+      "import resource, ctypes\n"
+      "from jax_vaecf import host_memory\n"
+      "print(host_memory.reuse_freed_memory())\n"
+      "libc = ctypes.CDLL(None)\n"
+      "libc.malloc.restype = ctypes.c_void_p\n"
+      "libc.free.argtypes = [ctypes.c_void_p]\n"
+      "def touch():\n"
+      "  n = 64 << 20\n"
+      "  p = libc.malloc(n)\n"
+      "  ctypes.memset(p, 1, n)\n"
+      "  libc.free(p)\n"
+      "touch()\n"
+      "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+      "touch()\n"
+      "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n")
+  status, faults = out.splitlines()
+  assert status == "glibc"
+  # 64 MB is 16,384 pages; glibc's default maps and unmaps it, faulting each page again.
+  assert int(faults) < 1000
+
+
+@pytest.mark.skipif(not GLIBC, reason="the settings are glibc's")
+def test_default_allocator_faults_the_block_in_again():
+  # The same probe without the settings: the contrast that makes the test above mean
+  # something on this machine.
+  out = _python(
+      "import resource, ctypes\n"
+      "libc = ctypes.CDLL(None)\n"
+      "libc.malloc.restype = ctypes.c_void_p\n"
+      "libc.free.argtypes = [ctypes.c_void_p]\n"
+      "def touch():\n"
+      "  n = 64 << 20\n"
+      "  p = libc.malloc(n)\n"
+      "  ctypes.memset(p, 1, n)\n"
+      "  libc.free(p)\n"
+      "touch()\n"
+      "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+      "touch()\n"
+      "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n")
+  assert int(out) > 10_000
+
+
+def test_training_is_the_same_with_and_without_the_settings(tmp_path):
+  losses = {}
+  for flag in ("--reuse_host_memory", "--noreuse_host_memory"):
+    out = tmp_path / f"{flag}.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.benchmark", "--n_users=400", "--n_items=300",
+         "--mean_per_user=12", "--batch_size_train=100", "--steps=3", "--eval_users=0",
+         flag, f"--json_out={out}"],
+        cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(out.read_text().splitlines()[-1])
+    assert record["versions"]["reuse_host_memory"] == (flag == "--reuse_host_memory")
+    losses[flag] = record["results"][0]["final_loss"]
+  assert losses["--reuse_host_memory"] == losses["--noreuse_host_memory"]
