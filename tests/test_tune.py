@@ -240,8 +240,20 @@ def test_space_follows_the_model():
   # Trial 0 is the preset itself, its step-count anneal included.
   assert space.trial_config(ml1m, space.base_values) == ml1m.replace(test=False)
   assert space.base_values["anneal_epochs"] == 10_000 / 20  # 20 steps of 250 users
-  assert 500.0 in (space.distributions["anneal_epochs"].low,
-                   space.distributions["anneal_epochs"].high)  # widened to the base
+  # The anneal range is 0.2x to 5x the run's 100 epochs.
+  dist = space.distributions["anneal_epochs"]
+  assert (dist.low, dist.high) == (20.0, 500.0)
+  # The paper's 200,000-step anneal is 10,000 epochs here: trial 0 runs it, the range is
+  # not widened to hold it, and the note says so.
+  notes = []
+  paper = ml1m.replace(total_anneal_steps=200_000)
+  wide = tune.make_space(paper, n_train_users=lambda: 4839, note=notes.append)
+  assert wide.base_values["anneal_epochs"] == 10_000
+  dist = wide.distributions["anneal_epochs"]
+  assert (dist.low, dist.high) == (20.0, 500.0)
+  assert any("anneal_epochs=10000, outside the searched range 20 to 500" in n
+             for n in notes)
+  assert wide.trial_config(paper, wide.base_values) == paper.replace(test=False)
   dae = tune.make_space(configs.get_config("ml1m_dae"), n_train_users=lambda: 4839)
   assert "anneal_cap" not in [p.name for p in dae.params]  # no KL term
   rec = tune.make_space(configs.get_config("ml1m_recvae"), n_train_users=lambda: 4839)
