@@ -17,7 +17,8 @@ fourth; each is timed as the step writes it and in the forms a faster layout wou
 Each form is jitted alone with ``preferred_element_type=float32`` (the step's
 accumulation) and timed best of ``--repeats``. The machine's CPU model and its
 AVX512-BF16 / AMX flags are printed with the table, so the next CPU generation can be
-checked in one command. Results depend on the machine's load: run it idle.
+checked in one command. Results depend on the machine's load: run it idle. Host memory is
+reused between runs as in training (``--reuse_host_memory``, :mod:`jax_vaecf.host_memory`).
 
 A second table times the first layer's sparse product ``X @ W1`` (``--per_user``
 entries per row, ``n_items x width`` kernel) and its kernel gradient in both forms of
@@ -32,6 +33,7 @@ import json
 from absl import app
 from absl import flags
 
+from experiments import cli
 from experiments.machine import best_seconds, cpu_flags
 
 _FLAGS = flags.FLAGS
@@ -140,4 +142,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
