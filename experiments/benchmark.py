@@ -51,11 +51,11 @@ from absl import app
 from absl import flags
 
 from experiments import cli
+from experiments import synthetic
 
 _FLAGS = flags.FLAGS
-flags.DEFINE_integer("n_items", 20_108, "Items (ML-20M: 20,108).")
-flags.DEFINE_integer("n_users", 116_677, "Training users (ML-20M: 116,677).")
-flags.DEFINE_float("mean_per_user", 73.0, "Mean interactions per user (ML-20M: ~73).")
+synthetic.define_shape_flags()
+flags.adopt_module_key_flags(synthetic)
 flags.DEFINE_integer("epochs", 1, "Full epochs to time (ignored with --steps).")
 flags.DEFINE_integer("steps", 0, "If > 0, time this many steps and extrapolate to an epoch.")
 flags.DEFINE_integer("eval_users", 10_000, "Held-out users to evaluate (0: skip).")
@@ -162,6 +162,8 @@ def _versions() -> dict:
   import jaxlib
   import numpy as np
   import optax
+
+  from jax_vaecf import host_memory
   cpu = ""
   try:
     with open("/proc/cpuinfo") as f:
@@ -176,7 +178,7 @@ def _versions() -> dict:
           "python": platform.python_version(), "cpu_model": cpu,
           "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg()),
           "xla_flags": os.environ.get("XLA_FLAGS", ""),
-          "reuse_host_memory": bool(_FLAGS.reuse_host_memory)}
+          "reuse_host_memory": host_memory.applied()}
 
 
 def _peak_host_gb() -> float:
@@ -202,7 +204,6 @@ def run_one(cfg, devices: list, n_items: int, *, steps: int, epochs: int,
   import numpy as np
 
   from experiments import loop
-  from experiments import synthetic
   from jax_vaecf import data as data_lib
   from jax_vaecf import sparse as sparse_lib
 

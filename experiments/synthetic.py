@@ -22,6 +22,23 @@ ML20M_ITEMS = 20_108
 ML20M_MEAN_PER_USER = 73.0
 
 
+def define_shape_flags(flag_values=None) -> None:
+  """``--n_items``, ``--n_users`` and ``--mean_per_user``: the data's shape, declared once
+  for every tool that builds it (``benchmark``, ``torch_baseline``; the tool adopts
+  them as its own flags with ``flags.adopt_module_key_flags(synthetic)``). Values
+  below 1 are refused when the flags are parsed."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  fv = flags.FLAGS if flag_values is None else flag_values
+  flags.DEFINE_integer("n_items", ML20M_ITEMS, f"Items (ML-20M: {ML20M_ITEMS:,}).",
+                       lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("n_users", ML20M_TRAIN_USERS,
+                       f"Training users (ML-20M: {ML20M_TRAIN_USERS:,}).", lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_float("mean_per_user", ML20M_MEAN_PER_USER,
+                     f"Mean interactions per user (ML-20M: ~{ML20M_MEAN_PER_USER:g}).",
+                     lower_bound=1.0, flag_values=fv)
+
+
 def _unique(a: np.ndarray) -> np.ndarray:
   # Sort-based: numpy 2's hash-based np.unique is ~7x slower on 10M int64 keys.
   a = np.sort(a)

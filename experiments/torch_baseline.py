@@ -32,11 +32,12 @@ from absl import app
 from absl import flags
 
 from experiments import cli
+from experiments import synthetic
+from jax_vaecf import host_memory
 
 _FLAGS = flags.FLAGS
-flags.DEFINE_integer("n_items", 20_108, "Items (ML-20M: 20,108).")
-flags.DEFINE_integer("n_users", 116_677, "Training users (ML-20M: 116,677).")
-flags.DEFINE_float("mean_per_user", 73.0, "Mean interactions per user (ML-20M: ~73).")
+synthetic.define_shape_flags()
+flags.adopt_module_key_flags(synthetic)
 flags.DEFINE_integer("batch_size", 500, "Users per step.")
 flags.DEFINE_integer("steps", 20, "Timed steps (after 3 warm-up steps), extrapolated.")
 flags.DEFINE_integer("seed", 0, "Data and model seed.")
@@ -120,7 +121,6 @@ def main(argv):
   del argv
   if importlib.util.find_spec("torch") is None:
     raise app.UsageError("this script needs PyTorch: pip install torch")
-  from experiments import synthetic
   from experiments.machine import cpu_flags
 
   f = _FLAGS
@@ -140,7 +140,7 @@ def main(argv):
     print(f"| {r['library']} | {r['precision']} | {r['step_ms']} | {r['epoch_s']} | "
           f"{torch_bf16 / r['epoch_s']:.2f}x |")
   print(json.dumps({"torch_baseline": rows, **info, "batch_size": f.batch_size,
-                    "reuse_host_memory": bool(f.reuse_host_memory)}))
+                    "reuse_host_memory": host_memory.applied()}))
 
 
 if __name__ == "__main__":

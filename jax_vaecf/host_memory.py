@@ -24,6 +24,8 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 
+_applied = False  # set once the settings are in effect in this process
+
 
 def reuse_freed_memory() -> str:
   """Makes glibc's ``malloc`` keep freed memory for reuse, process-wide.
@@ -40,7 +42,8 @@ def reuse_freed_memory() -> str:
 
   Returns:
     ``"glibc"`` when the settings were applied, else why not (``"not Linux"``,
-    ``"not glibc"``, ``"mallopt refused ..."``); nothing is changed then.
+    ``"not glibc"``, ``"mallopt refused ..."``); then the settings are not (all) in
+    effect and :func:`applied` stays ``False``.
   """
   if not sys.platform.startswith("linux"):
     return "not Linux"
@@ -56,4 +59,12 @@ def reuse_freed_memory() -> str:
                              ("M_TRIM_THRESHOLD", _M_TRIM_THRESHOLD, -1)):
     if mallopt(param, value) != 1:
       return f"mallopt refused {name}={value}"
+  global _applied
+  _applied = True
   return "glibc"
+
+
+def applied() -> bool:
+  """Whether :func:`reuse_freed_memory` has put its settings in effect in this process
+  (what a benchmark records beside its times)."""
+  return _applied

@@ -89,7 +89,7 @@ def matmul(rows: jax.Array, cols: jax.Array, vals: jax.Array, matrix: jax.Array,
     gather and scatter emitters index element by element and the gather forms an
     ``(nnz, F)`` intermediate; a row at a time ran a batch-500 step of the ML-20M-shaped
     benchmark 1.16x faster in bf16 and 1.06x in float32, and the first layer alone
-    1.2-1.4x (3x with glibc's default allocator), at ``F = 600``
+    1.2-1.45x (1.6-3.3x with glibc's default allocator), at ``F = 600``
     (``python -m experiments.probe_matmul``).
   * elsewhere: a gather of ``matrix[cols]`` and a scatter-add, ``chunk_size`` entries at
     a time, which a GPU runs in parallel.

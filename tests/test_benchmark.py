@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from experiments import synthetic
-from jax_vaecf import data as data_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -95,3 +94,11 @@ def test_benchmark_refuses_settings_it_would_ignore(args, message):
   assert proc.returncode == 2
   error, hint = proc.stderr.splitlines()  # one line and the hint, before any work
   assert error.startswith(f"error: {message}") and hint.startswith("hint: ")
+
+
+def test_benchmark_refuses_a_nonsense_data_shape():
+  # The shape flags are declared once (experiments.synthetic) for the benchmark and the
+  # PyTorch baseline; a shape below 1 is refused when the flags are parsed.
+  proc = _benchmark("--n_users=0")
+  assert proc.returncode != 0
+  assert "--n_users=0: 0 is not a positive integer" in proc.stderr
