@@ -1,7 +1,8 @@
-"""A plain PyTorch Mult-VAE on the benchmark's data, timed beside this library's.
+"""A plain PyTorch Mult-VAE or RecVAE on the benchmark's data, timed beside this library's.
 
   python -m experiments.torch_baseline --batch_size=500 --steps=40
   python -m experiments.torch_baseline --batch_size=10000 --steps=6 --compare
+  python -m experiments.torch_baseline --model=recvae --steps=20 --compare
 
 The baseline every peer implementation resembles: an ``nn.Module`` Mult-VAE
 ``[n_items, 600, 200]`` (L2-normalised input, dropout 0.5, tanh, the multinomial
@@ -14,6 +15,17 @@ precisions with the same shape and batch (a subprocess, so both libraries do not
 the process) and prints each epoch as a ratio of the PyTorch one. ``--reuse_host_memory``
 (the default; :mod:`jax_vaecf.host_memory`) applies to both libraries' processes, so
 ``--noreuse_host_memory`` times both with glibc's default allocator.
+
+``--model=recvae`` times a plain PyTorch RecVAE (Shenbin et al. 2020) with the
+``ml20m_recvae`` preset's settings: L2-normalised input, five densely connected layers of
+600 with swish and LayerNorm (epsilon 0.1), latent 200, the composite prior against a
+frozen copy of the encoder, the KL term weighted by ``0.005 * |x_u|``, Adam (lr 5e-4),
+one optimiser per phase. An encoder step (input dropout 0.5; the decoder frozen, so no
+gradient is formed for it) and a decoder step (no dropout; the encoder and its prior
+run without gradients, and the KL term, which does not depend on the decoder, is left
+out) are each timed for ``--steps`` steps after 3 warm-up steps, and a round, 3 encoder
+passes and 1 decoder pass, is extrapolated from them. ``--compare`` then runs
+``experiments.benchmark --config=ml20m_recvae`` and compares rounds.
 
 PyTorch is needed only to run this script (``pip install torch``); it is no dependency
 of the project.
@@ -43,6 +55,12 @@ flags.DEFINE_integer("steps", 20, "Timed steps (after 3 warm-up steps), extrapol
 flags.DEFINE_integer("seed", 0, "Data and model seed.")
 flags.DEFINE_bool("compare", False, "Also time experiments.benchmark (fp32 and bf16) "
                   "with the same shape and batch and print the ratios.")
+flags.DEFINE_enum("model", "multvae", ["multvae", "recvae"],
+                  "The model to time: Mult-VAE (an epoch) or RecVAE (a round of 3 "
+                  "encoder and 1 decoder passes, the ml20m_recvae preset's settings).")
+
+# The ml20m_recvae preset's settings, which the PyTorch RecVAE below writes out.
+RECVAE_PRESET = "ml20m_recvae"
 
 
 def torch_epoch(csr, batch_size: int, steps: int, bf16: bool, seed: int) -> dict:
@@ -97,23 +115,134 @@ def torch_epoch(csr, batch_size: int, steps: int, bf16: bool, seed: int) -> dict
     loss = step(i)
   step_s = (time.perf_counter() - t0) / steps
   per_epoch = -(-n_users // batch_size)
-  return {"library": "pytorch", "precision": "bf16" if bf16 else "fp32",
+  return {"library": "pytorch", "model": "multvae", "precision": "bf16" if bf16 else "fp32",
           "step_ms": round(step_s * 1e3, 2), "epoch_s": round(step_s * per_epoch, 2),
           "final_loss": loss, "torch": torch.__version__}
+
+
+def torch_recvae_round(csr, batch_size: int, steps: int, bf16: bool, seed: int) -> dict:
+  """Seconds per encoder and decoder step and per round of the PyTorch RecVAE."""
+  import copy
+  import math
+
+  import numpy as np
+  import torch
+  from torch import nn
+  import torch.nn.functional as F
+
+  from experiments import configs
+
+  cfg = configs.get_config(RECVAE_PRESET)
+  width, latent = 600, cfg.latent_dim
+  torch.manual_seed(seed)
+  torch.set_num_threads(os.cpu_count() or 1)
+  n_users, n_items = csr.shape
+  log_2pi = math.log(2 * math.pi)
+
+  def log_normal(x, mu, logvar):
+    return -0.5 * (logvar + log_2pi + (x - mu) ** 2 * torch.exp(-logvar))
+
+  class Encoder(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.first = nn.Linear(n_items, width)
+      self.hidden = nn.ModuleList(nn.Linear(width, width) for _ in range(4))
+      self.norms = nn.ModuleList(nn.LayerNorm(width, eps=0.1) for _ in range(5))
+      self.mu, self.logvar = nn.Linear(width, latent), nn.Linear(width, latent)
+
+    def forward(self, x, dropout):
+      x = F.dropout(F.normalize(x, dim=1), dropout, training=dropout > 0)
+      h = self.norms[0](F.silu(self.first(x)))
+      previous = h
+      for layer, norm in zip(self.hidden, self.norms[1:]):
+        h = norm(F.silu(layer(h) + previous))
+        previous = previous + h
+      return self.mu(h), self.logvar(h)
+
+  encoder, decoder = Encoder(), nn.Linear(latent, n_items)
+  prior = copy.deepcopy(encoder).requires_grad_(False)
+  enc_opt = torch.optim.Adam(encoder.parameters(), lr=cfg.lr)
+  dec_opt = torch.optim.Adam(decoder.parameters(), lr=cfg.lr)
+  rng = np.random.default_rng(seed)
+  order = rng.permutation(n_users)
+
+  def nll_of(z, x):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+      logits = decoder(z)
+    return -(F.log_softmax(logits.float(), dim=1) * x).sum(1)
+
+  def encoder_step(x):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+      mu, logvar = encoder(x, cfg.dropout_rate)
+      with torch.no_grad():
+        prior_mu, prior_logvar = prior(x, 0.0)
+    mu, logvar = mu.float(), logvar.float()
+    prior_mu, prior_logvar = prior_mu.float(), prior_logvar.float()
+    z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+    log_p = torch.logsumexp(torch.stack([
+        log_normal(z, 0.0, torch.zeros_like(z)) + math.log(3 / 20),
+        log_normal(z, prior_mu, prior_logvar) + math.log(3 / 4),
+        log_normal(z, 0.0, torch.full_like(z, 10.0)) + math.log(1 / 10)]), dim=0)
+    kl = (log_normal(z, mu, logvar) - log_p).sum(1) * cfg.kl_gamma * x.sum(1)
+    loss = (nll_of(z, x) + kl).mean()
+    enc_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    enc_opt.step()
+    return float(loss.detach())
+
+  def decoder_step(x):
+    with torch.no_grad():
+      with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        mu, logvar = encoder(x, 0.0)
+      mu, logvar = mu.float(), logvar.float()
+      z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+    loss = nll_of(z, x).mean()
+    dec_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    dec_opt.step()
+    return float(loss.detach())
+
+  def batch(i):
+    users = order[(i * batch_size) % n_users:][:batch_size]
+    return torch.from_numpy(csr[users].toarray())
+
+  def time_steps(step, grads_off):
+    grads_off.requires_grad_(False)
+    for i in range(3):
+      step(batch(i))
+    t0 = time.perf_counter()
+    for i in range(3, 3 + steps):
+      loss = step(batch(i))
+    grads_off.requires_grad_(True)
+    return (time.perf_counter() - t0) / steps, loss
+
+  enc_s, _ = time_steps(encoder_step, decoder)
+  prior.load_state_dict(encoder.state_dict())
+  dec_s, loss = time_steps(decoder_step, encoder)
+  per_pass = -(-n_users // batch_size)
+  passes = cfg.encoder_epochs + cfg.decoder_epochs
+  round_s = (cfg.encoder_epochs * enc_s + cfg.decoder_epochs * dec_s) * per_pass
+  return {"library": "pytorch", "model": "recvae", "precision": "bf16" if bf16 else "fp32",
+          "encoder_step_ms": round(enc_s * 1e3, 2), "decoder_step_ms": round(dec_s * 1e3, 2),
+          "step_ms": round(round_s / (passes * per_pass) * 1e3, 2),
+          "epoch_s": round(round_s, 2), "final_loss": loss, "torch": torch.__version__}
 
 
 def ours(precision: str) -> dict:
   """``experiments.benchmark``'s result for the same shape, batch and steps."""
   f = _FLAGS
+  model_flags = ([f"--config={RECVAE_PRESET}", "--compare_multvae=false"]
+                 if f.model == "recvae" else [])
   out = subprocess.run(
-      [sys.executable, "-m", "experiments.benchmark", f"--n_items={f.n_items}",
+      [sys.executable, "-m", "experiments.benchmark", *model_flags, f"--n_items={f.n_items}",
        f"--n_users={f.n_users}", f"--mean_per_user={f.mean_per_user}",
        f"--batch_size_train={f.batch_size}", f"--steps={f.steps}", "--eval_users=0",
        f"--precision={precision}", f"--seed={f.seed}",
        f"--reuse_host_memory={f.reuse_host_memory}"],
       capture_output=True, text=True, check=True)
   r = json.loads(out.stdout.strip().splitlines()[-1])["results"][0]
-  return {"library": "jax_vaecf", "precision": precision, "step_ms": r["step_ms"],
+  return {"library": "jax_vaecf", "model": f.model, "precision": precision,
+          "step_ms": r["step_ms"],
           "epoch_s": r["epoch_s"], "final_loss": r["final_loss"]}
 
 
@@ -126,20 +255,23 @@ def main(argv):
   f = _FLAGS
   csr, _ = synthetic.make_dataset(n_users=f.n_users, n_items=f.n_items, n_eval_users=1,
                                   mean_per_user=f.mean_per_user, seed=f.seed)
-  rows = [torch_epoch(csr, f.batch_size, f.steps, bf16, f.seed) for bf16 in (False, True)]
+  timer = torch_recvae_round if f.model == "recvae" else torch_epoch
+  rows = [timer(csr, f.batch_size, f.steps, bf16, f.seed) for bf16 in (False, True)]
   if f.compare:
     rows += [ours("fp32"), ours("bf16")]
   torch_bf16 = rows[1]["epoch_s"]
   info = cpu_flags()
   print(f"{info['cpu']}, {os.cpu_count()} cores, AVX512-BF16 {info['avx512_bf16']}, "
         f"AMX-BF16 {info['amx_bf16']}; {f.n_users:,} users x {f.n_items:,} items, batch "
-        f"{f.batch_size}, {f.steps} steps timed and extrapolated")
+        f"{f.batch_size}, {f.steps} steps timed and extrapolated"
+        + ("; RecVAE: an epoch is a round of 4 passes" if f.model == "recvae" else ""))
   print("| library | precision | step ms | epoch s | vs PyTorch bf16 |")
   print("|---|---|---|---|---|")
   for r in rows:
     print(f"| {r['library']} | {r['precision']} | {r['step_ms']} | {r['epoch_s']} | "
           f"{torch_bf16 / r['epoch_s']:.2f}x |")
-  print(json.dumps({"torch_baseline": rows, **info, "batch_size": f.batch_size,
+  print(json.dumps({"torch_baseline": rows, **info, "model": f.model,
+                    "batch_size": f.batch_size,
                     "reuse_host_memory": host_memory.applied()}))
 
 
