@@ -12,7 +12,6 @@ from jax_vaecf.data import EvalSplit, TrainBatcher, eval_batches, make_batch, pr
 
 
 def _matrix(n_users=103, n_items=40, seed=0):
-  rng = np.random.default_rng(seed)
   m = sp.random(n_users, n_items, density=0.15, format="csr", random_state=seed,
                 dtype=np.float32)
   m.data[:] = 1.0

@@ -1,7 +1,6 @@
 """Readers: every format on tiny fixture files, and the bad-input messages."""
 
 import gzip
-import os
 
 import numpy as np
 import pytest

@@ -1,11 +1,9 @@
 """Splits: the paper's rules, bit-exactness against a pandas transcription of its
 notebook, determinism, the per-user and NVIDIA variants, and the paper's folder I/O."""
 
-import os
 
 import numpy as np
 import pytest
-import scipy.sparse as sp
 
 from jax_vaecf.data import paper_files, preprocess, readers
 from jax_vaecf.data.load import load_split

@@ -115,7 +115,6 @@ def _cli(args, timeout=120):
     (["--bogus_flag=1"], "Unknown command line flag 'bogus_flag'"),
 ])
 def test_bad_flags_fail_fast(args, message, tmp_path):
-  t0 = time.time()
   r = _cli(["--workdir", str(tmp_path / "w"), *args], timeout=60)
   assert r.returncode != 0
   assert message in r.stderr + r.stdout
