@@ -131,9 +131,13 @@ def torch_recvae_round(csr, batch_size: int, steps: int, bf16: bool, seed: int) 
   import torch.nn.functional as F
 
   from experiments import configs
+  from jax_vaecf import model as model_lib
+  from jax_vaecf import recvae
 
   cfg = configs.get_config(RECVAE_PRESET)
-  width, latent = 600, cfg.latent_dim
+  # The preset's widths as the library builds them (its default: five layers of 600).
+  dims = tuple(cfg.hidden_dims) or model_lib.model_entry(cfg.model).default_hidden_dims
+  width, latent = dims[0], cfg.latent_dim
   torch.manual_seed(seed)
   torch.set_num_threads(os.cpu_count() or 1)
   n_users, n_items = csr.shape
@@ -146,8 +150,9 @@ def torch_recvae_round(csr, batch_size: int, steps: int, bf16: bool, seed: int) 
     def __init__(self):
       super().__init__()
       self.first = nn.Linear(n_items, width)
-      self.hidden = nn.ModuleList(nn.Linear(width, width) for _ in range(4))
-      self.norms = nn.ModuleList(nn.LayerNorm(width, eps=0.1) for _ in range(5))
+      self.hidden = nn.ModuleList(nn.Linear(width, width) for _ in dims[1:])
+      self.norms = nn.ModuleList(nn.LayerNorm(width, eps=recvae.LAYER_NORM_EPS)
+                                 for _ in dims)
       self.mu, self.logvar = nn.Linear(width, latent), nn.Linear(width, latent)
 
     def forward(self, x, dropout):
