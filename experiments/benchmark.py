@@ -35,6 +35,14 @@ table reports the mesh and the bytes of the train state (parameters, Adam moment
 weight average, frozen copies) held by one device, which falls as ``1 / M`` for the
 item-indexed arrays.
 
+Work per step: XLA's own count of floating-point operations and bytes accessed by each
+phase's compiled step (``cost_analysis``, on the middle nnz bucket's shape; a loop body,
+such as the CPU first layer's entry loop, is counted once), averaged over a round's
+passes and summed over the devices, and the rate it implies (``xla_gflop_per_step`` / ``step_ms``). For a model other
+than Mult-VAE the table also gives its round's operations as a ratio of the Mult-VAE
+epoch's, a machine-independent bound for the time ratio. Steps that are not a plain
+``jax.jit`` (item-sharded meshes) report none.
+
 Prints a table and one JSON line (also written to ``--json_out``).
 """
 
@@ -197,6 +205,27 @@ def _peak_device_gb(devices) -> float | None:
   return max(peaks) if peaks else None
 
 
+def xla_work_per_step(par, state, batch, n_devices: int) -> dict:
+  """XLA's count of a step's work on ``batch``: ``{'xla_gflop_per_step',
+  'xla_gb_per_step'}``, each phase's compiled step weighted by its passes in a round
+  and summed over the ``n_devices`` devices (XLA counts one device's partitioned
+  program); ``{}`` where a step cannot be lowered on its own (item-sharded steps)."""
+  flops = gbytes = 0.0
+  passes = 0
+  for phase, step in zip(par.phases, par.train_steps):
+    if not hasattr(step, "lower"):
+      return {}
+    cost = step.lower(state, batch).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if not cost or "flops" not in cost:
+      return {}
+    flops += phase.passes * float(cost["flops"])
+    gbytes += phase.passes * float(cost.get("bytes accessed", 0.0))
+    passes += phase.passes
+  return {"xla_gflop_per_step": round(n_devices * flops / passes / 1e9, 3),
+          "xla_gb_per_step": round(n_devices * gbytes / passes / 1e9, 3)}
+
+
 def run_one(cfg, devices: list, n_items: int, *, steps: int, epochs: int,
             eval_users: int) -> dict:
   """Builds the data and the steps of ``cfg`` for ``n_items`` items and times them."""
@@ -229,17 +258,22 @@ def run_one(cfg, devices: list, n_items: int, *, steps: int, epochs: int,
   t0 = time.perf_counter()
   # A batch that does not divide over the shards is padded, as in training.
   rows_per = -(-cfg.batch_size_train // par.num_shards)
+
+  def empty_batch(nnz):
+    return par.put_batch(sparse_lib.SparseBatch(
+        np.zeros((par.num_shards, nnz), np.int32), np.zeros((par.num_shards, nnz), np.int32),
+        np.zeros((par.num_shards, nnz), np.float32),
+        np.zeros((par.num_shards, rows_per), np.float32)))
+
   for nnz in batcher.nnz_buckets:
-    empty = sparse_lib.SparseBatch(np.zeros((par.num_shards, nnz), np.int32),
-                                   np.zeros((par.num_shards, nnz), np.int32),
-                                   np.zeros((par.num_shards, nnz), np.float32),
-                                   np.zeros((par.num_shards, rows_per), np.float32))
     for train_step in par.train_steps:  # every phase's step
-      state, m = train_step(state, par.put_batch(empty))
+      state, m = train_step(state, empty_batch(nnz))
   if any(p.refresh_frozen for p in par.phases):
     state = par.refresh_frozen(state)
   jax.block_until_ready((state, m))
   compile_s = time.perf_counter() - t0
+  work = xla_work_per_step(
+      par, state, empty_batch(batcher.nnz_buckets[len(batcher.nnz_buckets) // 2]), k)
 
   n_steps = batcher.steps_per_epoch
   # One epoch is one round of the model's phases: passes_per_epoch passes of the data.
@@ -275,7 +309,10 @@ def run_one(cfg, devices: list, n_items: int, *, steps: int, epochs: int,
       "epoch_s": round(epoch_s, 2), "train_users_per_s": round(users_s, 1),
       "final_loss": loss, "data_gen_s": round(data_s, 2),
       "nnz_buckets": list(batcher.nnz_buckets),
+      **work,
   }
+  if work:
+    out["xla_gflop_per_s"] = round(work["xla_gflop_per_step"] / step_s, 1)
   if not np.isfinite(loss):
     raise FloatingPointError(f"training loss is {loss}")
 
@@ -305,6 +342,7 @@ def format_table(rows: list[dict]) -> str:
           ("state_mb_per_device", "state MB/device"),
           ("input_format", "input"), ("compile_s", "compile s"), ("step_ms", "step ms"),
           ("epoch_s", "epoch s"), ("train_users_per_s", "train users/s"),
+          ("xla_gflop_per_step", "GFLOP/step"), ("xla_gflop_per_s", "GFLOP/s"),
           ("eval_users_per_s", "eval users/s"), ("peak_host_gb", "host GB"),
           ("peak_device_gb", "device GB")]
   cols = [c for c in cols if any(c[0] in r for r in rows)]
@@ -319,6 +357,8 @@ def format_table(rows: list[dict]) -> str:
       note += f"; an epoch is a round of {passes} passes"
     if "vs_multvae_epoch" in r:
       note += f"; {r['vs_multvae_epoch']:.2f}x the Mult-VAE epoch above"
+      if "vs_multvae_epoch_gflop" in r:
+        note += f" ({r['vs_multvae_epoch_gflop']:.2f}x its floating-point operations)"
     lines.append("| " + " | ".join(str(r.get(c, "")) for c, _ in cols) + f" | {note} |")
   return "\n".join(lines)
 
@@ -364,6 +404,12 @@ def main(argv):
                 eval_users=f.eval_users if not f.sweep_items else 0)
     if base is not None:
       r["vs_multvae_epoch"] = round(r["epoch_s"] / base["epoch_s"], 3)
+      if "xla_gflop_per_step" in r and "xla_gflop_per_step" in base:
+        # Both epochs cover every user once per pass: the round's operations over the
+        # epoch's are passes x (GFLOP per step) over GFLOP per step.
+        r["vs_multvae_epoch_gflop"] = round(
+            r["passes_per_epoch"] * r["xla_gflop_per_step"]
+            / (base["passes_per_epoch"] * base["xla_gflop_per_step"]), 3)
     results.append(r)
     print(json.dumps(r), flush=True)
   info = _versions()

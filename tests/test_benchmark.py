@@ -65,6 +65,14 @@ def test_benchmark_runs_and_reports(tmp_path, devices):
   assert np.isfinite(r["final_loss"]) and r["final_loss"] > 0
   assert r["eval_users"] == 60 and r["eval_users_per_s"] > 0
   assert r["peak_host_gb"] > 0
+  # XLA's operation count of the step, summed over the devices, against the dense
+  # products of the paper's Mult-VAE (300 -> 600 -> 2 x 200, 200 -> 600 -> 300 items):
+  # forward, input and kernel gradients, 2 flops per multiply-add, at batch 100. The
+  # rest (sparse first layer, softmax, Adam) adds a few percent at this shape.
+  dense = 3 * 2 * 100 * (600 * 400 + 200 * 600 + 600 * 300)
+  assert dense <= r["xla_gflop_per_step"] * 1e9 <= 1.2 * dense
+  assert r["xla_gflop_per_s"] == pytest.approx(r["xla_gflop_per_step"] / r["step_ms"] * 1e3,
+                                               rel=0.01)
   for key in ("jax", "jaxlib", "flax", "optax", "numpy", "python", "cpu_model"):
     assert record["versions"][key]
 
@@ -102,3 +110,26 @@ def test_benchmark_refuses_a_nonsense_data_shape():
   proc = _benchmark("--n_users=0")
   assert proc.returncode != 0
   assert "--n_users=0: 0 is not a positive integer" in proc.stderr
+
+
+def test_benchmark_counts_a_recvae_round_against_a_multvae_epoch(tmp_path):
+  out = tmp_path / "bench.jsonl"
+  proc = _benchmark("--model=recvae", "--batch_size_train=100", "--steps=1",
+                    "--eval_users=0", f"--json_out={out}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  base, r = json.loads(out.read_text().splitlines()[-1])["results"]
+  assert (base["model"], r["model"]) == ("multvae", "recvae")
+  assert r["passes_per_epoch"] == 4 and base["passes_per_epoch"] == 1
+  # The dense products of a round, per step of a pass (batch 100, widths 600, latent
+  # 200, 300 items): an encoder step runs 4 dense 600 x 600 layers and the 600 -> 2 x 200
+  # heads forward and backward, the frozen prior encoder forward, and the output layer
+  # forward with its input gradient; a decoder step runs the encoder forward, and the
+  # output layer forward with its kernel gradient. Three encoder steps and one decoder.
+  body = 4 * 600 * 600 + 600 * 400
+  encoder = 2 * 100 * (3 * body + body + 2 * 200 * 300)
+  decoder = 2 * 100 * (body + 2 * 200 * 300)
+  per_step = (3 * encoder + decoder) / 4
+  assert per_step <= r["xla_gflop_per_step"] * 1e9 <= 1.2 * per_step
+  assert r["vs_multvae_epoch_gflop"] == pytest.approx(
+      4 * r["xla_gflop_per_step"] / base["xla_gflop_per_step"], rel=0.01)
+  assert "its floating-point operations" in proc.stdout
