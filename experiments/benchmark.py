@@ -209,9 +209,12 @@ def xla_work_per_step(par, state, batch, n_devices: int) -> dict:
   """XLA's count of a step's work on ``batch``: ``{'xla_gflop_per_step',
   'xla_gb_per_step'}``, each phase's compiled step weighted by its passes in a round
   and summed over the ``n_devices`` devices (XLA counts one device's partitioned
-  program); ``{}`` where a step cannot be lowered on its own (item-sharded steps)."""
+  program), and for a model of several phases each phase's own step
+  (``'xla_phases'``: name -> ``{'gflop', 'gb'}``); ``{}`` where a step cannot be
+  lowered on its own (item-sharded steps)."""
   flops = gbytes = 0.0
   passes = 0
+  phases = {}
   for phase, step in zip(par.phases, par.train_steps):
     if not hasattr(step, "lower"):
       return {}
@@ -219,11 +222,17 @@ def xla_work_per_step(par, state, batch, n_devices: int) -> dict:
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     if not cost or "flops" not in cost:
       return {}
+    phases[phase.name] = {
+        "gflop": round(n_devices * float(cost["flops"]) / 1e9, 3),
+        "gb": round(n_devices * float(cost.get("bytes accessed", 0.0)) / 1e9, 3)}
     flops += phase.passes * float(cost["flops"])
     gbytes += phase.passes * float(cost.get("bytes accessed", 0.0))
     passes += phase.passes
-  return {"xla_gflop_per_step": round(n_devices * flops / passes / 1e9, 3),
+  work = {"xla_gflop_per_step": round(n_devices * flops / passes / 1e9, 3),
           "xla_gb_per_step": round(n_devices * gbytes / passes / 1e9, 3)}
+  if len(phases) > 1:
+    work["xla_phases"] = phases
+  return work
 
 
 def run_one(cfg, devices: list, n_items: int, *, steps: int, epochs: int,

@@ -130,6 +130,12 @@ def test_benchmark_counts_a_recvae_round_against_a_multvae_epoch(tmp_path):
   decoder = 2 * 100 * (body + 2 * 200 * 300)
   per_step = (3 * encoder + decoder) / 4
   assert per_step <= r["xla_gflop_per_step"] * 1e9 <= 1.2 * per_step
+  phases = r["xla_phases"]
+  assert set(phases) == {"encoder", "decoder"}
+  assert encoder <= phases["encoder"]["gflop"] * 1e9 <= 1.2 * encoder
+  assert decoder <= phases["decoder"]["gflop"] * 1e9 <= 1.2 * decoder
+  assert r["xla_gflop_per_step"] == pytest.approx(
+      (3 * phases["encoder"]["gflop"] + phases["decoder"]["gflop"]) / 4, rel=0.01)
   assert r["vs_multvae_epoch_gflop"] == pytest.approx(
       4 * r["xla_gflop_per_step"] / base["xla_gflop_per_step"], rel=0.01)
   assert "its floating-point operations" in proc.stdout
