@@ -38,10 +38,11 @@ item-indexed arrays.
 Work per step: XLA's own count of floating-point operations and bytes accessed by each
 phase's compiled step (``cost_analysis``, on the middle nnz bucket's shape; a loop body,
 such as the CPU first layer's entry loop, is counted once), averaged over a round's
-passes and summed over the devices, and the rate it implies (``xla_gflop_per_step`` / ``step_ms``). For a model other
-than Mult-VAE the table also gives its round's operations as a ratio of the Mult-VAE
-epoch's, a machine-independent bound for the time ratio. Steps that are not a plain
-``jax.jit`` (item-sharded meshes) report none.
+passes and summed over the devices, and the rate it implies (``xla_gflop_per_step`` /
+``step_ms``). For a model other than Mult-VAE the table also gives its round's
+operations as a ratio of the Mult-VAE epoch's: the time ratio the two would have if
+they ran at the same rate. Steps that are not a plain ``jax.jit`` (item-sharded meshes),
+or a backend that reports no count, give none.
 
 Prints a table and one JSON line (also written to ``--json_out``).
 """
@@ -206,32 +207,28 @@ def _peak_device_gb(devices) -> float | None:
 
 
 def xla_work_per_step(par, state, batch, n_devices: int) -> dict:
-  """XLA's count of a step's work on ``batch``: ``{'xla_gflop_per_step',
-  'xla_gb_per_step'}``, each phase's compiled step weighted by its passes in a round
-  and summed over the ``n_devices`` devices (XLA counts one device's partitioned
-  program), and for a model of several phases each phase's own step
-  (``'xla_phases'``: name -> ``{'gflop', 'gb'}``); ``{}`` where a step cannot be
-  lowered on its own (item-sharded steps)."""
-  flops = gbytes = 0.0
-  passes = 0
+  """XLA's count of a step's work on ``batch``, summed over the ``n_devices`` devices
+  (XLA counts one device's partitioned program): ``'xla_gflop_per_step'`` and
+  ``'xla_gb_per_step'``, the phases' compiled steps weighted by their passes in a
+  round, and for a model of several phases ``'xla_phases'`` (name -> ``{'gflop',
+  'gb'}``, one step of that phase). ``{}`` where a step cannot be lowered on its own
+  (item-sharded steps) or the backend reports no operation count."""
   phases = {}
   for phase, step in zip(par.phases, par.train_steps):
     if not hasattr(step, "lower"):
       return {}
     cost = step.lower(state, batch).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    if not cost or "flops" not in cost:
+    if not cost or "flops" not in cost or "bytes accessed" not in cost:
       return {}
-    phases[phase.name] = {
-        "gflop": round(n_devices * float(cost["flops"]) / 1e9, 3),
-        "gb": round(n_devices * float(cost.get("bytes accessed", 0.0)) / 1e9, 3)}
-    flops += phase.passes * float(cost["flops"])
-    gbytes += phase.passes * float(cost.get("bytes accessed", 0.0))
-    passes += phase.passes
-  work = {"xla_gflop_per_step": round(n_devices * flops / passes / 1e9, 3),
-          "xla_gb_per_step": round(n_devices * gbytes / passes / 1e9, 3)}
+    phases[phase.name] = (phase.passes, n_devices * float(cost["flops"]) / 1e9,
+                          n_devices * float(cost["bytes accessed"]) / 1e9)
+  passes = sum(p for p, _, _ in phases.values())
+  work = {"xla_gflop_per_step": round(sum(p * g for p, g, _ in phases.values()) / passes, 3),
+          "xla_gb_per_step": round(sum(p * b for p, _, b in phases.values()) / passes, 3)}
   if len(phases) > 1:
-    work["xla_phases"] = phases
+    work["xla_phases"] = {name: {"gflop": round(g, 3), "gb": round(b, 3)}
+                          for name, (_, g, b) in phases.items()}
   return work
 
 
