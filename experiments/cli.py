@@ -164,6 +164,11 @@ def start(argv: Sequence[str], required: Sequence[str] = ()) -> None:
   Raises ``app.UsageError``, which :func:`run` prints as one line and a hint.
   """
   fl = flags.FLAGS
+  # Ids read from files keep bytes that are not UTF-8 as lone surrogates (as argv
+  # does); printed, they go out as the same bytes instead of failing the print.
+  for stream in (sys.stdout, sys.stderr):
+    if hasattr(stream, "reconfigure"):
+      stream.reconfigure(errors="surrogateescape")
   if not fl["verbosity"].present:
     # Orbax logs every checkpoint operation at INFO, and notes such as reading a
     # directory read-only at WARNING; keep the console to our own lines and errors.

@@ -456,6 +456,9 @@ def validate(cfg: Config) -> None:
   model_axis = _mesh_model_axis(cfg.mesh)
   checks = [
       (cfg.number_of_epochs >= 0, "number_of_epochs must be >= 0"),
+      (cfg.number_of_epochs >= 1 or not cfg.train,
+       "number_of_epochs=0 with --train trains nothing: give at least 1, or --notrain "
+       "--test to test the run in --workdir"),
       (cfg.batch_size_train >= 1, "batch_size_train must be >= 1"),
       (cfg.batch_size_validation >= 1, "batch_size_validation must be >= 1"),
       (cfg.lr > 0, "lr must be > 0"),

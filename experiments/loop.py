@@ -678,8 +678,25 @@ def run(cfg: configs.Config, workdir: str, *,
   :func:`train_and_validate`."""
   configs.validate(cfg)
   select_devices(cfg)  # fail before any data work
+  # One process writes the folder (see start); it alone holds the folder's lock.
+  lock = workdir_lib.prepare_workdir(cfg, workdir, lock=jax.process_index() == 0)
+  try:
+    results = _run_claimed(cfg, workdir, on_validation)
+  except BaseException:
+    if lock is not None:
+      lock.release(remove_if_unused=True)  # a run that wrote nothing leaves no folder
+    raise
+  if lock is not None:
+    lock.release()
+  return results
+
+
+def _run_claimed(cfg: configs.Config, workdir: str,
+                 on_validation: OnValidation | None) -> dict:
+  """:func:`run` once the workdir is checked and claimed."""
   cfg = resolve_precision(cfg)
-  workdir_lib.prepare_workdir(cfg, workdir)
+  if cfg.train or cfg.test:
+    workdir_lib.check_same_run(cfg, workdir)
   split = load_data(cfg)
   print(data_lib.format_stats(split.stats()), flush=True)
   n_items = split.n_items

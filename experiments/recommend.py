@@ -72,7 +72,7 @@ HELD_OUT_PARTS = ("validation", "test")
 def _open_text(path: str):
   raw = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
   return io.TextIOWrapper(raw, encoding="latin-1" if not path.endswith(
-      ("movies.csv", "movies.csv.gz")) else "utf-8", newline="")
+      ("movies.csv", "movies.csv.gz")) else "utf-8-sig", newline="")
 
 
 def read_titles(path: str) -> dict[str, str]:
@@ -299,7 +299,8 @@ def write_recommendations(rec: recommend_lib.Recommender, users: Users, k: int,
   # Formatted once: per row only the rank and the score are printed.
   item_text = [csv_field(str(i)) for i in rec.item_ids.tolist()]
   n, rows, scoring = len(users), 0, 0.0
-  with files_lib.atomic_write(out, "w", newline="") as f:
+  # Ids go out as the bytes they were read from (see jax_vaecf.data._text.ID_ERRORS).
+  with files_lib.atomic_write(out, "w", newline="", errors="surrogateescape") as f:
     f.write("user,rank,item,score\n")
     for lo in range(0, n, chunk_users):
       hi = min(lo + chunk_users, n)
@@ -430,14 +431,23 @@ def main(argv):
       _fail(str(e))
     batch(rec, users, started, setup_s)
     return
+  titles_path = FLAGS.titles or find_titles(FLAGS.workdir)
+  try:
+    titles = read_titles(titles_path) if titles_path else {}
+  except OSError as e:
+    _fail(f"--titles={titles_path}: cannot read it ({e.strerror or e})")
   try:
     out = rec.recommend([FLAGS.items], FLAGS.k)
   except ValueError as e:  # a model whose scores are not finite
     _fail(str(e))
+  if not FLAGS.items:
+    print("no --items given: recommending for an empty history (what the model ranks "
+          "first for a user it knows nothing about)")
   if out.unknown[0]:
     print(f"unknown item ids, skipped: {', '.join(map(str, out.unknown[0]))}")
-  titles_path = FLAGS.titles or find_titles(FLAGS.workdir)
-  titles = read_titles(titles_path) if titles_path else {}
+  if FLAGS.items and len(out.unknown[0]) == len(FLAGS.items):
+    print("none of the --items is in the model's item table: recommending for an empty "
+          "history")
   known = [i for i in FLAGS.items if i not in set(map(str, out.unknown[0]))]
   if known:
     print("history: " + "; ".join(f"{i} {titles.get(str(i), '')}".strip() for i in known))

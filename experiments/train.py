@@ -20,6 +20,7 @@ from absl import flags
 
 from experiments import cli
 from experiments import loop
+from jax_vaecf import checkpoint as checkpoint_lib
 from jax_vaecf import distributed
 
 FLAGS = flags.FLAGS
@@ -38,7 +39,8 @@ def main(argv):
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                            FLAGS.process_id, environ=os.environ)
     loop.run(cfg, FLAGS.workdir)
-  except (ValueError, FileNotFoundError, loop.TrainingDivergedError) as e:
+  except (ValueError, FileNotFoundError, loop.TrainingDivergedError,
+          checkpoint_lib.CheckpointSaveError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
 

@@ -10,7 +10,6 @@ permissions (:mod:`jax_vaecf.files`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
@@ -20,6 +19,7 @@ from experiments import configs
 from jax_vaecf import checkpoint as checkpoint_lib
 from jax_vaecf import data as data_lib
 from jax_vaecf import files as files_lib
+from jax_vaecf import run_folder
 
 
 def identity(cfg: configs.Config, split: data_lib.Split) -> dict:
@@ -33,8 +33,7 @@ def identity(cfg: configs.Config, split: data_lib.Split) -> dict:
       "dataset": cfg.dataset,
       "protocol": split.protocol,
       "n_train_users": int(split.n_train_users),
-      "items_digest": hashlib.sha256(
-          "\n".join(str(i) for i in ids.tolist()).encode()).hexdigest()[:16],
+      "items_digest": run_folder.items_digest(ids),
     # The checkpointed state has ema_params exactly when the run keeps an average; the
     # key is left out otherwise, so workdirs written before averaging existed still match.
   } | ({"weight_average": True} if cfg.ema_decay > 0 else {})
@@ -81,27 +80,43 @@ class MetricsLog:
 
 
 
-def prepare_workdir(cfg: configs.Config, workdir: str) -> None:
-  """Checks, before any data work, that ``workdir`` can hold this run.
+def prepare_workdir(cfg: configs.Config, workdir: str, *, lock: bool = True
+                    ) -> run_folder.RunLock | None:
+  """Checks, before any data work, that ``workdir`` can hold this run, and claims it.
 
   It must be a folder (created if missing) that can be written when the run trains or
-  tests. When it already holds a run, the settings that shape what is trained must be
-  those in its ``config.json`` (``configs.RESUMABLE_FIELDS`` may change); otherwise
-  ``ValueError`` lists the differences, so a record of a run never describes settings
-  its checkpoints were not trained with.
+  tests. Such a run takes the folder's lock (:class:`jax_vaecf.run_folder.RunLock`,
+  returned; the caller releases it when the run ends): another process writing there
+  raises :class:`jax_vaecf.run_folder.RunFolderBusyError` naming its pid. ``lock=False``
+  (the processes of a multi-process run other than the one that writes) checks without
+  claiming. On an error a folder created here is removed again. Then
+  :func:`check_same_run`, once the settings are final.
   """
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ValueError(f"--workdir={workdir}: this is a file, expected a folder for the run")
   if not (cfg.train or cfg.test):
-    return  # benchmark only: nothing is written
+    return None  # benchmark only: nothing is written
+  held = run_folder.RunLock(workdir)
   try:
-    os.makedirs(workdir, exist_ok=True)
+    if lock:
+      held.acquire()
+    else:
+      os.makedirs(workdir, exist_ok=True)
     with files_lib.atomic_write(os.path.join(workdir, ".write-test"), "wb"):
       pass
     os.remove(os.path.join(workdir, ".write-test"))
   except OSError as e:
+    held.release(remove_if_unused=True)
     raise ValueError(
         f"--workdir={workdir}: cannot write there ({e.strerror or e})") from None
+  return held if lock else None
+
+
+def check_same_run(cfg: configs.Config, workdir: str) -> None:
+  """When ``workdir`` already holds a run that ``cfg`` would train on, the settings that
+  shape what is trained must be those in its ``config.json`` (``configs.RESUMABLE_FIELDS``
+  may change); otherwise ``ValueError`` lists the differences, so a record of a run
+  never describes settings its checkpoints were not trained with."""
   if cfg.train and holds_a_run(workdir):
     changed = config_changes(_saved_config(workdir), cfg)
     fixed = {k: v for k, v in changed.items() if k not in configs.RESUMABLE_FIELDS}

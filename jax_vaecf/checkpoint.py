@@ -28,10 +28,12 @@ when no state of a kind can be read.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import math
 import os
+import shutil
 import warnings
 import zlib
 from typing import Any, Mapping
@@ -56,10 +58,49 @@ class CheckpointUnreadableError(ValueError):
   """Checkpoint folders exist but none of them can be read back."""
 
 
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written (a full disk, a folder gone); the checkpoints
+  saved before it are untouched."""
+
+
+def _no_space(e: BaseException) -> bool:
+  """Whether ``e`` (or an exception it was raised from) is a full disk; orbax reports
+  tensorstore's ENOSPC as a ValueError whose message carries the OS error code."""
+  seen = 0
+  while e is not None and seen < 10:
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+      return True
+    text = str(e)
+    if "No space left on device" in text or f"os_error_code='{errno.ENOSPC}'" in text:
+      return True
+    e, seen = e.__cause__ or e.__context__, seen + 1
+  return False
+
+
 def _reason(e: BaseException) -> str:
   """The first line of an exception's message (orbax nests long tracebacks in them)."""
   text = str(e).strip().splitlines()
   return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+# Room left beyond the arrays' bytes for the checkpoint's own metadata files.
+_SAVE_MARGIN_BYTES = 1 << 20
+
+
+def _check_free_space(directory: str, tree, step: int) -> None:
+  """Raises :class:`CheckpointSaveError` before a save that cannot fit on its device
+  (orbax's own failure midway prints pages of tracebacks from its writer threads)."""
+  need = sum(int(np.asarray(a).nbytes) for a in jax.tree_util.tree_leaves(tree))
+  try:
+    free = shutil.disk_usage(directory).free
+  except OSError:
+    return  # cannot tell: let the save try
+  if free < need + _SAVE_MARGIN_BYTES:
+    raise CheckpointSaveError(
+        f"{directory}: could not save the checkpoint of step {step}: no space left on the "
+        f"device ({free / 2**20:.1f} MiB free, the checkpoint needs "
+        f"{(need + _SAVE_MARGIN_BYTES) / 2**20:.1f} MiB); the checkpoints saved before are "
+        "kept; free space, then run the same command again (it resumes)")
 
 
 def _crc32(path: str) -> int:
@@ -221,12 +262,29 @@ class RunCheckpoints:
   def _save(self, mngr, step: int, state, meta: Mapping[str, Any],
             metrics: Mapping[str, float] | None = None) -> None:
     meta = dict(meta, identity=self.identity)
-    mngr.save(int(step),
-              args=ocp.args.Composite(
-                  state=ocp.args.StandardSave(_plain(_stored_fields(state))),
-                  meta=ocp.args.JsonSave(meta)),
-              metrics=dict(metrics) if metrics else None, force=True)
-    mngr.wait_until_finished()
+    stored = _plain(_stored_fields(state))
+    _check_free_space(str(mngr.directory), stored, int(step))
+    # A failing save logs orbax's whole traceback from its writer thread (~100 lines)
+    # before raising; the error raised below says it in one line instead.
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.CRITICAL)
+    try:
+      mngr.save(int(step),
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(stored),
+                    meta=ocp.args.JsonSave(meta)),
+                metrics=dict(metrics) if metrics else None, force=True)
+      mngr.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      # orbax's messages run to many lines; one says what happened and what to do.
+      what = ("no space left on the device" if _no_space(e) else _reason(e))
+      raise CheckpointSaveError(
+          f"{mngr.directory}: could not save the checkpoint of step {int(step)}: {what}; "
+          "the checkpoints saved before are kept and the partial one is removed when "
+          "the same command runs again (it resumes)") from None
+    finally:
+      absl_logger.setLevel(level)
     # A best-K manager drops a state at once when it does not rank.
     if jax.process_index() == 0 and int(step) in mngr.all_steps():
       write_checksums(self._step_dir(mngr, step))

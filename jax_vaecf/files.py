@@ -71,15 +71,15 @@ def _fsync_folder(folder: str) -> None:
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb", *,
-                 encoding: str | None = "utf-8",
-                 newline: str | None = None) -> Iterator[IO]:
+                 encoding: str | None = "utf-8", newline: str | None = None,
+                 errors: str | None = None) -> Iterator[IO]:
   """Yields a file object whose content replaces ``path`` when the block ends cleanly.
 
   Args:
     path: the destination; its folder must exist.
     mode: ``"wb"`` (binary) or ``"w"`` (text).
-    encoding, newline: for text mode, as for ``open()``; the encoding defaults to
-      UTF-8 (not the locale's), which is what the project's readers expect.
+    encoding, newline, errors: for text mode, as for ``open()``; the encoding defaults
+      to UTF-8 (not the locale's), which is what the project's readers expect.
 
   The new file has the permissions ``open()`` would give a new file (0o666 less the
   umask), not those of the file it replaces. On any exception in the block, or while
@@ -95,7 +95,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", *,
     if mode == "wb":
       f = os.fdopen(fd, "wb")
     else:
-      f = os.fdopen(fd, "w", encoding=encoding, newline=newline)
+      f = os.fdopen(fd, "w", encoding=encoding, newline=newline, errors=errors)
     yield f
     f.flush()
     os.fsync(f.fileno())

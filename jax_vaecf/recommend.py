@@ -28,6 +28,7 @@ import numpy as np
 from jax_vaecf import checkpoint as checkpoint_lib
 from jax_vaecf import metrics as metrics_lib
 from jax_vaecf import model as model_lib
+from jax_vaecf import run_folder
 from jax_vaecf import serve as serve_lib
 from jax_vaecf import sparse as sparse_lib
 from jax_vaecf import train as train_lib
@@ -153,6 +154,13 @@ class Recommender:
     if not os.path.exists(ids_path):
       raise FileNotFoundError(f"{ids_path}: not found; the workdir is incomplete")
     item_ids = np.load(ids_path, allow_pickle=False)
+    recorded = ident.get("items_digest")
+    if recorded is not None and run_folder.items_digest(item_ids) != recorded:
+      # The ids file and the checkpoint come from different runs (a run started over
+      # in the folder): columns would be served under other items' ids.
+      raise ValueError(f"{ids_path}: not the item table the best checkpoint was trained "
+                       "on (another run wrote the folder since); train again or use "
+                       "the run's own folder")
     model = model_lib.build_model(ident["model"], int(ident["n_items"]),
                                   hidden_dims=tuple(ident["hidden_dims"]),
                                   latent_dim=int(ident["latent_dim"]))

@@ -94,14 +94,47 @@ def read_manifest(folder: str) -> dict:
   if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
     raise ArtifactError(f"{path}: format {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
                         f"expected {FORMAT!r}")
-  for name, entry in sorted(manifest.get("files", {}).items()):
-    f = os.path.join(folder, name)
+  listed = manifest.get("files")
+  if not isinstance(listed, dict):
+    raise ArtifactError(f"{path}: 'files' must map each file of the artefact to its "
+                        f"digest, got {listed!r}; export the artefact again")
+  # Every file the loader reads must be listed with its digest: an unlisted one could
+  # be replaced without a word.
+  for key in READ_FILES:
+    name = manifest.get(key)
+    if not isinstance(name, str) or name not in listed:
+      raise ArtifactError(f"{path}: {key} {name!r} is not in the manifest's list of "
+                          "files with their digests; export the artefact again")
+  for name, entry in sorted(listed.items()):
+    f = _inside(folder, name, path)
+    if not (isinstance(entry, dict) and isinstance(entry.get("bytes"), int)
+            and isinstance(entry.get("sha256"), str)):
+      raise ArtifactError(f"{path}: the entry of {name!r} in 'files' has no bytes and "
+                          "sha256; export the artefact again")
     if not os.path.isfile(f):
       raise ArtifactError(f"{f}: missing from the artefact")
     if os.path.getsize(f) != entry["bytes"] or sha256_of(f) != entry["sha256"]:
       raise ArtifactError(f"{f}: checksum mismatch, the file is not the one exported "
                           "(corrupted or replaced); export the artefact again")
   return manifest
+
+
+# The manifest's keys naming the files load() reads.
+READ_FILES = ("program", "params", "item_ids")
+
+
+def _inside(folder: str, name: str, manifest_path: str) -> str:
+  """``folder/name`` when ``name`` is a plain file name of the folder (no folder part,
+  no link out of it), else :class:`ArtifactError`."""
+  if (not isinstance(name, str) or not name or name in (".", "..")
+      or os.path.basename(name) != name or (os.altsep and os.altsep in name)):
+    raise ArtifactError(f"{manifest_path}: {name!r} is not a file name inside the "
+                        "artefact's folder; export the artefact again")
+  f = os.path.join(folder, name)
+  if os.path.dirname(os.path.realpath(f)) != os.path.realpath(folder):
+    raise ArtifactError(f"{manifest_path}: {name!r} leads out of the artefact's folder "
+                        f"(to {os.path.realpath(f)}); export the artefact again")
+  return f
 
 
 def _nested(flat: dict[str, np.ndarray]) -> dict:
@@ -190,6 +223,7 @@ def load(folder: str) -> Scorer:
 
   folder = os.fspath(folder)
   manifest = read_manifest(folder)
+  # read_manifest checked that each is a listed, digest-checked file of the folder.
   with open(os.path.join(folder, manifest["program"]), "rb") as f:
     exported = export.deserialize(bytearray(f.read()))
   with np.load(os.path.join(folder, manifest["params"]), allow_pickle=False) as z:

@@ -24,20 +24,23 @@ def _with_duplicates(seed=0, n_users=120, n_items=60, n=6_000):
       timestamps=rng.integers(0, 10**6, n), source="dups")
 
 
-def _first_rows(x, threshold):
-  """Drops every positive row whose pair had an earlier positive row (a plain loop);
-  negative rows stay, so the users' first rows in the file stay where they were.
+def _first_rows(x):
+  """The rule by a plain loop: one row per (user, item) pair at its first row's place,
+  with the rating of its latest row (largest timestamp; on a tie the later row).
 
-  Returns the rows and the number of distinct positive pairs.
+  Returns the rows (no repeats left).
   """
-  seen, keep = set(), []
+  first, latest = {}, {}
   for k, (u, i) in enumerate(zip(x.users.tolist(), x.items.tolist())):
-    if threshold is not None and not x.ratings[k] > threshold:
-      keep.append(k)
-    elif (u, i) not in seen:
-      seen.add((u, i))
-      keep.append(k)
-  return x.select(np.array(keep, np.int64)), len(seen)
+    first.setdefault((u, i), k)
+    if (u, i) not in latest or x.timestamps[k] >= x.timestamps[latest[(u, i)]]:
+      latest[(u, i)] = k
+  keep = sorted(first.values())
+  pairs = [(int(x.users[k]), int(x.items[k])) for k in keep]
+  out = x.select(np.array(keep, np.int64))
+  ratings = np.float32([x.ratings[latest[p]] for p in pairs])
+  return readers.Interactions(users=out.users, items=out.items, ratings=ratings,
+                              timestamps=out.timestamps, source=x.source)
 
 
 def _same(a, b):
@@ -85,16 +88,18 @@ def test_duplicates_never_both_folded_in_and_held_out(protocol, seed):
     rows = ev.fold_in if s.protocol == "heldout_users" else s.train
     assert rows.multiply(ev.heldout).nnz == 0
     assert ev.heldout.nnz > 0
-  deduped, n_kept = _first_rows(x, threshold)
-  n_positive = n_kept + s.collapsed_duplicates
-  assert s.collapsed_duplicates > 0
-  assert n_positive == (len(x) if threshold is None else int((x.ratings > threshold).sum()))
-  # The same split as on the file with only each pair's first row.
+  deduped = _first_rows(x)
+  # Every repeated row counts, whatever its rating.
+  assert s.collapsed_duplicates == len(x) - len(deduped) > 0
+  # The same split as on the file with one row per pair (the latest rating at the
+  # first row's place).
   ref = split(deduped)
   assert ref.collapsed_duplicates == 0
   _assert_same_split(s, ref)
   assert s.stats()["collapsed_duplicates"] == s.collapsed_duplicates
-  assert f"{s.collapsed_duplicates:,} duplicate (user, item) rows" in format_stats(s.stats())
+  assert (f"{s.collapsed_duplicates:,} repeated (user, item) rows collapsed: each pair "
+          "counts once, before any threshold or filter, with its latest rating"
+          in format_stats(s.stats()))
 
 
 def test_no_duplicates_nothing_collapsed():
@@ -147,17 +152,33 @@ def test_collapse_keeps_first_row_and_sums_counts():
   assert n == 1 and b.users.tolist() == [-2**63, 2**63 - 1, 0]
 
 
-def test_explicit_ratings_binarized_before_collapsing():
-  # User 1 rated item 10 first 2 then 5: positive. Item 11 first 5 then 2: positive.
-  users = np.array([1, 1, 1, 1, 1, 1, 1])
-  items = np.array([10, 11, 12, 13, 14, 10, 11])
-  ratings = np.float32([2, 5, 5, 5, 5, 5, 2])
-  x = readers.Interactions(users=users, items=items, ratings=ratings, source="t")
+def test_repeated_ratings_collapse_before_the_threshold_latest_rating_counts():
+  # Item 10 rated 1, later 5: a positive. Item 11 rated 5, later 2: no longer one.
+  # Item 15 rated 5 and 1 by timestamp 9 then 3 in file order: the timestamp decides.
+  users = np.array([1] * 9)
+  items = np.array([10, 11, 12, 13, 14, 10, 11, 15, 15])
+  ratings = np.float32([1, 5, 5, 5, 5, 5, 2, 5, 1])
+  times = np.array([1, 2, 3, 4, 5, 6, 7, 9, 3])
+  x = readers.Interactions(users=users, items=items, ratings=ratings, timestamps=times,
+                           source="t")
   s = preprocess.split_per_user(x, threshold=3.5, min_items_to_split=100)
-  assert sorted(s.item_ids.tolist()) == [10, 11, 12, 13, 14]
-  assert s.collapsed_duplicates == 0  # the rating-2 rows were never positives
-  # The column order is the first positive row's: item 10 appears after 11..14.
-  assert s.item_ids.tolist() == [11, 12, 13, 14, 10]
+  # Item 10 keeps the place of its first row: the first column.
+  assert s.item_ids.tolist() == [10, 12, 13, 14, 15]
+  assert s.collapsed_duplicates == 3  # every repeat counts, positive or not
+  # The paper's protocol reads them the same way.
+  many = readers.Interactions(
+      users=np.repeat(np.arange(30), 9), items=np.tile(items, 30),
+      ratings=np.tile(ratings, 30), timestamps=np.tile(times, 30), source="t")
+  h = preprocess.split_heldout_users(many, 3, min_uc=1)
+  assert sorted(h.item_ids.tolist()) == [10, 12, 13, 14, 15]
+  assert h.collapsed_duplicates == 90
+  # A given train/test pair: the rated-1-then-5 test item is a positive to predict.
+  tr = readers.Interactions(users=np.array([1, 1, 2]), items=np.array([10, 11, 10]),
+                            ratings=np.float32([5, 5, 5]), source="tr")
+  te = readers.Interactions(users=np.array([2, 2]), items=np.array([11, 11]),
+                            ratings=np.float32([1, 5]), source="te")
+  f = preprocess.split_from_files(tr, te, threshold=3.5)
+  assert _pairs(f.test.heldout, f.test.user_ids) == {(2, 1)}  # column 1 is item 11
 
 
 def test_split_from_files_drops_test_rows_seen_in_train(tmp_path):
@@ -169,7 +190,7 @@ def test_split_from_files_drops_test_rows_seen_in_train(tmp_path):
   assert s.train.multiply(s.test.heldout).nnz == 0
   # One repeat in train.txt, one in test.txt, user 0's item 1 and user 1's item 3 seen.
   assert s.collapsed_duplicates == 4
-  assert any("collapsed 4 duplicate" in r for r in reports)
+  assert any("collapsed 4 repeated (user, item) rows" in r for r in reports)
 
 
 def test_load_split_reports_collapsed_rows(tmp_path):
@@ -178,7 +199,8 @@ def test_load_split_reports_collapsed_rows(tmp_path):
   reports = []
   s = load_split("ml-1m", path, progress=reports.append)
   assert s.collapsed_duplicates == 2
-  assert any("collapsed 2 duplicate" in r for r in reports)
+  assert any("collapsed 2 repeated (user, item) rows: each pair counts once, before any "
+             "threshold or filter, with its latest rating" in r for r in reports)
 
 
 # ---- ids survive exactly ----

@@ -33,12 +33,19 @@ def _write_csv(path, x):
 
 def _paper_notebook(path, n_heldout, min_uc=5, min_sc=0, drop_duplicates=False):
   """A transcription of dawenl/vae_cf's notebook preprocessing (pandas); optionally
-  with repeated (user, item) positives dropped (first kept) after the rating filter."""
+  with repeated (user, item) rows collapsed before the rating filter (the project's
+  rule, written with pandas)."""
   pd = pytest.importorskip("pandas")
   raw_data = pd.read_csv(path, header=0)
-  raw_data = raw_data[raw_data["rating"] > 3.5]
   if drop_duplicates:
-    raw_data = raw_data.drop_duplicates(["userId", "movieId"], keep="first")
+    # One row per pair at its first row's place, with its latest rating (largest
+    # timestamp, then later in the file), before the rating filter.
+    pair = ["userId", "movieId"]
+    latest = (raw_data.assign(row=np.arange(len(raw_data)))
+              .sort_values(["timestamp", "row"]).groupby(pair)["rating"].last())
+    raw_data = raw_data.drop_duplicates(pair, keep="first").copy()
+    raw_data["rating"] = latest.reindex(pd.MultiIndex.from_frame(raw_data[pair])).values
+  raw_data = raw_data[raw_data["rating"] > 3.5]
 
   def get_count(tp, id):
     return tp[[id]].groupby(id, as_index=False).size()

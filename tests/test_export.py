@@ -111,6 +111,71 @@ def test_an_altered_file_is_refused_by_name(run, tmp_path, victim):
     serve.load(str(copy))
 
 
+def _edited_copy(artefact, tmp_path, name, edit, replace=None):
+  """A copy of the artefact whose manifest ``edit`` changed in place; ``replace``
+  writes new bytes over files of the copy (name -> bytes)."""
+  import shutil
+  copy = tmp_path / name
+  shutil.copytree(artefact, copy)
+  manifest = json.loads((copy / serve.MANIFEST).read_text())
+  edit(manifest)
+  (copy / serve.MANIFEST).write_text(json.dumps(manifest))
+  for f, data in (replace or {}).items():
+    (copy / f).write_bytes(data)
+  return str(copy)
+
+
+def test_every_file_read_must_be_listed_with_its_digest_inside_the_folder(run, tmp_path):
+  _, artefact = run
+  # Another model's weights under the same name: refused once its entry is gone from
+  # the list (it was loaded before).
+  other = np.load(os.path.join(artefact, "params.npz"))
+  import io
+  buf = io.BytesIO()
+  np.savez(buf, **{k: np.zeros_like(other[k]) for k in other.files})
+  for name, edit, first in (("unlisted", lambda m: m["files"].pop("params.npz"),
+                              "params 'params.npz'"),
+                             ("empty", lambda m: m.update(files={}),
+                              "program 'scorer.jax'")):
+    copy = _edited_copy(artefact, tmp_path, name, edit, {"params.npz": buf.getvalue()})
+    with pytest.raises(serve.ArtifactError, match=f"{first} is not in the manifest's "
+                       "list of files with their digests"):
+      serve.load(copy)
+  # A file outside the folder, listed or not.
+  outside = tmp_path / "x"
+  outside.mkdir()
+  np.save(outside / "item_ids.npy", np.arange(1000))
+  copy = _edited_copy(artefact, tmp_path, "escape",
+                      lambda m: m.update(item_ids="../x/item_ids.npy"))
+  with pytest.raises(serve.ArtifactError, match=r"item_ids '../x/item_ids.npy' is not "
+                     "in the manifest's list"):
+    serve.load(copy)
+
+  def listed_outside(m):
+    m["item_ids"] = "../x/item_ids.npy"
+    m["files"]["../x/item_ids.npy"] = {
+        "sha256": serve.sha256_of(str(outside / "item_ids.npy")),
+        "bytes": os.path.getsize(outside / "item_ids.npy")}
+  copy = _edited_copy(artefact, tmp_path, "escape2", listed_outside)
+  with pytest.raises(serve.ArtifactError, match=r"'../x/item_ids.npy' is not a file "
+                     "name inside the artefact's folder"):
+    serve.load(copy)
+  # A listed name that is a link out of the folder.
+  copy = _edited_copy(artefact, tmp_path, "link", lambda m: None)
+  os.remove(os.path.join(copy, "item_ids.npy"))
+  os.symlink(outside / "item_ids.npy", os.path.join(copy, "item_ids.npy"))
+  with pytest.raises(serve.ArtifactError, match="'item_ids.npy' leads out of the "
+                     "artefact's folder"):
+    serve.load(copy)
+  # An entry without its digest.
+  copy = _edited_copy(artefact, tmp_path, "nodigest",
+                      lambda m: m["files"]["scorer.jax"].pop("sha256"))
+  with pytest.raises(serve.ArtifactError, match="the entry of 'scorer.jax' in 'files' "
+                     "has no bytes and sha256"):
+    serve.load(copy)
+  serve.load(artefact)  # the original still loads
+
+
 def test_export_refuses_an_occupied_folder_and_a_diverged_model(run, tmp_path):
   workdir, _ = run
   occupied = tmp_path / "out"

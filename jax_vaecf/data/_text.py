@@ -17,6 +17,12 @@ import warnings
 import numpy as np
 
 _GZIP_MAGIC = b"\x1f\x8b"
+_UTF8_BOM = b"\xef\xbb\xbf"
+# Ids are bytes in the files; as text they are decoded with this error handler, so a
+# byte that is not UTF-8 becomes a lone surrogate and encodes back to the same byte.
+# Two different ids never decode to the same string (``errors="replace"`` would merge
+# them into U+FFFD).
+ID_ERRORS = "surrogateescape"
 # Lines per block when hunting for the first unparsable line: small enough that the
 # per-line fallback inside one block is quick, large enough that blocks stay few.
 _BLOCK_LINES = 1 << 14
@@ -26,9 +32,13 @@ _GATHER_ROWS = 1 << 18
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
-  """Returns the file's content, gunzipped when it starts with the gzip magic number.
+  """Returns the file's content, gunzipped when it starts with the gzip magic number,
+  without a leading UTF-8 byte-order mark (spreadsheets write one; left in, it would
+  make the first line look like text).
 
-  Raises FileNotFoundError naming the path when it is missing or is a folder.
+  Raises FileNotFoundError naming the path when it is missing or is a folder, and
+  ValueError naming the line of a NUL byte (no text format of a data set has one; in an
+  id it would be indistinguishable from padding).
   """
   path = os.fspath(path)
   if not os.path.isfile(path):
@@ -40,6 +50,14 @@ def read_bytes(path: str | os.PathLike) -> bytes:
       data = gzip.decompress(data)
     except (OSError, EOFError) as e:
       raise ValueError(f"{path}: corrupt or truncated gzip data ({e})") from None
+  if data.startswith(_UTF8_BOM):
+    data = data[len(_UTF8_BOM):]
+  nul = data.find(b"\0")
+  if nul >= 0:
+    line = data.count(b"\n", 0, nul) + 1
+    column = nul - data.rfind(b"\n", 0, nul)
+    raise ValueError(f"{path}, line {line}: holds a NUL byte (0x00) at column {column}; "
+                     "expected text")
   return data
 
 
@@ -76,7 +94,13 @@ def line_bounds(buf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def line_text(data: bytes, starts, ends, i: int) -> str:
   s = data[int(starts[i]):int(ends[i])]
-  return s[:200].decode("utf-8", "replace")
+  return shown(s[:200])
+
+
+def shown(raw: bytes) -> str:
+  """Bytes from a file as text for a message: UTF-8, with any other byte as ``\\xNN``
+  (so the message names the exact bytes)."""
+  return raw.decode("utf-8", "backslashreplace")
 
 
 def nth_line(data: bytes, i: int) -> str:
@@ -215,7 +239,7 @@ def parse_numbers(strings: np.ndarray, dtype, path: str, first_line,
     except (ValueError, OverflowError):
       raise ValueError(
           f"{path}, line {_line_no(first_line, i)}: expected {what}, got "
-          f"{s.decode('utf-8', 'replace')!r}") from None
+          f"{shown(s)!r}") from None
   raise AssertionError("unreachable")
 
 

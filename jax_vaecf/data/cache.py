@@ -29,8 +29,10 @@ from jax_vaecf import files
 from jax_vaecf.data.split import EvalSplit, Split
 
 # Bump when a stored array changes meaning. A new scalar field of Split needs no bump:
-# it goes into "meta", and a file without it is rebuilt in place.
-FORMAT_VERSION = 1
+# it goes into "meta", and a file without it is rebuilt in place. 2: ids keep bytes
+# that are not UTF-8 (version 1 merged them into U+FFFD) and repeated (user, item)
+# rows collapse before the rating threshold.
+FORMAT_VERSION = 2
 _HEAD_BYTES = 1 << 20
 
 

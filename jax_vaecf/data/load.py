@@ -27,7 +27,7 @@ from typing import Callable
 from jax_vaecf.data import cache as cache_lib
 from jax_vaecf.data import download as download_lib
 from jax_vaecf.data import preprocess, registry
-from jax_vaecf.data.split import Split
+from jax_vaecf.data.split import DUPLICATE_RULE, Split
 
 # The built-in data sets (registry.names() also lists any registered since).
 DATASETS = registry.names()
@@ -122,8 +122,8 @@ def _find_folder(entry: registry.DataSet, data_dir: str, cache_dir: str | None) 
 
 def _reported(split: Split, report: Callable[[str], None]) -> Split:
   if split.collapsed_duplicates:
-    report(f"collapsed {split.collapsed_duplicates:,} duplicate (user, item) rows into "
-           "their first occurrence")
+    report(f"collapsed {split.collapsed_duplicates:,} repeated (user, item) rows: "
+           f"{DUPLICATE_RULE}")
   return split
 
 

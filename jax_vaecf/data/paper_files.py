@@ -72,8 +72,11 @@ def write_vaecf_dir(split: Split, out_dir: str | os.PathLike) -> None:
   _write_pairs(os.path.join(out_dir, "validation_te.csv"), split.validation.heldout, n_tr)
   _write_pairs(os.path.join(out_dir, "test_tr.csv"), split.test.fold_in, n_tr + n_vd)
   _write_pairs(os.path.join(out_dir, "test_te.csv"), split.test.heldout, n_tr + n_vd)
-  files.write_text_atomic(os.path.join(out_dir, "unique_sid.txt"), item_text)
-  files.write_text_atomic(os.path.join(out_dir, "unique_uid.txt"), user_text)
+  # Ids go back to the bytes they were read from (see _text.ID_ERRORS).
+  files.write_bytes_atomic(os.path.join(out_dir, "unique_sid.txt"),
+                           item_text.encode("utf-8", _text.ID_ERRORS))
+  files.write_bytes_atomic(os.path.join(out_dir, "unique_uid.txt"),
+                           user_text.encode("utf-8", _text.ID_ERRORS))
 
 
 def _fmt(v: float) -> str:
@@ -97,7 +100,7 @@ def _read_pairs(path: str) -> tuple[np.ndarray, np.ndarray]:
   header, rest = _text.split_header(data)
   if header.replace(b" ", b"") != b"uid,sid":
     raise ValueError(f"{path}, line 1: expected the header 'uid,sid', got "
-                     f"{header[:200].decode('utf-8', 'replace')!r}")
+                     f"{_text.shown(header[:200])!r}")
   if not rest:
     return np.zeros(0, np.int64), np.zeros(0, np.int64)
   t = _text.numeric_table(rest, b",", 2, path, 2)
@@ -106,13 +109,9 @@ def _read_pairs(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _read_ids(path: str) -> np.ndarray:
   """One id per line: int64 (n,) when every line is an integer, else str (n,)."""
-  data = _text.read_bytes(path)
-  try:
-    text = data.decode("utf-8")
-  except UnicodeDecodeError as e:
-    line = data.count(b"\n", 0, e.start) + 1
-    raise ValueError(f"{path}, line {line}: expected UTF-8 text, got the byte "
-                     f"0x{data[e.start]:02x}") from None
+  # Bytes that are not UTF-8 come back as the readers keep them (lone surrogates that
+  # encode back to the same bytes), so ids written by write_vaecf_dir read back equal.
+  text = _text.read_bytes(path).decode("utf-8", _text.ID_ERRORS)
   text = text.replace("\r", "").rstrip("\n")
   if not text.strip():
     raise ValueError(f"{path}: empty file, expected one id per line")

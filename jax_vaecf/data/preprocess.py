@@ -3,10 +3,11 @@
 :func:`split_heldout_users` reproduces the Mult-VAE paper's notebook (dawenl/vae_cf,
 ``VAE_ML20M_WWW2018.ipynb``) bit for bit, without pandas:
 
-* keep ratings ``> threshold`` (3.5); collapse repeated (user, item) rows into the
-  first one (:func:`collapse_duplicates`; the paper's files had none, so this changes
-  nothing there); ``filter_triplets``: items with ``>= min_sc`` users when
-  ``min_sc > 0``, then users with ``>= min_uc`` rows;
+* collapse repeated (user, item) rows into one, at the first row's place with the
+  latest row's rating (:func:`collapse_duplicates`; the paper's files had none, so
+  this changes nothing there); keep ratings ``> threshold`` (3.5);
+  ``filter_triplets``: items with ``>= min_sc`` users when ``min_sc > 0``, then users
+  with ``>= min_uc`` rows;
 * users sorted by id, permuted by ``RandomState(seed).permutation`` (seed 98765), the
   last ``2 H`` become validation then test users;
 * columns: items of the training users in order of first appearance (``pd.unique``);
@@ -72,16 +73,18 @@ def _pair_keys(users: np.ndarray, items: np.ndarray) -> np.ndarray:
 
 def collapse_duplicates(inter: Interactions, sum_ratings: bool = False
                         ) -> tuple[Interactions, int]:
-  """Keeps the first row (in file order) of every repeated (user, item) pair.
+  """One row per (user, item) pair, before any threshold or filter.
 
-  Row order is otherwise unchanged, so first-appearance column order and the per-user
-  file order of the paper's draw are those of the first rows; files without repeats
-  come back as they are. Binarise explicit ratings first (a user who rated an item 2
-  then 5 has a positive row to keep); for count data (every row positive) pass
-  ``sum_ratings=True``: the kept row's rating becomes the pair's total (float32).
+  The pair keeps the place of its first row in the file (so first-appearance column
+  order and the per-user file order of the paper's draw are those of first rows, and
+  the first row's timestamp) and, for explicit ratings, the rating of its *latest* row:
+  the largest timestamp, ties and files without timestamps going to the row later in
+  the file. A user who rated an item 1 and later 5 likes it; 5 and later 1, no longer.
+  For count data (every row positive: plays, clicks) pass ``sum_ratings=True``: the
+  pair's rating is its total (float32). Files without repeats come back as they are.
 
   Returns:
-    ``(interactions, n_dropped)``: n_dropped is how many rows were removed.
+    ``(interactions, n_dropped)``: n_dropped is how many rows repeated an earlier pair.
   """
   n = len(inter)
   keys = _pair_keys(inter.users, inter.items)
@@ -92,17 +95,34 @@ def collapse_duplicates(inter: Interactions, sum_ratings: bool = False
   order = np.argsort(keys, kind="stable")
   new = np.ones(n, bool)
   new[1:] = keys[order][1:] != keys[order][:-1]
+  pair = np.cumsum(new) - 1  # the pair (in key order) of each row of ``order``
   first_rows = order[new]  # file row of each pair's first occurrence, in key order
   keep = np.zeros(n, bool)
   keep[first_rows] = True
   out = inter.select(keep)
-  if sum_ratings and inter.ratings is not None:
-    totals = np.bincount(np.cumsum(new) - 1,
-                         weights=inter.ratings[order].astype(np.float64))
-    # ``out`` lists the pairs by first row; ``totals`` by key.
-    out = dataclasses.replace(
-        out, ratings=totals[np.argsort(first_rows)].astype(np.float32))
+  by_file = np.argsort(first_rows)  # ``out`` lists the pairs by first row
+  if inter.ratings is not None:
+    if sum_ratings:
+      totals = np.bincount(pair, weights=inter.ratings[order].astype(np.float64))
+      ratings = totals[by_file].astype(np.float32)
+    else:
+      # The latest row of each pair: the last of its rows ordered by (time, file row).
+      time = (inter.timestamps if inter.timestamps is not None
+              else np.zeros(n, np.int64))
+      latest_order = np.lexsort((np.arange(n), time, keys))
+      last = np.ones(n, bool)
+      last[:-1] = keys[latest_order][1:] != keys[latest_order][:-1]
+      ratings = inter.ratings[latest_order[last]][by_file]
+    out = dataclasses.replace(out, ratings=ratings)
   return out, n - int(first_rows.size)
+
+
+def _distinct_positives(inter: Interactions, threshold: float | None
+                        ) -> tuple[Interactions, int]:
+  """Repeated pairs collapsed (:func:`collapse_duplicates`; play counts summed when
+  there is no threshold), then the positive pairs; and how many rows were repeats."""
+  distinct, n_dup = collapse_duplicates(inter, sum_ratings=threshold is None)
+  return binarize(distinct, threshold), n_dup
 
 
 def _counts_per_row(keys: np.ndarray) -> np.ndarray:
@@ -200,8 +220,7 @@ def split_heldout_users(inter: Interactions, n_heldout_users: int | None = None,
     A :class:`Split` with rows in the paper's ``profile2id`` order and columns in its
     ``show2id`` order.
   """
-  positive, n_dup = collapse_duplicates(binarize(inter, threshold),
-                                       sum_ratings=threshold is None)
+  positive, n_dup = _distinct_positives(inter, threshold)
   kept = filter_triplets(positive, min_uc=min_uc, min_sc=min_sc)
   unique_uid = np.unique(kept.users)
   n = unique_uid.size
@@ -211,8 +230,14 @@ def split_heldout_users(inter: Interactions, n_heldout_users: int | None = None,
         f"min_uc={min_uc}, min_sc={min_sc}); expected at least one")
   h = int(round(heldout_fraction * n)) if n_heldout_users is None else int(n_heldout_users)
   if h < 1 or n - 2 * h < 1:
-    raise ValueError(f"{inter.source}: {n} users left after filtering, expected more "
-                     f"than 2 * {h} held-out users")
+    given = (f"heldout_fraction {heldout_fraction} of them is {h}"
+             if n_heldout_users is None else f"n_heldout_users is {h}")
+    raise ValueError(
+        f"{inter.source}: {n} users left after filtering (threshold={threshold}, "
+        f"min_uc={min_uc}); this protocol holds out H validation and H test users, "
+        f"H >= 1, and trains on the rest, so it needs at least 2 * H + 1 users, 3 at "
+        f"the least ({given}); give more data or another n_heldout_users / "
+        "heldout_fraction")
   perm = np.random.RandomState(seed).permutation(n)
   profile_of_sorted = np.empty(n, np.int64)
   profile_of_sorted[perm] = np.arange(n)
@@ -257,8 +282,7 @@ def split_per_user(inter: Interactions, test_prop: float = 0.2, *, by_time: bool
   first-appearance order; test rows of other items are dropped. Rows: every user, in
   sorted id order; ``test.fold_in`` is the training matrix itself. No validation set.
   """
-  positive, n_dup = collapse_duplicates(binarize(inter, threshold),
-                                       sum_ratings=threshold is None)
+  positive, n_dup = _distinct_positives(inter, threshold)
   kept = filter_triplets(positive, min_uc=min_uc)
   if len(kept) == 0:
     raise ValueError(f"{inter.source}: no interaction left after filtering "
@@ -278,17 +302,17 @@ def split_from_files(train: Interactions, test: Interactions, *,
   """Weak generalisation from a given train/test pair (ml-100k ``u1.base``/``u1.test``,
   NGCF/LightGCN ``train.txt``/``test.txt``). Rows: users of either file, sorted.
 
-  Repeated (user, item) rows within a file keep their first occurrence, and a test row
-  whose pair is also in the training file is dropped (it cannot be predicted without
+  Repeated (user, item) rows within a file collapse into one
+  (:func:`collapse_duplicates`), and a test row whose positive pair is also a positive
+  of the training file is dropped (it cannot be predicted without
   being seen); both count in ``collapsed_duplicates``.
   """
-  train, test = binarize(train, threshold), binarize(test, threshold)
-  if len(train) == 0:
-    raise ValueError(f"{train.source}: no training interaction (threshold={threshold})")
   # Each file was read on its own: text ids must share one vocabulary.
   train, test = unify_ids(train, test)
-  train, n_train_dup = collapse_duplicates(train, sum_ratings=threshold is None)
-  test, n_test_dup = collapse_duplicates(test, sum_ratings=threshold is None)
+  train, n_train_dup = _distinct_positives(train, threshold)
+  test, n_test_dup = _distinct_positives(test, threshold)
+  if len(train) == 0:
+    raise ValueError(f"{train.source}: no training interaction (threshold={threshold})")
   keys = _pair_keys(np.concatenate([train.users, test.users]),
                     np.concatenate([train.items, test.items]))
   seen = np.isin(keys[len(train):], keys[:len(train)])
@@ -345,7 +369,8 @@ def split_nvidia_alt(inter: Interactions, validation_fraction: float = 0.1,
   Columns: items of the training users in first-appearance order (NVIDIA kept the
   order of the original column numbering; the set is the same).
   """
-  pos, n_dup = collapse_duplicates(binarize(inter, threshold, inclusive=True))
+  pos, n_dup = collapse_duplicates(inter)
+  pos = binarize(pos, threshold, inclusive=True)
   pos = filter_triplets(pos, min_uc=min_items)
   if len(pos) == 0:
     raise ValueError(f"{inter.source}: no user left after filtering (threshold>="

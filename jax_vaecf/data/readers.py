@@ -15,8 +15,10 @@ names the file, the 1-based line number and what was expected.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import glob
+import io
 import os
 from typing import Sequence
 
@@ -67,12 +69,13 @@ class Interactions:
 def _decode(codes, vocab):
   if vocab is None:
     return np.asarray(codes)
-  # ``U`` (not object) arrays so they can be saved without pickle. Tokens are UTF-8
-  # (bytes that are not valid UTF-8 become U+FFFD); plain ASCII takes the fast cast.
+  # ``U`` (not object) arrays so they can be saved without pickle. Tokens are UTF-8;
+  # a byte that is not becomes a lone surrogate (``_text.ID_ERRORS``), so every id
+  # stays distinct and encodes back to its exact bytes. Plain ASCII takes the fast cast.
   raw = vocab[codes]
   if raw.size == 0 or int(raw.view(np.uint8).max()) < 128:
     return raw.astype(str)
-  return np.char.decode(raw, "utf-8", "replace")
+  return np.char.decode(raw, "utf-8", _text.ID_ERRORS)
 
 
 def _encode(strings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -144,7 +147,7 @@ def _expect_header(data: bytes, path: str, expected: Sequence[str]) -> bytes:
   names = [h.strip() for h in header.decode("utf-8", "replace").split(",")]
   if names[:len(expected)] != list(expected):
     raise ValueError(f"{path}, line 1: expected the header {','.join(expected)!r}, got "
-                     f"{header[:200].decode('utf-8', 'replace')!r}")
+                     f"{_text.shown(header[:200])!r}")
   if not rest:
     raise ValueError(f"{path}: no data lines after the header")
   return rest
@@ -325,9 +328,14 @@ def read_delimited(path: str | os.PathLike, delimiter: str = ",",
                      "characters other than a line break")
   shown = delimiter
   first, rest = _text.split_header(data)
-  line1 = [f.strip() for f in first.split(delim)]
-  line2 = [f.strip() for f in rest.split(b"\n", 1)[0].split(delim)] if rest else None
-  text1 = first[:200].decode("utf-8", "replace")
+  text1 = _text.shown(first[:200])
+  rows = _quoted_rows(data, delimiter, path) if _is_quoted(data, delim) else None
+  if rows is None:
+    line1 = [f.strip() for f in first.split(delim)]
+    line2 = [f.strip() for f in rest.split(b"\n", 1)[0].split(delim)] if rest else None
+  else:
+    line1 = [f.strip() for f in rows[0][1]]
+    line2 = [f.strip() for f in rows[1][1]] if len(rows) > 1 else None
   if columns is None:
     if len(line1) < 2:
       raise ValueError(f"{path}, line 1: expected at least 2 fields (user, item) "
@@ -350,7 +358,7 @@ def read_delimited(path: str | os.PathLike, delimiter: str = ",",
   elif named and not header:
     raise ValueError(f"read_delimited: columns {columns!r} name header fields, but the "
                      "file is said to have no header")
-  names = [f.decode("utf-8", "replace") for f in line1] if header else []
+  names = [f.decode("utf-8", _text.ID_ERRORS) for f in line1] if header else []
   idx = []
   for role, c in zip(_COLUMN_ROLES, cols):
     if isinstance(c, str):
@@ -369,6 +377,8 @@ def read_delimited(path: str | os.PathLike, delimiter: str = ",",
   body, first_line = (rest, 2) if header else (data, 1)
   if not body:
     raise ValueError(f"{path}: no data lines after the header")
+  if rows is not None:
+    return _from_quoted_rows(rows[1:] if header else rows, idx, path, shown, string_ids)
   buf, fs, fe = _text.fields(body, delim, max(used) + 1, path, first_line,
                              min_fields=True)
   out = {}
@@ -379,6 +389,65 @@ def read_delimited(path: str | os.PathLike, delimiter: str = ",",
     out["ratings"] = _ratings(buf, fs[:, idx[2]], fe[:, idx[2]], path, first_line)
   if idx[3] is not None:
     out["timestamps"] = _timestamps(buf, fs[:, idx[3]], fe[:, idx[3]], path, first_line)
+  return Interactions(source=path, **out)
+
+
+def _is_quoted(data: bytes, delim: bytes) -> bool:
+  """Whether some field starts with a double quote (RFC 4180 quoting, as spreadsheets
+  export csv). A quote inside a field (``a"b``) is an ordinary character."""
+  return data.startswith(b'"') or b'\n"' in data or delim + b'"' in data
+
+
+def _quoted_rows(data: bytes, delimiter: str, path: str) -> list[tuple[int, list[bytes]]]:
+  """``(line, fields)`` of every line of a file with quoted fields, read by the csv
+  module (RFC 4180: quotes removed, ``""`` inside quotes is one quote, a quoted field
+  may hold the delimiter). Per line in Python: only such files take this path.
+
+  Raises ValueError naming the line of a malformed quoted field or of a quoted line
+  break (one line is one interaction here).
+  """
+  if len(delimiter) != 1:
+    raise ValueError(f"{path}: quoted fields (\"...\") need a one-character delimiter, "
+                     f"got {delimiter!r}")
+  text = data.decode("utf-8", _text.ID_ERRORS)
+  reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quotechar='"',
+                      doublequote=True, strict=True)
+  rows = []
+  line = 0
+  try:
+    for fields in reader:
+      if reader.line_num != line + 1:
+        raise ValueError(f"{path}, line {line + 1}: a quoted field holds a line break; "
+                         "expected one interaction per line")
+      line = reader.line_num
+      rows.append((line, [f.encode("utf-8", _text.ID_ERRORS) for f in fields]))
+  except csv.Error as e:
+    raise ValueError(f"{path}, line {reader.line_num}: malformed quoted field ({e}): "
+                     f"{_text.nth_line(data, reader.line_num - 1)!r}") from None
+  return rows
+
+
+def _from_quoted_rows(rows, idx, path, shown, string_ids) -> Interactions:
+  """:func:`read_delimited`'s columns from :func:`_quoted_rows`' data lines."""
+  need = max(i for i in idx if i is not None) + 1
+  for line, fields in rows:
+    if len(fields) < need:
+      raise ValueError(f"{path}, line {line}: expected at least {need} fields separated "
+                       f"by {shown!r}, got {len(fields)}")
+  lines = np.array([line for line, _ in rows], np.int64)
+  column = lambda j: np.array([f[j].strip(b" \t") for _, f in rows], dtype="S")
+  out = {}
+  for key, j, what in (("users", idx[0], "user id"), ("items", idx[1], "item id")):
+    out[key], out[key[:-1] + "_vocab"] = _text.parse_ids(column(j), path, lines, what,
+                                                         string_ids)
+  if idx[2] is not None:
+    values = _text.parse_numbers(column(idx[2]), np.float64, path, lines,
+                                 "a numeric rating")
+    out["ratings"] = _text.check_finite(values, path, lines, "rating").astype(np.float32)
+  if idx[3] is not None:
+    values = _text.parse_numbers(column(idx[3]), np.float64, path, lines,
+                                 "a numeric timestamp")
+    out["timestamps"] = _text.check_integers(values, path, lines, "timestamp")
   return Interactions(source=path, **out)
 
 
@@ -401,6 +470,9 @@ def _guess_header(line1, line2, cols, path, text1) -> bool:
       return True
   if any(at(line1, c) is not None and _is_number(at(line1, c)) for c in used):
     return False
+  if line2 is None:
+    raise ValueError(f"{path}: no data lines: the file's only line is {text1!r}, text "
+                     "in every field used (a header alone?); expected data lines")
   raise ValueError(
       f"{path}, line 1: cannot tell whether {text1!r} is a header or data (the fields "
       "used are text, on the next line too); say which with header=True or "

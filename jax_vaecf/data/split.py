@@ -8,6 +8,10 @@ import numpy as np
 import scipy.sparse as sp
 
 PROTOCOLS = ("heldout_users", "per_user")
+# How repeated (user, item) rows are read (jax_vaecf.data.preprocess.collapse_duplicates),
+# in the words every message uses.
+DUPLICATE_RULE = ("each pair counts once, before any threshold or filter, with its latest "
+                  "rating (play counts summed)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,8 +50,9 @@ class Split:
       never appear in training) or ``"per_user"`` (weak generalisation: every user's
       own items are split; ``test.fold_in`` is then the user's training row).
     collapsed_duplicates: input rows dropped because their (user, item) pair had
-      already been seen (earlier in the file after binarising, or, for a given
-      train/test pair, in the training file); each pair counts once.
+      already been seen (earlier in the file, before any threshold or filter: see
+      :data:`DUPLICATE_RULE`; or, for a given train/test pair, as a positive of the
+      training file); each pair counts once.
   """
 
   train: sp.csr_matrix
@@ -57,6 +62,9 @@ class Split:
   train_user_ids: np.ndarray
   protocol: str = "heldout_users"
   collapsed_duplicates: int = 0
+
+  def __post_init__(self):
+    check_distinct_ids(self.item_ids, "item")
 
   @property
   def n_items(self) -> int:
@@ -96,6 +104,24 @@ class Split:
     out["density"] = total / max(out["users"] * self.n_items, 1)
     out["collapsed_duplicates"] = int(self.collapsed_duplicates)
     return out
+
+
+def check_distinct_ids(ids: np.ndarray, what: str) -> None:
+  """Raises ValueError naming an id held by two columns (or rows) of ``ids`` (n,).
+
+  Two columns under one raw id would make recommendations and ``--items`` lookups map
+  that id to one of them without a word.
+  """
+  ids = np.asarray(ids)
+  if ids.size < 2:
+    return
+  order = np.argsort(ids, kind="stable")
+  same = ids[order][1:] == ids[order][:-1]
+  if same.any():
+    k = int(np.argmax(same))
+    a, b = sorted((int(order[k]), int(order[k + 1])))
+    raise ValueError(f"{what} id {ids[a].tolist()!r} names both column {a} and column "
+                     f"{b}; every {what} needs an id of its own")
 
 
 # Users with fewer training items keep them all (the paper's rule for fold-in splits).
@@ -160,8 +186,8 @@ def format_stats(stats: dict) -> str:
     lines.append(f"  {name:<20} {p['users']:>9,} users {p['interactions']:>12,} "
                  f"interactions  density {p['density']:.4%}")
   if stats.get("collapsed_duplicates"):
-    lines.append(f"  {stats['collapsed_duplicates']:,} duplicate (user, item) rows "
-                 "collapsed into their first occurrence")
+    lines.append(f"  {stats['collapsed_duplicates']:,} repeated (user, item) rows "
+                 f"collapsed: {DUPLICATE_RULE}")
   return "\n".join(lines)
 
 
