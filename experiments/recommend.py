@@ -70,9 +70,14 @@ HELD_OUT_PARTS = ("validation", "test")
 
 
 def _open_text(path: str):
-  raw = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
-  return io.TextIOWrapper(raw, encoding="latin-1" if not path.endswith(
-      ("movies.csv", "movies.csv.gz")) else "utf-8-sig", newline="")
+  """A titles file as text: UTF-8 for movies.csv and any file with a byte-order mark
+  (dropped), else Latin-1 (ML-1M's movies.dat and ml-100k's u.item)."""
+  with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+    data = f.read()
+  utf8 = data.startswith(b"\xef\xbb\xbf") or path.endswith(("movies.csv", "movies.csv.gz"))
+  if data.startswith(b"\xef\xbb\xbf"):
+    data = data[3:]
+  return io.StringIO(data.decode("utf-8" if utf8 else "latin-1", "replace"), newline="")
 
 
 def read_titles(path: str) -> dict[str, str]:
