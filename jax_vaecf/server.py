@@ -1,0 +1,511 @@
+"""An HTTP server on an exported scorer artefact: an ASGI app (Starlette) with micro-batching.
+
+Optional: needs the ``serve`` extra (``pip install 'jax_vaecf[serve]'``: Starlette and
+uvicorn); nothing else in the library imports this module. ``python -m experiments.serve``
+runs it; :func:`create_app` gives the app to any ASGI server.
+
+Endpoints (JSON in and out; every error is a 4xx or 5xx with ``{"error": one line}``):
+
+* ``POST /recommend``: ``{"items": [ids], "k": 10}`` for one user, answered with
+  ``{"items": [ids], "scores": [floats], "unknown": [ids]}``; or ``{"users": [[ids],
+  ...], "k": 10}``, answered with ``{"users": [one such object per user]}``. Ids are
+  strings or integers, compared by their text with the artefact's item table; unknown
+  ids are reported and skipped, and a user's own items are never returned. ``k``
+  defaults to the artefact's and may not exceed it.
+* ``GET /health``: 200 ``{"status": "ready"}`` once the artefact is loaded, verified and
+  one warm-up call has compiled; 503 ``{"status": "loading"}`` before.
+* ``GET /metadata``: the model, items, ``k``, platforms and the sha256 of the
+  artefact's manifest (which holds every file's digest), and how often it was loaded.
+* ``POST /admin/reload``: loads the artefact folder again (a new export put in its
+  place); only from a loopback address. A new artefact that fails its checks is refused
+  (409) and the one loaded keeps serving; SIGHUP does the same.
+
+Requests are micro-batched: :class:`MicroBatcher` gathers the users of concurrent
+requests for at most ``max_wait_ms`` (or until ``max_batch_users``) and scores them in
+one call of the artefact's program, in one worker thread; its queue holds at most
+``max_queue`` requests and answers 503 beyond. A batch is scored, ids and all, by the
+artefact that was loaded when the batch was formed, so a reload never mixes two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import ipaddress
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+from jax_vaecf import serve as serve_lib
+
+
+def option(default, help: str):
+  """A :class:`ServerOptions` field: its default and its one-line help, declared together;
+  ``experiments.serve`` makes its flags from them."""
+  return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerOptions:
+  """How the server batches, bounds and drains its work."""
+
+  max_wait_ms: float = option(2.0, "Longest a request waits for others to be scored with "
+                                   "it (milliseconds; 0 = only those already queued).")
+  max_batch_users: int = option(512, "Users scored in one call at most (one of the "
+                                     "artefact's padded shapes is 512); 1 scores each "
+                                     "request alone.")
+  max_queue: int = option(1024, "Requests waiting to be scored at most; beyond, 503.")
+  max_request_users: int = option(4096, "Users in one batch request at most; beyond, 413.")
+  max_body_bytes: int = option(1 << 20, "Request body size at most (bytes); beyond, 413.")
+  drain_timeout_s: float = option(30.0, "On SIGTERM: seconds in-flight requests may take "
+                                        "to finish before they are cut off.")
+
+  def check(self) -> None:
+    """Raises ValueError naming the first option out of range."""
+    for ok, message in (
+        (self.max_wait_ms >= 0, f"max_wait_ms must be >= 0, got {self.max_wait_ms}"),
+        (self.max_batch_users >= 1, f"max_batch_users must be >= 1, got "
+                                    f"{self.max_batch_users}"),
+        (self.max_queue >= 1, f"max_queue must be >= 1, got {self.max_queue}"),
+        (self.max_request_users >= 1, f"max_request_users must be >= 1, got "
+                                      f"{self.max_request_users}"),
+        (self.max_body_bytes >= 64, f"max_body_bytes must be >= 64, got "
+                                    f"{self.max_body_bytes}"),
+        (self.drain_timeout_s > 0, f"drain_timeout_s must be > 0, got "
+                                   f"{self.drain_timeout_s}")):
+      if not ok:
+        raise ValueError(f"bad setting: {message}")
+
+
+def option_help(name: str) -> str:
+  return ServerOptions.__dataclass_fields__[name].metadata["help"]
+
+
+class RequestError(ValueError):
+  """A request the server refuses: its HTTP status and a one-line reason."""
+
+  def __init__(self, status: int, message: str):
+    super().__init__(message)
+    self.status = status
+
+
+# ---------------------------------------------------------------------- requests
+
+
+def _is_id(value) -> bool:
+  return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def parse_request(body: bytes, max_k: int, max_users: int
+                  ) -> tuple[list[list], int, bool]:
+  """``(histories, k, batch)`` of a ``/recommend`` body, or :class:`RequestError` (400 or
+  413) saying what is wrong with it in one line."""
+  try:
+    data = json.loads(body)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise RequestError(400, f"malformed JSON: {e}") from None
+  if not isinstance(data, dict):
+    raise RequestError(400, "expected a JSON object with 'items' (one user) or 'users' "
+                            "(a list of users' item lists), and optionally 'k'")
+  unknown = sorted(set(data) - {"items", "users", "k"})
+  if unknown:
+    raise RequestError(400, f"unknown field {unknown[0]!r}; expected 'items' or 'users', "
+                            "and 'k'")
+  if ("items" in data) == ("users" in data):
+    raise RequestError(400, "give exactly one of 'items' (one user's item ids) and "
+                            "'users' (a list of users' item lists)")
+  k = data.get("k", max_k)
+  if not (isinstance(k, int) and not isinstance(k, bool)) or not 1 <= k <= max_k:
+    raise RequestError(400, f"'k' must be an integer in [1, {max_k}] (the artefact's k), "
+                            f"got {json.dumps(k)}")
+  batch = "users" in data
+  users = data["users"] if batch else [data["items"]]
+  if not isinstance(users, list):
+    raise RequestError(400, f"'users' must be a list of item lists, got "
+                            f"{type(users).__name__}")
+  if len(users) > max_users:
+    raise RequestError(413, f"{len(users)} users in one request; at most {max_users}")
+  for u, items in enumerate(users):
+    where = f"users[{u}]" if batch else "items"
+    if not isinstance(items, list):
+      raise RequestError(400, f"'{where}' must be a list of item ids, got "
+                              f"{type(items).__name__}")
+    for i, raw in enumerate(items):
+      if not _is_id(raw):
+        raise RequestError(400, f"'{where}[{i}]' must be an item id (a string or an "
+                                f"integer), got {json.dumps(raw)}")
+  return users, k, batch
+
+
+def answer(result: dict) -> dict:
+  """One user's result of ``Scorer.recommend`` as JSON values."""
+  return {"items": result["items"].tolist(),
+          "scores": [float(s) for s in result["scores"].tolist()],
+          "unknown": list(result["unknown"])}
+
+
+# ------------------------------------------------------------------ micro-batching
+
+
+class Overloaded(RuntimeError):
+  """The queue of requests waiting to be scored is full."""
+
+
+@dataclasses.dataclass
+class _Entry:
+  histories: list
+  k: int
+  future: asyncio.Future
+
+
+class MicroBatcher:
+  """Gathers concurrent requests into one scoring call.
+
+  Args:
+    model: returns the loaded artefact to score a batch with (read once per batch).
+    options: the batching limits.
+    executor: where scoring runs (one thread: calls reach the device one at a time).
+  """
+
+  def __init__(self, model: Callable[[], Any], options: ServerOptions,
+               executor: concurrent.futures.Executor):
+    self._model = model
+    self._options = options
+    self._executor = executor
+    self._queue: asyncio.Queue[_Entry] = asyncio.Queue(maxsize=options.max_queue)
+    self._arrived = asyncio.Event()
+    self._task: asyncio.Task | None = None
+    self.batches = 0  # scoring calls made, for /metadata and the tests
+    self.users = 0
+
+  def start(self) -> None:
+    self._task = asyncio.get_running_loop().create_task(self._run())
+
+  async def stop(self) -> None:
+    """Scores what is queued, then ends the worker."""
+    while not self._queue.empty():
+      await asyncio.sleep(0.01)
+    if self._task is not None:
+      self._task.cancel()
+      with contextlib.suppress(asyncio.CancelledError):
+        await self._task
+
+  async def submit(self, histories: list, k: int) -> list[dict]:
+    """Per user of ``histories`` the artefact's ``recommend`` result for ``k``.
+
+    Raises :class:`Overloaded` at once when the queue is full."""
+    future = asyncio.get_running_loop().create_future()
+    try:
+      self._queue.put_nowait(_Entry(histories, k, future))
+    except asyncio.QueueFull:
+      raise Overloaded(f"{self._options.max_queue} requests are waiting to be scored; "
+                       "try again shortly") from None
+    self._arrived.set()
+    return await future
+
+  def _take_queued(self, batch: list[_Entry], users: int) -> int:
+    while users < self._options.max_batch_users and not self._queue.empty():
+      entry = self._queue.get_nowait()
+      batch.append(entry)
+      users += len(entry.histories)
+    return users
+
+  async def _run(self) -> None:
+    loop = asyncio.get_running_loop()
+    wait_s = self._options.max_wait_ms / 1000.0
+    while True:
+      first = await self._queue.get()
+      batch, users = [first], len(first.histories)
+      deadline = loop.time() + wait_s
+      while True:
+        users = self._take_queued(batch, users)
+        left = deadline - loop.time()
+        if users >= self._options.max_batch_users or left <= 0:
+          break
+        self._arrived.clear()
+        try:
+          await asyncio.wait_for(self._arrived.wait(), left)
+        except TimeoutError:
+          users = self._take_queued(batch, users)
+          break
+      model = self._model()  # one artefact for the whole batch: ids and scores
+      try:
+        results = await loop.run_in_executor(self._executor, _score, model, batch)
+      except Exception as e:  # pylint: disable=broad-except
+        for entry in batch:
+          if not entry.future.done():
+            entry.future.set_exception(e)
+        continue
+      self.batches += 1
+      self.users += users
+      for entry, result in zip(batch, results):
+        if not entry.future.done():  # a client that went away cancelled its future
+          entry.future.set_result(result)
+
+
+def _score(model, batch: Sequence[_Entry]) -> list[list[dict]]:
+  """Scores every user of the batch in one ``recommend`` call (at the batch's largest
+  ``k``; a smaller ``k`` is a prefix of the same ranking) and splits the results."""
+  histories = [h for entry in batch for h in entry.histories]
+  k = max(entry.k for entry in batch)
+  results = model.recommend(histories, k)
+  out, at = [], 0
+  for entry in batch:
+    mine = results[at:at + len(entry.histories)]
+    at += len(entry.histories)
+    if entry.k < k:
+      mine = [{"items": r["items"][:entry.k], "scores": r["scores"][:entry.k],
+               "unknown": r["unknown"]} for r in mine]
+    out.append(mine)
+  return out
+
+
+# ----------------------------------------------------------------------- artefacts
+
+
+def manifest_digest(folder: str) -> str:
+  """The sha256 of the artefact's manifest: it lists every file's digest, so it names the
+  whole artefact."""
+  return serve_lib.sha256_of(os.path.join(folder, serve_lib.MANIFEST))
+
+
+def load_and_warm(folder: str):
+  """The artefact of ``folder``, verified (:func:`jax_vaecf.serve.load`) and compiled for
+  one user by a warm-up call."""
+  scorer = serve_lib.load(folder)
+  scorer.recommend([[]], 1)
+  return scorer
+
+
+@dataclasses.dataclass
+class Loaded:
+  """The artefact being served."""
+
+  model: Any
+  digest: str
+  loaded_at: float
+  generation: int
+
+
+class ServingState:
+  """The served artefact and its replacement; reloads run in their own thread."""
+
+  def __init__(self, folder: str, load: Callable[[str], Any] = load_and_warm):
+    self.folder = folder
+    self._load = load
+    self.current: Loaded | None = None
+    self.error: str | None = None  # why the first load failed
+    self._reload_lock = asyncio.Lock()
+
+  async def load(self) -> Loaded:
+    """Loads the folder's artefact (off the event loop) and serves it from now on.
+
+    Raises the loader's error (``serve.ArtifactError`` for a damaged one); the artefact
+    served before, if any, then stays."""
+    async with self._reload_lock:
+      loop = asyncio.get_running_loop()
+      model, digest = await loop.run_in_executor(None, self._load_checked)
+      generation = 1 if self.current is None else self.current.generation + 1
+      self.current = Loaded(model, digest, time.time(), generation)
+      return self.current
+
+  def _load_checked(self):
+    # The digest first: a file replaced between the check and the load is caught by the
+    # load's own checks against the same manifest.
+    try:
+      digest = manifest_digest(self.folder)
+    except FileNotFoundError:
+      digest = None  # the loader says what is missing
+    return self._load(self.folder), digest
+
+
+# ----------------------------------------------------------------------------- app
+
+
+def _json(status: int, body: dict):
+  from starlette.responses import JSONResponse  # pylint: disable=import-outside-toplevel
+  return JSONResponse(body, status_code=status)
+
+
+def _is_loopback(host: str | None) -> bool:
+  try:
+    return host is not None and ipaddress.ip_address(host).is_loopback
+  except ValueError:
+    return False
+
+
+async def _read_body(request, limit: int) -> bytes:
+  length = request.headers.get("content-length")
+  if length is not None and length.isdigit() and int(length) > limit:
+    raise RequestError(413, f"request body of {int(length)} bytes; at most {limit}")
+  chunks, size = [], 0
+  async for chunk in request.stream():
+    size += len(chunk)
+    if size > limit:
+      raise RequestError(413, f"request body over {limit} bytes")
+    chunks.append(chunk)
+  return b"".join(chunks)
+
+
+def create_app(folder: str, options: ServerOptions = ServerOptions(), *,
+               load: Callable[[str], Any] = load_and_warm, log=sys.stderr,
+               reload_signal: int | None = None):
+  """The ASGI app serving the artefact in ``folder``.
+
+  The artefact is loaded and warmed up in the background once the app starts (``/health``
+  says when it is ready). ``load`` (tests) replaces :func:`load_and_warm`: it takes the
+  folder and returns an object with ``recommend(histories, k)``, ``k``, ``n_items`` and
+  ``manifest`` as :class:`jax_vaecf.serve.Scorer` has. ``log`` gets one line per request.
+  ``reload_signal`` (``signal.SIGHUP``; the main thread's event loop only) reloads the
+  artefact as ``POST /admin/reload`` does.
+  """
+  from starlette.applications import Starlette  # pylint: disable=import-outside-toplevel
+  from starlette.routing import Route  # pylint: disable=import-outside-toplevel
+
+  options.check()
+  holder: dict[str, Any] = {}
+
+  def served() -> Loaded | None:
+    state = holder.get("state")
+    return None if state is None else state.current
+
+  async def recommend(request):
+    current = served()
+    if current is None:
+      return _json(503, {"error": "the artefact is still loading; see GET /health"})
+    try:
+      body = await _read_body(request, options.max_body_bytes)
+      histories, k, batch = parse_request(body, current.model.k, options.max_request_users)
+      results = await holder["batcher"].submit(histories, k)
+    except RequestError as e:
+      return _json(e.status, {"error": str(e)})
+    except Overloaded as e:
+      return _json(503, {"error": str(e)})
+    except ValueError as e:  # the model's scores are not finite
+      return _json(500, {"error": str(e).splitlines()[0]})
+    if batch:
+      return _json(200, {"users": [answer(r) for r in results]})
+    return _json(200, answer(results[0]))
+
+  async def health(request):
+    state = holder.get("state")
+    if state is not None and state.current is not None:
+      return _json(200, {"status": "ready", "generation": state.current.generation})
+    if state is not None and state.error is not None:
+      return _json(503, {"status": "failed", "error": state.error})
+    return _json(503, {"status": "loading"})
+
+  async def metadata(request):
+    current = served()
+    if current is None:
+      return _json(503, {"error": "the artefact is still loading; see GET /health"})
+    manifest = current.model.manifest
+    return _json(200, {
+        "format": manifest.get("format"), "model": manifest.get("model"),
+        "n_items": int(current.model.n_items), "k": int(current.model.k),
+        "platforms": manifest.get("platforms"), "metrics": manifest.get("metrics"),
+        "artifact_sha256": current.digest, "generation": current.generation,
+        "loaded_at": current.loaded_at,
+        "batching": {"max_wait_ms": options.max_wait_ms,
+                     "max_batch_users": options.max_batch_users,
+                     "batches": holder["batcher"].batches,
+                     "users": holder["batcher"].users}})
+
+  async def reload(request):
+    if not _is_loopback(request.client.host if request.client else None):
+      return _json(403, {"error": "reloading is allowed from a loopback address only"})
+    try:
+      current = await holder["state"].load()
+    except Exception as e:  # pylint: disable=broad-except
+      return _json(409, {"error": f"the new artefact was refused ({_first_line(e)}); the "
+                                  "one loaded before keeps serving"})
+    return _json(200, {"status": "reloaded", "artifact_sha256": current.digest,
+                       "generation": current.generation})
+
+  @contextlib.asynccontextmanager
+  async def lifespan(app):
+    executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="scorer")
+    state = ServingState(folder, load)
+    batcher = MicroBatcher(lambda: state.current.model, options, executor)
+    holder.update(state=state, batcher=batcher)
+    batcher.start()
+
+    async def first_load():
+      try:
+        await state.load()
+        print(f"ready: serving {folder} ({state.current.model.n_items} items, k="
+              f"{state.current.model.k})", file=log, flush=True)
+      except Exception as e:  # pylint: disable=broad-except
+        state.error = _first_line(e)
+        print(f"error: {state.error}", file=log, flush=True)
+
+    loop = asyncio.get_running_loop()
+    loader = loop.create_task(first_load())
+    holder["loader"] = loader
+    if reload_signal is not None:
+      loop.add_signal_handler(reload_signal, lambda: loop.create_task(reload_logged()))
+
+    async def reload_logged():
+      try:
+        current = await state.load()
+        print(f"reloaded: generation {current.generation}, sha256 {current.digest}",
+              file=log, flush=True)
+      except Exception as e:  # pylint: disable=broad-except
+        print(f"error: the new artefact was refused ({_first_line(e)}); the one loaded "
+              "before keeps serving", file=log, flush=True)
+
+    try:
+      yield
+    finally:
+      if reload_signal is not None:
+        loop.remove_signal_handler(reload_signal)
+      loader.cancel()
+      await batcher.stop()
+      executor.shutdown(wait=True)
+
+  app = Starlette(routes=[Route("/recommend", recommend, methods=["POST"]),
+                          Route("/health", health, methods=["GET"]),
+                          Route("/metadata", metadata, methods=["GET"]),
+                          Route("/admin/reload", reload, methods=["POST"])],
+                  lifespan=lifespan)
+  app.state.holder = holder
+  return _RequestLog(app, log)
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return text[0] if text else type(e).__name__
+
+
+class _RequestLog:
+  """ASGI middleware: one line per request (method, path, status, milliseconds)."""
+
+  def __init__(self, app, log):
+    self.app = app
+    self.log = log
+    self.state = app.state
+
+  async def __call__(self, scope, receive, send):
+    if scope["type"] != "http":
+      return await self.app(scope, receive, send)
+    t0 = time.perf_counter()
+    status = [500]
+
+    async def send_logged(message):
+      if message["type"] == "http.response.start":
+        status[0] = message["status"]
+      await send(message)
+
+    try:
+      await self.app(scope, receive, send_logged)
+    finally:
+      print(f"{scope['method']} {scope['path']} {status[0]} "
+            f"{1000 * (time.perf_counter() - t0):.1f} ms", file=self.log, flush=True)
+
+
+__all__ = ["ServerOptions", "RequestError", "Overloaded", "MicroBatcher", "ServingState",
+           "create_app", "parse_request", "answer", "load_and_warm", "manifest_digest"]
