@@ -172,16 +172,9 @@ def _versions() -> dict:
   import numpy as np
   import optax
 
+  from experiments import machine
   from jax_vaecf import host_memory
-  cpu = ""
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          cpu = line.split(":", 1)[1].strip()
-          break
-  except OSError:
-    pass
+  cpu = machine.cpu_model()
   return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
           "optax": optax.__version__, "numpy": np.__version__,
           "python": platform.python_version(), "cpu_model": cpu,

@@ -11,6 +11,18 @@ import time
 AUTO_BF16_SPEEDUP = 1.2
 
 
+def cpu_model() -> str:
+  """The CPU's model name (``/proc/cpuinfo``), or ``""`` where it cannot be read."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return ""
+
+
 def cpu_flags() -> dict:
   """The CPU model and whether it reports AVX512-BF16 and AMX (Linux /proc/cpuinfo)."""
   model, found = platform.processor() or "unknown", set()

@@ -20,10 +20,11 @@ Endpoints (JSON in and out; every error is a 4xx or 5xx with ``{"error": one lin
   place); only from a loopback address. A new artefact that fails its checks is refused
   (409) and the one loaded keeps serving; SIGHUP does the same.
 
-Requests are micro-batched: :class:`MicroBatcher` gathers the users of concurrent
-requests for at most ``max_wait_ms`` (or until ``max_batch_users``) and scores them in
-one call of the artefact's program, in one worker thread; its queue holds at most
-``max_queue`` requests and answers 503 beyond. A batch is scored, ids and all, by the
+Requests are micro-batched: :class:`MicroBatcher` scores, in one call of the
+artefact's program in one worker thread, every request queued while the previous call
+ran (up to ``max_batch_users`` users), and waits up to ``max_wait_ms`` more only for
+requests already being received, so a lone request is never held back; its queue holds
+at most ``max_queue`` requests and answers 503 beyond. A batch is scored, ids and all, by the
 artefact that was loaded when the batch was formed, so a reload never mixes two.
 """
 
@@ -53,8 +54,9 @@ def option(default, help: str):
 class ServerOptions:
   """How the server batches, bounds and drains its work."""
 
-  max_wait_ms: float = option(2.0, "Longest a request waits for others to be scored with "
-                                   "it (milliseconds; 0 = only those already queued).")
+  max_wait_ms: float = option(2.0, "Longest a batch waits for requests still being "
+                                   "received to join it (milliseconds; a request alone "
+                                   "never waits; 0 = only those already queued).")
   max_batch_users: int = option(512, "Users scored in one call at most (one of the "
                                      "artefact's padded shapes is 512); 1 scores each "
                                      "request alone.")
@@ -178,6 +180,7 @@ class MicroBatcher:
     self._executor = executor
     self._queue: asyncio.Queue[_Entry] = asyncio.Queue(maxsize=options.max_queue)
     self._arrived = asyncio.Event()
+    self._incoming = 0  # requests being read and checked, not yet submitted
     self._task: asyncio.Task | None = None
     self.batches = 0  # scoring calls made, for /metadata and the tests
     self.users = 0
@@ -193,6 +196,18 @@ class MicroBatcher:
       self._task.cancel()
       with contextlib.suppress(asyncio.CancelledError):
         await self._task
+
+  @contextlib.contextmanager
+  def incoming(self):
+    """Marks a request on its way to :meth:`submit` (its body being read and checked).
+    A batch waits for such requests only: a request alone is scored at once, never
+    held back by ``max_wait_ms``."""
+    self._incoming += 1
+    try:
+      yield
+    finally:
+      self._incoming -= 1
+      self._arrived.set()
 
   async def submit(self, histories: list, k: int) -> list[dict]:
     """Per user of ``histories`` the artefact's ``recommend`` result for ``k``.
@@ -224,7 +239,8 @@ class MicroBatcher:
       while True:
         users = self._take_queued(batch, users)
         left = deadline - loop.time()
-        if users >= self._options.max_batch_users or left <= 0:
+        if (users >= self._options.max_batch_users or left <= 0
+            or not self._incoming):
           break
         self._arrived.clear()
         try:
@@ -377,10 +393,13 @@ def create_app(folder: str, options: ServerOptions = ServerOptions(), *,
     current = served()
     if current is None:
       return _json(503, {"error": "the artefact is still loading; see GET /health"})
+    batcher = holder["batcher"]
     try:
-      body = await _read_body(request, options.max_body_bytes)
-      histories, k, batch = parse_request(body, current.model.k, options.max_request_users)
-      results = await holder["batcher"].submit(histories, k)
+      with batcher.incoming():
+        body = await _read_body(request, options.max_body_bytes)
+        histories, k, batch = parse_request(body, current.model.k,
+                                            options.max_request_users)
+      results = await batcher.submit(histories, k)
     except RequestError as e:
       return _json(e.status, {"error": str(e)})
     except Overloaded as e:

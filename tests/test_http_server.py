@@ -360,7 +360,7 @@ def test_reload_is_refused_to_a_client_that_is_not_on_loopback(artefacts):
 def test_sigterm_drains_requests_in_flight_then_exits_0(artefacts):
   proc = subprocess.Popen(
       [sys.executable, "-m", "experiments.serve", "--artifact", artefacts["a1"],
-       "--port", "0", "--max_wait_ms", "1500"],
+       "--port", "0"],
       cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
     line = proc.stdout.readline()
@@ -376,15 +376,28 @@ def test_sigterm_drains_requests_in_flight_then_exits_0(artefacts):
       assert time.time() < deadline and proc.poll() is None
       time.sleep(0.1)
     history = artefacts["ids"][:3]
-    result = {}
-    t = threading.Thread(target=lambda: result.update(
-        got=call(port, "POST", "/recommend", {"items": history, "k": 3})))
-    t.start()
-    time.sleep(0.4)  # the request now waits in the batcher (1.5 s)
+    body = json.dumps({"items": history, "k": 3}).encode()
+    # A request in flight when the signal comes: its headers and half its body sent.
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    sock.sendall(b"POST /recommend HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                 b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+                 + body[:10])
+    time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
-    t.join(60)
-    assert result["got"] == (200, json.loads(json.dumps(
-        _reference(artefacts["a1"], [history], 3)[0])))
+    time.sleep(0.5)
+    assert proc.poll() is None  # still draining
+    # A new connection is no longer accepted.
+    with pytest.raises(OSError):
+      call(port, "GET", "/health", timeout=5)
+    sock.sendall(body[10:])
+    reply = b""
+    while chunk := sock.recv(65536):
+      reply += chunk
+    sock.close()
+    head, _, text = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert json.loads(text) == json.loads(json.dumps(
+        _reference(artefacts["a1"], [history], 3)[0]))
     assert proc.wait(60) == 0
     assert "stopped: requests in flight answered" in proc.stdout.read()
   finally:
@@ -403,3 +416,23 @@ def test_options_and_a_missing_artefact_are_refused_before_listening(tmp_path):
   assert r.stderr.strip().splitlines()[-1] == (
       f"error: {tmp_path}/manifest.json: not found; {tmp_path} is not a scorer artefact")
   assert "listening" not in r.stdout
+
+
+def test_the_load_script_checks_every_answer(artefacts):
+  from experiments import serve_bench
+  ref = {"items": [5, 3, 9], "scores": [2.0, 1.5, 1.0], "unknown": ["x"]}
+  same = json.loads(json.dumps(ref))
+  assert serve_bench.matches(same, ref)
+  assert not serve_bench.matches({**same, "items": [5, 9, 3]}, ref)  # not near-ties
+  assert not serve_bench.matches({**same, "items": [5, 3, 8]}, ref)
+  assert not serve_bench.matches({**same, "scores": [2.0, 1.5, 1.1]}, ref)
+  assert not serve_bench.matches({**same, "unknown": []}, ref)
+  ties = {"items": [5, 3, 9], "scores": [2.0, 1.5, 1.5], "unknown": []}
+  assert serve_bench.matches({**ties, "items": [5, 9, 3]}, ties)  # a swap of equals
+  rows = serve_bench.run(artefacts["a1"], [4], 0.3, pool=16, history=5, k=3)
+  assert [r["path"] for r in rows] == ["in-process Scorer.recommend",
+                                       *serve_bench.MODES]
+  for r in rows:
+    assert r["requests"] > 0 and r["wrong"] == 0 and r["failed"] == 0, r
+  table = serve_bench.format_table(rows)
+  assert "micro-batching at concurrency 4:" in table
