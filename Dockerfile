@@ -3,6 +3,9 @@
 #   docker run --gpus all -v $PWD/data:/data -v $PWD/runs:/runs jax_vaecf
 # The default command trains the paper's ML-20M preset on every GPU, downloading
 # MovieLens-20M into /data on first use and resuming from /runs/ml20m when rerun.
+# Serving an exported artefact over HTTP from the same image:
+#   docker run --gpus all -p 8000:8000 -v $PWD/runs:/runs jax_vaecf \
+#       python -m experiments.serve --artifact /runs/artefact --host 0.0.0.0
 FROM nvidia/cuda:12.8.1-base-ubuntu24.04
 
 RUN apt-get update \
@@ -17,9 +20,10 @@ WORKDIR /opt/jax_vaecf
 COPY pyproject.toml setup.cfg README.md ./
 COPY jax_vaecf ./jax_vaecf
 COPY experiments ./experiments
-RUN pip install --no-cache-dir ".[gpu,plot,export,tune]"
+RUN pip install --no-cache-dir ".[gpu,plot,export,tune,serve]"
 
 VOLUME ["/data", "/runs"]
+EXPOSE 8000
 CMD ["python", "-m", "experiments.train", "--config=ml20m", "--data_dir=/data/ml-20m", \
      "--cache_dir=/data/cache", "--download", "--workdir=/runs/ml20m", \
      "--number_of_devices=0"]
