@@ -27,16 +27,19 @@ from absl import flags
 from experiments import cli
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("artifact", None, "The artefact folder python -m experiments.export "
-                    "wrote (reloading reads it again).")
-flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every interface).")
-flags.DEFINE_integer("port", 8000, "Port to listen on; 0 takes a free one (printed).")
 
 
-def define_option_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
-  """One flag per :class:`jax_vaecf.server.ServerOptions` field (same name, type, default
-  and help)."""
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The tool's flags, defined when it runs (not at import: other tools have flags of
+  these names): the artefact, the address, and one flag per
+  :class:`jax_vaecf.server.ServerOptions` field (same name, type, default and help)."""
   from jax_vaecf import server  # pylint: disable=import-outside-toplevel
+  flags.DEFINE_string("artifact", None, "The artefact folder python -m experiments.export "
+                      "wrote (reloading reads it again).", flag_values=flag_values)
+  flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every "
+                      "interface).", flag_values=flag_values)
+  flags.DEFINE_integer("port", 8000, "Port to listen on; 0 takes a free one (printed).",
+                       flag_values=flag_values)
   for field in dataclasses.fields(server.ServerOptions):
     define = {int: flags.DEFINE_integer, float: flags.DEFINE_float}[type(field.default)]
     define(field.name, field.default, field.metadata["help"], flag_values=flag_values)
@@ -101,5 +104,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  define_option_flags()
+  define_flags()
   cli.run(main)

@@ -36,12 +36,17 @@ from experiments import cli
 from experiments import machine
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("artifact", None, "The artefact folder to serve.")
-flags.DEFINE_float("seconds", 5.0, "Seconds of load per row (and as long to warm up).")
-flags.DEFINE_list("concurrency", ["1", "8", "64"], "Clients sending at once, per row.")
-flags.DEFINE_integer("pool", 256, "Distinct users (histories) the clients draw from.")
-flags.DEFINE_integer("history", 20, "Items per user's history.")
-flags.DEFINE_integer("k", 10, "Items asked per request (at most the artefact's k).")
+
+
+def define_flags() -> None:
+  """The tool's flags; defined when it runs, not at import (``--k`` and ``--artifact``
+  are other tools' flags too, and the tests import several tools)."""
+  flags.DEFINE_string("artifact", None, "The artefact folder to serve.")
+  flags.DEFINE_float("seconds", 5.0, "Seconds of load per row (and as long to warm up).")
+  flags.DEFINE_list("concurrency", ["1", "8", "64"], "Clients sending at once, per row.")
+  flags.DEFINE_integer("pool", 256, "Distinct users (histories) the clients draw from.")
+  flags.DEFINE_integer("history", 20, "Items per user's history.")
+  flags.DEFINE_integer("k", 10, "Items asked per request (at most the artefact's k).")
 
 # The two servers compared: micro-batching (the defaults) and one request per call.
 MODES = {"HTTP, micro-batched": [],
@@ -229,4 +234,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   cli.run(main)
