@@ -15,6 +15,7 @@ metrics as an uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import sys
@@ -30,12 +31,14 @@ from absl import logging
 from experiments import configs
 from experiments import workdir as workdir_lib
 from experiments.progress import Progress
+from jax_vaecf import catalogue
 from jax_vaecf import checkpoint as checkpoint_lib
 from jax_vaecf import data as data_lib
 from jax_vaecf import metrics as metrics_lib
 from jax_vaecf import distributed
 from jax_vaecf import model as model_lib
 from jax_vaecf import parallel as parallel_lib
+from jax_vaecf import per_user
 from jax_vaecf import precision as precision_lib
 from jax_vaecf import schedules
 from jax_vaecf import train as train_lib
@@ -243,11 +246,14 @@ def train_batcher(cfg: configs.Config, split: data_lib.Split, num_shards: int):
                                num_shards=num_shards)
 
 
-def evaluate(steps, params, split: data_lib.EvalSplit, batch_size: int) -> dict:
+def evaluate(steps, params, split: data_lib.EvalSplit, batch_size: int, *,
+             accumulator: metrics_lib.MetricAccumulator | None = None) -> dict:
   """Mean (and standard error) of every metric over the split's users with held-out items
   (a :class:`jax_vaecf.data.PartEvalSplit`: every process's users, each process feeding
-  its own; the per-user metrics come back to every process)."""
-  acc = metrics_lib.MetricAccumulator()
+  its own; the per-user metrics come back to every process). ``accumulator``, when
+  given, keeps every user's values (in the split's row order, except for partitioned
+  data)."""
+  acc = metrics_lib.MetricAccumulator() if accumulator is None else accumulator
   if isinstance(split, data_lib.PartEvalSplit):
     batches = split.batches(batch_size, steps.num_shards)
   else:
@@ -635,9 +641,44 @@ def test_best(cfg: configs.Config, workdir: str, split: data_lib.Split,
     raise FileNotFoundError(
         f"{workdir}: no trained checkpoint to test; run with --train first")
   state, meta = restored
-  result = evaluate(steps, steps.init_state(state), split.test, cfg.batch_size_validation)
+  acc = metrics_lib.MetricAccumulator()
+  result = evaluate(steps, steps.init_state(state), split.test, cfg.batch_size_validation,
+                    accumulator=acc)
   result["epoch"] = meta.get("epoch")
+  if isinstance(split.test, data_lib.PartEvalSplit):
+    return result  # users come back in block order, and each process has its rows only
+  users = acc.users()
+  popularity = catalogue.item_popularity(split.train)
+  result.update(catalogue.catalogue_metrics(users["top"], popularity,
+                                            split.n_train_users, cfg.test_ks))
+  if jax.process_index() == 0:
+    per_user.write(os.path.join(workdir, per_user.FILE), split.test.user_ids, users,
+                   split.item_ids, popularity,
+                   {"split": split_identity(cfg, split), "epoch": meta.get("epoch"),
+                    "run": {"model": cfg.model, "seed": cfg.seed},
+                    "summary": {k: v for k, v in result.items()
+                                if isinstance(v, (int, float))}})
   return result
+
+
+def split_identity(cfg: configs.Config, split: data_lib.Split) -> dict:
+  """What two tested runs must share to be compared user by user: the data settings,
+  the item table and the test users."""
+  ident = workdir_lib.identity(cfg, split)
+  ids = "\n".join(str(u) for u in np.asarray(split.test.user_ids).tolist())
+  return {**data_settings(cfg), **{k: ident[k] for k in (
+      "dataset", "protocol", "n_items", "n_train_users", "items_digest")},
+          "n_test_users": int(split.test.n_users),
+          "test_users_digest": hashlib.sha256(
+              ids.encode("utf-8", "surrogateescape")).hexdigest()[:16]}
+
+
+def format_catalogue(result: dict, ks) -> str:
+  """The test's beyond-accuracy metrics (:mod:`jax_vaecf.catalogue`) as one line."""
+  parts = [f"{name}@{k} {result[f'{name}@{k}']:.4g}"
+           for k in sorted(set(int(k) for k in ks))
+           for name in catalogue.CATALOGUE_METRICS if f"{name}@{k}" in result]
+  return "catalogue: " + "  ".join(parts) if parts else ""
 
 
 def format_test(result: dict, ks) -> str:
@@ -725,6 +766,8 @@ def _run_claimed(cfg: configs.Config, workdir: str,
     if cfg.test:
       results["test"] = test_best(cfg, workdir, split, ck, built)
       print(format_test(results["test"], cfg.test_ks), flush=True)
+      if format_catalogue(results["test"], cfg.test_ks):
+        print(format_catalogue(results["test"], cfg.test_ks), flush=True)
       if jax.process_index() == 0:
         workdir_lib.MetricsLog(workdir).write({"split": "test", **results["test"]})
   finally:

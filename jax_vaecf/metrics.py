@@ -7,6 +7,12 @@ as ``jax.lax.top_k``):
 * ``NDCG@k = sum_{j<=k} [r_j in T] / log2(j + 1)  /  sum_{j<=min(k, n)} 1 / log2(j + 1)``
 * ``Recall@k = |{r_1..r_k} & T| / min(k, n)`` (the paper's; it reaches 1 for every user)
 * ``RecallN@k = |{r_1..r_k} & T| / n`` (the LightGCN / NGCF papers' recall)
+* ``Precision@k = |{r_1..r_k} & T| / k``
+* ``HitRate@k = 1 if {r_1..r_k} & T else 0`` (HR@k of the NCF papers with one held-out
+  item per user; "at least one hit" with more)
+* ``MRR@k = 1 / j`` for the first ``j <= k`` with ``r_j in T``, else 0
+* ``MAP@k = sum_{j<=k} [r_j in T] Precision@j / min(k, n)`` (average precision cut at
+  ``k``, RecBole's normalisation)
 
 Every function returns per-user values ``(B,)`` so callers can average, weight or
 bootstrap, together with ``valid`` ``(B,)``: users with no held-out items (and padded
@@ -29,7 +35,7 @@ import numpy as np
 Array = jax.Array
 
 # Per-user outputs of ranking_metrics that are bookkeeping, not metrics to average.
-_NOT_METRICS = ("valid", "n_heldout", "is_user", "nonfinite")
+_NOT_METRICS = ("valid", "n_heldout", "is_user", "nonfinite", "top")
 
 
 class NonFiniteModelError(ValueError):
@@ -73,7 +79,7 @@ def ranking_metrics(scores: Array, heldout: Array, fold_in: Array | None = None,
                     ks: Iterable[int] = (20, 50, 100),
                     row_mask: Array | None = None,
                     nonfinite: Array | None = None) -> dict[str, Array]:
-  """NDCG@k, Recall@k and RecallN@k for several ``k`` from one ``top_k``.
+  """Every metric of the module docstring for several ``k`` from one ``top_k``.
 
   Args:
     scores: ``(B, n_items)`` model scores (logits), any float dtype.
@@ -87,8 +93,10 @@ def ranking_metrics(scores: Array, heldout: Array, fold_in: Array | None = None,
       by :func:`nonfinite_rows` on ``scores`` as given (before ``fold_in`` masking).
 
   Returns:
-    ``{'ndcg@k': (B,), 'recall@k': (B,), 'recalln@k': (B,), ..., 'valid': bool (B,),
-    'n_heldout': int32 (B,), 'is_user': bool (B,), 'nonfinite': bool (B,)}``
+    ``{'ndcg@k': (B,), 'recall@k': (B,), 'recalln@k': (B,), 'precision@k': (B,),
+    'hitrate@k': (B,), 'mrr@k': (B,), 'map@k': (B,), ..., 'valid': bool (B,),
+    'n_heldout': int32 (B,), 'is_user': bool (B,), 'nonfinite': bool (B,),
+    'top': int32 (B, kmax)}`` (``top``: the items ranked first, best first)
     (``is_user``: not a padding row; ``nonfinite``: a real user with NaN / inf scores,
     whose metrics are meaningless: :meth:`MetricAccumulator.add` raises on them).
   """
@@ -103,11 +111,12 @@ def ranking_metrics(scores: Array, heldout: Array, fold_in: Array | None = None,
   n_heldout = jnp.sum(hit_matrix, axis=1, dtype=jnp.int32)
   if nonfinite is None:
     nonfinite = nonfinite_rows(scores)
-  return metrics_from_hits(hits, n_heldout, ks, row_mask, nonfinite)
+  return metrics_from_hits(hits, n_heldout, ks, row_mask, nonfinite, top)
 
 
 def metrics_from_hits(hits: Array, n_heldout: Array, ks: Iterable[int],
-                      row_mask: Array | None, nonfinite: Array) -> dict[str, Array]:
+                      row_mask: Array | None, nonfinite: Array,
+                      top: Array | None = None) -> dict[str, Array]:
   """:func:`ranking_metrics` from a ranking already made.
 
   Args:
@@ -116,6 +125,8 @@ def metrics_from_hits(hits: Array, n_heldout: Array, ks: Iterable[int],
     n_heldout: int32 ``(B,)``: held-out items per user.
     ks, row_mask: as :func:`ranking_metrics`.
     nonfinite: bool ``(B,)``: users whose scores were not all finite.
+    top: int32 ``(B, kmax)`` or None: the ranked items themselves, returned as ``top``
+      (what the catalogue metrics of :mod:`jax_vaecf.catalogue` count).
 
   Returns:
     The dict of :func:`ranking_metrics`.
@@ -132,8 +143,12 @@ def metrics_from_hits(hits: Array, n_heldout: Array, ks: Iterable[int],
   disc = _discounts(kmax)
   cum_disc = jnp.cumsum(disc)
   is_user = jnp.ones_like(valid) if row_mask is None else row_mask > 0
+  reciprocal = 1.0 / jnp.arange(1, kmax + 1, dtype=jnp.float32)
+  precision_at = jnp.cumsum(hits, axis=1) * reciprocal  # (B, kmax): Precision@j
   out: dict[str, Array] = {"valid": valid, "n_heldout": n_heldout, "is_user": is_user,
                            "nonfinite": nonfinite & is_user}
+  if top is not None:
+    out["top"] = top.astype(jnp.int32)
   for k in ks:
     h = hits[:, :k]
     dcg = h @ disc[:k]
@@ -143,6 +158,12 @@ def metrics_from_hits(hits: Array, n_heldout: Array, ks: Iterable[int],
     out[f"ndcg@{k}"] = jnp.where(valid, dcg / idcg, 0.0)
     out[f"recall@{k}"] = jnp.where(valid, n_hits / jnp.minimum(float(k), jnp.maximum(n_f, 1.0)), 0.0)
     out[f"recalln@{k}"] = jnp.where(valid, n_hits / jnp.maximum(n_f, 1.0), 0.0)
+    out[f"precision@{k}"] = jnp.where(valid, n_hits / k, 0.0)
+    out[f"hitrate@{k}"] = jnp.where(valid, (n_hits > 0).astype(jnp.float32), 0.0)
+    out[f"mrr@{k}"] = jnp.where(valid, jnp.max(h * reciprocal[:k], axis=1), 0.0)
+    out[f"map@{k}"] = jnp.where(
+        valid, (h * precision_at[:, :k]).sum(axis=1)
+        / jnp.minimum(float(k), jnp.maximum(n_f, 1.0)), 0.0)
   return out
 
 
@@ -167,14 +188,18 @@ class MetricAccumulator:
   padding rows are told apart by its ``is_user``, or by an explicit ``row_mask``);
   ``result`` returns the mean and standard error of each metric over valid users, the
   number of users counted and the number excluded for having no held-out items.
+  :meth:`users` gives every real user's values, in the order added (the split's row
+  order when batches come from :func:`jax_vaecf.data.eval_batches`).
 
   ``add`` raises :class:`NonFiniteModelError` when the dict's ``nonfinite`` flags any
   real user (a diverged model), and keeps nothing of that batch.
   """
 
   def __init__(self):
-    self._values: dict[str, list[np.ndarray]] = {}
-    self._excluded = 0
+    self._values: dict[str, list[np.ndarray]] = {}  # every real user's values
+    self._counted: list[np.ndarray] = []  # which of them have held-out items
+    self._n_heldout: list[np.ndarray] = []
+    self._top: list[np.ndarray] = []
 
   def add(self, batch_metrics: Mapping[str, Array], row_mask: Array | None = None) -> None:
     valid = np.asarray(batch_metrics["valid"]).astype(bool)
@@ -188,16 +213,34 @@ class MetricAccumulator:
         raise NonFiniteModelError(
             f"non-finite scores for {n_bad} users in evaluation: the model diverged "
             "(NaN/inf parameters), so its metrics would be meaningless")
-    self._excluded += int(np.sum(real & ~valid))
-    valid = valid & real
+    self._counted.append((valid & real)[real])
+    if "n_heldout" in batch_metrics:
+      self._n_heldout.append(np.asarray(batch_metrics["n_heldout"], np.int64)[real])
+    if "top" in batch_metrics:
+      self._top.append(np.asarray(batch_metrics["top"], np.int32)[real])
     for name, v in batch_metrics.items():
       if name in _NOT_METRICS:
         continue
-      self._values.setdefault(name, []).append(np.asarray(v, np.float64)[valid])
+      self._values.setdefault(name, []).append(np.asarray(v, np.float64)[real])
+
+  def users(self) -> dict[str, np.ndarray]:
+    """Every real user's row, in the order added: ``counted`` bool (n,) (has held-out
+    items, so counts in the means), ``n_heldout`` int64 (n,) when given, each metric
+    float64 (n,) (NaN where not counted) and ``top`` int32 (n, kmax) when given."""
+    counted = np.concatenate(self._counted) if self._counted else np.zeros(0, bool)
+    out: dict[str, np.ndarray] = {"counted": counted}
+    if self._n_heldout:
+      out["n_heldout"] = np.concatenate(self._n_heldout)
+    for name, v in self._values.items():
+      out[name] = np.where(counted, np.concatenate(v), np.nan)
+    if self._top:
+      out["top"] = np.concatenate(self._top)
+    return out
 
   def per_user(self) -> dict[str, np.ndarray]:
     """Each metric's values for the counted users, in the order they were added."""
-    return {k: np.concatenate(v) for k, v in self._values.items()}
+    counted = np.concatenate(self._counted) if self._counted else np.zeros(0, bool)
+    return {k: np.concatenate(v)[counted] for k, v in self._values.items()}
 
   def result(self) -> dict[str, float]:
     out: dict[str, float] = {}
@@ -206,6 +249,7 @@ class MetricAccumulator:
       n = values.size
       out[name] = float(values.mean()) if n else float("nan")
       out[name + "_se"] = float(values.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+    counted = np.concatenate(self._counted) if self._counted else np.zeros(0, bool)
     out["n_users"] = n
-    out["n_excluded"] = self._excluded
+    out["n_excluded"] = int(counted.size - counted.sum())
     return out

@@ -490,12 +490,13 @@ def make_eval_step(model: nn.Module, ks: Sequence[int] = (20, 50, 100), *,
       n_heldout = jax.lax.psum(jnp.sum(heldout, axis=1, dtype=jnp.int32), items.axis)
       top, where = jax.lax.top_k(logits, min(ks[-1], items.per_shard))
       hits = jnp.take_along_axis(heldout, where, axis=1)
-      _, _, hits = item_shards_lib.merge_top_k(top, where + items.offset(), hits, ks[-1],
-                                               items.axis)
-      return metrics_lib.metrics_from_hits(hits, n_heldout, ks, mask_c, bad)
+      _, ranked, hits = item_shards_lib.merge_top_k(top, where + items.offset(), hits,
+                                                    ks[-1], items.axis)
+      return metrics_lib.metrics_from_hits(hits, n_heldout, ks, mask_c, bad, ranked)
 
     out = jax.lax.map(one_chunk, (hs, mask, jnp.arange(n_chunks)))
-    return jax.tree_util.tree_map(lambda a: a.reshape((n_chunks * size,))[:b], out)
+    return jax.tree_util.tree_map(
+        lambda a: a.reshape((n_chunks * size,) + a.shape[2:])[:b], out)
 
   def shard_metrics(params, batch: sparse_lib.EvalBatch):
     if input_format == "sparse":

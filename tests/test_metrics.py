@@ -24,7 +24,11 @@ def _brute_force(scores, heldout, fold_in, k):
     dcg = sum(1 / np.log2(j + 2) for j, i in enumerate(top) if h[i] > 0)
     idcg = sum(1 / np.log2(j + 2) for j in range(min(k, n)))
     hits = sum(1 for i in top if h[i] > 0)
-    out.append((dcg / idcg, hits / min(k, n), hits / n))
+    first = next((j + 1 for j, i in enumerate(top) if h[i] > 0), None)
+    ap = sum(sum(1 for i2 in top[:j + 1] if h[i2] > 0) / (j + 1)
+             for j, i in enumerate(top) if h[i] > 0) / min(k, n)
+    out.append((dcg / idcg, hits / min(k, n), hits / n, hits / k, float(hits > 0),
+                0.0 if first is None else 1 / first, ap))
   return out
 
 
@@ -53,6 +57,24 @@ def test_against_brute_force(seed):
       assert float(got[f"ndcg@{k}"][u]) == pytest.approx(w[0], abs=1e-6)
       assert float(got[f"recall@{k}"][u]) == pytest.approx(w[1], abs=1e-6)
       assert float(got[f"recalln@{k}"][u]) == pytest.approx(w[2], abs=1e-6)
+      for j, name in enumerate(("precision", "hitrate", "mrr", "map"), 3):
+        assert float(got[f"{name}@{k}"][u]) == pytest.approx(w[j], abs=1e-6), name
+
+
+def test_the_conventions_on_a_ranking_worked_by_hand():
+  # Items ranked 0, 1, 2, 3, 4 (descending scores); held out: items 1 and 3 (n = 2).
+  scores = jnp.array([[5.0, 4.0, 3.0, 2.0, 1.0]])
+  heldout = jnp.array([[0.0, 1, 0, 1, 0]])
+  m = metrics.ranking_metrics(scores, heldout, None, (1, 2, 4))
+  want = {  # hits at ranks 2 and 4
+      "precision@1": 0.0, "precision@2": 0.5, "precision@4": 0.5,
+      "hitrate@1": 0.0, "hitrate@2": 1.0, "hitrate@4": 1.0,
+      "mrr@1": 0.0, "mrr@2": 0.5, "mrr@4": 0.5,
+      # AP@4 = (P@2 + P@4) / min(4, 2) = (1/2 + 2/4) / 2; AP@2 = (1/2) / 2.
+      "map@1": 0.0, "map@2": 0.25, "map@4": 0.5,
+      "recalln@2": 0.5, "recall@2": 0.5, "recall@1": 0.0}
+  for name, value in want.items():
+    assert float(m[name][0]) == pytest.approx(value), name
 
 
 def test_perfect_ranking_scores_one_and_fold_in_is_removed():
