@@ -33,12 +33,16 @@ flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"],
                   "Training seeds: one run per seed, each as --seed.")
 
 METRICS = ("ndcg@100", "recall@20", "recall@50", "ndcg@20", "recalln@20")
+# The literature's other conventions and the catalogue metrics, summarised too (a second
+# table row) when the runs report them.
+MORE_METRICS = ("precision@20", "hitrate@20", "mrr@20", "map@20", "coverage@20",
+                "avgpop@20", "tail@20", "gini@20", "novelty@20")
 
 
 def summarize(results: list[dict]) -> dict:
   """Mean and standard error over seeds of each metric's per-run value."""
   out = {"n_seeds": len(results)}
-  for k in METRICS:
+  for k in METRICS + MORE_METRICS:
     vals = np.array([r[k] for r in results if k in r], np.float64)
     if vals.size:
       out[k] = float(vals.mean())
@@ -80,12 +84,16 @@ def main(argv):
   s = summarize(results)
   cells = " | ".join(f"{s[k]:.4f} ± {s[k + '_se']:.4f}" for k in METRICS[:3])
   print(f"| {cfg.dataset} | {cfg.model} | {cfg.precision} | {len(seeds)} seeds | {cells} |")
+  more = [k for k in METRICS[3:] + MORE_METRICS if k in s]
+  if more:
+    print("| " + " | ".join(more) + " |")
+    print("| " + " | ".join(f"{s[k]:.4g} ± {s[k + '_se']:.2g}" for k in more) + " |")
   os.makedirs(FLAGS.root, exist_ok=True)
   with open(os.path.join(FLAGS.root, "summary.jsonl"), "a") as f:
     f.write(json.dumps({"config": FLAGS.config,
                         "settings": {k: str(v) for k, v in given.items()},
                         "seeds": seeds, **s,
-                        "per_seed": [{k: r[k] for k in METRICS if k in r}
+                        "per_seed": [{k: r[k] for k in METRICS + MORE_METRICS if k in r}
                                      for r in results]}) + "\n")
 
 

@@ -60,7 +60,7 @@ class Run:
     self.split = meta0["split"]
     self.user_id = first["user_id"]
     for f, columns, meta in self.seeds[1:]:
-      _check_same(self.split, meta["split"], self.files[0], f)
+      check_same(self.split, meta["split"], self.files[0], f)
       if not np.array_equal(columns["user_id"], self.user_id):
         raise ValueError(f"{f}: other test users than {self.files[0]}")
     self.counted = np.logical_and.reduce([c["counted"] for _, c, _ in self.seeds])
@@ -80,7 +80,8 @@ class Run:
     return np.array([np.nanmean(c[metric][c["counted"]]) for _, c, _ in self.seeds])
 
 
-def _check_same(a: dict, b: dict, where_a: str, where_b: str) -> None:
+def check_same(a: dict, b: dict, where_a: str, where_b: str) -> None:
+  """Raises ValueError listing every key on which two runs' split identities differ."""
   keys = sorted(set(a) | set(b))
   diff = [f"{k}: {a.get(k)!r} against {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
   if diff:
@@ -95,7 +96,7 @@ def compare(paths: list[str], metrics: list[str], n_boot: int, seed: int) -> lis
   base = runs[0]
   rows = []
   for run in runs[1:]:
-    _check_same(base.split, run.split, base.path, run.path)
+    check_same(base.split, run.split, base.path, run.path)
     if not np.array_equal(base.user_id, run.user_id):
       raise ValueError(f"{run.path}: other test users than {base.path}")
     both = base.counted & run.counted

@@ -1,7 +1,15 @@
-"""Draws a run's loss and validation curves: ``python -m experiments.plot --workdir DIR``.
+"""Draws a run's curves, or two tested runs side by side: ``python -m experiments.plot``.
 
-Reads ``DIR/metrics.jsonl`` and writes ``DIR/curves.png`` (or ``--out``). Needs
-matplotlib (``pip install -e ".[plot]"``).
+  python -m experiments.plot --workdir DIR
+  python -m experiments.plot --runs=RUN_A,RUN_B [--metric=ndcg@100] [--k=20] --out_dir=D
+
+``--workdir`` reads ``DIR/metrics.jsonl`` and writes ``DIR/curves.png`` (or ``--out``).
+``--runs`` takes tested run folders or ``experiments.accuracy`` roots (as
+``experiments.compare`` does) and writes two PNGs to ``--out_dir``: ``per_user.png``, the
+distribution of ``--metric`` over the test users of each run (a user's mean over its
+seeds), and ``popularity.png``, the share of each run's top-``--k`` slots taken by items
+ranked by training popularity, beside the catalogue's own share of training
+interactions. Needs matplotlib (``pip install -e ".[plot]"``).
 """
 
 from __future__ import annotations
@@ -18,6 +26,11 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run directory holding metrics.jsonl.")
 flags.DEFINE_string("out", "", "PNG to write ('' = <workdir>/curves.png).")
 flags.DEFINE_string("title", "", "Figure title ('' = the workdir's name).")
+flags.DEFINE_list("runs", [], "Tested run folders or accuracy roots to draw side by side "
+                  "(instead of --workdir).")
+flags.DEFINE_string("metric", "ndcg@100", "--runs: the per-user metric to draw.")
+flags.DEFINE_integer("k", 20, "--runs: the cut-off of the recommended lists.")
+flags.DEFINE_string("out_dir", "", "--runs: folder for per_user.png and popularity.png.")
 
 
 def read_records(workdir: str) -> list[dict]:
@@ -63,7 +76,74 @@ def plot(records: list[dict], out: str, title: str) -> None:
   plt.close(fig)
 
 
+def _save(fig, out: str) -> None:
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig.tight_layout()
+  tmp = out + ".tmp.png"
+  fig.savefig(tmp, dpi=110)
+  os.replace(tmp, out)
+  plt.close(fig)
+
+
+def plot_runs(runs, metric: str, k: int, out_dir: str) -> list[str]:
+  """The two figures of ``--runs`` (:class:`experiments.compare.Run` each); their paths."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  os.makedirs(out_dir, exist_ok=True)
+  fig, ax = plt.subplots(figsize=(6.5, 4))
+  for run in runs:
+    v = np.sort(run.values(metric)[run.counted])
+    seeds = f"{len(run.seeds)} seed" + ("s" if len(run.seeds) > 1 else "")
+    ax.plot(v, np.arange(1, v.size + 1) / v.size, drawstyle="steps-post",
+            label=f"{run.name} (mean {v.mean():.4f}, {seeds})")
+  ax.set_xlabel(f"test {metric} of a user")
+  ax.set_ylabel("share of test users with at most this value")
+  ax.grid(alpha=0.3)
+  ax.legend(loc="lower right")
+  per_user_png = os.path.join(out_dir, "per_user.png")
+  _save(fig, per_user_png)
+
+  fig, ax = plt.subplots(figsize=(6.5, 4))
+  columns = runs[0].seeds[0][1]
+  pop = columns["popularity"].astype(np.float64)
+  order = np.lexsort((np.arange(pop.size), -pop))  # most popular first
+  rank = np.arange(1, pop.size + 1)
+  ax.plot(rank, np.cumsum(pop[order]) / pop.sum(), color="gray", ls="--",
+          label="catalogue: training interactions")
+  for run in runs:
+    top = np.concatenate([c["top"][:, :k] for _, c, _ in run.seeds])
+    if top.shape[1] < k:
+      raise ValueError(f"{run.path}: tested up to k={top.shape[1]}, not {k}")
+    counts = np.bincount(top.ravel(), minlength=pop.size).astype(np.float64)
+    ax.plot(rank, np.cumsum(counts[order]) / counts.sum(),
+            label=f"{run.name}: top-{k} slots")
+  ax.set_xscale("log")
+  ax.set_xlabel("items by training popularity (rank, most popular first)")
+  ax.set_ylabel("cumulative share")
+  ax.grid(alpha=0.3)
+  ax.legend(loc="lower right")
+  popularity_png = os.path.join(out_dir, "popularity.png")
+  _save(fig, popularity_png)
+  return [per_user_png, popularity_png]
+
+
 def main(argv):
+  if FLAGS.runs:
+    cli.start(argv, required=("out_dir",))
+    from experiments import compare  # pylint: disable=g-import-not-at-top
+    try:
+      runs = [compare.Run(p) for p in FLAGS.runs]
+      for run in runs[1:]:
+        compare.check_same(runs[0].split, run.split, runs[0].path, run.path)
+      for out in plot_runs(runs, FLAGS.metric, FLAGS.k, FLAGS.out_dir):
+        print(out)
+    except (FileNotFoundError, ValueError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(1)
+    return
   cli.start(argv, required=("workdir",))
   try:
     records = read_records(FLAGS.workdir)

@@ -139,3 +139,26 @@ def test_a_test_writes_every_user_and_the_catalogue_metrics(tmp_path_factory):
     assert test[name] == pytest.approx(value), name
   assert columns["popularity"].sum() > 0 and columns["item_ids"].size == \
       meta["split"]["n_items"]
+
+
+def test_plots_of_two_runs(tmp_path):
+  pytest.importorskip("matplotlib")
+  rng = np.random.default_rng(2)
+  _fake_run(tmp_path / "a", rng.random(50))
+  _fake_run(tmp_path / "b", rng.random(50))
+  out = tmp_path / "plots"
+  r = subprocess.run([sys.executable, "-m", "experiments.plot",
+                      f"--runs={tmp_path / 'a'},{tmp_path / 'b'}", "--k=2",
+                      f"--out_dir={out}"], cwd=REPO, capture_output=True, text=True,
+                     timeout=120)
+  assert r.returncode == 0, r.stderr
+  for name in ("per_user.png", "popularity.png"):
+    data = (out / name).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert width > 400 and height > 300
+  _fake_run(tmp_path / "c", rng.random(50), split={"dataset": "y"})
+  r = subprocess.run([sys.executable, "-m", "experiments.plot",
+                      f"--runs={tmp_path / 'a'},{tmp_path / 'c'}", f"--out_dir={out}"],
+                     cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 1 and "tested on another split" in r.stderr
