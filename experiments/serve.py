@@ -72,7 +72,8 @@ def main(argv):
   try:
     import uvicorn  # pylint: disable=import-outside-toplevel
     from jax_vaecf import server  # pylint: disable=import-outside-toplevel
-    import starlette  # pylint: disable=import-outside-toplevel,unused-import
+    import starlette.applications  # pylint: disable=import-outside-toplevel
+    del starlette  # imported only to fail here, with the fix, when it is missing
   except ImportError as e:
     print(f"error: the server needs the serve extra ({e}); pip install "
           "'jax_vaecf[serve]'", file=sys.stderr)

@@ -71,16 +71,12 @@ def test_duplicates_never_both_folded_in_and_held_out(protocol, seed):
   x = _with_duplicates(seed)
   if protocol == "heldout_users":
     split = lambda d: preprocess.split_heldout_users(d, 12)
-    threshold = 3.5
   elif protocol == "per_user":
     split = lambda d: preprocess.split_per_user(d, threshold=3.5, min_items_to_split=2)
-    threshold = 3.5
   elif protocol == "per_user_time":
     split = lambda d: preprocess.split_per_user(d, by_time=True, threshold=None)
-    threshold = None
   else:
-    split = lambda d: preprocess.split_nvidia_alt(d, 0.1, 0.1)
-    threshold = 3.5  # >= 4 on half stars
+    split = lambda d: preprocess.split_nvidia_alt(d, 0.1, 0.1)  # >= 4 on half stars
   s = split(x)
   for ev in (s.validation, s.test):
     if ev is None:

@@ -2,7 +2,6 @@
 folder: ids that are not UTF-8, a byte-order mark, NUL bytes, quoted csv fields, two
 processes on one run folder, a full disk, and the messages of the rough edges."""
 
-import json
 import os
 import shutil
 import subprocess
@@ -17,7 +16,7 @@ from experiments import loop
 from jax_vaecf import checkpoint
 from jax_vaecf import recommend
 from jax_vaecf import run_folder
-from jax_vaecf.data import load_split, preprocess, readers
+from jax_vaecf.data import preprocess, readers
 from jax_vaecf.data.split import Split, check_distinct_ids
 
 import _runs
