@@ -88,6 +88,10 @@ def main(argv):
   if more:
     print("| " + " | ".join(more) + " |")
     print("| " + " | ".join(f"{s[k]:.4g} ± {s[k + '_se']:.2g}" for k in more) + " |")
+  from jax_vaecf import metrics  # pylint: disable=import-outside-toplevel
+  for k in dict.fromkeys(METRICS + MORE_METRICS):
+    if k in s and metrics.convention(k):
+      print(f"{k}: {metrics.convention(k)}")
   os.makedirs(FLAGS.root, exist_ok=True)
   with open(os.path.join(FLAGS.root, "summary.jsonl"), "a") as f:
     f.write(json.dumps({"config": FLAGS.config,

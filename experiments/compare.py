@@ -114,6 +114,7 @@ def compare(paths: list[str], metrics: list[str], n_boot: int, seed: int) -> lis
 
 
 def format_table(rows: list[dict]) -> str:
+  from jax_vaecf import metrics  # pylint: disable=import-outside-toplevel
   lines = []
   for b_run in dict.fromkeys(r["b_run"] for r in rows):
     mine = [r for r in rows if r["b_run"] == b_run]
@@ -130,6 +131,8 @@ def format_table(rows: list[dict]) -> str:
       lines.append(f"| {r['metric']} | {r['a']:.4f} | {r['b']:.4f} | {r['diff']:+.4f} | "
                    f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] | {r['p_ttest']:.2g} | "
                    f"{r['p_wilcoxon']:.2g} | {seeds} | {r['verdict']} |")
+  used = dict.fromkeys(r["metric"] for r in rows)
+  lines += [f"{m}: {metrics.convention(m)}" for m in used if metrics.convention(m)]
   return "\n".join(lines)
 
 

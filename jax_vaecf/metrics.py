@@ -34,6 +34,24 @@ import numpy as np
 
 Array = jax.Array
 
+# Which convention each metric name follows, for reports that put numbers beside
+# published tables (docs/model.md has the definitions and sources).
+CONVENTIONS = {
+    "ndcg": "NDCG, ideal DCG over min(k, n) (Mult-VAE, RecVAE, EASE papers)",
+    "recall": "hits / min(k, n) (Mult-VAE paper's Recall@R)",
+    "recalln": "hits / n (NGCF, LightGCN)",
+    "precision": "hits / k",
+    "hitrate": "1 if any hit (NCF's HR@k)",
+    "mrr": "1 / rank of the first hit",
+    "map": "average precision over min(k, n) (RecBole)",
+}
+
+
+def convention(name: str) -> str | None:
+  """The convention of a column such as ``recalln@20``, or None for other columns."""
+  return CONVENTIONS.get(name.split("@", 1)[0])
+
+
 # Per-user outputs of ranking_metrics that are bookkeeping, not metrics to average.
 _NOT_METRICS = ("valid", "n_heldout", "is_user", "nonfinite", "top")
 

@@ -100,6 +100,7 @@ def test_compare_runs_and_roots_of_seeds(tmp_path):
   assert row["verdict"] == "b higher" and "seeds" not in row  # one seed on a side
   table = compare.format_table(rows)
   assert "| ndcg@100 | " in table and "b higher |" in table
+  assert "ndcg@100: NDCG, ideal DCG over min(k, n)" in table  # the convention, by name
   # Another split is refused, naming what differs.
   _fake_run(tmp_path / "c", base, split={"dataset": "x", "items_digest": "zzz"})
   with pytest.raises(ValueError, match=r"tested on another split .*items_digest: 'abc' "
