@@ -491,7 +491,6 @@ def create_app(folder: str, options: ServerOptions = ServerOptions(), *,
                           Route("/metadata", metadata, methods=["GET"]),
                           Route("/admin/reload", reload, methods=["POST"])],
                   lifespan=lifespan)
-  app.state.holder = holder
   return _RequestLog(app, log)
 
 
@@ -506,7 +505,6 @@ class _RequestLog:
   def __init__(self, app, log):
     self.app = app
     self.log = log
-    self.state = app.state
 
   async def __call__(self, scope, receive, send):
     if scope["type"] != "http":
