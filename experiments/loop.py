@@ -15,7 +15,6 @@ metrics as an uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import os
 import sys
@@ -40,6 +39,7 @@ from jax_vaecf import model as model_lib
 from jax_vaecf import parallel as parallel_lib
 from jax_vaecf import per_user
 from jax_vaecf import precision as precision_lib
+from jax_vaecf import run_folder
 from jax_vaecf import schedules
 from jax_vaecf import train as train_lib
 
@@ -665,12 +665,11 @@ def split_identity(cfg: configs.Config, split: data_lib.Split) -> dict:
   """What two tested runs must share to be compared user by user: the data settings,
   the item table and the test users."""
   ident = workdir_lib.identity(cfg, split)
-  ids = "\n".join(str(u) for u in np.asarray(split.test.user_ids).tolist())
   return {**data_settings(cfg), **{k: ident[k] for k in (
       "dataset", "protocol", "n_items", "n_train_users", "items_digest")},
           "n_test_users": int(split.test.n_users),
-          "test_users_digest": hashlib.sha256(
-              ids.encode("utf-8", "surrogateescape")).hexdigest()[:16]}
+          # The digest the item table gets, over the test users' raw ids.
+          "test_users_digest": run_folder.items_digest(split.test.user_ids)}
 
 
 def format_catalogue(result: dict, ks) -> str:

@@ -37,8 +37,8 @@ class RunFolderBusyError(ValueError):
 
 
 def items_digest(item_ids: np.ndarray) -> str:
-  """16 hex digits of the sha256 of the raw item ids (n_items,), one per line in column
-  order: what a checkpoint records of the items its columns are."""
+  """16 hex digits of the sha256 of raw ids (n,), one per line in order: what a
+  checkpoint records of the items its columns are (and a test of its users)."""
   text = "\n".join(str(i) for i in np.asarray(item_ids).tolist())
   return hashlib.sha256(text.encode("utf-8", _ID_ERRORS)).hexdigest()[:16]
 
