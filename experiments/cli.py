@@ -104,13 +104,16 @@ def define_config_flags(flag_values: flags.FlagValues = flags.FLAGS, *,
 
 
 def _typed(name: str, value: Any, flag: str) -> Any:
-  """A flag's value as the Config field ``name`` holds it (lists become int tuples)."""
+  """A flag's value as the Config field ``name`` holds it (lists become tuples of the
+  field's element type)."""
   configs = _configs()
   if isinstance(configs.Config.__dataclass_fields__[name].default, tuple):
+    element = configs.element_of(name)
     try:
-      return tuple(int(v) for v in value if str(v).strip())
+      return tuple(element(v) for v in value if str(v).strip())
     except ValueError:
-      raise app.UsageError(f"--{flag}: expected comma-separated integers, got "
+      kind = "integers" if element is int else "numbers"
+      raise app.UsageError(f"--{flag}: expected comma-separated {kind}, got "
                            f"{','.join(value)!r}") from None
   return value
 

@@ -35,6 +35,7 @@ from jax_vaecf import checkpoint as checkpoint_lib
 from jax_vaecf import data as data_lib
 from jax_vaecf import metrics as metrics_lib
 from jax_vaecf import distributed
+from jax_vaecf import ease
 from jax_vaecf import model as model_lib
 from jax_vaecf import parallel as parallel_lib
 from jax_vaecf import per_user
@@ -607,6 +608,121 @@ def train_and_validate(cfg: configs.Config, workdir: str, split: data_lib.Split,
   return _summary(cfg, standing, epoch_times, val_times, split.n_train_users)
 
 
+def _state_of(cfg: configs.Config, built: Built, params) -> train_lib.TrainState:
+  """A closed-form model's state: its fitted parameters in the layout of
+  :func:`state_layout` (no optimiser state: the model has no training phase)."""
+  key = jax.random.split(jax.random.PRNGKey(cfg.seed))[1]
+  return train_lib.TrainState(step=jnp.ones((), jnp.int32), params=params, opt_state=(),
+                              key=jax.random.key_data(key) if jnp.issubdtype(
+                                  key.dtype, jax.dtypes.prng_key) else key,
+                              loss_scale=precision_lib.init_loss_scale(False),
+                              tx=optimizer(cfg))
+
+
+def fit_closed_form(cfg: configs.Config, workdir: str, split: data_lib.Split,
+                    ck: checkpoint_lib.RunCheckpoints | None, built: Built) -> dict:
+  """Fits a closed-form model (EASE, :mod:`jax_vaecf.ease`): the Gram matrix from the
+  training rows' batches on the run's first device, then each ``l2`` scored on the
+  validation users from one eigendecomposition (a single ``l2``: a Cholesky fit), the
+  best kept as the run's one checkpoint (step 1, "epoch" 1). A run whose folder already
+  holds it fits nothing again. Returns the training summary (as
+  :func:`train_and_validate`), with the chosen ``l2``."""
+  if isinstance(split, data_lib.PartSplit) or jax.process_count() > 1:
+    raise ValueError(f"{cfg.model}: a closed-form fit reads every training row in one "
+                     "process; run it without --partitioned_data, in one process")
+  steps = built.steps
+  if ck is not None and ck.best_step() is not None:
+    meta = ck.restore_best(state_layout(cfg, built))[1]
+    print(f"{cfg.model} was fitted already (l2 {meta.get('l2')}): nothing to fit", flush=True)
+    return {"best_validation": meta.get("best_metrics") or {}, "best_epoch": 1,
+            "stopped": None, "l2": meta.get("l2")}
+  log = None
+  if ck is not None and jax.process_index() == 0:
+    log = workdir_lib.MetricsLog(workdir)
+    log.truncate_after(0)
+    workdir_lib.write_run_files(cfg, workdir, split, 0)
+  grid = ease.l2_values(cfg.l2)
+  if len(grid) > 1 and split.validation is None:
+    raise ValueError(f"bad setting: --l2 gives {len(grid)} values to choose from but the "
+                     "split has no validation data; give one --l2 (or validation "
+                     "users: --validation_fraction above 0 in the per-user protocol)")
+  device = steps.devices[0]
+  n_items = split.n_items
+  t0 = time.perf_counter()
+  batcher = data_lib.TrainBatcher(split.train, cfg.batch_size_train, seed=cfg.seed)
+  gram = ease.gram_matrix(batcher.epoch_batches(0), n_items, device)
+  jax.block_until_ready(gram)
+  gram_s = time.perf_counter() - t0
+  print(f"gram matrix of {split.n_train_users} users x {n_items} items: {gram_s:.2f}s",
+        flush=True)
+  sweep = []
+  if len(grid) == 1:
+    l2 = grid[0]
+    b = ease.fit(gram, jnp.float32(l2))
+  else:
+    spectral = ease.Spectral(n_items)
+    sweep_steps = parallel_lib.make_parallel_steps(
+        spectral, built.options, mode=cfg.parallel, devices=steps.devices,
+        ks=VALIDATION_KS)
+    s, v = ease.spectrum(gram)  # gram donated
+    del gram
+    for value in grid:
+      t1 = time.perf_counter()
+      params = sweep_steps.replicate(ease.sweep_params(s, v, jnp.float32(value)))
+      vm = evaluate(sweep_steps, params, split.validation, cfg.batch_size_validation)
+      del params
+      record = {"split": "l2_sweep", "l2": value,
+                **{f"val_{k}": vm[k] for k in ("ndcg@100", "recall@20", "recall@50")},
+                "val_time_s": time.perf_counter() - t1}
+      sweep.append(record)
+      if log is not None:
+        log.write(record)
+      print(f"l2 {value:10g}  val ndcg@100 {vm['ndcg@100']:.4f}  recall@20 "
+            f"{vm['recall@20']:.4f}  recall@50 {vm['recall@50']:.4f}", flush=True)
+    l2 = max(sweep, key=lambda r: r["val_ndcg@100"])["l2"]
+    b = ease.fit_from_spectrum(s, v, jnp.float32(l2))
+    del s, v
+  params = ease.params_of(b, l2)
+  fit_s = time.perf_counter() - t0
+  state = steps.init_state(_state_of(cfg, built, params))
+  standing = Standing(best_epoch=1)
+  record = {"split": "train", "epoch": 1, "step": 1, "l2": l2, "fit_time_s": fit_s,
+            "gram_time_s": gram_s, "epoch_time_s": fit_s,
+            "users_per_s": split.n_train_users / fit_s}
+  if split.validation is not None:
+    vm = evaluate(steps, state, split.validation, cfg.batch_size_validation)
+    standing.best = vm[BEST_METRIC]
+    standing.best_metrics = {k: vm[k] for k in ("ndcg@100", "recall@20", "recall@50")}
+    record.update({f"val_{k}": v for k, v in standing.best_metrics.items()})
+  record["best_val_ndcg@100"] = standing.best if standing.best > -math.inf else None
+  check_finite_params(params, cfg.model)
+  record["checkpointed"] = ck is not None
+  if ck is not None:
+    ck.save_best(1, steps.to_host(state), {**standing.meta(1), "l2": l2},
+                 {BEST_METRIC: standing.best if standing.best > -math.inf else 1.0})
+  if log is not None:
+    log.write(record)
+  line = f"fitted {cfg.model} with l2 {l2:g} in {fit_s:.2f}s"
+  if "val_ndcg@100" in record:
+    line += (f"  val ndcg@100 {record['val_ndcg@100']:.4f}  recall@20 "
+             f"{record['val_recall@20']:.4f}  recall@50 {record['val_recall@50']:.4f}")
+  print(line, flush=True)
+  return {"best_validation": standing.best_metrics, "best_epoch": 1, "stopped": None,
+          "l2": l2, "l2_sweep": sweep, "fit_time_s": fit_s}
+
+
+def check_finite_params(params, model_name: str) -> None:
+  """Raises :class:`TrainingDivergedError` when a fitted parameter is NaN / inf (a
+  factorisation that failed), before anything is saved."""
+  bad = [jax.tree_util.keystr(path) for path, leaf in
+         jax.tree_util.tree_flatten_with_path(params)[0]
+         if not bool(jnp.all(jnp.isfinite(leaf)))]
+  if bad:
+    raise TrainingDivergedError(f"{model_name}: the fit gave NaN/inf in {', '.join(bad)} "
+                                "(the matrix was not positive definite in float32: raise "
+                                "--l2)")
+
+
 def _summary(cfg: configs.Config, standing: Standing, epoch_times: list[float],
              val_times: list[float], n_users: int) -> dict:
   """The best validation metrics and, after the warm-up epochs, the mean timings."""
@@ -746,6 +862,9 @@ def _run_claimed(cfg: configs.Config, workdir: str,
   if n_items < max(VALIDATION_KS):
     raise ValueError(f"{cfg.dataset}: {n_items} items after preprocessing; validation "
                      f"ranks the top {max(VALIDATION_KS)} and needs at least that many")
+  check_memory = model_lib.model_entry(cfg.model).check_memory
+  if check_memory is not None:
+    check_memory(n_items, select_devices(cfg)[0])
   built = build(cfg, n_items, split.n_train_users)
   results: dict = {}
   os.makedirs(workdir, exist_ok=True)
@@ -756,7 +875,10 @@ def _run_claimed(cfg: configs.Config, workdir: str,
                                        keep_best=cfg.keep_best, best_metric=BEST_METRIC,
                                        read_only=not cfg.train)
   try:
-    if cfg.train or cfg.benchmark:
+    if (cfg.train or cfg.benchmark) and built.model.closed_form:
+      results["train"] = fit_closed_form(cfg, workdir, split, ck if cfg.train else None,
+                                         built)
+    elif cfg.train or cfg.benchmark:
       results["train"] = train_and_validate(cfg, workdir, split,
                                             ck if cfg.train else None, built,
                                             on_validation=on_validation)

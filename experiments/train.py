@@ -39,7 +39,7 @@ def main(argv):
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                            FLAGS.process_id, environ=os.environ)
     loop.run(cfg, FLAGS.workdir)
-  except (ValueError, FileNotFoundError, loop.TrainingDivergedError,
+  except (ValueError, FileNotFoundError, MemoryError, loop.TrainingDivergedError,
           checkpoint_lib.CheckpointSaveError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

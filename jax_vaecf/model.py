@@ -266,6 +266,10 @@ class CFModel(nn.Module):
   changes (the item-indexed arrays are found by :func:`jax_vaecf.item_shards.item_axes`).
   """
 
+  # True for a model fitted in closed form by its own module (EASE): the run calls that
+  # fit instead of training epochs, and the model has no phases.
+  closed_form = False
+
   @property
   def phases(self) -> tuple[Phase, ...]:
     return ONE_PHASE
@@ -449,12 +453,16 @@ class ModelEntry:
     default_hidden_dims: the widths used when none are given.
     title: the model's name in prose.
     extra: the names of the model's own settings (of ``experiments.configs.Config``).
+    check_memory: ``(n_items, device) -> None``, raising ``MemoryError`` with the
+      figures when the model over ``n_items`` items cannot fit ``device`` (run before
+      any work on the model); ``None``: no check.
   """
 
   build: Callable[..., CFModel]
   default_hidden_dims: tuple[int, ...]
   title: str
   extra: tuple[str, ...] = ()
+  check_memory: Callable[[int, Any], None] | None = None
 
 
 def _build_multvae(n_items, hidden_dims, latent_dim, dropout_rate, dtype):
@@ -477,6 +485,7 @@ _ENTRIES = {
     "multvae": "jax_vaecf.model:MULTVAE",
     "multdae": "jax_vaecf.model:MULTDAE",
     "recvae": "jax_vaecf.recvae:ENTRY",
+    "ease": "jax_vaecf.ease:ENTRY",
 }
 MODELS = tuple(_ENTRIES)
 
@@ -492,7 +501,7 @@ def model_entry(name: str) -> ModelEntry:
 def build_model(name: str, n_items: int, *, hidden_dims: Sequence[int] | None = None,
                 latent_dim: int = 200, dropout_rate: float = 0.5,
                 dtype: Any = jnp.float32, **extra) -> CFModel:
-  """The model called ``name`` (``'multvae'``, ``'multdae'`` or ``'recvae'``).
+  """The model called ``name`` (``'multvae'``, ``'multdae'``, ``'recvae'`` or ``'ease'``).
 
   ``hidden_dims=None`` picks the paper's widths: ``(600,)`` for Mult-VAE, ``(200,)`` for
   Mult-DAE, five layers of 600 for RecVAE; ``()`` gives Mult-VAE without hidden layers

@@ -267,6 +267,19 @@ class ParallelSteps:
         lambda a: jax.make_array_from_callback(a.shape, self._replicated,
                                                lambda idx, a=a: a[idx]), host)
 
+  def replicate(self, tree):
+    """A pytree of arrays (on any one device, or on the host) copied to every device as
+    the eval step takes parameters: replicated (``'sharded'``) or one copy per device
+    with a leading device axis (``'pmap'``). Not for item-sharded steps (use
+    :meth:`init_state`)."""
+    if self.item_shards is not None:
+      raise ValueError("replicate: item-sharded steps take states made by init_state")
+    if self.mode == "pmap":
+      return jax.device_put(jax.tree_util.tree_map(
+          lambda a: jnp.broadcast_to(a, (self.num_shards,) + a.shape), tree),
+          self._batch_sharding)
+    return jax.device_put(tree, self._replicated)
+
   def put_batch(self, host_batch):
     """Host -> device transfer of this process's shards, split over the devices.
 

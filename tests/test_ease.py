@@ -1,0 +1,241 @@
+"""EASE: the closed-form fit against a float64 NumPy EASE, the l2 sweep from one
+eigendecomposition, and the whole run (checkpoint, test, Recommender, export) through the
+same interface as the VAEs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from experiments import configs
+from experiments import loop
+from jax_vaecf import data as data_lib
+from jax_vaecf import ease
+from jax_vaecf import model as model_lib
+from jax_vaecf import recommend
+from jax_vaecf import sparse as sparse_lib
+
+import _runs
+import _synthetic
+from test_export import _ISOLATED
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def matrix():
+  return sp.csr_matrix(_synthetic.low_rank_interactions(n_users=300, n_items=120, seed=4))
+
+
+def _gram(x):
+  batcher = data_lib.TrainBatcher(x, 64, seed=0)
+  return ease.gram_matrix(batcher.epoch_batches(0), x.shape[1])
+
+
+def _scores(x, b):
+  """float64 scores of the rows ``x`` under ``b``, the users' own items at -inf."""
+  dense = x.toarray() if hasattr(x, "toarray") else np.asarray(x)
+  s = dense.astype(np.float64) @ np.asarray(b, np.float64)
+  return np.where(dense > 0, -np.inf, s)
+
+
+def _top(scores, k):
+  return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+def test_gram_matrix_from_the_batches_is_exact(matrix):
+  got = np.asarray(_gram(matrix))
+  want = (matrix.T @ matrix).toarray()
+  np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("l2", [5.0, 50.0, 500.0])
+def test_fit_equals_float64_numpy_ease(matrix, l2):
+  b = np.asarray(ease.fit(_gram(matrix), jnp.float32(l2)))
+  want = ease.numpy_ease(matrix, l2)
+  assert b.dtype == np.float32 and b.shape == (120, 120)
+  np.testing.assert_array_equal(np.diag(b), 0.0)
+  scale = np.abs(want).max()
+  np.testing.assert_allclose(b, want, rtol=0, atol=2e-5 * scale)
+  got_s, want_s = _scores(matrix, b), _scores(matrix, want)
+  finite = np.isfinite(want_s)
+  np.testing.assert_allclose(got_s[finite], want_s[finite], rtol=0,
+                             atol=2e-5 * np.abs(want_s[finite]).max())
+  np.testing.assert_array_equal(_top(got_s, 10), _top(want_s, 10))
+
+
+def test_the_numpy_reference_is_the_papers_formula():
+  # Worked by hand: X = [[1, 1], [1, 0]], G = [[2, 1], [1, 1]], l2 = 1:
+  # G + I = [[3, 1], [1, 2]], P = [[2, -1], [-1, 3]] / 5, B_01 = -P_01 / P_11 = 1/3,
+  # B_10 = -P_10 / P_00 = 1/2.
+  b = ease.numpy_ease(np.array([[1, 1], [1, 0]]), 1.0)
+  np.testing.assert_allclose(b, [[0.0, 1 / 3], [0.5, 0.0]], rtol=1e-12)
+
+
+@pytest.mark.parametrize("l2", [10.0, 200.0])
+def test_sweep_scores_equal_the_fitted_models_on_unseen_items(matrix, l2):
+  s, v = ease.spectrum(_gram(matrix))
+  b = np.asarray(ease.fit_from_spectrum(s, v, jnp.float32(l2)))
+  want = ease.numpy_ease(matrix, l2)
+  np.testing.assert_allclose(b, want, rtol=0, atol=2e-5 * np.abs(want).max())
+  # The sweep's model: (x V) (diag(d) V^T / -diag(P)), through the module as evaluated.
+  params = ease.sweep_params(s, v, jnp.float32(l2))
+  spectral = ease.Spectral(120)
+  rows = matrix[:40]
+  logits = np.asarray(spectral.apply({"params": params}, jnp.asarray(rows.toarray()))
+                      .logits)
+  unseen = rows.toarray() == 0
+  want_s = _scores(rows, want)
+  np.testing.assert_allclose(logits[unseen], want_s[unseen], rtol=0,
+                             atol=2e-5 * np.abs(want_s[unseen]).max())
+
+
+def test_the_model_scores_dense_and_sparse_rows_as_x_times_b(matrix):
+  model = model_lib.build_model("ease", 120)
+  b = ease.fit(_gram(matrix), jnp.float32(50.0))
+  params = ease.params_of(b, 50.0)
+  rows = matrix[:16]
+  dense = model.apply({"params": params}, jnp.asarray(rows.toarray())).logits
+  batch = data_lib.make_batch(matrix, np.arange(16), 16, (4096,))
+  sparse = model.apply({"params": params}, jax.tree_util.tree_map(jnp.asarray, batch)
+                       ).logits
+  want = rows.toarray() @ np.asarray(b)
+  np.testing.assert_allclose(np.asarray(dense), want, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(dense), np.asarray(sparse))
+
+
+def test_l2_values_and_settings_are_checked():
+  assert ease.l2_values(()) == ease.DEFAULT_L2_GRID
+  assert ease.l2_values((500, 100.0, 500)) == (100.0, 500.0)
+  for bad in ((0.0,), (-1.0,), (float("nan"),), (float("inf"),)):
+    with pytest.raises(ValueError, match="l2 must be finite numbers above 0"):
+      ease.l2_values(bad)
+  base = configs.get_config("ml1m_ease")
+  configs.validate(base)
+  for changes, message in [
+      (dict(l2=(-5.0,)), "l2 must be finite numbers above 0"),
+      (dict(ema_decay=0.9), "no weights to average"),
+      (dict(mesh="1x2"), "keeps its item-item matrix whole"),
+      (dict(partitioned_data="parts"), "--partitioned_data does not apply"),
+      (dict(hidden_dims=(16,)), "EASE has no hidden layers"),
+  ]:
+    with pytest.raises(ValueError, match=message):
+      configs.validate(base.replace(**changes))
+  with pytest.raises(ValueError, match="l2 is a setting of --model=ease, not of multvae"):
+    configs.validate(configs.get_config("ml1m").replace(l2=(100.0,)))
+
+
+def test_l2_is_a_list_of_numbers_in_json_and_flags():
+  cfg = configs.from_json({"model": "ease", "l2": [100, 250.5]}, "best.json")
+  assert cfg.l2 == (100.0, 250.5) and all(isinstance(v, float) for v in cfg.l2)
+  with pytest.raises(ValueError, match=r"l2 = \['x'\], expected a list of float"):
+    configs.from_json({"l2": ["x"]}, "best.json")
+  with pytest.raises(ValueError, match="test_ks = \\[5.5\\], expected a list of int"):
+    configs.from_json({"test_ks": [5.5]}, "best.json")
+  from absl import flags
+  from experiments import cli
+  fv = flags.FlagValues()
+  cli.define_config_flags(fv)
+  fv(["prog", "--config=ml1m_ease", "--l2=50,2.5e2"])
+  assert cli.config_from_flags(fv).l2 == (50.0, 250.0)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  d = _runs.movielens_dir(tmp_path_factory, "ease")
+  cfg = _runs.small_config(d, cache_dir=os.path.join(d, "cache"), model="ease",
+                           hidden_dims=(), l2=(3.0, 30.0, 300.0), number_of_epochs=1)
+  workdir = os.path.join(d, "run")
+  results = loop.run(cfg, workdir)
+  return cfg, workdir, results
+
+
+def test_a_run_sweeps_l2_on_validation_and_keeps_the_best(run):
+  cfg, workdir, results = run
+  recs = _runs.records(workdir)
+  sweep = [r for r in recs if r["split"] == "l2_sweep"]
+  assert [r["l2"] for r in sweep] == [3.0, 30.0, 300.0]
+  best = max(sweep, key=lambda r: r["val_ndcg@100"])
+  assert results["train"]["l2"] == best["l2"]
+  (train,) = [r for r in recs if r["split"] == "train"]
+  # The kept model (fitted again from the decomposition) scores as the sweep said.
+  assert train["val_ndcg@100"] == pytest.approx(best["val_ndcg@100"], abs=1e-6)
+  (test,) = [r for r in recs if r["split"] == "test"]
+  assert test["epoch"] == 1 and 0.0 < test["ndcg@100"] <= 1.0
+
+
+def test_the_run_serves_float64_eases_items_by_raw_id(run):
+  cfg, workdir, results = run
+  split = loop.load_data(cfg)
+  rec = recommend.Recommender.from_workdir(workdir)
+  assert rec.checkpoint_meta["l2"] == results["train"]["l2"]
+  want_b = ease.numpy_ease(split.train, results["train"]["l2"])
+  fold_in = split.test.fold_in
+  histories = [[str(split.item_ids[j]) for j in fold_in[u].indices] for u in range(20)]
+  got = rec.recommend(histories, k=10)
+  want = _top(_scores(fold_in[:20], want_b), 10)
+  for u in range(20):
+    assert [str(i) for i in got.items[u]] == [str(split.item_ids[j]) for j in want[u]]
+    assert not set(map(str, got.items[u])) & set(histories[u])
+
+
+def test_a_second_run_fits_nothing_again(run, capsys):
+  cfg, workdir, _ = run
+  before = _runs.records(workdir)
+  loop.run(cfg.replace(test=False), workdir)
+  assert "was fitted already" in capsys.readouterr().out
+  assert _runs.records(workdir) == before
+
+
+def test_the_exported_artefact_serves_the_same_items_without_the_project(run, tmp_path):
+  _, workdir, _ = run
+  out = str(tmp_path / "artefact")
+  r = subprocess.run([sys.executable, "-m", "experiments.export", "--workdir", workdir,
+                      "--out", out, "--k", "10"], cwd=REPO, capture_output=True, text=True,
+                     timeout=180)
+  assert r.returncode == 0, r.stderr[-2000:]
+  rec = recommend.Recommender.from_workdir(workdir)
+  ids = [str(i) for i in rec.item_ids.tolist()]
+  rng = np.random.default_rng(1)
+  histories = [[ids[j] for j in rng.choice(len(ids), rng.integers(0, 30), replace=False)]
+               for _ in range(50)] + [["unknown-id"], []]
+  (tmp_path / "h.json").write_text(json.dumps(histories))
+  r = subprocess.run([sys.executable, "-c", _ISOLATED, REPO, out, str(tmp_path / "h.json"),
+                      "10"], cwd=str(tmp_path), capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr[-3000:]
+  got = json.loads(r.stdout)
+  want = rec.recommend(histories, k=10)
+  for g, items in zip(got, want.items):
+    assert g["items"] == [str(i) for i in items.tolist()]
+
+
+def test_a_catalogue_too_big_for_the_device_is_refused_before_any_work(tmp_path,
+                                                                       monkeypatch):
+  d = _runs.movielens_dir_plain(tmp_path)
+  cfg = _runs.small_config(d, cache_dir=str(tmp_path / "cache"), model="ease",
+                           hidden_dims=(), l2=(30.0,), number_of_epochs=1)
+  monkeypatch.setattr(ease, "device_memory_bytes", lambda device: 100_000)
+  workdir = str(tmp_path / "run")
+  with pytest.raises(MemoryError, match=r"EASE on 150 items needs about 0\.0 GiB .*5 "
+                                        r"matrices of 150 x 150 float32.*has 0\.0 GiB"):
+    loop.run(cfg, workdir)
+  assert not os.path.exists(workdir)  # nothing written: the run claimed and released it
+
+
+def test_several_l2_without_validation_data_is_refused(tmp_path):
+  d = _runs.movielens_dir_plain(tmp_path)
+  cfg = _runs.small_config(d, cache_dir=str(tmp_path / "cache"), model="ease",
+                           hidden_dims=(), l2=(3.0, 30.0), number_of_epochs=1,
+                           protocol="per_user", validation_fraction=0.0)
+  with pytest.raises(ValueError, match="--l2 gives 2 values to choose from but the split "
+                                       "has no validation data"):
+    loop.run(cfg, str(tmp_path / "run"))
+  # One value needs no validation: the fitted model is the one tested.
+  results = loop.run(cfg.replace(l2=(30.0,)), str(tmp_path / "run1"))
+  assert results["train"]["l2"] == 30.0 and 0.0 < results["test"]["ndcg@100"] <= 1.0
