@@ -19,7 +19,6 @@ from jax_vaecf import data as data_lib
 from jax_vaecf import ease
 from jax_vaecf import model as model_lib
 from jax_vaecf import recommend
-from jax_vaecf import sparse as sparse_lib
 
 import _runs
 import _synthetic
