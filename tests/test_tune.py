@@ -8,6 +8,7 @@ module fixtures and repeat parameter values that the session's compilation cache
 (conftest.py) already holds.
 """
 
+import ast
 import json
 import os
 import subprocess
@@ -175,6 +176,24 @@ def test_resume_runs_only_new_trials_and_reruns_a_killed_one(data, full, tmp_pat
   calls_before = len(calls)
   assert _key(_search(base, root, _settings(trials=3))) == _key(rows)
   assert len(calls) == calls_before
+
+
+def test_tune_uses_only_public_optuna_names():
+  # Optuna's private names (Study._storage, Trial._trial_id, Study._study_id, private
+  # modules) change between releases: a stored trial is reached by its number through
+  # the storage the tool opened.
+  tree = ast.parse(open(tune.__file__).read())
+  private = [ast.unparse(n) for n in ast.walk(tree)
+             if isinstance(n, ast.Attribute) and n.attr.startswith("_")
+             and not n.attr.startswith("__") and ast.unparse(n) != "os._exit"]
+  private += [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)
+              and n.value in ("_storage", "_trial_id", "_study_id")]  # getattr
+  for n in ast.walk(tree):
+    if isinstance(n, (ast.Import, ast.ImportFrom)):
+      names = [a.name for a in n.names] + ([n.module] if getattr(n, "module", None) else [])
+      private += [m for m in names if any(p.startswith("_") for p in m.split("."))
+                  and m != "__future__"]
+  assert private == []
 
 
 def test_resume_with_other_settings_is_refused(full, data):
