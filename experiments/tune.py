@@ -380,7 +380,10 @@ def storage_url(root: str) -> str:
   return "sqlite:///" + os.path.abspath(os.path.join(root, "study.db"))
 
 
-def _storage(root: str):
+def _rdb_storage(root: str):
+  """The storage of ``ROOT/study.db``. The caller keeps it: a trial's user attributes
+  and intermediate values are written through it where no ``optuna.trial.Trial`` of
+  the trial is at hand (a killed search's trials, a worker's trial)."""
   optuna = _optuna()
   # Several worker processes write intermediate values at once: wait for the lock.
   return optuna.storages.RDBStorage(storage_url(root),
@@ -405,14 +408,29 @@ def _sampler(tune_seed: int, position: int):
                                     multivariate=True, constant_liar=True)
 
 
-def open_study(root: str, *, create: bool = False):
-  """The study in ``ROOT/study.db`` (``create``: made when missing)."""
+def open_study(root: str, *, create: bool = False, storage=None):
+  """The study in ``ROOT/study.db`` (``create``: made when missing), opened through
+  ``storage`` (:func:`_rdb_storage`; default: a new one)."""
   optuna = _optuna()
-  storage = _storage(root)
+  if storage is None:
+    storage = _rdb_storage(root)
   if create:
     return optuna.create_study(storage=storage, study_name=STUDY_NAME,
                                direction="maximize", load_if_exists=True)
   return optuna.load_study(study_name=STUDY_NAME, storage=storage)
+
+
+def _storage_trial_id(storage, number: int) -> int:
+  """The storage's id of the study's trial ``number``: optuna keeps a trial's id private
+  (``Trial``, ``FrozenTrial``), and its storages find it by study name and number."""
+  return storage.get_trial_id_from_study_id_trial_number(
+      storage.get_study_id_from_name(STUDY_NAME), number)
+
+
+def _frozen(study, number: int):
+  """The study's trial ``number`` as stored now (a ``FrozenTrial``)."""
+  (trial,) = [t for t in study.get_trials(deepcopy=False) if t.number == number]
+  return trial
 
 
 def _position(t) -> int | None:
@@ -435,22 +453,25 @@ def _next_fresh_position(trials) -> int:
   return max(known) + 1 if known else 0
 
 
-def recover_interrupted(study, out: TextIO) -> int:
+def recover_interrupted(study, storage, out: TextIO) -> int:
   """Marks trials left RUNNING by a killed search as failed (``interrupted``) and queues
-  each again with the same parameters and position; returns how many."""
+  each again with the same parameters and position; returns how many. ``storage``: the
+  study's (:func:`_rdb_storage`)."""
   optuna = _optuna()
-  storage = study._storage  # pylint: disable=protected-access
   trials = study.get_trials(deepcopy=False)
   next_position = _next_fresh_position(trials)
   running = sorted((t for t in trials if t.state == optuna.trial.TrialState.RUNNING),
                    key=lambda t: t.number)
   for t in running:
     position = _position(t)
+    # The killed process held the trial's Trial object; its attributes can only be
+    # written through the storage, and before it is failed (a finished trial is final).
+    trial_id = _storage_trial_id(storage, t.number)
     if position is None:  # killed between its ask and its position: the newest asked
       position, next_position = next_position, next_position + 1
-      storage.set_trial_user_attr(t._trial_id, "position", position)  # pylint: disable=protected-access
-    storage.set_trial_user_attr(t._trial_id, "interrupted", True)  # pylint: disable=protected-access
-    storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)  # pylint: disable=protected-access
+      storage.set_trial_user_attr(trial_id, "position", position)
+    storage.set_trial_user_attr(trial_id, "interrupted", True)
+    study.tell(t.number, state=optuna.trial.TrialState.FAIL)
     study.enqueue_trial(dict(t.params), user_attrs={"position": position,
                                                     "rerun_of": t.number})
     print(f"trial {position} was interrupted (optuna trial {t.number}); it runs again "
@@ -507,9 +528,12 @@ def may_prune(cfg: configs.Config, epoch: int, record: dict) -> bool:
   return cfg.ema_decay <= 0 or int(record["step"]) * (1.0 - cfg.ema_decay) >= 1.0
 
 
-def run_trial(trial, cfg: configs.Config, workdir: str, params: dict) -> dict:
+def run_trial(study, trial, cfg: configs.Config, workdir: str, params: dict) -> dict:
   """Trains one trial in ``workdir`` (resuming it), reporting its best-so-far validation
   NDCG@100 per validated epoch to Optuna and stopping when the pruner says so.
+
+  ``trial``: the study's ``optuna.trial.Trial`` being run, or in a worker its
+  :class:`_StoredTrial` (both have ``number``, ``report`` and ``should_prune``).
 
   Returns (and writes as ``workdir/result.json``) the outcome: ``state`` (``complete``,
   ``pruned`` or ``fail``), ``value`` (best validation NDCG@100), ``best_epoch``,
@@ -528,7 +552,7 @@ def run_trial(trial, cfg: configs.Config, workdir: str, params: dict) -> dict:
     if done["state"] == "pruned":  # stopped by the pruner, killed before its result
       files_lib.write_text_atomic(path, json.dumps(done, indent=1))
       return done
-  reported = set(trial.storage.get_trial(trial._trial_id).intermediate_values)  # pylint: disable=protected-access
+  reported = set(_frozen(study, trial.number).intermediate_values)
 
   def report(epoch: int, value: float) -> None:
     if epoch not in reported:
@@ -566,7 +590,7 @@ def _tell(study, trial, result: dict) -> None:
   """Records a trial's outcome: its curve, its attributes, then its state."""
   optuna = _optuna()
   state = optuna.trial.TrialState
-  have = study._storage.get_trial(trial._trial_id).intermediate_values  # pylint: disable=protected-access
+  have = _frozen(study, trial.number).intermediate_values
   if result["state"] != "fail":
     for epoch, value in result["curve"]:
       if int(epoch) not in have:
@@ -704,6 +728,27 @@ def _exit_with_parent() -> None:
   threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
+class _StoredTrial:
+  """The study's trial ``number``, asked by the search's process and run in a worker:
+  what :func:`run_trial` uses of an ``optuna.trial.Trial``.
+
+  Optuna hands a ``Trial`` only to the process that asks it (``Study.ask``); a worker
+  writes the trial's intermediate values through the study's storage
+  (:func:`_rdb_storage`) and asks the study's pruner about the stored trial, as
+  ``Trial.report`` and ``Trial.should_prune`` do.
+  """
+
+  def __init__(self, study, storage, number: int):
+    self.study, self.storage, self.number = study, storage, number
+    self.trial_id = _storage_trial_id(storage, number)
+
+  def report(self, value: float, step: int) -> None:
+    self.storage.set_trial_intermediate_value(self.trial_id, int(step), float(value))
+
+  def should_prune(self) -> bool:
+    return bool(self.study.pruner.prune(self.study, self.storage.get_trial(self.trial_id)))
+
+
 def run_worker(root: str, number: int, cores: tuple[int, ...] = (),
                one_device: bool = False) -> dict:
   """A worker process: runs the study's trial ``number`` (asked by the parent) and
@@ -712,21 +757,16 @@ def run_worker(root: str, number: int, cores: tuple[int, ...] = (),
   if cores:
     os.sched_setaffinity(0, cores)  # before the first jax computation
   _exit_with_parent()
-  optuna = _optuna()
-  study = open_study(root)
-  fingerprint = study.user_attrs["settings"]
-  study.pruner = _pruner(fingerprint)
-  study.sampler = optuna.samplers.RandomSampler(seed=0)  # never asked: params are set
-  storage = study._storage  # pylint: disable=protected-access
-  trial_id = storage.get_trial_id_from_study_id_trial_number(
-      storage.get_study_id_from_name(STUDY_NAME), number)
-  trial = optuna.trial.Trial(study, trial_id)
-  frozen = storage.get_trial(trial_id)
+  storage = _rdb_storage(root)
+  study = open_study(root, storage=storage)
+  study.pruner = _pruner(study.user_attrs["settings"])
+  trial = _StoredTrial(study, storage, number)
+  frozen = _frozen(study, number)
   cfg = configs.from_json(frozen.user_attrs["config"], f"{root}: trial {number}")
   if one_device:
     cfg = cfg.replace(number_of_devices=1, gpu_number=-1)  # the one device it was given
   position = int(frozen.user_attrs["position"])
-  return run_trial(trial, cfg, trial_dir(root, position), dict(frozen.params))
+  return run_trial(study, trial, cfg, trial_dir(root, position), dict(frozen.params))
 
 
 # -------------------------------------------------------------------------- output
@@ -861,7 +901,8 @@ def search(base: configs.Config, root: str, settings: Settings, *,
     if new and os.path.isdir(trials_dir) and os.listdir(trials_dir):
       raise TuneError(f"--root={root} holds trials/ but no study.db: trials of another "
                       "search; use an empty --root")
-    study = open_study(root, create=True)
+    storage = _rdb_storage(root)
+    study = open_study(root, create=True, storage=storage)
     saved = study.user_attrs.get("settings")
     if saved is None:
       study.set_user_attr("settings", fingerprint)
@@ -872,7 +913,7 @@ def search(base: configs.Config, root: str, settings: Settings, *,
     study.pruner = _pruner(fingerprint)
     if not study.get_trials(deepcopy=False):
       study.enqueue_trial(dict(space.base_values), user_attrs={"position": 0})
-    recover_interrupted(study, out)
+    recover_interrupted(study, storage, out)
     placement = None
     k = settings.parallel_trials
     while True:
@@ -914,7 +955,7 @@ def search(base: configs.Config, root: str, settings: Settings, *,
         for trial, position, cfg, params in batch:
           print(f"== trial {position}: " + ", ".join(
               f"{name}={_cell(v)}" for name, v in params.items()), file=out, flush=True)
-          results.append(run_trial(trial, cfg, trial_dir(root, position), params))
+          results.append(run_trial(study, trial, cfg, trial_dir(root, position), params))
       else:
         placement = placement or Placement.plan(k)
         for trial, position, cfg, params in batch:

@@ -16,11 +16,15 @@ A process killed while writing leaves its temporary file behind.
 an hour) rather than by pid: a pid says nothing about processes on another host that
 shares the folder (NFS, containers), and a writer that is still running keeps touching
 its file.
+
+:func:`sha256_of` is the digest that manifests record of the files written (a
+partitioned split's).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import secrets
@@ -158,3 +162,17 @@ def remove_stale_temps(folder: str | os.PathLike, max_age_s: float = STALE_AFTER
     except OSError:
       continue
   return removed
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+  """The sha256 of the file at ``path``: 64 lowercase hex digits (``str``), read in
+  16 MiB blocks.
+
+  The artefact loader :mod:`jax_vaecf.serve` holds a copy: it may import nothing of
+  the project (tests/test_export.py checks that the two agree).
+  """
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    while block := f.read(1 << 24):
+      h.update(block)
+  return h.hexdigest()

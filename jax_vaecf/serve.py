@@ -71,6 +71,11 @@ def pack(columns: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
 
 
 def sha256_of(path: str) -> str:
+  """The sha256 of the file at ``path``: 64 lowercase hex digits (``str``).
+
+  A copy of :func:`jax_vaecf.files.sha256_of`, as this file may not import the project;
+  tests/test_export.py checks that the two agree.
+  """
   h = hashlib.sha256()
   with open(path, "rb") as f:
     while block := f.read(1 << 24):

@@ -1,6 +1,7 @@
 """Exported scorer artefacts: the same top-k as the Recommender, loaded without the
 project, weights only, refusing altered files."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from jax_vaecf import export as export_lib
+from jax_vaecf import files
 from jax_vaecf import recommend
 from jax_vaecf import serve
 
@@ -174,6 +176,19 @@ def test_every_file_read_must_be_listed_with_its_digest_inside_the_folder(run, t
                      "has no bytes and sha256"):
     serve.load(copy)
   serve.load(artefact)  # the original still loads
+
+
+def test_the_loaders_digest_is_the_projects(tmp_path):
+  # serve.py, copied into the artefact, cannot import jax_vaecf.files and keeps its own
+  # sha256_of: the digests a manifest records must be the ones both compute.
+  rng = np.random.default_rng(0)
+  # Empty, one partial block, and past one 16 MiB block.
+  for size in (0, 1000, (1 << 24) + 17):
+    data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+    path = tmp_path / f"f{size}"
+    path.write_bytes(data)
+    want = hashlib.sha256(data).hexdigest()
+    assert files.sha256_of(path) == serve.sha256_of(str(path)) == want
 
 
 def test_export_refuses_an_occupied_folder_and_a_diverged_model(run, tmp_path):

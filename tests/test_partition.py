@@ -81,6 +81,26 @@ def _same_csr(a, b):
 # ------------------------------------------------------------------------- on disk
 
 
+def test_the_data_layer_does_not_import_serving():
+  # The data layer sits below serving: jax_vaecf.serve is the artefact's own loader
+  # (copied into every export), and the server and exporter build on the library.
+  code = """
+import pkgutil, sys, importlib
+import jax_vaecf.data
+for m in pkgutil.iter_modules(jax_vaecf.data.__path__, "jax_vaecf.data."):
+  importlib.import_module(m.name)
+print(sorted(n for n in sys.modules if n.startswith("jax_vaecf.data.")))
+print(sorted(n for n in ("jax_vaecf.serve", "jax_vaecf.server", "jax_vaecf.export")
+             if n in sys.modules))
+"""
+  r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                     text=True, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
+  assert r.returncode == 0, r.stderr[-3000:]
+  loaded, serving = r.stdout.strip().splitlines()
+  assert "jax_vaecf.data.partition" in loaded
+  assert serving == "[]"
+
+
 def test_round_trip_gives_each_process_its_block(split, parts):
   manifest = json.load(open(os.path.join(parts, "manifest.json")))
   assert manifest["processes"] == 3 and manifest["n_items"] == split.n_items

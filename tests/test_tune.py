@@ -8,6 +8,7 @@ module fixtures and repeat parameter values that the session's compilation cache
 (conftest.py) already holds.
 """
 
+import ast
 import json
 import os
 import subprocess
@@ -175,6 +176,42 @@ def test_resume_runs_only_new_trials_and_reruns_a_killed_one(data, full, tmp_pat
   calls_before = len(calls)
   assert _key(_search(base, root, _settings(trials=3))) == _key(rows)
   assert len(calls) == calls_before
+
+
+def test_parallel_workers_repeat_the_one_at_a_time_search(data, full, tmp_path):
+  # Trials 0 and 1 run at once, each in a worker process, and trial 2 alone in one.
+  # In the one-at-a-time search trial 1 completed (trial 0 could not have pruned it in
+  # the batch) and trial 2 was pruned: here its worker's reports and pruner must do
+  # the same for the searches to agree.
+  root, rows = full
+  assert [r["state"] for r in rows] == ["complete", "complete", "pruned"]
+  par_root = tmp_path / "tune"
+  par = _search(_base(data["a"], data["cache"]), par_root, _settings(parallel_trials=2))
+  assert _key(par) == _key(rows)
+
+  def curves(folder):
+    return {t.user_attrs["position"]: t.intermediate_values
+            for t in tune.open_study(str(folder)).get_trials()}
+
+  assert curves(par_root) == curves(root)
+
+
+def test_tune_uses_only_public_optuna_names():
+  # Optuna's private names (Study._storage, Trial._trial_id, Study._study_id, private
+  # modules) change between releases: a stored trial is reached by its number through
+  # the storage the tool opened.
+  tree = ast.parse(open(tune.__file__).read())
+  private = [ast.unparse(n) for n in ast.walk(tree)
+             if isinstance(n, ast.Attribute) and n.attr.startswith("_")
+             and not n.attr.startswith("__") and ast.unparse(n) != "os._exit"]
+  private += [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)
+              and n.value in ("_storage", "_trial_id", "_study_id")]  # getattr
+  for n in ast.walk(tree):
+    if isinstance(n, (ast.Import, ast.ImportFrom)):
+      names = [a.name for a in n.names] + ([n.module] if getattr(n, "module", None) else [])
+      private += [m for m in names if any(p.startswith("_") for p in m.split("."))
+                  and m != "__future__"]
+  assert private == []
 
 
 def test_resume_with_other_settings_is_refused(full, data):

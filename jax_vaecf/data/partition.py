@@ -41,7 +41,6 @@ from jax_vaecf import distributed
 from jax_vaecf import files as files_lib
 from jax_vaecf.data import batcher as batcher_lib
 from jax_vaecf.data import split as split_lib
-from jax_vaecf.serve import sha256_of
 from jax_vaecf.sparse import EvalBatch
 
 FORMAT = 1
@@ -181,7 +180,7 @@ def write_partitions(split: split_lib.Split, out: str | os.PathLike, processes: 
         "matrices": list(matrices), "users": users, "nnz": nnz,
         "nnz_per_part": [sum(n[p] for n in nnz.values()) for p in range(processes)],
         "settings": dict(settings), "info": dict(info or {}),
-        "files": {n: {"sha256": sha256_of(os.path.join(staging, n)),
+        "files": {n: {"sha256": files_lib.sha256_of(os.path.join(staging, n)),
                       "bytes": os.path.getsize(os.path.join(staging, n))} for n in names},
     }
     files_lib.write_text_atomic(os.path.join(staging, MANIFEST),
@@ -256,7 +255,7 @@ def open_part(folder: str | os.PathLike, process_index: int, process_count: int,
     path = os.path.join(folder, name)
     if not os.path.isfile(path):
       raise FileNotFoundError(f"{path}: missing from the partitioned folder")
-    if verify and sha256_of(path) != manifest["files"][name]["sha256"]:
+    if verify and files_lib.sha256_of(path) != manifest["files"][name]["sha256"]:
       raise ValueError(f"{path}: its sha256 differs from {MANIFEST}'s (damaged or altered); "
                        "write the folder again with python -m experiments.partition")
   load = lambda name: np.load(os.path.join(folder, name), mmap_mode="r", allow_pickle=False)
