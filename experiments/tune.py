@@ -87,17 +87,20 @@ class TuneError(ValueError):
 
 # ------------------------------------------------------------------------ the space
 
-# Which models a parameter applies to, judged from the base config and its built model:
-# rule -> (predicate(base, has_kl), words for messages and docs).
-_APPLIES: dict[str, tuple[Callable[[configs.Config, bool], bool], str]] = {
-    "all": (lambda cfg, kl: True, "every model"),
-    "kl_beta": (lambda cfg, kl: kl and cfg.kl_gamma == 0,
+# Which models a parameter applies to, judged from the base config and its built model
+# (on one item: only its kind matters): rule -> (predicate(base, model), words for
+# messages and docs).
+_APPLIES: dict[str, tuple[Callable[[configs.Config, Any], bool], str]] = {
+    "trained": (lambda cfg, m: not m.closed_form,
+                "every model trained by gradient steps (not EASE)"),
+    "closed_form": (lambda cfg, m: m.closed_form, "models fitted in closed form (EASE)"),
+    "kl_beta": (lambda cfg, m: m.has_kl and cfg.kl_gamma == 0,
                 "models with a KL term weighted by the beta schedule (kl_gamma = 0)"),
-    "kl_anneal": (lambda cfg, kl: kl and cfg.kl_gamma == 0
+    "kl_anneal": (lambda cfg, m: m.has_kl and cfg.kl_gamma == 0
                   and cfg.anneal_schedule != "constant",
                   "models with a KL term annealed by the beta schedule (kl_gamma = 0, "
                   "schedule not constant)"),
-    "kl_gamma": (lambda cfg, kl: kl and cfg.kl_gamma > 0,
+    "kl_gamma": (lambda cfg, m: m.has_kl and cfg.kl_gamma > 0,
                  "models whose KL term is weighted per user (kl_gamma > 0: RecVAE)"),
 }
 
@@ -123,7 +126,7 @@ class Param:
   high: float = 0.0
   log: bool = False
   choices: tuple = ()
-  applies: str = "all"
+  applies: str = "trained"
   per_epochs: bool = False
 
 
@@ -146,6 +149,8 @@ SPACE: tuple[Param, ...] = (
           choices=(100, 250, 500, 1000)),
     Param("kl_gamma", "float", "Per-user KL weight: kl_gamma x the user's number of "
           "items.", 1e-3, 3e-2, log=True, applies="kl_gamma"),
+    Param("l2", "float", "EASE's L2 weight lambda (one value per trial).", 1.0, 1e5,
+          log=True, applies="closed_form"),
 )
 PARAMS = {p.name: p for p in SPACE}
 
@@ -154,13 +159,10 @@ class _NotRepresentable(Exception):
   """The base's value of a parameter has no place in the parameter's distribution."""
 
 
-def _has_kl(base: configs.Config) -> bool:
-  return bool(loop.build_model(base, 1).has_kl)
-
-
-def applies(param: Param, base: configs.Config, has_kl: bool | None = None) -> bool:
-  """Whether ``param`` applies to the base's model and KL rule."""
-  return _APPLIES[param.applies][0](base, _has_kl(base) if has_kl is None else has_kl)
+def applies(param: Param, base: configs.Config, model: Any = None) -> bool:
+  """Whether ``param`` applies to the base's model (``model``: it, built on one item;
+  built here when not given) and KL rule."""
+  return _APPLIES[param.applies][0](base, model or loop.build_model(base, 1))
 
 
 def base_value(param: Param, base: configs.Config,
@@ -181,6 +183,11 @@ def base_value(param: Param, base: configs.Config,
       raise _NotRepresentable("the base has no anneal (total_anneal_steps = 0: beta = "
                               "anneal_cap from the first step)")
     return base.total_anneal_steps / loop.steps_per_epoch(base, n_train_users())
+  if param.name == "l2":
+    if len(base.l2) != 1:
+      raise _NotRepresentable(f"the base gives {len(base.l2) or 'no'} l2 values (a "
+                              "sweep in each trial); give it one --l2 to start from")
+    return float(base.l2[0])
   return _field_type(param.name)(getattr(base, param.name))
 
 
@@ -218,6 +225,8 @@ def config_changes(param: Param, base: configs.Config, value: Any) -> dict:
   """The Config fields a trial value sets."""
   if param.name == "hidden_dims":
     return {"hidden_dims": (int(value),) * len(configs.hidden_dims_of(base))}
+  if param.name == "l2":
+    return {"l2": (float(value),)}
   return {param.name: _field_type(param.name)(value)}
 
 
@@ -260,7 +269,7 @@ def make_space(base: configs.Config, names: tuple[str, ...] = (),
                     f"expected names from {', '.join(PARAMS)}")
   if len(set(names)) != len(names):
     raise TuneError(f"--space names a parameter twice: {','.join(names)}")
-  has_kl = _has_kl(base)
+  model = loop.build_model(base, 1)
   if n_train_users is None:
     n_train_users = lambda: loop.load_data(base).n_train_users
   cache: list[int] = []
@@ -274,7 +283,7 @@ def make_space(base: configs.Config, names: tuple[str, ...] = (),
   for p in SPACE:
     if names and p.name not in names:
       continue
-    if not applies(p, base, has_kl):
+    if not applies(p, base, model):
       if names:
         raise TuneError(f"--space: {p.name} does not apply to --model={base.model} with "
                         f"these settings (it applies to {_APPLIES[p.applies][1]})")

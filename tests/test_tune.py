@@ -326,3 +326,31 @@ def test_a_young_weight_average_is_not_pruned():
   assert tune.may_prune(plain, 1, {"step": 1})
   slow = cfg.replace(ema_decay=0.999)
   assert not tune.may_prune(slow, 40, {"step": 999})
+
+
+def test_ease_searches_l2_and_nothing_of_the_trained_models(data, tmp_path):
+  base = configs.get_config("ml1m_ease")
+  with pytest.raises(tune.TuneError, match="l2 cannot start from the base: the base "
+                                           "gives no l2 values"):
+    tune.make_space(base, ("l2",))
+  with pytest.raises(tune.TuneError, match="lr does not apply to --model=ease"):
+    tune.make_space(base.replace(l2=(500.0,)), ("lr",))
+  space = tune.make_space(base.replace(l2=(500.0,)))
+  assert [p.name for p in space.params] == ["l2"]
+  assert "l2" not in [p.name for p in tune.make_space(
+      configs.get_config("ml1m"), n_train_users=lambda: 4839).params]
+  # A search: trial 0 fits the base's l2, later trials one sampled value each; the best
+  # trial's value is the one with the best validation NDCG@100, and best.json holds it.
+  ease_base = _base(data["a"], data["cache"], model="ease", hidden_dims=(), l2=(30.0,),
+                    number_of_epochs=1)
+  root = tmp_path / "tune"
+  rows = _search(ease_base, root, _settings(trials=3, space=("l2",)))
+  assert [r["state"] for r in rows] == ["complete"] * 3
+  assert rows[0]["params"] == {"l2": 30.0}
+  assert len({r["params"]["l2"] for r in rows}) == 3
+  best = max(rows, key=lambda r: r["value"])
+  cfg = configs.get_config(os.path.join(root, "best.json"))
+  assert cfg.model == "ease" and cfg.l2 == (best["params"]["l2"],)
+  fitted = loop.run(cfg.replace(test=False), str(tmp_path / "again"))
+  assert fitted["train"]["best_validation"]["ndcg@100"] == pytest.approx(best["value"],
+                                                                         abs=1e-6)
