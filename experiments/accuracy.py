@@ -11,7 +11,8 @@ checkpoint by validation NDCG@100, and scores it on the test users. It then prin
 mean and standard error over seeds of NDCG@100, Recall@20 and Recall@50 as a markdown
 row. The split is the same for every seed (``--split_seed``); only initialisation, batch
 order, dropout and noise change. Results are appended as JSON lines to
-``ROOT/summary.jsonl``.
+``ROOT/summary.jsonl``. A model fitted in closed form (EASE) has no seed: it runs once,
+with the first seed.
 """
 
 from __future__ import annotations
@@ -71,13 +72,18 @@ def main(argv):
   if not cfg.test:
     raise app.UsageError("--notest: accuracy reports each seed's test metrics")
   seeds = _seeds()
+  if loop.build_model(cfg, 1).closed_form and len(seeds) > 1:
+    # A closed-form fit (EASE) draws nothing at random: every seed gives the same model.
+    print(f"{cfg.model} is fitted in closed form and has no seed: one run "
+          f"(seed {seeds[0]}) instead of {len(seeds)}", flush=True)
+    seeds = seeds[:1]
   results = []
   for seed in seeds:
     workdir = os.path.join(FLAGS.root, f"seed_{seed}")
     print(f"== seed {seed}: {workdir}", flush=True)
     try:
       res = loop.run(cfg.replace(seed=seed), workdir)["test"]
-    except (ValueError, FileNotFoundError, loop.TrainingDivergedError) as e:
+    except (ValueError, FileNotFoundError, MemoryError, loop.TrainingDivergedError) as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(1)
     results.append(res)

@@ -384,6 +384,10 @@ def main(argv):
       with open(f.json_out, "a") as fh:
         fh.write(json.dumps(record) + "\n")
     return
+  if model_lib.build_model(cfg.model, 1).closed_form:
+    raise app.UsageError(f"--model={cfg.model} is fitted in closed form, with no "
+                         "training step to time: python -m experiments.bench_ease "
+                         "times its fit")
   devices = select_devices(cfg)
   from experiments import loop
   cfg = loop.resolve_precision(cfg)

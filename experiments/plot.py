@@ -42,7 +42,36 @@ def read_records(workdir: str) -> list[dict]:
   train = [r for r in records if r.get("split") == "train"]
   if not train:
     raise ValueError(f"{path}: no training records to plot")
+  sweep = [r for r in records if r.get("split") == "l2_sweep"]
+  if "loss" not in train[0]:
+    # A closed-form fit (EASE): no loss curve, its validation metrics by l2 instead.
+    if not sweep:
+      raise ValueError(f"{path}: a closed-form fit of one l2: no curve to plot")
+    return sweep
   return train
+
+
+def plot_sweep(records: list[dict], out: str, title: str) -> None:
+  """A closed-form fit's validation metrics against its l2 values (log scale)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for key in ("val_ndcg@100", "val_recall@20", "val_recall@50"):
+    ax.plot([r["l2"] for r in records], [r[key] for r in records], marker=".",
+            label=key[4:])
+  ax.set_xscale("log")
+  ax.set_xlabel("l2 (lambda)")
+  ax.set_ylabel("validation metric")
+  ax.legend(loc="lower right")
+  ax.grid(alpha=0.3)
+  fig.suptitle(title)
+  fig.tight_layout()
+  tmp = out + ".tmp.png"
+  fig.savefig(tmp, dpi=110)
+  os.replace(tmp, out)
+  plt.close(fig)
 
 
 def plot(records: list[dict], out: str, title: str) -> None:
@@ -151,7 +180,8 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   out = FLAGS.out or os.path.join(FLAGS.workdir, "curves.png")
-  plot(records, out, FLAGS.title or os.path.basename(os.path.abspath(FLAGS.workdir)))
+  draw = plot_sweep if records[0].get("split") == "l2_sweep" else plot
+  draw(records, out, FLAGS.title or os.path.basename(os.path.abspath(FLAGS.workdir)))
   print(out)
 
 

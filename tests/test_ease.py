@@ -238,3 +238,15 @@ def test_several_l2_without_validation_data_is_refused(tmp_path):
   # One value needs no validation: the fitted model is the one tested.
   results = loop.run(cfg.replace(l2=(30.0,)), str(tmp_path / "run1"))
   assert results["train"]["l2"] == 30.0 and 0.0 < results["test"]["ndcg@100"] <= 1.0
+
+
+def test_plot_draws_the_sweep_of_a_closed_form_run(run, tmp_path):
+  pytest.importorskip("matplotlib")
+  from experiments import plot
+  _, workdir, _ = run
+  records = plot.read_records(workdir)
+  assert [r["l2"] for r in records] == [3.0, 30.0, 300.0]
+  out = str(tmp_path / "sweep.png")
+  plot.plot_sweep(records, out, "ease")
+  with open(out, "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
