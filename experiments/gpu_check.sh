@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One short GPU check (< 6 minutes on one H200): Mult-VAE and RecVAE training and evaluation
-# throughput with the project's own benchmark, written as JSON lines to
+# One short GPU check (< 7 minutes on one H200): Mult-VAE and RecVAE training and evaluation
+# throughput and EASE's fit with the project's own benchmarks, written as JSON lines to
 # $OUT/gpu_check.jsonl (or ./gpu_check.jsonl when OUT is unset).
 #
 #   bash experiments/gpu_check.sh
@@ -52,4 +52,10 @@ if [ "$n_gpus" -ge 2 ]; then
   bench --precision=bf16 --batch_size_train=24576 --steps=5 --eval_users=0 \
     --mesh="${n_gpus}x1"
 fi
+# EASE at ML-20M's shape (20,108 items): one fit against NumPy / SciPy of the same Gram
+# matrix (float32 on the host), and ten l2 values from one eigendecomposition against ten
+# fits, 10,000 users scored by each.
+echo "== bench_ease" >&2
+"$py" -m experiments.bench_ease --references=numpy32,scipy32 \
+  --out="$(dirname "$out")/bench_ease.json" | tail -n 9
 echo "gpu_check: results in $out" >&2
