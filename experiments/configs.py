@@ -354,7 +354,8 @@ def ml1m_ease() -> Config:
   Command: ``python -m experiments.train --config=ml1m_ease --data_dir=DIR
   --workdir=runs/ml1m_ease``. The default grid (10 to 10,000) is scored from one
   eigendecomposition and the best kept. EASE has no seed: the split's is the ``ml1m``
-  preset's. The README's results table gives the test metrics this preset reached.
+  preset's. Expected (README's results table, 2-core AMD EPYC): l2 = 500 chosen, test
+  NDCG@100 0.4161, Recall@20 0.3476, Recall@50 0.4654, about 20 s on a CPU.
   """
   return ml20m_ease().replace(dataset="ml-1m", data_dir="data/ml-1m", l2=(),
                               batch_size_validation=1000)
