@@ -26,7 +26,7 @@ from absl import app
 from absl import flags
 
 from experiments import cli
-from experiments import loop
+from jax_vaecf import loop
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("root", None, "Folder for the per-seed workdirs and summary.jsonl.")

@@ -117,7 +117,7 @@ def time_fits(n_users: int, n_items: int, mean_per_user: float, n_eval_users: in
         "scipy32": "scipy cho_factor/cho_solve float32",
         "scipy64": "scipy cho_factor/cho_solve float64"}[name],
                  "seconds": t, "max_rel_error": err(got)})
-  del host_gram
+
   values = [float(v) for v in np.geomspace(10.0, 10_000.0, n_l2)]
   x_eval = jax.device_put(jnp.asarray(ev.fold_in.toarray()), device)
   score_sweep = jax.jit(lambda x, p: jnp.dot(jnp.dot(x, p["project"]), p["output"]["kernel"]))
@@ -160,8 +160,8 @@ def _ndcg_recall(scores: np.ndarray, heldout: list[set], k_ndcg: int, ks_recall)
 
 def check_workdir(workdir: str) -> dict:
   """The run's test record beside a float64 NumPy EASE on the same split and ``l2``."""
-  from experiments import configs  # pylint: disable=g-import-not-at-top
-  from experiments import loop  # pylint: disable=g-import-not-at-top
+  from jax_vaecf import configs  # pylint: disable=g-import-not-at-top
+  from jax_vaecf import loop  # pylint: disable=g-import-not-at-top
   from jax_vaecf import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
 
   with open(os.path.join(workdir, "config.json")) as f:

@@ -115,7 +115,7 @@ def select_devices(cfg) -> list:
   """``--mesh``, ``--gpu_number`` (one local device) or ``--number_of_devices`` (0 = all)."""
   import jax
 
-  from experiments import loop
+  from jax_vaecf import loop
   from jax_vaecf import parallel as parallel_lib
 
   if cfg.mesh:
@@ -172,7 +172,7 @@ def _versions() -> dict:
   import numpy as np
   import optax
 
-  from experiments import machine
+  from jax_vaecf import machine
   from jax_vaecf import host_memory
   cpu = machine.cpu_model()
   return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
@@ -231,7 +231,7 @@ def run_one(cfg, devices: list, n_items: int, *, steps: int, epochs: int,
   import jax
   import numpy as np
 
-  from experiments import loop
+  from jax_vaecf import loop
   from jax_vaecf import data as data_lib
   from jax_vaecf import sparse as sparse_lib
 
@@ -366,7 +366,7 @@ def main(argv):
   cli.start(argv)
   cfg = cli.config_from_flags()
   check_settings(cli.config_overrides())
-  from experiments import configs
+  from jax_vaecf import configs
   from jax_vaecf import model as model_lib
 
   f = _FLAGS
@@ -389,7 +389,7 @@ def main(argv):
                          "training step to time: python -m experiments.bench_ease "
                          "times its fit")
   devices = select_devices(cfg)
-  from experiments import loop
+  from jax_vaecf import loop
   cfg = loop.resolve_precision(cfg)
   items = [int(x) for x in f.sweep_items] or [f.n_items]
   results = []

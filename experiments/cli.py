@@ -1,6 +1,6 @@
 """What every command-line entry point of ``experiments`` does first, and how it fails.
 
-Every tool that runs a :class:`~experiments.configs.Config` (``train``, ``accuracy``,
+Every tool that runs a :class:`~jax_vaecf.configs.Config` (``train``, ``accuracy``,
 ``benchmark``) takes it the same way: ``--config=PRESET`` picks a preset and the flag of
 each field's name overrides that field (:func:`define_config_flags`,
 :func:`config_from_flags`), so the same flags mean the same run in every tool.
@@ -19,7 +19,7 @@ from absl import flags
 from absl import logging
 
 if TYPE_CHECKING:
-  from experiments import configs
+  from jax_vaecf import configs
 
 # The preset a tool starts from without --config: the paper's ML-20M run, the shape the
 # benchmark's synthetic data has, so one command line means the same run everywhere.
@@ -41,7 +41,7 @@ def _configs():
   # Imported when first needed: configs imports jax, and tools that take no Config
   # (bench_data's parent process, numpy only) use this module too.
   # pylint: disable-next=g-import-not-at-top,redefined-outer-name
-  from experiments import configs
+  from jax_vaecf import configs
   return configs
 
 
@@ -62,7 +62,7 @@ def _define(kind: type, name: str, help_text: str, flag_values: flags.FlagValues
 
 def define_config_flags(flag_values: flags.FlagValues = flags.FLAGS, *,
                         aliases: Mapping[str, str] | None = None) -> None:
-  """Defines ``--config=PRESET``, one flag per :class:`~experiments.configs.Config` field
+  """Defines ``--config=PRESET``, one flag per :class:`~jax_vaecf.configs.Config` field
   (same name, type and help; unset means the preset's value), the reference's
   ``--use_tf_amp`` and ``--number_of_gpus``, and ``aliases`` (old flag name -> field,
   help "Deprecated: same as --field").
@@ -80,7 +80,7 @@ def define_config_flags(flag_values: flags.FlagValues = flags.FLAGS, *,
     flags.DEFINE_string("config", DEFAULT_PRESET,
                         "Preset that the setting flags (one per Config field) "
                         f"override: one of {sorted(configs.PRESETS)} "
-                        "(experiments/configs.py), or a JSON file of settings (a run's "
+                        "(jax_vaecf/configs.py), or a JSON file of settings (a run's "
                         "config.json, experiments.tune's best.json).",
                         flag_values=flag_values)
     for field in dataclasses.fields(configs.Config):
@@ -146,7 +146,7 @@ def config_overrides(flag_values: flags.FlagValues = flags.FLAGS) -> dict[str, A
 
 def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> configs.Config:
   """The preset named by ``--config`` with every setting given on the command line,
-  validated (:func:`experiments.configs.validate`).
+  validated (:func:`jax_vaecf.configs.validate`).
 
   Raises ``app.UsageError`` (one line, through :func:`run`) for an unknown preset or a
   bad setting, before any work.

@@ -19,7 +19,7 @@ from absl import app
 from absl import flags
 
 from experiments import cli
-from experiments import loop
+from jax_vaecf import loop
 from jax_vaecf.data import partition
 
 FLAGS = flags.FLAGS

@@ -34,7 +34,7 @@ from absl import app
 from absl import flags
 
 from experiments import cli
-from experiments.machine import best_seconds, cpu_flags
+from jax_vaecf.machine import best_seconds, cpu_flags
 
 _FLAGS = flags.FLAGS
 flags.DEFINE_integer("rows", 1024, "Users per chunk (the step's --output_chunk_size, or a "

@@ -42,7 +42,7 @@ from absl import app
 from absl import flags
 
 from experiments import cli
-from experiments import progress as progress_lib
+from jax_vaecf import progress as progress_lib
 from jax_vaecf import files as files_lib
 from jax_vaecf import recommend as recommend_lib
 from jax_vaecf.data import readers
@@ -234,10 +234,10 @@ def run_config(workdir: str):
   Keys this version does not know are ignored: the split is checked against the
   model's item table afterwards, which catches any that mattered.
   """
-  from experiments import configs
-  from experiments import workdir as workdir_lib
+  from jax_vaecf import configs
+  from jax_vaecf import run_folder
   try:
-    saved = workdir_lib.read_run_config(workdir)
+    saved = run_folder.read_run_config(workdir)
   except FileNotFoundError as e:
     raise FileNotFoundError(f"{e}; the run's split is rebuilt from its settings") from None
   fields = {f.name for f in dataclasses.fields(configs.Config)}
@@ -253,7 +253,7 @@ def held_out_users(workdir: str, part: str, item_ids: np.ndarray) -> Users:
   Raises ValueError when the split's item table is not the model's (the data changed
   since training, so columns would name other items), or has no such part.
   """
-  from experiments import loop
+  from jax_vaecf import loop
   cfg = run_config(workdir)
   try:
     split = loop.load_data(cfg)

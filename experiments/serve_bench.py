@@ -33,7 +33,7 @@ from absl import app
 from absl import flags
 
 from experiments import cli
-from experiments import machine
+from jax_vaecf import machine
 
 FLAGS = flags.FLAGS
 

@@ -130,7 +130,7 @@ def torch_recvae_round(csr, batch_size: int, steps: int, bf16: bool, seed: int) 
   from torch import nn
   import torch.nn.functional as F
 
-  from experiments import configs
+  from jax_vaecf import configs
   from jax_vaecf import model as model_lib
   from jax_vaecf import recvae
 
@@ -255,7 +255,7 @@ def main(argv):
   del argv
   if importlib.util.find_spec("torch") is None:
     raise app.UsageError("this script needs PyTorch: pip install torch")
-  from experiments.machine import cpu_flags
+  from jax_vaecf.machine import cpu_flags
 
   f = _FLAGS
   csr, _ = synthetic.make_dataset(n_users=f.n_users, n_items=f.n_items, n_eval_users=1,

@@ -64,9 +64,9 @@ from absl import app
 from absl import flags
 
 from experiments import cli
-from experiments import configs
-from experiments import loop
-from experiments import workdir as workdir_lib
+from jax_vaecf import configs
+from jax_vaecf import loop
+from jax_vaecf import run_folder
 from jax_vaecf import files as files_lib
 from jax_vaecf import metrics as metrics_lib
 
@@ -110,7 +110,7 @@ class Param:
   """One searched setting.
 
   Attributes:
-    name: the :class:`~experiments.configs.Config` field it sets.
+    name: the :class:`~jax_vaecf.configs.Config` field it sets.
     kind: ``float``, ``int`` or ``categorical``.
     help: one line for ``--help`` and the docs.
     low, high, log: the range of a ``float`` / ``int`` (``log``: sampled log-uniformly).
@@ -497,7 +497,7 @@ def trial_dir(root: str, position: int) -> str:
 
 def _validation_curve(workdir: str) -> tuple[list[tuple[int, float]], list[dict]]:
   """``([(epoch, best validation NDCG@100 up to it)], train records)`` of the log."""
-  records = [r for r in workdir_lib.MetricsLog(workdir).records()
+  records = [r for r in run_folder.MetricsLog(workdir).records()
              if r.get("split") == "train"]
   curve, best = [], -math.inf
   for r in records:

@@ -452,7 +452,7 @@ class ModelEntry:
       with ``hidden_dims`` already defaulted; ``extra`` holds the model's own settings.
     default_hidden_dims: the widths used when none are given.
     title: the model's name in prose.
-    extra: the names of the model's own settings (of ``experiments.configs.Config``).
+    extra: the names of the model's own settings (of ``jax_vaecf.configs.Config``).
     check_memory: ``(n_items, device) -> None``, raising ``MemoryError`` with the
       figures when the model over ``n_items`` items cannot fit ``device`` (run before
       any work on the model); ``None``: no check.

@@ -54,7 +54,7 @@ def curve(workdir):
 def main():
   tmp, out_path = sys.argv[1], sys.argv[2]
   import _runs
-  from experiments import loop
+  from jax_vaecf import loop
 
   result = {"step": one_step(("1x1", "8x1", "2x4", "1x8"))}
   data = os.path.join(tmp, "data")

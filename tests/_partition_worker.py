@@ -25,7 +25,7 @@ def train(batcher, validation, n_items, model_shards=1):
   """
   import jax
   import numpy as np
-  from experiments import loop
+  from jax_vaecf import loop
   from jax_vaecf import model as model_lib
   from jax_vaecf import parallel
   from jax_vaecf import schedules

@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from experiments import loop
-from experiments import progress as progress_lib
+from jax_vaecf import loop
+from jax_vaecf import progress as progress_lib
 from experiments import recommend as cli_lib
 from jax_vaecf import recommend
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from experiments import configs
-from experiments import loop
+from jax_vaecf import configs
+from jax_vaecf import loop
 from jax_vaecf import data as data_lib
 from jax_vaecf import ease
 from jax_vaecf import model as model_lib

@@ -11,9 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import configs
-from experiments import loop
-from experiments import workdir as workdir_lib
+from jax_vaecf import configs
+from jax_vaecf import loop
+from jax_vaecf import run_folder
 from jax_vaecf import checkpoint
 from jax_vaecf import recommend
 
@@ -61,7 +61,7 @@ def test_resume_after_interruption_matches_one_run(data_dir, tmp_path, ema_decay
   workdir = str(tmp_path / "cut")
   split = loop.load_data(cfg)
   built = loop.build(cfg, split.n_items)
-  ck = checkpoint.RunCheckpoints(workdir, workdir_lib.identity(cfg, split))
+  ck = checkpoint.RunCheckpoints(workdir, run_folder.identity(cfg, split))
   loop.train_and_validate(cfg, workdir, split, ck, built, stop_after_epochs=2)
   ck.close()
   # A save killed half-way leaves a temporary folder; it must be ignored.
@@ -205,7 +205,7 @@ def test_weight_average_is_tested_served_and_part_of_the_run_identity(data_dir, 
   split = loop.load_data(cfg)
   built = loop.build(cfg, split.n_items)
   steps = built.steps
-  ck = checkpoint.RunCheckpoints(workdir, workdir_lib.identity(cfg, split))
+  ck = checkpoint.RunCheckpoints(workdir, run_folder.identity(cfg, split))
   state, _ = ck.restore_best(loop.fresh_state(cfg, built))
   ck.close()
   of_average = loop.evaluate(steps, state.ema_params, split.test, 64)

@@ -233,7 +233,7 @@ def test_bad_item_sharding_requests():
 
 
 def test_bad_mesh_settings_are_refused_before_any_work():
-  from experiments import configs
+  from jax_vaecf import configs
   configs.validate(configs.Config().replace(mesh="2x4"))
   for changes, message in (
       ({"mesh": "2x"}, "mesh must be DATAxMODEL"),

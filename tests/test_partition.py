@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from experiments import loop
+from jax_vaecf import loop
 from jax_vaecf import catalogue
 from jax_vaecf import distributed
 from jax_vaecf import per_user

@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-from experiments import configs
-from experiments import loop
-from experiments import machine
+from jax_vaecf import configs
+from jax_vaecf import loop
+from jax_vaecf import machine
 
 import _runs
 

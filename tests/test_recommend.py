@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import configs
-from experiments import loop
+from jax_vaecf import configs
+from jax_vaecf import loop
 from jax_vaecf import checkpoint
 from jax_vaecf import metrics
 from jax_vaecf import model as model_lib

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from experiments import loop
+from jax_vaecf import loop
 from jax_vaecf import model as model_lib
 from jax_vaecf import parallel
 from jax_vaecf import recvae
@@ -244,7 +244,7 @@ def test_settings_recvae_does_not_take_are_refused():
     model_lib.build_model("recvae", 10, hidden_dims=(8, 6))
   with pytest.raises(ValueError, match="takes no setting encoder_epochs"):
     model_lib.build_model("multvae", 10, encoder_epochs=2)
-  from experiments import configs
+  from jax_vaecf import configs
   cfg = configs.get_config("ml20m_recvae")
   configs.validate(cfg)
   with pytest.raises(ValueError, match="bad setting: RecVAE.*one width"):

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from experiments import loop
-from experiments import workdir as workdir_lib
+from jax_vaecf import loop
+from jax_vaecf import run_folder
 from jax_vaecf import checkpoint
 from jax_vaecf import files as files_lib
 
@@ -215,7 +215,7 @@ def _pieces(cfg, workdir):
   split = loop.load_data(cfg)
   built = loop.build(cfg, split.n_items)
   os.makedirs(workdir, exist_ok=True)
-  ck = checkpoint.RunCheckpoints(workdir, workdir_lib.identity(cfg, split))
+  ck = checkpoint.RunCheckpoints(workdir, run_folder.identity(cfg, split))
   return split, ck, built
 
 

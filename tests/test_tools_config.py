@@ -13,7 +13,7 @@ from absl import app
 from absl import flags
 
 from experiments import cli
-from experiments import configs
+from jax_vaecf import configs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

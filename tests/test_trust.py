@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from experiments import configs
-from experiments import loop
+from jax_vaecf import configs
+from jax_vaecf import loop
 from jax_vaecf import checkpoint
 from jax_vaecf import recommend
 from jax_vaecf import run_folder

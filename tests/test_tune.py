@@ -20,8 +20,8 @@ import scipy.sparse as sp
 
 optuna = pytest.importorskip("optuna")
 
-from experiments import configs  # pylint: disable=g-import-not-at-top
-from experiments import loop
+from jax_vaecf import configs  # pylint: disable=g-import-not-at-top
+from jax_vaecf import loop
 from experiments import tune
 from jax_vaecf.data import paper_files
 from jax_vaecf.data.split import EvalSplit, Split

@@ -8,9 +8,9 @@ import os
 import numpy as np
 import pytest
 
-from experiments import configs
-from experiments import loop
-from experiments import workdir as workdir_lib
+from jax_vaecf import configs
+from jax_vaecf import loop
+from jax_vaecf import run_folder
 from jax_vaecf import checkpoint
 from jax_vaecf.data import split as split_lib
 
@@ -170,7 +170,7 @@ def test_early_stopping_resumes_with_its_count(tmp_path, monkeypatch):
   _scripted_validation(monkeypatch, CURVE)
   split = loop.load_data(cfg)
   built = loop.build(cfg, split.n_items, split.train.shape[0])
-  ck = checkpoint.RunCheckpoints(workdir, workdir_lib.identity(cfg, split))
+  ck = checkpoint.RunCheckpoints(workdir, run_folder.identity(cfg, split))
   loop.train_and_validate(cfg, workdir, split, ck, built, stop_after_epochs=3)
   ck.close()
   _scripted_validation(monkeypatch, CURVE[3:])

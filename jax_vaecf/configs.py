@@ -1,7 +1,8 @@
-"""Named presets for ``python -m experiments.train --config=NAME``.
+"""Every setting of a run (:class:`Config`, its validation) and the named presets.
 
-A preset is a :class:`Config`; every field can be overridden by the flag of the same
-name. Each preset's docstring gives its exact command and what to expect.
+A preset is a :class:`Config` (``get_config(NAME)``; ``--config=NAME`` on the command
+line, where every field can be overridden by the flag of the same name). Each preset's
+docstring gives its exact command and what to expect.
 """
 
 from __future__ import annotations
@@ -494,7 +495,7 @@ RESUMABLE_FIELDS = frozenset({
 
 
 # The precision policies, and "auto" (resolved by measurement before a run starts:
-# experiments.loop.resolve_precision).
+# jax_vaecf.loop.resolve_precision).
 AUTO_PRECISION = "auto"
 PRECISIONS = tuple(precision_lib.POLICIES) + (AUTO_PRECISION,)
 

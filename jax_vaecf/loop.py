@@ -1,6 +1,7 @@
-"""The train / test / benchmark workflow behind ``python -m experiments.train``.
+"""The training engine: the train / test / benchmark workflow of a run folder.
 
-One clear loop: load (or build and cache) the split, resume from the workdir's latest
+``python -m experiments.train`` and every other tool run it; so does
+:func:`jax_vaecf.api.fit`. One clear loop: load (or build and cache) the split, resume from the workdir's latest
 checkpoint if there is one, train epoch by epoch with the host batcher prefetching to
 the device, validate every ``validation_step`` epochs, keep the best checkpoints by
 validation NDCG@100, append one JSON line per epoch to ``<workdir>/metrics.jsonl``, and
@@ -27,15 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from experiments import configs
-from experiments import workdir as workdir_lib
-from experiments.progress import Progress
 from jax_vaecf import catalogue
 from jax_vaecf import checkpoint as checkpoint_lib
+from jax_vaecf import configs
 from jax_vaecf import data as data_lib
-from jax_vaecf import metrics as metrics_lib
 from jax_vaecf import distributed
 from jax_vaecf import ease
+from jax_vaecf import metrics as metrics_lib
 from jax_vaecf import model as model_lib
 from jax_vaecf import parallel as parallel_lib
 from jax_vaecf import per_user
@@ -43,6 +42,7 @@ from jax_vaecf import precision as precision_lib
 from jax_vaecf import run_folder
 from jax_vaecf import schedules
 from jax_vaecf import train as train_lib
+from jax_vaecf.progress import Progress
 
 VALIDATION_KS = (20, 50, 100)
 BEST_METRIC = "ndcg@100"
@@ -310,7 +310,7 @@ class TrainingDivergedError(RuntimeError):
 
 
 def resume_point(cfg: configs.Config, workdir: str, ck: checkpoint_lib.RunCheckpoints,
-                 state: train_lib.TrainState, log: workdir_lib.MetricsLog | None
+                 state: train_lib.TrainState, log: run_folder.MetricsLog | None
                  ) -> tuple[train_lib.TrainState, dict]:
   """``(state, meta)`` to continue from: the newest readable latest checkpoint, else
   (with a warning) the newest state of the best set, else epoch 0 (``state`` then is
@@ -427,13 +427,13 @@ class Standing:
 
 def start(cfg: configs.Config, workdir: str, split: data_lib.Split,
           ck: checkpoint_lib.RunCheckpoints | None, built: Built
-          ) -> tuple[train_lib.TrainState, int, Standing, workdir_lib.MetricsLog | None]:
+          ) -> tuple[train_lib.TrainState, int, Standing, run_folder.MetricsLog | None]:
   """``(state, first epoch, standing, log)``: a fresh state, or the run resumed from its
   checkpoints (its log cut back to the resumed epoch, its run files written); the state
   is placed on the run's devices."""
   # In a multi-process run every process computes the same records; one writes them.
   writes = ck is not None and jax.process_index() == 0
-  log = workdir_lib.MetricsLog(workdir) if writes else None
+  log = run_folder.MetricsLog(workdir) if writes else None
   if ck is None:
     return placed_fresh_state(cfg, built), 0, Standing(), log
   layout = state_layout(cfg, built)
@@ -447,7 +447,7 @@ def start(cfg: configs.Config, workdir: str, split: data_lib.Split,
     print(f"resumed from epoch {start_epoch}", flush=True)
   if log is not None:
     log.truncate_after(start_epoch)
-    workdir_lib.write_run_files(cfg, workdir, split, start_epoch)
+    run_folder.write_run_files(cfg, workdir, split, start_epoch)
   return state, start_epoch, standing, log
 
 
@@ -638,9 +638,9 @@ def fit_closed_form(cfg: configs.Config, workdir: str, split: data_lib.Split,
             "stopped": None, "l2": meta.get("l2")}
   log = None
   if ck is not None and jax.process_index() == 0:
-    log = workdir_lib.MetricsLog(workdir)
+    log = run_folder.MetricsLog(workdir)
     log.truncate_after(0)
-    workdir_lib.write_run_files(cfg, workdir, split, 0)
+    run_folder.write_run_files(cfg, workdir, split, 0)
   grid = ease.l2_values(cfg.l2)
   if len(grid) > 1 and split.validation is None:
     raise ValueError(f"bad setting: --l2 gives {len(grid)} values to choose from but the "
@@ -780,7 +780,7 @@ def test_best(cfg: configs.Config, workdir: str, split: data_lib.Split,
 def split_identity(cfg: configs.Config, split: data_lib.Split) -> dict:
   """What two tested runs must share to be compared user by user: the data settings,
   the item table and the test users."""
-  ident = workdir_lib.identity(cfg, split)
+  ident = run_folder.identity(cfg, split)
   return {**data_settings(cfg), **{k: ident[k] for k in (
       "dataset", "protocol", "n_items", "n_train_users", "items_digest")},
           "n_test_users": int(split.test.n_users),
@@ -810,7 +810,7 @@ def format_test(result: dict, ks) -> str:
 def resolve_precision(cfg: configs.Config) -> configs.Config:
   """``cfg`` with ``--precision=auto`` replaced by the measured choice: ``bf16`` when the
   step's large products run at least ``machine.AUTO_BF16_SPEEDUP`` times faster in it
-  on the run's first device (:func:`experiments.machine.bf16_speedup`), else ``fp32``.
+  on the run's first device (:func:`jax_vaecf.machine.bf16_speedup`), else ``fp32``.
   Any other precision is returned unchanged."""
   if cfg.precision != configs.AUTO_PRECISION:
     return cfg
@@ -819,7 +819,7 @@ def resolve_precision(cfg: configs.Config) -> configs.Config:
     # would run different programs against each other's collectives.
     raise ValueError("bad setting: --precision=auto measures one machine; give "
                      "--precision=fp32 or bf16 in a multi-process run")
-  from experiments import machine  # pylint: disable=import-outside-toplevel
+  from jax_vaecf import machine  # pylint: disable=import-outside-toplevel
   device = select_devices(cfg)[0]
   speedup = machine.bf16_speedup(device)
   chosen = "bf16" if speedup >= machine.AUTO_BF16_SPEEDUP else "fp32"
@@ -835,7 +835,7 @@ def run(cfg: configs.Config, workdir: str, *,
   configs.validate(cfg)
   select_devices(cfg)  # fail before any data work
   # One process writes the folder (see start); it alone holds the folder's lock.
-  lock = workdir_lib.prepare_workdir(cfg, workdir, lock=jax.process_index() == 0)
+  lock = run_folder.prepare_workdir(cfg, workdir, lock=jax.process_index() == 0)
   try:
     results = _run_claimed(cfg, workdir, on_validation)
   except BaseException:
@@ -852,7 +852,7 @@ def _run_claimed(cfg: configs.Config, workdir: str,
   """:func:`run` once the workdir is checked and claimed."""
   cfg = resolve_precision(cfg)
   if cfg.train or cfg.test:
-    workdir_lib.check_same_run(cfg, workdir)
+    run_folder.check_same_run(cfg, workdir)
   split = load_data(cfg)
   print(data_lib.format_stats(split.stats()), flush=True)
   n_items = split.n_items
@@ -871,7 +871,7 @@ def _run_claimed(cfg: configs.Config, workdir: str,
   ck = None
   if cfg.train or cfg.test:
     # Test mode alone only reads: a run still training in the workdir is not disturbed.
-    ck = checkpoint_lib.RunCheckpoints(workdir, workdir_lib.identity(cfg, split),
+    ck = checkpoint_lib.RunCheckpoints(workdir, run_folder.identity(cfg, split),
                                        keep_best=cfg.keep_best, best_metric=BEST_METRIC,
                                        read_only=not cfg.train)
   try:
@@ -890,7 +890,7 @@ def _run_claimed(cfg: configs.Config, workdir: str,
       if format_catalogue(results["test"], cfg.test_ks):
         print(format_catalogue(results["test"], cfg.test_ks), flush=True)
       if jax.process_index() == 0:
-        workdir_lib.MetricsLog(workdir).write({"split": "test", **results["test"]})
+        run_folder.MetricsLog(workdir).write({"split": "test", **results["test"]})
   finally:
     if ck is not None:
       ck.close()
