@@ -12,6 +12,8 @@ import pytest
 
 from experiments import synthetic
 
+import _in_process
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -40,9 +42,11 @@ def test_synthetic_data_has_the_requested_shape():
   assert (again != train).nnz == 0
 
 
+_SHAPE = ["--n_users=400", "--n_items=300", "--mean_per_user=12"]
+
+
 def _benchmark(*args, timeout=300):
-  cmd = [sys.executable, "-m", "experiments.benchmark", "--n_users=400", "--n_items=300",
-         "--mean_per_user=12", *args]
+  cmd = [sys.executable, "-m", "experiments.benchmark", *_SHAPE, *args]
   env = dict(os.environ, PYTHONPATH=REPO)
   return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=timeout)
@@ -98,7 +102,8 @@ def test_benchmark_takes_the_preset_and_the_old_flag_names(tmp_path):
     (["--parallel=pmap"], "--parallel: the benchmark times the sharded mode only"),
 ])
 def test_benchmark_refuses_settings_it_would_ignore(args, message):
-  proc = _benchmark(*args, "--steps=1", "--eval_users=0", timeout=60)
+  proc = _in_process.run("experiments.benchmark", *_SHAPE, *args, "--steps=1",
+                         "--eval_users=0")
   assert proc.returncode == 2
   error, hint = proc.stderr.splitlines()  # one line and the hint, before any work
   assert error.startswith(f"error: {message}") and hint.startswith("hint: ")
@@ -107,7 +112,7 @@ def test_benchmark_refuses_settings_it_would_ignore(args, message):
 def test_benchmark_refuses_a_nonsense_data_shape():
   # The shape flags are declared once (experiments.synthetic) for the benchmark and the
   # PyTorch baseline; a shape below 1 is refused when the flags are parsed.
-  proc = _benchmark("--n_users=0")
+  proc = _in_process.run("experiments.benchmark", *_SHAPE, "--n_users=0")
   assert proc.returncode != 0
   assert "--n_users=0: 0 is not a positive integer" in proc.stderr
 

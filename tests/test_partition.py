@@ -21,6 +21,7 @@ from jax_vaecf.data import (BlockBatcher, EvalSplit, Split, TrainBatcher, block_
 from jax_vaecf.data.split import binary_csr
 
 import _distributed_worker
+import _in_process
 import _partition_worker
 import _runs
 
@@ -345,13 +346,13 @@ def test_command_writes_parts_and_one_part_trains_like_the_whole_data(tmp_path):
   cfg = _runs.small_config(data_dir, cache_dir=str(tmp_path / "cache"), number_of_epochs=2,
                            anneal_epochs=1.0)
   out = tmp_path / "parts"
-  args = [sys.executable, "-m", "experiments.partition", "--config=ml-latest-small",
-          f"--data_dir={data_dir}", f"--cache_dir={tmp_path / 'cache'}", "--processes=1",
-          f"--out={out}"]
-  r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+  args = ["--config=ml-latest-small", f"--data_dir={data_dir}",
+          f"--cache_dir={tmp_path / 'cache'}", "--processes=1", f"--out={out}"]
+  r = subprocess.run([sys.executable, "-m", "experiments.partition", *args], cwd=ROOT,
+                     capture_output=True, text=True, timeout=120)
   assert r.returncode == 0, r.stderr
   assert "wrote" in r.stdout and (out / "part-00000-of-00001").is_dir()
-  again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+  again = _in_process.run("experiments.partition", *args)
   assert again.returncode == 2 and "already exists" in again.stderr
 
   part = loop.load_data(cfg.replace(partitioned_data=str(out)))

@@ -16,6 +16,7 @@ from jax_vaecf import run_folder
 from jax_vaecf import checkpoint
 from jax_vaecf import files as files_lib
 
+import _in_process
 import _runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -228,7 +229,7 @@ def _pieces(cfg, workdir):
     (["extra_argument"], "error: unexpected arguments: extra_argument"),
 ])
 def test_usage_errors_print_the_message_and_one_hint(args, message, tmp_path):
-  r = _cli([f"--workdir={tmp_path / 'w'}", *args], timeout=60)
+  r = _in_process.run("experiments.train", f"--workdir={tmp_path / 'w'}", *args)
   assert r.returncode == 2
   lines = r.stderr.strip().splitlines()
   assert lines == [message + lines[0][len(message):],

@@ -15,6 +15,8 @@ from absl import flags
 from experiments import cli
 from jax_vaecf import configs
 
+import _in_process
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Each tool with the flags it requires, so that only the setting under test can fail.
@@ -46,7 +48,8 @@ def test_helpfull_lists_every_setting_with_its_help(tool):
 @pytest.mark.parametrize("tool", sorted(TOOLS))
 def test_a_bad_setting_fails_the_same_way_in_every_tool(tool, tmp_path):
   args = [a.format(tmp=tmp_path) for a in TOOLS[tool]]
-  r = _tool(tool, *args, "--config=ml1m", "--batch_size_train=0")
+  r = _in_process.run(f"experiments.{tool}", *args, "--config=ml1m",
+                      "--batch_size_train=0")
   assert r.returncode == 2
   assert r.stderr.splitlines() == [
       "error: bad setting: batch_size_train must be >= 1",
@@ -109,6 +112,6 @@ def test_bench_data_refuses_settings_it_would_ignore(tmp_path):
                      "use --lr"),
       (["--config=netflix"], "error: --dataset=netflix: bench_data generates a MovieLens "
                              "ratings.csv")):
-    r = _tool("bench_data", f"--keep={tmp_path}/w", *args)
+    r = _in_process.run("experiments.bench_data", f"--keep={tmp_path}/w", *args)
     assert r.returncode == 2 and r.stderr.splitlines()[0].startswith(message), r.stderr
     assert not os.path.exists(tmp_path / "w")

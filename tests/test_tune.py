@@ -11,8 +11,6 @@ module fixtures and repeat parameter values that the session's compilation cache
 import ast
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -26,10 +24,10 @@ from experiments import tune
 from jax_vaecf.data import paper_files
 from jax_vaecf.data.split import EvalSplit, Split
 
+import _in_process
 import _runs
 import _synthetic
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPACE = ("lr", "dropout_rate", "anneal_cap", "anneal_epochs")
 
 
@@ -304,11 +302,8 @@ def test_space_follows_the_model():
 
 
 def test_unknown_space_name_is_a_one_line_usage_error(tmp_path):
-  proc = subprocess.run(
-      [sys.executable, "-m", "experiments.tune", f"--root={tmp_path / 'tune'}",
-       "--config=ml1m", "--data_dir=/nowhere", "--space=lr,bogus"],
-      cwd=REPO, capture_output=True, text=True, timeout=120,
-      env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu"))
+  proc = _in_process.run("experiments.tune", f"--root={tmp_path / 'tune'}",
+                         "--config=ml1m", "--data_dir=/nowhere", "--space=lr,bogus")
   assert proc.returncode == 2, proc.stderr[-2000:]
   lines = proc.stderr.strip().splitlines()
   assert lines[0].startswith("error: --space: unknown parameter 'bogus'; expected names "
