@@ -12,8 +12,6 @@ serve.load(DIR).recommend(histories)``.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 
 from absl import app
@@ -86,26 +84,6 @@ def format_benchmark(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def checkpoint_metrics(workdir: str, epoch: int | None) -> dict:
-  """The validation record of ``epoch`` and the last test record in the run's log."""
-  out: dict = {"epoch": epoch}
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return out
-  with open(path) as f:
-    for line in f:
-      try:
-        r = json.loads(line)
-      except ValueError:
-        continue
-      if r.get("split") == "train" and r.get("epoch") == epoch:
-        out["validation"] = {k[4:]: v for k, v in r.items() if k.startswith("val_")
-                             and not k.endswith("time_s")}
-      elif r.get("split") == "test" and r.get("epoch") == epoch:
-        out["test"] = {k: v for k, v in r.items() if k != "split"}
-  return out
-
-
 def main(argv):
   cli.start(argv, required=("workdir", "out"))
   if FLAGS.k < 1:
@@ -114,14 +92,8 @@ def main(argv):
     rec = recommend_lib.Recommender.from_workdir(FLAGS.workdir)
     if FLAGS.k > rec.model.n_items:
       raise app.UsageError(f"--k={FLAGS.k} exceeds the {rec.model.n_items} items")
-    ident = rec.checkpoint_meta["identity"]
-    manifest = export_lib.write_artifact(
-        FLAGS.out, rec.model, rec.params, rec.item_ids, FLAGS.k,
-        model_info={key: ident[key] for key in ("model", "hidden_dims", "latent_dim",
-                                                "dataset") if key in ident}
-        | {"weights": "weight average" if ident.get("weight_average") else "weights"},
-        metrics=checkpoint_metrics(FLAGS.workdir, rec.checkpoint_meta.get("epoch")),
-        platforms=FLAGS.platforms)
+    manifest = export_lib.export_run(FLAGS.workdir, FLAGS.out, FLAGS.k,
+                                     platforms=FLAGS.platforms, recommender=rec)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

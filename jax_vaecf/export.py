@@ -147,3 +147,37 @@ def write_artifact(out_dir: str | os.PathLike, model, params, item_ids: np.ndarr
     raise
   return manifest
 
+
+
+def checkpoint_metrics(workdir: str, epoch: int | None) -> dict:
+  """The validation record of ``epoch`` and its test record in the run's log (what an
+  artefact of that checkpoint states about itself)."""
+  from jax_vaecf import run_folder  # pylint: disable=g-import-not-at-top
+  out: dict = {"epoch": epoch}
+  for r in run_folder.MetricsLog(workdir).records():
+    if r.get("split") == "train" and r.get("epoch") == epoch:
+      out["validation"] = {k[4:]: v for k, v in r.items() if k.startswith("val_")
+                           and not k.endswith("time_s")}
+    elif r.get("split") == "test" and r.get("epoch") == epoch:
+      out["test"] = {k: v for k, v in r.items() if k != "split"}
+  return out
+
+
+def export_run(workdir: str, out_dir: str | os.PathLike, k: int = 100, *,
+               platforms: Sequence[str] = ("cpu",),
+               recommender: "recommend_lib.Recommender | None" = None) -> dict:
+  """Writes the artefact of a run folder's best checkpoint (its served weights, the
+  model's shape, the checkpoint's validation and test metrics); returns the manifest.
+  ``recommender``: that run's, when already loaded. Raises ``ValueError`` for ``k``
+  outside ``[1, n_items]`` and as :func:`write_artifact`."""
+  rec = recommender or recommend_lib.Recommender.from_workdir(workdir)
+  if not 1 <= k <= rec.model.n_items:
+    raise ValueError(f"k={k}: expected 1 to the {rec.model.n_items} items")
+  ident = rec.checkpoint_meta["identity"]
+  return write_artifact(
+      out_dir, rec.model, rec.params, rec.item_ids, k,
+      model_info={key: ident[key] for key in ("model", "hidden_dims", "latent_dim",
+                                              "dataset") if key in ident}
+      | {"weights": "weight average" if ident.get("weight_average") else "weights"},
+      metrics=checkpoint_metrics(workdir, rec.checkpoint_meta.get("epoch")),
+      platforms=platforms)

@@ -16,6 +16,7 @@ metrics as an uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import os
 import sys
@@ -65,6 +66,46 @@ def data_settings(cfg: configs.Config) -> dict:
   return {name: getattr(cfg, name) for name in DATA_SETTINGS}
 
 
+IN_MEMORY = "in_memory"  # the data set of a run given its data in Python (jax_vaecf.api)
+
+
+def _split_settings(cfg: configs.Config, dataset: str) -> dict[str, Any]:
+  """The run's split settings that the split of ``dataset`` takes: the data set's
+  registry entry decides (a given train/test pair, the paper's folder and ml-20m_alt's
+  own procedure take none)."""
+  settings = {"seed": cfg.split_seed, "heldout_fraction": cfg.heldout_fraction}
+  if cfg.n_heldout_users:  # 0 leaves the data set's default
+    settings["n_heldout_users"] = cfg.n_heldout_users
+  takes = data_lib.split_options(dataset, cfg.protocol, cfg.fold or None)
+  return {k: v for k, v in settings.items() if k in takes}
+
+
+def _with_validation(cfg: configs.Config, split: data_lib.Split) -> data_lib.Split:
+  if (split.protocol == "per_user" and split.validation is None
+      and cfg.validation_fraction > 0):
+    # Validation targets come out of the training rows; the test fold-in stays the
+    # user's full training row and the test items are never read.
+    split = data_lib.hold_out_validation(split, cfg.validation_fraction, cfg.split_seed)
+  return split
+
+
+def split_interactions(cfg: configs.Config, inter: data_lib.Interactions
+                       ) -> data_lib.Split:
+  """The config's split of in-memory interactions (:func:`jax_vaecf.data.from_columns`),
+  made as a ``--dataset=csv`` file's: the same split function, defaults and split
+  settings; ratings above ``csv_threshold`` are positives (every row without ratings,
+  or with ``csv_all_positive``)."""
+  entry = data_lib.registry.get("csv")
+  fn = data_lib.split_function(entry, cfg.protocol)
+  takes = set(inspect.signature(fn).parameters)
+  kwargs = {k: v for k, v in entry.split_defaults.items() if k in takes}
+  kwargs.update(_split_settings(cfg, "csv"))
+  if "threshold" in takes:
+    kwargs["threshold"] = (None if inter.ratings is None or cfg.csv_all_positive
+                           else cfg.csv_threshold)
+  return _with_validation(cfg, fn(inter, **kwargs))
+
+
 def load_data(cfg: configs.Config) -> data_lib.Split:
   """The split the config asks for, from the cache when it is there; with
   ``--partitioned_data``, this process's part of that folder
@@ -72,23 +113,12 @@ def load_data(cfg: configs.Config) -> data_lib.Split:
   if cfg.partitioned_data:
     return data_lib.open_part(cfg.partitioned_data, jax.process_index(),
                               jax.process_count(), settings=data_settings(cfg))
-  settings = {"seed": cfg.split_seed, "heldout_fraction": cfg.heldout_fraction}
-  if cfg.n_heldout_users:  # 0 leaves the data set's default
-    settings["n_heldout_users"] = cfg.n_heldout_users
-  # Passed only to a split function that takes them: the data set's registry entry
-  # decides (a given train/test pair, the paper's folder and ml-20m_alt's own procedure
-  # take none).
-  takes = data_lib.split_options(cfg.dataset, cfg.protocol, cfg.fold or None)
-  options: dict[str, Any] = {k: v for k, v in settings.items() if k in takes}
+  if cfg.dataset == IN_MEMORY:
+    raise ValueError(f"the run's data was given in Python (--dataset={IN_MEMORY}): "
+                     "give it again (jax_vaecf.api.fit), or a data set and --data_dir")
+  options = _split_settings(cfg, cfg.dataset)
   if cfg.dataset == "csv":
-    # The flags' text forms, in read_delimited's terms (validate checked them).
-    columns = [c.strip() for c in cfg.csv_columns.split(",")] if cfg.csv_columns else None
-    options.update(
-        delimiter="\t" if cfg.csv_delimiter in ("tab", "\\t") else cfg.csv_delimiter,
-        columns=None if columns is None else tuple(
-            int(c) if c.isdigit() else (c or None) for c in columns),
-        header={"auto": None, "yes": True, "no": False}[cfg.csv_header],
-        threshold=None if cfg.csv_all_positive else cfg.csv_threshold)
+    options.update(csv_reader_options(cfg))
   if not os.path.exists(cfg.data_dir) and not cfg.download:
     raise FileNotFoundError(
         f"--data_dir={cfg.data_dir!r} does not exist; point it at the folder holding the "
@@ -104,12 +134,19 @@ def load_data(cfg: configs.Config) -> data_lib.Split:
                               cache_dir=cfg.cache_dir or DEFAULT_CACHE,
                               download=cfg.download, protocol=cfg.protocol,
                               fold=cfg.fold or None, progress=report, **options)
-  if (split.protocol == "per_user" and split.validation is None
-      and cfg.validation_fraction > 0):
-    # Validation targets come out of the training rows; the test fold-in stays the
-    # user's full training row and the test items are never read.
-    split = data_lib.hold_out_validation(split, cfg.validation_fraction, cfg.split_seed)
-  return split
+  return _with_validation(cfg, split)
+
+
+def csv_reader_options(cfg: configs.Config) -> dict[str, Any]:
+  """The ``csv_*`` settings in :func:`jax_vaecf.data.read_delimited`'s terms (their
+  text forms were checked by ``configs.validate``), with the positive threshold."""
+  columns = [c.strip() for c in cfg.csv_columns.split(",")] if cfg.csv_columns else None
+  return dict(
+      delimiter="\t" if cfg.csv_delimiter in ("tab", "\\t") else cfg.csv_delimiter,
+      columns=None if columns is None else tuple(
+          int(c) if c.isdigit() else (c or None) for c in columns),
+      header={"auto": None, "yes": True, "no": False}[cfg.csv_header],
+      threshold=None if cfg.csv_all_positive else cfg.csv_threshold)
 
 
 def anneal_steps(cfg: configs.Config, steps_per_epoch: int) -> tuple[int, int]:
@@ -303,6 +340,8 @@ def _mean_of(host: list[dict], phases) -> dict:
 # Called after each epoch that validated with (epoch, the epoch's record); a returned
 # reason stops the run after that epoch.
 OnValidation = Callable[[int, dict], "str | None"]
+# Called with every epoch's record (a closed-form fit's one record) once it is logged.
+OnEpoch = Callable[[dict], None]
 
 
 class TrainingDivergedError(RuntimeError):
@@ -549,7 +588,8 @@ def save_latest(cfg: configs.Config, steps, state, ck: checkpoint_lib.RunCheckpo
 def train_and_validate(cfg: configs.Config, workdir: str, split: data_lib.Split,
                        ck: checkpoint_lib.RunCheckpoints | None, built: Built,
                        *, stop_after_epochs: int | None = None,
-                       on_validation: OnValidation | None = None) -> dict:
+                       on_validation: OnValidation | None = None,
+                       on_epoch: OnEpoch | None = None) -> dict:
   """Trains ``cfg.number_of_epochs`` epochs (resuming), validating and checkpointing.
 
   The run ends early when ``cfg.early_stopping`` validations in a row bring no better
@@ -557,7 +597,8 @@ def train_and_validate(cfg: configs.Config, workdir: str, split: data_lib.Split,
   validated, returns a reason; the epoch's record then says why (``stopped``) and a
   resumable checkpoint is saved. A resumed run that had stopped early trains no more
   (unless ``early_stopping`` was raised or set to 0 since); one stopped by
-  ``on_validation`` continues, and the new call decides again.
+  ``on_validation`` continues, and the new call decides again. ``on_epoch(record)`` is
+  called with each epoch's record once it is logged (to send it anywhere).
 
   ``ck`` is None in pure benchmark runs (nothing is written). Returns the benchmark
   summary and the best validation metrics and epoch. Raises
@@ -599,6 +640,8 @@ def train_and_validate(cfg: configs.Config, workdir: str, split: data_lib.Split,
     save_latest(cfg, steps, state, ck, standing, record, host_state)
     if log is not None:
       log.write(record)
+    if on_epoch is not None:
+      on_epoch(dict(record))
     _print_epoch(record)
     if standing.stopped is not None:
       print(f"stopped after epoch {epoch + 1}: {standing.stopped}", flush=True)
@@ -620,7 +663,8 @@ def _state_of(cfg: configs.Config, built: Built, params) -> train_lib.TrainState
 
 
 def fit_closed_form(cfg: configs.Config, workdir: str, split: data_lib.Split,
-                    ck: checkpoint_lib.RunCheckpoints | None, built: Built) -> dict:
+                    ck: checkpoint_lib.RunCheckpoints | None, built: Built, *,
+                    on_epoch: OnEpoch | None = None) -> dict:
   """Fits a closed-form model (EASE, :mod:`jax_vaecf.ease`): the Gram matrix from the
   training rows' batches on the run's first device, then each ``l2`` scored on the
   validation users from one eigendecomposition (a single ``l2``: a Cholesky fit), the
@@ -702,6 +746,8 @@ def fit_closed_form(cfg: configs.Config, workdir: str, split: data_lib.Split,
                  {BEST_METRIC: standing.best if standing.best > -math.inf else 1.0})
   if log is not None:
     log.write(record)
+  if on_epoch is not None:
+    on_epoch(dict(record))
   line = f"fitted {cfg.model} with l2 {l2:g} in {fit_s:.2f}s"
   if "val_ndcg@100" in record:
     line += (f"  val ndcg@100 {record['val_ndcg@100']:.4f}  recall@20 "
@@ -829,15 +875,17 @@ def resolve_precision(cfg: configs.Config) -> configs.Config:
 
 
 def run(cfg: configs.Config, workdir: str, *,
-        on_validation: OnValidation | None = None) -> dict:
-  """Runs the modes the config asks for; returns their results. ``on_validation``: see
-  :func:`train_and_validate`."""
+        on_validation: OnValidation | None = None, on_epoch: OnEpoch | None = None,
+        split: data_lib.Split | None = None) -> dict:
+  """Runs the modes the config asks for; returns their results. ``on_validation`` and
+  ``on_epoch``: see :func:`train_and_validate`. ``split``: the data, when it is not
+  the config's data set (``cfg.dataset`` is then :data:`IN_MEMORY`)."""
   configs.validate(cfg)
   select_devices(cfg)  # fail before any data work
   # One process writes the folder (see start); it alone holds the folder's lock.
   lock = run_folder.prepare_workdir(cfg, workdir, lock=jax.process_index() == 0)
   try:
-    results = _run_claimed(cfg, workdir, on_validation)
+    results = _run_claimed(cfg, workdir, on_validation, on_epoch, split)
   except BaseException:
     if lock is not None:
       lock.release(remove_if_unused=True)  # a run that wrote nothing leaves no folder
@@ -848,12 +896,13 @@ def run(cfg: configs.Config, workdir: str, *,
 
 
 def _run_claimed(cfg: configs.Config, workdir: str,
-                 on_validation: OnValidation | None) -> dict:
+                 on_validation: OnValidation | None, on_epoch: OnEpoch | None,
+                 given: data_lib.Split | None) -> dict:
   """:func:`run` once the workdir is checked and claimed."""
   cfg = resolve_precision(cfg)
   if cfg.train or cfg.test:
     run_folder.check_same_run(cfg, workdir)
-  split = load_data(cfg)
+  split = load_data(cfg) if given is None else given
   print(data_lib.format_stats(split.stats()), flush=True)
   n_items = split.n_items
   too_big = [k for k in cfg.test_ks if int(k) > n_items]
@@ -877,11 +926,12 @@ def _run_claimed(cfg: configs.Config, workdir: str,
   try:
     if (cfg.train or cfg.benchmark) and built.model.closed_form:
       results["train"] = fit_closed_form(cfg, workdir, split, ck if cfg.train else None,
-                                         built)
+                                         built, on_epoch=on_epoch)
     elif cfg.train or cfg.benchmark:
       results["train"] = train_and_validate(cfg, workdir, split,
                                             ck if cfg.train else None, built,
-                                            on_validation=on_validation)
+                                            on_validation=on_validation,
+                                            on_epoch=on_epoch)
       if cfg.benchmark:
         print(format_benchmark(results["train"]), flush=True)
     if cfg.test:

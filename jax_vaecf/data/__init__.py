@@ -23,7 +23,8 @@ from jax_vaecf.data.preprocess import (PAPER_SEED, binarize, collapse_duplicates
                                        filter_triplets, split_from_files,
                                        split_heldout_users, split_nvidia_alt,
                                        split_per_user)
-from jax_vaecf.data.readers import (Interactions, read_delimited, read_lastfm, read_ml100k,
+from jax_vaecf.data.readers import (Interactions, from_columns, read_delimited, read_lastfm,
+                                    read_ml100k,
                                     read_ml1m, read_movielens_csv, read_msd, read_netflix,
                                     read_pinterest, read_user_lines, unify_ids)
 from jax_vaecf.data.registry import DataSet, Download, register
@@ -64,6 +65,7 @@ __all__ = [
     "split_nvidia_alt",
     "split_per_user",
     "Interactions",
+    "from_columns",
     "read_delimited",
     "read_lastfm",
     "read_ml100k",

@@ -83,6 +83,52 @@ def _encode(strings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return codes.astype(np.int64).reshape(-1), vocab
 
 
+def _id_column(values, what: str) -> tuple[np.ndarray, np.ndarray | None]:
+  """``(ids or codes int64 (n,), vocab or None)`` of one column of raw ids: integers
+  as they are, anything else by its text (UTF-8) into a sorted vocabulary, as a file's
+  text ids are read."""
+  a = np.asarray(values)
+  if a.ndim != 1:
+    raise ValueError(f"{what}: expected one id per interaction (a 1-D column), got "
+                     f"shape {a.shape}")
+  if a.dtype.kind in "iu":
+    return a.astype(np.int64), None
+  if a.dtype.kind == "b" or a.dtype.kind == "f":
+    raise ValueError(f"{what}: ids must be integers or text, got {a.dtype} values")
+  text = [v if isinstance(v, bytes) else str(v).encode("utf-8", _text.ID_ERRORS)
+          for v in a.tolist()]
+  codes, vocab = _encode(np.array(text, dtype="S") if text else np.zeros(0, "S1"))
+  return codes, vocab
+
+
+def from_columns(users, items, ratings=None, timestamps=None, *,
+                 source: str = "columns") -> Interactions:
+  """:class:`Interactions` from in-memory columns of raw ids (one entry per interaction,
+  in order): integer ids kept as they are, other ids (``str``, ``bytes``) by their text.
+
+  Raises ``ValueError`` naming the column for columns of different lengths, ids that
+  are floats, or ratings / timestamps that are not finite numbers.
+  """
+  u, user_vocab = _id_column(users, "users")
+  i, item_vocab = _id_column(items, "items")
+  if u.size != i.size:
+    raise ValueError(f"{source}: {u.size} users but {i.size} items; expected one of "
+                     "each per interaction")
+  r = None
+  if ratings is not None:
+    r = np.asarray(ratings, np.float32).reshape(-1)
+    if r.size != u.size or not np.all(np.isfinite(r)):
+      raise ValueError(f"{source}: ratings must be {u.size} finite numbers")
+  t = None
+  if timestamps is not None:
+    t = np.asarray(timestamps).reshape(-1)
+    if t.size != u.size or t.dtype.kind not in "iu":
+      raise ValueError(f"{source}: timestamps must be {u.size} integers")
+    t = t.astype(np.int64)
+  return Interactions(users=u, items=i, ratings=r, timestamps=t, user_vocab=user_vocab,
+                      item_vocab=item_vocab, source=source)
+
+
 def unify_ids(*parts: Interactions) -> tuple[Interactions, ...]:
   """The parts with their user ids, and their item ids, on one footing.
 

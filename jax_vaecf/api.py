@@ -1,0 +1,331 @@
+"""From Python: one call from data to a fitted model, and the model's answers.
+
+::
+
+  import jax_vaecf
+  model = jax_vaecf.fit(user_items, "ml1m")      # scipy CSR users x items, any preset
+  model.recommend(users=[0, 7], k=10)            # raw user ids of the data
+  model.recommend(items=[["a", "b"]], k=10)      # a new user's raw item ids
+  model.evaluate("test")                         # the project's metrics, held-out items
+  model.history                                  # one dict per epoch (pandas takes it)
+  model.save("runs/mine")                        # a run folder every CLI tool reads
+  jax_vaecf.load("runs/mine")                    # and back (a CLI run's folder too)
+
+:func:`fit` runs the same engine as ``python -m experiments.train``
+(:func:`jax_vaecf.loop.run`): the same split, training, validation, best-keeping, early
+stopping, divergence checks and test, into a run folder (a temporary one unless
+``workdir`` is given; with one, a second call resumes it as the command line does).
+:class:`FittedModel` answers from that folder's best checkpoint through
+:class:`jax_vaecf.recommend.Recommender`, so it serves exactly what ``recommend`` and an
+exported artefact serve.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import weakref
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import numpy as np
+import scipy.sparse as sp
+
+from jax_vaecf import configs
+from jax_vaecf import data as data_lib
+from jax_vaecf import export as export_lib
+from jax_vaecf import loop
+from jax_vaecf import metrics as metrics_lib
+from jax_vaecf import recommend as recommend_lib
+from jax_vaecf import run_folder
+from jax_vaecf import train as train_lib
+
+Recommendations = recommend_lib.Recommendations
+
+
+def _config(config: str | configs.Config, settings: dict) -> configs.Config:
+  cfg = configs.get_config(config) if isinstance(config, str) else config
+  if not isinstance(cfg, configs.Config):
+    raise TypeError(f"config: expected a preset name or a Config, got "
+                    f"{type(config).__name__}")
+  fields = configs.Config.__dataclass_fields__
+  unknown = sorted(set(settings) - set(fields))
+  if unknown:
+    raise ValueError(f"unknown settings {unknown}: expected fields of Config")
+  for name, value in settings.items():
+    if isinstance(fields[name].default, tuple) and isinstance(value, (list, tuple)):
+      settings[name] = tuple(configs.element_of(name)(v) for v in value)
+  return cfg.replace(**settings)
+
+
+def interactions_of(data: Any, *, user_ids: Sequence | None = None,
+                    item_ids: Sequence | None = None) -> data_lib.Interactions:
+  """In-memory data as :class:`jax_vaecf.data.Interactions`: a scipy sparse matrix
+  ``(n_users, n_items)`` whose non-zero entries are the interactions (rows and columns
+  named by ``user_ids`` / ``item_ids``, else by their index), or columns ``(users,
+  items)`` / ``(users, items, ratings)`` of raw ids, one entry per interaction."""
+  if sp.issparse(data):
+    m = sp.coo_matrix(data)
+    if m.nnz == 0:
+      raise ValueError("the matrix holds no interaction (no non-zero entry)")
+    for ids, n, what in ((user_ids, m.shape[0], "user_ids"),
+                         (item_ids, m.shape[1], "item_ids")):
+      if ids is not None and len(ids) != n:
+        raise ValueError(f"{what}: {len(ids)} ids for the matrix's {n} "
+                         f"{'rows' if what == 'user_ids' else 'columns'}")
+    users = m.row if user_ids is None else np.asarray(user_ids)[m.row]
+    items = m.col if item_ids is None else np.asarray(item_ids)[m.col]
+    return data_lib.from_columns(users, items, source="the matrix")
+  if isinstance(data, tuple) and len(data) in (2, 3):
+    if user_ids is not None or item_ids is not None:
+      raise ValueError("user_ids / item_ids name a matrix's rows and columns; columns "
+                       "of raw ids name themselves")
+    return data_lib.from_columns(*data, source="the columns")
+  raise TypeError("data: expected None (the config's data set), a Split, a scipy sparse "
+                  "matrix (users x items) or a tuple (users, items[, ratings]) of raw "
+                  f"ids, got {type(data).__name__}")
+
+
+def fit(data: Any = None, config: str | configs.Config = "ml20m", *,
+        workdir: str | os.PathLike | None = None,
+        on_epoch: Callable[[dict], None] | None = None,
+        user_ids: Sequence | None = None, item_ids: Sequence | None = None,
+        **settings) -> "FittedModel":
+  """Trains (or fits, for EASE) a model and tests it, as ``experiments.train`` does.
+
+  Args:
+    data: ``None``: the config's data set (``dataset``, ``data_dir``, as on the command
+      line); a :class:`jax_vaecf.data.Split`, used as it is; a scipy sparse matrix
+      ``(n_users, n_items)`` (non-zero = interaction) or a tuple ``(users, items[,
+      ratings])`` of raw-id columns: split by the config's protocol as a
+      ``--dataset=csv`` file is (users with fewer than 5 items dropped; with ratings,
+      those above ``csv_threshold`` are the positives).
+    config: a preset name (``jax_vaecf.configs.PRESETS``) or a
+      :class:`jax_vaecf.configs.Config`.
+    workdir: the run folder; ``None``: a temporary one, removed with the model (keep it
+      with :meth:`FittedModel.save`). A folder holding this run resumes it.
+    on_epoch: called with each epoch's record (a dict, as logged in ``metrics.jsonl``).
+    user_ids, item_ids: a matrix's row and column ids (default: their indices).
+    **settings: any :class:`Config` field, overriding the preset (``number_of_epochs=50``).
+
+  Returns:
+    The :class:`FittedModel` of the run's best checkpoint. Raises ``ValueError`` (a bad
+    setting, bad data), :class:`jax_vaecf.loop.TrainingDivergedError`.
+  """
+  cfg = _config(config, settings)
+  split = None
+  if isinstance(data, data_lib.Split):
+    split = data
+  elif data is not None:
+    cfg = cfg.replace(dataset=loop.IN_MEMORY, data_dir="")
+    configs.validate(cfg)  # a bad setting fails before the data is split
+    split = loop.split_interactions(cfg, interactions_of(data, user_ids=user_ids,
+                                                         item_ids=item_ids))
+  if split is not None and cfg.dataset != loop.IN_MEMORY:
+    cfg = cfg.replace(dataset=loop.IN_MEMORY, data_dir="")
+  temporary = workdir is None
+  folder = tempfile.mkdtemp(prefix="jax_vaecf_") if temporary else os.fspath(workdir)
+  try:
+    results = loop.run(cfg, folder, on_epoch=on_epoch, split=split)
+  except BaseException:
+    if temporary:
+      shutil.rmtree(folder, ignore_errors=True)
+    raise
+  model = FittedModel(cfg, folder, split=split, results=results)
+  if temporary:
+    model._owns = weakref.finalize(model, shutil.rmtree, folder, True)
+  return model
+
+
+def load(workdir: str | os.PathLike) -> "FittedModel":
+  """The model of a run folder (written by :func:`fit`, :meth:`FittedModel.save` or
+  ``python -m experiments.train``)."""
+  return FittedModel.load(workdir)
+
+
+class FittedModel:
+  """A trained run's best checkpoint, with the data it was trained on when known.
+
+  Attributes:
+    config: the run's :class:`jax_vaecf.configs.Config`.
+    workdir: its run folder.
+    results: what the run returned (``"train"``: the best validation metrics and epoch;
+      ``"test"``: the test metrics), ``{}`` for a loaded folder.
+  """
+
+  def __init__(self, config: configs.Config, workdir: str, *,
+               split: data_lib.Split | None = None, results: dict | None = None):
+    self.config = config
+    self.workdir = os.fspath(workdir)
+    self.results = dict(results or {})
+    self._split = split
+    self._recommender: recommend_lib.Recommender | None = None
+    self._rows: dict[str, list[np.ndarray]] | None = None
+    self._owns: weakref.finalize | None = None
+
+  @classmethod
+  def load(cls, workdir: str | os.PathLike) -> "FittedModel":
+    """The model of a run folder; its data is read again (from the config's data set)
+    only when a method needs it."""
+    workdir = os.fspath(workdir)
+    path = os.path.join(workdir, "config.json")
+    cfg = configs.from_json(run_folder.read_run_config(workdir), path)
+    model = cls(cfg, workdir)
+    _ = model.recommender  # a folder without a finished checkpoint fails here
+    return model
+
+  # ------------------------------------------------------------------ what it holds
+
+  @property
+  def recommender(self) -> recommend_lib.Recommender:
+    """The :class:`jax_vaecf.recommend.Recommender` of the best checkpoint."""
+    if self._recommender is None:
+      self._recommender = recommend_lib.Recommender.from_workdir(self.workdir)
+    return self._recommender
+
+  @property
+  def item_ids(self) -> np.ndarray:
+    """``(n_items,)`` raw id of each item column (the order of :meth:`score`)."""
+    return self.recommender.item_ids
+
+  @property
+  def split(self) -> data_lib.Split:
+    """The data the run was trained and tested on (read again for a loaded run)."""
+    if self._split is None:
+      self._split = loop.load_data(self.config)
+    return self._split
+
+  @property
+  def history(self) -> list[dict]:
+    """One record per epoch (a closed-form fit: one), as logged: loss, KL weight,
+    validation metrics, timings. ``pandas.DataFrame(model.history)`` takes it."""
+    return [r for r in run_folder.MetricsLog(self.workdir).records()
+            if r.get("split") == "train"]
+
+  # ------------------------------------------------------------------ answers
+
+  def _user_columns(self, users: Iterable[Any]) -> list[np.ndarray]:
+    """Each known user's item columns: a training user's row, a held-out user's
+    fold-in and held-out items together."""
+    if self._rows is None:
+      # A user may be in several parts (the per-user protocol: training row, validation
+      # and test items of the same user): their items together are what the user has.
+      split = self.split
+      rows: dict[str, list[np.ndarray]] = {}
+      parts = [(split.train, split.train_user_ids)]
+      parts += [(m, part.user_ids) for part in (split.validation, split.test)
+                if part is not None for m in (part.fold_in, part.heldout)]
+      for matrix, ids in parts:
+        if ids is None:
+          continue
+        matrix = sp.csr_matrix(matrix)
+        for r, uid in enumerate(np.asarray(ids).tolist()):
+          rows.setdefault(str(uid), []).append(
+              matrix.indices[matrix.indptr[r]:matrix.indptr[r + 1]])
+      self._rows = rows
+    out, unknown = [], []
+    for u in users:
+      found = self._rows.get(str(u))
+      if found is None:
+        unknown.append(u)
+        continue
+      out.append(np.unique(np.concatenate(found)).astype(np.int64))
+    if unknown:
+      raise ValueError(f"users {unknown[:5]!r}{' ...' if len(unknown) > 5 else ''} are "
+                       "not in the data: give their items (items=[[...]])")
+    return out
+
+  def _columns(self, users, items) -> tuple[list[np.ndarray], list[list[Any]]]:
+    if (users is None) == (items is None):
+      raise ValueError("give users (raw ids in the data) or items (each new user's raw "
+                       "item ids), not both")
+    if users is not None:
+      cols = self._user_columns(users)
+      return cols, [[] for _ in cols]
+    pairs = [self.recommender.columns_of(history) for history in items]
+    return [np.asarray(c, np.int64) for c, _ in pairs], [u for _, u in pairs]
+
+  def recommend(self, users: Sequence[Any] | None = None, k: int = 10, *,
+                items: Sequence[Sequence[Any]] | None = None) -> Recommendations:
+    """Top-``k`` raw item ids (best first) with their scores, never an item the user
+    has: for ``users`` (raw ids of users in the data, their known items folded in) or
+    for new users given as ``items`` (each a list of raw item ids; unknown ids are
+    skipped and reported in ``unknown``)."""
+    cols, unknown = self._columns(users, items)
+    scores, top = self.recommender.recommend_columns(cols, k)
+    keep = top >= 0
+    ids = self.item_ids
+    return Recommendations(items=[ids[t[m]] for t, m in zip(top, keep)],
+                           scores=[s[m] for s, m in zip(scores, keep)], unknown=unknown)
+
+  def score(self, users: Sequence[Any] | None = None, *,
+            items: Sequence[Sequence[Any]] | None = None) -> np.ndarray:
+    """Float32 ``(n_users, n_items)``: the model's score of every item (columns in
+    :attr:`item_ids` order) for ``users`` or new users' ``items``, own items included."""
+    cols, _ = self._columns(users, items)
+    rec = self.recommender
+    x = np.zeros((len(cols), rec.model.n_items), np.float32)
+    for r, c in enumerate(cols):
+      x[r, c] = 1.0
+    apply = jax.jit(lambda p, x: rec.model.apply({"params": p}, x).logits)
+    return np.asarray(jax.device_get(apply(rec.params, x)))  # host -> device -> host
+
+  def evaluate(self, on: str | data_lib.EvalSplit = "test",
+               ks: Sequence[int] = (20, 50, 100)) -> dict:
+    """The project's metrics (:mod:`jax_vaecf.metrics`: NDCG, Recall, ... at ``ks``, mean
+    and standard error over users with held-out items) of the best checkpoint on
+    ``"test"``, ``"validation"`` or any :class:`jax_vaecf.data.EvalSplit` over the same
+    items (fold-in rows scored, held-out items ranked, fold-in items excluded)."""
+    part = on
+    if isinstance(on, str):
+      if on not in ("test", "validation"):
+        raise ValueError(f"on={on!r}: expected 'test', 'validation' or an EvalSplit")
+      part = getattr(self.split, on)
+      if part is None:
+        raise ValueError(f"the data has no {on} users")
+    rec = self.recommender
+    if part.fold_in.shape[1] != rec.model.n_items:
+      raise ValueError(f"the users' rows have {part.fold_in.shape[1]} item columns, the "
+                       f"model {rec.model.n_items}")
+    step = jax.jit(train_lib.make_eval_step(
+        rec.model, ks, input_format=self.config.input_format,
+        output_chunk_size=self.config.output_chunk_size))
+    acc = metrics_lib.MetricAccumulator()
+    for batch in data_lib.eval_batches(part, self.config.batch_size_validation):
+      acc.add(jax.device_get(step(rec.params, batch)))
+    return acc.result()
+
+  # ------------------------------------------------------------------ files
+
+  def save(self, path: str | os.PathLike) -> str:
+    """Copies the run folder to ``path`` (a new folder), where every CLI tool
+    (``recommend --workdir``, ``export``, ``train`` to resume, ``compare``) reads it;
+    returns ``path``. The model then answers from there."""
+    path = os.fspath(path)
+    if os.path.abspath(path) == os.path.abspath(self.workdir):
+      return path
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+      raise ValueError(f"{path}: exists and is not an empty folder")
+    if os.path.isdir(path):
+      os.rmdir(path)
+    shutil.copytree(self.workdir, path,
+                    ignore=shutil.ignore_patterns(run_folder.LOCK_NAME))
+    if self._owns is not None:  # the temporary folder goes now; the copy stays
+      self._owns()
+      self._owns = None
+    self.workdir = path
+    self._recommender = None
+    return path
+
+  def export(self, out_dir: str | os.PathLike, k: int = 100, *,
+             platforms: Sequence[str] = ("cpu",)) -> dict:
+    """Writes the scorer artefact (``docs/serving.md``) of the best checkpoint, as
+    ``python -m experiments.export`` does; returns its manifest."""
+    return export_lib.export_run(self.workdir, out_dir, k, platforms=platforms,
+                                 recommender=self.recommender)
+
+  def __repr__(self) -> str:
+    test = self.results.get("test", {})
+    extra = f", test ndcg@100 {test['ndcg@100']:.4f}" if "ndcg@100" in test else ""
+    return f"FittedModel({self.config.model}, {self.workdir!r}{extra})"

@@ -1,0 +1,152 @@
+"""The Python API (``jax_vaecf.fit`` / ``load``): the notebook page runs as written, the
+in-process fit gives the command line's numbers, and the model answers only what the
+data allows."""
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import jax_vaecf
+from jax_vaecf import loop
+
+import _runs
+import _synthetic
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _small(**changes):
+  return {**dict(number_of_epochs=2, hidden_dims=(16,), latent_dim=4, batch_size_train=64,
+                 batch_size_validation=64, total_anneal_steps=50, test_ks=(5, 10),
+                 prefetch=1), **changes}
+
+
+@pytest.fixture(scope="module")
+def matrix():
+  x = _synthetic.low_rank_interactions(n_users=300, n_items=150, seed=5)
+  return sp.csr_matrix(x)
+
+
+@pytest.fixture(scope="module")
+def fitted(matrix):
+  records = []
+  users = np.array([f"u{r}" for r in range(matrix.shape[0])])
+  items = np.array([f"i{c}" for c in range(matrix.shape[1])])
+  model = jax_vaecf.fit(matrix, "ml-latest-small", user_ids=users, item_ids=items,
+                        on_epoch=records.append, **_small())
+  return model, records, users, items
+
+
+def test_the_python_page_runs_as_written_and_its_folder_serves_the_cli(tmp_path):
+  text = open(os.path.join(REPO, "docs", "python.md")).read()
+  code = "\n".join(re.findall(r"```python\n(.*?)```", text, re.S))
+  r = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), capture_output=True,
+                     text=True, timeout=600, env=dict(os.environ, PYTHONPATH=REPO))
+  assert r.returncode == 0, r.stderr[-3000:]
+  fan = re.search(r"^a Star Wars fan -> \[(.*?)\]", r.stdout, re.M)
+  assert fan and len(fan.group(1).split(",")) == 5, r.stdout[-2000:]
+  again = re.search(r"^\[(.*?)\]$", r.stdout, re.M)  # the loaded model's answer
+  assert again and again.group(1) == fan.group(1)
+  workdir = str(tmp_path / "runs" / "demo_python")
+  cli = subprocess.run([sys.executable, "-m", "experiments.recommend", f"--workdir={workdir}",
+                        "--items=1,260,1196", "--k=5"], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+  assert cli.returncode == 0, cli.stderr[-2000:]
+  ranked = re.findall(r"^\s*\d+\.\s+(\S+)", cli.stdout, re.M)
+  assert ranked == [v.strip() for v in fan.group(1).split(",")]
+  out = str(tmp_path / "artefact")
+  exp = subprocess.run([sys.executable, "-m", "experiments.export", f"--workdir={workdir}",
+                        f"--out={out}", "--k=5"], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+  assert exp.returncode == 0, exp.stderr[-2000:]
+  assert os.path.exists(os.path.join(out, "manifest.json"))
+
+
+def test_the_in_process_demo_fit_prints_the_command_lines_test_line(tmp_path):
+  readme = open(os.path.join(REPO, "README.md")).read()
+  (want,) = re.findall(r"^test \(59 users.*$", readme, re.M)
+  model = jax_vaecf.fit(None, "demo", workdir=str(tmp_path / "demo"))
+  assert loop.format_test(model.results["test"], model.config.test_ks) == want
+
+
+def test_every_epoch_reaches_the_callback_and_the_history(fitted):
+  model, records, _, _ = fitted
+  assert [r["epoch"] for r in records] == [1, 2]
+  assert model.history == records
+  assert all("val_ndcg@100" in r and "loss" in r for r in records)
+
+
+def test_recommendations_by_raw_ids_never_hold_an_item_the_user_has(fitted, matrix):
+  model, _, users, items = fitted
+  split = model.split
+  some = [str(u) for u in split.train_user_ids[:5]] + [str(split.test.user_ids[0])]
+  got = model.recommend(users=some, k=10)
+  for uid, recs in zip(some, got.items):
+    had = {str(items[c]) for c in matrix[int(uid[1:])].indices}
+    assert len(recs) == 10 and not had & {str(i) for i in recs}
+  new = model.recommend(items=[["i3", "i4", "nope"]], k=3)
+  assert new.unknown == [["nope"]] and not {"i3", "i4"} & set(map(str, new.items[0]))
+  assert model.score(items=[["i3"]]).shape == (1, len(model.item_ids))
+  with pytest.raises(ValueError, match=r"users \['nobody'\] are not in the data"):
+    model.recommend(users=["nobody"])
+  with pytest.raises(ValueError, match="give users .* or items .*, not both"):
+    model.recommend(users=some, items=[["i3"]])
+
+
+def test_evaluate_gives_the_runs_test_metrics(fitted):
+  model, _, _, _ = fitted
+  got = model.evaluate("test", ks=(5, 10))
+  for k in ("ndcg@10", "recall@5", "map@10", "n_users"):
+    assert got[k] == model.results["test"][k]
+  with pytest.raises(ValueError, match="expected 'test', 'validation' or an EvalSplit"):
+    model.evaluate("train")
+
+
+def test_save_then_load_and_a_cli_folder_loads_too(fitted, tmp_path, tmp_path_factory):
+  model, _, _, _ = fitted
+  history = [["i1", "i2"], ["i7"]]
+  before = model.recommend(items=history, k=5)
+  path = model.save(str(tmp_path / "saved"))
+  loaded = jax_vaecf.load(path)
+  after = loaded.recommend(items=history, k=5)
+  assert [list(a) for a in after.items] == [list(b) for b in before.items]
+  assert loaded.history == model.history
+  with pytest.raises(ValueError, match="run's data was given in Python"):
+    loaded.recommend(users=["u0"])
+  workdir = _runs.trained_workdir(tmp_path_factory, "api_cli")
+  cli_model = jax_vaecf.load(workdir)
+  split = cli_model.split  # read again from the run's data set
+  uid = str(split.train_user_ids[0])
+  recs = cli_model.recommend(users=[uid], k=5).items[0]
+  had = {str(split.item_ids[c]) for c in split.train[0].indices}
+  assert len(recs) == 5 and not had & set(map(str, recs))
+
+
+def test_a_second_fit_in_the_same_folder_resumes(matrix, tmp_path):
+  workdir = str(tmp_path / "run")
+  first = jax_vaecf.fit(matrix, "ml-latest-small", workdir=workdir, **_small()).history
+  again = jax_vaecf.fit(matrix, "ml-latest-small", workdir=workdir,
+                        **_small(number_of_epochs=3))
+  assert [r["epoch"] for r in again.history] == [1, 2, 3]
+  assert again.history[:2] == first  # epochs 1 and 2 not trained again
+  other = sp.csr_matrix(matrix[:, ::-1])  # the same users, the items in another order
+  with pytest.raises(ValueError):
+    jax_vaecf.fit(other, "ml-latest-small", workdir=workdir, **_small())
+
+
+def test_bad_data_and_settings_are_refused_before_training(matrix, tmp_path):
+  with pytest.raises(TypeError, match="data: expected None"):
+    jax_vaecf.fit([1, 2, 3], "demo")
+  with pytest.raises(ValueError, match="unknown settings \\['bogus'\\]"):
+    jax_vaecf.fit(matrix, "demo", bogus=1)
+  with pytest.raises(ValueError, match="user_ids: 2 ids for the matrix's 300 rows"):
+    jax_vaecf.fit(matrix, "demo", user_ids=["a", "b"])
+  with pytest.raises(ValueError, match="3 users but 2 items"):
+    jax_vaecf.fit(([1, 2, 3], [1, 2]), "demo")
+  with pytest.raises(ValueError, match="bad setting: lr must be > 0"):
+    jax_vaecf.fit(matrix, "demo", lr=-1.0)
