@@ -541,7 +541,7 @@ def validate(cfg: Config) -> None:
       (all(int(k) >= 1 for k in cfg.test_ks) and cfg.test_ks, "test_ks must be positive"),
       (0.0 < cfg.heldout_fraction < 0.5, "heldout_fraction must be in (0, 0.5)"),
       (cfg.n_heldout_users >= 0, "n_heldout_users must be >= 0"),
-      (cfg.model in model_lib.MODELS, f"model must be one of {model_lib.MODELS}"),
+      (cfg.model in model_lib.names(), f"model must be one of {model_lib.names()}"),
       (cfg.kl_gamma >= 0, "kl_gamma must be >= 0"),
       (cfg.encoder_epochs >= 1 and cfg.decoder_epochs >= 1,
        "encoder_epochs and decoder_epochs must be >= 1"),
@@ -587,10 +587,10 @@ def _check_model_settings(cfg: Config) -> None:
   """The model's own settings: another model's changed from its default is refused, and
   the model is built once (on one item) so its own checks run before any data work."""
   entry = model_lib.model_entry(cfg.model)
-  others = {n for m in model_lib.MODELS for n in model_lib.model_entry(m).extra}
+  others = {n for m in model_lib.names() for n in model_lib.model_entry(m).extra}
   for name in sorted(others - set(entry.extra)):
     if getattr(cfg, name) != Config.__dataclass_fields__[name].default:
-      owners = [m for m in model_lib.MODELS if name in model_lib.model_entry(m).extra]
+      owners = [m for m in model_lib.names() if name in model_lib.model_entry(m).extra]
       raise ValueError(f"bad setting: {name} is a setting of --model="
                        f"{' or '.join(owners)}, not of {cfg.model}")
   try:

@@ -193,7 +193,8 @@ def check_fits(n_items: int, device: jax.Device) -> None:
         f"fewer items (a stricter item filter)")
 
 
-ENTRY = model_lib.ModelEntry(_build, (), "EASE", extra=("l2",), check_memory=check_fits)
+ENTRY = model_lib.ModelEntry(_build, (), "EASE", extra=("l2",), check_memory=check_fits,
+                             shape=())
 
 
 # ------------------------------------------------------------------------------- fit

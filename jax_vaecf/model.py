@@ -456,6 +456,10 @@ class ModelEntry:
     check_memory: ``(n_items, device) -> None``, raising ``MemoryError`` with the
       figures when the model over ``n_items`` items cannot fit ``device`` (run before
       any work on the model); ``None``: no check.
+    shape: the settings (``Config`` fields: ``hidden_dims``, ``latent_dim`` or names of
+      ``extra``) that decide the shapes of the model's parameters besides ``n_items``.
+      A run folder's checkpoint identity records them, and the recommender, export and
+      resume rebuild the model from them.
   """
 
   build: Callable[..., CFModel]
@@ -463,6 +467,13 @@ class ModelEntry:
   title: str
   extra: tuple[str, ...] = ()
   check_memory: Callable[[int, Any], None] | None = None
+  shape: tuple[str, ...] = ("hidden_dims", "latent_dim")
+
+  def __post_init__(self):
+    odd = [n for n in self.shape if n not in ("hidden_dims", "latent_dim", *self.extra)]
+    if odd:
+      raise ValueError(f"ModelEntry {self.title!r}: shape names {odd}, which are neither "
+                       "hidden_dims, latent_dim nor its own settings (extra)")
 
 
 def _build_multvae(n_items, hidden_dims, latent_dim, dropout_rate, dtype):
@@ -477,31 +488,73 @@ def _build_multdae(n_items, hidden_dims, latent_dim, dropout_rate, dtype):
 
 
 MULTVAE = ModelEntry(_build_multvae, (600,), "Mult-VAE")
-MULTDAE = ModelEntry(_build_multdae, (200,), "Mult-DAE")
+MULTDAE = ModelEntry(_build_multdae, (200,), "Mult-DAE", shape=("hidden_dims",))
 
-# Every model by name: "module:attribute" of its ModelEntry. A model in its own file
-# builds on this module's layers, so its entry is imported when first asked for.
-_ENTRIES = {
+# Every model by name: "module:attribute" of its ModelEntry (a model in its own file
+# builds on this module's layers, so its entry is imported when first asked for), or the
+# entry itself (register).
+_ENTRIES: dict[str, str | ModelEntry] = {
     "multvae": "jax_vaecf.model:MULTVAE",
     "multdae": "jax_vaecf.model:MULTDAE",
     "recvae": "jax_vaecf.recvae:ENTRY",
     "ease": "jax_vaecf.ease:ENTRY",
 }
-MODELS = tuple(_ENTRIES)
+MODELS = tuple(_ENTRIES)  # the built-in models; names() also lists registered ones
+
+
+def names() -> tuple[str, ...]:
+  """Every model's name (``--model``), the built-in ones first."""
+  return tuple(_ENTRIES)
+
+
+def register(name: str, entry: ModelEntry, *, replace: bool = False) -> ModelEntry:
+  """Adds a model to the registry under ``name``: every tool (``--model=name``), the
+  run folder, the recommender and export then take it. ``ValueError`` for a taken name
+  unless ``replace``."""
+  if not isinstance(entry, ModelEntry):
+    raise TypeError(f"register: expected a ModelEntry, got {type(entry).__name__}")
+  if name in _ENTRIES and not replace:
+    raise ValueError(f"model {name!r} is registered already (replace=True replaces it)")
+  _ENTRIES[name] = entry
+  return entry
+
+
+def unregister(name: str) -> None:
+  """Removes a model :func:`register` added (built-in models stay)."""
+  if name in MODELS:
+    raise ValueError(f"{name!r} is a built-in model")
+  _ENTRIES.pop(name, None)
 
 
 def model_entry(name: str) -> ModelEntry:
-  """The :class:`ModelEntry` called ``name`` (one of :data:`MODELS`)."""
+  """The :class:`ModelEntry` called ``name`` (one of :func:`names`)."""
   if name not in _ENTRIES:
-    raise ValueError(f"unknown model {name!r}: expected one of {MODELS}")
-  module, attribute = _ENTRIES[name].split(":")
+    raise ValueError(f"unknown model {name!r}: expected one of {names()}")
+  ref = _ENTRIES[name]
+  if isinstance(ref, ModelEntry):
+    return ref
+  module, attribute = ref.split(":")
   return getattr(importlib.import_module(module), attribute)
+
+
+def shape_settings(name: str, settings: Any) -> dict:
+  """The model's :attr:`ModelEntry.shape` settings beyond ``hidden_dims`` and
+  ``latent_dim`` (which every run folder records), read from ``settings`` (a Config or
+  a run's checkpoint identity, as JSON values)."""
+  get = settings.get if isinstance(settings, dict) else lambda k: getattr(settings, k)
+  out = {}
+  for key in model_entry(name).shape:
+    if key not in ("hidden_dims", "latent_dim"):
+      value = get(key)
+      out[key] = list(value) if isinstance(value, tuple) else value
+  return out
 
 
 def build_model(name: str, n_items: int, *, hidden_dims: Sequence[int] | None = None,
                 latent_dim: int = 200, dropout_rate: float = 0.5,
                 dtype: Any = jnp.float32, **extra) -> CFModel:
-  """The model called ``name`` (``'multvae'``, ``'multdae'``, ``'recvae'`` or ``'ease'``).
+  """The model called ``name`` (``'multvae'``, ``'multdae'``, ``'recvae'``, ``'ease'`` or
+  one added by :func:`register`).
 
   ``hidden_dims=None`` picks the paper's widths: ``(600,)`` for Mult-VAE, ``(200,)`` for
   Mult-DAE, five layers of 600 for RecVAE; ``()`` gives Mult-VAE without hidden layers

@@ -33,6 +33,7 @@ from jax_vaecf import checkpoint as checkpoint_lib
 from jax_vaecf import configs
 from jax_vaecf import data as data_lib
 from jax_vaecf import files as files_lib
+from jax_vaecf import model as model_lib
 
 try:  # POSIX
   import fcntl
@@ -175,7 +176,9 @@ def identity(cfg: configs.Config, split: data_lib.Split) -> dict:
       "items_digest": items_digest(ids),
     # The checkpointed state has ema_params exactly when the run keeps an average; the
     # key is left out otherwise, so workdirs written before averaging existed still match.
-  } | ({"weight_average": True} if cfg.ema_decay > 0 else {})
+    # Likewise a model's own shape settings are recorded only for models that have any.
+  } | ({"weight_average": True} if cfg.ema_decay > 0 else {}) | (
+      model_lib.shape_settings(cfg.model, cfg))
 
 
 
