@@ -12,7 +12,9 @@ mean and standard error over seeds of NDCG@100, Recall@20 and Recall@50 as a mar
 row. The split is the same for every seed (``--split_seed``); only initialisation, batch
 order, dropout and noise change. Results are appended as JSON lines to
 ``ROOT/summary.jsonl``. A model fitted in closed form (EASE) has no seed: it runs once,
-with the first seed.
+with the first seed. With ``--refit`` each seed's refit (``seed_N/refit``) is tested too
+and summarised in a second row; ``python -m experiments.compare 'ROOT/seed_*'
+'ROOT/seed_*/refit'`` compares the two user by user.
 """
 
 from __future__ import annotations
@@ -77,23 +79,30 @@ def main(argv):
     print(f"{cfg.model} is fitted in closed form and has no seed: one run "
           f"(seed {seeds[0]}) instead of {len(seeds)}", flush=True)
     seeds = seeds[:1]
-  results = []
+  results, refits = [], []
   for seed in seeds:
     workdir = os.path.join(FLAGS.root, f"seed_{seed}")
     print(f"== seed {seed}: {workdir}", flush=True)
     try:
-      res = loop.run(cfg.replace(seed=seed), workdir)["test"]
+      run = loop.run(cfg.replace(seed=seed), workdir)
     except (ValueError, FileNotFoundError, MemoryError, loop.TrainingDivergedError) as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(1)
-    results.append(res)
+    results.append(run["test"])
+    if "refit" in run:
+      refits.append(run["refit"]["test"])
   s = summarize(results)
-  cells = " | ".join(f"{s[k]:.4f} ± {s[k + '_se']:.4f}" for k in METRICS[:3])
-  print(f"| {cfg.dataset} | {cfg.model} | {cfg.precision} | {len(seeds)} seeds | {cells} |")
-  more = [k for k in METRICS[3:] + MORE_METRICS if k in s]
-  if more:
-    print("| " + " | ".join(more) + " |")
-    print("| " + " | ".join(f"{s[k]:.4g} ± {s[k + '_se']:.2g}" for k in more) + " |")
+  rows = [("", s)] + ([(" (refit)", summarize(refits))] if refits else [])
+  for label, row in rows:
+    cells = " | ".join(f"{row[k]:.4f} ± {row[k + '_se']:.4f}" for k in METRICS[:3])
+    print(f"| {cfg.dataset} | {cfg.model}{label} | {cfg.precision} | {len(seeds)} seeds | "
+          f"{cells} |")
+  for label, row in rows:
+    more = [k for k in METRICS[3:] + MORE_METRICS if k in row]
+    if more:
+      print("| " + " | ".join(more) + " |")
+      print("| " + " | ".join(f"{row[k]:.4g} ± {row[k + '_se']:.2g}" for k in more)
+            + f" |{label}")
   from jax_vaecf import metrics  # pylint: disable=import-outside-toplevel
   for k in dict.fromkeys(METRICS + MORE_METRICS):
     if k in s and metrics.convention(k):
@@ -104,7 +113,8 @@ def main(argv):
                         "settings": {k: str(v) for k, v in given.items()},
                         "seeds": seeds, **s,
                         "per_seed": [{k: r[k] for k in METRICS + MORE_METRICS if k in r}
-                                     for r in results]}) + "\n")
+                                     for r in results]}
+                       | ({"refit": summarize(refits)} if refits else {})) + "\n")
 
 
 if __name__ == "__main__":

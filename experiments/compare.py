@@ -3,7 +3,8 @@ experiments.compare RUN_A RUN_B [RUN_C ...]``.
 
   python -m experiments.compare runs/acc_ml1m runs/acc_ml1m_recvae --out compare.json
 
-Each argument is a tested run folder (its ``test_users.npz``) or an
+Each argument is a tested run folder (its ``test_users.npz``), a pattern of such folders
+(``'ROOT/seed_*/refit'``, quoted), or an
 ``experiments.accuracy`` root (its ``seed_N/test_users.npz``, one per seed; a user's
 value is then the mean over the seeds). Every later run is compared with the first, on
 the users both counted: the mean difference of each ``--metrics`` entry with its 95%
@@ -46,8 +47,11 @@ class Run:
     from jax_vaecf import per_user  # pylint: disable=import-outside-toplevel
     self.path = path
     own = os.path.join(path, per_user.FILE)
-    files = ([own] if os.path.isfile(own) else
-             sorted(glob.glob(os.path.join(path, "seed_*", per_user.FILE))))
+    if glob.has_magic(path):  # folders named by a pattern, one seed each
+      files = sorted(glob.glob(own))
+    else:
+      files = ([own] if os.path.isfile(own) else
+               sorted(glob.glob(os.path.join(path, "seed_*", per_user.FILE))))
     if not files:
       raise FileNotFoundError(f"{path}: no {per_user.FILE}, nor seed_*/{per_user.FILE}; "
                               "test the run (or rerun experiments.accuracy) first")

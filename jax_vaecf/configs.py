@@ -131,6 +131,10 @@ class Config:
   early_stopping: int = setting(0, "Above 0: stop after this many validations in a row "
                                    "without a better validation NDCG@100 (recorded in "
                                    "metrics.jsonl); 0 = run every epoch.")
+  refit: bool = setting(False, "--protocol=per_user: once validation has chosen the "
+                        "epoch, train again on every training item (the validation "
+                        "targets too) for that many epochs, same seed and schedule, in "
+                        "WORKDIR/refit; that model is tested and served.")
   test_ks: tuple = setting((20, 50, 100), "Cut-offs reported in test mode, comma "
                                           "separated.")
   checkpoint_every: int = setting(1, "Epochs between resumable checkpoints.")
@@ -490,7 +494,7 @@ RESUMABLE_FIELDS = frozenset({
     "data_dir", "cache_dir", "download", "number_of_epochs", "batch_size_validation",
     "validation_step", "early_stopping", "test_ks", "checkpoint_every", "keep_best", "train", "test",
     "benchmark", "warm_up_epochs", "input_format", "output_chunk_size", "parallel",
-    "number_of_devices", "mesh", "gpu_number", "prefetch",
+    "number_of_devices", "mesh", "gpu_number", "prefetch", "refit",
 })
 
 
@@ -576,6 +580,11 @@ def validate(cfg: Config) -> None:
       (-float("inf") < cfg.csv_threshold < float("inf"),
        "csv_threshold must be a finite number"),
       (cfg.train or cfg.test or cfg.benchmark, "nothing to do: give --train, --test or --benchmark"),
+      (not cfg.refit or (cfg.protocol == "per_user" and cfg.validation_fraction > 0),
+       "refit retrains on the validation targets cut from the training rows: it needs "
+       "--protocol=per_user with --validation_fraction above 0 (the held-out-user "
+       "protocol trains on every training user already)"),
+      (not cfg.refit or cfg.train, "refit follows training: give --train"),
   ]
   for ok, message in checks:
     if not ok:

@@ -827,7 +827,10 @@ def split_identity(cfg: configs.Config, split: data_lib.Split) -> dict:
   """What two tested runs must share to be compared user by user: the data settings,
   the item table and the test users."""
   ident = run_folder.identity(cfg, split)
-  return {**data_settings(cfg), **{k: ident[k] for k in (
+  # Validation targets come out of the training rows, never out of the test users' rows
+  # or targets: a run with and one without them (a refit) test the same users.
+  settings = {k: v for k, v in data_settings(cfg).items() if k != "validation_fraction"}
+  return {**settings, **{k: ident[k] for k in (
       "dataset", "protocol", "n_items", "n_train_users", "items_digest")},
           "n_test_users": int(split.test.n_users),
           # The digest the item table gets, over the test users' raw ids.
@@ -944,7 +947,43 @@ def _run_claimed(cfg: configs.Config, workdir: str,
   finally:
     if ck is not None:
       ck.close()
+  if cfg.refit:
+    results["refit"] = refit(cfg, workdir, results["train"], on_epoch=on_epoch)
   return results
+
+
+REFIT_FOLDER = "refit"
+
+
+def refit_config(cfg: configs.Config, train_summary: dict) -> configs.Config:
+  """The refit run's settings: the validated run's, on the full training rows
+  (``validation_fraction`` 0), for its best epoch's number of epochs (a closed-form
+  model: with its chosen ``l2``), no early stop, the same seed and schedule."""
+  epochs = train_summary.get("best_epoch")
+  if not epochs:
+    raise ValueError("refit: the validated run chose no epoch (did it validate?)")
+  changes = dict(validation_fraction=0.0, number_of_epochs=int(epochs), early_stopping=0,
+                 refit=False)
+  if train_summary.get("l2") is not None:
+    changes["l2"] = (float(train_summary["l2"]),)
+  return cfg.replace(**changes)
+
+
+def refit(cfg: configs.Config, workdir: str, train_summary: dict, *,
+          on_epoch: OnEpoch | None = None) -> dict:
+  """Trains (and with ``cfg.test`` tests) the refit run in ``WORKDIR/refit``
+  (:func:`refit_config`); returns its results. A refit folder holding another number of
+  epochs (the validated run chose again since) is refused, not mixed."""
+  sub = os.path.join(workdir, REFIT_FOLDER)
+  rcfg = refit_config(cfg, train_summary)
+  if os.path.exists(os.path.join(sub, "config.json")):
+    had = run_folder.read_run_config(sub).get("number_of_epochs")
+    if had != rcfg.number_of_epochs:
+      raise ValueError(f"{sub} holds a refit of {had} epochs; the validated run now "
+                       f"chooses {rcfg.number_of_epochs}. Remove that folder to refit again")
+  print(f"refit: {rcfg.number_of_epochs} epochs on every training item in {sub}",
+        flush=True)
+  return run(rcfg, sub, on_epoch=on_epoch)
 
 
 def format_benchmark(s: dict) -> str:
