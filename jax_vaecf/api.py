@@ -104,7 +104,8 @@ def fit(data: Any = None, config: str | configs.Config = "ml20m", *,
     config: a preset name (``jax_vaecf.configs.PRESETS``) or a
       :class:`jax_vaecf.configs.Config`.
     workdir: the run folder; ``None``: a temporary one, removed with the model (keep it
-      with :meth:`FittedModel.save`). A folder holding this run resumes it.
+      with :meth:`FittedModel.save`). A folder holding this run resumes it. With
+      ``refit=True`` the model returned is the refit run's (``workdir/refit``).
     on_epoch: called with each epoch's record (a dict, as logged in ``metrics.jsonl``).
     user_ids, item_ids: a matrix's row and column ids (default: their indices).
     **settings: any :class:`Config` field, overriding the preset (``number_of_epochs=50``).
@@ -132,7 +133,15 @@ def fit(data: Any = None, config: str | configs.Config = "ml20m", *,
     if temporary:
       shutil.rmtree(folder, ignore_errors=True)
     raise
-  model = FittedModel(cfg, folder, split=split, results=results)
+  if "refit" in results:  # the refit model is the one tested and served
+    rcfg = loop.refit_config(cfg, results["train"])
+    model = FittedModel(rcfg, os.path.join(folder, loop.REFIT_FOLDER),
+                        split=None if split is None else loop.with_validation(rcfg, split),
+                        results=results["refit"])
+  else:
+    model = FittedModel(cfg, folder,
+                        split=None if split is None else loop.with_validation(cfg, split),
+                        results=results)
   if temporary:
     model._owns = weakref.finalize(model, shutil.rmtree, folder, True)
   return model

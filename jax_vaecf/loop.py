@@ -80,7 +80,9 @@ def _split_settings(cfg: configs.Config, dataset: str) -> dict[str, Any]:
   return {k: v for k, v in settings.items() if k in takes}
 
 
-def _with_validation(cfg: configs.Config, split: data_lib.Split) -> data_lib.Split:
+def with_validation(cfg: configs.Config, split: data_lib.Split) -> data_lib.Split:
+  """The per-user protocol's split with its validation targets cut from the training
+  rows (``validation_fraction``, seeded by ``split_seed``); any other split as it is."""
   if (split.protocol == "per_user" and split.validation is None
       and cfg.validation_fraction > 0):
     # Validation targets come out of the training rows; the test fold-in stays the
@@ -94,7 +96,8 @@ def split_interactions(cfg: configs.Config, inter: data_lib.Interactions
   """The config's split of in-memory interactions (:func:`jax_vaecf.data.from_columns`),
   made as a ``--dataset=csv`` file's: the same split function, defaults and split
   settings; ratings above ``csv_threshold`` are positives (every row without ratings,
-  or with ``csv_all_positive``)."""
+  or with ``csv_all_positive``). The per-user protocol's validation targets are cut
+  when a run takes the split (:func:`run`), as :func:`load_data` cuts them."""
   entry = data_lib.registry.get("csv")
   fn = data_lib.split_function(entry, cfg.protocol)
   takes = set(inspect.signature(fn).parameters)
@@ -103,7 +106,7 @@ def split_interactions(cfg: configs.Config, inter: data_lib.Interactions
   if "threshold" in takes:
     kwargs["threshold"] = (None if inter.ratings is None or cfg.csv_all_positive
                            else cfg.csv_threshold)
-  return _with_validation(cfg, fn(inter, **kwargs))
+  return fn(inter, **kwargs)
 
 
 def load_data(cfg: configs.Config) -> data_lib.Split:
@@ -134,7 +137,7 @@ def load_data(cfg: configs.Config) -> data_lib.Split:
                               cache_dir=cfg.cache_dir or DEFAULT_CACHE,
                               download=cfg.download, protocol=cfg.protocol,
                               fold=cfg.fold or None, progress=report, **options)
-  return _with_validation(cfg, split)
+  return with_validation(cfg, split)
 
 
 def csv_reader_options(cfg: configs.Config) -> dict[str, Any]:
@@ -882,7 +885,8 @@ def run(cfg: configs.Config, workdir: str, *,
         split: data_lib.Split | None = None) -> dict:
   """Runs the modes the config asks for; returns their results. ``on_validation`` and
   ``on_epoch``: see :func:`train_and_validate`. ``split``: the data, when it is not
-  the config's data set (``cfg.dataset`` is then :data:`IN_MEMORY`)."""
+  the config's data set (``cfg.dataset`` is then :data:`IN_MEMORY`), before the per-user
+  protocol's validation targets are cut from it (the run cuts them)."""
   configs.validate(cfg)
   select_devices(cfg)  # fail before any data work
   # One process writes the folder (see start); it alone holds the folder's lock.
@@ -905,7 +909,7 @@ def _run_claimed(cfg: configs.Config, workdir: str,
   cfg = resolve_precision(cfg)
   if cfg.train or cfg.test:
     run_folder.check_same_run(cfg, workdir)
-  split = load_data(cfg) if given is None else given
+  split = load_data(cfg) if given is None else with_validation(cfg, given)
   print(data_lib.format_stats(split.stats()), flush=True)
   n_items = split.n_items
   too_big = [k for k in cfg.test_ks if int(k) > n_items]
@@ -948,7 +952,8 @@ def _run_claimed(cfg: configs.Config, workdir: str,
     if ck is not None:
       ck.close()
   if cfg.refit:
-    results["refit"] = refit(cfg, workdir, results["train"], on_epoch=on_epoch)
+    results["refit"] = refit(cfg, workdir, results["train"], on_epoch=on_epoch,
+                             split=given)
   return results
 
 
@@ -970,7 +975,7 @@ def refit_config(cfg: configs.Config, train_summary: dict) -> configs.Config:
 
 
 def refit(cfg: configs.Config, workdir: str, train_summary: dict, *,
-          on_epoch: OnEpoch | None = None) -> dict:
+          on_epoch: OnEpoch | None = None, split: data_lib.Split | None = None) -> dict:
   """Trains (and with ``cfg.test`` tests) the refit run in ``WORKDIR/refit``
   (:func:`refit_config`); returns its results. A refit folder holding another number of
   epochs (the validated run chose again since) is refused, not mixed."""
@@ -983,7 +988,7 @@ def refit(cfg: configs.Config, workdir: str, train_summary: dict, *,
                        f"chooses {rcfg.number_of_epochs}. Remove that folder to refit again")
   print(f"refit: {rcfg.number_of_epochs} epochs on every training item in {sub}",
         flush=True)
-  return run(rcfg, sub, on_epoch=on_epoch)
+  return run(rcfg, sub, on_epoch=on_epoch, split=split)
 
 
 def format_benchmark(s: dict) -> str:

@@ -176,3 +176,23 @@ def test_bad_data_and_settings_are_refused_before_training(matrix, tmp_path):
     jax_vaecf.fit(([1, 2, 3], [1, 2]), "demo")
   with pytest.raises(ValueError, match="bad setting: lr must be > 0"):
     jax_vaecf.fit(matrix, "demo", lr=-1.0)
+
+
+def test_refit_trains_on_every_training_item_for_the_chosen_epochs(matrix, tmp_path):
+  workdir = str(tmp_path / "run")
+  model = jax_vaecf.fit(matrix, "ml-latest-small", workdir=workdir, protocol="per_user",
+                        refit=True, **_small(number_of_epochs=4))
+  validated = jax_vaecf.load(workdir)
+  best = max(validated.history, key=lambda r: r["val_ndcg@100"])["epoch"]
+  assert model.workdir == os.path.join(workdir, "refit")
+  assert model.config.number_of_epochs == best and model.config.validation_fraction == 0
+  assert [r["epoch"] for r in model.history] == list(range(1, best + 1))
+  assert all("val_ndcg@100" not in r for r in model.history)  # nothing held out
+  # The refit's training rows are the validated run's training rows and targets.
+  full = model.split
+  cut = loop.with_validation(validated.config, full)
+  assert full.train.nnz == cut.train.nnz + cut.validation.heldout.nnz
+  assert (full.test.heldout != cut.test.heldout).nnz == 0  # the same test targets
+  assert 0.0 < model.results["test"]["ndcg@10"] <= 1.0
+  with pytest.raises(ValueError, match="refit retrains on the validation targets"):
+    jax_vaecf.fit(matrix, "ml-latest-small", refit=True, **_small())
