@@ -112,29 +112,16 @@ def check_settings(given: dict) -> None:
 
 
 def select_devices(cfg) -> list:
-  """``--mesh``, ``--gpu_number`` (one local device) or ``--number_of_devices`` (0 = all)."""
-  import jax
-
+  """The run's devices as the engine selects them (:func:`jax_vaecf.loop.select_devices`:
+  ``--mesh``, ``--gpu_number`` or ``--number_of_devices``), a refusal as a usage error."""
   from jax_vaecf import loop
-  from jax_vaecf import parallel as parallel_lib
 
-  if cfg.mesh:
-    try:
-      return loop.select_devices(cfg)
-    except ValueError as e:
-      raise app.UsageError(f"--mesh: {e} (more virtual CPU devices: "
-                           "XLA_FLAGS=--xla_force_host_platform_device_count=N)") from None
-
-  if cfg.gpu_number >= 0:
-    local = jax.local_devices()
-    if cfg.gpu_number >= len(local):
-      raise app.UsageError(f"--gpu_number={cfg.gpu_number}: there are {len(local)} "
-                           f"{local[0].platform} devices")
-    return [local[cfg.gpu_number]]
   try:
-    return parallel_lib.resolve_devices(cfg.number_of_devices)
+    return loop.select_devices(cfg)
   except ValueError as e:
-    raise app.UsageError(f"--number_of_devices: {e}") from None
+    hint = (" (more virtual CPU devices: XLA_FLAGS=--xla_force_host_platform_device_count=N)"
+            if cfg.mesh or cfg.number_of_devices > 1 else "")
+    raise app.UsageError(f"{e}{hint}") from None
 
 
 def run_serving(cfg, n_items: int, k: int = 10) -> list[dict]:
@@ -144,7 +131,7 @@ def run_serving(cfg, n_items: int, k: int = 10) -> list[dict]:
   import jax
   import numpy as np
 
-  from experiments import export as export_cli
+  from experiments import serve_bench
   from jax_vaecf import export as export_lib
   from jax_vaecf import model as model_lib
   from jax_vaecf import recommend as recommend_lib
@@ -159,7 +146,7 @@ def run_serving(cfg, n_items: int, k: int = 10) -> list[dict]:
     out = f"{tmp}/artefact"
     export_lib.write_artifact(out, model, params, rec.item_ids, k,
                               model_info={"model": model_name})
-    rows = export_cli.benchmark(rec, out, k)
+    rows = serve_bench.time_paths(rec, out, k)
   for r in rows:
     r.update(n_items=n_items, model=model_name, device_kind=jax.devices()[0].device_kind)
   return rows
@@ -371,13 +358,13 @@ def main(argv):
 
   f = _FLAGS
   if f.serving:
-    from experiments import export as export_cli
+    from experiments import serve_bench
     rows = run_serving(cfg, f.n_items)
     info = _versions()
     print(f"machine: {info['cpu_model']} ({info['cpu_count']} cores), device "
           f"{rows[0]['device_kind']}; {cfg.model} over {f.n_items:,} items, top 10, 20 "
           "items per user")
-    print(export_cli.format_benchmark(rows))
+    print(serve_bench.format_paths(rows))
     record = {"serving": rows, "versions": info, "argv": sys.argv[1:]}
     print(json.dumps(record))
     if f.json_out:

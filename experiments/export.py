@@ -31,59 +31,6 @@ flags.DEFINE_list("platforms", ["cpu"], "Backends to lower the program for, e.g.
 flags.DEFINE_bool("benchmark", False, "After exporting, time the Recommender and the "
                   "loaded artefact at batch 1 and batch 10,000 on this machine.")
 
-# NVIDIA's VAE-CF README, inference on one A100 80GB, TF32: batch 1.
-REFERENCE_BATCH1 = {"users_per_s": 1181, "latency_ms": 0.85}
-
-
-def benchmark(rec: recommend_lib.Recommender, artefact: str, k: int,
-              repeats: int = 50) -> list[dict]:
-  """Median batch-1 latency and batch-10,000 throughput of both serving paths.
-
-  Users are 20 random items each; each path is warmed up (compiled) before timing.
-  """
-  import time
-
-  import numpy as np
-
-  from jax_vaecf import serve as serve_lib
-
-  rng = np.random.default_rng(0)
-  ids = [str(i) for i in rec.item_ids.tolist()]
-  pick = lambda: [ids[j] for j in rng.choice(len(ids), min(20, len(ids) - 1),
-                                             replace=False)]
-  one, many = [pick()], [pick() for _ in range(10_000)]
-  scorer = serve_lib.load(artefact)
-  paths = {"Recommender (jit, project installed)": lambda h: rec.recommend(h, k),
-           "exported artefact (serve.py)": lambda h: scorer.recommend(h, k)}
-  rows = []
-  for name, fn in paths.items():
-    fn(one), fn(many)  # compile both shapes
-    lat = []
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      fn(one)
-      lat.append(time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    fn(many)
-    many_s = time.perf_counter() - t0
-    ms = 1000 * float(np.median(lat))
-    rows.append({"path": name, "batch1_latency_ms": ms, "batch1_users_per_s": 1000 / ms,
-                 "batch10000_users_per_s": 10_000 / many_s})
-  return rows
-
-
-def format_benchmark(rows: list[dict]) -> str:
-  lines = ["| path | batch 1 latency (ms) | batch 1 users/s | batch 10,000 users/s |",
-           "|---|---|---|---|"]
-  for r in rows:
-    lines.append(f"| {r['path']} | {r['batch1_latency_ms']:.2f} | "
-                 f"{r['batch1_users_per_s']:,.0f} | {r['batch10000_users_per_s']:,.0f} |")
-  ref = REFERENCE_BATCH1
-  lines.append(f"| NVIDIA VAE-CF, A100 TF32 (published) | {ref['latency_ms']} | "
-               f"{ref['users_per_s']:,} | - |")
-  return "\n".join(lines)
-
-
 def main(argv):
   cli.start(argv, required=("workdir", "out"))
   if FLAGS.k < 1:
@@ -102,7 +49,9 @@ def main(argv):
         f"items, top {manifest['k']}, {size / 1e6:.1f} MB, platforms "
         f"{','.join(manifest['platforms'])}")
   if FLAGS.benchmark:
-    print(format_benchmark(benchmark(rec, FLAGS.out, min(10, FLAGS.k))))
+    from experiments import serve_bench  # pylint: disable=g-import-not-at-top
+    print(serve_bench.format_paths(serve_bench.time_paths(rec, FLAGS.out,
+                                                          min(10, FLAGS.k))))
 
 
 if __name__ == "__main__":

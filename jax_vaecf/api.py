@@ -178,9 +178,7 @@ class FittedModel:
     """The model of a run folder; its data is read again (from the config's data set)
     only when a method needs it."""
     workdir = os.fspath(workdir)
-    path = os.path.join(workdir, "config.json")
-    cfg = configs.from_json(run_folder.read_run_config(workdir), path)
-    model = cls(cfg, workdir)
+    model = cls(run_folder.run_config(workdir), workdir)
     _ = model.recommender  # a folder without a finished checkpoint fails here
     return model
 

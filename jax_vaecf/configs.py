@@ -18,6 +18,7 @@ from jax_vaecf import parallel as parallel_lib
 from jax_vaecf import precision as precision_lib
 from jax_vaecf import schedules
 from jax_vaecf import train as train_lib
+from jax_vaecf.data import readers
 from jax_vaecf.data import split as split_lib
 
 DEMO_DATA = os.path.join(os.path.dirname(os.path.abspath(jax_vaecf.__file__)), "demo_data",
@@ -445,16 +446,18 @@ def to_json(cfg: Config) -> dict:
   return json.loads(json.dumps(dataclasses.asdict(cfg), default=list))
 
 
-def from_json(obj, source: str) -> Config:
+def from_json(obj, source: str, *, ignore_unknown: bool = False) -> Config:
   """The :class:`Config` of a JSON object written by :func:`to_json`; a field it lacks
-  keeps its default. ``ValueError`` naming ``source`` for an unknown field or a value
-  of the wrong type."""
+  keeps its default. ``ValueError`` naming ``source`` for an unknown field (unless
+  ``ignore_unknown``: a run folder of a newer version read for what this one knows) or
+  a value of the wrong type."""
   if not isinstance(obj, dict):
     raise ValueError(f"{source}: expected a JSON object of settings")
   fields = Config.__dataclass_fields__
   unknown = sorted(set(obj) - set(fields))
-  if unknown:
+  if unknown and not ignore_unknown:
     raise ValueError(f"{source}: unknown settings {unknown}")
+  obj = {k: v for k, v in obj.items() if k in fields}
   changes = {}
   for name, value in obj.items():
     default = fields[name].default
@@ -574,7 +577,8 @@ def validate(cfg: Config) -> None:
        "0-based indices or header names (an empty entry leaves rating or time out)"),
       (len(set(csv_named)) == len(csv_named),
        f"csv_columns={cfg.csv_columns!r} names one column twice"),
-      (cfg.csv_header in ("auto", "yes", "no"), "csv_header must be auto, yes or no"),
+      (cfg.csv_header in readers.HEADER_CHOICES,
+       f"csv_header must be one of {', '.join(readers.HEADER_CHOICES)}"),
       (cfg.csv_header != "no" or all(c.isdigit() for c in csv_named),
        f"csv_columns={cfg.csv_columns!r} names header columns but csv_header=no"),
       (-float("inf") < cfg.csv_threshold < float("inf"),

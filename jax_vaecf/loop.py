@@ -145,10 +145,10 @@ def csv_reader_options(cfg: configs.Config) -> dict[str, Any]:
   text forms were checked by ``configs.validate``), with the positive threshold."""
   columns = [c.strip() for c in cfg.csv_columns.split(",")] if cfg.csv_columns else None
   return dict(
-      delimiter="\t" if cfg.csv_delimiter in ("tab", "\\t") else cfg.csv_delimiter,
+      delimiter=data_lib.readers.delimiter_of(cfg.csv_delimiter),
       columns=None if columns is None else tuple(
           int(c) if c.isdigit() else (c or None) for c in columns),
-      header={"auto": None, "yes": True, "no": False}[cfg.csv_header],
+      header=data_lib.readers.HEADER_CHOICES[cfg.csv_header],
       threshold=None if cfg.csv_all_positive else cfg.csv_threshold)
 
 

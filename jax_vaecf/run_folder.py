@@ -296,6 +296,13 @@ def read_run_config(workdir: str) -> dict:
   return saved
 
 
+def run_config(workdir: str, *, ignore_unknown: bool = False) -> configs.Config:
+  """The run's settings (``<workdir>/config.json``) as a :class:`Config`
+  (``ignore_unknown``: see :func:`jax_vaecf.configs.from_json`)."""
+  return configs.from_json(read_run_config(workdir), os.path.join(workdir, "config.json"),
+                           ignore_unknown=ignore_unknown)
+
+
 def _saved_config(workdir: str) -> dict:
   try:
     return read_run_config(workdir)

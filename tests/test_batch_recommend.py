@@ -12,7 +12,8 @@ import pytest
 
 from jax_vaecf import loop
 from jax_vaecf import progress as progress_lib
-from experiments import recommend as cli_lib
+from jax_vaecf import batch as batch_lib
+from jax_vaecf import run_folder
 from jax_vaecf import recommend
 
 import _in_process
@@ -111,7 +112,7 @@ def test_held_out_test_users_of_the_runs_split(trained, rec, tmp_path):
   out = tmp_path / "test_recs.csv"
   r = _cli("--workdir", trained, "--users_file=test", "--out", str(out), "--k", "5")
   assert r.returncode == 0, r.stderr[-2000:]
-  split = loop.load_data(cli_lib.run_config(trained))
+  split = loop.load_data(run_folder.run_config(trained))
   fold_in = split.test.fold_in.tocsr()
   rows = _read_recs(out)
   users = [str(u) for u in split.test.user_ids.tolist()]
@@ -126,8 +127,8 @@ def test_held_out_test_users_of_the_runs_split(trained, rec, tmp_path):
 
 
 def test_held_out_users_refused_when_the_data_changed(trained, rec):
-  val = cli_lib.held_out_users(trained, "validation", rec.item_ids)
-  split = loop.load_data(cli_lib.run_config(trained))
+  val = batch_lib.held_out_users(trained, "validation", rec.item_ids)
+  split = loop.load_data(run_folder.run_config(trained))
   np.testing.assert_array_equal(val.ids, split.validation.user_ids)
   assert val.indices.size == split.validation.fold_in.nnz
   changed = rec.item_ids.copy()
@@ -136,18 +137,18 @@ def test_held_out_users_refused_when_the_data_changed(trained, rec):
       "--users_file=test: the split rebuilt from .* has other items than the model's item "
       rf"table \(column 3 is item {rec.item_ids[3]} there, {rec.item_ids[7]} in the "
       r"model\): the data changed since training")):
-    cli_lib.held_out_users(trained, "test", changed)
+    batch_lib.held_out_users(trained, "test", changed)
   with pytest.raises(ValueError, match="150 items, the model has 149"):
-    cli_lib.held_out_users(trained, "test", rec.item_ids[:-1])
+    batch_lib.held_out_users(trained, "test", rec.item_ids[:-1])
 
 
 def test_items_are_matched_by_their_text():
   table = np.array([7, 70, 2**63 - 1], np.int64)
   np.testing.assert_array_equal(
-      cli_lib.column_lookup(table, np.array(["70", "007", "7", str(2**63 - 1), "x"])),
+      batch_lib.column_lookup(table, np.array(["70", "007", "7", str(2**63 - 1), "x"])),
       [1, -1, 0, 2, -1])
   text = np.array(["b", "SKU-1", "007"])
-  np.testing.assert_array_equal(cli_lib.column_lookup(text, np.array(["007", "7", "b"])),
+  np.testing.assert_array_equal(batch_lib.column_lookup(text, np.array(["007", "7", "b"])),
                                 [2, -1, 0])
 
 
@@ -155,29 +156,29 @@ def test_users_file_delimiter_and_header(tmp_path):
   table = np.array([10, 20, 30], np.int64)
   p = tmp_path / "h.tsv"
   p.write_text("b\t20\na\t10\nb\t30\nb\t10\nb\t30\na\t99\n")
-  users = cli_lib.users_from_file(cli_lib.read_users_file(str(p), "tab"), table)
+  users = batch_lib.users_from_file(batch_lib.read_users_file(str(p), "tab"), table)
   assert users.ids.tolist() == ["b", "a"]  # first appearance, not sorted
   assert [c.tolist() for c in users.columns(0, 2)] == [[0, 1, 2], [0]]  # repeat collapsed
   assert (users.unknown_rows, users.unknown_ids.tolist(), users.no_known) == (1, ["99"], 0)
   # Forced: line 1 is a header, so user b's first line is gone.
-  users = cli_lib.users_from_file(cli_lib.read_users_file(str(p), "tab", "yes"), table)
+  users = batch_lib.users_from_file(batch_lib.read_users_file(str(p), "tab", "yes"), table)
   assert users.ids.tolist() == ["a", "b"]
   assert [c.tolist() for c in users.columns(0, 2)] == [[0], [0, 2]]
   p.write_text("u,i\nv,w\n")
   with pytest.raises(ValueError, match="--users_header=yes or --users_header=no"):
-    cli_lib.read_users_file(str(p))
-  users = cli_lib.users_from_file(cli_lib.read_users_file(str(p), ",", "no"), table)
+    batch_lib.read_users_file(str(p))
+  users = batch_lib.users_from_file(batch_lib.read_users_file(str(p), ",", "no"), table)
   assert users.ids.tolist() == ["u", "v"]
   assert (users.unknown_rows, users.unknown_ids.size, users.no_known) == (2, 2, 2)
 
 
 def test_write_is_atomic_and_reports_progress(rec, tmp_path):
-  users = cli_lib.Users(ids=np.array(["a", 'b,"c"', "d"]), indptr=np.array([0, 2, 3, 3]),
+  users = batch_lib.Users(ids=np.array(["a", 'b,"c"', "d"]), indptr=np.array([0, 2, 3, 3]),
                         indices=np.array([0, 5, 9], np.int32))
   out = tmp_path / "recs.csv"
   stream = io.StringIO()
   bar = progress_lib.Progress(len(users), "recommending", force=True, stream=stream)
-  rows, scoring = cli_lib.write_recommendations(rec, users, 3, str(out), 2, bar)
+  rows, scoring = batch_lib.write_recommendations(rec, users, 3, str(out), 2, bar)
   assert rows == 9 and scoring > 0
   assert "1/3" not in stream.getvalue() and "3/3" in stream.getvalue()
   assert "2/3" in stream.getvalue()  # one update per chunk of 2
@@ -196,7 +197,7 @@ def test_write_is_atomic_and_reports_progress(rec, tmp_path):
 
   before = out.read_bytes()
   with pytest.raises(ValueError, match="non-finite"):
-    cli_lib.write_recommendations(Failing(), users, 3, str(out), 2)
+    batch_lib.write_recommendations(Failing(), users, 3, str(out), 2)
   assert out.read_bytes() == before and os.listdir(tmp_path) == ["recs.csv"]
 
 

@@ -135,10 +135,10 @@ def test_a_byte_order_mark_never_hides_the_first_row(tmp_path):
   lines.write_bytes(b"\xef\xbb\xbf1 2 3\n2 3 4\n")
   assert readers.read_user_lines(str(lines)).users.tolist() == [1, 1, 2, 2]
   # The titles of recommendations too.
-  from experiments import recommend as cli_lib
+  from jax_vaecf import batch as batch_lib
   titles = tmp_path / "movies.dat"
   titles.write_bytes(b"\xef\xbb\xbf1::Toy Story (1995)::Animation\n2::Caf\xc3\xa9::Drama\n")
-  assert cli_lib.read_titles(str(titles)) == {"1": "Toy Story (1995)", "2": "Caf\u00e9"}
+  assert batch_lib.read_titles(str(titles)) == {"1": "Toy Story (1995)", "2": "Caf\u00e9"}
 
 
 # ------------------------------------------------------------------------ NUL bytes

@@ -83,6 +83,15 @@ def _encode(strings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return codes.astype(np.int64).reshape(-1), vocab
 
 
+# A header flag's words (--csv_header, --users_header) in read_delimited's terms.
+HEADER_CHOICES = {"auto": None, "yes": True, "no": False}
+
+
+def delimiter_of(text: str) -> str:
+  """A delimiter flag's value as the separator: ``tab`` or ``\\t`` is a tab."""
+  return "\t" if text in ("tab", "\\t") else text
+
+
 def _id_column(values, what: str) -> tuple[np.ndarray, np.ndarray | None]:
   """``(ids or codes int64 (n,), vocab or None)`` of one column of raw ids: integers
   as they are, anything else by its text (UTF-8) into a sorted vocabulary, as a file's
