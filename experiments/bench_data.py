@@ -99,14 +99,16 @@ def generate(path: str, rows: int, n_users: int = 138_493, n_items: int = 26_744
 
 # The settings this tool reads: the split of the configured data set (whose file the
 # synthetic ratings.csv imitates). Any other setting given is refused, not ignored.
-USED_SETTINGS = frozenset({"dataset", "n_heldout_users", "heldout_fraction", "split_seed"})
+def used_settings() -> frozenset:
+  from jax_vaecf import configs  # pylint: disable=g-import-not-at-top
+  return frozenset(configs.tagged("split_file"))
 
 
 def check_settings(cfg, given: dict) -> None:
   """Raises ``app.UsageError`` for a setting this tool would ignore, or a data set whose
   raw file is not a MovieLens ``ratings.csv`` (the format generated here)."""
   from jax_vaecf.data import registry  # pylint: disable=g-import-not-at-top
-  unused = sorted(set(given) - USED_SETTINGS)
+  unused = sorted(set(given) - used_settings())
   if unused:
     raise app.UsageError(f"bench_data times reading and splitting only; it does not use "
                          f"--{', --'.join(unused)}")

@@ -25,7 +25,6 @@ Recall@20 / @50 beside the run's own test record.
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import numpy as np
@@ -160,17 +159,15 @@ def _ndcg_recall(scores: np.ndarray, heldout: list[set], k_ndcg: int, ks_recall)
 
 def check_workdir(workdir: str) -> dict:
   """The run's test record beside a float64 NumPy EASE on the same split and ``l2``."""
-  from jax_vaecf import configs  # pylint: disable=g-import-not-at-top
-  from jax_vaecf import loop  # pylint: disable=g-import-not-at-top
   from jax_vaecf import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from jax_vaecf import loop  # pylint: disable=g-import-not-at-top
+  from jax_vaecf import run_folder  # pylint: disable=g-import-not-at-top
 
-  with open(os.path.join(workdir, "config.json")) as f:
-    cfg = configs.from_json(json.load(f), os.path.join(workdir, "config.json"))
+  cfg = run_folder.run_config(workdir)
   if cfg.model != "ease":
     raise app.UsageError(f"--check_workdir={workdir}: a run of {cfg.model}, not ease")
   l2 = float(checkpoint_lib.read_best_meta(workdir)["l2"])
-  tests = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))
-           if '"split": "test"' in line]
+  tests = [r for r in run_folder.MetricsLog(workdir).records() if r.get("split") == "test"]
   if not tests:
     raise app.UsageError(f"--check_workdir={workdir}: the run has no test record yet")
   split = loop.load_data(cfg)

@@ -84,13 +84,9 @@ ALIASES = {"batch_size": "batch_size_train", "eval_batch_size": "batch_size_vali
 # The Config settings the benchmark reads. Any other one given on the command line is
 # refused, not ignored: the synthetic data has no data set, split or checkpoints, and a
 # setting that silently did nothing would make a number look like something it is not.
-USED_SETTINGS = frozenset({
-    "model", "hidden_dims", "latent_dim", "dropout_rate", "encoder_epochs",
-    "decoder_epochs", "kl_gamma", "lr", "adam_b1", "adam_b2", "lam", "anneal_schedule", "total_anneal_steps", "anneal_cap", "anneal_cycle_steps",
-    "ema_decay", "seed", "batch_size_train", "batch_size_validation", "precision",
-    "input_format", "output_chunk_size", "number_of_devices", "gpu_number", "prefetch",
-    "parallel", "mesh",
-})
+def used_settings() -> frozenset:
+  from jax_vaecf import configs  # pylint: disable=g-import-not-at-top
+  return frozenset(configs.tagged("synthetic"))
 
 
 def _hidden_dims(cfg):
@@ -100,7 +96,7 @@ def _hidden_dims(cfg):
 
 def check_settings(given: dict) -> None:
   """Raises ``app.UsageError`` for given Config settings the benchmark does not use."""
-  unused = [name for name in given if name not in USED_SETTINGS]
+  unused = [name for name in given if name not in used_settings()]
   if unused:
     raise app.UsageError(
         f"{', '.join('--' + n for n in unused)}: not used by the benchmark (synthetic data "

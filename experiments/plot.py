@@ -14,7 +14,6 @@ interactions. Needs matplotlib (``pip install -e ".[plot]"``).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -34,11 +33,12 @@ flags.DEFINE_string("out_dir", "", "--runs: folder for per_user.png and populari
 
 
 def read_records(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
+  from jax_vaecf import run_folder  # pylint: disable=g-import-not-at-top
+  log = run_folder.MetricsLog(workdir)
+  path = log.path
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: not found; is {workdir!r} a training run's workdir?")
-  with open(path) as f:
-    records = [json.loads(line) for line in f if line.strip()]
+  records = log.records()
   train = [r for r in records if r.get("split") == "train"]
   if not train:
     raise ValueError(f"{path}: no training records to plot")

@@ -32,7 +32,6 @@ import sys
 import threading
 import time
 
-import numpy as np
 from absl import app
 from absl import flags
 
@@ -61,27 +60,6 @@ flags.DEFINE_string("users_header", "auto", "Whether --users_file's line 1 is a 
 flags.DEFINE_integer("chunk_users", 4096, "Batch mode: users scored and written at a time.")
 
 HELD_OUT_PARTS = batch_lib.HELD_OUT_PARTS
-
-
-def benchmark(rec: recommend_lib.Recommender, k: int) -> dict:
-  """Median latency of one user and throughput at 10,000 users (after warm-up)."""
-  rng = np.random.default_rng(0)
-  ids = rec.item_ids
-  one = [list(ids[rng.choice(len(ids), 20, replace=False)])]
-  many = [list(ids[rng.choice(len(ids), 20, replace=False)]) for _ in range(10_000)]
-  rec.recommend(one, k)
-  lat = []
-  for _ in range(50):
-    t0 = time.perf_counter()
-    rec.recommend(one, k)
-    lat.append(time.perf_counter() - t0)
-  rec.recommend(many, k)
-  t0 = time.perf_counter()
-  rec.recommend(many, k)
-  dt = time.perf_counter() - t0
-  return {"batch1_latency_ms": 1000 * float(np.median(lat)),
-          "batch1_users_per_s": 1 / float(np.median(lat)),
-          "batch10000_users_per_s": 10_000 / dt}
 
 
 def _fail(message: str) -> None:
@@ -180,7 +158,8 @@ def main(argv):
   if FLAGS.k > rec.model.n_items:
     raise app.UsageError(f"--k={FLAGS.k} exceeds the {rec.model.n_items} items")
   if FLAGS.benchmark:
-    res = benchmark(rec, FLAGS.k)
+    from experiments import serve_bench  # pylint: disable=g-import-not-at-top
+    (res,) = serve_bench.time_paths(rec, None, FLAGS.k)
     print(f"batch 1: {res['batch1_latency_ms']:.2f} ms per request "
           f"({res['batch1_users_per_s']:.0f} users/s); batch 10,000: "
           f"{res['batch10000_users_per_s']:.0f} users/s")

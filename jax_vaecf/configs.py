@@ -25,10 +25,35 @@ DEMO_DATA = os.path.join(os.path.dirname(os.path.abspath(jax_vaecf.__file__)), "
                          "ml-latest-small")
 
 
-def setting(default, help: str, *, element: type = int):
+# What a setting is, declared on it (``tags``), so that every list of settings of one
+# kind is read from the fields:
+TAGS = {
+    "data": "decides the split (a partitioned folder and a per-user results file record "
+            "these)",
+    "resumable": "may change when a run resumes: it does not alter what the checkpoints "
+                 "were trained on or how (data location, run length, evaluation and "
+                 "checkpoint cadence, devices, the layout of the same math)",
+    "synthetic": "read by a run on synthetic data (experiments.benchmark)",
+    "split_file": "shapes the split of a MovieLens ratings file (experiments.bench_data)",
+}
+
+
+def setting(default, help: str, *, element: type = int, tags: tuple[str, ...] = ()):
   """A :class:`Config` field: its default and its one-line help, declared together; every
-  tool's flags take both from here. A tuple field holds values of type ``element``."""
-  return dataclasses.field(default=default, metadata={"help": help, "element": element})
+  tool's flags take both from here. A tuple field holds values of type ``element``;
+  ``tags`` say what kind of setting it is (:data:`TAGS`)."""
+  unknown = sorted(set(tags) - set(TAGS))
+  if unknown:
+    raise ValueError(f"setting: unknown tags {unknown}; expected some of {sorted(TAGS)}")
+  return dataclasses.field(default=default, metadata={"help": help, "element": element,
+                                                      "tags": frozenset(tags)})
+
+
+def tagged(tag: str) -> tuple[str, ...]:
+  """The :class:`Config` fields tagged ``tag`` (:data:`TAGS`), in declaration order."""
+  if tag not in TAGS:
+    raise ValueError(f"unknown tag {tag!r}; expected one of {sorted(TAGS)}")
+  return tuple(f.name for f in dataclasses.fields(Config) if tag in f.metadata["tags"])
 
 
 def element_of(name: str) -> type:
@@ -47,39 +72,46 @@ class Config:
 
   # Data.
   dataset: str = setting("ml-20m", "Data set: one of " + ", ".join(
-      jax_vaecf.data.registry.names()) + " (each is an entry of jax_vaecf/data/registry.py).")
+      jax_vaecf.data.registry.names()) + " (each is an entry of jax_vaecf/data/registry.py).",
+                         tags=("data", "split_file"))
   data_dir: str = setting("data/ml-20m", "Folder holding the raw files (or the file itself "
-                                         "for csv).")
+                                         "for csv).", tags=("resumable",))
   cache_dir: str = setting("", "Where processed splits and downloads go ('' = "
-                               "~/.cache/jax_vaecf).")
-  download: bool = setting(False, "Fetch a missing MovieLens archive from GroupLens.")
-  protocol: str = setting("heldout_users", "heldout_users (the paper's) or per_user.")
-  fold: str = setting("", "ml-100k official split, e.g. u1 (with --protocol=per_user).")
+                               "~/.cache/jax_vaecf).", tags=("resumable",))
+  download: bool = setting(False, "Fetch a missing MovieLens archive from GroupLens.",
+                           tags=("resumable",))
+  protocol: str = setting("heldout_users", "heldout_users (the paper's) or per_user.",
+                          tags=("data",))
+  fold: str = setting("", "ml-100k official split, e.g. u1 (with --protocol=per_user).",
+                      tags=("data",))
   n_heldout_users: int = setting(0, "Validation and test users each (0 = the data set's "
-                                    "default).")
+                                    "default).", tags=("data", "split_file"))
   heldout_fraction: float = setting(0.1, "Fraction of users held out for validation and "
-                                         "for test when no count is given.")
+                                         "for test when no count is given.",
+                                    tags=("data", "split_file"))
   split_seed: int = setting(98765, "Seed of the user permutation and fold-in split (paper: "
-                                   "98765).")
+                                   "98765).", tags=("data", "split_file"))
   validation_fraction: float = setting(0.1, "--protocol=per_user: fraction of each user's "
                                             "training items held out (seeded by "
                                             "--split_seed) as validation targets to choose "
                                             "the best epoch; 0 = no validation, the last "
-                                            "epoch is tested.")
+                                            "epoch is tested.", tags=("data",))
   # --dataset=csv: a user,item[,rating[,time]] file.
   csv_delimiter: str = setting(",", "--dataset=csv: field separator, one or more "
-                                    "characters (tab or \\t for a tab).")
+                                    "characters (tab or \\t for a tab).", tags=("data",))
   csv_columns: str = setting("", "--dataset=csv: the user,item[,rating[,time]] columns as "
                                  "0-based indices or header names, e.g. "
                                  "userId,movieId,rating,timestamp or 1,0 (an empty entry "
-                                 "leaves rating or time out); '' = by position.")
+                                 "leaves rating or time out); '' = by position.",
+                             tags=("data",))
   csv_header: str = setting("auto", "--dataset=csv: whether line 1 is a header: auto, yes "
-                                    "or no.")
+                                    "or no.", tags=("data",))
   csv_threshold: float = setting(3.5, "--dataset=csv: a row is a positive when its rating "
                                       "is above this (ignored for a file without a rating "
-                                      "column).")
+                                      "column).", tags=("data",))
   csv_all_positive: bool = setting(False, "--dataset=csv: every row is a positive (play "
-                                          "counts, clicks), whatever its rating.")
+                                          "counts, clicks), whatever its rating.",
+                                   tags=("data",))
   partitioned_data: str = setting("", "A folder written by python -m experiments.partition "
                                       "for as many processes as the run has: each process "
                                       "reads only its part (memory-mapped) and batches "
@@ -87,34 +119,40 @@ class Config:
                                       "the data set whole.")
   # Model.
   model: str = setting("multvae", "multvae, multdae, recvae or ease (each is an entry of "
-                                  "jax_vaecf.model's registry).")
+                                  "jax_vaecf.model's registry).", tags=("synthetic",))
   hidden_dims: tuple = setting((), "Encoder hidden widths, comma separated ('' = the "
                                    "model's paper: 600 for Mult-VAE, 200 for Mult-DAE, "
-                                   "600,600,600,600,600 for RecVAE).")
-  latent_dim: int = setting(200, "Latent width of Mult-VAE and RecVAE.")
+                                   "600,600,600,600,600 for RecVAE).",
+                               tags=("synthetic",))
+  latent_dim: int = setting(200, "Latent width of Mult-VAE and RecVAE.",
+                            tags=("synthetic",))
   encoder_epochs: int = setting(3, "RecVAE: passes of the encoder phase in each epoch "
-                                   "(one epoch = one round of both phases).")
-  decoder_epochs: int = setting(1, "RecVAE: passes of the decoder phase in each epoch.")
-  dropout_rate: float = setting(0.5, "Input dropout rate.")
+                                   "(one epoch = one round of both phases).",
+                                tags=("synthetic",))
+  decoder_epochs: int = setting(1, "RecVAE: passes of the decoder phase in each epoch.",
+                                tags=("synthetic",))
+  dropout_rate: float = setting(0.5, "Input dropout rate.", tags=("synthetic",))
   l2: tuple = setting((), "EASE: the L2 weight lambda, or comma-separated values to try "
                       "on the validation data (the best is kept; '' = a grid from 10 "
                       "to 10,000).", element=float)
   # Optimisation.
-  number_of_epochs: int = setting(200, "Training epochs.")
+  number_of_epochs: int = setting(200, "Training epochs.", tags=("resumable",))
   batch_size_train: int = setting(500, "Users per training batch (global, over all "
-                                       "devices).")
-  batch_size_validation: int = setting(2000, "Users per validation / test batch.")
-  lr: float = setting(1e-3, "Adam learning rate.")
-  adam_b1: float = setting(0.9, "Adam beta1.")
-  adam_b2: float = setting(0.999, "Adam beta2.")
-  lam: float = setting(0.0, "L2 weight on the weight matrices (lam * sum ||W||^2).")
+                                       "devices).", tags=("synthetic",))
+  batch_size_validation: int = setting(2000, "Users per validation / test batch.",
+                                       tags=("resumable", "synthetic"))
+  lr: float = setting(1e-3, "Adam learning rate.", tags=("synthetic",))
+  adam_b1: float = setting(0.9, "Adam beta1.", tags=("synthetic",))
+  adam_b2: float = setting(0.999, "Adam beta2.", tags=("synthetic",))
+  lam: float = setting(0.0, "L2 weight on the weight matrices (lam * sum ||W||^2).",
+                       tags=("synthetic",))
   anneal_schedule: str = setting("linear", "KL weight schedule: linear, constant or "
-                                           "cyclical.")
+                                           "cyclical.", tags=("synthetic",))
   total_anneal_steps: int = setting(200_000, "Steps for beta to reach 1 (capped at "
-                                             "--anneal_cap).")
-  anneal_cap: float = setting(0.2, "Largest KL weight.")
+                                             "--anneal_cap).", tags=("synthetic",))
+  anneal_cap: float = setting(0.2, "Largest KL weight.", tags=("synthetic",))
   anneal_cycle_steps: int = setting(0, "Cycle length of the cyclical schedule (0 = "
-                                       "total_anneal_steps).")
+                                       "total_anneal_steps).", tags=("synthetic",))
   anneal_epochs: float = setting(0.0, "Above 0: the anneal length in epochs instead of "
                                       "steps (total_anneal_steps = anneal_epochs x steps "
                                       "per epoch, and the cycle of the cyclical schedule "
@@ -122,52 +160,67 @@ class Config:
                                       "set of another size; 0 = total_anneal_steps.")
   kl_gamma: float = setting(0.0, "Above 0: weigh each user's KL term by kl_gamma times "
                                  "the user's number of items (RecVAE's rule) instead of "
-                                 "the beta schedule; 0 = the schedule.")
+                                 "the beta schedule; 0 = the schedule.",
+                            tags=("synthetic",))
   ema_decay: float = setting(0.0, "Above 0: validate, test and serve the exponential "
                                   "moving average of the weights with this decay per step "
-                                  "(bias-corrected); 0 = the weights.")
-  seed: int = setting(0, "Seed of initialisation, batch order, dropout and noise.")
+                                  "(bias-corrected); 0 = the weights.",
+                             tags=("synthetic",))
+  seed: int = setting(0, "Seed of initialisation, batch order, dropout and noise.",
+                      tags=("synthetic",))
   # Evaluation and checkpoints.
-  validation_step: int = setting(1, "Validate every n epochs.")
+  validation_step: int = setting(1, "Validate every n epochs.", tags=("resumable",))
   early_stopping: int = setting(0, "Above 0: stop after this many validations in a row "
                                    "without a better validation NDCG@100 (recorded in "
-                                   "metrics.jsonl); 0 = run every epoch.")
+                                   "metrics.jsonl); 0 = run every epoch.",
+                                tags=("resumable",))
   refit: bool = setting(False, "--protocol=per_user: once validation has chosen the "
                         "epoch, train again on every training item (the validation "
                         "targets too) for that many epochs, same seed and schedule, in "
-                        "WORKDIR/refit; that model is tested and served.")
+                        "WORKDIR/refit; that model is tested and served.",
+                        tags=("resumable",))
   test_ks: tuple = setting((20, 50, 100), "Cut-offs reported in test mode, comma "
-                                          "separated.")
-  checkpoint_every: int = setting(1, "Epochs between resumable checkpoints.")
-  keep_best: int = setting(1, "How many best checkpoints (by validation NDCG@100) to keep.")
+                                          "separated.", tags=("resumable",))
+  checkpoint_every: int = setting(1, "Epochs between resumable checkpoints.",
+                                  tags=("resumable",))
+  keep_best: int = setting(1, "How many best checkpoints (by validation NDCG@100) to keep.",
+                           tags=("resumable",))
   # Modes (combinable, as the reference's --train / --test / --benchmark).
-  train: bool = setting(True, "Train (resuming from --workdir).")
-  test: bool = setting(True, "Score the best checkpoint of --workdir on the test users.")
+  train: bool = setting(True, "Train (resuming from --workdir).", tags=("resumable",))
+  test: bool = setting(True, "Score the best checkpoint of --workdir on the test users.",
+                       tags=("resumable",))
   benchmark: bool = setting(False, "Report mean epoch time, training users/s and "
-                                   "validation time.")
-  warm_up_epochs: int = setting(1, "Epochs left out of the benchmark averages.")
+                                   "validation time.", tags=("resumable",))
+  warm_up_epochs: int = setting(1, "Epochs left out of the benchmark averages.",
+                                tags=("resumable",))
   # System.
   precision: str = setting("fp32", "fp32, bf16 or fp16 (matmuls; loss and parameters stay "
                                    "float32), or auto: bf16 when the step's large "
                                    "products measure >= 1.2x faster in it on the run's "
                                    "device, else fp32 (the choice is recorded in "
-                                   "config.json).")
+                                   "config.json).", tags=("synthetic",))
   input_format: str = setting("sparse", "sparse (gather-and-sum first layer, fused output "
                                         "layer and loss; the fastest measured) or dense "
-                                        "(plain matmuls and autodiff: the check).")
+                                        "(plain matmuls and autodiff: the check).",
+                              tags=("resumable", "synthetic"))
   output_chunk_size: int = setting(1024, "Users per chunk of the output layer in training "
                                          "and evaluation (sparse path): bounds memory at "
-                                         "any batch size.")
+                                         "any batch size.",
+                                   tags=("resumable", "synthetic"))
   parallel: str = setting("sharded", "Data-parallel mode: sharded (jit over a mesh) or "
-                                     "pmap.")
-  number_of_devices: int = setting(1, "Local devices to train on (0 = all).")
+                                     "pmap.", tags=("resumable", "synthetic"))
+  number_of_devices: int = setting(1, "Local devices to train on (0 = all).",
+                                   tags=("resumable", "synthetic"))
   mesh: str = setting("", "Device mesh DATAxMODEL, e.g. 2x4: the batch split over DATA "
                           "rows, the item layers (and their Adam moments) over MODEL "
                           "devices; Nx1 is data parallelism. Uses DATA*MODEL devices "
                           "over all processes, instead of --number_of_devices; empty = "
-                          "--number_of_devices data-parallel.")
-  gpu_number: int = setting(-1, "Use only this local device (-1 = the first).")
-  prefetch: int = setting(2, "Batches copied to the device ahead of the step.")
+                          "--number_of_devices data-parallel.",
+                      tags=("resumable", "synthetic"))
+  gpu_number: int = setting(-1, "Use only this local device (-1 = the first).",
+                            tags=("resumable", "synthetic"))
+  prefetch: int = setting(2, "Batches copied to the device ahead of the step.",
+                          tags=("resumable", "synthetic"))
 
   def replace(self, **changes) -> "Config":
     return dataclasses.replace(self, **changes)
@@ -490,15 +543,9 @@ def hidden_dims_of(cfg: Config) -> tuple[int, ...]:
   return model_lib.model_entry(cfg.model).default_hidden_dims
 
 
-# Settings a resumed run may change: they do not alter what the checkpoints were trained
-# on or how (data location, run length, evaluation and checkpoint cadence, devices and
-# the layout of the same math). Any other change is refused on resume.
-RESUMABLE_FIELDS = frozenset({
-    "data_dir", "cache_dir", "download", "number_of_epochs", "batch_size_validation",
-    "validation_step", "early_stopping", "test_ks", "checkpoint_every", "keep_best", "train", "test",
-    "benchmark", "warm_up_epochs", "input_format", "output_chunk_size", "parallel",
-    "number_of_devices", "mesh", "gpu_number", "prefetch", "refit",
-})
+# Settings a resumed run may change (tagged "resumable"); any other change is refused on
+# resume.
+RESUMABLE_FIELDS = frozenset(tagged("resumable"))
 
 
 # The precision policies, and "auto" (resolved by measurement before a run starts:

@@ -56,9 +56,7 @@ DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "jax_vaecf")
 # The Config fields load_data builds the split from (data_dir, cache_dir and download
 # say only where the files are): a partitioned folder records them and a run reading it
 # must give the same.
-DATA_SETTINGS = ("dataset", "protocol", "fold", "n_heldout_users", "heldout_fraction",
-                 "split_seed", "validation_fraction", "csv_delimiter", "csv_columns",
-                 "csv_header", "csv_threshold", "csv_all_positive")
+DATA_SETTINGS = configs.tagged("data")
 
 
 def data_settings(cfg: configs.Config) -> dict:
