@@ -20,7 +20,7 @@ optuna = pytest.importorskip("optuna")
 
 from jax_vaecf import configs  # pylint: disable=g-import-not-at-top
 from jax_vaecf import loop
-from experiments import tune
+from jax_vaecf import tune
 from jax_vaecf.data import paper_files
 from jax_vaecf.data.split import EvalSplit, Split
 
