@@ -87,6 +87,39 @@ def interactions_of(data: Any, *, user_ids: Sequence | None = None,
                   f"ids, got {type(data).__name__}")
 
 
+class TensorBoard:
+  """An ``on_epoch`` callback writing every number of each epoch's record as a
+  TensorBoard scalar (tag = the record's key with ``@`` as ``_at_``, which TensorBoard's
+  tags do not allow: ``val_ndcg_at_100``; step = its epoch) to event files in
+  ``logdir``, through ``tensorboardX`` (optional extra ``[tensorboard]``). Its writer
+  thread puts events on disk every ``flush_secs`` seconds, so a dashboard follows a
+  running fit, and all of them at :meth:`close` (also when the process exits)::
+
+    tb = jax_vaecf.api.TensorBoard("runs/tb")
+    model = jax_vaecf.fit(data, "ml1m", on_epoch=tb)
+    tb.close()
+  """
+
+  def __init__(self, logdir: str | os.PathLike, flush_secs: float = 5.0):
+    try:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      raise ImportError("the TensorBoard callback needs tensorboardX: pip install "
+                        "'jax_vaecf[tensorboard]'") from None
+    self._writer = SummaryWriter(os.fspath(logdir), flush_secs=flush_secs)
+    self._closed = weakref.finalize(self, self._writer.close)
+
+  def __call__(self, record: dict) -> None:
+    step = int(record.get("epoch", 0))
+    for key, value in record.items():
+      if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch":
+        self._writer.add_scalar(key.replace("@", "_at_"), value, step)
+
+  def close(self) -> None:
+    """Writes every event still queued and closes the files."""
+    self._closed()
+
+
 def fit(data: Any = None, config: str | configs.Config = "ml20m", *,
         workdir: str | os.PathLike | None = None,
         on_epoch: Callable[[dict], None] | None = None,

@@ -196,3 +196,36 @@ def test_refit_trains_on_every_training_item_for_the_chosen_epochs(matrix, tmp_p
   assert 0.0 < model.results["test"]["ndcg@10"] <= 1.0
   with pytest.raises(ValueError, match="refit retrains on the validation targets"):
     jax_vaecf.fit(matrix, "ml-latest-small", refit=True, **_small())
+
+
+def _events(folder):
+  """The scalar values of the TFRecord event files in ``folder``: ``{tag: [(step,
+  value)]}`` (each record: length u64, its crc u32, the Event proto, its crc u32)."""
+  import glob
+  import struct
+  from tensorboardX.proto import event_pb2
+  out = {}
+  for path in sorted(glob.glob(os.path.join(folder, "events.out.tfevents.*"))):
+    data = open(path, "rb").read()
+    pos = 0
+    while pos < len(data):
+      (n,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+      pos += 12 + n + 4
+      for v in event.summary.value:
+        out.setdefault(v.tag, []).append((event.step, v.simple_value))
+  return out
+
+
+def test_the_tensorboard_callback_writes_every_number_of_a_record(tmp_path):
+  pytest.importorskip("tensorboardX")
+  write = jax_vaecf.api.TensorBoard(str(tmp_path / "tb"))
+  write({"split": "train", "epoch": 1, "loss": 3.5, "val_ndcg@100": 0.25,
+         "checkpointed": True})
+  write({"split": "train", "epoch": 2, "loss": 2.5, "val_ndcg@100": 0.5,
+         "checkpointed": True})
+  write.close()
+  events = _events(str(tmp_path / "tb"))
+  assert sorted(events) == ["loss", "val_ndcg_at_100"]
+  assert events["loss"] == [(1, 3.5), (2, 2.5)]
+  assert events["val_ndcg_at_100"] == [(1, 0.25), (2, 0.5)]
