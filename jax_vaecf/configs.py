@@ -625,7 +625,8 @@ def validate(cfg: Config) -> None:
       (len(set(csv_named)) == len(csv_named),
        f"csv_columns={cfg.csv_columns!r} names one column twice"),
       (cfg.csv_header in readers.HEADER_CHOICES,
-       f"csv_header must be one of {', '.join(readers.HEADER_CHOICES)}"),
+       f"csv_header must be {', '.join(list(readers.HEADER_CHOICES)[:-1])} or "
+       f"{list(readers.HEADER_CHOICES)[-1]}"),
       (cfg.csv_header != "no" or all(c.isdigit() for c in csv_named),
        f"csv_columns={cfg.csv_columns!r} names header columns but csv_header=no"),
       (-float("inf") < cfg.csv_threshold < float("inf"),

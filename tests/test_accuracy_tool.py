@@ -19,7 +19,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _DRIVER = r"""
 import dataclasses, json, os, sys
 from absl import app, flags
-from experiments import accuracy, cli, loop, train
+from experiments import accuracy, cli, train
+from jax_vaecf import loop
 from jax_vaecf import distributed
 
 runs = []
