@@ -18,6 +18,7 @@ its own step, updating its parameter groups with its own optimiser state.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -242,6 +243,83 @@ def _output_grads(model: nn.Module, phase: model_lib.Phase) -> str:
   return "params" if layer else "input"
 
 
+def _shard_loss_sums(model: nn.Module, options: StepOptions, phase: model_lib.Phase,
+                     output_grads: str, params: Any, frozen: Any,
+                     shard: sparse_lib.SparseBatch, key: Array, row_offset: Array | int
+                     ) -> tuple[Array, Array]:
+  """One shard's data terms, summed over its real users, not yet averaged.
+
+  Args:
+    model, options, phase: the step's; ``output_grads`` is :func:`_output_grads` of the
+      phase.
+    params: the whole model's parameters, the phase's trained part included.
+    frozen: the state's frozen variables (or ``None``).
+    shard: a :class:`SparseBatch` with leaves ``(nnz,)`` and ``(b,)``, rows numbered
+      from 0.
+    key: the step's PRNG key (dropout and posterior noise).
+    row_offset: int32 scalar, the global row of the shard's first user: the model draws
+      each user's noise from its global row, so the draws do not depend on the split.
+
+  Returns:
+    float32 scalars ``(sum_u nll_u, sum_u w_u * kl_u)`` over the real users
+    (``row_mask``), ``w_u = 1``, or ``|x_u|`` with ``kl_gamma``; the KL sum is 0 when
+    the model or the phase has no KL term. Sparse input: the model stops before its
+    output layer, which :func:`jax_vaecf.losses.output_layer_nll` fuses with the NLL
+    (on an item-sharded model, over this device's columns). Dense input: the rows are
+    densified and the model's logits go through
+    :func:`jax_vaecf.losses.multinomial_nll`.
+  """
+  dropout_key, noise_key = jax.random.split(key)
+  rngs = {"dropout": dropout_key, "noise": noise_key}
+  variables = {"params": params}
+  kw = dict(train=True, row_offset=row_offset, rngs=rngs, dropout=phase.dropout,
+            frozen=frozen, kl=phase.kl)
+  gamma = options.kl_gamma
+  m = shard.row_mask.astype(jnp.float32)
+  if options.input_format == "sparse":
+    out = model.apply(variables, shard, method="features", **kw)
+    layer = params[model.output_layer]
+    nll_sum = losses.output_layer_nll(out.logits, layer["kernel"], layer["bias"], shard,
+                                      options.output_chunk_size, model.dtype,
+                                      output_grads, getattr(model, "item_shards", None))
+    counts = (jax.ops.segment_sum(shard.vals.astype(jnp.float32), shard.rows,
+                                  num_segments=shard.batch_size) if gamma > 0 else None)
+  else:
+    x = sparse_lib.densify(shard, model.n_items)
+    out = model.apply(variables, x, **kw)
+    nll_sum = jnp.sum(losses.multinomial_nll(out.logits, x) * m)
+    counts = jnp.sum(x, axis=-1) if gamma > 0 else None
+  if out.kl is None:
+    kl_sum = 0.0 * nll_sum
+  elif counts is None:
+    kl_sum = jnp.sum(out.kl * m)
+  else:
+    kl_sum = jnp.sum(out.kl * counts * m)
+  return nll_sum, kl_sum
+
+
+def _batch_sums(shard_sums: Callable, params: Any, frozen: Any,
+                batch: sparse_lib.SparseBatch, key: Array, device_offset: Array | int
+                ) -> tuple[Array, Array]:
+  """A batch's data terms: ``shard_sums`` (:func:`_shard_loss_sums` with the step's
+  settings bound) of each of its ``S`` shards, summed over the shards.
+
+  ``batch`` has leaves ``(S, nnz)`` and ``(S, b)``; shard ``s``'s first row is global
+  row ``device_offset + s * b``. Returns float32 scalars ``(nll_sum, kl_sum)``.
+  """
+  n_shards, rows_per_shard = batch.row_mask.shape
+  if n_shards == 1:
+    # Without the vmap XLA CPU keeps plain 2-D gathers, scatters and matmuls; the
+    # batched forms of a size-1 axis were measured 1.5x slower at batch 10,000.
+    one = jax.tree_util.tree_map(lambda a: a[0], batch)
+    nll_sum, kl_sum = shard_sums(params, frozen, one, key, device_offset)
+  else:
+    offsets = device_offset + jnp.arange(n_shards) * rows_per_shard
+    nll_sum, kl_sum = jax.vmap(shard_sums, in_axes=(None, None, 0, None, 0))(
+        params, frozen, batch, key, offsets)
+  return jnp.sum(nll_sum), jnp.sum(kl_sum)
+
+
 def make_train_step(model: nn.Module, options: StepOptions | None = None, *,
                     phase: int = 0, axis_name: str | None = None
                     ) -> Callable[[TrainState, sparse_lib.SparseBatch],
@@ -274,7 +352,6 @@ def make_train_step(model: nn.Module, options: StepOptions | None = None, *,
   if not 0 <= phase < len(phases):
     raise ValueError(f"phase must be in [0, {len(phases)}), got {phase}")
   ph = phases[phase]
-  n_items = model.n_items
   output_grads = _output_grads(model, ph)
   gamma = options.kl_gamma
   items = getattr(model, "item_shards", None)
@@ -286,49 +363,15 @@ def make_train_step(model: nn.Module, options: StepOptions | None = None, *,
       raise ValueError("item sharding needs input_format='sparse'")
     part_axes = trained_part(param_item_axes(model), ph)
 
-  def shard_sums(part, params, frozen, shard, key, row_offset):
-    dropout_key, noise_key = jax.random.split(key)
-    rngs = {"dropout": dropout_key, "noise": noise_key}
-    variables = {"params": _merge(params, part, ph)}
-    kw = dict(train=True, row_offset=row_offset, rngs=rngs, dropout=ph.dropout,
-              frozen=frozen, kl=ph.kl)
-    m = shard.row_mask.astype(jnp.float32)
-    if options.input_format == "sparse":
-      out = model.apply(variables, shard, method="features", **kw)
-      layer = variables["params"][model.output_layer]
-      nll_sum = losses.output_layer_nll(out.logits, layer["kernel"], layer["bias"], shard,
-                                        options.output_chunk_size, model.dtype,
-                                        output_grads, items)
-      counts = (jax.ops.segment_sum(shard.vals.astype(jnp.float32), shard.rows,
-                                    num_segments=shard.batch_size) if gamma > 0 else None)
-    else:
-      x = sparse_lib.densify(shard, n_items)
-      out = model.apply(variables, x, **kw)
-      nll_sum = jnp.sum(losses.multinomial_nll(out.logits, x) * m)
-      counts = jnp.sum(x, axis=-1) if gamma > 0 else None
-    if out.kl is None:
-      kl_sum = 0.0 * nll_sum
-    elif counts is None:
-      kl_sum = jnp.sum(out.kl * m)
-    else:
-      kl_sum = jnp.sum(out.kl * counts * m)
-    return nll_sum, kl_sum
+  shard_sums = functools.partial(_shard_loss_sums, model, options, ph, output_grads)
 
   def loss_fn(part, params, frozen, batch, key, beta, n_users, scale, device_offset,
               n_replicas):
-    n_shards, rows_per_shard = batch.row_mask.shape
-    if n_shards == 1:
-      # Without the vmap XLA CPU keeps plain 2-D gathers, scatters and matmuls; the
-      # batched forms of a size-1 axis were measured 1.5x slower at batch 10,000.
-      one = jax.tree_util.tree_map(lambda a: a[0], batch)
-      nll_sum, kl_sum = shard_sums(part, params, frozen, one, key, device_offset)
-    else:
-      offsets = device_offset + jnp.arange(n_shards) * rows_per_shard
-      nll_sum, kl_sum = jax.vmap(shard_sums, in_axes=(None, None, None, 0, None, 0))(
-          part, params, frozen, batch, key, offsets)
+    nll_sum, kl_sum = _batch_sums(shard_sums, _merge(params, part, ph), frozen, batch,
+                                  key, device_offset)
     denom = jnp.maximum(n_users, 1.0)
-    nll = jnp.sum(nll_sum) / denom
-    kl = jnp.sum(kl_sum) / denom
+    nll = nll_sum / denom
+    kl = kl_sum / denom
     # Under pmap every replica adds its share, so the psum of gradients counts it once.
     if items is None:
       l2 = losses.l2_penalty(part, options.lam) / n_replicas
