@@ -320,6 +320,135 @@ def _batch_sums(shard_sums: Callable, params: Any, frozen: Any,
   return jnp.sum(nll_sum), jnp.sum(kl_sum)
 
 
+def _kl_weight(model: nn.Module, phase: model_lib.Phase, options: StepOptions,
+               step: Array) -> Array:
+  """float32 scalar: the KL term's weight ``beta`` at ``step`` (``kl_gamma`` when set)."""
+  if not (model.has_kl and phase.kl):
+    return jnp.zeros((), jnp.float32)  # no KL term to weigh: reported as 0
+  if options.kl_gamma > 0:
+    return jnp.asarray(options.kl_gamma, jnp.float32)
+  return options.beta_schedule(step)
+
+
+def _check_state(state: TrainState, options: StepOptions, n_phases: int) -> None:
+  """Raises when ``state`` was not made for a step of these options and phases."""
+  if options.weight_average != (state.ema_params is not None):
+    raise ValueError(
+        f"ema_decay={options.ema_decay} needs a state "
+        + ("with" if options.weight_average else "without")
+        + " ema_params: make it with create_train_state(..., options) of these options")
+  if state.tx is None:
+    raise ValueError("the state carries no optimiser: make it with create_train_state")
+  if len(state.opt_state) != n_phases:
+    raise ValueError(f"the state has {len(state.opt_state)} optimiser states, the "
+                     f"model {n_phases} phases")
+
+
+@dataclasses.dataclass(frozen=True)
+class _OneDevice:
+  """How a step that sees the whole batch forms its objective: no collectives.
+
+  The device modes differ only in these methods; :class:`_DataParallel` and
+  :class:`_ItemSharded` override them.
+  """
+
+  def placement(self, batch: sparse_lib.SparseBatch) -> tuple[Array, Any, Any]:
+    """``(n_users, n_replicas, device_offset)`` of a batch with a shard axis:
+    float32 real users of the global batch, the devices that each add a share of the
+    L2 penalty, and the global row of this device's first row."""
+    n_users = jnp.sum(batch.row_mask.astype(jnp.float32))
+    return n_users, 1, 0
+
+  def objective(self, nll: Array, kl: Array, beta: Array, part: Any, lam: float,
+                n_replicas: Any) -> tuple[Array, Array]:
+    """``(loss, l2)``: this device's term of the global objective (float32 scalar) from
+    the batch's mean ``nll`` and ``kl``, and its share ``l2`` of the penalty of the
+    trained parameters ``part``."""
+    # Each replica adds its share, so the psum of their gradients counts it once.
+    l2 = losses.l2_penalty(part, lam) / n_replicas
+    return nll + beta * kl + l2, l2
+
+  def reduce(self, grads: Any, nll: Array, kl: Array, l2: Array
+             ) -> tuple[Any, Array, Array, Array]:
+    """The global gradients and terms ``(grads, nll, kl, l2)`` from this device's."""
+    return grads, nll, kl, l2
+
+  def all_finite(self, grads: Any) -> Array:
+    """bool scalar: the step's gradients (all of them, on every device) are finite."""
+    return precision.all_finite(grads)
+
+
+@dataclasses.dataclass(frozen=True)
+class _DataParallel(_OneDevice):
+  """Each device holds the whole model and ``B / devices`` users (``jax.pmap``, or
+  :mod:`jax_vaecf.parallel`'s data axis): counts, terms and gradients are summed over
+  ``axis_name``."""
+
+  axis_name: str
+
+  def placement(self, batch):
+    n_users = jnp.sum(batch.row_mask.astype(jnp.float32))
+    n_users = jax.lax.psum(n_users, self.axis_name)
+    n_replicas = jax.lax.psum(1, self.axis_name)
+    device_offset = jax.lax.axis_index(self.axis_name) * batch.row_mask.size
+    return n_users, n_replicas, device_offset
+
+  def reduce(self, grads, nll, kl, l2):
+    grads = jax.lax.psum(grads, self.axis_name)
+    nll, kl = jax.lax.psum((nll, kl), self.axis_name)
+    l2 = jax.lax.psum(l2, self.axis_name)
+    return grads, nll, kl, l2
+
+
+@dataclasses.dataclass(frozen=True)
+class _ItemSharded(_DataParallel):
+  """Inside ``shard_map`` on a ``(data, model)`` mesh: each device holds its data
+  shard's users and its item shard's columns (``items``); ``part_axes`` holds the item
+  axis of each trained parameter (``None``: replicated). How the objective is shared
+  out over the devices and the gradients summed: :func:`make_train_step`.
+  """
+
+  items: item_shards_lib.ItemShards
+  part_axes: Any
+
+  def objective(self, nll, kl, beta, part, lam, n_replicas):
+    replicated = item_shards_lib.map_with_axes(lambda x, a: x if a is None else None,
+                                               part, self.part_axes)
+    split = item_shards_lib.map_with_axes(lambda x, a: None if a is None else x, part,
+                                          self.part_axes)
+    l2 = (losses.l2_penalty(replicated, lam) / (n_replicas * self.items.count)
+          + losses.l2_penalty(split, lam) / n_replicas)
+    return (nll + beta * kl) / self.items.count + l2, l2
+
+  def reduce(self, grads, nll, kl, l2):
+    grads = item_shards_lib.map_with_axes(
+        lambda g, a: jax.lax.psum(g, self.axis_name if a is not None
+                                  else (self.axis_name, self.items.axis)),
+        grads, self.part_axes)
+    nll, kl = jax.lax.psum((nll, kl), self.axis_name)
+    l2 = jax.lax.psum(l2, (self.axis_name, self.items.axis))
+    return grads, nll, kl, l2
+
+  def all_finite(self, grads):
+    # Every shard of the item-split gradients must agree.
+    finite = precision.all_finite(grads)
+    return jax.lax.psum((~finite).astype(jnp.int32), self.items.axis) == 0
+
+
+def _device_mode(model: nn.Module, options: StepOptions, phase: model_lib.Phase,
+                 axis_name: str | None) -> _OneDevice:
+  """The step's device mode (:class:`_OneDevice` or a subclass), its settings checked."""
+  items = getattr(model, "item_shards", None)
+  if items is None:
+    return _OneDevice() if axis_name is None else _DataParallel(axis_name)
+  if axis_name is None:
+    raise ValueError("an item-sharded step runs inside shard_map: give the data axis "
+                     "as axis_name")
+  if options.input_format != "sparse":
+    raise ValueError("item sharding needs input_format='sparse'")
+  return _ItemSharded(axis_name, items, trained_part(param_item_axes(model), phase))
+
+
 def make_train_step(model: nn.Module, options: StepOptions | None = None, *,
                     phase: int = 0, axis_name: str | None = None
                     ) -> Callable[[TrainState, sparse_lib.SparseBatch],
@@ -352,18 +481,9 @@ def make_train_step(model: nn.Module, options: StepOptions | None = None, *,
   if not 0 <= phase < len(phases):
     raise ValueError(f"phase must be in [0, {len(phases)}), got {phase}")
   ph = phases[phase]
-  output_grads = _output_grads(model, ph)
-  gamma = options.kl_gamma
-  items = getattr(model, "item_shards", None)
-  if items is not None:
-    if axis_name is None:
-      raise ValueError("an item-sharded step runs inside shard_map: give the data axis "
-                       "as axis_name")
-    if options.input_format != "sparse":
-      raise ValueError("item sharding needs input_format='sparse'")
-    part_axes = trained_part(param_item_axes(model), ph)
-
-  shard_sums = functools.partial(_shard_loss_sums, model, options, ph, output_grads)
+  mode = _device_mode(model, options, ph, axis_name)
+  shard_sums = functools.partial(_shard_loss_sums, model, options, ph,
+                                 _output_grads(model, ph))
 
   def loss_fn(part, params, frozen, batch, key, beta, n_users, scale, device_offset,
               n_replicas):
@@ -372,44 +492,14 @@ def make_train_step(model: nn.Module, options: StepOptions | None = None, *,
     denom = jnp.maximum(n_users, 1.0)
     nll = nll_sum / denom
     kl = kl_sum / denom
-    # Under pmap every replica adds its share, so the psum of gradients counts it once.
-    if items is None:
-      l2 = losses.l2_penalty(part, options.lam) / n_replicas
-      return (nll + beta * kl + l2) * scale, (nll, kl, l2)
-    replicated = item_shards_lib.map_with_axes(lambda x, a: x if a is None else None, part,
-                                               part_axes)
-    split = item_shards_lib.map_with_axes(lambda x, a: None if a is None else x, part,
-                                          part_axes)
-    l2 = (losses.l2_penalty(replicated, options.lam) / (n_replicas * items.count)
-          + losses.l2_penalty(split, options.lam) / n_replicas)
-    loss = (nll + beta * kl) / items.count + l2
+    loss, l2 = mode.objective(nll, kl, beta, part, options.lam, n_replicas)
     return loss * scale, (nll, kl, l2)
 
   def train_step(state: TrainState, batch: sparse_lib.SparseBatch):
-    if options.weight_average != (state.ema_params is not None):
-      raise ValueError(
-          f"ema_decay={options.ema_decay} needs a state "
-          + ("with" if options.weight_average else "without")
-          + " ema_params: make it with create_train_state(..., options) of these options")
-    if state.tx is None:
-      raise ValueError("the state carries no optimiser: make it with create_train_state")
-    if len(state.opt_state) != len(phases):
-      raise ValueError(f"the state has {len(state.opt_state)} optimiser states, the "
-                       f"model {len(phases)} phases")
+    _check_state(state, options, len(phases))
     batch = _with_shard_axis(batch)
-    n_users = jnp.sum(batch.row_mask.astype(jnp.float32))
-    if axis_name is not None:
-      n_users = jax.lax.psum(n_users, axis_name)
-      n_replicas = jax.lax.psum(1, axis_name)
-      device_offset = jax.lax.axis_index(axis_name) * batch.row_mask.size
-    else:
-      n_replicas, device_offset = 1, 0
-    if not (model.has_kl and ph.kl):
-      beta = jnp.zeros((), jnp.float32)  # no KL term to weigh: reported as 0
-    elif gamma > 0:
-      beta = jnp.asarray(gamma, jnp.float32)
-    else:
-      beta = options.beta_schedule(state.step)
+    n_users, n_replicas, device_offset = mode.placement(batch)
+    beta = _kl_weight(model, ph, options, state.step)
     key = jax.random.fold_in(state.key, state.step)
     # Without loss scaling the scale is the constant 1, which XLA folds away: no pass
     # over the gradients multiplies or divides by the state's (always 1.0) scale.
@@ -418,16 +508,7 @@ def make_train_step(model: nn.Module, options: StepOptions | None = None, *,
     grads, (nll, kl, l2) = jax.grad(loss_fn, has_aux=True)(
         part, state.params, state.frozen, batch, key, beta, n_users, scale, device_offset,
         n_replicas)
-    if items is not None:
-      grads = item_shards_lib.map_with_axes(
-          lambda g, a: jax.lax.psum(g, axis_name if a is not None
-                                    else (axis_name, items.axis)), grads, part_axes)
-      nll, kl = jax.lax.psum((nll, kl), axis_name)
-      l2 = jax.lax.psum(l2, (axis_name, items.axis))
-    elif axis_name is not None:
-      grads = jax.lax.psum(grads, axis_name)
-      nll, kl = jax.lax.psum((nll, kl), axis_name)
-      l2 = jax.lax.psum(l2, axis_name)
+    grads, nll, kl, l2 = mode.reduce(grads, nll, kl, l2)
     grads = jax.tree_util.tree_map(lambda g: g / scale, grads)
     phase_opt = state.opt_state[phase]
     updates, new_opt = state.tx.update(grads, phase_opt, part)
@@ -435,9 +516,7 @@ def make_train_step(model: nn.Module, options: StepOptions | None = None, *,
     loss_scale = state.loss_scale
     # Without loss scaling a non-finite step is applied, so a NaN surfaces, not hides.
     if options.loss_scaling:
-      finite = precision.all_finite(grads)
-      if items is not None:  # every shard of the item-split gradients must agree
-        finite = jax.lax.psum((~finite).astype(jnp.int32), items.axis) == 0
+      finite = mode.all_finite(grads)
       new_part = precision.select_tree(finite, new_part, part)
       new_opt = precision.select_tree(finite, new_opt, phase_opt)
       loss_scale = precision.update_loss_scale(loss_scale, finite,
