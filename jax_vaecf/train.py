@@ -539,6 +539,102 @@ def make_train_step(model: nn.Module, options: StepOptions | None = None, *,
   return train_step
 
 
+def _chunked_metrics(model: nn.Module, output_chunk_size: int, chunk_metrics: Callable,
+                     params: Any, batch: sparse_lib.EvalBatch) -> dict[str, Array]:
+  """Per-user metrics of one shard of ``B`` users on the sparse input path, its logits
+  formed ``output_chunk_size`` users at a time.
+
+  The model runs to its output layer's input ``(B, width)``; for each chunk ``c`` of
+  ``size`` users (the last padded) the float32 logits ``(size, n_items)`` go to
+  ``chunk_metrics(logits, batch, c, size, row_mask)`` (:func:`_chunk_metrics` or
+  :func:`_item_shard_chunk_metrics`), which returns ``(size,)`` arrays; the chunks'
+  results are joined and cut back to ``(B,)``.
+  """
+  fi = batch.fold_in
+  h = model.apply({"params": params}, fi, train=False, method="features").logits
+  layer = params[model.output_layer]
+  kernel = layer["kernel"].astype(model.dtype)
+  bias = layer["bias"].astype(jnp.float32)
+  b = h.shape[0]
+  n_chunks, size = sparse_lib.equal_chunks(b, output_chunk_size)
+  pad = n_chunks * size - b
+  hs = jnp.pad(h, ((0, pad), (0, 0))).reshape(n_chunks, size, h.shape[1])
+  mask = jnp.pad(fi.row_mask, (0, pad)).reshape(n_chunks, size)
+
+  def one_chunk(args):
+    h_c, mask_c, c = args
+    logits = jnp.dot(h_c, kernel, preferred_element_type=jnp.float32) + bias
+    return chunk_metrics(logits, batch, c, size, mask_c)
+
+  out = jax.lax.map(one_chunk, (hs, mask, jnp.arange(n_chunks)))
+  return jax.tree_util.tree_map(
+      lambda a: a.reshape((n_chunks * size,) + a.shape[2:])[:b], out)
+
+
+def _chunk_metrics(logits: Array, batch: sparse_lib.EvalBatch, c: Array, size: int,
+                   row_mask: Array, *, ks: tuple[int, ...]) -> dict[str, Array]:
+  """Per-user metrics of the users ``c * size ...`` of ``batch`` from their float32
+  logits ``(size, n_items)`` over the whole catalogue; ``row_mask`` ``(size,)``."""
+  fi, ho = batch.fold_in, batch.heldout
+  bad = metrics_lib.nonfinite_rows(logits)  # before the fold-in items become -inf
+  logits = logits.at[sparse_lib.rows_of_chunk(fi.rows, c, size), fi.cols].min(
+      jnp.where(fi.vals > 0, -jnp.inf, jnp.inf), mode="drop")
+  heldout = jnp.zeros(logits.shape, jnp.bool_).at[
+      sparse_lib.rows_of_chunk(ho.rows, c, size), ho.cols].max(ho.vals > 0, mode="drop")
+  return metrics_lib.ranking_metrics(logits, heldout, None, ks, row_mask=row_mask,
+                                     nonfinite=bad)
+
+
+def _item_shard_chunk_metrics(logits: Array, batch: sparse_lib.EvalBatch, c: Array,
+                              size: int, row_mask: Array, *, ks: tuple[int, ...],
+                              items: item_shards_lib.ItemShards) -> dict[str, Array]:
+  """:func:`_chunk_metrics` inside ``shard_map``, from logits ``(size, per_shard)``
+  over this device's item shard; every device returns the same values.
+
+  Padding columns (not :meth:`~jax_vaecf.item_shards.ItemShards.real_columns`) are
+  neither checked for NaN nor ranked; the batch's global item indices become local
+  columns, those of other shards dropped; held-out counts and NaN flags are summed over
+  the item axis; each device ranks its own items and
+  :func:`jax_vaecf.item_shards.merge_top_k` merges the candidates into the ranking.
+  """
+  fi, ho = batch.fold_in, batch.heldout
+  real = items.real_columns()
+  bad = jax.lax.psum(jnp.any(~jnp.isfinite(logits) & real, axis=1).astype(jnp.int32),
+                     items.axis) > 0
+  logits = jnp.where(real, logits, -jnp.inf)
+  cols, inside = items.local(fi.cols)
+  logits = logits.at[sparse_lib.rows_of_chunk(fi.rows, c, size), cols].min(
+      jnp.where(inside & (fi.vals > 0), -jnp.inf, jnp.inf), mode="drop")
+  cols, inside = items.local(ho.cols)
+  heldout = jnp.zeros(logits.shape, jnp.bool_).at[
+      sparse_lib.rows_of_chunk(ho.rows, c, size), cols].max(
+          inside & (ho.vals > 0), mode="drop")
+  n_heldout = jax.lax.psum(jnp.sum(heldout, axis=1, dtype=jnp.int32), items.axis)
+  top, where = jax.lax.top_k(logits, min(ks[-1], items.per_shard))
+  hits = jnp.take_along_axis(heldout, where, axis=1)
+  _, ranked, hits = item_shards_lib.merge_top_k(top, where + items.offset(), hits,
+                                                ks[-1], items.axis)
+  return metrics_lib.metrics_from_hits(hits, n_heldout, ks, row_mask, bad, ranked)
+
+
+def _dense_metrics(model: nn.Module, ks: tuple[int, ...], params: Any,
+                   batch: sparse_lib.EvalBatch) -> dict[str, Array]:
+  """Per-user metrics of one shard of ``B`` users from the whole ``(B, n_items)`` logits
+  of the dense input path."""
+  fi, ho = batch.fold_in, batch.heldout
+  x = sparse_lib.densify(fi, model.n_items)
+  logits = model.apply({"params": params}, x, train=False).logits
+  bad = metrics_lib.nonfinite_rows(logits)  # before the fold-in items become -inf
+  # Fold-in items are masked by a scatter into the logits and the held-out rows are
+  # densified as bool, so a wide catalogue holds one float32 (B, n_items) array, not
+  # three (padding entries write (0, 0) with its own value / False: no-ops).
+  logits = logits.at[fi.rows, fi.cols].set(
+      jnp.where(fi.vals > 0, -jnp.inf, logits[fi.rows, fi.cols]))
+  heldout = jnp.zeros(logits.shape, jnp.bool_).at[ho.rows, ho.cols].max(ho.vals > 0)
+  return metrics_lib.ranking_metrics(logits, heldout, None, ks, row_mask=fi.row_mask,
+                                     nonfinite=bad)
+
+
 def make_eval_step(model: nn.Module, ks: Sequence[int] = (20, 50, 100), *,
                    input_format: str = "sparse", output_chunk_size: int = 1024
                    ) -> Callable[[Any, sparse_lib.EvalBatch], dict[str, Array]]:
@@ -569,76 +665,17 @@ def make_eval_step(model: nn.Module, ks: Sequence[int] = (20, 50, 100), *,
     raise ValueError(f"every k must be in [1, n_items={all_items}], got {ks}")
   if items is not None and input_format != "sparse":
     raise ValueError("item sharding needs input_format='sparse'")
-  n_items = model.n_items
-
-  def chunked_metrics(params, batch: sparse_lib.EvalBatch):
-    fi, ho = batch.fold_in, batch.heldout
-    h = model.apply({"params": params}, fi, train=False, method="features").logits
-    layer = params[model.output_layer]
-    kernel = layer["kernel"].astype(model.dtype)
-    bias = layer["bias"].astype(jnp.float32)
-    b = h.shape[0]
-    n_chunks, size = sparse_lib.equal_chunks(b, output_chunk_size)
-    pad = n_chunks * size - b
-    hs = jnp.pad(h, ((0, pad), (0, 0))).reshape(n_chunks, size, h.shape[1])
-    mask = jnp.pad(fi.row_mask, (0, pad)).reshape(n_chunks, size)
-
-    def one_chunk(args):
-      h_c, mask_c, c = args
-      logits = jnp.dot(h_c, kernel, preferred_element_type=jnp.float32) + bias
-      if items is not None:
-        return shard_chunk_metrics(logits, mask_c, c)
-      bad = metrics_lib.nonfinite_rows(logits)  # before the fold-in items become -inf
-      logits = logits.at[sparse_lib.rows_of_chunk(fi.rows, c, size), fi.cols].min(
-          jnp.where(fi.vals > 0, -jnp.inf, jnp.inf), mode="drop")
-      heldout = jnp.zeros(logits.shape, jnp.bool_).at[
-          sparse_lib.rows_of_chunk(ho.rows, c, size), ho.cols].max(ho.vals > 0, mode="drop")
-      return metrics_lib.ranking_metrics(logits, heldout, None, ks, row_mask=mask_c,
-                                         nonfinite=bad)
-
-    def shard_chunk_metrics(logits, mask_c, c):
-      # Each device ranks its own items; the merged top candidates give the ranking.
-      real = items.real_columns()
-      bad = jax.lax.psum(jnp.any(~jnp.isfinite(logits) & real, axis=1).astype(jnp.int32),
-                         items.axis) > 0
-      logits = jnp.where(real, logits, -jnp.inf)
-      cols, inside = items.local(fi.cols)
-      logits = logits.at[sparse_lib.rows_of_chunk(fi.rows, c, size), cols].min(
-          jnp.where(inside & (fi.vals > 0), -jnp.inf, jnp.inf), mode="drop")
-      cols, inside = items.local(ho.cols)
-      heldout = jnp.zeros(logits.shape, jnp.bool_).at[
-          sparse_lib.rows_of_chunk(ho.rows, c, size), cols].max(
-              inside & (ho.vals > 0), mode="drop")
-      n_heldout = jax.lax.psum(jnp.sum(heldout, axis=1, dtype=jnp.int32), items.axis)
-      top, where = jax.lax.top_k(logits, min(ks[-1], items.per_shard))
-      hits = jnp.take_along_axis(heldout, where, axis=1)
-      _, ranked, hits = item_shards_lib.merge_top_k(top, where + items.offset(), hits,
-                                                    ks[-1], items.axis)
-      return metrics_lib.metrics_from_hits(hits, n_heldout, ks, mask_c, bad, ranked)
-
-    out = jax.lax.map(one_chunk, (hs, mask, jnp.arange(n_chunks)))
-    return jax.tree_util.tree_map(
-        lambda a: a.reshape((n_chunks * size,) + a.shape[2:])[:b], out)
-
-  def shard_metrics(params, batch: sparse_lib.EvalBatch):
-    if input_format == "sparse":
-      return chunked_metrics(params, batch)
-    fi, ho = batch.fold_in, batch.heldout
-    x = sparse_lib.densify(fi, n_items)
-    logits = model.apply({"params": params}, x, train=False).logits
-    bad = metrics_lib.nonfinite_rows(logits)  # before the fold-in items become -inf
-    # Fold-in items are masked by a scatter into the logits and the held-out rows are
-    # densified as bool, so a wide catalogue holds one float32 (B, n_items) array, not
-    # three (padding entries write (0, 0) with its own value / False: no-ops).
-    logits = logits.at[fi.rows, fi.cols].set(
-        jnp.where(fi.vals > 0, -jnp.inf, logits[fi.rows, fi.cols]))
-    heldout = jnp.zeros(logits.shape, jnp.bool_).at[ho.rows, ho.cols].max(ho.vals > 0)
-    return metrics_lib.ranking_metrics(logits, heldout, None, ks, row_mask=fi.row_mask,
-                                       nonfinite=bad)
+  if input_format == "dense":
+    shard_metrics = functools.partial(_dense_metrics, model, ks)
+  else:
+    chunk_metrics = (functools.partial(_chunk_metrics, ks=ks) if items is None else
+                     functools.partial(_item_shard_chunk_metrics, ks=ks, items=items))
+    shard_metrics = functools.partial(_chunked_metrics, model, output_chunk_size,
+                                      chunk_metrics)
 
   def eval_step(params, batch: sparse_lib.EvalBatch):
     batch = _with_shard_axis(batch)
-    if batch.fold_in.rows.shape[0] == 1:  # one shard: no vmap (see make_train_step)
+    if batch.fold_in.rows.shape[0] == 1:  # one shard: no vmap (see _batch_sums)
       return shard_metrics(params, jax.tree_util.tree_map(lambda a: a[0], batch))
     out = jax.vmap(shard_metrics, in_axes=(None, 0))(params, batch)
     return jax.tree_util.tree_map(lambda a: a.reshape((-1,) + a.shape[2:]), out)
