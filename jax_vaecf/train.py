@@ -18,6 +18,7 @@ its own step, updating its parameter groups with its own optimiser state.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -242,6 +243,212 @@ def _output_grads(model: nn.Module, phase: model_lib.Phase) -> str:
   return "params" if layer else "input"
 
 
+def _shard_loss_sums(model: nn.Module, options: StepOptions, phase: model_lib.Phase,
+                     output_grads: str, params: Any, frozen: Any,
+                     shard: sparse_lib.SparseBatch, key: Array, row_offset: Array | int
+                     ) -> tuple[Array, Array]:
+  """One shard's data terms, summed over its real users, not yet averaged.
+
+  Args:
+    model, options, phase: the step's; ``output_grads`` is :func:`_output_grads` of the
+      phase.
+    params: the whole model's parameters, the phase's trained part included.
+    frozen: the state's frozen variables (or ``None``).
+    shard: a :class:`SparseBatch` with leaves ``(nnz,)`` and ``(b,)``, rows numbered
+      from 0.
+    key: the step's PRNG key (dropout and posterior noise).
+    row_offset: int32 scalar, the global row of the shard's first user: the model draws
+      each user's noise from its global row, so the draws do not depend on the split.
+
+  Returns:
+    float32 scalars ``(sum_u nll_u, sum_u w_u * kl_u)`` over the real users
+    (``row_mask``), ``w_u = 1``, or ``|x_u|`` with ``kl_gamma``; the KL sum is 0 when
+    the model or the phase has no KL term. Sparse input: the model stops before its
+    output layer, which :func:`jax_vaecf.losses.output_layer_nll` fuses with the NLL
+    (on an item-sharded model, over this device's columns). Dense input: the rows are
+    densified and the model's logits go through
+    :func:`jax_vaecf.losses.multinomial_nll`.
+  """
+  dropout_key, noise_key = jax.random.split(key)
+  rngs = {"dropout": dropout_key, "noise": noise_key}
+  variables = {"params": params}
+  kw = dict(train=True, row_offset=row_offset, rngs=rngs, dropout=phase.dropout,
+            frozen=frozen, kl=phase.kl)
+  gamma = options.kl_gamma
+  m = shard.row_mask.astype(jnp.float32)
+  if options.input_format == "sparse":
+    out = model.apply(variables, shard, method="features", **kw)
+    layer = params[model.output_layer]
+    nll_sum = losses.output_layer_nll(out.logits, layer["kernel"], layer["bias"], shard,
+                                      options.output_chunk_size, model.dtype,
+                                      output_grads, getattr(model, "item_shards", None))
+    counts = (jax.ops.segment_sum(shard.vals.astype(jnp.float32), shard.rows,
+                                  num_segments=shard.batch_size) if gamma > 0 else None)
+  else:
+    x = sparse_lib.densify(shard, model.n_items)
+    out = model.apply(variables, x, **kw)
+    nll_sum = jnp.sum(losses.multinomial_nll(out.logits, x) * m)
+    counts = jnp.sum(x, axis=-1) if gamma > 0 else None
+  if out.kl is None:
+    kl_sum = 0.0 * nll_sum
+  elif counts is None:
+    kl_sum = jnp.sum(out.kl * m)
+  else:
+    kl_sum = jnp.sum(out.kl * counts * m)
+  return nll_sum, kl_sum
+
+
+def _batch_sums(shard_sums: Callable, params: Any, frozen: Any,
+                batch: sparse_lib.SparseBatch, key: Array, device_offset: Array | int
+                ) -> tuple[Array, Array]:
+  """A batch's data terms: ``shard_sums`` (:func:`_shard_loss_sums` with the step's
+  settings bound) of each of its ``S`` shards, summed over the shards.
+
+  ``batch`` has leaves ``(S, nnz)`` and ``(S, b)``; shard ``s``'s first row is global
+  row ``device_offset + s * b``. Returns float32 scalars ``(nll_sum, kl_sum)``.
+  """
+  n_shards, rows_per_shard = batch.row_mask.shape
+  if n_shards == 1:
+    # Without the vmap XLA CPU keeps plain 2-D gathers, scatters and matmuls; the
+    # batched forms of a size-1 axis were measured 1.5x slower at batch 10,000.
+    one = jax.tree_util.tree_map(lambda a: a[0], batch)
+    nll_sum, kl_sum = shard_sums(params, frozen, one, key, device_offset)
+  else:
+    offsets = device_offset + jnp.arange(n_shards) * rows_per_shard
+    nll_sum, kl_sum = jax.vmap(shard_sums, in_axes=(None, None, 0, None, 0))(
+        params, frozen, batch, key, offsets)
+  return jnp.sum(nll_sum), jnp.sum(kl_sum)
+
+
+def _kl_weight(model: nn.Module, phase: model_lib.Phase, options: StepOptions,
+               step: Array) -> Array:
+  """float32 scalar: the KL term's weight ``beta`` at ``step`` (``kl_gamma`` when set)."""
+  if not (model.has_kl and phase.kl):
+    return jnp.zeros((), jnp.float32)  # no KL term to weigh: reported as 0
+  if options.kl_gamma > 0:
+    return jnp.asarray(options.kl_gamma, jnp.float32)
+  return options.beta_schedule(step)
+
+
+def _check_state(state: TrainState, options: StepOptions, n_phases: int) -> None:
+  """Raises when ``state`` was not made for a step of these options and phases."""
+  if options.weight_average != (state.ema_params is not None):
+    raise ValueError(
+        f"ema_decay={options.ema_decay} needs a state "
+        + ("with" if options.weight_average else "without")
+        + " ema_params: make it with create_train_state(..., options) of these options")
+  if state.tx is None:
+    raise ValueError("the state carries no optimiser: make it with create_train_state")
+  if len(state.opt_state) != n_phases:
+    raise ValueError(f"the state has {len(state.opt_state)} optimiser states, the "
+                     f"model {n_phases} phases")
+
+
+@dataclasses.dataclass(frozen=True)
+class _OneDevice:
+  """How a step that sees the whole batch forms its objective: no collectives.
+
+  The device modes differ only in these methods; :class:`_DataParallel` and
+  :class:`_ItemSharded` override them.
+  """
+
+  def placement(self, batch: sparse_lib.SparseBatch) -> tuple[Array, Any, Any]:
+    """``(n_users, n_replicas, device_offset)`` of a batch with a shard axis:
+    float32 real users of the global batch, the devices that each add a share of the
+    L2 penalty, and the global row of this device's first row."""
+    n_users = jnp.sum(batch.row_mask.astype(jnp.float32))
+    return n_users, 1, 0
+
+  def objective(self, nll: Array, kl: Array, beta: Array, part: Any, lam: float,
+                n_replicas: Any) -> tuple[Array, Array]:
+    """``(loss, l2)``: this device's term of the global objective (float32 scalar) from
+    the batch's mean ``nll`` and ``kl``, and its share ``l2`` of the penalty of the
+    trained parameters ``part``."""
+    # Each replica adds its share, so the psum of their gradients counts it once.
+    l2 = losses.l2_penalty(part, lam) / n_replicas
+    return nll + beta * kl + l2, l2
+
+  def reduce(self, grads: Any, nll: Array, kl: Array, l2: Array
+             ) -> tuple[Any, Array, Array, Array]:
+    """The global gradients and terms ``(grads, nll, kl, l2)`` from this device's."""
+    return grads, nll, kl, l2
+
+  def all_finite(self, grads: Any) -> Array:
+    """bool scalar: the step's gradients (all of them, on every device) are finite."""
+    return precision.all_finite(grads)
+
+
+@dataclasses.dataclass(frozen=True)
+class _DataParallel(_OneDevice):
+  """Each device holds the whole model and ``B / devices`` users (``jax.pmap``, or
+  :mod:`jax_vaecf.parallel`'s data axis): counts, terms and gradients are summed over
+  ``axis_name``."""
+
+  axis_name: str
+
+  def placement(self, batch):
+    n_users = jnp.sum(batch.row_mask.astype(jnp.float32))
+    n_users = jax.lax.psum(n_users, self.axis_name)
+    n_replicas = jax.lax.psum(1, self.axis_name)
+    device_offset = jax.lax.axis_index(self.axis_name) * batch.row_mask.size
+    return n_users, n_replicas, device_offset
+
+  def reduce(self, grads, nll, kl, l2):
+    grads = jax.lax.psum(grads, self.axis_name)
+    nll, kl = jax.lax.psum((nll, kl), self.axis_name)
+    l2 = jax.lax.psum(l2, self.axis_name)
+    return grads, nll, kl, l2
+
+
+@dataclasses.dataclass(frozen=True)
+class _ItemSharded(_DataParallel):
+  """Inside ``shard_map`` on a ``(data, model)`` mesh: each device holds its data
+  shard's users and its item shard's columns (``items``); ``part_axes`` holds the item
+  axis of each trained parameter (``None``: replicated). How the objective is shared
+  out over the devices and the gradients summed: :func:`make_train_step`.
+  """
+
+  items: item_shards_lib.ItemShards
+  part_axes: Any
+
+  def objective(self, nll, kl, beta, part, lam, n_replicas):
+    replicated = item_shards_lib.map_with_axes(lambda x, a: x if a is None else None,
+                                               part, self.part_axes)
+    split = item_shards_lib.map_with_axes(lambda x, a: None if a is None else x, part,
+                                          self.part_axes)
+    l2 = (losses.l2_penalty(replicated, lam) / (n_replicas * self.items.count)
+          + losses.l2_penalty(split, lam) / n_replicas)
+    return (nll + beta * kl) / self.items.count + l2, l2
+
+  def reduce(self, grads, nll, kl, l2):
+    grads = item_shards_lib.map_with_axes(
+        lambda g, a: jax.lax.psum(g, self.axis_name if a is not None
+                                  else (self.axis_name, self.items.axis)),
+        grads, self.part_axes)
+    nll, kl = jax.lax.psum((nll, kl), self.axis_name)
+    l2 = jax.lax.psum(l2, (self.axis_name, self.items.axis))
+    return grads, nll, kl, l2
+
+  def all_finite(self, grads):
+    # Every shard of the item-split gradients must agree.
+    finite = precision.all_finite(grads)
+    return jax.lax.psum((~finite).astype(jnp.int32), self.items.axis) == 0
+
+
+def _device_mode(model: nn.Module, options: StepOptions, phase: model_lib.Phase,
+                 axis_name: str | None) -> _OneDevice:
+  """The step's device mode (:class:`_OneDevice` or a subclass), its settings checked."""
+  items = getattr(model, "item_shards", None)
+  if items is None:
+    return _OneDevice() if axis_name is None else _DataParallel(axis_name)
+  if axis_name is None:
+    raise ValueError("an item-sharded step runs inside shard_map: give the data axis "
+                     "as axis_name")
+  if options.input_format != "sparse":
+    raise ValueError("item sharding needs input_format='sparse'")
+  return _ItemSharded(axis_name, items, trained_part(param_item_axes(model), phase))
+
+
 def make_train_step(model: nn.Module, options: StepOptions | None = None, *,
                     phase: int = 0, axis_name: str | None = None
                     ) -> Callable[[TrainState, sparse_lib.SparseBatch],
@@ -274,99 +481,25 @@ def make_train_step(model: nn.Module, options: StepOptions | None = None, *,
   if not 0 <= phase < len(phases):
     raise ValueError(f"phase must be in [0, {len(phases)}), got {phase}")
   ph = phases[phase]
-  n_items = model.n_items
-  output_grads = _output_grads(model, ph)
-  gamma = options.kl_gamma
-  items = getattr(model, "item_shards", None)
-  if items is not None:
-    if axis_name is None:
-      raise ValueError("an item-sharded step runs inside shard_map: give the data axis "
-                       "as axis_name")
-    if options.input_format != "sparse":
-      raise ValueError("item sharding needs input_format='sparse'")
-    part_axes = trained_part(param_item_axes(model), ph)
-
-  def shard_sums(part, params, frozen, shard, key, row_offset):
-    dropout_key, noise_key = jax.random.split(key)
-    rngs = {"dropout": dropout_key, "noise": noise_key}
-    variables = {"params": _merge(params, part, ph)}
-    kw = dict(train=True, row_offset=row_offset, rngs=rngs, dropout=ph.dropout,
-              frozen=frozen, kl=ph.kl)
-    m = shard.row_mask.astype(jnp.float32)
-    if options.input_format == "sparse":
-      out = model.apply(variables, shard, method="features", **kw)
-      layer = variables["params"][model.output_layer]
-      nll_sum = losses.output_layer_nll(out.logits, layer["kernel"], layer["bias"], shard,
-                                        options.output_chunk_size, model.dtype,
-                                        output_grads, items)
-      counts = (jax.ops.segment_sum(shard.vals.astype(jnp.float32), shard.rows,
-                                    num_segments=shard.batch_size) if gamma > 0 else None)
-    else:
-      x = sparse_lib.densify(shard, n_items)
-      out = model.apply(variables, x, **kw)
-      nll_sum = jnp.sum(losses.multinomial_nll(out.logits, x) * m)
-      counts = jnp.sum(x, axis=-1) if gamma > 0 else None
-    if out.kl is None:
-      kl_sum = 0.0 * nll_sum
-    elif counts is None:
-      kl_sum = jnp.sum(out.kl * m)
-    else:
-      kl_sum = jnp.sum(out.kl * counts * m)
-    return nll_sum, kl_sum
+  mode = _device_mode(model, options, ph, axis_name)
+  shard_sums = functools.partial(_shard_loss_sums, model, options, ph,
+                                 _output_grads(model, ph))
 
   def loss_fn(part, params, frozen, batch, key, beta, n_users, scale, device_offset,
               n_replicas):
-    n_shards, rows_per_shard = batch.row_mask.shape
-    if n_shards == 1:
-      # Without the vmap XLA CPU keeps plain 2-D gathers, scatters and matmuls; the
-      # batched forms of a size-1 axis were measured 1.5x slower at batch 10,000.
-      one = jax.tree_util.tree_map(lambda a: a[0], batch)
-      nll_sum, kl_sum = shard_sums(part, params, frozen, one, key, device_offset)
-    else:
-      offsets = device_offset + jnp.arange(n_shards) * rows_per_shard
-      nll_sum, kl_sum = jax.vmap(shard_sums, in_axes=(None, None, None, 0, None, 0))(
-          part, params, frozen, batch, key, offsets)
+    nll_sum, kl_sum = _batch_sums(shard_sums, _merge(params, part, ph), frozen, batch,
+                                  key, device_offset)
     denom = jnp.maximum(n_users, 1.0)
-    nll = jnp.sum(nll_sum) / denom
-    kl = jnp.sum(kl_sum) / denom
-    # Under pmap every replica adds its share, so the psum of gradients counts it once.
-    if items is None:
-      l2 = losses.l2_penalty(part, options.lam) / n_replicas
-      return (nll + beta * kl + l2) * scale, (nll, kl, l2)
-    replicated = item_shards_lib.map_with_axes(lambda x, a: x if a is None else None, part,
-                                               part_axes)
-    split = item_shards_lib.map_with_axes(lambda x, a: None if a is None else x, part,
-                                          part_axes)
-    l2 = (losses.l2_penalty(replicated, options.lam) / (n_replicas * items.count)
-          + losses.l2_penalty(split, options.lam) / n_replicas)
-    loss = (nll + beta * kl) / items.count + l2
+    nll = nll_sum / denom
+    kl = kl_sum / denom
+    loss, l2 = mode.objective(nll, kl, beta, part, options.lam, n_replicas)
     return loss * scale, (nll, kl, l2)
 
   def train_step(state: TrainState, batch: sparse_lib.SparseBatch):
-    if options.weight_average != (state.ema_params is not None):
-      raise ValueError(
-          f"ema_decay={options.ema_decay} needs a state "
-          + ("with" if options.weight_average else "without")
-          + " ema_params: make it with create_train_state(..., options) of these options")
-    if state.tx is None:
-      raise ValueError("the state carries no optimiser: make it with create_train_state")
-    if len(state.opt_state) != len(phases):
-      raise ValueError(f"the state has {len(state.opt_state)} optimiser states, the "
-                       f"model {len(phases)} phases")
+    _check_state(state, options, len(phases))
     batch = _with_shard_axis(batch)
-    n_users = jnp.sum(batch.row_mask.astype(jnp.float32))
-    if axis_name is not None:
-      n_users = jax.lax.psum(n_users, axis_name)
-      n_replicas = jax.lax.psum(1, axis_name)
-      device_offset = jax.lax.axis_index(axis_name) * batch.row_mask.size
-    else:
-      n_replicas, device_offset = 1, 0
-    if not (model.has_kl and ph.kl):
-      beta = jnp.zeros((), jnp.float32)  # no KL term to weigh: reported as 0
-    elif gamma > 0:
-      beta = jnp.asarray(gamma, jnp.float32)
-    else:
-      beta = options.beta_schedule(state.step)
+    n_users, n_replicas, device_offset = mode.placement(batch)
+    beta = _kl_weight(model, ph, options, state.step)
     key = jax.random.fold_in(state.key, state.step)
     # Without loss scaling the scale is the constant 1, which XLA folds away: no pass
     # over the gradients multiplies or divides by the state's (always 1.0) scale.
@@ -375,16 +508,7 @@ def make_train_step(model: nn.Module, options: StepOptions | None = None, *,
     grads, (nll, kl, l2) = jax.grad(loss_fn, has_aux=True)(
         part, state.params, state.frozen, batch, key, beta, n_users, scale, device_offset,
         n_replicas)
-    if items is not None:
-      grads = item_shards_lib.map_with_axes(
-          lambda g, a: jax.lax.psum(g, axis_name if a is not None
-                                    else (axis_name, items.axis)), grads, part_axes)
-      nll, kl = jax.lax.psum((nll, kl), axis_name)
-      l2 = jax.lax.psum(l2, (axis_name, items.axis))
-    elif axis_name is not None:
-      grads = jax.lax.psum(grads, axis_name)
-      nll, kl = jax.lax.psum((nll, kl), axis_name)
-      l2 = jax.lax.psum(l2, axis_name)
+    grads, nll, kl, l2 = mode.reduce(grads, nll, kl, l2)
     grads = jax.tree_util.tree_map(lambda g: g / scale, grads)
     phase_opt = state.opt_state[phase]
     updates, new_opt = state.tx.update(grads, phase_opt, part)
@@ -392,9 +516,7 @@ def make_train_step(model: nn.Module, options: StepOptions | None = None, *,
     loss_scale = state.loss_scale
     # Without loss scaling a non-finite step is applied, so a NaN surfaces, not hides.
     if options.loss_scaling:
-      finite = precision.all_finite(grads)
-      if items is not None:  # every shard of the item-split gradients must agree
-        finite = jax.lax.psum((~finite).astype(jnp.int32), items.axis) == 0
+      finite = mode.all_finite(grads)
       new_part = precision.select_tree(finite, new_part, part)
       new_opt = precision.select_tree(finite, new_opt, phase_opt)
       loss_scale = precision.update_loss_scale(loss_scale, finite,
@@ -415,6 +537,102 @@ def make_train_step(model: nn.Module, options: StepOptions | None = None, *,
     return new_state, metrics
 
   return train_step
+
+
+def _chunked_metrics(model: nn.Module, output_chunk_size: int, chunk_metrics: Callable,
+                     params: Any, batch: sparse_lib.EvalBatch) -> dict[str, Array]:
+  """Per-user metrics of one shard of ``B`` users on the sparse input path, its logits
+  formed ``output_chunk_size`` users at a time.
+
+  The model runs to its output layer's input ``(B, width)``; for each chunk ``c`` of
+  ``size`` users (the last padded) the float32 logits ``(size, n_items)`` go to
+  ``chunk_metrics(logits, batch, c, size, row_mask)`` (:func:`_chunk_metrics` or
+  :func:`_item_shard_chunk_metrics`), which returns ``(size,)`` arrays; the chunks'
+  results are joined and cut back to ``(B,)``.
+  """
+  fi = batch.fold_in
+  h = model.apply({"params": params}, fi, train=False, method="features").logits
+  layer = params[model.output_layer]
+  kernel = layer["kernel"].astype(model.dtype)
+  bias = layer["bias"].astype(jnp.float32)
+  b = h.shape[0]
+  n_chunks, size = sparse_lib.equal_chunks(b, output_chunk_size)
+  pad = n_chunks * size - b
+  hs = jnp.pad(h, ((0, pad), (0, 0))).reshape(n_chunks, size, h.shape[1])
+  mask = jnp.pad(fi.row_mask, (0, pad)).reshape(n_chunks, size)
+
+  def one_chunk(args):
+    h_c, mask_c, c = args
+    logits = jnp.dot(h_c, kernel, preferred_element_type=jnp.float32) + bias
+    return chunk_metrics(logits, batch, c, size, mask_c)
+
+  out = jax.lax.map(one_chunk, (hs, mask, jnp.arange(n_chunks)))
+  return jax.tree_util.tree_map(
+      lambda a: a.reshape((n_chunks * size,) + a.shape[2:])[:b], out)
+
+
+def _chunk_metrics(logits: Array, batch: sparse_lib.EvalBatch, c: Array, size: int,
+                   row_mask: Array, *, ks: tuple[int, ...]) -> dict[str, Array]:
+  """Per-user metrics of the users ``c * size ...`` of ``batch`` from their float32
+  logits ``(size, n_items)`` over the whole catalogue; ``row_mask`` ``(size,)``."""
+  fi, ho = batch.fold_in, batch.heldout
+  bad = metrics_lib.nonfinite_rows(logits)  # before the fold-in items become -inf
+  logits = logits.at[sparse_lib.rows_of_chunk(fi.rows, c, size), fi.cols].min(
+      jnp.where(fi.vals > 0, -jnp.inf, jnp.inf), mode="drop")
+  heldout = jnp.zeros(logits.shape, jnp.bool_).at[
+      sparse_lib.rows_of_chunk(ho.rows, c, size), ho.cols].max(ho.vals > 0, mode="drop")
+  return metrics_lib.ranking_metrics(logits, heldout, None, ks, row_mask=row_mask,
+                                     nonfinite=bad)
+
+
+def _item_shard_chunk_metrics(logits: Array, batch: sparse_lib.EvalBatch, c: Array,
+                              size: int, row_mask: Array, *, ks: tuple[int, ...],
+                              items: item_shards_lib.ItemShards) -> dict[str, Array]:
+  """:func:`_chunk_metrics` inside ``shard_map``, from logits ``(size, per_shard)``
+  over this device's item shard; every device returns the same values.
+
+  Padding columns (not :meth:`~jax_vaecf.item_shards.ItemShards.real_columns`) are
+  neither checked for NaN nor ranked; the batch's global item indices become local
+  columns, those of other shards dropped; held-out counts and NaN flags are summed over
+  the item axis; each device ranks its own items and
+  :func:`jax_vaecf.item_shards.merge_top_k` merges the candidates into the ranking.
+  """
+  fi, ho = batch.fold_in, batch.heldout
+  real = items.real_columns()
+  bad = jax.lax.psum(jnp.any(~jnp.isfinite(logits) & real, axis=1).astype(jnp.int32),
+                     items.axis) > 0
+  logits = jnp.where(real, logits, -jnp.inf)
+  cols, inside = items.local(fi.cols)
+  logits = logits.at[sparse_lib.rows_of_chunk(fi.rows, c, size), cols].min(
+      jnp.where(inside & (fi.vals > 0), -jnp.inf, jnp.inf), mode="drop")
+  cols, inside = items.local(ho.cols)
+  heldout = jnp.zeros(logits.shape, jnp.bool_).at[
+      sparse_lib.rows_of_chunk(ho.rows, c, size), cols].max(
+          inside & (ho.vals > 0), mode="drop")
+  n_heldout = jax.lax.psum(jnp.sum(heldout, axis=1, dtype=jnp.int32), items.axis)
+  top, where = jax.lax.top_k(logits, min(ks[-1], items.per_shard))
+  hits = jnp.take_along_axis(heldout, where, axis=1)
+  _, ranked, hits = item_shards_lib.merge_top_k(top, where + items.offset(), hits,
+                                                ks[-1], items.axis)
+  return metrics_lib.metrics_from_hits(hits, n_heldout, ks, row_mask, bad, ranked)
+
+
+def _dense_metrics(model: nn.Module, ks: tuple[int, ...], params: Any,
+                   batch: sparse_lib.EvalBatch) -> dict[str, Array]:
+  """Per-user metrics of one shard of ``B`` users from the whole ``(B, n_items)`` logits
+  of the dense input path."""
+  fi, ho = batch.fold_in, batch.heldout
+  x = sparse_lib.densify(fi, model.n_items)
+  logits = model.apply({"params": params}, x, train=False).logits
+  bad = metrics_lib.nonfinite_rows(logits)  # before the fold-in items become -inf
+  # Fold-in items are masked by a scatter into the logits and the held-out rows are
+  # densified as bool, so a wide catalogue holds one float32 (B, n_items) array, not
+  # three (padding entries write (0, 0) with its own value / False: no-ops).
+  logits = logits.at[fi.rows, fi.cols].set(
+      jnp.where(fi.vals > 0, -jnp.inf, logits[fi.rows, fi.cols]))
+  heldout = jnp.zeros(logits.shape, jnp.bool_).at[ho.rows, ho.cols].max(ho.vals > 0)
+  return metrics_lib.ranking_metrics(logits, heldout, None, ks, row_mask=fi.row_mask,
+                                     nonfinite=bad)
 
 
 def make_eval_step(model: nn.Module, ks: Sequence[int] = (20, 50, 100), *,
@@ -447,76 +665,17 @@ def make_eval_step(model: nn.Module, ks: Sequence[int] = (20, 50, 100), *,
     raise ValueError(f"every k must be in [1, n_items={all_items}], got {ks}")
   if items is not None and input_format != "sparse":
     raise ValueError("item sharding needs input_format='sparse'")
-  n_items = model.n_items
-
-  def chunked_metrics(params, batch: sparse_lib.EvalBatch):
-    fi, ho = batch.fold_in, batch.heldout
-    h = model.apply({"params": params}, fi, train=False, method="features").logits
-    layer = params[model.output_layer]
-    kernel = layer["kernel"].astype(model.dtype)
-    bias = layer["bias"].astype(jnp.float32)
-    b = h.shape[0]
-    n_chunks, size = sparse_lib.equal_chunks(b, output_chunk_size)
-    pad = n_chunks * size - b
-    hs = jnp.pad(h, ((0, pad), (0, 0))).reshape(n_chunks, size, h.shape[1])
-    mask = jnp.pad(fi.row_mask, (0, pad)).reshape(n_chunks, size)
-
-    def one_chunk(args):
-      h_c, mask_c, c = args
-      logits = jnp.dot(h_c, kernel, preferred_element_type=jnp.float32) + bias
-      if items is not None:
-        return shard_chunk_metrics(logits, mask_c, c)
-      bad = metrics_lib.nonfinite_rows(logits)  # before the fold-in items become -inf
-      logits = logits.at[sparse_lib.rows_of_chunk(fi.rows, c, size), fi.cols].min(
-          jnp.where(fi.vals > 0, -jnp.inf, jnp.inf), mode="drop")
-      heldout = jnp.zeros(logits.shape, jnp.bool_).at[
-          sparse_lib.rows_of_chunk(ho.rows, c, size), ho.cols].max(ho.vals > 0, mode="drop")
-      return metrics_lib.ranking_metrics(logits, heldout, None, ks, row_mask=mask_c,
-                                         nonfinite=bad)
-
-    def shard_chunk_metrics(logits, mask_c, c):
-      # Each device ranks its own items; the merged top candidates give the ranking.
-      real = items.real_columns()
-      bad = jax.lax.psum(jnp.any(~jnp.isfinite(logits) & real, axis=1).astype(jnp.int32),
-                         items.axis) > 0
-      logits = jnp.where(real, logits, -jnp.inf)
-      cols, inside = items.local(fi.cols)
-      logits = logits.at[sparse_lib.rows_of_chunk(fi.rows, c, size), cols].min(
-          jnp.where(inside & (fi.vals > 0), -jnp.inf, jnp.inf), mode="drop")
-      cols, inside = items.local(ho.cols)
-      heldout = jnp.zeros(logits.shape, jnp.bool_).at[
-          sparse_lib.rows_of_chunk(ho.rows, c, size), cols].max(
-              inside & (ho.vals > 0), mode="drop")
-      n_heldout = jax.lax.psum(jnp.sum(heldout, axis=1, dtype=jnp.int32), items.axis)
-      top, where = jax.lax.top_k(logits, min(ks[-1], items.per_shard))
-      hits = jnp.take_along_axis(heldout, where, axis=1)
-      _, ranked, hits = item_shards_lib.merge_top_k(top, where + items.offset(), hits,
-                                                    ks[-1], items.axis)
-      return metrics_lib.metrics_from_hits(hits, n_heldout, ks, mask_c, bad, ranked)
-
-    out = jax.lax.map(one_chunk, (hs, mask, jnp.arange(n_chunks)))
-    return jax.tree_util.tree_map(
-        lambda a: a.reshape((n_chunks * size,) + a.shape[2:])[:b], out)
-
-  def shard_metrics(params, batch: sparse_lib.EvalBatch):
-    if input_format == "sparse":
-      return chunked_metrics(params, batch)
-    fi, ho = batch.fold_in, batch.heldout
-    x = sparse_lib.densify(fi, n_items)
-    logits = model.apply({"params": params}, x, train=False).logits
-    bad = metrics_lib.nonfinite_rows(logits)  # before the fold-in items become -inf
-    # Fold-in items are masked by a scatter into the logits and the held-out rows are
-    # densified as bool, so a wide catalogue holds one float32 (B, n_items) array, not
-    # three (padding entries write (0, 0) with its own value / False: no-ops).
-    logits = logits.at[fi.rows, fi.cols].set(
-        jnp.where(fi.vals > 0, -jnp.inf, logits[fi.rows, fi.cols]))
-    heldout = jnp.zeros(logits.shape, jnp.bool_).at[ho.rows, ho.cols].max(ho.vals > 0)
-    return metrics_lib.ranking_metrics(logits, heldout, None, ks, row_mask=fi.row_mask,
-                                       nonfinite=bad)
+  if input_format == "dense":
+    shard_metrics = functools.partial(_dense_metrics, model, ks)
+  else:
+    chunk_metrics = (functools.partial(_chunk_metrics, ks=ks) if items is None else
+                     functools.partial(_item_shard_chunk_metrics, ks=ks, items=items))
+    shard_metrics = functools.partial(_chunked_metrics, model, output_chunk_size,
+                                      chunk_metrics)
 
   def eval_step(params, batch: sparse_lib.EvalBatch):
     batch = _with_shard_axis(batch)
-    if batch.fold_in.rows.shape[0] == 1:  # one shard: no vmap (see make_train_step)
+    if batch.fold_in.rows.shape[0] == 1:  # one shard: no vmap (see _batch_sums)
       return shard_metrics(params, jax.tree_util.tree_map(lambda a: a[0], batch))
     out = jax.vmap(shard_metrics, in_axes=(None, 0))(params, batch)
     return jax.tree_util.tree_map(lambda a: a.reshape((-1,) + a.shape[2:]), out)
