@@ -67,11 +67,7 @@ def plot_sweep(records: list[dict], out: str, title: str) -> None:
   ax.legend(loc="lower right")
   ax.grid(alpha=0.3)
   fig.suptitle(title)
-  fig.tight_layout()
-  tmp = out + ".tmp.png"
-  fig.savefig(tmp, dpi=110)
-  os.replace(tmp, out)
-  plt.close(fig)
+  _save(fig, out)
 
 
 def plot(records: list[dict], out: str, title: str) -> None:
@@ -92,17 +88,13 @@ def plot(records: list[dict], out: str, title: str) -> None:
   val = [r for r in records if "val_ndcg@100" in r]
   for key in ("val_ndcg@100", "val_recall@20", "val_recall@50"):
     ax_val.plot([r["epoch"] for r in val], [r[key] for r in val], marker=".",
-                label=key[4:].replace("@", "@"))
+                label=key[4:])
   ax_val.set_xlabel("epoch")
   ax_val.set_ylabel("validation metric")
   ax_val.legend(loc="lower right")
   ax_val.grid(alpha=0.3)
   fig.suptitle(title)
-  fig.tight_layout()
-  tmp = out + ".tmp.png"
-  fig.savefig(tmp, dpi=110)
-  os.replace(tmp, out)
-  plt.close(fig)
+  _save(fig, out)
 
 
 def _save(fig, out: str) -> None:

@@ -203,6 +203,7 @@ class FittedModel:
     self.results = dict(results or {})
     self._split = split
     self._recommender: recommend_lib.Recommender | None = None
+    self._jitted: dict = {}  # compiled scoring / evaluation, per model (and ks)
     self._rows: dict[str, list[np.ndarray]] | None = None
     self._owns: weakref.finalize | None = None
 
@@ -308,8 +309,10 @@ class FittedModel:
     x = np.zeros((len(cols), rec.model.n_items), np.float32)
     for r, c in enumerate(cols):
       x[r, c] = 1.0
-    apply = jax.jit(lambda p, x: rec.model.apply({"params": p}, x).logits)
-    return np.asarray(jax.device_get(apply(rec.params, x)))  # host -> device -> host
+    if "score" not in self._jitted:
+      self._jitted["score"] = jax.jit(lambda p, x: rec.model.apply({"params": p}, x).logits)
+    scores = self._jitted["score"](rec.params, x)  # host rows -> device
+    return np.asarray(jax.device_get(scores))  # device -> host
 
   def evaluate(self, on: str | data_lib.EvalSplit = "test",
                ks: Sequence[int] = (20, 50, 100)) -> dict:
@@ -328,9 +331,12 @@ class FittedModel:
     if part.fold_in.shape[1] != rec.model.n_items:
       raise ValueError(f"the users' rows have {part.fold_in.shape[1]} item columns, the "
                        f"model {rec.model.n_items}")
-    step = jax.jit(train_lib.make_eval_step(
-        rec.model, ks, input_format=self.config.input_format,
-        output_chunk_size=self.config.output_chunk_size))
+    key = ("evaluate", tuple(sorted(set(int(k) for k in ks))))
+    if key not in self._jitted:
+      self._jitted[key] = jax.jit(train_lib.make_eval_step(
+          rec.model, ks, input_format=self.config.input_format,
+          output_chunk_size=self.config.output_chunk_size))
+    step = self._jitted[key]
     acc = metrics_lib.MetricAccumulator()
     for batch in data_lib.eval_batches(part, self.config.batch_size_validation):
       acc.add(jax.device_get(step(rec.params, batch)))
@@ -356,6 +362,7 @@ class FittedModel:
       self._owns = None
     self.workdir = path
     self._recommender = None
+    self._jitted = {}
     return path
 
   def export(self, out_dir: str | os.PathLike, k: int = 100, *,

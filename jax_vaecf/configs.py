@@ -483,15 +483,27 @@ def get_config(name: str) -> Config:
     return PRESETS[name]()
   if name.endswith(".json") or os.path.isfile(name):
     try:
-      with open(name) as f:
-        obj = json.load(f)
+      obj = read_settings_file(name)
     except FileNotFoundError:
       raise ValueError(f"--config={name}: no such file") from None
-    except (OSError, ValueError) as e:
-      raise ValueError(f"--config={name}: unreadable ({e})") from None
+    except ValueError as e:
+      raise ValueError(f"--config={e}") from None
     return from_json(obj, name)
   raise ValueError(f"unknown config {name!r}: expected one of {sorted(PRESETS)} or a "
                    "JSON file of settings")
+
+
+def read_settings_file(path: str) -> dict:
+  """The JSON object of a settings file (a run's ``config.json``, a ``best.json``).
+  ``FileNotFoundError`` when there is none; ``ValueError`` naming ``path`` when it
+  cannot be read or parsed (``"PATH: unreadable (...)"``)."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path}: unreadable ({e})") from None
 
 
 def to_json(cfg: Config) -> dict:

@@ -83,7 +83,32 @@ def _dense_rows(x: model_lib.Input, n_items: int, dtype) -> Array:
   return jnp.asarray(x).astype(dtype)
 
 
-class EASE(model_lib.CFModel):
+class _ClosedForm(model_lib.CFModel):
+  """What EASE and its sweep scorer share: no training round, no KL term, an output
+  layer ``output`` over the features."""
+
+  closed_form = True  # fitted by this module's functions, not by train steps
+
+  @property
+  def output_layer(self) -> str:
+    return "output"
+
+  @property
+  def phases(self) -> tuple[model_lib.Phase, ...]:
+    return ()  # no optimiser, no training round
+
+  @property
+  def has_kl(self) -> bool:
+    return False
+
+  def __call__(self, x: model_lib.Input, *, train: bool = False, row_offset=0, **kwargs
+               ) -> model_lib.ModelOutput:
+    """Float32 scores ``(B, n_items)``: the output layer over :meth:`features`."""
+    h = self.features(x, train=train, row_offset=row_offset, **kwargs).logits
+    return model_lib.ModelOutput(self.output(h))
+
+
+class EASE(_ClosedForm):
   """EASE's scorer ``x @ B`` as a model of the library.
 
   Attributes:
@@ -99,23 +124,9 @@ class EASE(model_lib.CFModel):
   param_dtype: Any = jnp.float32
   item_shards: Any = None
 
-  closed_form = True  # fitted by this module's functions, not by train steps
-
   def setup(self):
     self.output = _ItemItem(self.n_items, self.dtype, self.param_dtype)
     self.l2 = self.param("l2", nn.initializers.zeros, (), self.param_dtype)
-
-  @property
-  def output_layer(self) -> str:
-    return "output"
-
-  @property
-  def phases(self) -> tuple[model_lib.Phase, ...]:
-    return ()  # no optimiser, no training round
-
-  @property
-  def has_kl(self) -> bool:
-    return False
 
   def features(self, x: model_lib.Input, *, train: bool = False, row_offset=0,
                dropout: bool = True, frozen: Any = None, kl: bool = True
@@ -124,16 +135,10 @@ class EASE(model_lib.CFModel):
     del train, row_offset, dropout, frozen, kl
     return model_lib.ModelOutput(_dense_rows(x, self.n_items, self.dtype))
 
-  def __call__(self, x: model_lib.Input, *, train: bool = False, row_offset=0, **kwargs
-               ) -> model_lib.ModelOutput:
-    """Float32 scores ``(B, n_items)``: ``x @ B``."""
-    h = self.features(x, train=train, row_offset=row_offset, **kwargs).logits
-    return model_lib.ModelOutput(self.output(h))
 
-
-class Spectral(model_lib.CFModel):
+class Spectral(_ClosedForm):
   """One ``l2``'s validation scores from the Gram matrix's eigendecomposition:
-  ``((x @ project) @ output/kernel``, parameters from :func:`sweep_params`. Equal to
+  ``(x @ project) @ output/kernel``, parameters from :func:`sweep_params`. Equal to
   :class:`EASE`'s scores on every item the user does not have (the only ones ranked)."""
 
   n_items: int
@@ -146,29 +151,12 @@ class Spectral(model_lib.CFModel):
                               (self.n_items, self.n_items), self.param_dtype)
     self.output = _ItemItem(self.n_items, self.dtype, self.param_dtype)
 
-  @property
-  def output_layer(self) -> str:
-    return "output"
-
-  @property
-  def phases(self) -> tuple[model_lib.Phase, ...]:
-    return ()
-
-  @property
-  def has_kl(self) -> bool:
-    return False
-
   def features(self, x: model_lib.Input, *, train: bool = False, row_offset=0,
                dropout: bool = True, frozen: Any = None, kl: bool = True
                ) -> model_lib.ModelOutput:
     del train, row_offset, dropout, frozen, kl
     h = _dense_rows(x, self.n_items, jnp.float32)
     return model_lib.ModelOutput(jnp.dot(h, self.project, precision=_HIGHEST))
-
-  def __call__(self, x: model_lib.Input, *, train: bool = False, row_offset=0, **kwargs
-               ) -> model_lib.ModelOutput:
-    h = self.features(x, train=train, row_offset=row_offset, **kwargs).logits
-    return model_lib.ModelOutput(self.output(h))
 
 
 def _build(n_items, hidden_dims, latent_dim, dropout_rate, dtype, *, l2=()) -> EASE:

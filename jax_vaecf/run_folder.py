@@ -285,12 +285,9 @@ def read_run_config(workdir: str) -> dict:
   """
   path = os.path.join(workdir, "config.json")
   try:
-    with open(path) as f:
-      saved = json.load(f)
+    saved = configs.read_settings_file(path)
   except FileNotFoundError:
     raise FileNotFoundError(f"{path}: not found") from None
-  except (OSError, ValueError) as e:
-    raise ValueError(f"{path}: unreadable ({e})") from None
   if not isinstance(saved, dict):
     raise ValueError(f"{path}: expected a JSON object of settings")
   return saved
