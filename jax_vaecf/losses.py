@@ -83,6 +83,44 @@ def row_major_transpose(h: Array) -> Array:
   return jax.lax.dot_general(eye, h, (((1,), (1,)), ((), ())), preferred_element_type=h.dtype)
 
 
+def _chunk_softmax_nll(h_c, kernel_c, bias, x, items, real, total_over):
+  """One chunk's output layer: the exponentials ``e = exp(logits - max)``, their row
+  totals, the rows' click totals and the multinomial NLL per row (all float32), summed
+  over the item shards by ``total_over`` when ``items`` splits the columns."""
+  logits = jnp.dot(h_c, kernel_c, preferred_element_type=jnp.float32) + bias
+  if items is None:
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    e = jnp.exp(logits - top)
+  else:  # padding columns have probability 0
+    top = jax.lax.pmax(jnp.max(jnp.where(real, logits, -jnp.inf), axis=-1,
+                               keepdims=True), items.axis)
+    e = jnp.where(real, jnp.exp(logits - top), 0.0)
+  total = total_over(jnp.sum(e, axis=-1, keepdims=True))
+  x_total = total_over(jnp.sum(x, axis=-1, keepdims=True))
+  nll = (x_total[:, 0] * (jnp.log(total[:, 0]) + top[:, 0])
+         - total_over(jnp.sum(x * logits, axis=-1)))
+  return e, total, x_total, nll
+
+
+def _scan_chunks(body, xs, with_grad, d_params, d_input, kernel_shape, bias_shape, b):
+  """Runs ``body`` over the chunks ``xs = (h (C, S, W), mask (C, S), chunk index (C,))``:
+  the NLL sum alone, or with the gradients asked for (``d h`` as ``(b, W)`` float32 and
+  the kernel and bias gradients accumulated in the scan's carry)."""
+  n_chunks, chunk_size, width = xs[0].shape
+  if not with_grad:
+    _, sums = jax.lax.scan(body, (), xs)
+    return jnp.sum(sums)
+  if d_params:
+    init = (jnp.zeros(kernel_shape, jnp.float32), jnp.zeros(bias_shape, jnp.float32))
+  else:  # nothing to accumulate: no (width, n_items) carry through the scan
+    init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+  if not d_input:
+    (d_kernel, d_bias), sums = jax.lax.scan(body, init, xs)
+    return jnp.sum(sums), jnp.zeros((b, width), jnp.float32), d_kernel, d_bias
+  (d_kernel, d_bias), (sums, d_h) = jax.lax.scan(body, init, xs)
+  return jnp.sum(sums), d_h.reshape(n_chunks * chunk_size, width)[:b], d_kernel, d_bias
+
+
 def _output_chunks(h, kernel, bias, batch, chunk_size, dtype, with_grad, wrt="all",
                    items=None):
   """Scans the output layer and the NLL over row chunks of ``chunk_size`` users.
@@ -107,6 +145,7 @@ def _output_chunks(h, kernel, bias, batch, chunk_size, dtype, with_grad, wrt="al
   vals = batch.vals.astype(jnp.float32)
   n_items = kernel.shape[1]
   cols = batch.cols
+  real = None
   if items is not None:
     cols, inside = items.local(cols)
     vals = jnp.where(inside, vals, 0.0)
@@ -121,18 +160,8 @@ def _output_chunks(h, kernel, bias, batch, chunk_size, dtype, with_grad, wrt="al
     x = jnp.zeros((chunk_size, n_items), jnp.float32).at[local, cols].add(
         vals, mode="drop")
     h_c = h_c.astype(dtype)
-    logits = jnp.dot(h_c, kernel_c, preferred_element_type=jnp.float32) + bias
-    if items is None:
-      top = jnp.max(logits, axis=-1, keepdims=True)
-      e = jnp.exp(logits - top)
-    else:  # padding columns have probability 0
-      top = jax.lax.pmax(jnp.max(jnp.where(real, logits, -jnp.inf), axis=-1,
-                                 keepdims=True), items.axis)
-      e = jnp.where(real, jnp.exp(logits - top), 0.0)
-    total = total_over(jnp.sum(e, axis=-1, keepdims=True))
-    x_total = total_over(jnp.sum(x, axis=-1, keepdims=True))
-    nll = (x_total[:, 0] * (jnp.log(total[:, 0]) + top[:, 0])
-           - total_over(jnp.sum(x * logits, axis=-1)))
+    e, total, x_total, nll = _chunk_softmax_nll(h_c, kernel_c, bias, x, items, real,
+                                                total_over)
     nll_sum = jnp.sum(m_c * nll)
     if not with_grad:
       return carry, nll_sum
@@ -150,19 +179,8 @@ def _output_chunks(h, kernel, bias, batch, chunk_size, dtype, with_grad, wrt="al
                               preferred_element_type=jnp.float32)
     return (d_kernel, d_bias), (nll_sum, d_h)
 
-  xs = (h, mask, jnp.arange(n_chunks))
-  if not with_grad:
-    _, sums = jax.lax.scan(body, (), xs)
-    return jnp.sum(sums)
-  if d_params:
-    init = (jnp.zeros(kernel.shape, jnp.float32), jnp.zeros(bias.shape, jnp.float32))
-  else:  # nothing to accumulate: no (width, n_items) carry through the scan
-    init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-  if not d_input:
-    (d_kernel, d_bias), sums = jax.lax.scan(body, init, xs)
-    return jnp.sum(sums), jnp.zeros((b, width), jnp.float32), d_kernel, d_bias
-  (d_kernel, d_bias), (sums, d_h) = jax.lax.scan(body, init, xs)
-  return jnp.sum(sums), d_h.reshape(n_chunks * chunk_size, width)[:b], d_kernel, d_bias
+  return _scan_chunks(body, (h, mask, jnp.arange(n_chunks)), with_grad, d_params,
+                      d_input, kernel.shape, bias.shape, b)
 
 
 OUTPUT_GRADS = ("all", "input", "params")

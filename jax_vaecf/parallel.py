@@ -383,19 +383,7 @@ def make_parallel_steps(model: nn.Module, options: train_lib.StepOptions | None 
   if mode not in MODES:
     raise ValueError(f"unknown parallel mode {mode!r}: expected one of {MODES}")
   devices = tuple(resolve_devices(0) if devices is None else devices)
-  if not devices:
-    raise ValueError("no devices given")
-  me = jax.process_index()
-  local = [d for d in devices if d.process_index == me]
-  if not local:
-    raise ValueError(f"none of the devices belongs to this process ({me})")
-  n_processes = len({d.process_index for d in devices})
-  if len(devices) != len(local) * n_processes:
-    raise ValueError("every process must contribute the same number of devices")
-  if mode == "pmap" and n_processes > 1:
-    raise ValueError("mode='pmap' is single-process here; use mode='sharded' to span "
-                     "processes (multi-host)")
-
+  local = _local_devices(devices, mode)
   if model_shards < 1:
     raise ValueError(f"model_shards must be >= 1, got {model_shards}")
   if model_shards > 1:
@@ -411,22 +399,45 @@ def make_parallel_steps(model: nn.Module, options: train_lib.StepOptions | None 
                                      output_chunk_size=options.output_chunk_size)
   evaluate = lambda params, b: eval_fn(_params_of(params), b)
   refresh = functools.partial(train_lib.refresh_frozen, model)
+  place = _pmap_steps if mode == "pmap" else _data_sharded_steps
+  ps = place(devices, len(local), model.phases, steps, refresh, evaluate)
+  return dataclasses.replace(ps, _create=lambda tx, key: ps.init_state(
+      train_lib.create_train_state(model, tx, key, options)))
 
-  def create(ps):
-    return lambda tx, key: ps.init_state(
-        train_lib.create_train_state(model, tx, key, options))
 
-  if mode == "pmap":
-    # A mesh of the same devices names the layout of arrays with a leading device
-    # axis, so device_put places shard i on devices[i], as pmap expects.
-    pmesh = Mesh(np.array(devices), (PMAP_AXIS,))
-    place = lambda fn, **kw: jax.pmap(fn, axis_name=PMAP_AXIS, devices=list(devices), **kw)
-    ps = ParallelSteps(mode, devices, len(devices), len(local), None, model.phases,
+def _local_devices(devices: Sequence[jax.Device], mode: str) -> list[jax.Device]:
+  """This process's share of ``devices``, after checking that every process gives the
+  same number and that ``pmap`` stays in one process."""
+  if not devices:
+    raise ValueError("no devices given")
+  me = jax.process_index()
+  local = [d for d in devices if d.process_index == me]
+  if not local:
+    raise ValueError(f"none of the devices belongs to this process ({me})")
+  n_processes = len({d.process_index for d in devices})
+  if len(devices) != len(local) * n_processes:
+    raise ValueError("every process must contribute the same number of devices")
+  if mode == "pmap" and n_processes > 1:
+    raise ValueError("mode='pmap' is single-process here; use mode='sharded' to span "
+                     "processes (multi-host)")
+  return local
+
+
+def _pmap_steps(devices, n_local, phases, steps, refresh, evaluate) -> ParallelSteps:
+  """The steps under ``jax.pmap`` over ``devices`` (one process)."""
+  # A mesh of the same devices names the layout of arrays with a leading device
+  # axis, so device_put places shard i on devices[i], as pmap expects.
+  pmesh = Mesh(np.array(devices), (PMAP_AXIS,))
+  place = lambda fn, **kw: jax.pmap(fn, axis_name=PMAP_AXIS, devices=list(devices), **kw)
+  return ParallelSteps("pmap", devices, len(devices), n_local, None, phases,
                        tuple(place(s, donate_argnums=0) for s in steps),
                        place(refresh, donate_argnums=0), place(evaluate), None,
                        NamedSharding(pmesh, P(PMAP_AXIS)))
-    return dataclasses.replace(ps, _create=create(ps))
 
+
+def _data_sharded_steps(devices, n_local, phases, steps, refresh, evaluate
+                        ) -> ParallelSteps:
+  """The steps jit-compiled over a one-axis mesh: the batch split, the state replicated."""
   kw = {}
   axis_type = getattr(jax.sharding, "AxisType", None)
   if axis_type is not None:
@@ -444,9 +455,43 @@ def make_parallel_steps(model: nn.Module, options: train_lib.StepOptions | None 
   # Per-user eval metrics come back replicated (a small all-gather of (B,) vectors), so
   # every process can read all users' values.
   j_eval = jax.jit(evaluate, in_shardings=(replicated, sharded), out_shardings=replicated)
-  ps = ParallelSteps(mode, devices, len(devices), len(local), mesh, model.phases,
-                     j_train, j_refresh, j_eval, replicated, sharded)
-  return dataclasses.replace(ps, _create=create(ps))
+  return ParallelSteps("sharded", devices, len(devices), n_local, mesh, phases,
+                       j_train, j_refresh, j_eval, replicated, sharded)
+
+
+def _item_mesh(grid: np.ndarray) -> Mesh:
+  """The ``(data, model)`` mesh over a ``(D, M)`` grid of devices."""
+  kw = {}
+  axis_type = getattr(jax.sharding, "AxisType", None)
+  if axis_type is not None:
+    kw["axis_types"] = (axis_type.Auto, axis_type.Auto)
+  return Mesh(grid, (MESH_AXIS, ITEM_AXIS), **kw)
+
+
+def _placed_on(mesh: Mesh, body: Callable, out_specs_of: Callable, donate: bool,
+               out_shardings=None) -> Callable:
+  """``jit(shard_map(body))`` over ``mesh``, built once per layout of the first argument
+  (a state or parameters placed on the mesh; the other arguments split over data)."""
+  cache = {}
+
+  def call(tree, *rest):
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    if not all(isinstance(a, jax.Array) and isinstance(a.sharding, NamedSharding)
+               and a.sharding.mesh == mesh for a in leaves):
+      raise ValueError("an item-sharded step takes a state (or parameters) placed on "
+                       "its mesh: make it with ParallelSteps.init_state or create_state")
+    key_ = (treedef, tuple(a.sharding.spec for a in leaves))
+    if key_ not in cache:
+      # A placed tree carries its layout: each array's sharding names its item axis.
+      specs = jax.tree_util.tree_map(lambda a: a.sharding.spec, tree)
+      in_specs = (specs,) + tuple(P(MESH_AXIS) for _ in rest)
+      fn = jax.shard_map(body, mesh=mesh, in_specs=in_specs,
+                         out_specs=out_specs_of(specs), check_vma=False)
+      cache[key_] = jax.jit(fn, donate_argnums=(0,) if donate else (),
+                            out_shardings=out_shardings)
+    return cache[key_](tree, *rest)
+
+  return call
 
 
 def _item_sharded_steps(model, options, devices, local, ks, model_shards) -> ParallelSteps:
@@ -459,12 +504,9 @@ def _item_sharded_steps(model, options, devices, local, ks, model_shards) -> Par
     raise ValueError("item sharding needs input_format='sparse'")
   shards = item_shards_lib.ItemShards(ITEM_AXIS, model_shards, model.n_items)
   local_model = model.clone(n_items=shards.per_shard, item_shards=shards)
-  kw = {}
-  axis_type = getattr(jax.sharding, "AxisType", None)
-  if axis_type is not None:
-    kw["axis_types"] = (axis_type.Auto, axis_type.Auto)
   grid = np.array(devices).reshape(len(devices) // model_shards, model_shards)
-  mesh = Mesh(grid, (MESH_AXIS, ITEM_AXIS), **kw)
+  mesh = _item_mesh(grid)
+  placed = functools.partial(_placed_on, mesh)
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P(MESH_AXIS))
   key = np.zeros((2,), np.uint32)
@@ -474,32 +516,6 @@ def _item_sharded_steps(model, options, devices, local, ks, model_shards) -> Par
     return item_shards_lib.item_axes(
         lambda n: train_lib.create_train_state(model.clone(n_items=n), tx, key, options),
         model.n_items)
-
-  def specs_of(tree):
-    # A placed tree carries its layout: each array's sharding names its item axis.
-    return jax.tree_util.tree_map(lambda a: a.sharding.spec, tree)
-
-  def placed(body, out_specs_of, donate, out_shardings=None):
-    """jit(shard_map(body)) built once per layout of the first argument."""
-    cache = {}
-
-    def call(tree, *rest):
-      leaves, treedef = jax.tree_util.tree_flatten(tree)
-      if not all(isinstance(a, jax.Array) and isinstance(a.sharding, NamedSharding)
-                 and a.sharding.mesh == mesh for a in leaves):
-        raise ValueError("an item-sharded step takes a state (or parameters) placed on "
-                         "its mesh: make it with ParallelSteps.init_state or create_state")
-      key_ = (treedef, tuple(a.sharding.spec for a in leaves))
-      if key_ not in cache:
-        specs = specs_of(tree)
-        in_specs = (specs,) + tuple(P(MESH_AXIS) for _ in rest)
-        fn = jax.shard_map(body, mesh=mesh, in_specs=in_specs,
-                           out_specs=out_specs_of(specs), check_vma=False)
-        cache[key_] = jax.jit(fn, donate_argnums=(0,) if donate else (),
-                              out_shardings=out_shardings)
-      return cache[key_](tree, *rest)
-
-    return call
 
   train_steps = tuple(
       placed(train_lib.make_train_step(local_model, options, phase=i,

@@ -449,6 +449,47 @@ def _device_mode(model: nn.Module, options: StepOptions, phase: model_lib.Phase,
   return _ItemSharded(axis_name, items, trained_part(param_item_axes(model), phase))
 
 
+def _scaled_loss(shard_sums: Callable, ph: model_lib.Phase, mode: _OneDevice,
+                 lam: float, part, params, frozen, batch, key, beta, n_users, scale,
+                 device_offset, n_replicas):
+  """The step's objective times the loss scale, differentiated in ``part`` (the phase's
+  trained parameter groups); aux: the mean NLL, mean weighted KL and L2 term."""
+  nll_sum, kl_sum = _batch_sums(shard_sums, _merge(params, part, ph), frozen, batch,
+                                key, device_offset)
+  denom = jnp.maximum(n_users, 1.0)
+  nll = nll_sum / denom
+  kl = kl_sum / denom
+  loss, l2 = mode.objective(nll, kl, beta, part, lam, n_replicas)
+  return loss * scale, (nll, kl, l2)
+
+
+def _apply_gradients(state: TrainState, grads: Any, part: Any, phase: int,
+                     ph: model_lib.Phase, options: StepOptions, mode: _OneDevice
+                     ) -> TrainState:
+  """The state after one Adam update of ``part`` (phase ``phase``'s parameter groups)
+  with the reduced, unscaled ``grads``: loss-scale bookkeeping, the merge back into the
+  full parameters, the phase's optimiser state and the weight average."""
+  phase_opt = state.opt_state[phase]
+  updates, new_opt = state.tx.update(grads, phase_opt, part)
+  new_part = optax.apply_updates(part, updates)
+  loss_scale = state.loss_scale
+  # Without loss scaling a non-finite step is applied, so a NaN surfaces, not hides.
+  if options.loss_scaling:
+    finite = mode.all_finite(grads)
+    new_part = precision.select_tree(finite, new_part, part)
+    new_opt = precision.select_tree(finite, new_opt, phase_opt)
+    loss_scale = precision.update_loss_scale(loss_scale, finite,
+                                             period=options.loss_scale_period)
+  params = _merge(state.params, new_part, ph)
+  opt_state = tuple(new_opt if i == phase else o for i, o in enumerate(state.opt_state))
+  ema_params = state.ema_params
+  if options.weight_average:
+    ema_params = update_weight_average(ema_params, params, state.step + 1,
+                                       options.ema_decay)
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                       loss_scale=loss_scale, ema_params=ema_params)
+
+
 def make_train_step(model: nn.Module, options: StepOptions | None = None, *,
                     phase: int = 0, axis_name: str | None = None
                     ) -> Callable[[TrainState, sparse_lib.SparseBatch],
@@ -482,18 +523,9 @@ def make_train_step(model: nn.Module, options: StepOptions | None = None, *,
     raise ValueError(f"phase must be in [0, {len(phases)}), got {phase}")
   ph = phases[phase]
   mode = _device_mode(model, options, ph, axis_name)
-  shard_sums = functools.partial(_shard_loss_sums, model, options, ph,
-                                 _output_grads(model, ph))
-
-  def loss_fn(part, params, frozen, batch, key, beta, n_users, scale, device_offset,
-              n_replicas):
-    nll_sum, kl_sum = _batch_sums(shard_sums, _merge(params, part, ph), frozen, batch,
-                                  key, device_offset)
-    denom = jnp.maximum(n_users, 1.0)
-    nll = nll_sum / denom
-    kl = kl_sum / denom
-    loss, l2 = mode.objective(nll, kl, beta, part, options.lam, n_replicas)
-    return loss * scale, (nll, kl, l2)
+  loss_fn = functools.partial(_scaled_loss, functools.partial(
+      _shard_loss_sums, model, options, ph, _output_grads(model, ph)), ph, mode,
+                              options.lam)
 
   def train_step(state: TrainState, batch: sparse_lib.SparseBatch):
     _check_state(state, options, len(phases))
@@ -510,31 +542,11 @@ def make_train_step(model: nn.Module, options: StepOptions | None = None, *,
         n_replicas)
     grads, nll, kl, l2 = mode.reduce(grads, nll, kl, l2)
     grads = jax.tree_util.tree_map(lambda g: g / scale, grads)
-    phase_opt = state.opt_state[phase]
-    updates, new_opt = state.tx.update(grads, phase_opt, part)
-    new_part = optax.apply_updates(part, updates)
-    loss_scale = state.loss_scale
-    # Without loss scaling a non-finite step is applied, so a NaN surfaces, not hides.
-    if options.loss_scaling:
-      finite = mode.all_finite(grads)
-      new_part = precision.select_tree(finite, new_part, part)
-      new_opt = precision.select_tree(finite, new_opt, phase_opt)
-      loss_scale = precision.update_loss_scale(loss_scale, finite,
-                                               period=options.loss_scale_period)
-    params = _merge(state.params, new_part, ph)
-    opt_state = tuple(new_opt if i == phase else o for i, o in enumerate(state.opt_state))
-    ema_params = state.ema_params
-    if options.weight_average:
-      ema_params = update_weight_average(ema_params, params, state.step + 1,
-                                         options.ema_decay)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              loss_scale=loss_scale, ema_params=ema_params)
-    metrics = {
+    new_state = _apply_gradients(state, grads, part, phase, ph, options, mode)
+    return new_state, {
         "loss": nll + beta * kl + l2, "nll": nll, "kl": kl, "beta": beta,
         "n_users": n_users, "loss_scale": state.loss_scale.scale,
-        "skipped_steps": loss_scale.skipped_steps,
-    }
-    return new_state, metrics
+        "skipped_steps": new_state.loss_scale.skipped_steps}
 
   return train_step
 

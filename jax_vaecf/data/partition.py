@@ -119,6 +119,30 @@ def _save(path: str, array: np.ndarray) -> None:
     np.save(f, np.ascontiguousarray(array), allow_pickle=False)
 
 
+def _write_part(staging: str, p: int, processes: int, matrices: Mapping[str, Any],
+                user_sets: Mapping[str, Any], users: dict, nnz: dict,
+                names: list[str]) -> None:
+  """Writes part ``p``'s user ids and matrix rows under ``staging``, appending each
+  file's name to ``names`` and the part's user and non-zero counts to ``users`` and
+  ``nnz``."""
+  folder = part_name(p, processes)
+  os.mkdir(os.path.join(staging, folder), 0o777)
+  for s_name, ids in user_sets.items():
+    sl = distributed.process_slice(len(ids), p, processes)
+    users[s_name].append(sl.stop - sl.start)
+    names.append(f"{folder}/{s_name}_user_ids.npy")
+    _save(os.path.join(staging, names[-1]), np.asarray(ids)[sl])
+  for m_name, m in matrices.items():
+    sl = distributed.process_slice(m.shape[0], p, processes)
+    lo, hi = int(m.indptr[sl.start]), int(m.indptr[sl.stop])
+    parts = {"indptr": m.indptr[sl.start:sl.stop + 1].astype(np.int64) - lo,
+             "indices": m.indices[lo:hi], "data": m.data[lo:hi]}
+    nnz[m_name].append(hi - lo)
+    for key, dtype in _ARRAYS:
+      names.append(f"{folder}/{m_name}_{key}.npy")
+      _save(os.path.join(staging, names[-1]), parts[key].astype(dtype, copy=False))
+
+
 def write_partitions(split: split_lib.Split, out: str | os.PathLike, processes: int, *,
                      settings: Mapping[str, Any],
                      info: Mapping[str, Any] | None = None) -> dict:
@@ -158,22 +182,7 @@ def write_partitions(split: split_lib.Split, out: str | os.PathLike, processes: 
     users = {s: [] for s in user_sets}
     nnz = {m: [] for m in matrices}
     for p in range(processes):
-      folder = part_name(p, processes)
-      os.mkdir(os.path.join(staging, folder), 0o777)
-      for s_name, ids in user_sets.items():
-        sl = distributed.process_slice(len(ids), p, processes)
-        users[s_name].append(sl.stop - sl.start)
-        names.append(f"{folder}/{s_name}_user_ids.npy")
-        _save(os.path.join(staging, names[-1]), np.asarray(ids)[sl])
-      for m_name, m in matrices.items():
-        sl = distributed.process_slice(m.shape[0], p, processes)
-        lo, hi = int(m.indptr[sl.start]), int(m.indptr[sl.stop])
-        parts = {"indptr": m.indptr[sl.start:sl.stop + 1].astype(np.int64) - lo,
-                 "indices": m.indices[lo:hi], "data": m.data[lo:hi]}
-        nnz[m_name].append(hi - lo)
-        for key, dtype in _ARRAYS:
-          names.append(f"{folder}/{m_name}_{key}.npy")
-          _save(os.path.join(staging, names[-1]), parts[key].astype(dtype, copy=False))
+      _write_part(staging, p, processes, matrices, user_sets, users, nnz, names)
     manifest = {
         "format": FORMAT, "processes": int(processes), "n_items": int(split.n_items),
         "protocol": split.protocol, "collapsed_duplicates": int(split.collapsed_duplicates),
@@ -217,6 +226,21 @@ def setting_differences(recorded: Mapping[str, Any], given: Mapping[str, Any]) -
           if k not in recorded or k not in given or recorded[k] != given[k]]
 
 
+def _check_part_files(folder: str, manifest: Mapping[str, Any], part: str,
+                      verify: bool) -> None:
+  """Every shared file and every file of ``part`` is present and, with ``verify``, has
+  the sha256 the manifest records."""
+  shared = [n for n in manifest["files"] if "/" not in n]
+  mine = [n for n in manifest["files"] if n.startswith(part + "/")]
+  for name in shared + mine:
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"{path}: missing from the partitioned folder")
+    if verify and files_lib.sha256_of(path) != manifest["files"][name]["sha256"]:
+      raise ValueError(f"{path}: its sha256 differs from {MANIFEST}'s (damaged or altered); "
+                       "write the folder again with python -m experiments.partition")
+
+
 def open_part(folder: str | os.PathLike, process_index: int, process_count: int, *,
               settings: Mapping[str, Any] | None = None, verify: bool = True) -> PartSplit:
   """Part ``process_index`` of the partitioned folder, its arrays memory-mapped.
@@ -249,15 +273,7 @@ def open_part(folder: str | os.PathLike, process_index: int, process_count: int,
       raise ValueError(f"{folder}: made with other data settings than this run's: "
                        + "; ".join(diff))
   part = part_name(process_index, process_count)
-  shared = [n for n in manifest["files"] if "/" not in n]
-  mine = [n for n in manifest["files"] if n.startswith(part + "/")]
-  for name in shared + mine:
-    path = os.path.join(folder, name)
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"{path}: missing from the partitioned folder")
-    if verify and files_lib.sha256_of(path) != manifest["files"][name]["sha256"]:
-      raise ValueError(f"{path}: its sha256 differs from {MANIFEST}'s (damaged or altered); "
-                       "write the folder again with python -m experiments.partition")
+  _check_part_files(folder, manifest, part, verify)
   load = lambda name: np.load(os.path.join(folder, name), mmap_mode="r", allow_pickle=False)
   n_items = int(manifest["n_items"])
 

@@ -200,6 +200,37 @@ def _last_fraction(users, times, test_prop, min_items):
   return heldout
 
 
+def _train_columns(items: np.ndarray, is_train: np.ndarray):
+  """Columns for the items of the training rows, numbered by first appearance there.
+
+  Returns ``(uniq_sid, column, item_pos, in_train, sid_order)``: the sorted distinct
+  training items, each one's column, each interaction's position in ``uniq_sid`` and
+  whether its item is a training item, and the item of each column (as a position in
+  ``uniq_sid``).
+  """
+  uniq_sid, column = _first_appearance(items[is_train])
+  item_pos, in_train = _lookup(uniq_sid, items)
+  sid_order = np.empty(uniq_sid.size, np.int64)
+  sid_order[column] = np.arange(uniq_sid.size)
+  return uniq_sid, column, item_pos, in_train, sid_order
+
+
+def _heldout_count(n: int, n_heldout_users: int | None, heldout_fraction: float,
+                   context: str) -> int:
+  """H, the number of validation users (and again of test users) among ``n``; at least
+  one of each and one user left to train on."""
+  h = int(round(heldout_fraction * n)) if n_heldout_users is None else int(n_heldout_users)
+  if h < 1 or n - 2 * h < 1:
+    given = (f"heldout_fraction {heldout_fraction} of them is {h}"
+             if n_heldout_users is None else f"n_heldout_users is {h}")
+    raise ValueError(
+        f"{context}; this protocol holds out H validation and H test users, "
+        f"H >= 1, and trains on the rest, so it needs at least 2 * H + 1 users, 3 at "
+        f"the least ({given}); give more data or another n_heldout_users / "
+        "heldout_fraction")
+  return h
+
+
 def split_heldout_users(inter: Interactions, n_heldout_users: int | None = None,
                         heldout_fraction: float = 0.1, *, threshold: float | None = 3.5,
                         min_uc: int = 5, min_sc: int = 0, test_prop: float = 0.2,
@@ -228,16 +259,9 @@ def split_heldout_users(inter: Interactions, n_heldout_users: int | None = None,
     raise ValueError(
         f"{inter.source}: no user left after filtering (threshold={threshold}, "
         f"min_uc={min_uc}, min_sc={min_sc}); expected at least one")
-  h = int(round(heldout_fraction * n)) if n_heldout_users is None else int(n_heldout_users)
-  if h < 1 or n - 2 * h < 1:
-    given = (f"heldout_fraction {heldout_fraction} of them is {h}"
-             if n_heldout_users is None else f"n_heldout_users is {h}")
-    raise ValueError(
-        f"{inter.source}: {n} users left after filtering (threshold={threshold}, "
-        f"min_uc={min_uc}); this protocol holds out H validation and H test users, "
-        f"H >= 1, and trains on the rest, so it needs at least 2 * H + 1 users, 3 at "
-        f"the least ({given}); give more data or another n_heldout_users / "
-        "heldout_fraction")
+  h = _heldout_count(n, n_heldout_users, heldout_fraction,
+                     f"{inter.source}: {n} users left after filtering (threshold="
+                     f"{threshold}, min_uc={min_uc})")
   perm = np.random.RandomState(seed).permutation(n)
   profile_of_sorted = np.empty(n, np.int64)
   profile_of_sorted[perm] = np.arange(n)
@@ -245,12 +269,10 @@ def split_heldout_users(inter: Interactions, n_heldout_users: int | None = None,
   profile = profile_of_sorted[sorted_pos]
   n_train = n - 2 * h
   is_train = profile < n_train
-  uniq_sid, column = _first_appearance(kept.items[is_train])
-  item_pos, in_train_items = _lookup(uniq_sid, kept.items)
+  uniq_sid, column, item_pos, in_train_items, sid_order = _train_columns(kept.items,
+                                                                         is_train)
   cols = column[item_pos]
   train = binary_csr(profile[is_train], cols[is_train], (n_train, uniq_sid.size))
-  sid_order = np.empty(uniq_sid.size, np.int64)
-  sid_order[column] = np.arange(uniq_sid.size)
 
   def heldout_block(lo):
     rows = (profile >= lo) & (profile < lo + h) & in_train_items
@@ -340,6 +362,55 @@ def _per_user_split(inter, tr, te, all_users, n_dup):
                protocol="per_user", collapsed_duplicates=n_dup)
 
 
+def _by_first_appearance(raw_users: np.ndarray, kept_users: np.ndarray) -> np.ndarray:
+  """``kept_users`` (sorted) reordered by their first row in the raw file."""
+  raw_uniq, raw_first = np.unique(raw_users, return_index=True)
+  first = raw_first[_lookup(raw_uniq, kept_users)[0]]
+  return kept_users[np.argsort(first, kind="stable")]
+
+
+def _alt_user_groups(idx: np.ndarray, validation_fraction: float, test_fraction: float,
+                     source: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Train, validation and test positions (into the row order) from the permutation
+  ``idx``: ``rint(n (1 - v - t))``, ``rint(n v)`` and the rest."""
+  n = idx.size
+  n_train = int(np.rint(n * (1 - validation_fraction - test_fraction)))
+  n_val = int(np.rint(n * validation_fraction))
+  if n_train < 1 or n_val < 1 or n - n_train - n_val < 1:
+    raise ValueError(f"{source}: {n} users cannot be split {n_train}/{n_val}/"
+                     f"{n - n_train - n_val}")
+  return idx[:n_train], idx[n_train:n_train + n_val], idx[n_train + n_val:]
+
+
+def _alt_rows_and_parts(users_in_order: np.ndarray, groups, users: np.ndarray):
+  """Each interaction's row within its part and its part (0 train, 1 validation,
+  2 test), for the interactions' ``users``."""
+  kept_users = np.sort(users_in_order)
+  sorted_of_order = _lookup(kept_users, users_in_order)[0]
+  row_of_sorted = np.empty(users_in_order.size, np.int64)
+  part_of_sorted = np.empty(users_in_order.size, np.int64)
+  for part, g in enumerate(groups):
+    row_of_sorted[sorted_of_order[g]] = np.arange(g.size)
+    part_of_sorted[sorted_of_order[g]] = part
+  upos = _lookup(kept_users, users)[0]
+  return row_of_sorted[upos], part_of_sorted[upos]
+
+
+def _alt_fold_in_mask(r: np.ndarray, rs: np.random.RandomState,
+                      fold_in_fraction: float) -> np.ndarray:
+  """Which of a block's interactions (rows ``r``, sorted) are folded in: per user, the
+  first ``floor(fold_in_fraction * k)`` of a shuffle of their ``k`` items."""
+  bounds = np.flatnonzero(np.diff(r)) + 1
+  fold = np.zeros(r.size, bool)
+  for s, e in zip(np.concatenate([[0], bounds]).tolist(),
+                  np.concatenate([bounds, [r.size]]).tolist()):
+    k = e - s
+    perm = np.arange(k)
+    rs.shuffle(perm)
+    fold[s + perm[:int(np.floor(k * fold_in_fraction))]] = True
+  return fold
+
+
 def split_nvidia_alt(inter: Interactions, validation_fraction: float = 0.1,
                      test_fraction: float = 0.1, *, threshold: float = 4.0,
                      min_items: int = 5, fold_in_fraction: float = 0.8,
@@ -366,8 +437,7 @@ def split_nvidia_alt(inter: Interactions, validation_fraction: float = 0.1,
     ``RandomState`` for the user permutation and then the per-user shuffles).
 
   The fractions NVIDIA passed were not in the sources found; 0.1 / 0.1 is a guess.
-  Columns: items of the training users in first-appearance order (NVIDIA kept the
-  order of the original column numbering; the set is the same).
+  Columns: training items by first appearance (NVIDIA's order differs; same set).
   """
   pos, n_dup = collapse_duplicates(inter)
   pos = binarize(pos, threshold, inclusive=True)
@@ -375,33 +445,14 @@ def split_nvidia_alt(inter: Interactions, validation_fraction: float = 0.1,
   if len(pos) == 0:
     raise ValueError(f"{inter.source}: no user left after filtering (threshold>="
                      f"{threshold}, min_items={min_items}); expected at least one")
-  # Row order = first appearance of the user in the raw file.
-  raw_uniq, raw_first = np.unique(inter.users, return_index=True)
-  kept_users = np.unique(pos.users)
-  first = raw_first[_lookup(raw_uniq, kept_users)[0]]
-  users_in_order = kept_users[np.argsort(first, kind="stable")]
-  n = users_in_order.size
+  users_in_order = _by_first_appearance(inter.users, np.unique(pos.users))
   rs = np.random.RandomState(seed)
-  idx = rs.permutation(n)
-  n_train = int(np.rint(n * (1 - validation_fraction - test_fraction)))
-  n_val = int(np.rint(n * validation_fraction))
-  if n_train < 1 or n_val < 1 or n - n_train - n_val < 1:
-    raise ValueError(f"{inter.source}: {n} users cannot be split {n_train}/{n_val}/"
-                     f"{n - n_train - n_val}")
-  groups = (idx[:n_train], idx[n_train:n_train + n_val], idx[n_train + n_val:])
-  sorted_of_order = _lookup(kept_users, users_in_order)[0]
-  row_of_sorted = np.empty(n, np.int64)
-  part_of_sorted = np.empty(n, np.int64)
-  for part, g in enumerate(groups):
-    row_of_sorted[sorted_of_order[g]] = np.arange(g.size)
-    part_of_sorted[sorted_of_order[g]] = part
-  upos = _lookup(kept_users, pos.users)[0]
-  row, part = row_of_sorted[upos], part_of_sorted[upos]
+  groups = _alt_user_groups(rs.permutation(users_in_order.size), validation_fraction,
+                            test_fraction, inter.source)
+  n_train = groups[0].size
+  row, part = _alt_rows_and_parts(users_in_order, groups, pos.users)
   is_train = part == 0
-  uniq_sid, column = _first_appearance(pos.items[is_train])
-  item_pos, in_train = _lookup(uniq_sid, pos.items)
-  sid_order = np.empty(uniq_sid.size, np.int64)
-  sid_order[column] = np.arange(uniq_sid.size)
+  uniq_sid, column, item_pos, in_train, sid_order = _train_columns(pos.items, is_train)
   m = uniq_sid.size
   train = binary_csr(row[is_train], column[item_pos[is_train]], (n_train, m))
 
@@ -409,18 +460,9 @@ def split_nvidia_alt(inter: Interactions, validation_fraction: float = 0.1,
     sel = np.flatnonzero(part == p)
     # Visit users in row order, their items in file order, as NVIDIA's loop did.
     sel = sel[np.argsort(row[sel], kind="stable")]
-    r = row[sel]
-    bounds = np.flatnonzero(np.diff(r)) + 1
-    fold = np.zeros(sel.size, bool)
-    for s, e in zip(np.concatenate([[0], bounds]).tolist(),
-                    np.concatenate([bounds, [r.size]]).tolist()):
-      k = e - s
-      perm = np.arange(k)
-      rs.shuffle(perm)
-      fold[s + perm[:int(np.floor(k * fold_in_fraction))]] = True
-    ok = in_train[sel]
-    c = column[item_pos[sel]]
-    f, t = fold & ok, ~fold & ok
+    r, c = row[sel], column[item_pos[sel]]
+    fold = _alt_fold_in_mask(r, rs, fold_in_fraction)
+    f, t = fold & in_train[sel], ~fold & in_train[sel]
     return EvalSplit(fold_in=binary_csr(r[f], c[f], (g.size, m)),
                      heldout=binary_csr(r[t], c[t], (g.size, m)),
                      user_ids=inter.raw_user_ids(users_in_order[g]))
