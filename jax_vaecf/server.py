@@ -462,6 +462,42 @@ def create_app(folder: str, options: ServerOptions = ServerOptions(), *,
   return _RequestLog(app, log)
 
 
+def timed_http_protocol(timeout_s: float):
+  """uvicorn's h11 protocol, closing a connection whose request headers are not complete
+  ``timeout_s`` seconds after it opened (or after its previous answer): slow or stalled
+  clients cannot hold connections open indefinitely. Pass as ``uvicorn.Config(http=...)``;
+  the body has its own limit in the app (408)."""
+  from uvicorn.protocols.http.h11_impl import H11Protocol  # pylint: disable=import-outside-toplevel
+
+  class TimedH11Protocol(H11Protocol):
+    _header_timer = None
+
+    def connection_made(self, transport):
+      super().connection_made(transport)
+      self._arm_header_timer()
+
+    def on_response_complete(self):
+      super().on_response_complete()
+      self._arm_header_timer()
+
+    def connection_lost(self, exc):
+      if self._header_timer is not None:
+        self._header_timer.cancel()
+      super().connection_lost(exc)
+
+    def _arm_header_timer(self):
+      if self._header_timer is not None:
+        self._header_timer.cancel()
+      self._header_timer = self.loop.call_later(timeout_s, self._headers_overdue)
+
+    def _headers_overdue(self):
+      waiting = self.cycle is None or self.cycle.response_complete
+      if waiting and not self.transport.is_closing():
+        self.transport.close()
+
+  return TimedH11Protocol
+
+
 async def _http_error(request, exc):
   """Starlette's own refusals (404 no such path, 405 wrong method) as JSON errors."""
   where = f"{request.method} {request.url.path}"
@@ -510,4 +546,5 @@ class _RequestLog:
 
 
 __all__ = ["ServerOptions", "RequestError", "Overloaded", "MicroBatcher", "ServingState",
-           "create_app", "parse_request", "answer", "load_and_warm", "manifest_digest"]
+           "create_app", "parse_request", "answer", "timed_http_protocol", "load_and_warm",
+           "manifest_digest"]

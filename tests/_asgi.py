@@ -53,18 +53,20 @@ class AsgiClient:
 
   def request(self, method: str, path: str, body: bytes = b"", *,
               chunks: list[bytes] | None = None, disconnect: bool = False,
-              client_host: str | None = None) -> tuple[int, bytes]:
+              stall: bool = False, client_host: str | None = None
+              ) -> tuple[int, bytes]:
     """``(status, body)`` of one request. ``chunks`` (default ``[body]``) are sent one
     ``http.request`` message each; ``disconnect``: the client goes away after them
-    instead of ending the body (status 0 when no response was started)."""
-    return self._run(self._request(method, path, chunks or [body], disconnect,
+    instead of ending the body (status 0 when no response was started); ``stall``: the
+    client sends no more and never ends the body."""
+    return self._run(self._request(method, path, chunks or [body], disconnect, stall,
                                    client_host or self.client_host))
 
-  async def _request(self, method, path, chunks, disconnect, host):
+  async def _request(self, method, path, chunks, disconnect, stall, host):
     incoming = [{"type": "http.request", "body": c, "more_body": True} for c in chunks]
     if disconnect:
       incoming.append({"type": "http.disconnect"})
-    else:
+    elif not stall:
       incoming[-1]["more_body"] = False
     sent: list[dict] = []
 
@@ -82,7 +84,8 @@ class AsgiClient:
              "root_path": "", "query_string": b"", "client": (host, 50000),
              "server": ("127.0.0.1", 8000),
              "headers": [(b"content-type", b"application/json")]
-             + ([] if disconnect else [(b"content-length", str(size).encode())])}
+             + ([] if disconnect or stall
+                else [(b"content-length", str(size).encode())])}
     await self.app(scope, receive, send)
     status = next((m["status"] for m in sent if m["type"] == "http.response.start"), 0)
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
