@@ -240,3 +240,32 @@ def test_any_body_gets_the_artefacts_answer_or_one_json_4xx_line(client, scorer,
   want = [server.answer(r) for r in scorer.recommend(histories, k)]
   got = json.loads(raw)
   assert got == ({"users": want} if "users" in _parsed(body) else want[0])
+
+
+def test_a_connection_whose_headers_stall_is_closed(artefacts):
+  """Slow clients cannot hold connections open: headers not complete within
+  request_timeout_s close the connection (a real socket: the timer is uvicorn's side)."""
+  import socket
+  import threading
+  import time
+  uvicorn = pytest.importorskip("uvicorn")
+  options = server.ServerOptions(request_timeout_s=0.3)
+  app = server.create_app(artefacts["a1"], options, log=open(os.devnull, "w"))
+  listener = socket.socket()
+  listener.bind(("127.0.0.1", 0))
+  uv = uvicorn.Server(uvicorn.Config(
+      app, log_level="warning", access_log=False, lifespan="off",
+      http=server.timed_http_protocol(options.request_timeout_s)))
+  thread = threading.Thread(target=uv.run, kwargs={"sockets": [listener]}, daemon=True)
+  thread.start()
+  try:
+    while not uv.started:
+      time.sleep(0.02)
+    with socket.create_connection(listener.getsockname(), timeout=10) as c:
+      c.sendall(b"POST /recommend HTTP/1.1\r\nHost: x\r\n")  # and nothing more
+      t0 = time.perf_counter()
+      assert c.recv(100) == b""  # closed by the server, not by our 10 s timeout
+      assert time.perf_counter() - t0 < 5
+  finally:
+    uv.should_exit = True
+    thread.join(timeout=30)
