@@ -501,10 +501,10 @@ def timed_http_protocol(timeout_s: float):
 async def _http_error(request, exc):
   """Starlette's own refusals (404 no such path, 405 wrong method) as JSON errors."""
   where = f"{request.method} {request.url.path}"
+  allowed = sorted(m.strip() for m in (exc.headers or {}).get("Allow", "").split(","))
   message = {404: f"{where}: no such endpoint; the endpoints are POST /recommend, GET "
                   "/health, GET /metadata, POST /admin/reload",
-             405: f"{where}: method not allowed; use "
-                  f"{(exc.headers or {}).get('Allow', 'another method')}"}
+             405: f"{where}: method not allowed; use {', '.join(allowed)}"}
   return _json(exc.status_code, {"error": message.get(exc.status_code, f"{where}: "
                                                        f"{exc.detail}")},
                headers=exc.headers)

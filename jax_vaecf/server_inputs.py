@@ -86,7 +86,8 @@ def check_k(k, max_k: int) -> int:
 
 def check_items(items, where: str) -> list:
   if not isinstance(items, list):
-    raise RequestError(400, f"'{where}' must be a list of item ids, got {shown(items)}")
+    raise RequestError(400, f"'{where}' must be a list of item ids, got "
+                            f"{type(items).__name__}")
   for i, raw in enumerate(items):
     if not is_id(raw):
       raise RequestError(400, f"'{where}[{i}]' must be an item id (a string or an "
@@ -104,8 +105,8 @@ def parse_request(body: bytes, max_k: int, max_users: int
                             "(a list of users' item lists), and optionally 'k'")
   unknown = sorted(set(data) - set(FIELDS))
   if unknown:
-    raise RequestError(400, f"unknown field {shown(unknown[0])}; expected 'items' or "
-                            "'users', and 'k'")
+    raise RequestError(400, f"unknown field {unknown[0][:_SHOWN_CHARS]!r}; expected "
+                            "'items' or 'users', and 'k'")
   if ("items" in data) == ("users" in data):
     raise RequestError(400, "give exactly one of 'items' (one user's item ids) and "
                             "'users' (a list of users' item lists)")
@@ -113,7 +114,8 @@ def parse_request(body: bytes, max_k: int, max_users: int
   batch = "users" in data
   users = data["users"] if batch else [data["items"]]
   if not isinstance(users, list):
-    raise RequestError(400, f"'users' must be a list of item lists, got {shown(users)}")
+    raise RequestError(400, f"'users' must be a list of item lists, got "
+                            f"{type(users).__name__}")
   if len(users) > max_users:
     raise RequestError(413, f"{len(users)} users in one request; at most {max_users}")
   for u, items in enumerate(users):

@@ -87,7 +87,7 @@ def test_ids_that_were_not_utf8_round_trip_as_json_escapes(client, scorer):
     (b'{"items": [NaN]}', "NaN is not a JSON value"),
     (b'{"items": ["\xff"]}', "not UTF-8"),
     (b'{"items": [[[[[[[[1]]]]]]]]}', "'items[0]' must be an item id"),
-    (b'{"items": "12"}', "'items' must be a list of item ids"),
+    (b'{"items": "12"}', "'items' must be a list of item ids, got str"),
     (b'{"users": [["1"]], "k": true}', "'k' must be an integer in [1, 5]"),
 ])
 def test_malformed_bodies_are_one_json_line_400(client, body, message):
@@ -99,7 +99,7 @@ def test_malformed_bodies_are_one_json_line_400(client, body, message):
 @pytest.mark.parametrize("method, path, status, message", [
     ("GET", "/nope", 404, "no such endpoint"),
     ("GET", "/recommend", 405, "use POST"),
-    ("DELETE", "/health", 405, "use GET"),
+    ("DELETE", "/health", 405, "use GET, HEAD"),
 ])
 def test_unknown_paths_and_methods_are_one_json_line(client, method, path, status, message):
   got, raw = client.request(method, path)
