@@ -164,6 +164,9 @@ _ID = st.one_of(
     st.lists(st.integers(0, 3), max_size=2), st.dictionaries(st.text(max_size=2),
                                                              st.integers(), max_size=1))
 _ITEMS = st.one_of(st.lists(_ID, max_size=6), _ID)
+_GOOD_ID = st.one_of(st.sampled_from(IDS + ["\ud800", "caf\udce7", ""]),
+                    st.integers(-3, 12), st.text(max_size=4))
+_GOOD_ITEMS = st.lists(_GOOD_ID, max_size=8)
 _K = st.one_of(st.integers(-2, K + 2), st.floats(allow_nan=False), st.text(max_size=2),
                st.booleans(), st.none())
 
@@ -171,7 +174,14 @@ _K = st.one_of(st.integers(-2, K + 2), st.floats(allow_nan=False), st.text(max_s
 @st.composite
 def _bodies(draw):
   """Raw bytes of a /recommend body: mostly JSON objects near the contract, some not."""
-  kind = draw(st.sampled_from(["items", "users", "both", "neither", "nested", "text"]))
+  kind = draw(st.sampled_from(["good items", "good users"] * 3
+                              + ["items", "users", "both", "neither", "nested", "text"]))
+  if kind.startswith("good"):
+    data = ({"items": draw(_GOOD_ITEMS)} if kind == "good items"
+            else {"users": draw(st.lists(_GOOD_ITEMS, max_size=4))})
+    if draw(st.booleans()):
+      data["k"] = draw(st.integers(1, K))
+    return json.dumps(data, ensure_ascii=True).encode()
   if kind == "nested":
     depth = draw(st.integers(1, 3000))
     return b"[" * depth + b"]" * depth
@@ -229,6 +239,7 @@ def _parsed(body):
 @given(body=_bodies())
 def test_any_body_gets_the_artefacts_answer_or_one_json_4xx_line(client, scorer, body):
   status, raw = client.request("POST", "/recommend", body)
+  hypothesis.event(f"status {status}")
   assert status != 500, raw
   valid = _valid(_parsed(body))
   if status != 200:
