@@ -149,8 +149,8 @@ def read_artifact(folder: str) -> ArtifactFiles:
 
 def _check_manifest(manifest, path: str) -> None:
   if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-    raise ArtifactError(f"{path}: format {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
-                        f"expected {FORMAT!r}")
+    found = manifest.get("format") if isinstance(manifest, dict) else None
+    raise ArtifactError(f"{path}: format {found!r}, expected {FORMAT!r}")
   listed = manifest.get("files")
   if not isinstance(listed, dict):
     raise ArtifactError(f"{path}: 'files' must map each file of the artefact to its "

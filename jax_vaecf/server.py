@@ -34,7 +34,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
-import json
 import os
 import sys
 import time
