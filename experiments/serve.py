@@ -95,6 +95,7 @@ def main(argv):
   config = uvicorn.Config(
       server.create_app(FLAGS.artifact, options, reload_signal=signal.SIGHUP),
       log_level="warning", access_log=False, lifespan="on",
+      http=server.timed_http_protocol(options.request_timeout_s),
       timeout_graceful_shutdown=options.drain_timeout_s)
   # uvicorn re-raises the signal that stopped it once it has drained; with a handler of
   # our own in place that ends in a normal exit (status 0) instead of death by signal.

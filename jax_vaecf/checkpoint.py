@@ -63,18 +63,26 @@ class CheckpointSaveError(RuntimeError):
   saved before it are untouched."""
 
 
-def _no_space(e: BaseException) -> bool:
-  """Whether ``e`` (or an exception it was raised from) is a full disk; orbax reports
-  tensorstore's ENOSPC as a ValueError whose message carries the OS error code."""
+# OS errors a save can end in, said plainly (tensorstore's text names its own internals).
+_SAVE_OS_ERRORS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EFBIG: "a file grew past the file-size limit (see ulimit -f)",
+    errno.EDQUOT: "the disk quota is exceeded",
+}
+
+
+def _os_error(e: BaseException) -> str | None:
+  """What a known OS error behind ``e`` (or an exception it was raised from) means, or
+  None; orbax reports tensorstore's as a ValueError whose message carries the code."""
   seen = 0
   while e is not None and seen < 10:
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-      return True
-    text = str(e)
-    if "No space left on device" in text or f"os_error_code='{errno.ENOSPC}'" in text:
-      return True
+    for code, meaning in _SAVE_OS_ERRORS.items():
+      if isinstance(e, OSError) and e.errno == code:
+        return meaning
+      if f"os_error_code='{code}'" in str(e) or os.strerror(code) in str(e):
+        return meaning
     e, seen = e.__cause__ or e.__context__, seen + 1
-  return False
+  return None
 
 
 def _reason(e: BaseException) -> str:
@@ -278,7 +286,7 @@ class RunCheckpoints:
       mngr.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
       # orbax's messages run to many lines; one says what happened and what to do.
-      what = ("no space left on the device" if _no_space(e) else _reason(e))
+      what = _os_error(e) or _reason(e)
       raise CheckpointSaveError(
           f"{mngr.directory}: could not save the checkpoint of step {int(step)}: {what}; "
           "the checkpoints saved before are kept and the partial one is removed when "

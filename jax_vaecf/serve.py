@@ -19,6 +19,7 @@ The manifest format is described in the project's ``docs/serving.md``.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from typing import Any, Sequence
@@ -88,17 +89,68 @@ def read_manifest(folder: str) -> dict:
 
   Raises :class:`ArtifactError` naming the first missing or altered file.
   """
+  return read_artifact(folder).manifest
+
+
+class ArtifactFiles:
+  """An artefact's files as read once: ``folder`` (the real folder the path led to when
+  it was read), ``manifest`` (dict), ``manifest_sha256`` (the sha256 of the manifest's
+  bytes, which name the whole artefact) and ``blobs`` (file name -> the bytes whose
+  sha256 was checked)."""
+
+  def __init__(self, folder: str, manifest: dict, manifest_sha256: str,
+               blobs: dict[str, bytes]):
+    self.folder = folder
+    self.manifest = manifest
+    self.manifest_sha256 = manifest_sha256
+    self.blobs = blobs
+
+
+def _read(path: str) -> bytes:
+  with open(path, "rb") as f:
+    return f.read()
+
+
+def read_artifact(folder: str) -> ArtifactFiles:
+  """Reads the manifest and every file it lists, once each, checking each file's size
+  and sha256 on the bytes read: what is checked is what gets loaded.
+
+  The folder's path is resolved once first, so a deploy that swaps a symlink to a new
+  artefact while this runs gives the old artefact or the new one, never a mix.
+  Raises :class:`ArtifactError` naming the first missing or altered file.
+  """
+  folder = os.path.realpath(os.fspath(folder))
   path = os.path.join(folder, MANIFEST)
   try:
-    with open(path, encoding="utf-8") as f:
-      manifest = json.load(f)
+    raw = _read(path)
+    manifest = json.loads(raw.decode("utf-8"))
   except FileNotFoundError:
     raise ArtifactError(f"{path}: not found; {folder} is not a scorer artefact") from None
   except (OSError, ValueError) as e:
     raise ArtifactError(f"{path}: unreadable ({e})") from None
+  _check_manifest(manifest, path)
+  blobs = {}
+  for name, entry in sorted(manifest["files"].items()):
+    f = _inside(folder, name, path)
+    if not (isinstance(entry, dict) and isinstance(entry.get("bytes"), int)
+            and isinstance(entry.get("sha256"), str)):
+      raise ArtifactError(f"{path}: the entry of {name!r} in 'files' has no bytes and "
+                          "sha256; export the artefact again")
+    try:
+      blob = _read(f)
+    except (FileNotFoundError, IsADirectoryError):
+      raise ArtifactError(f"{f}: missing from the artefact") from None
+    if len(blob) != entry["bytes"] or hashlib.sha256(blob).hexdigest() != entry["sha256"]:
+      raise ArtifactError(f"{f}: checksum mismatch, the file is not the one exported "
+                          "(corrupted or replaced); export the artefact again")
+    blobs[name] = blob
+  return ArtifactFiles(folder, manifest, hashlib.sha256(raw).hexdigest(), blobs)
+
+
+def _check_manifest(manifest, path: str) -> None:
   if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-    raise ArtifactError(f"{path}: format {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
-                        f"expected {FORMAT!r}")
+    found = manifest.get("format") if isinstance(manifest, dict) else None
+    raise ArtifactError(f"{path}: format {found!r}, expected {FORMAT!r}")
   listed = manifest.get("files")
   if not isinstance(listed, dict):
     raise ArtifactError(f"{path}: 'files' must map each file of the artefact to its "
@@ -110,18 +162,6 @@ def read_manifest(folder: str) -> dict:
     if not isinstance(name, str) or name not in listed:
       raise ArtifactError(f"{path}: {key} {name!r} is not in the manifest's list of "
                           "files with their digests; export the artefact again")
-  for name, entry in sorted(listed.items()):
-    f = _inside(folder, name, path)
-    if not (isinstance(entry, dict) and isinstance(entry.get("bytes"), int)
-            and isinstance(entry.get("sha256"), str)):
-      raise ArtifactError(f"{path}: the entry of {name!r} in 'files' has no bytes and "
-                          "sha256; export the artefact again")
-    if not os.path.isfile(f):
-      raise ArtifactError(f"{f}: missing from the artefact")
-    if os.path.getsize(f) != entry["bytes"] or sha256_of(f) != entry["sha256"]:
-      raise ArtifactError(f"{f}: checksum mismatch, the file is not the one exported "
-                          "(corrupted or replaced); export the artefact again")
-  return manifest
 
 
 # The manifest's keys naming the files load() reads.
@@ -158,9 +198,10 @@ class Scorer:
   """A loaded artefact: top-k unseen items for users given by their item histories."""
 
   def __init__(self, folder: str, manifest: dict, exported, params: dict,
-               item_ids: np.ndarray):
+               item_ids: np.ndarray, manifest_sha256: str | None = None):
     self.folder = folder
     self.manifest = manifest
+    self.manifest_sha256 = manifest_sha256
     self.k = int(manifest["k"])
     self.n_items = int(manifest["n_items"])
     self.item_ids = item_ids
@@ -223,18 +264,19 @@ class Scorer:
 
 
 def load(folder: str) -> Scorer:
-  """Checks and loads an artefact folder (see the module docstring)."""
+  """Checks and loads an artefact folder (see the module docstring); the scorer's
+  ``manifest_sha256`` names the bytes it was loaded from."""
   from jax import export  # after the checks' imports: a missing jax fails here, clearly
 
-  folder = os.fspath(folder)
-  manifest = read_manifest(folder)
-  # read_manifest checked that each is a listed, digest-checked file of the folder.
-  with open(os.path.join(folder, manifest["program"]), "rb") as f:
-    exported = export.deserialize(bytearray(f.read()))
-  with np.load(os.path.join(folder, manifest["params"]), allow_pickle=False) as z:
+  files = read_artifact(folder)
+  manifest, blobs = files.manifest, files.blobs
+  # read_artifact checked these bytes against the manifest's digests.
+  exported = export.deserialize(bytearray(blobs[manifest["program"]]))
+  with np.load(io.BytesIO(blobs[manifest["params"]]), allow_pickle=False) as z:
     params = _nested({name: z[name] for name in z.files})
-  item_ids = np.load(os.path.join(folder, manifest["item_ids"]), allow_pickle=False)
+  item_ids = np.load(io.BytesIO(blobs[manifest["item_ids"]]), allow_pickle=False)
   if item_ids.shape != (int(manifest["n_items"]),):
-    raise ArtifactError(f"{folder}: {item_ids.shape[0]} item ids, the manifest says "
+    raise ArtifactError(f"{files.folder}: {item_ids.shape[0]} item ids, the manifest says "
                         f"{manifest['n_items']}")
-  return Scorer(folder, manifest, exported, params, item_ids)
+  return Scorer(files.folder, manifest, exported, params, item_ids,
+                files.manifest_sha256)

@@ -34,14 +34,13 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
-import ipaddress
-import json
 import os
 import sys
 import time
 from typing import Any, Callable, Sequence
 
 from jax_vaecf import serve as serve_lib
+from jax_vaecf import server_inputs
 
 
 def option(default, help: str):
@@ -65,6 +64,9 @@ class ServerOptions:
   max_body_bytes: int = option(1 << 20, "Request body size at most (bytes); beyond, 413.")
   drain_timeout_s: float = option(30.0, "On SIGTERM: seconds in-flight requests may take "
                                         "to finish before they are cut off.")
+  request_timeout_s: float = option(30.0, "Seconds a client may take to send a request's "
+                                          "headers, and again its body; a slower one is "
+                                          "cut off (headers) or answered 408 (body).")
 
   def check(self) -> None:
     """Raises ValueError naming the first option out of range."""
@@ -78,7 +80,9 @@ class ServerOptions:
         (self.max_body_bytes >= 64, f"max_body_bytes must be >= 64, got "
                                     f"{self.max_body_bytes}"),
         (self.drain_timeout_s > 0, f"drain_timeout_s must be > 0, got "
-                                   f"{self.drain_timeout_s}")):
+                                   f"{self.drain_timeout_s}"),
+        (self.request_timeout_s > 0, f"request_timeout_s must be > 0, got "
+                                     f"{self.request_timeout_s}")):
       if not ok:
         raise ValueError(f"bad setting: {message}")
 
@@ -87,60 +91,11 @@ def option_help(name: str) -> str:
   return ServerOptions.__dataclass_fields__[name].metadata["help"]
 
 
-class RequestError(ValueError):
-  """A request the server refuses: its HTTP status and a one-line reason."""
-
-  def __init__(self, status: int, message: str):
-    super().__init__(message)
-    self.status = status
-
-
 # ---------------------------------------------------------------------- requests
 
-
-def _is_id(value) -> bool:
-  return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
-
-
-def parse_request(body: bytes, max_k: int, max_users: int
-                  ) -> tuple[list[list], int, bool]:
-  """``(histories, k, batch)`` of a ``/recommend`` body, or :class:`RequestError` (400 or
-  413) saying what is wrong with it in one line."""
-  try:
-    data = json.loads(body)
-  except (ValueError, UnicodeDecodeError) as e:
-    raise RequestError(400, f"malformed JSON: {e}") from None
-  if not isinstance(data, dict):
-    raise RequestError(400, "expected a JSON object with 'items' (one user) or 'users' "
-                            "(a list of users' item lists), and optionally 'k'")
-  unknown = sorted(set(data) - {"items", "users", "k"})
-  if unknown:
-    raise RequestError(400, f"unknown field {unknown[0]!r}; expected 'items' or 'users', "
-                            "and 'k'")
-  if ("items" in data) == ("users" in data):
-    raise RequestError(400, "give exactly one of 'items' (one user's item ids) and "
-                            "'users' (a list of users' item lists)")
-  k = data.get("k", max_k)
-  if not (isinstance(k, int) and not isinstance(k, bool)) or not 1 <= k <= max_k:
-    raise RequestError(400, f"'k' must be an integer in [1, {max_k}] (the artefact's k), "
-                            f"got {json.dumps(k)}")
-  batch = "users" in data
-  users = data["users"] if batch else [data["items"]]
-  if not isinstance(users, list):
-    raise RequestError(400, f"'users' must be a list of item lists, got "
-                            f"{type(users).__name__}")
-  if len(users) > max_users:
-    raise RequestError(413, f"{len(users)} users in one request; at most {max_users}")
-  for u, items in enumerate(users):
-    where = f"users[{u}]" if batch else "items"
-    if not isinstance(items, list):
-      raise RequestError(400, f"'{where}' must be a list of item ids, got "
-                              f"{type(items).__name__}")
-    for i, raw in enumerate(items):
-      if not _is_id(raw):
-        raise RequestError(400, f"'{where}[{i}]' must be an item id (a string or an "
-                                f"integer), got {json.dumps(raw)}")
-  return users, k, batch
+# What enters the server is checked in one module, next to this one.
+RequestError = server_inputs.RequestError
+parse_request = server_inputs.parse_request
 
 
 def answer(result: dict) -> dict:
@@ -330,40 +285,49 @@ class ServingState:
       return self.current
 
   def _load_checked(self):
-    # The digest first: a file replaced between the check and the load is caught by the
-    # load's own checks against the same manifest.
-    try:
-      digest = manifest_digest(self.folder)
-    except FileNotFoundError:
-      digest = None  # the loader says what is missing
-    return self._load(self.folder), digest
+    model = self._load(self.folder)
+    # The digest of the bytes the scorer was loaded from: hashing the folder again
+    # could name an artefact deployed in between.
+    digest = getattr(model, "manifest_sha256", None)
+    if digest is None:  # a stand-in loader of the tests
+      with contextlib.suppress(FileNotFoundError):
+        digest = manifest_digest(self.folder)
+    return model, digest
 
 
 # ----------------------------------------------------------------------------- app
 
 
-def _json(status: int, body: dict):
-  from starlette.responses import JSONResponse  # pylint: disable=import-outside-toplevel
-  return JSONResponse(body, status_code=status)
+def _json(status: int, body: dict, headers: dict | None = None):
+  from starlette.responses import Response  # pylint: disable=import-outside-toplevel
+  return Response(server_inputs.render(body), status_code=status, headers=headers,
+                  media_type="application/json")
 
 
-def _is_loopback(host: str | None) -> bool:
-  try:
-    return host is not None and ipaddress.ip_address(host).is_loopback
-  except ValueError:
-    return False
-
-
-async def _read_body(request, limit: int) -> bytes:
-  length = request.headers.get("content-length")
-  if length is not None and length.isdigit() and int(length) > limit:
-    raise RequestError(413, f"request body of {int(length)} bytes; at most {limit}")
+async def _read_body(request, limit: int, timeout_s: float) -> bytes:
+  """The request's body, or :class:`RequestError`: 413 past ``limit`` bytes, 408 when it
+  is not complete within ``timeout_s`` (a slow or stalled client), 400 when the client
+  went away before sending all of it."""
+  from starlette.requests import ClientDisconnect  # pylint: disable=import-outside-toplevel
+  server_inputs.body_size(request.headers.get("content-length"), limit)
   chunks, size = [], 0
-  async for chunk in request.stream():
-    size += len(chunk)
-    if size > limit:
-      raise RequestError(413, f"request body over {limit} bytes")
-    chunks.append(chunk)
+
+  async def read():
+    nonlocal size
+    async for chunk in request.stream():
+      size += len(chunk)
+      if size > limit:
+        raise RequestError(413, f"request body over {limit} bytes")
+      chunks.append(chunk)
+
+  try:
+    await asyncio.wait_for(read(), timeout_s)
+  except TimeoutError:
+    raise RequestError(408, f"the request body was not complete within {timeout_s:g} s "
+                            f"({size} bytes received)") from None
+  except ClientDisconnect:
+    raise RequestError(400, f"the client disconnected after {size} bytes of the "
+                            "request body") from None
   return b"".join(chunks)
 
 
@@ -380,6 +344,7 @@ def create_app(folder: str, options: ServerOptions = ServerOptions(), *,
   artefact as ``POST /admin/reload`` does.
   """
   from starlette.applications import Starlette  # pylint: disable=import-outside-toplevel
+  from starlette.exceptions import HTTPException  # pylint: disable=import-outside-toplevel
   from starlette.routing import Route  # pylint: disable=import-outside-toplevel
 
   options.check()
@@ -396,7 +361,8 @@ def create_app(folder: str, options: ServerOptions = ServerOptions(), *,
     batcher = holder["batcher"]
     try:
       with batcher.incoming():
-        body = await _read_body(request, options.max_body_bytes)
+        body = await _read_body(request, options.max_body_bytes,
+                                options.request_timeout_s)
         histories, k, batch = parse_request(body, current.model.k,
                                             options.max_request_users)
       results = await batcher.submit(histories, k)
@@ -435,7 +401,7 @@ def create_app(folder: str, options: ServerOptions = ServerOptions(), *,
                      "users": holder["batcher"].users}})
 
   async def reload(request):
-    if not _is_loopback(request.client.host if request.client else None):
+    if not server_inputs.is_loopback(request.client.host if request.client else None):
       return _json(403, {"error": "reloading is allowed from a loopback address only"})
     try:
       current = await holder["state"].load()
@@ -490,8 +456,62 @@ def create_app(folder: str, options: ServerOptions = ServerOptions(), *,
                           Route("/health", health, methods=["GET"]),
                           Route("/metadata", metadata, methods=["GET"]),
                           Route("/admin/reload", reload, methods=["POST"])],
-                  lifespan=lifespan)
+                  lifespan=lifespan,
+                  exception_handlers={HTTPException: _http_error, Exception: _server_error})
   return _RequestLog(app, log)
+
+
+def timed_http_protocol(timeout_s: float):
+  """uvicorn's h11 protocol, closing a connection whose request headers are not complete
+  ``timeout_s`` seconds after it opened (or after its previous answer): slow or stalled
+  clients cannot hold connections open indefinitely. Pass as ``uvicorn.Config(http=...)``;
+  the body has its own limit in the app (408)."""
+  from uvicorn.protocols.http.h11_impl import H11Protocol  # pylint: disable=import-outside-toplevel
+
+  class TimedH11Protocol(H11Protocol):
+    _header_timer = None
+
+    def connection_made(self, transport):
+      super().connection_made(transport)
+      self._arm_header_timer()
+
+    def on_response_complete(self):
+      super().on_response_complete()
+      self._arm_header_timer()
+
+    def connection_lost(self, exc):
+      if self._header_timer is not None:
+        self._header_timer.cancel()
+      super().connection_lost(exc)
+
+    def _arm_header_timer(self):
+      if self._header_timer is not None:
+        self._header_timer.cancel()
+      self._header_timer = self.loop.call_later(timeout_s, self._headers_overdue)
+
+    def _headers_overdue(self):
+      waiting = self.cycle is None or self.cycle.response_complete
+      if waiting and not self.transport.is_closing():
+        self.transport.close()
+
+  return TimedH11Protocol
+
+
+async def _http_error(request, exc):
+  """Starlette's own refusals (404 no such path, 405 wrong method) as JSON errors."""
+  where = f"{request.method} {request.url.path}"
+  allowed = sorted(m.strip() for m in (exc.headers or {}).get("Allow", "").split(","))
+  message = {404: f"{where}: no such endpoint; the endpoints are POST /recommend, GET "
+                  "/health, GET /metadata, POST /admin/reload",
+             405: f"{where}: method not allowed; use {', '.join(allowed)}"}
+  return _json(exc.status_code, {"error": message.get(exc.status_code, f"{where}: "
+                                                       f"{exc.detail}")},
+               headers=exc.headers)
+
+
+async def _server_error(request, exc):
+  """A defect of the server: a one-line JSON 500 (the server's log has the traceback)."""
+  return _json(500, {"error": f"internal error: {type(exc).__name__}: {_first_line(exc)}"})
 
 
 def _first_line(e: BaseException) -> str:
@@ -525,4 +545,5 @@ class _RequestLog:
 
 
 __all__ = ["ServerOptions", "RequestError", "Overloaded", "MicroBatcher", "ServingState",
-           "create_app", "parse_request", "answer", "load_and_warm", "manifest_digest"]
+           "create_app", "parse_request", "answer", "timed_http_protocol", "load_and_warm",
+           "manifest_digest"]

@@ -178,3 +178,22 @@ def test_a_damaged_best_falls_back_to_the_next_best(tmp_path):
   with pytest.raises(checkpoint.CheckpointUnreadableError, match="best/2/meta/metadata"):
     checkpoint.read_best_meta(str(tmp_path))
   ck.close()
+
+
+def test_a_save_cut_off_by_the_file_size_limit_says_so_in_one_line(tmp_path):
+  resource = pytest.importorskip("resource")
+  state = _state(1, n_items=3000)
+  ck = checkpoint.RunCheckpoints(str(tmp_path), dict(IDENTITY, n_items=3000))
+  limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, limits[1]))
+  try:
+    with pytest.raises(checkpoint.CheckpointSaveError) as e:
+      ck.save_latest(1, state, {"epoch": 1})
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+  message = str(e.value)
+  assert "\n" not in message
+  assert ("could not save the checkpoint of step 1: a file grew past the file-size limit "
+          "(see ulimit -f); the checkpoints saved before are kept") in message
+  assert "OCDBT" not in message and "tensorstore" not in message.lower()
+  ck.close()

@@ -482,3 +482,70 @@ def test_ngcf_missing_file(tmp_path):
   _write(tmp_path / "train.txt", "0 1\n")
   with pytest.raises(FileNotFoundError, match=r"test\.txt: not found \(nor test\.txt\.gz\)"):
     load_split("ngcf", str(tmp_path))
+
+
+def test_one_absurdly_long_field_is_refused_by_line_not_by_memory(tmp_path):
+  """One 20,000-byte id among 5,000 rows: every row would be gathered at its width."""
+  from jax_vaecf.data import _text
+  rows = [f"{u % 50},{u % 37},4.0\n" for u in range(5_000)]
+  rows[3_210] = "7," + "x" * 20_000 + ",4.0\n"
+  p = _write(tmp_path / "long.csv", "user,item,rating\n" + "".join(rows))
+  with pytest.raises(ValueError, match=rf"long\.csv, line 3212: an item id of 20000 bytes; "
+                                       rf"a field is at most {_text.MAX_FIELD_BYTES} bytes"):
+    readers.read_delimited(p)
+  # The same through the quoted-csv path.
+  rows[3_210] = '7,"' + "x" * 20_000 + '",4.0\n'
+  q = _write(tmp_path / "quoted.csv", "user,item,rating\n" + "".join(rows))
+  with pytest.raises(ValueError, match=r"quoted\.csv, line 3212: an item id of 20000 bytes"):
+    readers.read_delimited(q)
+
+
+def test_a_field_at_the_limit_is_read_exactly(tmp_path):
+  from jax_vaecf.data import _text
+  long_id = "é" * (_text.MAX_FIELD_BYTES // 2)  # 2 bytes each in UTF-8
+  p = _write(tmp_path / "ok.csv", f"user,item\n1,{long_id}\n2,a\n")
+  x = readers.read_delimited(p, header=True)
+  assert x.raw_item_ids(x.items).tolist() == [long_id, "a"]
+
+
+def test_gathering_strings_holds_rows_times_width_at_most(tmp_path):
+  """Memory proportional to the rows and the widest field allowed, whatever the
+  number of rows gathered at once (the index matrix is bounded too)."""
+  import tracemalloc
+  from jax_vaecf.data import _text
+  n, width = 40_000, 1_000
+  buf = np.frombuffer(b"ab" * 50 + b"y" * width, np.uint8)
+  fs = np.zeros(n, np.int64)
+  fe = np.full(n, 3, np.int64)
+  fs[-1], fe[-1] = 100, 100 + width
+  tracemalloc.start()
+  try:
+    out = _text.gather_strings(buf, fs, fe, "f", 1, "item id")
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  assert out[0] == b"aba" and out[-1] == b"y" * width
+  assert peak < 3 * n * width  # the old chunking held 8 bytes per row and byte: 8 n w
+
+
+@pytest.mark.parametrize("text, message", [
+    ("user,item,rating\r1,31,2.5\r2,31,4.0\r",
+     r"c\.csv: has CR-only line endings \(classic Mac OS\)"),
+    ("user,item,rating\n1,31,4.0\r1\n2,31,4.0\n",
+     r"c\.csv, line 2: holds a carriage return \(CR\) that ends no line.*'1,31,4\.0\\r1'"),
+])
+def test_lone_carriage_returns_are_named_not_dropped(tmp_path, text, message):
+  p = tmp_path / "c.csv"
+  p.write_bytes(text.encode())
+  with pytest.raises(ValueError, match=message):
+    readers.read_delimited(str(p))
+  p.write_bytes(text.replace("\r1\n", "\n").replace("\r", "\r\n").encode())
+  assert len(readers.read_delimited(str(p))) == 2
+
+
+@pytest.mark.parametrize("value, shown", [("inf", "inf"), ("-inf", "-inf"), ("nan", "nan")])
+def test_a_non_finite_rating_is_shown_as_written(tmp_path, value, shown):
+  p = _write(tmp_path / "r.csv", f"user,item,rating\n1,2,4.0\n1,3,{value}\n")
+  with pytest.raises(ValueError, match=rf"r\.csv, line 3: expected a finite rating, got "
+                                       rf"{shown}$"):
+    readers.read_delimited(p)

@@ -26,9 +26,13 @@ ID_ERRORS = "surrogateescape"
 # Lines per block when hunting for the first unparsable line: small enough that the
 # per-line fallback inside one block is quick, large enough that blocks stay few.
 _BLOCK_LINES = 1 << 14
-# Rows gathered at a time into an ``(rows, width)`` byte matrix; bounds the int64 index
-# matrix to ~rows * width * 8 bytes.
-_GATHER_ROWS = 1 << 18
+# Bytes gathered at a time into a ``(rows, width)`` matrix; bounds the int64 index
+# matrix to 8 times that.
+_GATHER_BYTES = 1 << 22
+# The longest field (id or number) a table may hold, in bytes. Fields are gathered at
+# the longest one's width, so memory grows with rows x this; real ids (hashes, MBIDs,
+# SKUs, names) are far shorter, and a longer field is a missing quote or line break.
+MAX_FIELD_BYTES = 1024
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
@@ -62,16 +66,40 @@ def read_bytes(path: str | os.PathLike) -> bytes:
 
 
 def normalize(data: bytes, path: str) -> bytes:
-  """Drops CR (CRLF files) and trailing blank lines; ends with exactly one newline.
+  """Turns CRLF line endings into LF and drops trailing blank lines; ends with exactly one
+  newline.
 
-  Raises ValueError when nothing but whitespace is left.
+  Raises ValueError when nothing but whitespace is left, and for a carriage return that
+  ends no line (CR-only line endings, or a stray CR): dropped, it would glue two lines
+  or two numbers together (``"4.0\r1"`` read as 4.01).
   """
   if b"\r" in data:
-    data = data.replace(b"\r", b"")
+    check_line_endings(data, path)
+    data = data.replace(b"\r\n", b"\n").rstrip(b"\r")
   data = data.rstrip(b"\n")
   if not data.strip():
     raise ValueError(f"{path}: empty file, expected at least one data line")
   return data + b"\n"
+
+
+def check_line_endings(data: bytes, path: str) -> None:
+  """Raises ValueError naming the first CR not followed by LF (line endings are LF or
+  CRLF; a CR ending the file ends its last line)."""
+  body = data.rstrip(b"\r")
+  if body.count(b"\r") == body.count(b"\r\n"):
+    return
+  buf = np.frombuffer(body, np.uint8)
+  cr = np.flatnonzero(buf == 13)
+  lone = cr[buf[cr + 1] != 10]  # body does not end with CR: cr + 1 is inside
+  if b"\n" not in data:
+    raise ValueError(f"{path}: has CR-only line endings (classic Mac OS); convert them "
+                     "to LF or CRLF first (e.g. tr '\\r' '\\n')")
+  at = int(lone[0])
+  line = data.count(b"\n", 0, at) + 1
+  start = data.rfind(b"\n", 0, at) + 1
+  end = data.find(b"\n", at) if b"\n" in data[at:] else len(data)
+  raise ValueError(f"{path}, line {line}: holds a carriage return (CR) that ends no line "
+                   f"(line endings must be LF or CRLF): {shown(data[start:end][:200])!r}")
 
 
 def split_header(data: bytes) -> tuple[bytes, bytes]:
@@ -172,15 +200,35 @@ def fields(data: bytes, delim: bytes, n_fields: int, path: str, first_line: int,
   return buf, fs, fe
 
 
-def gather_strings(buf: np.ndarray, fs: np.ndarray, fe: np.ndarray) -> np.ndarray:
-  """The byte strings ``buf[fs[i]:fe[i]]`` as a fixed-width ``S`` array (n,)."""
+def check_field_lengths(lengths: np.ndarray, path: str, first_line, what: str) -> None:
+  """Raises ValueError naming the line of the first field longer than
+  :data:`MAX_FIELD_BYTES` (``lengths``: int (n,), entries on the lines as in
+  :func:`parse_numbers`)."""
+  long = lengths > MAX_FIELD_BYTES
+  if long.any():
+    i = int(np.argmax(long))
+    raise ValueError(f"{path}, line {_line_no(first_line, i)}: {a(what)} of "
+                     f"{int(lengths[i])} bytes; a field is at most {MAX_FIELD_BYTES} "
+                     "bytes (is a quote or a line break missing?)")
+
+
+def gather_strings(buf: np.ndarray, fs: np.ndarray, fe: np.ndarray, path: str,
+                   first_line, what: str) -> np.ndarray:
+  """The byte strings ``buf[fs[i]:fe[i]]`` as a fixed-width ``S`` array (n,).
+
+  Every string takes the longest one's width, so a field over :data:`MAX_FIELD_BYTES`
+  is refused first (:func:`check_field_lengths`; ``path``, ``first_line`` and ``what``
+  name it): one absurd field would otherwise cost its length in every row.
+  """
   lengths = fe - fs
+  check_field_lengths(lengths, path, first_line, what)
   width = max(int(lengths.max()) if lengths.size else 0, 1)
   out = np.zeros((fs.size, width), np.uint8)
   cols = np.arange(width)
   last = buf.size - 1
-  for lo in range(0, fs.size, _GATHER_ROWS):
-    hi = min(lo + _GATHER_ROWS, fs.size)
+  step = max(_GATHER_BYTES // width, 1)
+  for lo in range(0, fs.size, step):
+    hi = min(lo + step, fs.size)
     idx = fs[lo:hi, None] + cols
     keep = cols < lengths[lo:hi, None]
     np.minimum(idx, last, out=idx)
@@ -381,7 +429,7 @@ def check_integers(values: np.ndarray, path: str, first_line, what: str) -> np.n
   if not ok.all():
     i = int(np.argmin(ok))
     raise ValueError(f"{path}, line {_line_no(first_line, i)}: expected an integer "
-                     f"{what}, got {values[i]!r}")
+                     f"{what}, got {float(values[i])}")
   return values.astype(np.int64)
 
 
@@ -390,5 +438,5 @@ def check_finite(values: np.ndarray, path: str, first_line, what: str) -> np.nda
   if not ok.all():
     i = int(np.argmin(ok))
     raise ValueError(f"{path}, line {_line_no(first_line, i)}: expected a finite {what}, "
-                     f"got {values[i]!r}")
+                     f"got {float(values[i])}")
   return values

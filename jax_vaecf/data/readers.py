@@ -181,18 +181,20 @@ def concat(parts: Sequence[Interactions], source: str = "") -> Interactions:
 def _ids(buf, fs, fe, path, first_line, what, as_strings=False):
   """``(ids, vocab)`` of one column given its field bounds (blanks around trimmed)."""
   fs, fe = _text.strip_fields(buf, fs, fe)
-  return _text.parse_ids(_text.gather_strings(buf, fs, fe), path, first_line, what,
-                         as_strings)
+  return _text.parse_ids(_text.gather_strings(buf, fs, fe, path, first_line, what),
+                         path, first_line, what, as_strings)
 
 
 def _ratings(buf, fs, fe, path, first_line, what="rating"):
-  values = _text.parse_numbers(_text.gather_strings(buf, fs, fe), np.float64, path,
+  values = _text.parse_numbers(_text.gather_strings(buf, fs, fe, path, first_line, what),
+                               np.float64, path,
                                first_line, f"a numeric {what}")
   return _text.check_finite(values, path, first_line, what).astype(np.float32)
 
 
 def _timestamps(buf, fs, fe, path, first_line, what="timestamp"):
-  values = _text.parse_numbers(_text.gather_strings(buf, fs, fe), np.float64, path,
+  values = _text.parse_numbers(_text.gather_strings(buf, fs, fe, path, first_line, what),
+                               np.float64, path,
                                first_line, f"a numeric {what}")
   return _text.check_integers(values, path, first_line, what)
 
@@ -307,7 +309,8 @@ def _netflix_file(path: str) -> Interactions:
   s0, e2 = starts[rating_lines], ends[rating_lines]
   users, user_vocab = _ids(buf, s0, d0, path, line_no, "CustomerID")
   ratings = _ratings(buf, d0 + 1, d1, path, line_no, "Rating")
-  days = _text.parse_numbers(_text.gather_strings(buf, d1 + 1, e2), "datetime64[D]",
+  days = _text.parse_numbers(_text.gather_strings(buf, d1 + 1, e2, path, line_no, "date"),
+                             "datetime64[D]",
                              path, line_no, "a date YYYY-MM-DD")
   return Interactions(users=users, items=items, ratings=ratings,
                       timestamps=days.astype("datetime64[s]").astype(np.int64),
@@ -321,11 +324,14 @@ def _string_plays(path: str | os.PathLike, n_fields: int, item_fields: tuple[int
   path = os.fspath(path)
   data = _text.normalize(_text.read_bytes(path), path)
   buf, fs, fe = _text.fields(data, b"\t", n_fields, path, 1)
-  users, user_vocab = _encode(_text.gather_strings(buf, fs[:, 0], fe[:, 0]))
+  users, user_vocab = _encode(_text.gather_strings(buf, fs[:, 0], fe[:, 0], path, 1,
+                                                   "user id"))
   first, last = item_fields
-  items, item_vocab = _encode(_text.gather_strings(buf, fs[:, first], fe[:, last]))
+  items, item_vocab = _encode(_text.gather_strings(buf, fs[:, first], fe[:, last], path,
+                                                   1, "item"))
   plays = _text.parse_numbers(
-      _text.gather_strings(buf, fs[:, plays_field], fe[:, plays_field]), np.float32,
+      _text.gather_strings(buf, fs[:, plays_field], fe[:, plays_field], path, 1,
+                           "play count"), np.float32,
       path, 1, "a numeric play count")
   return Interactions(users=users, items=items, ratings=plays, user_vocab=user_vocab,
                       item_vocab=item_vocab, source=path)
@@ -490,17 +496,23 @@ def _from_quoted_rows(rows, idx, path, shown, string_ids) -> Interactions:
       raise ValueError(f"{path}, line {line}: expected at least {need} fields separated "
                        f"by {shown!r}, got {len(fields)}")
   lines = np.array([line for line, _ in rows], np.int64)
-  column = lambda j: np.array([f[j].strip(b" \t") for _, f in rows], dtype="S")
   out = {}
+
+  def column(j, what):
+    values = [f[j].strip(b" \t") for _, f in rows]
+    _text.check_field_lengths(np.array([len(v) for v in values], np.int64), path, lines,
+                              what)
+    return np.array(values, dtype="S")
+
   for key, j, what in (("users", idx[0], "user id"), ("items", idx[1], "item id")):
-    out[key], out[key[:-1] + "_vocab"] = _text.parse_ids(column(j), path, lines, what,
+    out[key], out[key[:-1] + "_vocab"] = _text.parse_ids(column(j, what), path, lines, what,
                                                          string_ids)
   if idx[2] is not None:
-    values = _text.parse_numbers(column(idx[2]), np.float64, path, lines,
+    values = _text.parse_numbers(column(idx[2], "rating"), np.float64, path, lines,
                                  "a numeric rating")
     out["ratings"] = _text.check_finite(values, path, lines, "rating").astype(np.float32)
   if idx[3] is not None:
-    values = _text.parse_numbers(column(idx[3]), np.float64, path, lines,
+    values = _text.parse_numbers(column(idx[3], "timestamp"), np.float64, path, lines,
                                  "a numeric timestamp")
     out["timestamps"] = _text.check_integers(values, path, lines, "timestamp")
   return Interactions(source=path, **out)
@@ -558,9 +570,11 @@ def read_user_lines(path: str | os.PathLike) -> Interactions:
   is_user = np.zeros(tok_start.size, bool)
   is_user[np.concatenate([[0], np.cumsum(per_line)[:-1]])] = True
   users, user_vocab = _text.parse_ids(
-      _text.gather_strings(buf, tok_start[is_user], tok_end[is_user]), path, 1, "user id")
+      _text.gather_strings(buf, tok_start[is_user], tok_end[is_user], path,
+                           line_of[is_user] + 1, "user id"), path, 1, "user id")
   items, item_vocab = _text.parse_ids(
-      _text.gather_strings(buf, tok_start[~is_user], tok_end[~is_user]), path,
+      _text.gather_strings(buf, tok_start[~is_user], tok_end[~is_user], path,
+                           line_of[~is_user] + 1, "item id"), path,
       line_of[~is_user] + 1, "item id")
   return Interactions(users=np.repeat(users, per_line - 1), items=items,
                       user_vocab=user_vocab, item_vocab=item_vocab, source=path)
