@@ -654,11 +654,11 @@ def validate(cfg: Config) -> None:
   for ok, message in checks:
     if not ok:
       raise ValueError(f"bad setting: {message}")
+  _check_model_settings(cfg)
   try:
     inputs.l2_values(cfg.l2)
   except (TypeError, ValueError) as e:
     raise ValueError(f"bad setting: {e}") from None
-  _check_model_settings(cfg)
 
 
 def _check_model_settings(cfg: Config) -> None:

@@ -79,8 +79,8 @@ def users_or_items(users: Any, items: Any) -> tuple[list | None, list[list] | No
   """Exactly one of ``users`` (raw user ids) and ``items`` (per new user, raw item
   ids), checked; ``ValueError`` for both or neither."""
   if (users is None) == (items is None):
-    raise ValueError("give users (raw ids in the data) or items (each new user's raw "
-                     "item ids), not both")
+    raise ValueError("users / items: give users (raw ids in the data) or items (each "
+                     "new user's raw item ids), not both")
   if users is not None:
     return ids(users, "users"), None
   return None, histories(items, "items")

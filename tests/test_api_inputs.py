@@ -250,7 +250,7 @@ def test_evaluate_checks_an_eval_split_over_other_items(model):
 # ------------------------------------------------------------------ EASE's l2
 
 
-@pytest.mark.parametrize("l2", [1e30, 1e39, 1e-30, 0.5, 2e6, float("nan")])
+@pytest.mark.parametrize("l2", [1e30, 1e39, 1e-30, 0.5, 2e6])
 def test_l2_outside_the_range_a_float32_solve_answers_is_refused_up_front(l2):
   cfg = configs.get_config("ml1m_ease")
   with pytest.raises(ValueError, match=r"^bad setting: l2: EASE's l2 must be in \[1, "
@@ -303,3 +303,150 @@ def test_export_for_an_unknown_platform_is_refused_before_writing(model, tmp_pat
   with pytest.raises(TypeError, match=r"^platforms: expected a list of platform names"):
     model.export(str(out), k=5, platforms="cpu")
   assert not out.exists()
+
+
+# ------------------------------------------------------------------ the contract, generated
+
+from hypothesis import HealthCheck, event, given, settings, strategies as st  # noqa: E402
+
+ITEM_IDS = list(range(100, 220))  # the fixture's item ids
+_any_id = st.one_of(
+    st.sampled_from(ITEM_IDS), st.sampled_from([str(i) for i in ITEM_IDS]),
+    st.integers(-3, 300), st.text(max_size=3), st.none(), st.floats(), st.booleans(),
+    st.binary(max_size=2), st.sampled_from([np.int64(101), np.str_("102"), np.float64(3)]))
+_good_id = st.one_of(st.sampled_from(ITEM_IDS), st.sampled_from([str(i) for i in ITEM_IDS]),
+                    st.integers(-3, 300), st.text(max_size=3))
+# Half of the draws are well-formed, so both sides of the contract are tried.
+_good_history = st.one_of(st.lists(_good_id, max_size=5),
+                          st.lists(st.sampled_from(ITEM_IDS), max_size=5).map(np.array))
+_history = st.one_of(_good_history, st.lists(_any_id, max_size=5), st.text(max_size=3),
+                     _any_id)
+_items = st.one_of(st.lists(_good_history, max_size=3), st.lists(_good_history, max_size=3),
+                   st.lists(_history, max_size=3), st.text(max_size=4),
+                   st.lists(_any_id, min_size=1, max_size=3), _any_id)
+_k = st.one_of(st.sampled_from([1, 2, 5, 119, 120, np.int64(5)]),
+               st.sampled_from([1, 2, 5, 119, 120, np.int64(5)]),
+               st.sampled_from([-1, 0, 121, 2.5, True, "5", None, np.float32(5)]),
+               st.floats())
+_users = st.one_of(
+    st.lists(st.sampled_from([f"u{r}" for r in range(0, 150, 3)]), max_size=3),
+    st.lists(st.one_of(st.sampled_from([f"u{r}" for r in range(0, 150, 7)]), _any_id),
+             max_size=3), st.text(max_size=3), _any_id)
+_BOUNDED = settings(max_examples=40, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                           HealthCheck.too_slow])
+
+
+def _is_id(v):
+  return isinstance(v, (int, np.integer, str)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_history(h):
+  if isinstance(h, np.ndarray):
+    h = h.tolist()
+  return isinstance(h, list) and all(_is_id(v) for v in h)
+
+
+def _valid_k(k):
+  return _is_id(k) and not isinstance(k, str) and 1 <= int(k) <= len(ITEM_IDS)
+
+
+def _as_list(history):
+  return history.tolist() if isinstance(history, np.ndarray) else list(history)
+
+
+def _reference(model, histories, k):
+  """Per user: the dense score path's row (``model.score``, float64, columns in
+  ``model.item_ids`` order) with the user's known items at -inf and the top-k scores of
+  that row; the ids not known; the column of each id."""
+  known = {str(i): i for i in ITEM_IDS}
+  column = {int(i): j for j, i in enumerate(model.item_ids.tolist())}  # score's order
+  seen = [[known[str(v)] for v in _as_list(h) if str(v) in known] for h in histories]
+  unknown = [[v for v in _as_list(h) if str(v) not in known] for h in histories]
+  rows = model.score(items=seen).astype(np.float64) if seen else np.zeros((0, 0))
+  out = []
+  for row, mine in zip(rows, seen):
+    row = row.copy()
+    row[[column[i] for i in mine]] = -np.inf
+    n = min(k, len(ITEM_IDS) - len(set(mine)))
+    out.append((row, -np.sort(-row)[:n]))
+  return out, unknown, column
+
+
+def _assert_one_clear_error(error, bad_arguments):
+  """A TypeError / ValueError of one line whose first word is a bad argument."""
+  assert isinstance(error, (TypeError, ValueError)), repr(error)
+  message = str(error)
+  named = {n.split("[")[0].split(" ")[0] for n in message.split(":")[0].split(" / ")}
+  assert "\n" not in message and named & set(bad_arguments), (message, bad_arguments)
+
+
+def _assert_matches_reference(model, got, histories, k):
+  reference, unknown, column = _reference(model, histories, k)
+  assert [list(u) for u in got.unknown] == unknown
+  assert len(got.items) == len(reference)
+  for ids, scores, (row, top) in zip(got.items, got.scores, reference):
+    np.testing.assert_allclose(scores, top, rtol=1e-4, atol=1e-5)
+    # Each returned id is the item of its score (ties may come in either order).
+    np.testing.assert_allclose(row[[column[int(i)] for i in ids]], scores,
+                               rtol=1e-4, atol=1e-5)
+    assert len(set(ids.tolist())) == len(ids)
+
+
+@given(items=_items, k=_k)
+@_BOUNDED
+def test_recommend_for_new_users_answers_right_or_names_the_bad_argument(model, items, k):
+  valid_items = isinstance(items, list) and all(_is_history(h) for h in items)
+  bad = {name for name, ok in (("items", valid_items), ("k", _valid_k(k))) if not ok}
+  try:
+    got = model.recommend(items=items, k=k)
+  except Exception as e:  # pylint: disable=broad-except
+    assert bad, f"a valid call raised {e!r}"
+    _assert_one_clear_error(e, bad)
+    event("refused")
+    return
+  event("answered")
+  assert not bad, f"accepted bad {bad}: items={items!r} k={k!r}"
+  _assert_matches_reference(model, got, items, int(k))
+
+
+@given(users=_users, k=_k)
+@_BOUNDED
+def test_recommend_for_known_users_answers_right_or_names_the_bad_argument(model, matrix,
+                                                                           users, k):
+  in_data = {str(u) for part in (model.split.train_user_ids, model.split.validation.user_ids,
+                                 model.split.test.user_ids) for u in part}
+  valid_users = isinstance(users, list) and all(_is_id(u) for u in users)
+  bad = {name for name, ok in (("users", valid_users and all(
+      str(u) in in_data for u in users)), ("k", _valid_k(k))) if not ok}
+  try:
+    got = model.recommend(users=users, k=k)
+  except Exception as e:  # pylint: disable=broad-except
+    assert bad, f"a valid call raised {e!r}"
+    _assert_one_clear_error(e, bad)
+    event("refused")
+    return
+  event("answered")
+  assert not bad, f"accepted bad {bad}: users={users!r} k={k!r}"
+  # A user of the data is the new user holding all their items (the matrix's row).
+  histories = [[ITEM_IDS[c] for c in matrix[int(str(u)[1:])].indices] for u in users]
+  _assert_matches_reference(model, got, histories, int(k))
+
+
+@given(items=_items)
+@_BOUNDED
+def test_score_answers_every_item_or_names_the_bad_argument(model, items):
+  valid = isinstance(items, list) and all(_is_history(h) for h in items)
+  try:
+    got = model.score(items=items)
+  except Exception as e:  # pylint: disable=broad-except
+    assert not valid, f"a valid call raised {e!r}"
+    _assert_one_clear_error(e, {"items"})
+    event("refused")
+    return
+  event("answered")
+  assert valid, f"accepted bad items={items!r}"
+  assert got.shape == (len(items), len(ITEM_IDS)) and got.dtype == np.float32
+  for r, history in enumerate(items):  # each row is that user's row scored alone
+    np.testing.assert_allclose(got[r], model.score(items=[history])[0], rtol=1e-5,
+                               atol=1e-6)
