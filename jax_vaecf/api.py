@@ -60,9 +60,11 @@ def _config(config: str | configs.Config, settings: dict) -> configs.Config:
 def interactions_of(data: Any, *, user_ids: Sequence | None = None,
                     item_ids: Sequence | None = None) -> data_lib.Interactions:
   """In-memory data as :class:`jax_vaecf.data.Interactions`: a scipy sparse matrix
-  ``(n_users, n_items)`` whose non-zero entries are the interactions (rows and columns
-  named by ``user_ids`` / ``item_ids``, else by their index), or columns ``(users,
-  items)`` / ``(users, items, ratings)`` of raw ids, one entry per interaction."""
+  ``(n_users, n_items)`` of 0 and 1 whose non-zero entries are the interactions (stored
+  zeros are none; rows and columns named by ``user_ids`` / ``item_ids``, else by their
+  index), or columns ``(users, items)`` / ``(users, items, ratings)`` of raw ids, one
+  entry per interaction. What it refuses: :func:`jax_vaecf.inputs.interaction_matrix`,
+  :func:`jax_vaecf.inputs.axis_ids`."""
   if sp.issparse(data):
     m = inputs.interaction_matrix(data, "data")
     row_ids = inputs.axis_ids(user_ids, m.shape[0], "user_ids", "row")
@@ -122,8 +124,9 @@ def fit(data: Any = None, config: str | configs.Config = "ml20m", *,
 
   Args:
     data: ``None``: the config's data set (``dataset``, ``data_dir``, as on the command
-      line); a :class:`jax_vaecf.data.Split`, used as it is; a scipy sparse matrix
-      ``(n_users, n_items)`` (non-zero = interaction) or a tuple ``(users, items[,
+      line); a :class:`jax_vaecf.data.Split`, checked whole first
+      (:func:`jax_vaecf.inputs.split`); a scipy sparse matrix ``(n_users, n_items)`` of 0
+      and 1 (non-zero = interaction) or a tuple ``(users, items[,
       ratings])`` of raw-id columns: split by the config's protocol as a
       ``--dataset=csv`` file is (users with fewer than 5 items dropped; with ratings,
       those above ``csv_threshold`` are the positives).
@@ -137,8 +140,10 @@ def fit(data: Any = None, config: str | configs.Config = "ml20m", *,
     **settings: any :class:`Config` field, overriding the preset (``number_of_epochs=50``).
 
   Returns:
-    The :class:`FittedModel` of the run's best checkpoint. Raises ``ValueError`` (a bad
-    setting, bad data), :class:`jax_vaecf.loop.TrainingDivergedError`.
+    The :class:`FittedModel` of the run's best checkpoint. Raises ``TypeError`` /
+    ``ValueError`` naming the argument (a bad setting, bad data, a callback that is not
+    callable: :mod:`jax_vaecf.inputs`) before any work,
+    :class:`jax_vaecf.loop.TrainingDivergedError`.
   """
   cfg = _config(config, settings)
   inputs.callback(on_epoch, "on_epoch")
@@ -346,8 +351,7 @@ class FittedModel:
     if self._temporary_root is None and isinstance(path, (str, os.PathLike)) and \
         os.path.abspath(os.fspath(path)) == os.path.abspath(self.workdir):
       return os.fspath(path)  # already kept there
-    path = inputs.save_path(path, [self.workdir] + [self._temporary_root] * bool(
-        self._temporary_root))
+    path = inputs.save_path(path, [f for f in (self.workdir, self._temporary_root) if f])
     if os.path.isdir(path):
       os.rmdir(path)
     shutil.copytree(self.workdir, path,
