@@ -4,7 +4,9 @@ one clear line each gives for what it cannot answer right."""
 
 import dataclasses
 import os
+import shutil
 
+from hypothesis import HealthCheck, event, given, settings, strategies as st
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -16,6 +18,7 @@ from jax_vaecf.data import split as split_lib
 
 import _synthetic
 
+ITEM_IDS = list(range(100, 220))  # the fitted model's item ids, one per matrix column
 SMALL = dict(number_of_epochs=1, hidden_dims=(8,), latent_dim=4, batch_size_train=64,
              batch_size_validation=64, total_anneal_steps=10, test_ks=(5,), prefetch=1)
 
@@ -30,11 +33,7 @@ def model(matrix):
   """One tiny model in its temporary run folder (no workdir), fitted once."""
   users = np.array([f"u{r}" for r in range(matrix.shape[0])])
   return jax_vaecf.fit(matrix, "ml-latest-small", user_ids=users,
-                       item_ids=np.arange(100, 100 + matrix.shape[1]), **SMALL)
-
-
-def _split_of(model):
-  return model.split
+                       item_ids=np.array(ITEM_IDS), **SMALL)
 
 
 # ------------------------------------------------------------------ defect 1: strings
@@ -287,7 +286,6 @@ def test_save_inside_the_models_own_temporary_folder_is_refused(matrix, tmp_path
 def test_a_pickled_item_table_is_named_by_its_file(model, tmp_path):
   from jax_vaecf import recommend
   folder = str(tmp_path / "copy")
-  import shutil
   shutil.copytree(model.workdir, folder)
   path = os.path.join(folder, "item_ids.npy")
   np.save(path, np.array([object()] * 120, dtype=object), allow_pickle=True)
@@ -307,9 +305,6 @@ def test_export_for_an_unknown_platform_is_refused_before_writing(model, tmp_pat
 
 # ------------------------------------------------------------------ the contract, generated
 
-from hypothesis import HealthCheck, event, given, settings, strategies as st  # noqa: E402
-
-ITEM_IDS = list(range(100, 220))  # the fixture's item ids
 _any_id = st.one_of(
     st.sampled_from(ITEM_IDS), st.sampled_from([str(i) for i in ITEM_IDS]),
     st.integers(-3, 300), st.text(max_size=3), st.none(), st.floats(), st.booleans(),
