@@ -35,6 +35,7 @@ import scipy.sparse as sp
 from jax_vaecf import configs
 from jax_vaecf import data as data_lib
 from jax_vaecf import export as export_lib
+from jax_vaecf import inputs
 from jax_vaecf import loop
 from jax_vaecf import metrics as metrics_lib
 from jax_vaecf import recommend as recommend_lib
@@ -53,29 +54,23 @@ def _config(config: str | configs.Config, settings: dict) -> configs.Config:
   unknown = sorted(set(settings) - set(fields))
   if unknown:
     raise ValueError(f"unknown settings {unknown}: expected fields of Config")
-  for name, value in settings.items():
-    if isinstance(fields[name].default, tuple) and isinstance(value, (list, tuple)):
-      settings[name] = tuple(configs.element_of(name)(v) for v in value)
-  return cfg.replace(**settings)
+  return cfg.replace(**inputs.setting_values(settings, configs.from_json))
 
 
 def interactions_of(data: Any, *, user_ids: Sequence | None = None,
                     item_ids: Sequence | None = None) -> data_lib.Interactions:
   """In-memory data as :class:`jax_vaecf.data.Interactions`: a scipy sparse matrix
-  ``(n_users, n_items)`` whose non-zero entries are the interactions (rows and columns
-  named by ``user_ids`` / ``item_ids``, else by their index), or columns ``(users,
-  items)`` / ``(users, items, ratings)`` of raw ids, one entry per interaction."""
+  ``(n_users, n_items)`` of 0 and 1 whose non-zero entries are the interactions (stored
+  zeros are none; rows and columns named by ``user_ids`` / ``item_ids``, else by their
+  index), or columns ``(users, items)`` / ``(users, items, ratings)`` of raw ids, one
+  entry per interaction. What it refuses: :func:`jax_vaecf.inputs.interaction_matrix`,
+  :func:`jax_vaecf.inputs.axis_ids`."""
   if sp.issparse(data):
-    m = sp.coo_matrix(data)
-    if m.nnz == 0:
-      raise ValueError("the matrix holds no interaction (no non-zero entry)")
-    for ids, n, what in ((user_ids, m.shape[0], "user_ids"),
-                         (item_ids, m.shape[1], "item_ids")):
-      if ids is not None and len(ids) != n:
-        raise ValueError(f"{what}: {len(ids)} ids for the matrix's {n} "
-                         f"{'rows' if what == 'user_ids' else 'columns'}")
-    users = m.row if user_ids is None else np.asarray(user_ids)[m.row]
-    items = m.col if item_ids is None else np.asarray(item_ids)[m.col]
+    m = inputs.interaction_matrix(data, "data")
+    row_ids = inputs.axis_ids(user_ids, m.shape[0], "user_ids", "row")
+    column_ids = inputs.axis_ids(item_ids, m.shape[1], "item_ids", "column")
+    users = m.row if row_ids is None else row_ids[m.row]
+    items = m.col if column_ids is None else column_ids[m.col]
     return data_lib.from_columns(users, items, source="the matrix")
   if isinstance(data, tuple) and len(data) in (2, 3):
     if user_ids is not None or item_ids is not None:
@@ -129,8 +124,9 @@ def fit(data: Any = None, config: str | configs.Config = "ml20m", *,
 
   Args:
     data: ``None``: the config's data set (``dataset``, ``data_dir``, as on the command
-      line); a :class:`jax_vaecf.data.Split`, used as it is; a scipy sparse matrix
-      ``(n_users, n_items)`` (non-zero = interaction) or a tuple ``(users, items[,
+      line); a :class:`jax_vaecf.data.Split`, checked whole first
+      (:func:`jax_vaecf.inputs.split`); a scipy sparse matrix ``(n_users, n_items)`` of 0
+      and 1 (non-zero = interaction) or a tuple ``(users, items[,
       ratings])`` of raw-id columns: split by the config's protocol as a
       ``--dataset=csv`` file is (users with fewer than 5 items dropped; with ratings,
       those above ``csv_threshold`` are the positives).
@@ -144,13 +140,16 @@ def fit(data: Any = None, config: str | configs.Config = "ml20m", *,
     **settings: any :class:`Config` field, overriding the preset (``number_of_epochs=50``).
 
   Returns:
-    The :class:`FittedModel` of the run's best checkpoint. Raises ``ValueError`` (a bad
-    setting, bad data), :class:`jax_vaecf.loop.TrainingDivergedError`.
+    The :class:`FittedModel` of the run's best checkpoint. Raises ``TypeError`` /
+    ``ValueError`` naming the argument (a bad setting, bad data, a callback that is not
+    callable: :mod:`jax_vaecf.inputs`) before any work,
+    :class:`jax_vaecf.loop.TrainingDivergedError`.
   """
   cfg = _config(config, settings)
+  inputs.callback(on_epoch, "on_epoch")
   split = None
   if isinstance(data, data_lib.Split):
-    split = data
+    split = inputs.split(data, "data")
   elif data is not None:
     cfg = cfg.replace(dataset=loop.IN_MEMORY, data_dir="")
     configs.validate(cfg)  # a bad setting fails before the data is split
@@ -177,6 +176,7 @@ def fit(data: Any = None, config: str | configs.Config = "ml20m", *,
                         results=results)
   if temporary:
     model._owns = weakref.finalize(model, shutil.rmtree, folder, True)
+    model._temporary_root = folder
   return model
 
 
@@ -206,6 +206,7 @@ class FittedModel:
     self._jitted: dict = {}  # compiled scoring / evaluation, per model (and ks)
     self._rows: dict[str, list[np.ndarray]] | None = None
     self._owns: weakref.finalize | None = None
+    self._temporary_root: str | None = None  # removed with the model (fit's own folder)
 
   @classmethod
   def load(cls, workdir: str | os.PathLike) -> "FittedModel":
@@ -278,9 +279,7 @@ class FittedModel:
     return out
 
   def _columns(self, users, items) -> tuple[list[np.ndarray], list[list[Any]]]:
-    if (users is None) == (items is None):
-      raise ValueError("give users (raw ids in the data) or items (each new user's raw "
-                       "item ids), not both")
+    users, items = inputs.users_or_items(users, items)
     if users is not None:
       cols = self._user_columns(users)
       return cols, [[] for _ in cols]
@@ -293,6 +292,7 @@ class FittedModel:
     has: for ``users`` (raw ids of users in the data, their known items folded in) or
     for new users given as ``items`` (each a list of raw item ids; unknown ids are
     skipped and reported in ``unknown``)."""
+    k = inputs.k_value(k, self.recommender.model.n_items)
     cols, unknown = self._columns(users, items)
     scores, top = self.recommender.recommend_columns(cols, k)
     keep = top >= 0
@@ -328,10 +328,10 @@ class FittedModel:
       if part is None:
         raise ValueError(f"the data has no {on} users")
     rec = self.recommender
-    if part.fold_in.shape[1] != rec.model.n_items:
-      raise ValueError(f"the users' rows have {part.fold_in.shape[1]} item columns, the "
-                       f"model {rec.model.n_items}")
-    key = ("evaluate", tuple(sorted(set(int(k) for k in ks))))
+    ks = inputs.k_values(ks, rec.model.n_items)
+    if not isinstance(on, str):
+      part = inputs.eval_split(on, rec.model.n_items, "on")
+    key = ("evaluate", ks)
     if key not in self._jitted:
       self._jitted[key] = jax.jit(train_lib.make_eval_step(
           rec.model, ks, input_format=self.config.input_format,
@@ -348,11 +348,10 @@ class FittedModel:
     """Copies the run folder to ``path`` (a new folder), where every CLI tool
     (``recommend --workdir``, ``export``, ``train`` to resume, ``compare``) reads it;
     returns ``path``. The model then answers from there."""
-    path = os.fspath(path)
-    if os.path.abspath(path) == os.path.abspath(self.workdir):
-      return path
-    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
-      raise ValueError(f"{path}: exists and is not an empty folder")
+    if self._temporary_root is None and isinstance(path, (str, os.PathLike)) and \
+        os.path.abspath(os.fspath(path)) == os.path.abspath(self.workdir):
+      return os.fspath(path)  # already kept there
+    path = inputs.save_path(path, [f for f in (self.workdir, self._temporary_root) if f])
     if os.path.isdir(path):
       os.rmdir(path)
     shutil.copytree(self.workdir, path,
@@ -360,6 +359,7 @@ class FittedModel:
     if self._owns is not None:  # the temporary folder goes now; the copy stays
       self._owns()
       self._owns = None
+      self._temporary_root = None
     self.workdir = path
     self._recommender = None
     self._jitted = {}
@@ -369,6 +369,8 @@ class FittedModel:
              platforms: Sequence[str] = ("cpu",)) -> dict:
     """Writes the scorer artefact (``docs/serving.md``) of the best checkpoint, as
     ``python -m experiments.export`` does; returns its manifest."""
+    k = inputs.k_value(k, self.recommender.model.n_items)
+    platforms = inputs.platforms(platforms)
     return export_lib.export_run(self.workdir, out_dir, k, platforms=platforms,
                                  recommender=self.recommender)
 

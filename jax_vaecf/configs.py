@@ -13,6 +13,7 @@ import os
 from typing import Callable
 
 import jax_vaecf
+from jax_vaecf import inputs
 from jax_vaecf import model as model_lib
 from jax_vaecf import parallel as parallel_lib
 from jax_vaecf import precision as precision_lib
@@ -654,6 +655,10 @@ def validate(cfg: Config) -> None:
     if not ok:
       raise ValueError(f"bad setting: {message}")
   _check_model_settings(cfg)
+  try:
+    inputs.l2_values(cfg.l2)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"bad setting: {e}") from None
 
 
 def _check_model_settings(cfg: Config) -> None:

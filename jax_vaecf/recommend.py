@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_vaecf import checkpoint as checkpoint_lib
+from jax_vaecf import inputs
 from jax_vaecf import metrics as metrics_lib
 from jax_vaecf import model as model_lib
 from jax_vaecf import run_folder
@@ -153,7 +154,10 @@ class Recommender:
     ids_path = os.path.join(workdir, "item_ids.npy")
     if not os.path.exists(ids_path):
       raise FileNotFoundError(f"{ids_path}: not found; the workdir is incomplete")
-    item_ids = np.load(ids_path, allow_pickle=False)
+    try:
+      item_ids = np.load(ids_path, allow_pickle=False)
+    except (OSError, ValueError) as e:  # a pickle, a truncated or foreign file
+      raise ValueError(f"{ids_path}: not a numpy array of item ids ({e})") from None
     recorded = ident.get("items_digest")
     if recorded is not None and run_folder.items_digest(item_ids) != recorded:
       # The ids file and the checkpoint come from different runs (a run started over
@@ -209,8 +213,8 @@ class Recommender:
     Raises :class:`NonFiniteModelError` when the model scores any of the users with a
     NaN or inf (its parameters or computation are not finite).
     """
-    if not 1 <= k <= self.model.n_items:
-      raise ValueError(f"k must be in [1, {self.model.n_items}], got {k}")
+    k = inputs.k_value(k, self.model.n_items)
+    users = inputs.histories(users, "users")
     cols, unknown = zip(*[self.columns_of(u) for u in users]) if users else ((), ())
     scores, top = self.recommend_columns(cols, k)
     keep = top >= 0  # -1: filler past the user's unseen items
@@ -234,8 +238,7 @@ class Recommender:
     Raises :class:`NonFiniteModelError` when the model scores any of the users with a
     NaN or inf (its parameters or computation are not finite).
     """
-    if not 1 <= k <= self.model.n_items:
-      raise ValueError(f"k must be in [1, {self.model.n_items}], got {k}")
+    k = inputs.k_value(k, self.model.n_items)
     n = len(columns)
     for i, c in enumerate(columns):
       c = np.asarray(c)

@@ -106,11 +106,12 @@ class Split:
     return out
 
 
-def check_distinct_ids(ids: np.ndarray, what: str) -> None:
-  """Raises ValueError naming an id held by two columns (or rows) of ``ids`` (n,).
+def check_distinct_ids(ids: np.ndarray, what: str, axis: str = "column") -> None:
+  """Raises ValueError naming an id held by two columns (or, ``axis="row"``, rows) of
+  ``ids`` (n,).
 
   Two columns under one raw id would make recommendations and ``--items`` lookups map
-  that id to one of them without a word.
+  that id to one of them without a word (two rows would merge two users).
   """
   ids = np.asarray(ids)
   if ids.size < 2:
@@ -120,7 +121,7 @@ def check_distinct_ids(ids: np.ndarray, what: str) -> None:
   if same.any():
     k = int(np.argmax(same))
     a, b = sorted((int(order[k]), int(order[k + 1])))
-    raise ValueError(f"{what} id {ids[a].tolist()!r} names both column {a} and column "
+    raise ValueError(f"{what} id {ids[a].tolist()!r} names both {axis} {a} and {axis} "
                      f"{b}; every {what} needs an id of its own")
 
 
