@@ -19,6 +19,8 @@ import pytest
 import scipy.sparse as sp
 
 optuna = pytest.importorskip("optuna")
+# Heartbeats, the retry callback and TPE's options are marked experimental by Optuna.
+pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 
 from jax_vaecf import configs  # pylint: disable=g-import-not-at-top
 from jax_vaecf import loop
@@ -84,11 +86,13 @@ def _trials(root):
   return sorted(tune.open_study(str(root)).get_trials(), key=lambda t: t.number)
 
 
+REAL_RUN = loop.run
+
+
 def _runs_of(calls):
   """``loop.run`` wrapped to note the workdir of each call in ``calls``."""
-  real_run = loop.run
   return lambda cfg, workdir, **kw: (calls.append(os.path.basename(workdir)),
-                                     real_run(cfg, workdir, **kw))[1]
+                                     REAL_RUN(cfg, workdir, **kw))[1]
 
 
 @pytest.fixture(scope="module")
@@ -124,12 +128,11 @@ def test_the_seed_decides_the_trials(data, full, two, tmp_path, monkeypatch):
   assert _key(two[1]) == _key(rows[:2])
   # Another seed: the same base trial, then other trials. (Its trial 1 is stopped
   # before it trains, by Ctrl-C: its parameters are chosen when it is asked.)
-  real_run = loop.run
-
+  
   def stop_at_trial_1(cfg, workdir, **kw):
     if os.path.basename(workdir) == "0001":
       raise KeyboardInterrupt
-    return real_run(cfg, workdir, **kw)
+    return REAL_RUN(cfg, workdir, **kw)
 
   monkeypatch.setattr(loop, "run", stop_at_trial_1)
   with pytest.raises(KeyboardInterrupt):
@@ -147,7 +150,7 @@ def test_resume_runs_only_new_trials_and_reruns_an_interrupted_one(data, full, t
   base = _base(data["a"], data["cache"])
   root = tmp_path / "tune"
   _search(base, root, _settings(trials=1))
-  real_run, calls = loop.run, []
+  calls = []
 
   def interrupted_in_trial_2(cfg, workdir, *, on_validation=None):
     calls.append(os.path.basename(workdir))
@@ -157,7 +160,7 @@ def test_resume_runs_only_new_trials_and_reruns_an_interrupted_one(data, full, t
         raise KeyboardInterrupt  # Ctrl-C after epoch 1's checkpoint
       return on_validation(epoch, record)
 
-    return real_run(cfg, workdir, on_validation=hook)
+    return REAL_RUN(cfg, workdir, on_validation=hook)
 
   monkeypatch.setattr(loop, "run", interrupted_in_trial_2)
   with pytest.raises(KeyboardInterrupt):
@@ -196,8 +199,7 @@ def test_a_dead_process_trial_is_found_by_its_heartbeat_and_run_again(data, two,
   # (SystemExit is what Optuna does not catch: the trial stays RUNNING, as on a kill.)
   base, root = _base(data["a"], data["cache"]), tmp_path / "tune"
   settings = _settings(trials=2, heartbeat_seconds=1)
-  real_run = loop.run
-
+  
   def killed_in_trial_1(cfg, workdir, *, on_validation=None):
 
     def hook(epoch, record):
@@ -205,7 +207,7 @@ def test_a_dead_process_trial_is_found_by_its_heartbeat_and_run_again(data, two,
         raise SystemExit(9)
       return on_validation(epoch, record)
 
-    return real_run(cfg, workdir, on_validation=hook)
+    return REAL_RUN(cfg, workdir, on_validation=hook)
 
   monkeypatch.setattr(loop, "run", killed_in_trial_1)
   with pytest.raises(SystemExit):
@@ -234,13 +236,13 @@ def test_parallel_trials_run_at_once_on_their_own_devices(data, full, tmp_path,
   # start), each on a device of its own.
   root, rows = full
   assert [r["state"] for r in rows] == ["complete", "complete", "pruned"]
-  real_run, both_started, devices = loop.run, threading.Barrier(2, timeout=120), {}
+  both_started, devices = threading.Barrier(2, timeout=120), {}
 
   def together(cfg, workdir, **kw):
     devices[os.path.basename(workdir)] = cfg.gpu_number
     if os.path.basename(workdir) in ("0000", "0001"):
       both_started.wait()
-    return real_run(cfg, workdir, **kw)
+    return REAL_RUN(cfg, workdir, **kw)
 
   monkeypatch.setattr(loop, "run", together)
   par = _search(_base(data["a"], data["cache"]), tmp_path / "tune",
