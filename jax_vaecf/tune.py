@@ -446,11 +446,12 @@ def _prepare(base: configs.Config, root: str, settings: Settings, report: Report
                       "(its trials cannot be resumed); use another --root")
     if saved is None:
       study.set_user_attr("settings", fingerprint)
-      study.enqueue_trial(dict(space.base_values))  # trial 0: the base
     elif saved != fingerprint:
       raise TuneError(f"--root={root} holds a search with other settings ("
                       + "; ".join(_differences(saved, fingerprint))
                       + "). Use another --root, or this search's own settings")
+    if not study.get_trials(deepcopy=False):  # (also when a first start died here)
+      study.enqueue_trial(dict(space.base_values))  # trial 0: the base
     recover(study, settings, report)
   return study, space
 
