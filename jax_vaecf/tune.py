@@ -472,7 +472,7 @@ def search(base: configs.Config, root: str, settings: Settings, *, base_name: st
     report(f"trial {positions(study.get_trials(deepcopy=False))[frozen.number]}: "
            f"{frozen.state.name.lower()}{value}" + (f" ({error})" if error else ""))
     write_outputs(root, base, base_name, space, study)
-    if _counts(study)[0] >= settings.trials:
+    if sum(_counts(study)) >= settings.trials:  # those running (here or not) will finish
       study.stop()
 
   deadline = time.monotonic() + 60 * settings.timeout_minutes
