@@ -271,7 +271,8 @@ def may_prune(cfg: configs.Config, epoch: int, record: dict) -> bool:
   return cfg.ema_decay <= 0 or int(record["step"]) * (1.0 - cfg.ema_decay) >= 1.0
 
 
-def _pruning_hook(trial, cfg: configs.Config, workdir: str, reported: set):
+def _pruning_hook(trial, cfg: configs.Config, workdir: str, reported: set,
+                  prunable: bool):
   """``loop.run``'s ``on_validation``: reports the best-so-far validation NDCG@100 of
   each validated epoch (a resumed run's earlier ones too) and asks the pruner."""
 
@@ -282,7 +283,7 @@ def _pruning_hook(trial, cfg: configs.Config, workdir: str, reported: set):
       if e not in reported:
         trial.report(v, e)
         reported.add(e)
-    if may_prune(cfg, epoch, record) and trial.should_prune():
+    if prunable and may_prune(cfg, epoch, record) and trial.should_prune():
       return f"{PRUNED_PREFIX} at epoch {epoch}"
     return None
 
@@ -305,8 +306,8 @@ def _objective(study, base: configs.Config, root: str, space: Space,
     t0, device = time.perf_counter(), devices.get() if devices else None
     try:
       if not _pruned(workdir):  # a retry of a trial the pruner had stopped
-        hook = _pruning_hook(trial, cfg, workdir,
-                             set(stored[trial.number].intermediate_values))
+        hook = _pruning_hook(trial, cfg, workdir,  # the base, the reference, runs whole
+                             set(stored[trial.number].intermediate_values), position > 0)
         loop.run(cfg if device is None else cfg.replace(gpu_number=device), workdir,
                  on_validation=hook)
     except DIVERGED as e:

@@ -249,14 +249,26 @@ def test_parallel_trials_run_at_once_on_their_own_devices(data, full, tmp_path,
                 _settings(parallel_trials=2))
   assert devices["0000"] != devices["0001"] and {devices["0000"], devices["0001"]} <= {0, 1}
   # Before TPE's start-up count, each trial draws from its own seed: the same
-  # parameters as one at a time. Trials 0 and 1 complete with the same values (the
-  # pruner can only compare trial 1 with trial 0, as one at a time); whether trial 2 is
-  # pruned depends on which trials had finished when it validated.
+  # parameters as one at a time, and the same curve for as long as both ran. Trial 0,
+  # the base, is never pruned; whether another trial is depends on which trials had
+  # completed when it validated.
   assert [r["params"] for r in par] == [r["params"] for r in rows]
-  assert _key(par[:2]) == _key(rows[:2])
-  assert par[2]["state"] in ("complete", "pruned")
+  assert _key(par[:1]) == _key(rows[:1])
+  one, two_at_once = _curves(root), _curves(tmp_path / "tune")
+  for position, curve in two_at_once.items():
+    common = set(curve) & set(one[position])
+    assert common and all(curve[e] == one[position][e] for e in common)
+  for a, b in zip(rows, par):
+    if a["state"] == b["state"] == "complete":
+      assert a["value"] == b["value"]
   config = json.load(open(os.path.join(tmp_path, "tune", "best.json")))
   assert config["gpu_number"] == -1  # the device was the trial's, not the setting's
+
+
+def _curves(root):
+  """The search's trial -> its best-so-far validation NDCG@100 by epoch."""
+  at = tune.positions(_trials(root))
+  return {at[t.number]: t.intermediate_values for t in _trials(root)}
 
 
 def test_tune_is_built_on_public_optuna_alone():
