@@ -4,20 +4,23 @@ its space, outputs and guarantees are documented there and in docs/tuning.md).
   python -m experiments.tune --config=ml1m --data_dir=DIR --root=runs/tune_ml1m \\
       --trials=40 [--space=lr,dropout_rate,anneal_cap] [--parallel_trials=4]
 
-Needs Optuna (``pip install -e .[tune]``). With ``--parallel_trials`` the search starts
-its workers itself (``python -m jax_vaecf.tune ROOT TRIAL``).
+Needs Optuna (``pip install -e .[tune]``). ``--parallel_trials=K`` runs K trials at
+once in this process (Optuna's ``n_jobs``); several commands may also share one
+``--root`` (each on its own devices or cores) and run the one study together.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 from absl import app
 from absl import flags
 
 from experiments import cli
-from jax_vaecf.tune import SPACE, Settings, TuneError, best_row, search
+from jax_vaecf.tune import Settings, best_row, search
+from jax_vaecf.tune_space import SPACE, TuneError
 
 # ----------------------------------------------------------------------------- CLI
 
@@ -36,9 +39,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                      "(0 = no limit); trials already started finish.", flag_values=fv)
   flags.DEFINE_integer("tune_seed", 0, "Seed of the search: the same seed, settings and "
                        "data ask the same trials.", flag_values=fv)
-  flags.DEFINE_integer("parallel_trials", 1, "Trials run at once, each in its own process "
-                       "on its share of the CPU cores or on its own GPU (1 = one at a "
-                       "time, in this process).", flag_values=fv)
+  flags.DEFINE_integer("parallel_trials", 1, "Trials run at once in this process (Optuna's "
+                       "n_jobs threads), each on a device of its own when there are "
+                       "several; other commands may share the --root.", flag_values=fv)
   flags.DEFINE_list("space", [], "Parameters to search, comma separated, from "
                     + ", ".join(p.name for p in SPACE) + " (docs/tuning.md); default: "
                     "every one that applies to the model.", flag_values=fv)
@@ -46,6 +49,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                        "this epoch on.", flag_values=fv)
   flags.DEFINE_integer("prune_startup_trials", 5, "Pruning starts once this many trials "
                        "have completed.", flag_values=fv)
+  flags.DEFINE_integer("heartbeat_seconds", 10, "A running trial records that it is alive "
+                       "this often; one silent for twice as long is run again (its "
+                       "process died).", flag_values=fv)
 
 
 def _settings_from_flags() -> Settings:
@@ -54,7 +60,17 @@ def _settings_from_flags() -> Settings:
                   timeout_minutes=FLAGS.timeout_minutes,
                   space=tuple(s.strip() for s in FLAGS.space if s.strip()),
                   prune_warmup_epochs=FLAGS.prune_warmup_epochs,
-                  prune_startup_trials=FLAGS.prune_startup_trials)
+                  prune_startup_trials=FLAGS.prune_startup_trials,
+                  heartbeat_seconds=FLAGS.heartbeat_seconds)
+
+
+def _quiet_optuna() -> None:
+  """The search reports each trial itself: Optuna's own log lines (a failed trial's
+  traceback) and its experimental-feature warnings would repeat it."""
+  import optuna  # pylint: disable=g-import-not-at-top
+  optuna.logging.set_verbosity(optuna.logging.ERROR)
+  warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+  warnings.filterwarnings("ignore", message="Fixed parameter .* is out of range")
 
 
 def main(argv):
@@ -63,7 +79,12 @@ def main(argv):
   base = cli.config_from_flags()
   settings = _settings_from_flags()
   try:
-    outcome = search(base, root, settings, base_name=FLAGS.config)
+    _quiet_optuna()
+  except ImportError:
+    pass  # search says how to install it
+  try:
+    outcome = search(base, root, settings, base_name=FLAGS.config,
+                     report=lambda line: print(line, flush=True))
   except TuneError as e:
     raise app.UsageError(str(e)) from None
   except (ValueError, FileNotFoundError, RuntimeError) as e:

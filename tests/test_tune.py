@@ -1,6 +1,7 @@
 """The hyperparameter search (``experiments.tune``): reproducible from its seed, resumed
-exactly after a kill, blind to the test users, its best settings loadable, diverged
-trials failed, bad flags refused in one line.
+exactly after an interruption or a killed process, parallel trials through Optuna's
+``n_jobs``, blind to the test users, its best settings loadable, diverged trials failed,
+bad flags refused in one line.
 
 Every trial of these searches compiles its own programs (the learning rate, dropout and
 KL settings are constants of the jitted step), so the tests share searches through
@@ -11,16 +12,20 @@ module fixtures and repeat parameter values that the session's compilation cache
 import ast
 import json
 import os
+import threading
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
 
 optuna = pytest.importorskip("optuna")
+# Heartbeats, the retry callback and TPE's options are marked experimental by Optuna.
+pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 
 from jax_vaecf import configs  # pylint: disable=g-import-not-at-top
 from jax_vaecf import loop
 from jax_vaecf import tune
+from jax_vaecf import tune_space
 from jax_vaecf.data import paper_files
 from jax_vaecf.data.split import EvalSplit, Split
 
@@ -65,14 +70,29 @@ def _settings(**changes):
                           "prune_startup_trials": 1, **changes})
 
 
-def _search(base, root, settings):
-  return tune.search(base, str(root), settings).rows
+def _search(base, root, settings, report=None):
+  return tune.search(base, str(root), settings,
+                     report=report or (lambda line: None)).rows
 
 
 def _key(rows):
   """What must repeat: each trial's parameters, outcome and value."""
   return [(r["trial"], r["params"], r["state"], r["value"], r["best_epoch"], r["epochs"])
           for r in rows]
+
+
+def _trials(root):
+  """The study's stored trials (every attempt), by Optuna number."""
+  return sorted(tune.open_study(str(root)).get_trials(), key=lambda t: t.number)
+
+
+REAL_RUN = loop.run
+
+
+def _runs_of(calls):
+  """``loop.run`` wrapped to note the workdir of each call in ``calls``."""
+  return lambda cfg, workdir, **kw: (calls.append(os.path.basename(workdir)),
+                                     REAL_RUN(cfg, workdir, **kw))[1]
 
 
 @pytest.fixture(scope="module")
@@ -107,67 +127,58 @@ def test_the_seed_decides_the_trials(data, full, two, tmp_path, monkeypatch):
   # A fresh search with the same seed asks the same trials and gets the same values.
   assert _key(two[1]) == _key(rows[:2])
   # Another seed: the same base trial, then other trials. (Its trial 1 is stopped
-  # before it trains, as by a kill: its parameters are chosen when it is asked.)
-  real_run = loop.run
-
+  # before it trains, by Ctrl-C: its parameters are chosen when it is asked.)
+  
   def stop_at_trial_1(cfg, workdir, **kw):
     if os.path.basename(workdir) == "0001":
       raise KeyboardInterrupt
-    return real_run(cfg, workdir, **kw)
+    return REAL_RUN(cfg, workdir, **kw)
 
   monkeypatch.setattr(loop, "run", stop_at_trial_1)
   with pytest.raises(KeyboardInterrupt):
     _search(_base(data["a"], data["cache"]), tmp_path / "seed1",
             _settings(trials=2, tune_seed=1))
-  study = tune.open_study(str(tmp_path / "seed1"))
-  other = sorted(study.get_trials(), key=lambda t: t.number)
-  assert [t.user_attrs["position"] for t in other] == [0, 1]
+  other = _trials(tmp_path / "seed1")
+  assert list(tune.positions(other).values()) == [0, 1]
   assert other[0].params == rows[0]["params"] and other[0].value == rows[0]["value"]
   assert other[1].params != rows[1]["params"]
   assert other[1].params != rows[2]["params"]
 
 
-def test_resume_runs_only_new_trials_and_reruns_a_killed_one(data, full, tmp_path,
-                                                             monkeypatch, capsys):
+def test_resume_runs_only_new_trials_and_reruns_an_interrupted_one(data, full, tmp_path,
+                                                                   monkeypatch):
   base = _base(data["a"], data["cache"])
   root = tmp_path / "tune"
   _search(base, root, _settings(trials=1))
-  real_run, calls = loop.run, []
+  calls = []
 
-  def killed_in_trial_2(cfg, workdir, *, on_validation=None):
+  def interrupted_in_trial_2(cfg, workdir, *, on_validation=None):
     calls.append(os.path.basename(workdir))
 
     def hook(epoch, record):
       if os.path.basename(workdir) == "0002" and epoch == 2:
-        raise KeyboardInterrupt  # as a kill: after epoch 1's checkpoint
+        raise KeyboardInterrupt  # Ctrl-C after epoch 1's checkpoint
       return on_validation(epoch, record)
 
-    return real_run(cfg, workdir, on_validation=hook)
+    return REAL_RUN(cfg, workdir, on_validation=hook)
 
-  monkeypatch.setattr(loop, "run", killed_in_trial_2)
+  monkeypatch.setattr(loop, "run", interrupted_in_trial_2)
   with pytest.raises(KeyboardInterrupt):
     _search(base, root, _settings(trials=3))
-  study = tune.open_study(str(root))
-  running = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
-  assert [t.user_attrs["position"] for t in running] == [2]
+  (stopped,) = [t for t in _trials(root) if t.state == optuna.trial.TrialState.FAIL]
+  assert tune.positions(_trials(root))[stopped.number] == 2
+  assert stopped.user_attrs["interrupted"] is True
   calls_before = len(calls)
-  capsys.readouterr()
-  monkeypatch.setattr(loop, "run", lambda cfg, workdir, **kw: (
-      calls.append(os.path.basename(workdir)), real_run(cfg, workdir, **kw))[1])
-  rows = _search(base, root, _settings(trials=3))
-  # The finished trials never ran again: trial 1 and 2 are the two new ones, and the
-  # killed trial 2 resumed its own workdir once.
+  monkeypatch.setattr(loop, "run", _runs_of(calls))
+  lines = []
+  rows = _search(base, root, _settings(trials=3), report=lines.append)
+  # The finished trials never ran again: trials 1 and 2 are the two new ones, and the
+  # interrupted trial 2 resumed its own workdir once.
   assert calls[:calls_before] == ["0001", "0002"] and calls[calls_before:] == ["0002"]
-  printed = capsys.readouterr().out
-  assert "trial 2 was interrupted" in printed and "resumed from epoch 1" in printed
-  train = [r for r in _runs.records(os.path.join(root, "trials", "0002"))
-           if r["split"] == "train"]
-  assert [r["epoch"] for r in train] == list(range(1, len(train) + 1))
-  # The killed attempt is kept as failed (interrupted), with the parameters run again.
-  study = tune.open_study(str(root))
-  (killed,) = [t for t in study.get_trials() if t.user_attrs.get("interrupted")]
-  assert killed.state == optuna.trial.TrialState.FAIL
-  assert killed.params == rows[2]["params"]
+  assert any(line.startswith("trial 2 was interrupted") for line in lines), lines
+  _assert_resumed(os.path.join(root, "trials", "0002"))
+  # The interrupted attempt is kept as failed, with the parameters run again.
+  assert stopped.params == rows[2]["params"]
   # The whole search is the uninterrupted one.
   assert _key(rows) == _key(full[1])
   # Once done, the same command runs nothing.
@@ -176,49 +187,129 @@ def test_resume_runs_only_new_trials_and_reruns_a_killed_one(data, full, tmp_pat
   assert len(calls) == calls_before
 
 
-def test_parallel_workers_repeat_the_one_at_a_time_search(data, full, tmp_path):
-  # Trials 0 and 1 run at once, each in a worker process, and trial 2 alone in one.
-  # In the one-at-a-time search trial 1 completed (trial 0 could not have pruned it in
-  # the batch) and trial 2 was pruned: here its worker's reports and pruner must do
-  # the same for the searches to agree.
+def _assert_resumed(workdir):
+  """The run resumed its checkpoint: each epoch trained once, in order."""
+  train = [r for r in _runs.records(workdir) if r["split"] == "train"]
+  assert [r["epoch"] for r in train] == list(range(1, len(train) + 1))
+
+
+def test_a_dead_process_trial_is_found_by_its_heartbeat_and_run_again(data, two, tmp_path,
+                                                                      monkeypatch):
+  # A process killed in trial 1 leaves it running in the study, its heartbeat silent.
+  # (SystemExit is what Optuna does not catch: the trial stays RUNNING, as on a kill.)
+  base, root = _base(data["a"], data["cache"]), tmp_path / "tune"
+  settings = _settings(trials=2, heartbeat_seconds=1)
+  
+  def killed_in_trial_1(cfg, workdir, *, on_validation=None):
+
+    def hook(epoch, record):
+      if os.path.basename(workdir) == "0001" and epoch == 2:
+        raise SystemExit(9)
+      return on_validation(epoch, record)
+
+    return REAL_RUN(cfg, workdir, on_validation=hook)
+
+  monkeypatch.setattr(loop, "run", killed_in_trial_1)
+  with pytest.raises(SystemExit):
+    _search(base, root, settings)
+  (running,) = [t for t in _trials(root) if t.state == optuna.trial.TrialState.RUNNING]
+  assert "interrupted" not in running.user_attrs or not running.user_attrs["interrupted"]
+  calls, lines = [], []
+  monkeypatch.setattr(loop, "run", _runs_of(calls))
+  rows = _search(base, root, settings, report=lines.append)
+  # Optuna failed it once its heartbeat was stale and queued it again (its retry
+  # callback); it resumed its own workdir, and the search is the uninterrupted one.
+  assert calls == ["0001"]
+  assert any(line.startswith("trial 1 was interrupted") for line in lines), lines
+  stored = _trials(root)
+  assert [t.state for t in stored if t.number == running.number] == [
+      optuna.trial.TrialState.FAIL]
+  retry = [t for t in stored if t.system_attrs.get("failed_trial") == running.number]
+  assert len(retry) == 1 and retry[0].params == running.params
+  _assert_resumed(os.path.join(root, "trials", "0001"))
+  assert _key(rows) == _key(two[1])
+
+
+def test_parallel_trials_run_at_once_on_their_own_devices(data, full, tmp_path,
+                                                          monkeypatch):
+  # Trials 0 and 1 must be running at the same time (each waits for the other at its
+  # start), each on a device of its own.
   root, rows = full
   assert [r["state"] for r in rows] == ["complete", "complete", "pruned"]
-  par_root = tmp_path / "tune"
-  par = _search(_base(data["a"], data["cache"]), par_root, _settings(parallel_trials=2))
-  assert _key(par) == _key(rows)
+  both_started, devices = threading.Barrier(2, timeout=120), {}
 
-  def curves(folder):
-    return {t.user_attrs["position"]: t.intermediate_values
-            for t in tune.open_study(str(folder)).get_trials()}
+  def together(cfg, workdir, **kw):
+    devices[os.path.basename(workdir)] = cfg.gpu_number
+    if os.path.basename(workdir) in ("0000", "0001"):
+      both_started.wait()
+    return REAL_RUN(cfg, workdir, **kw)
 
-  assert curves(par_root) == curves(root)
+  monkeypatch.setattr(loop, "run", together)
+  par = _search(_base(data["a"], data["cache"]), tmp_path / "tune",
+                _settings(parallel_trials=2))
+  assert devices["0000"] != devices["0001"] and {devices["0000"], devices["0001"]} <= {0, 1}
+  # Before TPE's start-up count, each trial draws from its own seed: the same
+  # parameters as one at a time, and the same curve for as long as both ran. Trial 0,
+  # the base, is never pruned; whether another trial is depends on which trials had
+  # completed when it validated.
+  assert [r["params"] for r in par] == [r["params"] for r in rows]
+  assert _key(par[:1]) == _key(rows[:1])
+  one, two_at_once = _curves(root), _curves(tmp_path / "tune")
+  for position, curve in two_at_once.items():
+    common = set(curve) & set(one[position])
+    assert common and all(curve[e] == one[position][e] for e in common)
+  for a, b in zip(rows, par):
+    if a["state"] == b["state"] == "complete":
+      assert a["value"] == b["value"]
+  config = json.load(open(os.path.join(tmp_path, "tune", "best.json")))
+  assert config["gpu_number"] == -1  # the device was the trial's, not the setting's
 
 
-def test_tune_uses_only_public_optuna_names():
-  # Optuna's private names (Study._storage, Trial._trial_id, Study._study_id, private
-  # modules) change between releases: a stored trial is reached by its number through
-  # the storage the tool opened.
-  tree = ast.parse(open(tune.__file__).read())
-  private = [ast.unparse(n) for n in ast.walk(tree)
-             if isinstance(n, ast.Attribute) and n.attr.startswith("_")
-             and not n.attr.startswith("__") and ast.unparse(n) != "os._exit"]
-  private += [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)
-              and n.value in ("_storage", "_trial_id", "_study_id")]  # getattr
-  for n in ast.walk(tree):
-    if isinstance(n, (ast.Import, ast.ImportFrom)):
-      names = [a.name for a in n.names] + ([n.module] if getattr(n, "module", None) else [])
-      private += [m for m in names if any(p.startswith("_") for p in m.split("."))
-                  and m != "__future__"]
-  assert private == []
+def _curves(root):
+  """The search's trial -> its best-so-far validation NDCG@100 by epoch."""
+  at = tune.positions(_trials(root))
+  return {at[t.number]: t.intermediate_values for t in _trials(root)}
 
 
-def test_resume_with_other_settings_is_refused(full, data):
+def test_tune_is_built_on_public_optuna_alone():
+  # Optuna's private names (Study._storage, Trial._trial_id, private modules) change
+  # between releases; the search runs in Optuna's optimize, with no process pool or
+  # interpreter of its own and nothing printed (it reports through a callback).
+  for module in (tune, tune_space):
+    source = open(module.__file__).read()
+    tree = ast.parse(source)
+    private = [ast.unparse(n) for n in ast.walk(tree)
+               if isinstance(n, ast.Attribute) and n.attr.startswith("_")
+               and not n.attr.startswith("__")]
+    private += [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)
+                and n.value in ("_storage", "_trial_id", "_study_id")]  # getattr
+    imported = []
+    for n in ast.walk(tree):
+      if isinstance(n, (ast.Import, ast.ImportFrom)):
+        imported += [a.name for a in n.names] + (
+            [n.module] if getattr(n, "module", None) else [])
+    private += [m for m in imported if any(p.startswith("_") for p in m.split("."))
+                and m != "__future__"]
+    assert private == []
+    assert not {"subprocess", "multiprocessing", "concurrent.futures"} & set(imported)
+    assert "PYTHONPATH" not in source
+    assert not [n for n in ast.walk(tree) if isinstance(n, ast.Call)
+                and isinstance(n.func, ast.Name) and n.func.id == "print"]
+
+
+def test_resume_with_other_settings_is_refused(full, data, tmp_path):
   root, _ = full
   base = _base(data["a"], data["cache"], lam=0.01)
   with pytest.raises(tune.TuneError, match="--lam: the study has 0.0, this command 0.01"):
     _search(base, root, _settings())
   with pytest.raises(tune.TuneError, match="--tune_seed"):
     _search(_base(data["a"], data["cache"]), root, _settings(tune_seed=3))
+  # A study of the earlier tool (its own batches, no format) is refused, not mixed.
+  old = optuna.create_study(storage=tune.storage_url(str(tmp_path)),
+                            study_name=tune.STUDY_NAME, direction="maximize")
+  old.set_user_attr("settings", {"tune_seed": 0})
+  with pytest.raises(tune.TuneError, match="an earlier version of this tool"):
+    _search(_base(data["a"], data["cache"]), tmp_path, _settings())
 
 
 def test_test_users_are_never_read_for_a_decision(data, two, tmp_path):
@@ -267,10 +358,11 @@ def test_a_diverged_trial_fails_and_is_not_chosen(data, tmp_path):
 
 def test_space_follows_the_model():
   ml1m = configs.get_config("ml1m")
-  space = tune.make_space(ml1m, n_train_users=lambda: 4839)
+  space = tune_space.make_space(ml1m, n_train_users=lambda: 4839)
+  # The run-level parameters, then the model's own.
   assert [p.name for p in space.params] == [
-      "lr", "dropout_rate", "anneal_cap", "anneal_epochs", "hidden_dims", "ema_decay",
-      "batch_size_train"]
+      "lr", "dropout_rate", "anneal_cap", "anneal_epochs", "ema_decay",
+      "batch_size_train", "hidden_dims"]
   assert space.base_values["hidden_dims"] == 1200
   # Trial 0 is the preset itself, its step-count anneal included.
   assert space.trial_config(ml1m, space.base_values) == ml1m.replace(test=False)
@@ -282,23 +374,23 @@ def test_space_follows_the_model():
   # not widened to hold it, and the note says so.
   notes = []
   paper = ml1m.replace(total_anneal_steps=200_000)
-  wide = tune.make_space(paper, n_train_users=lambda: 4839, note=notes.append)
+  wide = tune_space.make_space(paper, n_train_users=lambda: 4839, note=notes.append)
   assert wide.base_values["anneal_epochs"] == 10_000
   dist = wide.distributions["anneal_epochs"]
   assert (dist.low, dist.high) == (20.0, 500.0)
   assert any("anneal_epochs=10000, outside the searched range 20 to 500" in n
              for n in notes)
   assert wide.trial_config(paper, wide.base_values) == paper.replace(test=False)
-  dae = tune.make_space(configs.get_config("ml1m_dae"), n_train_users=lambda: 4839)
+  dae = tune_space.make_space(configs.get_config("ml1m_dae"), n_train_users=lambda: 4839)
   assert "anneal_cap" not in [p.name for p in dae.params]  # no KL term
-  rec = tune.make_space(configs.get_config("ml1m_recvae"), n_train_users=lambda: 4839)
+  rec = tune_space.make_space(configs.get_config("ml1m_recvae"), n_train_users=lambda: 4839)
   names = [p.name for p in rec.params]
   assert "kl_gamma" in names and "anneal_cap" not in names
   cfg = rec.trial_config(configs.get_config("ml1m_recvae"),
                          {**rec.base_values, "hidden_dims": 400, "ema_decay": 0.0})
   assert cfg.hidden_dims == (400,) * 5 and cfg.ema_decay == 0.0 and not cfg.test
   with pytest.raises(tune.TuneError, match="anneal_cap does not apply"):
-    tune.make_space(configs.get_config("ml1m_dae"), ("anneal_cap",))
+    tune_space.make_space(configs.get_config("ml1m_dae"), ("anneal_cap",))
 
 
 def test_unknown_space_name_is_a_one_line_usage_error(tmp_path):
@@ -327,12 +419,12 @@ def test_ease_searches_l2_and_nothing_of_the_trained_models(data, tmp_path):
   base = configs.get_config("ml1m_ease")
   with pytest.raises(tune.TuneError, match="l2 cannot start from the base: the base "
                                            "gives no l2 values"):
-    tune.make_space(base, ("l2",))
+    tune_space.make_space(base, ("l2",))
   with pytest.raises(tune.TuneError, match="lr does not apply to --model=ease"):
-    tune.make_space(base.replace(l2=(500.0,)), ("lr",))
-  space = tune.make_space(base.replace(l2=(500.0,)))
+    tune_space.make_space(base.replace(l2=(500.0,)), ("lr",))
+  space = tune_space.make_space(base.replace(l2=(500.0,)))
   assert [p.name for p in space.params] == ["l2"]
-  assert "l2" not in [p.name for p in tune.make_space(
+  assert "l2" not in [p.name for p in tune_space.make_space(
       configs.get_config("ml1m"), n_train_users=lambda: 4839).params]
   # A search: trial 0 fits the base's l2, later trials one sampled value each; the best
   # trial's value is the one with the best validation NDCG@100, and best.json holds it.
