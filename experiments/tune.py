@@ -17,7 +17,7 @@ from absl import app
 from absl import flags
 
 from experiments import cli
-from jax_vaecf.tune import SPACE, Settings, TuneError, best_row, search
+from jax_vaecf.tune import SPACE, model_params, Settings, TuneError, best_row, search
 
 # ----------------------------------------------------------------------------- CLI
 
@@ -40,7 +40,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                        "on its share of the CPU cores or on its own GPU (1 = one at a "
                        "time, in this process).", flag_values=fv)
   flags.DEFINE_list("space", [], "Parameters to search, comma separated, from "
-                    + ", ".join(p.name for p in SPACE) + " (docs/tuning.md); default: "
+                    + ", ".join(p.name for p in SPACE + model_params()) + " (docs/tuning.md); default: "
                     "every one that applies to the model.", flag_values=fv)
   flags.DEFINE_integer("prune_warmup_epochs", 10, "Pruning may stop a trial only from "
                        "this epoch on.", flag_values=fv)

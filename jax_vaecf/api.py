@@ -49,12 +49,13 @@ def _config(config: str | configs.Config, settings: dict) -> configs.Config:
   if not isinstance(cfg, configs.Config):
     raise TypeError(f"config: expected a preset name or a Config, got "
                     f"{type(config).__name__}")
-  fields = configs.Config.__dataclass_fields__
-  unknown = sorted(set(settings) - set(fields))
+  known = configs.setting_names()
+  unknown = sorted(set(settings) - set(known))
   if unknown:
-    raise ValueError(f"unknown settings {unknown}: expected fields of Config")
+    raise ValueError(f"unknown settings {unknown}: expected fields of Config or a "
+                     "model's own settings")
   for name, value in settings.items():
-    if isinstance(fields[name].default, tuple) and isinstance(value, (list, tuple)):
+    if isinstance(configs.default_of(name), tuple) and isinstance(value, (list, tuple)):
       settings[name] = tuple(configs.element_of(name)(v) for v in value)
   return cfg.replace(**settings)
 

@@ -62,6 +62,8 @@ from typing import Any, Callable, TextIO
 import numpy as np
 
 from jax_vaecf import configs
+from jax_vaecf import model as model_lib
+from jax_vaecf import space as space_lib
 from jax_vaecf import loop
 from jax_vaecf import run_folder
 from jax_vaecf import files as files_lib
@@ -97,34 +99,13 @@ _APPLIES: dict[str, tuple[Callable[[configs.Config, Any], bool], str]] = {
                   and cfg.anneal_schedule != "constant",
                   "models with a KL term annealed by the beta schedule (kl_gamma = 0, "
                   "schedule not constant)"),
+    "model": (lambda cfg, m: True, "the models whose registry entry declares it"),
     "kl_gamma": (lambda cfg, m: m.has_kl and cfg.kl_gamma > 0,
                  "models whose KL term is weighted per user (kl_gamma > 0: RecVAE)"),
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class Param:
-  """One searched setting.
-
-  Attributes:
-    name: the :class:`~jax_vaecf.configs.Config` field it sets.
-    kind: ``float``, ``int`` or ``categorical``.
-    help: one line for ``--help`` and the docs.
-    low, high, log: the range of a ``float`` / ``int`` (``log``: sampled log-uniformly).
-    choices: the values of a ``categorical``.
-    applies: a key of ``_APPLIES``: which models it applies to.
-    per_epochs: ``low`` and ``high`` are multiples of the base's ``number_of_epochs``.
-  """
-
-  name: str
-  kind: str
-  help: str
-  low: float = 0.0
-  high: float = 0.0
-  log: bool = False
-  choices: tuple = ()
-  applies: str = "trained"
-  per_epochs: bool = False
+Param = space_lib.Param
 
 
 # The search space, declared once. Trial 0 runs exactly the base: a categorical gains the
@@ -138,18 +119,24 @@ SPACE: tuple[Param, ...] = (
     Param("anneal_epochs", "float", "Epochs for beta to reach 1 (capped at anneal_cap), "
           "as 0.2x to 5x the base's number_of_epochs.", 0.2, 5.0, log=True,
           applies="kl_anneal", per_epochs=True),
-    Param("hidden_dims", "categorical", "One width for every hidden layer (RecVAE: its "
-          "five layers).", choices=(200, 400, 600, 800, 1200)),
     Param("ema_decay", "categorical", "Weight averaging: the decay of the moving average "
           "that is validated (0 = the weights).", choices=(0.0, 0.99, 0.995, 0.999)),
     Param("batch_size_train", "categorical", "Users per training batch.",
           choices=(100, 250, 500, 1000)),
     Param("kl_gamma", "float", "Per-user KL weight: kl_gamma x the user's number of "
           "items.", 1e-3, 3e-2, log=True, applies="kl_gamma"),
-    Param("l2", "float", "EASE's L2 weight lambda (one value per trial).", 1.0, 1e5,
-          log=True, applies="closed_form"),
 )
-PARAMS = {p.name: p for p in SPACE}
+
+
+def model_params(model: str | None = None) -> tuple[Param, ...]:
+  """The searched settings of the model called ``model`` (its registry entry's
+  ``space``), or of every registered model (each name once) when ``None``."""
+  names = model_lib.names() if model is None else (model,)
+  out: dict[str, Param] = {}
+  for name in names:
+    for p in model_lib.model_entry(name).space:
+      out.setdefault(p.name, p)
+  return tuple(out.values())
 
 
 class _NotRepresentable(Exception):
@@ -169,22 +156,16 @@ def base_value(param: Param, base: configs.Config,
 
   Raises ``_NotRepresentable`` with the reason when the parameter cannot hold it.
   """
-  if param.name == "hidden_dims":
-    widths = configs.hidden_dims_of(base)
-    if len(set(widths)) != 1:
-      raise _NotRepresentable(f"the base's hidden layers have different widths "
-                              f"{widths}; the search gives every layer one width")
-    return int(widths[0])
+  if param.read is not None:
+    try:
+      return param.read(getattr(base, param.name))
+    except ValueError as e:
+      raise _NotRepresentable(str(e)) from None
   if param.name == "anneal_epochs" and base.anneal_epochs <= 0:
     if base.total_anneal_steps <= 0:
       raise _NotRepresentable("the base has no anneal (total_anneal_steps = 0: beta = "
                               "anneal_cap from the first step)")
     return base.total_anneal_steps / loop.steps_per_epoch(base, n_train_users())
-  if param.name == "l2":
-    if len(base.l2) != 1:
-      raise _NotRepresentable(f"the base gives {len(base.l2) or 'no'} l2 values (a "
-                              "sweep in each trial); give it one --l2 to start from")
-    return float(base.l2[0])
   return _field_type(param.name)(getattr(base, param.name))
 
 
@@ -212,18 +193,16 @@ def distribution(param: Param, base: configs.Config, value: Any):
 
 
 def _field_type(name: str) -> type:
-  """``int`` or ``float``: the type of the Config field ``name`` (``hidden_dims``: one
-  width, an int)."""
-  default = configs.Config.__dataclass_fields__[name].default
+  """``int`` or ``float``: the type of the setting ``name`` (a list of ints: one, an
+  int)."""
+  default = configs.default_of(name)
   return int if isinstance(default, (int, tuple)) else float
 
 
 def config_changes(param: Param, base: configs.Config, value: Any) -> dict:
   """The Config fields a trial value sets."""
-  if param.name == "hidden_dims":
-    return {"hidden_dims": (int(value),) * len(configs.hidden_dims_of(base))}
-  if param.name == "l2":
-    return {"l2": (float(value),)}
+  if param.write is not None:
+    return {param.name: param.write(value, getattr(base, param.name))}
   return {param.name: _field_type(param.name)(value)}
 
 
@@ -260,10 +239,16 @@ def make_space(base: configs.Config, names: tuple[str, ...] = (),
   Raises :class:`TuneError` for an unknown name, a parameter that does not apply to the
   model, or one that cannot hold the base's value.
   """
-  unknown = [n for n in names if n not in PARAMS]
+  known = [p.name for p in SPACE + model_params()]
+  unknown = [n for n in names if n not in known]
   if unknown:
     raise TuneError(f"--space: unknown parameter {', '.join(map(repr, unknown))}; "
-                    f"expected names from {', '.join(PARAMS)}")
+                    f"expected names from {', '.join(known)}")
+  mine = [p.name for p in SPACE + model_params(base.model)]
+  other = [n for n in names if n not in mine]
+  if other:
+    raise TuneError(f"--space: {', '.join(other)} does not apply to --model={base.model} "
+                    "(a setting of another model)")
   if len(set(names)) != len(names):
     raise TuneError(f"--space names a parameter twice: {','.join(names)}")
   model = loop.build_model(base, 1)
@@ -277,7 +262,7 @@ def make_space(base: configs.Config, names: tuple[str, ...] = (),
     return cache[0]
 
   chosen, dists, values = [], {}, {}
-  for p in SPACE:
+  for p in SPACE + model_params(base.model):
     if names and p.name not in names:
       continue
     if not applies(p, base, model):
