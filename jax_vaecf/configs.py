@@ -637,6 +637,14 @@ def to_json(cfg: Config) -> dict:
   return json.loads(json.dumps(dataclasses.asdict(cfg), default=list))
 
 
+def flat_json(obj: dict) -> dict:
+  """A settings JSON object with the model's settings by name beside the run's (the
+  layout flags use; ``model_settings`` spread out)."""
+  nested = obj.get("model_settings")
+  flat = {k: v for k, v in obj.items() if k != "model_settings"}
+  return flat | (nested if isinstance(nested, dict) else {})
+
+
 def from_json(obj, source: str, *, ignore_unknown: bool = False) -> Config:
   """The :class:`Config` of a JSON object written by :func:`to_json` (the model's
   settings nested under ``model_settings``) or of the flat layout (the model's settings

@@ -701,8 +701,8 @@ def _typed_value(f: dataclasses.Field, value, source: str):
 def make_settings(name: str, values: dict | None = None, *, source: str = "settings",
                   flat: bool = False, base: Any = None) -> Any:
   """The settings of model ``name`` with ``values`` (``{setting: value}``, JSON or
-  Python values) over ``base`` (settings of the model) or its defaults. ``flat``: the values were given by name (a flag, a
-  settings file of the flat layout), where an empty list of a setting declared
+  Python values) over ``base`` (settings of the model) or its defaults. ``flat``: the
+  values were given by name (a flag, a settings file of the flat layout), where an empty list of a setting declared
   ``empty_means_default`` means its default. ``ValueError`` naming ``source`` for a
   setting the model does not have, a value of the wrong type or one its checks refuse."""
   entry = model_entry(name)
@@ -739,6 +739,9 @@ def shape_settings(name: str, settings: Any) -> dict:
   return {key: _json_value(getattr(settings, key)) for key in model_entry(name).shape}
 
 
+_LEGACY_PARAMETERS = ("hidden_dims", "latent_dim")
+
+
 def build_model(name: str, n_items: int, *, settings: Any = None,
                 dropout_rate: float = 0.5, dtype: Any = jnp.float32,
                 **values) -> CFModel:
@@ -747,7 +750,9 @@ def build_model(name: str, n_items: int, *, settings: Any = None,
   ``settings``: the model's settings (its entry's settings type); or give its settings
   by name in ``values`` (``hidden_dims=(600,)``, ``l2=(500.0,)``), each over its
   default (Mult-VAE ``(600,)``, Mult-DAE ``(200,)``, RecVAE five of 600);
-  ``hidden_dims=None`` is the default too. A setting the model does not have is an error.
+  ``hidden_dims=None`` is the default too. A setting the model does not have is an error
+  (but ``hidden_dims`` and ``latent_dim``, which every model once took, are ignored by a
+  model without them).
   """
   if n_items <= 0:
     raise ValueError(f"n_items must be positive, got {n_items}")
@@ -755,7 +760,10 @@ def build_model(name: str, n_items: int, *, settings: Any = None,
     raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
   entry = model_entry(name)
   if settings is None:
-    values = {k: v for k, v in values.items() if v is not None}
+    # hidden_dims and latent_dim were parameters of every model here before models had
+    # settings types; a model without them ignores them, as it always did.
+    values = {k: v for k, v in values.items() if v is not None and not (
+        k in _LEGACY_PARAMETERS and k not in entry.settings.__dataclass_fields__)}
     settings = make_settings(name, values, source=f"build_model({name!r})")
   elif values:
     raise ValueError("build_model: give settings or settings by name, not both")

@@ -307,12 +307,13 @@ def _saved_config(workdir: str) -> dict:
 
 
 def config_changes(saved: dict, cfg: configs.Config) -> dict:
-  """``{field: (saved value, new value)}`` for each setting that differs (a field the
-  saved config lacks counts as its default)."""
-  now = configs.to_json(cfg)
-  default = configs.to_json(configs.Config())
-  return {k: (saved.get(k, default[k]), v) for k, v in now.items()
-          if saved.get(k, default[k]) != v}
+  """``{setting: (saved value, new value)}`` for each setting that differs, the model's
+  own by name (a setting the saved config lacks counts as its default)."""
+  now = configs.flat_json(configs.to_json(cfg))
+  default = configs.flat_json(configs.to_json(configs.Config(model=cfg.model)))
+  saved = configs.flat_json(saved)
+  return {k: (saved.get(k, default.get(k)), v) for k, v in now.items()
+          if saved.get(k, default.get(k)) != v}
 
 
 

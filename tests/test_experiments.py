@@ -49,7 +49,7 @@ def test_train_then_test_mode_reloads_the_best_checkpoint(data_dir, tmp_path):
   for k in ("ndcg@100", "recall@20", "recall@50", "ndcg@5", "n_users"):
     assert again["test"][k] == res["test"][k]
   assert os.path.exists(os.path.join(workdir, "item_ids.npy"))
-  assert json.load(open(os.path.join(workdir, "config.json")))["latent_dim"] == 4
+  assert json.load(open(os.path.join(workdir, "config.json")))["model_settings"]["latent_dim"] == 4
 
 
 @pytest.mark.parametrize("ema_decay", [0.0, 0.9])
