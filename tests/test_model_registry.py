@@ -201,3 +201,14 @@ def test_flags_and_presets_users_type_today_keep_their_meaning():
   with pytest.raises(ValueError, match="unknown settings \\['latent_dim'\\] \\(latent_dim "
                                        "is a setting of --model=multvae or recvae"):
     configs.from_json({**flat, "latent_dim": 64}, "best.json")
+
+
+def test_a_config_with_model_settings_copies_pickles_and_hashes_whole():
+  import copy
+  import pickle
+  cfg = configs.get_config("ml1m_recvae").replace(encoder_epochs=2)
+  for twin in (copy.deepcopy(cfg), pickle.loads(pickle.dumps(cfg))):
+    assert twin == cfg and hash(twin) == hash(cfg) and twin.encoder_epochs == 2
+  assert cfg != cfg.replace(encoder_epochs=3)
+  with pytest.raises(AttributeError, match="no setting 'nonsense'"):
+    getattr(cfg, "nonsense")
