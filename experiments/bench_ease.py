@@ -166,7 +166,7 @@ def check_workdir(workdir: str) -> dict:
   cfg = run_folder.run_config(workdir)
   if cfg.model != "ease":
     raise app.UsageError(f"--check_workdir={workdir}: a run of {cfg.model}, not ease")
-  l2 = float(checkpoint_lib.read_best_meta(workdir)["l2"])
+  (l2,) = checkpoint_lib.read_best_meta(workdir)["chosen"]["l2"]
   tests = [r for r in run_folder.MetricsLog(workdir).records() if r.get("split") == "test"]
   if not tests:
     raise app.UsageError(f"--check_workdir={workdir}: the run has no test record yet")

@@ -86,12 +86,7 @@ ALIASES = {"batch_size": "batch_size_train", "eval_batch_size": "batch_size_vali
 # setting that silently did nothing would make a number look like something it is not.
 def used_settings() -> frozenset:
   from jax_vaecf import configs  # pylint: disable=g-import-not-at-top
-  return frozenset(configs.tagged("synthetic"))
-
-
-def _hidden_dims(cfg):
-  # None lets build_model pick the paper's widths, as Config's '' means.
-  return tuple(int(h) for h in cfg.hidden_dims) or None
+  return frozenset(configs.tagged("synthetic")) | frozenset(configs.model_setting_names())
 
 
 def check_settings(given: dict) -> None:
@@ -129,13 +124,12 @@ def run_serving(cfg, n_items: int, k: int = 10) -> list[dict]:
 
   from experiments import serve_bench
   from jax_vaecf import export as export_lib
-  from jax_vaecf import model as model_lib
   from jax_vaecf import recommend as recommend_lib
   from jax_vaecf import train as train_lib
 
   model_name = cfg.model
-  model = model_lib.build_model(model_name, n_items, hidden_dims=_hidden_dims(cfg),
-                                latent_dim=cfg.latent_dim)
+  from jax_vaecf import loop
+  model = loop.build_model(loop.resolve_precision(cfg), n_items)
   params = train_lib.init_params(model, jax.random.PRNGKey(cfg.seed))
   rec = recommend_lib.Recommender(model, params, np.arange(n_items, dtype=np.int64))
   with tempfile.TemporaryDirectory() as tmp:
@@ -349,7 +343,6 @@ def main(argv):
   cli.start(argv)
   cfg = cli.config_from_flags()
   check_settings(cli.config_overrides())
-  from jax_vaecf import configs
   from jax_vaecf import model as model_lib
 
   f = _FLAGS
@@ -367,7 +360,7 @@ def main(argv):
       with open(f.json_out, "a") as fh:
         fh.write(json.dumps(record) + "\n")
     return
-  if model_lib.build_model(cfg.model, 1).closed_form:
+  if model_lib.model_entry(cfg.model).fit is not None:
     raise app.UsageError(f"--model={cfg.model} is fitted in closed form, with no "
                          "training step to time: python -m experiments.bench_ease "
                          "times its fit")
@@ -377,9 +370,7 @@ def main(argv):
   items = [int(x) for x in f.sweep_items] or [f.n_items]
   results = []
   # The model's own settings go back to their defaults; every other setting is kept.
-  baseline = cfg.replace(model="multvae", hidden_dims=(), **{
-      name: configs.Config.__dataclass_fields__[name].default
-      for name in model_lib.model_entry(cfg.model).extra})
+  baseline = cfg.replace(model="multvae", model_settings=None)
   for n in items:
     base = None
     if cfg.model != "multvae" and f.compare_multvae:

@@ -8,10 +8,8 @@ each field's name overrides that field (:func:`define_config_flags`,
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
-import typing
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from absl import app
@@ -74,7 +72,7 @@ def define_config_flags(flag_values: flags.FlagValues = flags.FLAGS, *,
   them. Calling it again on the same ``flag_values`` only adds new aliases.
   """
   configs = _configs()
-  hints = typing.get_type_hints(configs.Config)
+  hints = {name: configs.flag_type(name) for name in configs.setting_names()}
   new = []
   if "config" not in flag_values:
     flags.DEFINE_string("config", DEFAULT_PRESET,
@@ -83,13 +81,13 @@ def define_config_flags(flag_values: flags.FlagValues = flags.FLAGS, *,
                         "(jax_vaecf/configs.py), or a JSON file of settings (a run's "
                         "config.json, experiments.tune's best.json).",
                         flag_values=flag_values)
-    for field in dataclasses.fields(configs.Config):
-      _define(hints[field.name], field.name, configs.help_of(field.name), flag_values)
+    for name in configs.setting_names():
+      _define(hints[name], name, configs.help_of(name), flag_values)
     flags.DEFINE_bool("use_tf_amp", None, "Reference flag: same as --precision=bf16.",
                       flag_values=flag_values)
     _define(int, "number_of_gpus", "Reference flag: same as --number_of_devices (0 = all).",
             flag_values)
-    new += ["config", *(f.name for f in dataclasses.fields(configs.Config)), "use_tf_amp",
+    new += ["config", *configs.setting_names(), "use_tf_amp",
             "number_of_gpus"]
   for old, name in (aliases or {}).items():
     if name not in hints:
@@ -107,7 +105,7 @@ def _typed(name: str, value: Any, flag: str) -> Any:
   """A flag's value as the Config field ``name`` holds it (lists become tuples of the
   field's element type)."""
   configs = _configs()
-  if isinstance(configs.Config.__dataclass_fields__[name].default, tuple):
+  if isinstance(configs.default_of(name), tuple):
     element = configs.element_of(name)
     try:
       return tuple(element(v) for v in value if str(v).strip())
@@ -126,10 +124,10 @@ def config_overrides(flag_values: flags.FlagValues = flags.FLAGS) -> dict[str, A
   configs = _configs()
   fv = flag_values
   changes = {}
-  for field in dataclasses.fields(configs.Config):
-    value = fv[field.name].value
+  for name in configs.setting_names():
+    value = fv[name].value
     if value is not None:
-      changes[field.name] = _typed(field.name, value, field.name)
+      changes[name] = _typed(name, value, name)
   for old, name in _aliases.items():
     if old not in fv or fv[old].value is None:
       continue

@@ -42,29 +42,48 @@ def read_records(workdir: str) -> list[dict]:
   train = [r for r in records if r.get("split") == "train"]
   if not train:
     raise ValueError(f"{path}: no training records to plot")
-  sweep = [r for r in records if r.get("split") == "l2_sweep"]
+  sweep = [r for r in records if r.get("split") == "sweep"]
   if "loss" not in train[0]:
-    # A closed-form fit (EASE): no loss curve, its validation metrics by l2 instead.
+    # A closed-form fit: no loss curve, its validation metrics by swept setting instead.
     if not sweep:
-      raise ValueError(f"{path}: a closed-form fit of one l2: no curve to plot")
+      raise ValueError(f"{path}: a closed-form fit of one setting: no curve to plot")
     return sweep
   return train
 
 
+def sweep_axes(records: list[dict]) -> tuple[str, list[str]]:
+  """The swept setting drawn along x (the one with the most values) and the others,
+  whose values name one line each."""
+  swept = list(records[0]["swept"])
+  counts = {k: len({r["swept"][k] for r in records}) for k in swept}
+  x = max(swept, key=lambda k: counts[k])
+  return x, [k for k in swept if k != x]
+
+
 def plot_sweep(records: list[dict], out: str, title: str) -> None:
-  """A closed-form fit's validation metrics against its l2 values (log scale)."""
+  """A closed-form fit's validation metrics against its swept setting (log scale),
+  one line per value of the other swept settings."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
+  x, others = sweep_axes(records)
+  groups: dict = {}
+  for r in records:
+    groups.setdefault(tuple(r["swept"][k] for k in others), []).append(r)
+  keys = ("val_ndcg@100",) if len(groups) > 1 else (
+      "val_ndcg@100", "val_recall@20", "val_recall@50")
   fig, ax = plt.subplots(figsize=(6, 4))
-  for key in ("val_ndcg@100", "val_recall@20", "val_recall@50"):
-    ax.plot([r["l2"] for r in records], [r[key] for r in records], marker=".",
-            label=key[4:])
+  for group, rows in groups.items():
+    rows = sorted(rows, key=lambda r: r["swept"][x])
+    name = ", ".join(f"{k} {v:g}" for k, v in zip(others, group))
+    for key in keys:
+      ax.plot([r["swept"][x] for r in rows], [r[key] for r in rows], marker=".",
+              label=" ".join(filter(None, (key[4:], name))))
   ax.set_xscale("log")
-  ax.set_xlabel("l2 (lambda)")
+  ax.set_xlabel(x)
   ax.set_ylabel("validation metric")
-  ax.legend(loc="lower right")
+  ax.legend(loc="lower right", fontsize="small")
   ax.grid(alpha=0.3)
   fig.suptitle(title)
   _save(fig, out)
@@ -172,7 +191,7 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   out = FLAGS.out or os.path.join(FLAGS.workdir, "curves.png")
-  draw = plot_sweep if records[0].get("split") == "l2_sweep" else plot
+  draw = plot_sweep if records[0].get("split") == "sweep" else plot
   draw(records, out, FLAGS.title or os.path.basename(os.path.abspath(FLAGS.workdir)))
   print(out)
 

@@ -131,12 +131,11 @@ def torch_recvae_round(csr, batch_size: int, steps: int, bf16: bool, seed: int) 
   import torch.nn.functional as F
 
   from jax_vaecf import configs
-  from jax_vaecf import model as model_lib
   from jax_vaecf import recvae
 
   cfg = configs.get_config(RECVAE_PRESET)
   # The preset's widths as the library builds them (its default: five layers of 600).
-  dims = tuple(cfg.hidden_dims) or model_lib.model_entry(cfg.model).default_hidden_dims
+  dims = tuple(cfg.hidden_dims)
   width, latent = dims[0], cfg.latent_dim
   torch.manual_seed(seed)
   torch.set_num_threads(os.cpu_count() or 1)

@@ -20,7 +20,7 @@ from absl import flags
 
 from experiments import cli
 from jax_vaecf.tune import Settings, best_row, search
-from jax_vaecf.tune_space import SPACE, TuneError
+from jax_vaecf.tune_space import SPACE, TuneError, model_params
 
 # ----------------------------------------------------------------------------- CLI
 
@@ -43,7 +43,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                        "n_jobs threads), each on a device of its own when there are "
                        "several; other commands may share the --root.", flag_values=fv)
   flags.DEFINE_list("space", [], "Parameters to search, comma separated, from "
-                    + ", ".join(p.name for p in SPACE) + " (docs/tuning.md); default: "
+                    + ", ".join(p.name for p in SPACE + model_params()) + " (docs/tuning.md); default: "
                     "every one that applies to the model.", flag_values=fv)
   flags.DEFINE_integer("prune_warmup_epochs", 10, "Pruning may stop a trial only from "
                        "this epoch on.", flag_values=fv)

@@ -50,11 +50,15 @@ def _config(config: str | configs.Config, settings: dict) -> configs.Config:
   if not isinstance(cfg, configs.Config):
     raise TypeError(f"config: expected a preset name or a Config, got "
                     f"{type(config).__name__}")
-  fields = configs.Config.__dataclass_fields__
-  unknown = sorted(set(settings) - set(fields))
+  known = configs.setting_names()
+  unknown = sorted(set(settings) - set(known))
   if unknown:
-    raise ValueError(f"unknown settings {unknown}: expected fields of Config")
-  return cfg.replace(**inputs.setting_values(settings, configs.from_json))
+    raise ValueError(f"unknown settings {unknown}: expected fields of Config or a "
+                     "model's own settings")
+  model = settings.get("model", cfg.model)
+  check = lambda obj, source: configs.from_json({"model": model, **obj}, source)
+  is_list = lambda name: isinstance(configs.default_of(name), tuple)
+  return cfg.replace(**inputs.setting_values(settings, check, is_list))
 
 
 def interactions_of(data: Any, *, user_ids: Sequence | None = None,

@@ -13,7 +13,6 @@ import os
 from typing import Callable
 
 import jax_vaecf
-from jax_vaecf import inputs
 from jax_vaecf import model as model_lib
 from jax_vaecf import parallel as parallel_lib
 from jax_vaecf import precision as precision_lib
@@ -57,14 +56,70 @@ def tagged(tag: str) -> tuple[str, ...]:
   return tuple(f.name for f in dataclasses.fields(Config) if tag in f.metadata["tags"])
 
 
+def _model_fields(name: str) -> list[tuple[str, dataclasses.Field]]:
+  """``(model, field)`` for each registered model whose settings have ``name``."""
+  out = []
+  for model in model_lib.names():
+    fields = model_lib.model_entry(model).settings.__dataclass_fields__
+    if name in fields:
+      out.append((model, fields[name]))
+  return out
+
+
+def _owners(name: str) -> list[str]:
+  """The models that have the setting ``name``."""
+  return [model for model, _ in _model_fields(name)]
+
+
+def model_setting_names() -> tuple[str, ...]:
+  """Every registered model's own settings by name (each once, in registry order)."""
+  out: dict[str, None] = {}
+  for model in model_lib.names():
+    for f in model_lib.setting_fields(model_lib.model_entry(model).settings):
+      out[f.name] = None
+  return tuple(out)
+
+
+def setting_names() -> tuple[str, ...]:
+  """Every setting given by name (a flag, a settings file): the run's :class:`Config`
+  fields, then the models' own settings."""
+  return tuple(f.name for f in dataclasses.fields(Config)
+               if f.name != "model_settings") + model_setting_names()
+
+
+def _field(name: str) -> dataclasses.Field:
+  if name in Config.__dataclass_fields__:
+    return Config.__dataclass_fields__[name]
+  found = _model_fields(name)
+  if not found:
+    raise KeyError(f"no setting {name!r}")
+  return found[0][1]
+
+
 def element_of(name: str) -> type:
-  """The type of each value of the tuple field ``name`` (``int`` or ``float``)."""
-  return Config.__dataclass_fields__[name].metadata["element"]
+  """The type of each value of the tuple setting ``name`` (``int`` or ``float``)."""
+  return _field(name).metadata["element"]
+
+
+def default_of(name: str):
+  """The default of the setting ``name`` (a model's own: its first owner's)."""
+  return _field(name).default
+
+
+def flag_type(name: str) -> type:
+  """The Python type of the setting ``name`` (``tuple`` for a list)."""
+  default = default_of(name)
+  return tuple if isinstance(default, tuple) else type(default)
 
 
 def help_of(name: str) -> str:
-  """The help line of the :class:`Config` field ``name``."""
-  return Config.__dataclass_fields__[name].metadata["help"]
+  """The help line of the setting ``name`` (a model's own: each owner's, by title)."""
+  if name in Config.__dataclass_fields__:
+    return Config.__dataclass_fields__[name].metadata["help"]
+  helps: dict[str, list[str]] = {}
+  for model, f in _model_fields(name):
+    helps.setdefault(f.metadata["help"], []).append(model_lib.model_entry(model).title)
+  return " ".join(f"{', '.join(titles)}: {text}" for text, titles in helps.items())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,23 +174,15 @@ class Config:
                                       "follow the block order (docs/parallel.md); '' = read "
                                       "the data set whole.")
   # Model.
-  model: str = setting("multvae", "multvae, multdae, recvae or ease (each is an entry of "
-                                  "jax_vaecf.model's registry).", tags=("synthetic",))
-  hidden_dims: tuple = setting((), "Encoder hidden widths, comma separated ('' = the "
-                                   "model's paper: 600 for Mult-VAE, 200 for Mult-DAE, "
-                                   "600,600,600,600,600 for RecVAE).",
-                               tags=("synthetic",))
-  latent_dim: int = setting(200, "Latent width of Mult-VAE and RecVAE.",
-                            tags=("synthetic",))
-  encoder_epochs: int = setting(3, "RecVAE: passes of the encoder phase in each epoch "
-                                   "(one epoch = one round of both phases).",
-                                tags=("synthetic",))
-  decoder_epochs: int = setting(1, "RecVAE: passes of the decoder phase in each epoch.",
-                                tags=("synthetic",))
+  model: str = setting("multvae", "The model: one of " + ", ".join(model_lib.names()) +
+                       " (each is an entry of jax_vaecf.model's registry, which declares "
+                       "its own settings).", tags=("synthetic",))
   dropout_rate: float = setting(0.5, "Input dropout rate.", tags=("synthetic",))
-  l2: tuple = setting((), "EASE: the L2 weight lambda, or comma-separated values to try "
-                      "on the validation data (the best is kept; '' = a grid from 10 "
-                      "to 10,000).", element=float)
+  model_settings: object = dataclasses.field(default=None, metadata={
+      "help": "The model's own settings: an instance of its entry's settings type "
+              "(jax_vaecf.model.ModelEntry.settings; None = its defaults). Each is read "
+              "and set by its own name, as a flag too (cfg.hidden_dims, --l2=500).",
+      "element": None, "tags": frozenset(("synthetic",))})
   # Optimisation.
   number_of_epochs: int = setting(200, "Training epochs.", tags=("resumable",))
   batch_size_train: int = setting(500, "Users per training batch (global, over all "
@@ -223,7 +270,71 @@ class Config:
   prefetch: int = setting(2, "Batches copied to the device ahead of the step.",
                           tags=("resumable", "synthetic"))
 
+  def __post_init__(self):
+    settings = self.model_settings
+    if settings is None or isinstance(settings, dict):
+      settings = model_lib.make_settings(self.model, settings, source="model_settings")
+    elif not isinstance(settings, model_lib.model_entry(self.model).settings):
+      raise ValueError(f"model_settings: a {type(settings).__name__} is not the settings "
+                       f"of --model={self.model}")
+    object.__setattr__(self, "model_settings", settings)
+
+  def __getattr__(self, name: str):
+    # A model's own setting read by its name (cfg.hidden_dims); called only for names
+    # that are not fields.
+    if name.startswith("__") or name == "model_settings":
+      raise AttributeError(name)
+    settings = self.__dict__.get("model_settings")
+    if settings is not None and name in settings.__dataclass_fields__:
+      return getattr(settings, name)
+    owners = _owners(name)
+    if owners:
+      raise AttributeError(f"{name} is a setting of --model={' or '.join(owners)}, not of "
+                           f"{self.model}")
+    raise AttributeError(f"Config has no setting {name!r}")
+
+  def _carried_to(self, model: str):
+    """The settings of ``model`` when a run switches to it: its defaults, with each
+    setting it shares with the current model that was changed from that model's
+    default (``hidden_dims=(16,)`` stays; Mult-VAE's default widths do not become
+    RecVAE's)."""
+    old = self.model_settings
+    default = type(old)()
+    fields = model_lib.model_entry(model).settings.__dataclass_fields__
+    carried = {f.name: getattr(old, f.name) for f in model_lib.setting_fields(type(old))
+               if f.name in fields and getattr(old, f.name) != getattr(default, f.name)}
+    return model_lib.make_settings(model, carried, source=f"--model={model}")
+
   def replace(self, **changes) -> "Config":
+    """A copy with ``changes``: fields of the run, or the model's own settings by name
+    (over the current model's settings, or those a new ``model`` takes from them:
+    :meth:`_carried_to`; another model's setting at its default is passed over; an empty
+    list of a setting declared ``empty_means_default`` means its default, as a flag).
+    ``ValueError`` for a setting the model does not have."""
+    fields = Config.__dataclass_fields__
+    own = {k: changes.pop(k) for k in list(changes) if k not in fields}
+    model = changes.get("model", self.model)
+    if "model_settings" not in changes:
+      changes["model_settings"] = (self.model_settings if model == self.model
+                                   else self._carried_to(model))
+    for name in list(own):
+      if name not in model_setting_names():
+        raise ValueError(f"bad setting: Config has no setting {name!r}")
+      owners = _owners(name)
+      if model not in owners:
+        # Another model's setting at its default says nothing (as in a settings file
+        # of the flat layout); changed from it, it would be silently unused.
+        value = list(own[name]) if isinstance(own[name], tuple) else own[name]
+        if not _another_models_default(name, value):
+          raise ValueError(f"bad setting: {name} is a setting of --model="
+                           f"{' or '.join(owners)}, not of {model}")
+        del own[name]
+    if own:
+      base = changes["model_settings"]
+      if isinstance(base, dict):
+        base = model_lib.make_settings(model, base, source="model_settings")
+      changes["model_settings"] = model_lib.make_settings(
+          model, own, source="bad setting", flat=True, base=base)
     return dataclasses.replace(self, **changes)
 
 
@@ -421,6 +532,20 @@ def ml1m_ease() -> Config:
                               batch_size_validation=1000)
 
 
+def ml1m_edlae() -> Config:
+  """EDLAE (Steck, NeurIPS 2020) on MovieLens-1M (the ``ml1m`` split), its dropout
+  probability p and l2 chosen on the validation users.
+
+  Command: ``python -m experiments.train --config=ml1m_edlae --data_dir=DIR
+  --workdir=runs/ml1m_edlae``. Every pair of p in 0.1, 0.25, 0.5 and l2 in 100, 300,
+  1,000, 3,000 is fitted from one Gram matrix and scored on the validation users; the
+  best is kept. Expected (docs/results.md, 2-core AMD EPYC): p = 0.5, l2 = 300 chosen
+  (validation NDCG@100 0.4339), test NDCG@100 0.4206, Recall@20 0.3530, Recall@50
+  0.4752; about 12 min on a busy 2-core CPU (a Cholesky fit per pair).
+  """
+  return ml1m_ease().replace(model="edlae")
+
+
 def ml_latest_small() -> Config:
   """MovieLens latest-small, the paper's protocol with 10% / 10% users held out.
 
@@ -471,6 +596,7 @@ PRESETS: dict[str, Callable[[], Config]] = {
     "netflix_ease": netflix_ease,
     "msd_ease": msd_ease,
     "ml1m_ease": ml1m_ease,
+    "ml1m_edlae": ml1m_edlae,
     "ml-latest-small": ml_latest_small,
     "ml100k": ml100k,
     "demo": demo,
@@ -512,48 +638,83 @@ def to_json(cfg: Config) -> dict:
   return json.loads(json.dumps(dataclasses.asdict(cfg), default=list))
 
 
+def flat_json(obj: dict) -> dict:
+  """A settings JSON object with the model's settings by name beside the run's (the
+  layout flags use; ``model_settings`` spread out)."""
+  nested = obj.get("model_settings")
+  flat = {k: v for k, v in obj.items() if k != "model_settings"}
+  return flat | (nested if isinstance(nested, dict) else {})
+
+
 def from_json(obj, source: str, *, ignore_unknown: bool = False) -> Config:
-  """The :class:`Config` of a JSON object written by :func:`to_json`; a field it lacks
-  keeps its default. ``ValueError`` naming ``source`` for an unknown field (unless
-  ``ignore_unknown``: a run folder of a newer version read for what this one knows) or
-  a value of the wrong type."""
+  """The :class:`Config` of a JSON object written by :func:`to_json` (the model's
+  settings nested under ``model_settings``) or of the flat layout (the model's settings
+  by name beside the run's, as flags are given); a setting it lacks keeps its default.
+  ``ValueError`` naming ``source`` for an unknown setting (unless ``ignore_unknown``: a
+  run folder of a newer version read for what this one knows), a value of the wrong
+  type, or a model's setting the model does not have."""
   if not isinstance(obj, dict):
     raise ValueError(f"{source}: expected a JSON object of settings")
   fields = Config.__dataclass_fields__
-  unknown = sorted(set(obj) - set(fields))
+  model = obj.get("model", Config.model)
+  if model not in model_lib.names():
+    raise ValueError(f"{source}: model = {model!r}, expected one of {model_lib.names()}")
+  own_names = {f.name for f in model_lib.setting_fields(
+      model_lib.model_entry(model).settings)}
+  nested = obj.get("model_settings")
+  if nested is not None and not isinstance(nested, dict):
+    raise ValueError(f"{source}: model_settings must be a JSON object")
+  flat = {k: v for k, v in obj.items() if k not in fields and k in own_names}
+  # The flat layout of earlier versions wrote every model's settings: another model's
+  # left at its default says nothing and is passed over.
+  unknown = sorted(k for k in set(obj) - set(fields) - set(flat)
+                   if not _another_models_default(k, obj[k]))
   if unknown and not ignore_unknown:
-    raise ValueError(f"{source}: unknown settings {unknown}")
-  obj = {k: v for k, v in obj.items() if k in fields}
-  changes = {}
+    raise ValueError(f"{source}: unknown settings {unknown}" + "".join(
+        f" ({k} is a setting of --model={' or '.join(_owners(k))}, not of {model})"
+        for k in unknown if _owners(k)))
+  settings = model_lib.make_settings(model, nested, source=f"{source}: model_settings")
+  if flat:
+    settings = model_lib.make_settings(model, flat, source=source, flat=True,
+                                       base=settings)
+  changes = {"model_settings": settings}
   for name, value in obj.items():
-    default = fields[name].default
-    if isinstance(default, tuple):
-      element = element_of(name)
-      kinds = (int, float) if element is float else (int,)
-      ok = isinstance(value, list) and all(
-          isinstance(v, kinds) and not isinstance(v, bool) for v in value)
-      value = tuple(element(v) for v in value) if ok else value
-    elif isinstance(default, bool):
-      ok = isinstance(value, bool)
-    elif isinstance(default, float):
-      ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-      value = float(value) if ok else value
-    else:
-      ok = isinstance(value, type(default)) and not isinstance(value, bool)
-    if not ok:
-      expected = (f"a list of {element_of(name).__name__}" if isinstance(default, tuple)
-                  else type(default).__name__)
-      raise ValueError(f"{source}: {name} = {value!r}, expected {expected}")
-    changes[name] = value
-  return Config().replace(**changes)
+    if name in fields and name != "model_settings":
+      changes[name] = _typed_json(name, value, source)
+  return dataclasses.replace(Config(), **changes)
 
 
-def hidden_dims_of(cfg: Config) -> tuple[int, ...]:
-  """The encoder's hidden widths: ``cfg.hidden_dims``, or the model's paper's when empty
-  (600 for Mult-VAE, 200 for Mult-DAE, five of 600 for RecVAE)."""
-  if cfg.hidden_dims:
-    return tuple(int(h) for h in cfg.hidden_dims)
-  return model_lib.model_entry(cfg.model).default_hidden_dims
+def _another_models_default(name: str, value) -> bool:
+  """Whether ``value`` (JSON) is the default of a model's setting ``name`` (an empty
+  list: of a setting where it means the default)."""
+  for _, f in _model_fields(name):
+    default = list(f.default) if isinstance(f.default, tuple) else f.default
+    if value == default or (value == [] and f.metadata["empty_means_default"]):
+      return True
+  return False
+
+
+def _typed_json(name: str, value, source: str):
+  """The JSON ``value`` of the run's setting ``name`` as :class:`Config` holds it."""
+  default = Config.__dataclass_fields__[name].default
+  if isinstance(default, tuple):
+    element = element_of(name)
+    kinds = (int, float) if element is float else (int,)
+    ok = isinstance(value, list) and all(
+        isinstance(v, kinds) and not isinstance(v, bool) for v in value)
+    value = tuple(element(v) for v in value) if ok else value
+  elif isinstance(default, bool):
+    ok = isinstance(value, bool)
+  elif isinstance(default, float):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    value = float(value) if ok else value
+  else:
+    ok = isinstance(value, type(default)) and not isinstance(value, bool)
+  if not ok:
+    expected = (f"a list of {element_of(name).__name__}" if isinstance(default, tuple)
+                else type(default).__name__)
+    raise ValueError(f"{source}: {name} = {value!r}, expected {expected}")
+  return value
 
 
 # Settings a resumed run may change (tagged "resumable"); any other change is refused on
@@ -603,15 +764,11 @@ def validate(cfg: Config) -> None:
       (cfg.keep_best >= 1, "keep_best must be >= 1"),
       (cfg.warm_up_epochs >= 0, "warm_up_epochs must be >= 0"),
       (cfg.number_of_devices >= 0, "number_of_devices must be >= 0"),
-      (cfg.latent_dim >= 1, "latent_dim must be >= 1"),
-      (all(int(h) >= 1 for h in cfg.hidden_dims), "hidden_dims must be positive"),
       (all(int(k) >= 1 for k in cfg.test_ks) and cfg.test_ks, "test_ks must be positive"),
       (0.0 < cfg.heldout_fraction < 0.5, "heldout_fraction must be in (0, 0.5)"),
       (cfg.n_heldout_users >= 0, "n_heldout_users must be >= 0"),
       (cfg.model in model_lib.names(), f"model must be one of {model_lib.names()}"),
       (cfg.kl_gamma >= 0, "kl_gamma must be >= 0"),
-      (cfg.encoder_epochs >= 1 and cfg.decoder_epochs >= 1,
-       "encoder_epochs and decoder_epochs must be >= 1"),
 
       (cfg.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
       (cfg.input_format in train_lib.INPUT_FORMATS,
@@ -655,29 +812,18 @@ def validate(cfg: Config) -> None:
     if not ok:
       raise ValueError(f"bad setting: {message}")
   _check_model_settings(cfg)
-  try:
-    inputs.l2_values(cfg.l2)
-  except (TypeError, ValueError) as e:
-    raise ValueError(f"bad setting: {e}") from None
 
 
 def _check_model_settings(cfg: Config) -> None:
-  """The model's own settings: another model's changed from its default is refused, and
-  the model is built once (on one item) so its own checks run before any data work."""
+  """The model is built once (on one item), so that its own checks run before any data
+  work (its settings were checked when the Config was made)."""
   entry = model_lib.model_entry(cfg.model)
-  others = {n for m in model_lib.names() for n in model_lib.model_entry(m).extra}
-  for name in sorted(others - set(entry.extra)):
-    if getattr(cfg, name) != Config.__dataclass_fields__[name].default:
-      owners = [m for m in model_lib.names() if name in model_lib.model_entry(m).extra]
-      raise ValueError(f"bad setting: {name} is a setting of --model="
-                       f"{' or '.join(owners)}, not of {cfg.model}")
   try:
-    model = model_lib.build_model(cfg.model, 1, hidden_dims=hidden_dims_of(cfg),
-                                  latent_dim=cfg.latent_dim, dropout_rate=cfg.dropout_rate,
-                                  **{name: getattr(cfg, name) for name in entry.extra})
+    model = model_lib.build_model(cfg.model, 1, settings=cfg.model_settings,
+                                  dropout_rate=cfg.dropout_rate)
   except ValueError as e:
     raise ValueError(f"bad setting: {e}") from None
-  if model.closed_form:
+  if entry.fit is not None or model.closed_form:
     # Fitted in one process on one device's copy of the item-item matrix: no
     # optimiser steps to average, no item split of its two item axes.
     title = entry.title

@@ -31,7 +31,9 @@ Memory: ``n_items^2`` float32 values per matrix and a few of them at once
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import time
 from typing import Any, Iterable
 
 import flax.linen as nn
@@ -159,43 +161,95 @@ class Spectral(_ClosedForm):
     return model_lib.ModelOutput(jnp.dot(h, self.project, precision=_HIGHEST))
 
 
-def _build(n_items, hidden_dims, latent_dim, dropout_rate, dtype, *, l2=()) -> EASE:
-  del latent_dim, dropout_rate
-  l2_values(l2)  # l2 shapes nothing; its values are checked with the model's settings
-  if hidden_dims:
-    raise ValueError(f"EASE has no hidden layers, got hidden_dims={tuple(hidden_dims)}")
+@dataclasses.dataclass(frozen=True)
+class EASESettings:
+  """EASE's own settings."""
+
+  l2: tuple = model_lib.model_setting(
+      (), "The L2 weight lambda, or comma-separated values to try on the validation "
+      "data (the best is kept; '' = a grid from 10 to 10,000).", element=float)
+
+  def __post_init__(self):
+    l2_values(self.l2)
+
+
+def _build(n_items, settings: EASESettings, dropout_rate, dtype) -> EASE:
+  del settings, dropout_rate  # l2 shapes nothing; no input dropout
   return EASE(n_items, dtype)
 
 
-def check_fits(n_items: int, device: jax.Device) -> None:
+def check_fits(n_items: int, device: jax.Device, title: str = "EASE") -> None:
   """Raises ``MemoryError`` naming the figures when a fit of ``n_items`` items cannot fit
   ``device``'s memory (before any work)."""
   need = device_bytes_needed(n_items)
   have = device_memory_bytes(device)
   if have is not None and need > have:
     raise MemoryError(
-        f"EASE on {n_items:,} items needs about {need / 2**30:.1f} GiB on the device "
+        f"{title} on {n_items:,} items needs about {need / 2**30:.1f} GiB on the device "
         f"({MATRICES_AT_PEAK} matrices of {n_items:,} x {n_items:,} float32, "
         f"{4 * n_items**2 / 2**30:.2f} GiB each); this {device.platform} device has "
         f"{have / 2**30:.1f} GiB. Run it on a device with more memory (a GPU), or keep "
         f"fewer items (a stricter item filter)")
 
 
-ENTRY = model_lib.ModelEntry(_build, (), "EASE", extra=("l2",), check_memory=check_fits,
-                             shape=())
+def _space():
+  from jax_vaecf import space  # pylint: disable=g-import-not-at-top
+  return (space.Param("l2", "float", "EASE's L2 weight lambda (one value per trial).",
+                      1.0, 1e5, log=True, applies="model", read=space.one_value,
+                      write=space.as_list),)
+
+
+def fit_run(settings: EASESettings, problem: model_lib.ClosedFormProblem
+            ) -> model_lib.ClosedFormFit:
+  """EASE's closed-form fit (its :attr:`ModelEntry.fit`): the Gram matrix of the
+  training rows on the problem's device, then one ``l2`` fitted by Cholesky, or each of
+  several scored on the validation users from one eigendecomposition and the best kept
+  (``B`` from the same decomposition)."""
+  grid = l2_values(settings.l2)
+  t0 = time.perf_counter()
+  gram = gram_matrix(problem.train_batches(), problem.n_items, problem.device)
+  jax.block_until_ready(gram)
+  gram_s = time.perf_counter() - t0
+  if len(grid) == 1:
+    l2 = grid[0]
+    b = fit(gram, jnp.float32(l2))
+  else:
+    s, v = spectrum(gram)  # gram donated
+    del gram
+    scorer = Spectral(problem.n_items)
+    best = problem.choose([{"l2": value} for value in grid],
+                          lambda c: (scorer, sweep_params(s, v, jnp.float32(c["l2"]))))
+    l2 = best["l2"]
+    b = fit_from_spectrum(s, v, jnp.float32(l2))
+    del s, v
+  return model_lib.ClosedFormFit(params_of(b, l2), {"l2": (l2,)},
+                                 f"l2 {l2:g} (gram matrix {gram_s:.2f}s)")
+
+
+ENTRY = model_lib.ModelEntry(_build, "EASE", EASESettings, check_memory=check_fits,
+                             fit=fit_run, space=_space())
 
 
 # ------------------------------------------------------------------------------- fit
 
 
+# Where a float32 solve of G + l2 I answers: below, float32 rounding makes it singular;
+# above, one co-occurrence (a Gram entry of 1) is lost in l2's rounding.
+L2_RANGE = (1.0, 1e6)
+
+
 def l2_values(l2: Iterable[float]) -> tuple[float, ...]:
   """The ``l2`` values a run fits: those given (sorted, each once), or
-  :data:`DEFAULT_L2_GRID` when none is. Raises ``ValueError`` for a value that is not a
-  finite number above 0 (``G + l2 I`` must be positive definite)."""
+  :data:`DEFAULT_L2_GRID` when none is. Raises ``ValueError`` for a value outside
+  :data:`L2_RANGE`, with the reason, before any fit."""
   values = tuple(float(v) for v in l2)
-  bad = [v for v in values if not (0.0 < v < float("inf"))]
+  lo, hi = L2_RANGE
+  bad = [v for v in values if not lo <= v <= hi]
   if bad:
-    raise ValueError(f"EASE's l2 must be finite numbers above 0, got {bad}")
+    raise ValueError(
+        f"l2: EASE's l2 must be in [{lo:g}, {hi:g}], got {bad}: below, float32 rounding "
+        "makes G + l2 I singular; above, one co-occurrence is lost in l2's rounding and "
+        "the scores are noise (jax_vaecf.ease.L2_RANGE)")
   return tuple(sorted(set(values))) or DEFAULT_L2_GRID
 
 
@@ -250,10 +304,11 @@ def fit(gram: Array, l2: Array) -> Array:
   eye = jnp.eye(n, dtype=jnp.float32)
   factor = jax.scipy.linalg.cho_factor(gram + l2 * eye, lower=True)
   p = jax.scipy.linalg.cho_solve(factor, eye)
-  return _b_from_p(p)
+  return b_from_p(p)
 
 
-def _b_from_p(p: Array) -> Array:
+def b_from_p(p: Array) -> Array:
+  """``B = -P / diag(P)`` (columns) with a zero diagonal, from ``P`` float32 ``(n, n)``."""
   p = 0.5 * (p + p.T)  # symmetric to rounding: each column's scale from its own diagonal
   b = -p / jnp.diag(p)[None, :]
   return b.at[jnp.diag_indices(p.shape[0])].set(0.0)
@@ -284,7 +339,7 @@ def sweep_params(s: Array, v: Array, l2: Array) -> dict:
 def fit_from_spectrum(s: Array, v: Array, l2: Array) -> Array:
   """``B`` for one ``l2`` from the eigendecomposition (as :func:`fit` from ``G``)."""
   p = jnp.dot(v * (1.0 / (s + l2))[None, :], v.T, precision=_HIGHEST)
-  return _b_from_p(p)
+  return b_from_p(p)
 
 
 def params_of(b: Array, l2: float) -> dict:

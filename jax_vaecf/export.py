@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_vaecf import files as files_lib
+from jax_vaecf import model as model_lib
 from jax_vaecf import recommend as recommend_lib
 from jax_vaecf import serve as serve_lib
 
@@ -176,8 +177,8 @@ def export_run(workdir: str, out_dir: str | os.PathLike, k: int = 100, *,
   ident = rec.checkpoint_meta["identity"]
   return write_artifact(
       out_dir, rec.model, rec.params, rec.item_ids, k,
-      model_info={key: ident[key] for key in ("model", "hidden_dims", "latent_dim",
-                                              "dataset") if key in ident}
+      model_info={key: ident[key] for key in ("model", "dataset") if key in ident}
+      | {key: ident[key] for key in model_lib.model_entry(ident["model"]).shape}
       | {"weights": "weight average" if ident.get("weight_average") else "weights"},
       metrics=checkpoint_metrics(workdir, rec.checkpoint_meta.get("epoch")),
       platforms=platforms)

@@ -125,31 +125,6 @@ def callback(fn: Any, argument: str) -> None:
 # ranks by rounding noise, and from about 1e19 on P's entries (~G / l2^2) underflow to 0
 # and every item scores alike. The EASE papers' values (200 to 1,000) and the default
 # grid (10 to 10,000) lie well inside.
-L2_RANGE = (1.0, 1e6)
-
-
-def l2_values(l2: Any, argument: str = "l2") -> tuple[float, ...]:
-  """EASE's ``l2`` as a tuple of floats, each in :data:`L2_RANGE`; a single number is
-  one value. ``TypeError`` / ``ValueError`` naming the value, before any fit."""
-  values = [l2] if isinstance(l2, numbers.Real) else l2
-  if not _is_list(values):
-    raise TypeError(f"{argument}: expected a number or a list of numbers, got "
-                    f"{type(l2).__name__} {l2!r:.40}")
-  out = []
-  for v in values:
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
-      raise TypeError(f"{argument}: expected numbers, got {type(v).__name__} {v!r:.40}")
-    out.append(float(v))
-  lo, hi = L2_RANGE
-  bad = [v for v in out if not lo <= v <= hi]
-  if bad:
-    raise ValueError(
-        f"{argument}: EASE's l2 must be in [{lo:g}, {hi:g}], got {bad}: below, float32 "
-        "rounding makes G + l2 I singular; above, one co-occurrence is lost in l2's "
-        "rounding and the scores are noise (jax_vaecf.inputs.L2_RANGE)")
-  return tuple(out)
-
-
 # --------------------------------------------------------------------------- matrices
 
 
@@ -306,17 +281,18 @@ def save_path(path: Any, run_folders: Sequence[str], argument: str = "path") -> 
   return path
 
 
-def setting_values(settings: dict, check: Callable[[dict, str], Any]) -> dict:
+def setting_values(settings: dict, check: Callable[[dict, str], Any],
+                   is_list: Callable[[str], bool]) -> dict:
   """Keyword settings of :func:`jax_vaecf.api.fit`, each typed as a settings file's
   (``check``: :func:`jax_vaecf.configs.from_json`, which names the setting): numpy
-  scalars become Python ones, a tuple setting takes a list or a tuple, and ``l2``
-  (one number too) passes :func:`l2_values`. Returns the settings ready for ``Config.replace``."""
+  scalars become Python ones, a list setting (``is_list(name)``) takes a list, a tuple
+  or one number (EASE's ``l2=500``). Returns the settings ready for ``Config.replace``."""
   out = {}
   for name, value in settings.items():
     if isinstance(value, np.generic):
       value = value.item()
-    if name == "l2":
-      value = list(l2_values(value, "l2"))
+    if is_list(name) and isinstance(value, numbers.Real) and not isinstance(value, bool):
+      value = [value]
     elif isinstance(value, (tuple, list, np.ndarray)):
       value = [v.item() if isinstance(v, np.generic) else v for v in value]
     out[name] = getattr(check({name: value}, f"fit({name}=...)"), name)

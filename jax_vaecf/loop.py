@@ -34,7 +34,6 @@ from jax_vaecf import checkpoint as checkpoint_lib
 from jax_vaecf import configs
 from jax_vaecf import data as data_lib
 from jax_vaecf import distributed
-from jax_vaecf import ease
 from jax_vaecf import metrics as metrics_lib
 from jax_vaecf import model as model_lib
 from jax_vaecf import parallel as parallel_lib
@@ -186,12 +185,9 @@ def step_options(cfg: configs.Config, n_train_users: int | None = None
 
 def build_model(cfg: configs.Config, n_items: int):
   """The config's model (``--model`` and its settings) over ``n_items`` items."""
-  entry = model_lib.model_entry(cfg.model)
   return model_lib.build_model(
-      cfg.model, n_items, hidden_dims=configs.hidden_dims_of(cfg),
-      latent_dim=cfg.latent_dim, dropout_rate=cfg.dropout_rate,
-      dtype=precision_lib.get_policy(cfg.precision).compute_dtype,
-      **{name: getattr(cfg, name) for name in entry.extra})
+      cfg.model, n_items, settings=cfg.model_settings, dropout_rate=cfg.dropout_rate,
+      dtype=precision_lib.get_policy(cfg.precision).compute_dtype)
 
 
 def optimizer(cfg: configs.Config):
@@ -666,73 +662,56 @@ def _state_of(cfg: configs.Config, built: Built, params) -> train_lib.TrainState
 def fit_closed_form(cfg: configs.Config, workdir: str, split: data_lib.Split,
                     ck: checkpoint_lib.RunCheckpoints | None, built: Built, *,
                     on_epoch: OnEpoch | None = None) -> dict:
-  """Fits a closed-form model (EASE, :mod:`jax_vaecf.ease`): the Gram matrix from the
-  training rows' batches on the run's first device, then each ``l2`` scored on the
-  validation users from one eigendecomposition (a single ``l2``: a Cholesky fit), the
-  best kept as the run's one checkpoint (step 1, "epoch" 1). A run whose folder already
+  """Fits a model by its entry's closed-form ``fit`` (:class:`model_lib.ModelEntry`) on
+  the run's first device, settings it sweeps chosen on the validation users; keeps the
+  result as the run's one checkpoint (step 1, "epoch" 1). A run whose folder already
   holds it fits nothing again. Returns the training summary (as
-  :func:`train_and_validate`), with the chosen ``l2``."""
+  :func:`train_and_validate`), with the settings the fit chose (``chosen``)."""
   if isinstance(split, data_lib.PartSplit) or jax.process_count() > 1:
     raise ValueError(f"{cfg.model}: a closed-form fit reads every training row in one "
                      "process; run it without --partitioned_data, in one process")
   steps = built.steps
   if ck is not None and ck.best_step() is not None:
     meta = ck.restore_best(state_layout(cfg, built))[1]
-    print(f"{cfg.model} was fitted already (l2 {meta.get('l2')}): nothing to fit", flush=True)
+    print(f"{cfg.model} was fitted already ({meta.get('chosen')}): nothing to fit",
+          flush=True)
     return {"best_validation": meta.get("best_metrics") or {}, "best_epoch": 1,
-            "stopped": None, "l2": meta.get("l2")}
+            "stopped": None, "chosen": meta.get("chosen") or {}}
   log = None
   if ck is not None and jax.process_index() == 0:
     log = run_folder.MetricsLog(workdir)
     log.truncate_after(0)
     run_folder.write_run_files(cfg, workdir, split, 0)
-  grid = ease.l2_values(cfg.l2)
-  if len(grid) > 1 and split.validation is None:
-    raise ValueError(f"bad setting: --l2 gives {len(grid)} values to choose from but the "
-                     "split has no validation data; give one --l2 (or validation "
-                     "users: --validation_fraction above 0 in the per-user protocol)")
-  device = steps.devices[0]
-  n_items = split.n_items
-  t0 = time.perf_counter()
+  sweep_steps: dict = {}
+
+  def score(model, params):
+    if model not in sweep_steps:
+      sweep_steps[model] = parallel_lib.make_parallel_steps(
+          model, built.options, mode=cfg.parallel, devices=steps.devices,
+          ks=VALIDATION_KS)
+    return evaluate(sweep_steps[model], sweep_steps[model].replicate(params),
+                    split.validation, cfg.batch_size_validation)
+
+  def report(record):
+    if log is not None:
+      log.write(record)
+    print("  ".join([" ".join(f"{k} {v:g}" for k, v in record["swept"].items()),
+                     *(f"val {k[4:]} {record[k]:.4f}" for k in
+                       ("val_ndcg@100", "val_recall@20", "val_recall@50"))]), flush=True)
+
   batcher = data_lib.TrainBatcher(split.train, cfg.batch_size_train, seed=cfg.seed)
-  gram = ease.gram_matrix(batcher.epoch_batches(0), n_items, device)
-  jax.block_until_ready(gram)
-  gram_s = time.perf_counter() - t0
-  print(f"gram matrix of {split.n_train_users} users x {n_items} items: {gram_s:.2f}s",
-        flush=True)
-  sweep = []
-  if len(grid) == 1:
-    l2 = grid[0]
-    b = ease.fit(gram, jnp.float32(l2))
-  else:
-    spectral = ease.Spectral(n_items)
-    sweep_steps = parallel_lib.make_parallel_steps(
-        spectral, built.options, mode=cfg.parallel, devices=steps.devices,
-        ks=VALIDATION_KS)
-    s, v = ease.spectrum(gram)  # gram donated
-    del gram
-    for value in grid:
-      t1 = time.perf_counter()
-      params = sweep_steps.replicate(ease.sweep_params(s, v, jnp.float32(value)))
-      vm = evaluate(sweep_steps, params, split.validation, cfg.batch_size_validation)
-      del params
-      record = {"split": "l2_sweep", "l2": value,
-                **{f"val_{k}": vm[k] for k in ("ndcg@100", "recall@20", "recall@50")},
-                "val_time_s": time.perf_counter() - t1}
-      sweep.append(record)
-      if log is not None:
-        log.write(record)
-      print(f"l2 {value:10g}  val ndcg@100 {vm['ndcg@100']:.4f}  recall@20 "
-            f"{vm['recall@20']:.4f}  recall@50 {vm['recall@50']:.4f}", flush=True)
-    l2 = max(sweep, key=lambda r: r["val_ndcg@100"])["l2"]
-    b = ease.fit_from_spectrum(s, v, jnp.float32(l2))
-    del s, v
-  params = ease.params_of(b, l2)
+  problem = model_lib.ClosedFormProblem(
+      lambda: batcher.epoch_batches(0), split.n_items, split.n_train_users,
+      steps.devices[0], score if split.validation is not None else None, report)
+  t0 = time.perf_counter()
+  fitted = model_lib.model_entry(cfg.model).fit(cfg.model_settings, problem)
   fit_s = time.perf_counter() - t0
+  params, chosen = fitted.params, model_lib.settings_json(
+      cfg.replace(**fitted.chosen).model_settings)
   state = steps.init_state(_state_of(cfg, built, params))
   standing = Standing(best_epoch=1)
-  record = {"split": "train", "epoch": 1, "step": 1, "l2": l2, "fit_time_s": fit_s,
-            "gram_time_s": gram_s, "epoch_time_s": fit_s,
+  record = {"split": "train", "epoch": 1, "step": 1, "chosen": chosen,
+            "fit_time_s": fit_s, "epoch_time_s": fit_s,
             "users_per_s": split.n_train_users / fit_s}
   if split.validation is not None:
     vm = evaluate(steps, state, split.validation, cfg.batch_size_validation)
@@ -743,19 +722,19 @@ def fit_closed_form(cfg: configs.Config, workdir: str, split: data_lib.Split,
   check_finite_params(params, cfg.model)
   record["checkpointed"] = ck is not None
   if ck is not None:
-    ck.save_best(1, steps.to_host(state), {**standing.meta(1), "l2": l2},
+    ck.save_best(1, steps.to_host(state), {**standing.meta(1), "chosen": chosen},
                  {BEST_METRIC: standing.best if standing.best > -math.inf else 1.0})
   if log is not None:
     log.write(record)
   if on_epoch is not None:
     on_epoch(dict(record))
-  line = f"fitted {cfg.model} with l2 {l2:g} in {fit_s:.2f}s"
+  line = f"fitted {cfg.model} with {fitted.summary} in {fit_s:.2f}s"
   if "val_ndcg@100" in record:
     line += (f"  val ndcg@100 {record['val_ndcg@100']:.4f}  recall@20 "
              f"{record['val_recall@20']:.4f}  recall@50 {record['val_recall@50']:.4f}")
   print(line, flush=True)
   return {"best_validation": standing.best_metrics, "best_epoch": 1, "stopped": None,
-          "l2": l2, "l2_sweep": sweep, "fit_time_s": fit_s}
+          "chosen": chosen, "fit_time_s": fit_s}
 
 
 def check_finite_params(params, model_name: str) -> None:
@@ -929,7 +908,7 @@ def _run_claimed(cfg: configs.Config, workdir: str,
                                        keep_best=cfg.keep_best, best_metric=BEST_METRIC,
                                        read_only=not cfg.train)
   try:
-    if (cfg.train or cfg.benchmark) and built.model.closed_form:
+    if (cfg.train or cfg.benchmark) and model_lib.model_entry(cfg.model).fit:
       results["train"] = fit_closed_form(cfg, workdir, split, ck if cfg.train else None,
                                          built, on_epoch=on_epoch)
     elif cfg.train or cfg.benchmark:
@@ -961,15 +940,13 @@ REFIT_FOLDER = "refit"
 def refit_config(cfg: configs.Config, train_summary: dict) -> configs.Config:
   """The refit run's settings: the validated run's, on the full training rows
   (``validation_fraction`` 0), for its best epoch's number of epochs (a closed-form
-  model: with its chosen ``l2``), no early stop, the same seed and schedule."""
+  model: with the settings its fit chose), no early stop, the same seed and schedule."""
   epochs = train_summary.get("best_epoch")
   if not epochs:
     raise ValueError("refit: the validated run chose no epoch (did it validate?)")
   changes = dict(validation_fraction=0.0, number_of_epochs=int(epochs), early_stopping=0,
                  refit=False)
-  if train_summary.get("l2") is not None:
-    changes["l2"] = (float(train_summary["l2"]),)
-  return cfg.replace(**changes)
+  return cfg.replace(**changes, **(train_summary.get("chosen") or {}))
 
 
 def refit(cfg: configs.Config, workdir: str, train_summary: dict, *,

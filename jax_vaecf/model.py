@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import time
 from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
@@ -266,8 +267,8 @@ class CFModel(nn.Module):
   changes (the item-indexed arrays are found by :func:`jax_vaecf.item_shards.item_axes`).
   """
 
-  # True for a model fitted in closed form by its own module (EASE): the run calls that
-  # fit instead of training epochs, and the model has no phases.
+  # True for a model fitted in closed form (its entry's ``fit``): it has no phases, and
+  # the tools that average or split trained weights refuse it.
   closed_form = False
 
   @property
@@ -443,52 +444,185 @@ class MultDAE(CFModel):
     return ModelOutput(self.layers[-1](h))
 
 
+def model_setting(default, help: str, *, element: type = int, choices: tuple = (),
+                  shapes: bool = False, empty_means_default: bool = False):
+  """A field of a model's settings type: its default, one-line help (``--NAME`` and the
+  docs), the element type of a tuple value, the allowed values (``choices``, empty: any),
+  whether it shapes the parameters (a run folder's checkpoint identity records it, and
+  resume, the recommender and export rebuild the model from it), and whether an empty
+  list given by name (a flag, a settings file of the flat layout) means the default
+  (``--hidden_dims=`` = the paper's widths)."""
+  return dataclasses.field(default=default, metadata={
+      "help": help, "element": element, "choices": tuple(choices), "shapes": shapes,
+      "empty_means_default": empty_means_default})
+
+
+def setting_fields(settings_type: type) -> tuple[dataclasses.Field, ...]:
+  """The fields of a model's settings type, in declaration order."""
+  return dataclasses.fields(settings_type)
+
+
+def check_choices(settings: Any) -> None:
+  """Raises ``ValueError`` naming a setting whose value is not one of its ``choices``."""
+  for f in setting_fields(type(settings)):
+    allowed = f.metadata.get("choices", ())
+    if allowed and getattr(settings, f.name) not in allowed:
+      raise ValueError(f"{f.name} must be one of {allowed}, got "
+                       f"{getattr(settings, f.name)!r}")
+
+
+def _positive_widths(widths) -> None:
+  if any(int(w) < 1 for w in widths):
+    raise ValueError(f"hidden_dims must be positive, got {tuple(widths)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MultVAESettings:
+  """Mult-VAE's own settings."""
+
+  hidden_dims: tuple = model_setting(
+      (600,), "Encoder hidden widths, comma separated (the decoder mirrors them; '' = "
+      "the model's paper).", shapes=True, empty_means_default=True)
+  latent_dim: int = model_setting(200, "Latent width.", shapes=True)
+
+  def __post_init__(self):
+    _positive_widths(self.hidden_dims)
+    if self.latent_dim < 1:
+      raise ValueError(f"latent_dim must be >= 1, got {self.latent_dim}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MultDAESettings:
+  """Mult-DAE's own settings."""
+
+  hidden_dims: tuple = model_setting(
+      (200,), "Hidden widths, comma separated ('' = the model's paper).", shapes=True,
+      empty_means_default=True)
+
+  def __post_init__(self):
+    _positive_widths(self.hidden_dims)
+    if not self.hidden_dims:
+      raise ValueError("Mult-DAE needs at least one hidden layer")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelEntry:
-  """A model the library can build by name (``--model=NAME``).
+  """A model the library can build by name (``--model=NAME``): the model's one place.
 
   Attributes:
-    build: ``(n_items, hidden_dims, latent_dim, dropout_rate, dtype, **extra) -> module``
-      with ``hidden_dims`` already defaulted; ``extra`` holds the model's own settings.
-    default_hidden_dims: the widths used when none are given.
+    build: ``(n_items, settings, dropout_rate, dtype) -> CFModel``.
     title: the model's name in prose.
-    extra: the names of the model's own settings (of ``jax_vaecf.configs.Config``).
+    settings: the model's settings type: a frozen dataclass whose fields are
+      :func:`model_setting` s (checks of their values in its ``__post_init__``); the
+      run's ``Config`` holds one as ``model_settings``, and every tool's flags, help,
+      presets, run-folder identity, resume, recommender and export read it from here.
     check_memory: ``(n_items, device) -> None``, raising ``MemoryError`` with the
       figures when the model over ``n_items`` items cannot fit ``device`` (run before
       any work on the model); ``None``: no check.
-    shape: the settings (``Config`` fields: ``hidden_dims``, ``latent_dim`` or names of
-      ``extra``) that decide the shapes of the model's parameters besides ``n_items``.
-      A run folder's checkpoint identity records them, and the recommender, export and
-      resume rebuild the model from them.
+    fit: ``None`` for a model trained by the iterative engine (its phases and steps);
+      else its closed-form fit, ``fit(settings, problem: ClosedFormProblem) ->
+      ClosedFormFit`` (the run calls it instead of training epochs).
+    space: the tuner's parameters of the model's own settings
+      (:class:`jax_vaecf.space.Param`).
   """
 
   build: Callable[..., CFModel]
-  default_hidden_dims: tuple[int, ...]
   title: str
-  extra: tuple[str, ...] = ()
+  settings: type
   check_memory: Callable[[int, Any], None] | None = None
-  shape: tuple[str, ...] = ("hidden_dims", "latent_dim")
+  fit: Callable[..., Any] | None = None
+  space: tuple = ()
 
   def __post_init__(self):
-    odd = [n for n in self.shape if n not in ("hidden_dims", "latent_dim", *self.extra)]
+    if not dataclasses.is_dataclass(self.settings):
+      raise TypeError(f"ModelEntry {self.title!r}: settings must be a dataclass type")
+    names = {f.name for f in setting_fields(self.settings)}
+    odd = [p.name for p in self.space if p.name not in names]
     if odd:
-      raise ValueError(f"ModelEntry {self.title!r}: shape names {odd}, which are neither "
-                       "hidden_dims, latent_dim nor its own settings (extra)")
+      raise ValueError(f"ModelEntry {self.title!r}: space names {odd}, which are not "
+                       "its settings")
+
+  @property
+  def shape(self) -> tuple[str, ...]:
+    """The settings that decide the shapes of the parameters besides ``n_items``."""
+    return tuple(f.name for f in setting_fields(self.settings) if f.metadata["shapes"])
 
 
-def _build_multvae(n_items, hidden_dims, latent_dim, dropout_rate, dtype):
-  return MultVAE(n_items, hidden_dims, latent_dim, dropout_rate, dtype)
+@dataclasses.dataclass(frozen=True)
+class ClosedFormProblem:
+  """What a closed-form :attr:`ModelEntry.fit` is given.
+
+  Attributes:
+    train_batches: ``() -> iterable of SparseBatch``: one pass over the training rows.
+    n_items: number of items.
+    n_train_users: number of training users.
+    device: the device to fit on.
+    score: ``(model, params) -> metrics`` on the validation users (a dict with
+      ``ndcg@100``, ``recall@20``, ``recall@50``); ``None`` when the split has none.
+    report: ``record -> None``: a sweep's record (``{"split": "sweep", ...}``), logged
+      and printed by the run.
+  """
+
+  train_batches: Callable[[], Any]
+  n_items: int
+  n_train_users: int
+  device: Any
+  score: Callable[[CFModel, Any], dict] | None
+  report: Callable[[dict], None]
+
+  def choose(self, candidates: Sequence[dict],
+             scorer: Callable[[dict], tuple[CFModel, Any]]) -> dict:
+    """The candidate settings (``{name: value}`` each) with the best validation
+    NDCG@100: each one's ``scorer(candidate) -> (model, params)`` scored on the
+    validation users and reported as a ``{"split": "sweep", "swept": candidate, ...}``
+    record. One candidate is returned unscored; several need validation users
+    (``ValueError`` otherwise)."""
+    if len(candidates) == 1:
+      return dict(candidates[0])
+    if self.score is None:
+      raise ValueError(f"bad setting: {len(candidates)} settings to choose from ("
+                       f"{', '.join(sorted(candidates[0]))}) but the split has no "
+                       "validation data; give one value each (or validation users: "
+                       "--validation_fraction above 0 in the per-user protocol)")
+    best, best_ndcg = None, -float("inf")
+    for candidate in candidates:
+      t0 = time.perf_counter()
+      vm = self.score(*scorer(candidate))
+      self.report({"split": "sweep", "swept": dict(candidate),
+                   **{f"val_{k}": float(vm[k]) for k in ("ndcg@100", "recall@20",
+                                                          "recall@50")},
+                   "val_time_s": time.perf_counter() - t0})
+      if vm["ndcg@100"] > best_ndcg:
+        best, best_ndcg = dict(candidate), vm["ndcg@100"]
+    return best
 
 
-def _build_multdae(n_items, hidden_dims, latent_dim, dropout_rate, dtype):
-  del latent_dim
-  if not hidden_dims:
-    raise ValueError("Mult-DAE needs at least one hidden layer")
-  return MultDAE(n_items, hidden_dims, dropout_rate, dtype)
+class ClosedFormFit(NamedTuple):
+  """What a closed-form fit returns: the parameters of the model built from the chosen
+  settings, the settings it chose (``{name: value}``, e.g. ``{"l2": (500.0,)}``: a
+  refit or a resumed run uses them), and a line for the log."""
+
+  params: Any
+  chosen: dict
+  summary: str
 
 
-MULTVAE = ModelEntry(_build_multvae, (600,), "Mult-VAE")
-MULTDAE = ModelEntry(_build_multdae, (200,), "Mult-DAE", shape=("hidden_dims",))
+def _build_multvae(n_items, settings, dropout_rate, dtype):
+  return MultVAE(n_items, tuple(settings.hidden_dims), settings.latent_dim, dropout_rate,
+                 dtype)
+
+
+def _build_multdae(n_items, settings, dropout_rate, dtype):
+  return MultDAE(n_items, tuple(settings.hidden_dims), dropout_rate, dtype)
+
+
+def _widths_space():
+  from jax_vaecf import space  # pylint: disable=g-import-not-at-top
+  return (space.hidden_dims_param("One width for every hidden layer."),)
+
+
+MULTVAE = ModelEntry(_build_multvae, "Mult-VAE", MultVAESettings, space=_widths_space())
+MULTDAE = ModelEntry(_build_multdae, "Mult-DAE", MultDAESettings, space=_widths_space())
 
 # Every model by name: "module:attribute" of its ModelEntry (a model in its own file
 # builds on this module's layers, so its entry is imported when first asked for), or the
@@ -498,6 +632,7 @@ _ENTRIES: dict[str, str | ModelEntry] = {
     "multdae": "jax_vaecf.model:MULTDAE",
     "recvae": "jax_vaecf.recvae:ENTRY",
     "ease": "jax_vaecf.ease:ENTRY",
+    "edlae": "jax_vaecf.edlae:ENTRY",
 }
 MODELS = tuple(_ENTRIES)  # the built-in models; names() also lists registered ones
 
@@ -537,41 +672,118 @@ def model_entry(name: str) -> ModelEntry:
   return getattr(importlib.import_module(module), attribute)
 
 
+def _json_value(value):
+  return list(value) if isinstance(value, tuple) else value
+
+
+def _typed_value(f: dataclasses.Field, value, source: str):
+  """A JSON or Python value as the setting ``f`` holds it; ``ValueError`` naming
+  ``source`` for one of the wrong type."""
+  default = f.default
+  if isinstance(default, tuple):
+    kinds = (int, float) if f.metadata["element"] is float else (int,)
+    if isinstance(value, (list, tuple)) and all(
+        isinstance(v, kinds) and not isinstance(v, bool) for v in value):
+      return tuple(f.metadata["element"](v) for v in value)
+  elif isinstance(default, bool):
+    if isinstance(value, bool):
+      return value
+  elif isinstance(default, float):
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+      return float(value)
+  elif isinstance(value, type(default)) and not isinstance(value, bool):
+    return value
+  expected = (f"a list of {f.metadata['element'].__name__}" if isinstance(default, tuple)
+              else type(default).__name__)
+  raise ValueError(f"{source}: {f.name} = {value!r}, expected {expected}")
+
+
+def make_settings(name: str, values: dict | None = None, *, source: str = "settings",
+                  flat: bool = False, base: Any = None) -> Any:
+  """The settings of model ``name`` with ``values`` (``{setting: value}``, JSON or
+  Python values) over ``base`` (settings of the model) or its defaults. ``flat``: the
+  values were given by name (a flag, a settings file of the flat layout), where an empty list of a setting declared
+  ``empty_means_default`` means its default. ``ValueError`` naming ``source`` for a
+  setting the model does not have, a value of the wrong type or one its checks refuse."""
+  entry = model_entry(name)
+  fields = {f.name: f for f in setting_fields(entry.settings)}
+  values = dict(values or {})
+  unknown = sorted(set(values) - set(fields))
+  if unknown:
+    raise ValueError(f"{source}: {entry.title} (--model={name}) has no setting "
+                     f"{', '.join(unknown)}")
+  typed = {}
+  for key, value in values.items():
+    value = _typed_value(fields[key], value, source)
+    if flat and value == () and fields[key].metadata["empty_means_default"]:
+      continue
+    typed[key] = value
+  try:
+    settings = (dataclasses.replace(base, **typed) if base is not None
+                else entry.settings(**typed))
+    check_choices(settings)
+  except ValueError as e:
+    raise ValueError(f"{source}: {entry.title}: {e}") from None
+  return settings
+
+
+def settings_json(settings: Any) -> dict:
+  """A model's settings as a JSON object (tuples as lists)."""
+  return {f.name: _json_value(getattr(settings, f.name))
+          for f in setting_fields(type(settings))}
+
+
 def shape_settings(name: str, settings: Any) -> dict:
-  """The model's :attr:`ModelEntry.shape` settings beyond ``hidden_dims`` and
-  ``latent_dim`` (which every run folder records), read from ``settings`` (a Config or
-  a run's checkpoint identity, as JSON values)."""
-  get = settings.get if isinstance(settings, dict) else lambda k: getattr(settings, k)
-  out = {}
-  for key in model_entry(name).shape:
-    if key not in ("hidden_dims", "latent_dim"):
-      value = get(key)
-      out[key] = list(value) if isinstance(value, tuple) else value
-  return out
+  """The model's :attr:`ModelEntry.shape` settings as JSON values (what a run folder's
+  checkpoint identity records), read from its settings."""
+  return {key: _json_value(getattr(settings, key)) for key in model_entry(name).shape}
 
 
-def build_model(name: str, n_items: int, *, hidden_dims: Sequence[int] | None = None,
-                latent_dim: int = 200, dropout_rate: float = 0.5,
-                dtype: Any = jnp.float32, **extra) -> CFModel:
-  """The model called ``name`` (``'multvae'``, ``'multdae'``, ``'recvae'``, ``'ease'`` or
-  one added by :func:`register`).
+_LEGACY_PARAMETERS = ("hidden_dims", "latent_dim")
 
-  ``hidden_dims=None`` picks the paper's widths: ``(600,)`` for Mult-VAE, ``(200,)`` for
-  Mult-DAE, five layers of 600 for RecVAE; ``()`` gives Mult-VAE without hidden layers
-  (a linear encoder and decoder). ``extra`` holds a model's own settings (RecVAE:
-  ``encoder_epochs``, ``decoder_epochs``); a setting the model does not take is an error.
+
+def build_model(name: str, n_items: int, *, settings: Any = None,
+                dropout_rate: float = 0.5, dtype: Any = jnp.float32,
+                **values) -> CFModel:
+  """The model called ``name`` (one of :func:`names`) over ``n_items`` items.
+
+  ``settings``: the model's settings (its entry's settings type); or give its settings
+  by name in ``values`` (``hidden_dims=(600,)``, ``l2=(500.0,)``), each over its
+  default (Mult-VAE ``(600,)``, Mult-DAE ``(200,)``, RecVAE five of 600);
+  ``hidden_dims=None`` is the default too. A setting the model does not have is an error
+  (but ``hidden_dims`` and ``latent_dim``, which every model once took, are ignored by a
+  model without them).
   """
   if n_items <= 0:
     raise ValueError(f"n_items must be positive, got {n_items}")
   if not 0.0 <= dropout_rate < 1.0:
     raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
   entry = model_entry(name)
-  unknown = sorted(set(extra) - set(entry.extra))
-  if unknown:
-    raise ValueError(f"{entry.title} takes no setting {', '.join(unknown)}")
-  dims = entry.default_hidden_dims if hidden_dims is None else tuple(hidden_dims)
-  return entry.build(n_items, tuple(int(d) for d in dims), latent_dim, dropout_rate,
-                     dtype, **extra)
+  if settings is None:
+    # hidden_dims and latent_dim were parameters of every model here before models had
+    # settings types; a model without them ignores them, as it always did.
+    values = {k: v for k, v in values.items() if v is not None and not (
+        k in _LEGACY_PARAMETERS and k not in entry.settings.__dataclass_fields__)}
+    settings = make_settings(name, values, source=f"build_model({name!r})")
+  elif values:
+    raise ValueError("build_model: give settings or settings by name, not both")
+  elif not isinstance(settings, entry.settings):
+    raise TypeError(f"build_model({name!r}): settings must be a "
+                    f"{entry.settings.__name__}, got {type(settings).__name__}")
+  return entry.build(n_items, settings, dropout_rate, dtype)
+
+
+def model_from_identity(ident: dict) -> CFModel:
+  """The float32 model of a run folder's checkpoint identity (its ``model``,
+  ``n_items`` and shape settings); ``ValueError`` for an identity that lacks them."""
+  name = ident.get("model")
+  shape = model_entry(name).shape if name in _ENTRIES else ()
+  if name not in _ENTRIES or "n_items" not in ident or any(k not in ident for k in shape):
+    raise ValueError(f"the run's checkpoint identity {sorted(ident)} does not give the "
+                     f"model's name, n_items and shape settings (a run folder of an older "
+                     "layout: train it again)")
+  settings = make_settings(name, {k: ident[k] for k in shape}, source="checkpoint identity")
+  return build_model(name, int(ident["n_items"]), settings=settings)
 
 
 def count_params(params) -> int:

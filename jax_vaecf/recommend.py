@@ -166,11 +166,7 @@ class Recommender:
                        "on (another run wrote the folder since); train again or use "
                        "the run's own folder")
     # The shape settings the model's registry entry declares, as the identity holds them.
-    model = model_lib.build_model(
-        ident["model"], int(ident["n_items"]), hidden_dims=tuple(ident["hidden_dims"]),
-        latent_dim=int(ident["latent_dim"]),
-        **{k: tuple(v) if isinstance(v, list) else v
-           for k, v in model_lib.shape_settings(ident["model"], ident).items()})
+    model = model_lib.model_from_identity(ident)
     # Only the served weights are read: no optimiser moments, no second copy.
     field = "ema_params" if ident.get("weight_average", False) else "params"
     abstract = jax.eval_shape(lambda: train_lib.init_params(model, jax.random.PRNGKey(0)))

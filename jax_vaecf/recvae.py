@@ -26,6 +26,8 @@ variables: ``{'prior': <encoder parameters>}``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from typing import Any, Sequence
 
@@ -207,17 +209,40 @@ class RecVAE(model_lib.CFModel):
     return out._replace(logits=self.decoder(out.logits))
 
 
-def _build(n_items, hidden_dims, latent_dim, dropout_rate, dtype, *, encoder_epochs=3,
-           decoder_epochs=1) -> RecVAE:
-  if not hidden_dims or len(set(hidden_dims)) != 1:
-    raise ValueError(f"RecVAE's encoder layers add up each other's outputs, so they need "
-                     f"one width, got hidden_dims={tuple(hidden_dims)}")
-  if encoder_epochs < 1 or decoder_epochs < 1:
-    raise ValueError(f"RecVAE needs encoder_epochs and decoder_epochs >= 1, got "
-                     f"{encoder_epochs} and {decoder_epochs}")
-  return RecVAE(n_items, tuple(hidden_dims), latent_dim, dropout_rate, dtype,
-                encoder_epochs=encoder_epochs, decoder_epochs=decoder_epochs)
+@dataclasses.dataclass(frozen=True)
+class RecVAESettings:
+  """RecVAE's own settings; their checks, written once."""
+
+  hidden_dims: tuple = model_lib.model_setting(
+      (600,) * 5, "Encoder layer widths, comma separated, all equal ('' = the paper's "
+      "five of 600).", shapes=True, empty_means_default=True)
+  latent_dim: int = model_lib.model_setting(200, "Latent width.", shapes=True)
+  encoder_epochs: int = model_lib.model_setting(
+      3, "Passes of the encoder phase in each epoch (one epoch = one round of both "
+      "phases).")
+  decoder_epochs: int = model_lib.model_setting(
+      1, "Passes of the decoder phase in each epoch.")
+
+  def __post_init__(self):
+    if not self.hidden_dims or len(set(self.hidden_dims)) != 1:
+      raise ValueError(f"RecVAE's encoder layers add up each other's outputs, so they "
+                       f"need one width, got hidden_dims={tuple(self.hidden_dims)}")
+    if self.hidden_dims[0] < 1 or self.latent_dim < 1:
+      raise ValueError("RecVAE's hidden_dims and latent_dim must be >= 1")
+    if self.encoder_epochs < 1 or self.decoder_epochs < 1:
+      raise ValueError(f"RecVAE needs encoder_epochs and decoder_epochs >= 1, got "
+                       f"{self.encoder_epochs} and {self.decoder_epochs}")
 
 
-ENTRY = model_lib.ModelEntry(_build, (600,) * 5, "RecVAE",
-                             extra=("encoder_epochs", "decoder_epochs"))
+def _build(n_items, settings: RecVAESettings, dropout_rate, dtype) -> RecVAE:
+  return RecVAE(n_items, tuple(settings.hidden_dims), settings.latent_dim, dropout_rate,
+                dtype, encoder_epochs=settings.encoder_epochs,
+                decoder_epochs=settings.decoder_epochs)
+
+
+def _space():
+  from jax_vaecf import space  # pylint: disable=g-import-not-at-top
+  return (space.hidden_dims_param("One width for every encoder layer (its five)."),)
+
+
+ENTRY = model_lib.ModelEntry(_build, "RecVAE", RecVAESettings, space=_space())

@@ -168,17 +168,15 @@ def identity(cfg: configs.Config, split: data_lib.Split) -> dict:
   return {
       "model": cfg.model,
       "n_items": int(split.n_items),
-      "hidden_dims": [int(h) for h in configs.hidden_dims_of(cfg)],
-      "latent_dim": int(cfg.latent_dim),
       "dataset": cfg.dataset,
       "protocol": split.protocol,
       "n_train_users": int(split.n_train_users),
       "items_digest": items_digest(ids),
     # The checkpointed state has ema_params exactly when the run keeps an average; the
     # key is left out otherwise, so workdirs written before averaging existed still match.
-    # Likewise a model's own shape settings are recorded only for models that have any.
+    # The settings that shape the model's parameters are those its entry declares.
   } | ({"weight_average": True} if cfg.ema_decay > 0 else {}) | (
-      model_lib.shape_settings(cfg.model, cfg))
+      model_lib.shape_settings(cfg.model, cfg.model_settings))
 
 
 
@@ -309,12 +307,13 @@ def _saved_config(workdir: str) -> dict:
 
 
 def config_changes(saved: dict, cfg: configs.Config) -> dict:
-  """``{field: (saved value, new value)}`` for each setting that differs (a field the
-  saved config lacks counts as its default)."""
-  now = configs.to_json(cfg)
-  default = configs.to_json(configs.Config())
-  return {k: (saved.get(k, default[k]), v) for k, v in now.items()
-          if saved.get(k, default[k]) != v}
+  """``{setting: (saved value, new value)}`` for each setting that differs, the model's
+  own by name (a setting the saved config lacks counts as its default)."""
+  now = configs.flat_json(configs.to_json(cfg))
+  default = configs.flat_json(configs.to_json(configs.Config(model=cfg.model)))
+  saved = configs.flat_json(saved)
+  return {k: (saved.get(k, default.get(k)), v) for k, v in now.items()
+          if saved.get(k, default.get(k)) != v}
 
 
 

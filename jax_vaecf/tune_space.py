@@ -2,8 +2,9 @@
 Optuna distributions around a base configuration, the base's own values (trial 0's)
 and the configuration of a trial's values (docs/tuning.md, "The search space").
 
-The run-level parameters are the tuner's own (:data:`RUN_SPACE`); the models' settings
-(:data:`MODEL_SPACE`) are read in one place, :func:`space_for`.
+The run-level parameters are the tuner's own (:data:`RUN_SPACE`); a model's own settings
+come from its registry entry (:attr:`jax_vaecf.model.ModelEntry.space`), read in one
+place, :func:`space_for`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Any, Callable
 
 from jax_vaecf import configs
 from jax_vaecf import loop
+from jax_vaecf import model as model_lib
+from jax_vaecf import space as space_lib
 
 
 class TuneError(ValueError):
@@ -43,24 +46,11 @@ _APPLIES: dict[str, tuple[Callable[[configs.Config, Any], bool], str]] = {
                   "schedule not constant)"),
     "kl_gamma": (lambda cfg, m: m.has_kl and cfg.kl_gamma > 0,
                  "models whose KL term is weighted per user (kl_gamma > 0: RecVAE)"),
+    "model": (lambda cfg, m: True, "the models whose registry entry declares it"),
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class Param:
-  """One searched Config field: ``kind`` float, int or categorical; a range (``log``:
-  sampled log-uniformly; ``per_epochs``: in multiples of the base's number_of_epochs) or
-  ``choices``; ``applies``: a key of ``_APPLIES``."""
-
-  name: str
-  kind: str
-  help: str
-  low: float = 0.0
-  high: float = 0.0
-  log: bool = False
-  choices: tuple = ()
-  applies: str = "trained"
-  per_epochs: bool = False
+Param = space_lib.Param
 
 
 # The run-level parameters: the tuner's own.
@@ -76,25 +66,27 @@ RUN_SPACE: tuple[Param, ...] = (
           "that is validated (0 = the weights).", choices=(0.0, 0.99, 0.995, 0.999)),
     Param("batch_size_train", "categorical", "Users per training batch.",
           choices=(100, 250, 500, 1000)),
-)
-# The models' own settings (to be declared by each model's registry entry).
-MODEL_SPACE: tuple[Param, ...] = (
-    Param("hidden_dims", "categorical", "One width for every hidden layer (RecVAE: its "
-          "five layers).", choices=(200, 400, 600, 800, 1200)),
     Param("kl_gamma", "float", "Per-user KL weight: kl_gamma x the user's number of "
           "items.", 1e-3, 3e-2, log=True, applies="kl_gamma"),
-    Param("l2", "float", "EASE's L2 weight lambda (one value per trial).", 1.0, 1e5,
-          log=True, applies="closed_form"),
 )
-SPACE = RUN_SPACE + MODEL_SPACE
-PARAMS = {p.name: p for p in SPACE}
+SPACE = RUN_SPACE  # the run-level part; the models' parts: model_params()
+
+
+def model_params(model: str | None = None) -> tuple[Param, ...]:
+  """The searched settings of the model called ``model`` (its registry entry's
+  ``space``), or of every registered model (each name once) when ``None``."""
+  names = model_lib.names() if model is None else (model,)
+  out: dict[str, Param] = {}
+  for name in names:
+    for p in model_lib.model_entry(name).space:
+      out.setdefault(p.name, p)
+  return tuple(out.values())
 
 
 def space_for(base: configs.Config) -> tuple[Param, ...]:
   """Every parameter that may be searched around ``base``: the run-level ones, then the
-  model's own settings (read here, and only here, from :data:`MODEL_SPACE`)."""
-  del base  # the model's part is to come from its registry entry
-  return RUN_SPACE + MODEL_SPACE
+  model's own settings, from its registry entry."""
+  return RUN_SPACE + model_params(base.model)
 
 
 class _NotRepresentable(Exception):
@@ -104,22 +96,16 @@ class _NotRepresentable(Exception):
 def base_value(param: Param, base: configs.Config, n_train_users: Callable[[], int]):
   """The base's own value of ``param`` (trial 0's); ``n_train_users()`` is asked only to
   express a step-count anneal in epochs. Raises ``_NotRepresentable`` with the reason."""
-  if param.name == "hidden_dims":
-    widths = configs.hidden_dims_of(base)
-    if len(set(widths)) != 1:
-      raise _NotRepresentable(f"the base's hidden layers have different widths "
-                              f"{widths}; the search gives every layer one width")
-    return int(widths[0])
+  if param.read is not None:
+    try:
+      return param.read(getattr(base, param.name))
+    except ValueError as e:
+      raise _NotRepresentable(str(e)) from None
   if param.name == "anneal_epochs" and base.anneal_epochs <= 0:
     if base.total_anneal_steps <= 0:
       raise _NotRepresentable("the base has no anneal (total_anneal_steps = 0: beta = "
                               "anneal_cap from the first step)")
     return base.total_anneal_steps / loop.steps_per_epoch(base, n_train_users())
-  if param.name == "l2":
-    if len(base.l2) != 1:
-      raise _NotRepresentable(f"the base gives {len(base.l2) or 'no'} l2 values (a "
-                              "sweep in each trial); give it one --l2 to start from")
-    return float(base.l2[0])
   return _field_type(param.name)(getattr(base, param.name))
 
 
@@ -140,16 +126,16 @@ def distribution(param: Param, base: configs.Config, value: Any):
 
 
 def _field_type(name: str) -> type:
-  default = configs.Config.__dataclass_fields__[name].default
+  """``int`` or ``float``: the type of the setting ``name`` (a list of ints: one, an
+  int)."""
+  default = configs.default_of(name)
   return int if isinstance(default, (int, tuple)) else float
 
 
 def config_changes(param: Param, base: configs.Config, value: Any) -> dict:
   """The Config fields a trial value sets."""
-  if param.name == "hidden_dims":
-    return {"hidden_dims": (int(value),) * len(configs.hidden_dims_of(base))}
-  if param.name == "l2":
-    return {"l2": (float(value),)}
+  if param.write is not None:
+    return {param.name: param.write(value, getattr(base, param.name))}
   return {param.name: _field_type(param.name)(value)}
 
 
@@ -191,11 +177,15 @@ def make_space(base: configs.Config, names: tuple[str, ...] = (),
   out are reported through ``note``). Raises :class:`TuneError` for an unknown name, one
   that does not apply to the model, or one that cannot hold the base's value."""
   candidates = space_for(base)
-  known = [p.name for p in candidates]
+  known = [p.name for p in RUN_SPACE + model_params()]
   unknown = [n for n in names if n not in known]
   if unknown:
     raise TuneError(f"--space: unknown parameter {', '.join(map(repr, unknown))}; "
                     f"expected names from {', '.join(known)}")
+  other = [n for n in names if n not in {p.name for p in candidates}]
+  if other:
+    raise TuneError(f"--space: {', '.join(other)} does not apply to --model={base.model} "
+                    "(a setting of another model)")
   if len(set(names)) != len(names):
     raise TuneError(f"--space names a parameter twice: {','.join(names)}")
   model = loop.build_model(base, 1)

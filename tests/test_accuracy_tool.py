@@ -74,7 +74,7 @@ def test_accuracy_runs_what_train_runs_with_the_same_flags(tmp_path):
   cfg = acc[0]["cfg"]
   assert [r["cfg"]["seed"] for r in acc] == [3, 7]
   assert cfg["dataset"] == "ml-1m" and cfg["batch_size_train"] == 250  # the preset
-  assert cfg["hidden_dims"] == [600] and cfg["ema_decay"] == 0 and cfg["lr"] == 0.002
+  assert cfg["model_settings"]["hidden_dims"] == [600] and cfg["ema_decay"] == 0 and cfg["lr"] == 0.002
   assert cfg["precision"] == "bf16" and cfg["number_of_devices"] == 2  # reference flags
   assert "| ml-1m | multvae | bf16 | 2 seeds | 0.4500 ± 0.0200 |" in proc.stdout
   (line,) = (root / "summary.jsonl").read_text().splitlines()

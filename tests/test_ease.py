@@ -113,20 +113,22 @@ def test_l2_values_and_settings_are_checked():
   assert ease.l2_values(()) == ease.DEFAULT_L2_GRID
   assert ease.l2_values((500, 100.0, 500)) == (100.0, 500.0)
   for bad in ((0.0,), (-1.0,), (float("nan"),), (float("inf"),)):
-    with pytest.raises(ValueError, match="l2 must be finite numbers above 0"):
+    with pytest.raises(ValueError, match=r"l2: EASE's l2 must be in \[1, 1e\+06\]"):
       ease.l2_values(bad)
   base = configs.get_config("ml1m_ease")
   configs.validate(base)
   for changes, message in [
-      (dict(l2=(-5.0,)), "l2 must be finite numbers above 0"),
+      (dict(l2=(-5.0,)), r"l2: EASE's l2 must be in \[1, 1e\+06\]"),
       (dict(ema_decay=0.9), "no weights to average"),
       (dict(mesh="1x2"), "keeps its item-item matrix whole"),
       (dict(partitioned_data="parts"), "--partitioned_data does not apply"),
-      (dict(hidden_dims=(16,)), "EASE has no hidden layers"),
+      (dict(hidden_dims=(16,)), "hidden_dims is a setting of --model=multvae or multdae "
+                                "or recvae, not of ease"),
   ]:
     with pytest.raises(ValueError, match=message):
       configs.validate(base.replace(**changes))
-  with pytest.raises(ValueError, match="l2 is a setting of --model=ease, not of multvae"):
+  with pytest.raises(ValueError, match="l2 is a setting of --model=ease or edlae, not of "
+                                      "multvae"):
     configs.validate(configs.get_config("ml1m").replace(l2=(100.0,)))
 
 
@@ -134,7 +136,7 @@ def test_l2_is_a_list_of_numbers_in_json_and_flags():
   cfg = configs.from_json({"model": "ease", "l2": [100, 250.5]}, "best.json")
   assert cfg.l2 == (100.0, 250.5) and all(isinstance(v, float) for v in cfg.l2)
   with pytest.raises(ValueError, match=r"l2 = \['x'\], expected a list of float"):
-    configs.from_json({"l2": ["x"]}, "best.json")
+    configs.from_json({"model": "ease", "l2": ["x"]}, "best.json")
   with pytest.raises(ValueError, match="test_ks = \\[5.5\\], expected a list of int"):
     configs.from_json({"test_ks": [5.5]}, "best.json")
   from absl import flags
@@ -158,10 +160,10 @@ def run(tmp_path_factory):
 def test_a_run_sweeps_l2_on_validation_and_keeps_the_best(run):
   cfg, workdir, results = run
   recs = _runs.records(workdir)
-  sweep = [r for r in recs if r["split"] == "l2_sweep"]
-  assert [r["l2"] for r in sweep] == [3.0, 30.0, 300.0]
+  sweep = [r for r in recs if r["split"] == "sweep"]
+  assert [r["swept"] for r in sweep] == [{"l2": 3.0}, {"l2": 30.0}, {"l2": 300.0}]
   best = max(sweep, key=lambda r: r["val_ndcg@100"])
-  assert results["train"]["l2"] == best["l2"]
+  assert results["train"]["chosen"] == {"l2": [best["swept"]["l2"]]}
   (train,) = [r for r in recs if r["split"] == "train"]
   # The kept model (fitted again from the decomposition) scores as the sweep said.
   assert train["val_ndcg@100"] == pytest.approx(best["val_ndcg@100"], abs=1e-6)
@@ -173,8 +175,10 @@ def test_the_run_serves_float64_eases_items_by_raw_id(run):
   cfg, workdir, results = run
   split = loop.load_data(cfg)
   rec = recommend.Recommender.from_workdir(workdir)
-  assert rec.checkpoint_meta["l2"] == results["train"]["l2"]
-  want_b = ease.numpy_ease(split.train, results["train"]["l2"])
+  (l2,) = results["train"]["chosen"]["l2"]
+  assert rec.checkpoint_meta["chosen"] == {"l2": [l2]}
+  assert float(rec.params["l2"]) == l2
+  want_b = ease.numpy_ease(split.train, l2)
   fold_in = split.test.fold_in
   histories = [[str(split.item_ids[j]) for j in fold_in[u].indices] for u in range(20)]
   got = rec.recommend(histories, k=10)
@@ -232,12 +236,12 @@ def test_several_l2_without_validation_data_is_refused(tmp_path):
   cfg = _runs.small_config(d, cache_dir=str(tmp_path / "cache"), model="ease",
                            hidden_dims=(), l2=(3.0, 30.0), number_of_epochs=1,
                            protocol="per_user", validation_fraction=0.0)
-  with pytest.raises(ValueError, match="--l2 gives 2 values to choose from but the split "
+  with pytest.raises(ValueError, match="2 settings to choose from \\(l2\\) but the split "
                                        "has no validation data"):
     loop.run(cfg, str(tmp_path / "run"))
   # One value needs no validation: the fitted model is the one tested.
   results = loop.run(cfg.replace(l2=(30.0,)), str(tmp_path / "run1"))
-  assert results["train"]["l2"] == 30.0 and 0.0 < results["test"]["ndcg@100"] <= 1.0
+  assert results["train"]["chosen"] == {"l2": [30.0]} and 0.0 < results["test"]["ndcg@100"] <= 1.0
 
 
 def test_plot_draws_the_sweep_of_a_closed_form_run(run, tmp_path):

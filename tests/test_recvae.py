@@ -242,7 +242,7 @@ def test_four_devices_give_the_one_device_round(mode):
 def test_settings_recvae_does_not_take_are_refused():
   with pytest.raises(ValueError, match="one width"):
     model_lib.build_model("recvae", 10, hidden_dims=(8, 6))
-  with pytest.raises(ValueError, match="takes no setting encoder_epochs"):
+  with pytest.raises(ValueError, match="has no setting encoder_epochs"):
     model_lib.build_model("multvae", 10, encoder_epochs=2)
   from jax_vaecf import configs
   cfg = configs.get_config("ml20m_recvae")

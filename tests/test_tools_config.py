@@ -40,9 +40,9 @@ def test_helpfull_lists_every_setting_with_its_help(tool):
   r = _tool(tool, "--helpfull")
   text = re.sub(r"\s+", " ", r.stdout + r.stderr)
   assert re.search(r"--config: Preset", text)
-  for f in dataclasses.fields(configs.Config):
-    words = " ".join(configs.help_of(f.name).split()[:4])
-    assert re.search(rf"--(\[no\])?{f.name}: {re.escape(words)}", text), f.name
+  for name in configs.setting_names():  # the run's and every model's own
+    words = " ".join(configs.help_of(name).split()[:4])
+    assert re.search(rf"--(\[no\])?{name}: {re.escape(words)}", text), name
 
 
 @pytest.mark.parametrize("tool", sorted(TOOLS))
@@ -72,7 +72,8 @@ def test_config_is_the_preset_with_the_given_flags():
   assert cli.config_from_flags(fv) == configs.get_config("ml1m").replace(
       lr=0.002, hidden_dims=(300, 100), download=False, anneal_schedule="cyclical")
   assert cli.config_from_flags(_parse()) == configs.get_config(cli.DEFAULT_PRESET)
-  assert cli.config_from_flags(_parse("--hidden_dims=")).hidden_dims == ()
+  # '' = the model's paper's widths (the preset's model: Mult-VAE's 600).
+  assert cli.config_from_flags(_parse("--hidden_dims=")).hidden_dims == (600,)
 
 
 def test_reference_flags_and_aliases_mean_their_setting():

@@ -362,7 +362,7 @@ def test_space_follows_the_model():
   # The run-level parameters, then the model's own.
   assert [p.name for p in space.params] == [
       "lr", "dropout_rate", "anneal_cap", "anneal_epochs", "ema_decay",
-      "batch_size_train", "hidden_dims"]
+      "batch_size_train", "hidden_dims"]  # the run's, then the model entry's
   assert space.base_values["hidden_dims"] == 1200
   # Trial 0 is the preset itself, its step-count anneal included.
   assert space.trial_config(ml1m, space.base_values) == ml1m.replace(test=False)
@@ -418,7 +418,7 @@ def test_a_young_weight_average_is_not_pruned():
 def test_ease_searches_l2_and_nothing_of_the_trained_models(data, tmp_path):
   base = configs.get_config("ml1m_ease")
   with pytest.raises(tune.TuneError, match="l2 cannot start from the base: the base "
-                                           "gives no l2 values"):
+                                           "gives no values"):
     tune_space.make_space(base, ("l2",))
   with pytest.raises(tune.TuneError, match="lr does not apply to --model=ease"):
     tune_space.make_space(base.replace(l2=(500.0,)), ("lr",))
