@@ -29,6 +29,7 @@ from absl import flags
 
 from experiments import cli
 from jax_vaecf import loop
+from jax_vaecf import reporting
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("root", None, "Folder for the per-seed workdirs and summary.jsonl.")
@@ -84,7 +85,7 @@ def main(argv):
     workdir = os.path.join(FLAGS.root, f"seed_{seed}")
     print(f"== seed {seed}: {workdir}", flush=True)
     try:
-      run = loop.run(cfg.replace(seed=seed), workdir)
+      run = loop.run(cfg.replace(seed=seed), workdir, report=reporting.print_record)
     except (ValueError, FileNotFoundError, MemoryError, loop.TrainingDivergedError) as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(1)

@@ -161,6 +161,7 @@ def check_workdir(workdir: str) -> dict:
   """The run's test record beside a float64 NumPy EASE on the same split and ``l2``."""
   from jax_vaecf import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   from jax_vaecf import loop  # pylint: disable=g-import-not-at-top
+  from jax_vaecf import reporting  # pylint: disable=g-import-not-at-top
   from jax_vaecf import run_folder  # pylint: disable=g-import-not-at-top
 
   cfg = run_folder.run_config(workdir)
@@ -170,7 +171,7 @@ def check_workdir(workdir: str) -> dict:
   tests = [r for r in run_folder.MetricsLog(workdir).records() if r.get("split") == "test"]
   if not tests:
     raise app.UsageError(f"--check_workdir={workdir}: the run has no test record yet")
-  split = loop.load_data(cfg)
+  split = loop.load_data(cfg, reporting.print_record)
   x = split.train.astype(np.float64)
   gram = (x.T @ x).toarray()
   b = reference_fit(gram, l2, "numpy64")

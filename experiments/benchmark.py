@@ -366,7 +366,8 @@ def main(argv):
                          "times its fit")
   devices = select_devices(cfg)
   from jax_vaecf import loop
-  cfg = loop.resolve_precision(cfg)
+  from jax_vaecf import reporting
+  cfg = loop.resolve_precision(cfg, reporting.print_record)
   items = [int(x) for x in f.sweep_items] or [f.n_items]
   results = []
   # The model's own settings go back to their defaults; every other setting is kept.

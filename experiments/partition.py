@@ -20,6 +20,7 @@ from absl import flags
 
 from experiments import cli
 from jax_vaecf import loop
+from jax_vaecf import reporting
 from jax_vaecf.data import partition
 
 FLAGS = flags.FLAGS
@@ -39,7 +40,7 @@ def main(argv):
     raise app.UsageError("--partitioned_data is for training; this command reads the data "
                          "set itself")
   try:
-    split = loop.load_data(cfg)
+    split = loop.load_data(cfg, reporting.print_record)
     manifest = partition.write_partitions(
         split, FLAGS.out, FLAGS.processes, settings=loop.data_settings(cfg),
         info={"data_dir": os.path.abspath(cfg.data_dir)})

@@ -22,6 +22,7 @@ from experiments import cli
 from jax_vaecf import loop
 from jax_vaecf import checkpoint as checkpoint_lib
 from jax_vaecf import distributed
+from jax_vaecf import reporting
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, config.")
@@ -38,7 +39,7 @@ def main(argv):
   try:
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                            FLAGS.process_id, environ=os.environ)
-    loop.run(cfg, FLAGS.workdir)
+    loop.run(cfg, FLAGS.workdir, report=reporting.print_record)
   except (ValueError, FileNotFoundError, MemoryError, loop.TrainingDivergedError,
           checkpoint_lib.CheckpointSaveError) as e:
     print(f"error: {e}", file=sys.stderr)

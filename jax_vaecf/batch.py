@@ -20,6 +20,7 @@ import numpy as np
 from jax_vaecf import files as files_lib
 from jax_vaecf import recommend as recommend_lib
 from jax_vaecf import run_folder
+from jax_vaecf import serve as serve_lib
 from jax_vaecf.data import readers
 
 HELD_OUT_PARTS = ("validation", "test")
@@ -121,17 +122,13 @@ def read_users_file(path: str, delimiter: str = ",", header: str = "auto"
 def column_lookup(item_ids: np.ndarray, raw: np.ndarray) -> np.ndarray:
   """int64 column of each raw id in the item table, -1 where it is not there.
 
-  Ids are compared by their text, as ``Recommender.columns_of`` does (``str`` of each
-  table entry), so ``7`` in a file matches the int64 item 7 and ``007`` matches nothing.
-  Vectorised: one binary search per raw id.
+  Ids are compared by their text, as the recommender and the artefact's scorer compare
+  them (:func:`jax_vaecf.serve.lookup_columns`), so ``7`` in a file matches the int64
+  item 7 and ``007`` matches nothing.
   """
-  table = np.array([str(i) for i in np.asarray(item_ids).tolist()])
-  raw = np.asarray(raw).astype(str)
-  if table.size == 0 or raw.size == 0:
-    return np.full(raw.shape, -1, np.int64)
-  order = np.argsort(table, kind="stable")
-  pos = np.minimum(np.searchsorted(table, raw, sorter=order), table.size - 1)
-  return np.where(table[order[pos]] == raw, order[pos], -1).astype(np.int64)
+  raw = np.asarray(raw)
+  return serve_lib.lookup_columns(serve_lib.column_index(item_ids),
+                                  raw.ravel().tolist()).reshape(raw.shape)
 
 
 def users_from_file(inter: readers.Interactions, item_ids: np.ndarray) -> Users:

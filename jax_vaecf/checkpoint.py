@@ -42,6 +42,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jax_vaecf import differences as differences_lib
 from jax_vaecf import files as files_lib
 
 LATEST = "latest"
@@ -258,11 +259,10 @@ class RunCheckpoints:
   def _check_identity(self, mngr: ocp.CheckpointManager, meta: dict) -> None:
     saved = meta.get("identity", {})
     # Both ways: a checkpoint with a fact this run lacks is another run's too.
-    diff = {k: (saved.get(k), self.identity.get(k)) for k in set(saved) | set(self.identity)
-            if saved.get(k) != self.identity.get(k)}
+    diff = differences_lib.differences(saved, self.identity)
     if diff:
-      lines = ", ".join(f"{k}: checkpoint has {a!r}, this run has {b!r}"
-                        for k, (a, b) in sorted(diff.items()))
+      lines = differences_lib.describe(
+          diff, "{key}: checkpoint has {old!r}, this run has {new!r}", ", ")
       raise CheckpointMismatchError(
           f"{mngr.directory} holds a checkpoint of another run ({lines}); use another "
           "workdir or delete that one")

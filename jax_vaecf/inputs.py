@@ -11,7 +11,6 @@ pure: they read their arguments and return the checked (normalised) values.
 
 from __future__ import annotations
 
-import math
 import numbers
 import os
 from typing import Any, Callable, Iterable, Sequence

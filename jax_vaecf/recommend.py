@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_vaecf import checkpoint as checkpoint_lib
+from jax_vaecf import finite
 from jax_vaecf import inputs
 from jax_vaecf import metrics as metrics_lib
 from jax_vaecf import model as model_lib
@@ -36,14 +37,9 @@ from jax_vaecf import train as train_lib
 
 def check_finite_params(params) -> None:
   """Raises NonFiniteModelError naming the parameters that hold NaN / inf."""
-  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-  finite = jax.device_get([jnp.all(jnp.isfinite(leaf)) for _, leaf in leaves])
-  bad = ["/".join(str(getattr(k, "key", k)) for k in path)
-         for (path, _), ok in zip(leaves, finite) if not ok]
-  if bad:
-    raise metrics_lib.NonFiniteModelError(
-        f"the model's parameters are not finite (NaN/inf in {', '.join(bad)}): it "
-        "diverged in training; serve an earlier checkpoint or retrain")
+  finite.check_finite_params(params, lambda arrays: metrics_lib.NonFiniteModelError(
+      f"the model's parameters are not finite (NaN/inf in {arrays}): it diverged in "
+      "training; serve an earlier checkpoint or retrain"))
 
 
 def _check_has_checkpoint(workdir: str) -> None:
@@ -136,7 +132,7 @@ class Recommender:
     self.model = model
     self.params = params
     self.item_ids = np.asarray(item_ids)
-    self._column = {str(raw): j for j, raw in enumerate(self.item_ids.tolist())}
+    self._column = serve_lib.column_index(self.item_ids)
     self._fns: dict[int, Any] = {}
     self.checkpoint_meta: dict = {}  # the best checkpoint's meta when from a workdir
 
@@ -185,14 +181,7 @@ class Recommender:
 
   def columns_of(self, raw_items: Sequence[Any]) -> tuple[list[int], list[Any]]:
     """Column indices of the known raw ids, and the unknown raw ids."""
-    known, unknown = [], []
-    for raw in raw_items:
-      j = self._column.get(str(raw))
-      if j is None:
-        unknown.append(raw)
-      else:
-        known.append(j)
-    return sorted(set(known)), unknown
+    return serve_lib.columns_of(self._column, raw_items)
 
   def _fn(self, k: int):
     if k not in self._fns:

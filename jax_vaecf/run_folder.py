@@ -32,6 +32,7 @@ import numpy as np
 from jax_vaecf import checkpoint as checkpoint_lib
 from jax_vaecf import configs
 from jax_vaecf import data as data_lib
+from jax_vaecf import differences as differences_lib
 from jax_vaecf import files as files_lib
 from jax_vaecf import model as model_lib
 
@@ -261,8 +262,8 @@ def check_same_run(cfg: configs.Config, workdir: str) -> None:
     changed = config_changes(_saved_config(workdir), cfg)
     fixed = {k: v for k, v in changed.items() if k not in configs.RESUMABLE_FIELDS}
     if fixed:
-      lines = "; ".join(f"--{k}: the run has {a!r}, this command asks {b!r}"
-                        for k, (a, b) in sorted(fixed.items()))
+      lines = differences_lib.describe(
+          fixed, "--{key}: the run has {old!r}, this command asks {new!r}", "; ")
       raise ValueError(
           f"{workdir} holds a run trained with other settings ({lines}). Resuming would "
           "mix them; use another --workdir, or the run's own settings")
@@ -309,11 +310,9 @@ def _saved_config(workdir: str) -> dict:
 def config_changes(saved: dict, cfg: configs.Config) -> dict:
   """``{setting: (saved value, new value)}`` for each setting that differs, the model's
   own by name (a setting the saved config lacks counts as its default)."""
-  now = configs.flat_json(configs.to_json(cfg))
-  default = configs.flat_json(configs.to_json(configs.Config(model=cfg.model)))
-  saved = configs.flat_json(saved)
-  return {k: (saved.get(k, default.get(k)), v) for k, v in now.items()
-          if saved.get(k, default.get(k)) != v}
+  return differences_lib.differences(
+      configs.flat_json(saved), configs.flat_json(configs.to_json(cfg)),
+      old_defaults=configs.flat_json(configs.to_json(configs.Config(model=cfg.model))))
 
 
 

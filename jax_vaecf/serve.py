@@ -37,6 +37,28 @@ class ArtifactError(ValueError):
   """An artefact file is missing, altered, or of another format."""
 
 
+def column_index(item_ids: np.ndarray) -> dict[str, int]:
+  """``{text of a raw id: its column}`` over an item table (``item_ids``, any dtype)."""
+  return {str(raw): j for j, raw in enumerate(np.asarray(item_ids).tolist())}
+
+
+def lookup_columns(column: dict[str, int], raw_items: Sequence[Any]) -> np.ndarray:
+  """int64 ``(len(raw_items),)``: the column of each raw id in ``column``
+  (:func:`column_index`), -1 where it is not there. Ids are compared by their text, so
+  ``7`` and ``"7"`` match the int64 item 7 and ``"007"`` matches nothing."""
+  return np.fromiter((column.get(str(raw), -1) for raw in raw_items), np.int64,
+                     count=len(raw_items))
+
+
+def columns_of(column: dict[str, int], raw_items: Sequence[Any]
+               ) -> tuple[list[int], list[Any]]:
+  """One user's raw item ids as (the distinct known columns, sorted; the unknown raw ids,
+  in their order), by :func:`lookup_columns`."""
+  cols = lookup_columns(column, raw_items)
+  unknown = [raw for raw, j in zip(raw_items, cols.tolist()) if j < 0]
+  return sorted(set(cols[cols >= 0].tolist())), unknown
+
+
 def round_up(n: int, buckets: Sequence[int] = USER_BUCKETS) -> int:
   """The smallest bucket >= ``n`` (multiples of the largest bucket beyond it)."""
   for b in buckets:
@@ -211,7 +233,7 @@ class Scorer:
     # call (they are most of the work of a batch-1 request otherwise).
     self._call = jax.jit(exported.call)
     self._params = jax.device_put(params)
-    self._column = {str(raw): j for j, raw in enumerate(item_ids.tolist())}
+    self._column = column_index(item_ids)
 
   def top_k(self, rows, cols, vals, row_mask) -> tuple[np.ndarray, np.ndarray]:
     """The exported program on packed arrays (:func:`pack`): ``(scores float32 (B, k),
@@ -238,14 +260,8 @@ class Scorer:
       raise ValueError(f"k must be in [1, {self.k}] (exported with k={self.k}), got {k}")
     columns, unknown = [], []
     for history in histories:
-      known, missing = set(), []
-      for raw in history:
-        j = self._column.get(str(raw))
-        if j is None:
-          missing.append(raw)
-        else:
-          known.add(j)
-      columns.append(np.array(sorted(known), np.int32))
+      known, missing = columns_of(self._column, history)
+      columns.append(np.array(known, np.int32))
       unknown.append(missing)
     n = len(columns)
     out: list[dict] = []

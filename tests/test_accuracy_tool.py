@@ -24,7 +24,8 @@ from jax_vaecf import loop
 from jax_vaecf import distributed
 
 runs = []
-def fake_run(cfg, workdir):
+def fake_run(cfg, workdir, report=None):
+  assert report is not None  # both tools print what the run reports
   runs.append({"cfg": dataclasses.asdict(cfg), "workdir": workdir})
   return {"test": {"ndcg@100": 0.40 + cfg.seed / 100, "recall@20": 0.3, "recall@50": 0.5}}
 loop.run = fake_run

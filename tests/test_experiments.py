@@ -16,6 +16,7 @@ from jax_vaecf import loop
 from jax_vaecf import run_folder
 from jax_vaecf import checkpoint
 from jax_vaecf import recommend
+from jax_vaecf import reporting
 
 import _in_process
 import _runs
@@ -92,7 +93,7 @@ def test_workdir_of_another_model_is_refused(data_dir, tmp_path):
 def test_benchmark_mode_reports_timings(data_dir, tmp_path, capsys):
   cfg = _cfg(data_dir, tmp_path, train=False, test=False, benchmark=True,
              number_of_epochs=3, warm_up_epochs=1)
-  res = loop.run(cfg, str(tmp_path / "bench"))
+  res = loop.run(cfg, str(tmp_path / "bench"), report=reporting.print_record)
   s = res["train"]
   assert s["measured_epochs"] == 2 and s["train_users_per_s"] > 0
   assert "mean_validation_time_s" in s
@@ -191,10 +192,10 @@ def test_more_devices_than_exist_fails_fast(data_dir, tmp_path):
 
 def test_preprocessing_reports_its_stages_then_uses_the_cache(data_dir, tmp_path, capsys):
   cfg = _cfg(data_dir, tmp_path, cache_dir=str(tmp_path / "fresh_cache"))
-  loop.load_data(cfg)
+  loop.load_data(cfg, reporting.print_record)
   err = capsys.readouterr().err
   assert "preprocessing ml-latest-small: reading" in err and "splitting" in err
-  loop.load_data(cfg)
+  loop.load_data(cfg, reporting.print_record)
   assert "preprocessing" not in capsys.readouterr().err  # from the cache: nothing to do
 
 

@@ -7,6 +7,7 @@ import pytest
 
 from jax_vaecf import configs
 from jax_vaecf import loop
+from jax_vaecf import reporting
 from jax_vaecf import machine
 
 import _runs
@@ -33,7 +34,7 @@ def test_a_run_records_the_chosen_precision(monkeypatch, tmp_path, capsys):
                            number_of_epochs=1, test=False)
   workdir = str(tmp_path / "run")
   with pytest.warns(Warning):  # bf16 on CPU says where it is fast
-    loop.run(cfg, workdir)
+    loop.run(cfg, workdir, report=reporting.print_record)
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["precision"] == "bf16"
   assert "precision auto: bf16" in capsys.readouterr().out

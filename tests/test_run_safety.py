@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from jax_vaecf import epochs
 from jax_vaecf import loop
 from jax_vaecf import run_folder
 from jax_vaecf import checkpoint
@@ -73,7 +74,7 @@ def test_divergence_after_good_epochs_keeps_the_good_checkpoints(data_dir, tmp_p
     params = jax.tree_util.tree_map(lambda a: a * jnp.nan, state.params)
     return real(cfg, state.replace(params=params), host_metrics, epoch, last_saved_epoch)
 
-  monkeypatch.setattr(loop, "check_finite", poisoned)
+  monkeypatch.setattr(epochs, "check_finite", poisoned)
   with pytest.raises(loop.TrainingDivergedError, match="the last checkpoint is epoch 2"):
     loop.run(cfg.replace(number_of_epochs=3), workdir)
   assert _steps(workdir, "best") == best  # never becomes best

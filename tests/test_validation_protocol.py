@@ -12,6 +12,7 @@ from jax_vaecf import configs
 from jax_vaecf import loop
 from jax_vaecf import run_folder
 from jax_vaecf import checkpoint
+from jax_vaecf import checkpoint_choice
 from jax_vaecf.data import split as split_lib
 
 import _runs
@@ -127,7 +128,7 @@ def _scripted_validation(monkeypatch, values):
     if split is not None and split.n_users and "ndcg@100" in out:
       out = dict(out, **{"ndcg@100": next(seq)})
     return out
-  monkeypatch.setattr(loop, "evaluate", evaluate)
+  monkeypatch.setattr(checkpoint_choice, "evaluate", evaluate)
 
 
 CURVE = [0.10, 0.20, 0.15, 0.18, 0.30, 0.31, 0.29, 0.28, 0.27, 0.26]
