@@ -167,10 +167,11 @@ def fit(data: Any = None, config: str | configs.Config = "ml20m", *,
 
   Raises:
     TypeError: before any work, naming the argument: ``config`` is not a preset name or
-      a ``Config``, ``data`` of another kind, ``on_epoch`` not callable, a setting of
-      the wrong type (:mod:`jax_vaecf.inputs`).
-    ValueError: before any work: an unknown preset or setting, a setting out of range,
-      data that is not 0/1 or has no interaction, a ``Split`` whose parts disagree.
+      a ``Config``, ``data`` of another kind, ``on_epoch`` not callable, ``l2`` not a
+      number (:mod:`jax_vaecf.inputs`).
+    ValueError: before any work: an unknown preset or setting, a setting of the wrong
+      type or out of range, data that is not 0/1 or has no interaction, a ``Split``
+      whose parts disagree.
     jax_vaecf.loop.TrainingDivergedError: the loss or parameters became NaN / inf.
     jax_vaecf.checkpoint.CheckpointMismatchError: ``workdir`` holds another run.
     jax_vaecf.checkpoint.CheckpointSaveError: a checkpoint could not be written (a full
