@@ -399,7 +399,8 @@ class FittedModel:
       :attr:`item_ids` order.
 
     Raises:
-      TypeError, ValueError: as :meth:`recommend` for ``users`` / ``items``.
+      TypeError: an id that is not an int or str, a text for a list.
+      ValueError: both or neither of ``users`` / ``items``, a user not in the data.
     """
     cols, _ = self._columns(users, items)
     rec = self.recommender

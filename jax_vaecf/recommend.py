@@ -297,8 +297,9 @@ class Recommender:
       ``serve.USER_BUCKETS[-1]`` at a time, packed as an exported artefact packs them.
 
     Raises:
-      TypeError, ValueError: ``k`` not an int in ``[1, n_items]``; ValueError for a
-        column outside ``[0, n_items)``.
+      TypeError: ``k`` is not an int.
+      ValueError: ``k`` outside ``[1, n_items]``, or a column outside ``[0, n_items)``
+        (the device gather would clip it silently).
       NonFiniteModelError: the model scores any of the users NaN or inf (its
         parameters or computation are not finite).
     """
