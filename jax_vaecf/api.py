@@ -63,12 +63,26 @@ def _config(config: str | configs.Config, settings: dict) -> configs.Config:
 
 def interactions_of(data: Any, *, user_ids: Sequence | None = None,
                     item_ids: Sequence | None = None) -> data_lib.Interactions:
-  """In-memory data as :class:`jax_vaecf.data.Interactions`: a scipy sparse matrix
-  ``(n_users, n_items)`` of 0 and 1 whose non-zero entries are the interactions (stored
-  zeros are none; rows and columns named by ``user_ids`` / ``item_ids``, else by their
-  index), or columns ``(users, items)`` / ``(users, items, ratings)`` of raw ids, one
-  entry per interaction. What it refuses: :func:`jax_vaecf.inputs.interaction_matrix`,
-  :func:`jax_vaecf.inputs.axis_ids`."""
+  """In-memory data as :class:`jax_vaecf.data.Interactions` (what :func:`fit` splits).
+
+  Args:
+    data: a scipy sparse matrix ``(n_users, n_items)``, any numeric dtype, of 0 and 1
+      (a non-zero entry is an interaction; a stored zero is none), or a tuple of raw-id
+      columns ``(users, items)`` / ``(users, items, ratings)``, each ``(n,)`` (ids int
+      or str, ratings float), one entry per interaction.
+    user_ids: a matrix's ``(n_users,)`` distinct raw row ids; ``None``: the row index.
+    item_ids: a matrix's ``(n_items,)`` distinct raw column ids; ``None``: the index.
+
+  Returns:
+    The :class:`jax_vaecf.data.Interactions`, one entry per interaction.
+
+  Raises:
+    TypeError: ``data`` is neither a sparse matrix nor a 2- or 3-tuple, or a matrix of
+      non-numbers.
+    ValueError: a NaN, inf, negative or non-1 entry, a matrix without interactions,
+      ids of the wrong count or repeated (:func:`jax_vaecf.inputs.interaction_matrix`,
+      :func:`jax_vaecf.inputs.axis_ids`), or ``user_ids`` / ``item_ids`` with columns.
+  """
   if sp.issparse(data):
     m = inputs.interaction_matrix(data, "data")
     row_ids = inputs.axis_ids(user_ids, m.shape[0], "user_ids", "row")
@@ -97,6 +111,13 @@ class TensorBoard:
     tb = jax_vaecf.api.TensorBoard("runs/tb")
     model = jax_vaecf.fit(data, "ml1m", on_epoch=tb)
     tb.close()
+
+  Args:
+    logdir: the folder of the event files (created if missing).
+    flush_secs: seconds between two writes of the queued events to disk.
+
+  Raises:
+    ImportError: ``tensorboardX`` is not installed.
   """
 
   def __init__(self, logdir: str | os.PathLike, flush_secs: float = 5.0):
@@ -129,25 +150,36 @@ def fit(data: Any = None, config: str | configs.Config = "ml20m", *,
   Args:
     data: ``None``: the config's data set (``dataset``, ``data_dir``, as on the command
       line); a :class:`jax_vaecf.data.Split`, checked whole first
-      (:func:`jax_vaecf.inputs.split`); a scipy sparse matrix ``(n_users, n_items)`` of 0
-      and 1 (non-zero = interaction) or a tuple ``(users, items[,
-      ratings])`` of raw-id columns: split by the config's protocol as a
-      ``--dataset=csv`` file is (users with fewer than 5 items dropped; with ratings,
-      those above ``csv_threshold`` are the positives).
+      (:func:`jax_vaecf.inputs.split`); a scipy sparse matrix ``(n_users, n_items)``,
+      any numeric dtype, of 0 and 1 (non-zero = interaction) or a tuple ``(users,
+      items[, ratings])`` of ``(n,)`` columns (raw ids int or str, ratings float): split
+      by the config's protocol as a ``--dataset=csv`` file is (users with fewer than 5
+      items dropped; with ratings, those above ``csv_threshold`` are the positives).
     config: a preset name (``jax_vaecf.configs.PRESETS``) or a
       :class:`jax_vaecf.configs.Config`.
     workdir: the run folder; ``None``: a temporary one, removed with the model (keep it
       with :meth:`FittedModel.save`). A folder holding this run resumes it. With
       ``refit=True`` the model returned is the refit run's (``workdir/refit``).
     on_epoch: called with each epoch's record (a dict, as logged in ``metrics.jsonl``).
-    user_ids, item_ids: a matrix's row and column ids (default: their indices).
+    user_ids, item_ids: a matrix's ``(n_users,)`` row and ``(n_items,)`` column raw ids,
+      each distinct (default: their indices).
     **settings: any :class:`Config` field, overriding the preset (``number_of_epochs=50``).
 
   Returns:
-    The :class:`FittedModel` of the run's best checkpoint. Raises ``TypeError`` /
-    ``ValueError`` naming the argument (a bad setting, bad data, a callback that is not
-    callable: :mod:`jax_vaecf.inputs`) before any work,
-    :class:`jax_vaecf.loop.TrainingDivergedError`.
+    The :class:`FittedModel` of the run's best checkpoint (``model.results``: the best
+    validation metrics and the test metrics).
+
+  Raises:
+    TypeError: before any work, naming the argument: ``config`` is not a preset name or
+      a ``Config``, ``data`` of another kind, ``on_epoch`` not callable, ``l2`` not a
+      number (:mod:`jax_vaecf.inputs`).
+    ValueError: before any work: an unknown preset or setting, a setting of the wrong
+      type or out of range, data that is not 0/1 or has no interaction, a ``Split``
+      whose parts disagree.
+    jax_vaecf.loop.TrainingDivergedError: the loss or parameters became NaN / inf.
+    jax_vaecf.checkpoint.CheckpointMismatchError: ``workdir`` holds another run.
+    jax_vaecf.checkpoint.CheckpointSaveError: a checkpoint could not be written (a full
+      disk); the folder keeps the checkpoints saved before, and the same call resumes.
   """
   cfg = _config(config, settings)
   inputs.callback(on_epoch, "on_epoch")
@@ -186,12 +218,35 @@ def fit(data: Any = None, config: str | configs.Config = "ml20m", *,
 
 def load(workdir: str | os.PathLike) -> "FittedModel":
   """The model of a run folder (written by :func:`fit`, :meth:`FittedModel.save` or
-  ``python -m experiments.train``)."""
+  ``python -m experiments.train``); :meth:`FittedModel.load`.
+
+  Args:
+    workdir: the run folder.
+
+  Returns:
+    Its :class:`FittedModel` (best checkpoint); the data is read again only when a
+    method needs it.
+
+  Raises:
+    FileNotFoundError: no ``config.json``, no finished checkpoint or no ``item_ids.npy``.
+    ValueError: an unreadable ``config.json``, or an item table another run wrote.
+    jax_vaecf.metrics.NonFiniteModelError: the best checkpoint's parameters are NaN /
+      inf (the run diverged).
+  """
   return FittedModel.load(workdir)
 
 
 class FittedModel:
   """A trained run's best checkpoint, with the data it was trained on when known.
+
+  Made by :func:`fit` and :func:`load`, not by hand.
+
+  Args:
+    config: the run's :class:`jax_vaecf.configs.Config`.
+    workdir: its run folder.
+    split: the :class:`jax_vaecf.data.Split` it was trained on; ``None``: read again
+      from the config's data set when needed.
+    results: what the run returned.
 
   Attributes:
     config: the run's :class:`jax_vaecf.configs.Config`.
@@ -215,7 +270,20 @@ class FittedModel:
   @classmethod
   def load(cls, workdir: str | os.PathLike) -> "FittedModel":
     """The model of a run folder; its data is read again (from the config's data set)
-    only when a method needs it."""
+    only when a method needs it.
+
+    Args:
+      workdir: the run folder.
+
+    Returns:
+      The :class:`FittedModel` of its best checkpoint.
+
+    Raises:
+      FileNotFoundError: no ``config.json``, no finished checkpoint or no
+        ``item_ids.npy``.
+      ValueError: an unreadable ``config.json``, or an item table another run wrote.
+      jax_vaecf.metrics.NonFiniteModelError: the best checkpoint is not finite.
+    """
     workdir = os.fspath(workdir)
     model = cls(run_folder.run_config(workdir), workdir)
     _ = model.recommender  # a folder without a finished checkpoint fails here
@@ -292,10 +360,28 @@ class FittedModel:
 
   def recommend(self, users: Sequence[Any] | None = None, k: int = 10, *,
                 items: Sequence[Sequence[Any]] | None = None) -> Recommendations:
-    """Top-``k`` raw item ids (best first) with their scores, never an item the user
-    has: for ``users`` (raw ids of users in the data, their known items folded in) or
-    for new users given as ``items`` (each a list of raw item ids; unknown ids are
-    skipped and reported in ``unknown``)."""
+    """Top-``k`` raw item ids (best first) with their scores, never an item the user has.
+
+    Give exactly one of ``users`` and ``items``.
+
+    Args:
+      users: raw ids (int or str) of users in the data; their known items (training
+        row, or fold-in and held-out items) are folded in.
+      k: items per user, in ``[1, n_items]``.
+      items: new users, each a list of raw item ids (int or str); unknown ids are
+        skipped and reported.
+
+    Returns:
+      :class:`jax_vaecf.recommend.Recommendations`: per user, ``items[u]`` raw ids
+      ``(n_u,)`` (the item table's dtype) and ``scores[u]`` float32 ``(n_u,)``, best
+      first, ``n_u = k`` unless fewer items are left; ``unknown[u]`` the skipped ids.
+
+    Raises:
+      TypeError: an id that is not an int or str, a text for a list, ``k`` not an int.
+      ValueError: both or neither of ``users`` / ``items``, a user not in the data,
+        ``k`` out of range.
+      jax_vaecf.metrics.NonFiniteModelError: the model scores a user NaN / inf.
+    """
     k = inputs.k_value(k, self.recommender.model.n_items)
     cols, unknown = self._columns(users, items)
     scores, top = self.recommender.recommend_columns(cols, k)
@@ -306,8 +392,20 @@ class FittedModel:
 
   def score(self, users: Sequence[Any] | None = None, *,
             items: Sequence[Sequence[Any]] | None = None) -> np.ndarray:
-    """Float32 ``(n_users, n_items)``: the model's score of every item (columns in
-    :attr:`item_ids` order) for ``users`` or new users' ``items``, own items included."""
+    """The model's score (logit) of every item, the user's own items included.
+
+    Args:
+      users: raw ids of users in the data (as :meth:`recommend`).
+      items: new users, each a list of raw item ids (unknown ids are skipped).
+
+    Returns:
+      float32 ``(n_users, n_items)``, one row per user in the order given, columns in
+      :attr:`item_ids` order.
+
+    Raises:
+      TypeError: an id that is not an int or str, a text for a list.
+      ValueError: both or neither of ``users`` / ``items``, a user not in the data.
+    """
     cols, _ = self._columns(users, items)
     rec = self.recommender
     x = np.zeros((len(cols), rec.model.n_items), np.float32)
@@ -320,10 +418,25 @@ class FittedModel:
 
   def evaluate(self, on: str | data_lib.EvalSplit = "test",
                ks: Sequence[int] = (20, 50, 100)) -> dict:
-    """The project's metrics (:mod:`jax_vaecf.metrics`: NDCG, Recall, ... at ``ks``, mean
-    and standard error over users with held-out items) of the best checkpoint on
-    ``"test"``, ``"validation"`` or any :class:`jax_vaecf.data.EvalSplit` over the same
-    items (fold-in rows scored, held-out items ranked, fold-in items excluded)."""
+    """The project's metrics (:mod:`jax_vaecf.metrics`) of the best checkpoint.
+
+    Args:
+      on: ``"test"``, ``"validation"`` or a :class:`jax_vaecf.data.EvalSplit` over the
+        model's items (fold-in rows scored, held-out items ranked, fold-in items
+        excluded).
+      ks: cut-offs, each an int in ``[1, n_items]``.
+
+    Returns:
+      ``{"ndcg@k": float, "ndcg@k_se": float, "recall@k": ..., "n_users": int,
+      "n_excluded": int}``: for every metric and ``k``, the mean and standard error over
+      users with held-out items; ``n_excluded`` users had none.
+
+    Raises:
+      TypeError: ``on`` of another kind, ``ks`` not a list of ints.
+      ValueError: an unknown part name, a part the data lacks, ``k`` out of range, an
+        ``EvalSplit`` of another width or with entries other than 1.
+      jax_vaecf.metrics.NonFiniteModelError: the model scores a user NaN / inf.
+    """
     part = on
     if isinstance(on, str):
       if on not in ("test", "validation"):
@@ -349,9 +462,20 @@ class FittedModel:
   # ------------------------------------------------------------------ files
 
   def save(self, path: str | os.PathLike) -> str:
-    """Copies the run folder to ``path`` (a new folder), where every CLI tool
-    (``recommend --workdir``, ``export``, ``train`` to resume, ``compare``) reads it;
-    returns ``path``. The model then answers from there."""
+    """Copies the run folder to ``path``, where every CLI tool (``recommend --workdir``,
+    ``export``, ``train`` to resume, ``compare``) reads it; the model then answers from
+    there (a temporary folder of :func:`fit` is removed).
+
+    Args:
+      path: a new or empty folder, outside the model's run folder.
+
+    Returns:
+      ``path`` as a str.
+
+    Raises:
+      TypeError: ``path`` is not a str or ``os.PathLike``.
+      ValueError: ``path`` is inside the run folder, or exists and is not an empty folder.
+    """
     if self._temporary_root is None and isinstance(path, (str, os.PathLike)) and \
         os.path.abspath(os.fspath(path)) == os.path.abspath(self.workdir):
       return os.fspath(path)  # already kept there
@@ -372,7 +496,20 @@ class FittedModel:
   def export(self, out_dir: str | os.PathLike, k: int = 100, *,
              platforms: Sequence[str] = ("cpu",)) -> dict:
     """Writes the scorer artefact (``docs/serving.md``) of the best checkpoint, as
-    ``python -m experiments.export`` does; returns its manifest."""
+    ``python -m experiments.export`` does (:func:`jax_vaecf.export.export_run`).
+
+    Args:
+      out_dir: a new or empty folder.
+      k: recommendations per user the artefact returns, in ``[1, n_items]``.
+      platforms: backends to lower for, some of ``("cpu", "cuda", "rocm", "tpu")``.
+
+    Returns:
+      The artefact's manifest (the dict written as ``manifest.json``).
+
+    Raises:
+      TypeError: ``k`` not an int, ``platforms`` not a list.
+      ValueError: ``k`` out of range, an unknown platform, ``out_dir`` not empty.
+    """
     k = inputs.k_value(k, self.recommender.model.n_items)
     platforms = inputs.platforms(platforms)
     return export_lib.export_run(self.workdir, out_dir, k, platforms=platforms,

@@ -27,6 +27,7 @@ when no state of a kind can be read.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import errno
 import json
@@ -34,6 +35,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import warnings
 import zlib
 from typing import Any, Mapping
@@ -90,6 +92,53 @@ def _reason(e: BaseException) -> str:
   """The first line of an exception's message (orbax nests long tracebacks in them)."""
   text = str(e).strip().splitlines()
   return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+# Where a native library's completion callback enters an event loop: the outermost frame
+# of its traceback, with no Python caller (asyncio's loop, and uvloop's, which orbax
+# uses when a loop is already running).
+_THREADSAFE_ENTRY_NAMES = ("uvloop.loop.Loop.call_soon_threadsafe",)
+
+
+def _is_callback_into_closed_loop(unraisable) -> bool:
+  """Whether an unraisable report is tensorstore telling an event loop that one of its
+  writes finished after the loop was closed.
+
+  A save that fails midway ends orbax's coroutine at the first failed write, and orbax
+  closes the event loop it ran on while tensorstore's other writes of that save are still
+  in flight. As each one finishes, tensorstore calls ``loop.call_soon_threadsafe`` from
+  its own thread; the closed loop raises ``RuntimeError('Event loop is closed')``, which
+  tensorstore hands to ``sys.unraisablehook`` (no object, no message): a traceback on
+  stderr at any moment up to the interpreter's exit, after the run's one-line error.
+  """
+  tb = unraisable.exc_traceback
+  if (tb is None or unraisable.object is not None or unraisable.err_msg is not None
+      or unraisable.exc_type is not RuntimeError
+      or str(unraisable.exc_value) != "Event loop is closed"):
+    return False
+  code = tb.tb_frame.f_code
+  return (code is asyncio.BaseEventLoop.call_soon_threadsafe.__code__
+          or code.co_name in _THREADSAFE_ENTRY_NAMES)
+
+
+class _DropCallbacksIntoClosedLoops:
+  """A ``sys.unraisablehook`` passing every report to the hook it replaced, except the
+  late callbacks of a failed save (:func:`_is_callback_into_closed_loop`): nothing is
+  lost by dropping them, as the save already failed with its own error."""
+
+  def __init__(self, previous):
+    self.previous = previous
+
+  def __call__(self, unraisable) -> None:
+    if not _is_callback_into_closed_loop(unraisable):
+      self.previous(unraisable)
+
+
+def _drop_callbacks_into_closed_loops() -> None:
+  """Installs :class:`_DropCallbacksIntoClosedLoops` once; called only after a save
+  failed, so a process whose saves succeed keeps its hook untouched."""
+  if not isinstance(sys.unraisablehook, _DropCallbacksIntoClosedLoops):
+    sys.unraisablehook = _DropCallbacksIntoClosedLoops(sys.unraisablehook)
 
 
 # Room left beyond the arrays' bytes for the checkpoint's own metadata files.
@@ -287,6 +336,7 @@ class RunCheckpoints:
     except Exception as e:  # pylint: disable=broad-except
       # orbax's messages run to many lines; one says what happened and what to do.
       what = _os_error(e) or _reason(e)
+      _drop_callbacks_into_closed_loops()  # the writes still in flight report later
       raise CheckpointSaveError(
           f"{mngr.directory}: could not save the checkpoint of step {int(step)}: {what}; "
           "the checkpoints saved before are kept and the partial one is removed when "

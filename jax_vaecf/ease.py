@@ -233,8 +233,14 @@ ENTRY = model_lib.ModelEntry(_build, "EASE", EASESettings, check_memory=check_fi
 # ------------------------------------------------------------------------------- fit
 
 
-# Where a float32 solve of G + l2 I answers: below, float32 rounding makes it singular;
-# above, one co-occurrence (a Gram entry of 1) is lost in l2's rounding.
+# EASE's l2 where a float32 solve of (G + l2 I) P = I stays meaningful. Below: the Gram
+# matrix G counts users, its smallest eigenvalues are 0 for an item nobody has or two
+# items with the same users, and float32 (7 digits) rounding of entries in the thousands
+# leaves G + l2 I numerically singular (the fit "diverges"). Above: a co-occurrence of
+# one user (an entry 1 of G) is within a few float32 roundings of l2, so B = I - P/diag(P)
+# ranks by rounding noise, and from about 1e19 on P's entries (~G / l2^2) underflow to 0
+# and every item scores alike. The EASE papers' values (200 to 1,000) and the default
+# grid (10 to 10,000) lie well inside.
 L2_RANGE = (1.0, 1e6)
 
 

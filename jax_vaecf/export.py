@@ -42,10 +42,22 @@ LOADER = "serve.py"
 
 
 def export_scorer(model, params, k: int, platforms: Sequence[str] = ("cpu",)):
-  """``jax.export.Exported`` of :func:`jax_vaecf.recommend.scorer_fn` for ``model``.
+  """Lowers :func:`jax_vaecf.recommend.scorer_fn` for ``model`` with ``jax.export``.
 
-  The users ``B`` and non-zeros ``nnz`` dimensions are symbolic; the parameters' shapes
-  and ``k`` are fixed. ``platforms`` are the backends the program is lowered for.
+  Args:
+    model: the Linen module (``n_items`` wide).
+    params: its parameters (a pytree of float arrays); their shapes and dtypes are
+      fixed in the program.
+    k: items per user, in ``[1, n_items]``.
+    platforms: the backends the program is lowered for (``"cpu"``, ``"cuda"``, ...).
+
+  Returns:
+    The ``jax.export.Exported`` program ``(params, rows int32 (nnz,), cols int32
+    (nnz,), vals float32 (nnz,), row_mask float32 (B,)) -> (scores float32 (B, k),
+    columns int32 (B, k))``, with the users ``B`` and non-zeros ``nnz`` symbolic.
+
+  Raises:
+    ValueError: ``k`` out of range.
   """
   users, nnz = jax.export.symbolic_shape("B, nnz")
   spec = lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.asarray(a).dtype)
@@ -85,12 +97,23 @@ def write_artifact(out_dir: str | os.PathLike, model, params, item_ids: np.ndarr
   Args:
     out_dir: must not exist, or be an empty folder; the artefact is assembled in a
       temporary folder beside it and renamed into place, so a failure leaves nothing.
-    model: the Linen module; ``params`` its (served) parameters, all finite.
-    item_ids: ``(n_items,)`` raw ids of the columns.
+    model: the Linen module (``n_items`` wide).
+    params: its (served) parameters, a pytree of float arrays, all finite.
+    item_ids: ``(n_items,)`` raw ids (int or str) of the columns.
     k: recommendations per user the program returns (callers may take fewer).
     model_info: JSON facts about the model (name, widths, ...), stored in the manifest.
     metrics: JSON metrics of the exported checkpoint (validation, test), stored as is.
     platforms: backends to lower for (``"cpu"``, ``"cuda"``, ...).
+
+  Returns:
+    The manifest (the dict written as ``manifest.json``: format, shapes, dtypes, ``k``,
+    versions, metrics and each file's sha256 and size).
+
+  Raises:
+    ValueError: ``out_dir`` exists and is not an empty folder, ``item_ids`` is not
+      ``(n_items,)``, ``k`` is out of range, a parameter name holds ``/``, or jax
+      cannot serialise (``flatbuffers`` missing).
+    jax_vaecf.metrics.NonFiniteModelError: a parameter holds NaN / inf.
   """
   out_dir = os.path.abspath(os.fspath(out_dir))
   if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
@@ -151,8 +174,16 @@ def write_artifact(out_dir: str | os.PathLike, model, params, item_ids: np.ndarr
 
 
 def checkpoint_metrics(workdir: str, epoch: int | None) -> dict:
-  """The validation record of ``epoch`` and its test record in the run's log (what an
-  artefact of that checkpoint states about itself)."""
+  """What an artefact of a checkpoint states about itself, from the run's log.
+
+  Args:
+    workdir: the run folder (its ``metrics.jsonl`` is read).
+    epoch: the checkpoint's epoch; ``None``: unknown (nothing is found).
+
+  Returns:
+    ``{"epoch": epoch, "validation": {metric: value}, "test": {metric: value}}``, the
+    last two only when the log holds records of that epoch.
+  """
   from jax_vaecf import run_folder  # pylint: disable=g-import-not-at-top
   out: dict = {"epoch": epoch}
   for r in run_folder.MetricsLog(workdir).records():
@@ -167,10 +198,25 @@ def checkpoint_metrics(workdir: str, epoch: int | None) -> dict:
 def export_run(workdir: str, out_dir: str | os.PathLike, k: int = 100, *,
                platforms: Sequence[str] = ("cpu",),
                recommender: "recommend_lib.Recommender | None" = None) -> dict:
-  """Writes the artefact of a run folder's best checkpoint (its served weights, the
-  model's shape, the checkpoint's validation and test metrics); returns the manifest.
-  ``recommender``: that run's, when already loaded. Raises ``ValueError`` for ``k``
-  outside ``[1, n_items]`` and as :func:`write_artifact`."""
+  """Writes the artefact of a run folder's best checkpoint: its served weights, the
+  model's shape, the checkpoint's validation and test metrics.
+
+  Args:
+    workdir: the run folder.
+    out_dir: a new or empty folder (:func:`write_artifact`).
+    k: recommendations per user, in ``[1, n_items]``.
+    platforms: backends to lower for (``"cpu"``, ``"cuda"``, ...).
+    recommender: that run's :class:`jax_vaecf.recommend.Recommender`, when already
+      loaded; ``None``: loaded here.
+
+  Returns:
+    The manifest, as :func:`write_artifact`.
+
+  Raises:
+    FileNotFoundError: the run has no finished checkpoint
+      (:meth:`jax_vaecf.recommend.Recommender.from_workdir`).
+    ValueError: ``k`` outside ``[1, n_items]``, and as :func:`write_artifact`.
+  """
   rec = recommender or recommend_lib.Recommender.from_workdir(workdir)
   if not 1 <= k <= rec.model.n_items:
     raise ValueError(f"k={k}: expected 1 to the {rec.model.n_items} items")

@@ -41,9 +41,19 @@ def _is_list(value: Any) -> bool:
 
 
 def ids(values: Any, argument: str) -> list:
-  """``values`` as a list of raw ids (``int`` or ``str``). ``TypeError`` naming
-  ``argument`` for a text in place of a list (``users="12"``), a lone id, or an element
-  that is not an id (``None``, a float, bytes, a nested list)."""
+  """Checks a list of raw ids.
+
+  Args:
+    values: a list, tuple or 1-D array of raw ids (``int`` or ``str``).
+    argument: the caller's argument name, for the message.
+
+  Returns:
+    The ids as a Python list (a numpy array's elements as Python values).
+
+  Raises:
+    TypeError: naming ``argument``: a text in place of a list (``users="12"``), a lone
+      id, or an element that is not an id (``None``, a bool, a float, bytes, a list).
+  """
   if not _is_list(values):
     kind = "a text" if isinstance(values, (str, bytes)) else type(values).__name__
     raise TypeError(f"{argument}: expected a list of raw ids, got {kind} {values!r:.60}"
@@ -57,9 +67,20 @@ def ids(values: Any, argument: str) -> list:
 
 
 def histories(values: Any, argument: str = "items") -> list[list]:
-  """``values`` as one list of raw item ids per user. ``TypeError`` naming ``argument``
-  for a text, or a flat list of ids where a list of lists is meant (``items=[1, 260]``:
-  one user is ``items=[[1, 260]]``)."""
+  """Checks users' item histories.
+
+  Args:
+    values: per user, a list of raw item ids (a list of lists, or a 2-D array).
+    argument: the caller's argument name, for the message.
+
+  Returns:
+    One Python list of raw ids (``int`` or ``str``) per user.
+
+  Raises:
+    TypeError: naming ``argument``: a text, a flat list of ids where a list of lists is
+      meant (``items=[1, 260]``: one user is ``items=[[1, 260]]``), or a bad id
+      (:func:`ids`).
+  """
   if not _is_list(values) and not (isinstance(values, np.ndarray) and values.ndim == 2):
     raise TypeError(f"{argument}: expected a list of users' item lists "
                     f"({argument}=[[...], ...]), got {type(values).__name__} "
@@ -75,8 +96,19 @@ def histories(values: Any, argument: str = "items") -> list[list]:
 
 
 def users_or_items(users: Any, items: Any) -> tuple[list | None, list[list] | None]:
-  """Exactly one of ``users`` (raw user ids) and ``items`` (per new user, raw item
-  ids), checked; ``ValueError`` for both or neither."""
+  """Checks that exactly one of ``users`` and ``items`` is given.
+
+  Args:
+    users: raw user ids (:func:`ids`), or ``None``.
+    items: per new user, raw item ids (:func:`histories`), or ``None``.
+
+  Returns:
+    ``(users, None)`` or ``(None, items)``, the one given checked.
+
+  Raises:
+    ValueError: both or neither given.
+    TypeError: as :func:`ids` / :func:`histories`.
+  """
   if (users is None) == (items is None):
     raise ValueError("users / items: give users (raw ids in the data) or items (each "
                      "new user's raw item ids), not both")
@@ -89,8 +121,20 @@ def users_or_items(users: Any, items: Any) -> tuple[list | None, list[list] | No
 
 
 def k_value(k: Any, n_items: int, argument: str = "k") -> int:
-  """``k`` as an int in ``[1, n_items]``: ``TypeError`` for a bool, float or text (no
-  rounding: ``k=2.5`` is not ``k=2``), ``ValueError`` out of range."""
+  """Checks a number of items per user.
+
+  Args:
+    k: an int (Python or numpy).
+    n_items: the model's items, the largest ``k``.
+    argument: the caller's argument name, for the message.
+
+  Returns:
+    ``k`` as a Python int in ``[1, n_items]``.
+
+  Raises:
+    TypeError: a bool, float or text (no rounding: ``k=2.5`` is not ``k=2``).
+    ValueError: out of range.
+  """
   if isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral):
     raise TypeError(f"{argument}: expected an int, got {type(k).__name__} {k!r:.40}")
   if not 1 <= int(k) <= n_items:
@@ -99,7 +143,20 @@ def k_value(k: Any, n_items: int, argument: str = "k") -> int:
 
 
 def k_values(ks: Any, n_items: int, argument: str = "ks") -> tuple[int, ...]:
-  """A non-empty list of ``k`` (:func:`k_value`), sorted, each once."""
+  """Checks a list of cut-offs.
+
+  Args:
+    ks: a non-empty list of ints, each as :func:`k_value`.
+    n_items: the model's items, the largest ``k``.
+    argument: the caller's argument name, for the message.
+
+  Returns:
+    The ``k`` values as a tuple of ints, sorted, each once.
+
+  Raises:
+    TypeError: ``ks`` not a list, or an element as :func:`k_value`.
+    ValueError: an empty list, or a ``k`` out of range.
+  """
   if not _is_list(ks):
     raise TypeError(f"{argument}: expected a list of ints, got {type(ks).__name__} "
                     f"{ks!r:.40}")
@@ -110,20 +167,20 @@ def k_values(ks: Any, n_items: int, argument: str = "ks") -> tuple[int, ...]:
 
 
 def callback(fn: Any, argument: str) -> None:
-  """``None`` or a callable: a bad callback fails here, not after an epoch's work."""
+  """Checks a callback, so a bad one fails here, not after an epoch's work.
+
+  Args:
+    fn: ``None`` or a callable.
+    argument: the caller's argument name, for the message.
+
+  Raises:
+    TypeError: ``fn`` is neither.
+  """
   if fn is not None and not callable(fn):
     raise TypeError(f"{argument}: expected a function of one record (dict) or None, got "
                     f"{type(fn).__name__} {fn!r:.40}")
 
 
-# EASE's l2 where a float32 solve of (G + l2 I) P = I stays meaningful. Below: the Gram
-# matrix G counts users, its smallest eigenvalues are 0 for an item nobody has or two
-# items with the same users, and float32 (7 digits) rounding of entries in the thousands
-# leaves G + l2 I numerically singular (the fit "diverges"). Above: a co-occurrence of
-# one user (an entry 1 of G) is within a few float32 roundings of l2, so B = I - P/diag(P)
-# ranks by rounding noise, and from about 1e19 on P's entries (~G / l2^2) underflow to 0
-# and every item scores alike. The EASE papers' values (200 to 1,000) and the default
-# grid (10 to 10,000) lie well inside.
 # --------------------------------------------------------------------------- matrices
 
 
@@ -133,10 +190,21 @@ def _first_where(m: sp.coo_matrix, mask: np.ndarray) -> str:
 
 
 def interaction_matrix(data: Any, argument: str = "data") -> sp.coo_matrix:
-  """A scipy sparse ``(n_users, n_items)`` matrix's interactions: a COO copy without
-  its stored zeros (a zero is no interaction, stored or not). ``ValueError`` naming
-  ``argument`` for a NaN, inf or negative value, or a value other than 1: non-zero
-  entries are the interactions, so ratings or counts would be ignored silently."""
+  """Checks a matrix of interactions: non-zero entries are the interactions, so ratings
+  or counts would be ignored silently.
+
+  Args:
+    data: a scipy sparse ``(n_users, n_items)`` matrix of 0 and 1, any numeric dtype.
+    argument: the caller's argument name, for the message.
+
+  Returns:
+    A COO copy without its stored zeros (a zero is no interaction, stored or not).
+
+  Raises:
+    TypeError: a matrix of non-numbers.
+    ValueError: naming ``argument`` and the entry's row and column: a NaN, inf,
+      negative or other non-1 value; or a matrix with no interaction.
+  """
   m = sp.coo_matrix(data, copy=True)
   values = np.asarray(m.data)
   if values.dtype.kind not in "biuf":
@@ -159,8 +227,21 @@ def interaction_matrix(data: Any, argument: str = "data") -> sp.coo_matrix:
 
 
 def axis_ids(values: Any, n: int, argument: str, axis: str) -> np.ndarray | None:
-  """A matrix's ``user_ids`` / ``item_ids`` (``None``: the indices): ``n`` distinct raw
-  ids, one per ``axis`` (``"row"`` or ``"column"``)."""
+  """Checks a matrix's ``user_ids`` / ``item_ids``.
+
+  Args:
+    values: ``n`` raw ids (:func:`ids`), one per row or column; ``None``: the indices.
+    n: rows or columns of the matrix.
+    argument: the caller's argument name, for the message.
+    axis: ``"row"`` or ``"column"``.
+
+  Returns:
+    The ids as a ``(n,)`` numpy array, or ``None``.
+
+  Raises:
+    TypeError: as :func:`ids`.
+    ValueError: not ``n`` ids, or an id given twice.
+  """
   if values is None:
     return None
   out = ids(values, argument)
@@ -197,7 +278,21 @@ def _binary_part(m: Any, argument: str, shape: tuple[int | None, int]) -> sp.csr
 
 
 def eval_split(part: Any, n_items: int, argument: str) -> split_lib.EvalSplit:
-  """An :class:`EvalSplit` over ``n_items`` items, checked (see :func:`split`)."""
+  """Checks an :class:`EvalSplit` over ``n_items`` items (see :func:`split`).
+
+  Args:
+    part: the :class:`EvalSplit`.
+    n_items: the columns its matrices must have.
+    argument: the caller's argument name, for the message.
+
+  Returns:
+    The :class:`EvalSplit` with CSR float32 0/1 matrices (int32 indices).
+
+  Raises:
+    TypeError: not an ``EvalSplit``, or a matrix that is not scipy sparse.
+    ValueError: ``user_ids`` not 1-D, a matrix not ``(len(user_ids), n_items)``, or a
+      stored value other than 1.
+  """
   if not isinstance(part, split_lib.EvalSplit):
     raise TypeError(f"{argument}: expected an EvalSplit, got {type(part).__name__}")
   users = np.asarray(part.user_ids)
@@ -209,11 +304,24 @@ def eval_split(part: Any, n_items: int, argument: str) -> split_lib.EvalSplit:
 
 
 def split(value: Any, argument: str = "data") -> split_lib.Split:
-  """A hand-made :class:`Split`, checked whole before any training: the item columns of
+  """Checks a hand-made :class:`Split` whole, before any training: the item columns of
   every matrix equal ``len(item_ids)`` (a wider held-out matrix would lose its extra
   targets without a word), the rows equal their ids, every stored value is 1 (no -1,
-  NaN or stored zero), the protocol is known and training has an interaction. Returns
-  the split with CSR float32 matrices (int32 indices), as the library's own splits are."""
+  NaN or stored zero), the protocol is known and training has an interaction.
+
+  Args:
+    value: the :class:`Split`.
+    argument: the caller's argument name, for the message.
+
+  Returns:
+    The split with CSR float32 matrices (int32 indices), as the library's own are.
+
+  Raises:
+    TypeError: not a ``Split``, or a matrix that is not scipy sparse.
+    ValueError: naming the field at fault (``data.test.heldout``, ...): an unknown
+      protocol, ids that are not 1-D ints or texts, a shape that disagrees, a value
+      other than 1, no training interaction, no test users.
+  """
   if not isinstance(value, split_lib.Split):
     raise TypeError(f"{argument}: expected a Split, got {type(value).__name__}")
   if value.protocol not in split_lib.PROTOCOLS:
@@ -247,7 +355,19 @@ EXPORT_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 
 
 def platforms(values: Any, argument: str = "platforms") -> tuple[str, ...]:
-  """Export platforms: a non-empty list of :data:`EXPORT_PLATFORMS` names."""
+  """Checks export platforms.
+
+  Args:
+    values: a non-empty list of :data:`EXPORT_PLATFORMS` names.
+    argument: the caller's argument name, for the message.
+
+  Returns:
+    The names as a tuple of str.
+
+  Raises:
+    TypeError: not a list.
+    ValueError: empty, or an unknown name.
+  """
   if not _is_list(values):
     raise TypeError(f"{argument}: expected a list of platform names, got "
                     f"{type(values).__name__} {values!r:.40}")
@@ -265,9 +385,21 @@ def _inside(path: str, folder: str) -> bool:
 
 
 def save_path(path: Any, run_folders: Sequence[str], argument: str = "path") -> str:
-  """Where a model may be saved: a new or empty folder outside ``run_folders`` (the
-  model's run folder and the temporary folder that holds it: a copy inside a folder the
-  library removes would be removed with it)."""
+  """Checks where a model may be saved: a copy inside a folder the library removes
+  would be removed with it.
+
+  Args:
+    path: a str or ``os.PathLike`` folder.
+    run_folders: the model's run folder and the temporary folder that holds it.
+    argument: the caller's argument name, for the message.
+
+  Returns:
+    ``path`` as a str: a new or empty folder outside ``run_folders``.
+
+  Raises:
+    TypeError: not a path.
+    ValueError: inside one of ``run_folders``, or exists and is not an empty folder.
+  """
   if not isinstance(path, (str, os.PathLike)):
     raise TypeError(f"{argument}: expected a folder path, got {type(path).__name__}")
   path = os.fspath(path)
@@ -282,10 +414,23 @@ def save_path(path: Any, run_folders: Sequence[str], argument: str = "path") -> 
 
 def setting_values(settings: dict, check: Callable[[dict, str], Any],
                    is_list: Callable[[str], bool]) -> dict:
-  """Keyword settings of :func:`jax_vaecf.api.fit`, each typed as a settings file's
-  (``check``: :func:`jax_vaecf.configs.from_json`, which names the setting): numpy
-  scalars become Python ones, a list setting (``is_list(name)``) takes a list, a tuple
-  or one number (EASE's ``l2=500``). Returns the settings ready for ``Config.replace``."""
+  """Checks the keyword settings of :func:`jax_vaecf.api.fit`, each typed as a settings
+  file's: numpy scalars become Python ones, a list setting takes a list, a tuple or one
+  number (EASE's ``l2=500``).
+
+  Args:
+    settings: ``{setting: value}`` (Config fields and the model's own settings).
+    check: ``(settings dict, where) -> Config`` (:func:`jax_vaecf.configs.from_json`),
+      which types each setting, checks it (the model's settings by the model's own
+      checks) and names it in its errors.
+    is_list: whether the setting ``name`` holds a list.
+
+  Returns:
+    ``{setting: typed value}``, ready for ``Config.replace``.
+
+  Raises:
+    ValueError: a value of the wrong type or out of its range, naming ``fit(name=...)``.
+  """
   out = {}
   for name, value in settings.items():
     if isinstance(value, np.generic):

@@ -48,7 +48,15 @@ CONVENTIONS = {
 
 
 def convention(name: str) -> str | None:
-  """The convention of a column such as ``recalln@20``, or None for other columns."""
+  """The convention a metric column follows (for reports beside published tables).
+
+  Args:
+    name: a column name such as ``"recalln@20"``.
+
+  Returns:
+    One line naming the definition and its sources (:data:`CONVENTIONS`), or ``None``
+    for a column that is not a ranking metric.
+  """
   return CONVENTIONS.get(name.split("@", 1)[0])
 
 
@@ -61,9 +69,15 @@ class NonFiniteModelError(ValueError):
 
 
 def nonfinite_rows(scores: Array) -> Array:
-  """``bool (B,)``: rows of ``(B, n_items)`` scores holding any NaN or +-inf.
+  """Rows of scores holding any NaN or +-inf (a diverged model).
 
   Check the scores before items are masked out with ``-inf`` on purpose.
+
+  Args:
+    scores: ``(B, n_items)``, any float dtype.
+
+  Returns:
+    bool ``(B,)``: True where the row is not all finite.
   """
   return jnp.any(~jnp.isfinite(scores), axis=1)
 
@@ -82,7 +96,15 @@ def _check(scores: Array, heldout: Array, fold_in: Array | None, k: int) -> None
 
 
 def mask_fold_in(scores: Array, fold_in: Array | None) -> Array:
-  """Scores as float32 with the fold-in items (``fold_in > 0``) set to ``-inf``."""
+  """Removes the items a user gave from the ranking.
+
+  Args:
+    scores: ``(B, n_items)``, any float dtype.
+    fold_in: ``(B, n_items)``, non-zero where the user gave the item; ``None``: none.
+
+  Returns:
+    float32 ``(B, n_items)``: ``scores`` with ``-inf`` where ``fold_in > 0``.
+  """
   scores = scores.astype(jnp.float32)
   if fold_in is None:
     return scores
@@ -114,9 +136,14 @@ def ranking_metrics(scores: Array, heldout: Array, fold_in: Array | None = None,
     ``{'ndcg@k': (B,), 'recall@k': (B,), 'recalln@k': (B,), 'precision@k': (B,),
     'hitrate@k': (B,), 'mrr@k': (B,), 'map@k': (B,), ..., 'valid': bool (B,),
     'n_heldout': int32 (B,), 'is_user': bool (B,), 'nonfinite': bool (B,),
-    'top': int32 (B, kmax)}`` (``top``: the items ranked first, best first)
-    (``is_user``: not a padding row; ``nonfinite``: a real user with NaN / inf scores,
-    whose metrics are meaningless: :meth:`MetricAccumulator.add` raises on them).
+    'top': int32 (B, kmax)}``, metrics float32 (0 where not ``valid``) for every ``k``
+    of ``ks`` (``top``: the items ranked first, best first; ``is_user``: not a padding
+    row; ``nonfinite``: a real user with NaN / inf scores, whose metrics are
+    meaningless: :meth:`MetricAccumulator.add` raises on them).
+
+  Raises:
+    ValueError: ``scores`` not 2-D, ``heldout`` / ``fold_in`` of another shape, no
+      ``ks``, or a ``k`` that is not a positive int at most ``n_items``.
   """
   ks = sorted(set(int(k) for k in ks))
   if not ks:
@@ -147,7 +174,10 @@ def metrics_from_hits(hits: Array, n_heldout: Array, ks: Iterable[int],
       (what the catalogue metrics of :mod:`jax_vaecf.catalogue` count).
 
   Returns:
-    The dict of :func:`ranking_metrics`.
+    The dict of :func:`ranking_metrics` (``top`` only when given).
+
+  Raises:
+    ValueError: ``hits`` is not ``(B, max(ks))``.
   """
   ks = sorted(set(int(k) for k in ks))
   kmax = ks[-1]
@@ -187,14 +217,42 @@ def metrics_from_hits(hits: Array, n_heldout: Array, ks: Iterable[int],
 
 def ndcg_at_k(scores: Array, heldout: Array, k: int = 100,
               fold_in: Array | None = None) -> tuple[Array, Array]:
-  """Per-user NDCG@k ``(B,)`` and ``valid`` ``(B,)`` (see the module docstring)."""
+  """Per-user NDCG@k (see the module docstring).
+
+  Args:
+    scores: ``(B, n_items)`` model scores, any float dtype.
+    heldout: ``(B, n_items)``, non-zero where an item is held out.
+    k: the cut-off, in ``[1, n_items]``.
+    fold_in: ``(B, n_items)`` or ``None``, non-zero where an item was given.
+
+  Returns:
+    ``(ndcg float32 (B,), valid bool (B,))``; users without held-out items get 0 and
+    ``valid = False``.
+
+  Raises:
+    ValueError: as :func:`ranking_metrics`.
+  """
   m = ranking_metrics(scores, heldout, fold_in, (k,))
   return m[f"ndcg@{k}"], m["valid"]
 
 
 def recall_at_k(scores: Array, heldout: Array, k: int = 20,
                 fold_in: Array | None = None) -> tuple[Array, Array]:
-  """Per-user Recall@k ``(B,)`` (divided by ``min(k, n)``) and ``valid`` ``(B,)``."""
+  """Per-user Recall@k, hits divided by ``min(k, n)`` (the paper's).
+
+  Args:
+    scores: ``(B, n_items)`` model scores, any float dtype.
+    heldout: ``(B, n_items)``, non-zero where an item is held out.
+    k: the cut-off, in ``[1, n_items]``.
+    fold_in: ``(B, n_items)`` or ``None``, non-zero where an item was given.
+
+  Returns:
+    ``(recall float32 (B,), valid bool (B,))``; users without held-out items get 0 and
+    ``valid = False``.
+
+  Raises:
+    ValueError: as :func:`ranking_metrics`.
+  """
   m = ranking_metrics(scores, heldout, fold_in, (k,))
   return m[f"recall@{k}"], m["valid"]
 
@@ -220,6 +278,15 @@ class MetricAccumulator:
     self._top: list[np.ndarray] = []
 
   def add(self, batch_metrics: Mapping[str, Array], row_mask: Array | None = None) -> None:
+    """Adds one batch's users.
+
+    Args:
+      batch_metrics: the dict of :func:`ranking_metrics` (device or numpy arrays).
+      row_mask: ``(B,)``, 0 for padding rows; ``None``: ``batch_metrics["is_user"]``.
+
+    Raises:
+      NonFiniteModelError: ``nonfinite`` flags a real user; nothing of the batch is kept.
+    """
     valid = np.asarray(batch_metrics["valid"]).astype(bool)
     if row_mask is not None:
       real = np.asarray(row_mask) > 0
@@ -242,9 +309,13 @@ class MetricAccumulator:
       self._values.setdefault(name, []).append(np.asarray(v, np.float64)[real])
 
   def users(self) -> dict[str, np.ndarray]:
-    """Every real user's row, in the order added: ``counted`` bool (n,) (has held-out
-    items, so counts in the means), ``n_heldout`` int64 (n,) when given, each metric
-    float64 (n,) (NaN where not counted) and ``top`` int32 (n, kmax) when given."""
+    """Every real user's row, in the order added.
+
+    Returns:
+      ``counted`` bool (n,) (has held-out items, so counts in the means), ``n_heldout``
+      int64 (n,) when given, each metric float64 (n,) (NaN where not counted) and
+      ``top`` int32 (n, kmax) when given.
+    """
     counted = np.concatenate(self._counted) if self._counted else np.zeros(0, bool)
     out: dict[str, np.ndarray] = {"counted": counted}
     if self._n_heldout:
@@ -256,11 +327,22 @@ class MetricAccumulator:
     return out
 
   def per_user(self) -> dict[str, np.ndarray]:
-    """Each metric's values for the counted users, in the order they were added."""
+    """Each metric's values for the counted users, in the order they were added.
+
+    Returns:
+      ``{metric: float64 (n_counted,)}``.
+    """
     counted = np.concatenate(self._counted) if self._counted else np.zeros(0, bool)
     return {k: np.concatenate(v)[counted] for k, v in self._values.items()}
 
   def result(self) -> dict[str, float]:
+    """The mean and standard error of each metric over the counted users.
+
+    Returns:
+      ``{metric: mean, metric + "_se": standard error, "n_users": counted users,
+      "n_excluded": users without held-out items}``, floats (NaN for a mean of no
+      users, or a standard error of fewer than two) and ints.
+    """
     out: dict[str, float] = {}
     n = 0
     for name, values in self.per_user().items():

@@ -36,7 +36,14 @@ from jax_vaecf import sparse as sparse_lib
 from jax_vaecf import train as train_lib
 
 def check_finite_params(params) -> None:
-  """Raises NonFiniteModelError naming the parameters that hold NaN / inf."""
+  """Checks that every parameter is finite.
+
+  Args:
+    params: a pytree of float arrays (device or numpy), any shapes.
+
+  Raises:
+    jax_vaecf.metrics.NonFiniteModelError: naming the parameters that hold NaN / inf.
+  """
   finite.check_finite_params(params, lambda arrays: metrics_lib.NonFiniteModelError(
       f"the model's parameters are not finite (NaN/inf in {arrays}): it diverged in "
       "training; serve an earlier checkpoint or retrain"))
@@ -63,16 +70,27 @@ def _check_has_checkpoint(workdir: str) -> None:
 
 
 def scorer_fn(model, k: int):
-  """``score(params, rows, cols, vals, row_mask) -> (scores float32 (B, k), items int32
-  (B, k))``, a pure function (not jitted), the program an exported artefact holds.
+  """The fold-in top-``k`` program an exported artefact holds, as a pure function.
 
-  The arguments are a :class:`SparseBatch`'s arrays (int32 ``(nnz,)`` rows and columns,
-  float32 ``(nnz,)`` values, float32 ``(B,)`` row mask) of the users' known items; those
-  items are never returned. A user with fewer than ``k`` unseen items gets them first,
-  and the remaining entries of the row are fillers: score ``-inf`` and item ``-1`` (the
-  shapes stay fixed, so one program serves every request; :meth:`Recommender.recommend`
-  drops them). A user whose logits are not all finite (a diverged model) gets NaN for
-  every score of the row, so no caller can take its ranking for a real one.
+  ``score(params, rows, cols, vals, row_mask)`` takes a :class:`SparseBatch`'s arrays
+  (int32 ``(nnz,)`` rows and columns, float32 ``(nnz,)`` values, float32 ``(B,)`` row
+  mask) of the users' known items; those items are never returned. A user with fewer
+  than ``k`` unseen items gets them first, and the rest of the row are fillers: score
+  ``-inf``, item ``-1`` (the shapes stay fixed, so one program serves every request;
+  :meth:`Recommender.recommend` drops them). A user whose logits are not all finite (a
+  diverged model) gets NaN for every score of the row, so no caller takes its ranking
+  for a real one.
+
+  Args:
+    model: the Linen module (``n_items`` wide, taking a ``SparseBatch``).
+    k: items per user, in ``[1, n_items]``.
+
+  Returns:
+    ``score(params, rows, cols, vals, row_mask) -> (scores float32 (B, k), items int32
+    (B, k))``, best first; not jitted.
+
+  Raises:
+    ValueError: ``k`` out of range.
   """
   if not 1 <= k <= model.n_items:
     raise ValueError(f"k must be in [1, {model.n_items}], got {k}")
@@ -91,8 +109,18 @@ def scorer_fn(model, k: int):
 
 
 def make_topk_fn(model, k: int):
-  """``topk(params, batch) -> (scores float32 (B, k), items int32 (B, k))``, jitted:
-  :func:`scorer_fn` on a :class:`SparseBatch`."""
+  """:func:`scorer_fn` on a :class:`SparseBatch`, jitted.
+
+  Args:
+    model: the Linen module (``n_items`` wide).
+    k: items per user, in ``[1, n_items]``.
+
+  Returns:
+    ``topk(params, batch) -> (scores float32 (B, k), items int32 (B, k))``.
+
+  Raises:
+    ValueError: ``k`` out of range.
+  """
   score = jax.jit(scorer_fn(model, k))
   return lambda params, batch: score(params, batch.rows, batch.cols, batch.vals,
                                      batch.row_mask)
@@ -106,6 +134,11 @@ class Recommendations:
   unless the user has fewer than ``k`` items they have not interacted with; then
   ``n_u`` is that number (``0`` for a user who has every item). A known item is never
   returned.
+
+  Attributes:
+    items: per user, raw item ids ``(n_u,)`` (the item table's dtype), best first.
+    scores: per user, float32 ``(n_u,)`` scores (logits) of those items.
+    unknown: per user, the given raw ids that are not in the item table (skipped).
   """
 
   items: list[np.ndarray]
@@ -118,10 +151,11 @@ class Recommender:
 
   Args:
     model: the Linen module (``n_items`` wide).
-    params: its parameters; every value must be finite.
-    item_ids: ``(n_items,)`` raw id of each column.
+    params: its parameters (a pytree of float arrays); every value must be finite.
+    item_ids: ``(n_items,)`` raw id (int or str) of each column.
 
   Raises:
+    ValueError: ``item_ids`` is not ``n_items`` long.
     NonFiniteModelError: a parameter holds NaN / inf (the model diverged in training).
   """
 
@@ -138,11 +172,19 @@ class Recommender:
 
   @classmethod
   def from_workdir(cls, workdir: str) -> "Recommender":
-    """Loads the best checkpoint of a training run.
+    """Loads the best checkpoint of a training run (its served weights only).
 
-    Raises ``FileNotFoundError`` when the run has no finished checkpoint (or no
-    ``item_ids.npy``) and :class:`NonFiniteModelError` when the checkpoint's parameters
-    are not finite.
+    Args:
+      workdir: the run folder.
+
+    Returns:
+      The :class:`Recommender`, with ``checkpoint_meta`` the checkpoint's metadata.
+
+    Raises:
+      FileNotFoundError: the run has no finished checkpoint, or no ``item_ids.npy``.
+      ValueError: ``item_ids.npy`` is not a numpy array, or another run's item table.
+      jax_vaecf.checkpoint.CheckpointUnreadableError: no best checkpoint reads back.
+      NonFiniteModelError: the checkpoint's parameters are not finite.
     """
     _check_has_checkpoint(workdir)
     meta = checkpoint_lib.read_best_meta(workdir)
@@ -180,7 +222,15 @@ class Recommender:
     return rec
 
   def columns_of(self, raw_items: Sequence[Any]) -> tuple[list[int], list[Any]]:
-    """Column indices of the known raw ids, and the unknown raw ids."""
+    """Maps raw item ids to the model's columns.
+
+    Args:
+      raw_items: raw item ids (int or str; compared by their text).
+
+    Returns:
+      ``(columns, unknown)``: the sorted distinct int columns of the known ids, and the
+      ids not in the item table, in the order given.
+    """
     return serve_lib.columns_of(self._column, raw_items)
 
   def _fn(self, k: int):
@@ -195,8 +245,19 @@ class Recommender:
     model scores highest for an empty history. A user with fewer than ``k`` unseen items
     gets only those (see :class:`Recommendations`), never an item of their history.
 
-    Raises :class:`NonFiniteModelError` when the model scores any of the users with a
-    NaN or inf (its parameters or computation are not finite).
+    Args:
+      users: per user, a list of raw item ids (int or str).
+      k: items per user, an int in ``[1, n_items]``.
+
+    Returns:
+      :class:`Recommendations`: per user, raw ids and float32 scores ``(n_u,)``, and the
+      unknown ids.
+
+    Raises:
+      TypeError: ``users`` not a list of lists of ids, ``k`` not an int.
+      ValueError: ``k`` out of range.
+      NonFiniteModelError: the model scores any of the users NaN or inf (its
+        parameters or computation are not finite).
     """
     k = inputs.k_value(k, self.model.n_items)
     users = inputs.histories(users, "users")
@@ -220,8 +281,12 @@ class Recommender:
       (score ``-inf``) are fillers past a user's unseen items. Users are scored
       ``serve.USER_BUCKETS[-1]`` at a time, packed as an exported artefact packs them.
 
-    Raises :class:`NonFiniteModelError` when the model scores any of the users with a
-    NaN or inf (its parameters or computation are not finite).
+    Raises:
+      TypeError: ``k`` is not an int.
+      ValueError: ``k`` outside ``[1, n_items]``, or a column outside ``[0, n_items)``
+        (the device gather would clip it silently).
+      NonFiniteModelError: the model scores any of the users NaN or inf (its
+        parameters or computation are not finite).
     """
     k = inputs.k_value(k, self.model.n_items)
     n = len(columns)

@@ -51,7 +51,18 @@ def option(default, help: str):
 
 @dataclasses.dataclass(frozen=True)
 class ServerOptions:
-  """How the server batches, bounds and drains its work."""
+  """How the server batches, bounds and drains its work (each field's ``help`` says what
+  it bounds; :meth:`check` refuses values out of range).
+
+  Attributes:
+    max_wait_ms: float, longest a batch waits for requests still being received.
+    max_batch_users: int, users scored in one call at most.
+    max_queue: int, requests waiting to be scored at most (beyond: 503).
+    max_request_users: int, users in one batch request at most (beyond: 413).
+    max_body_bytes: int, request body size at most (beyond: 413).
+    drain_timeout_s: float, seconds in-flight requests may take after SIGTERM.
+    request_timeout_s: float, seconds a client may take to send headers, and the body.
+  """
 
   max_wait_ms: float = option(2.0, "Longest a batch waits for requests still being "
                                    "received to join it (milliseconds; a request alone "
@@ -69,7 +80,11 @@ class ServerOptions:
                                           "cut off (headers) or answered 408 (body).")
 
   def check(self) -> None:
-    """Raises ValueError naming the first option out of range."""
+    """Checks every option's range.
+
+    Raises:
+      ValueError: naming the first option out of range.
+    """
     for ok, message in (
         (self.max_wait_ms >= 0, f"max_wait_ms must be >= 0, got {self.max_wait_ms}"),
         (self.max_batch_users >= 1, f"max_batch_users must be >= 1, got "
@@ -99,7 +114,14 @@ parse_request = server_inputs.parse_request
 
 
 def answer(result: dict) -> dict:
-  """One user's result of ``Scorer.recommend`` as JSON values."""
+  """One user's result of :meth:`jax_vaecf.serve.Scorer.recommend` as JSON values.
+
+  Args:
+    result: ``{"items": raw ids (n,), "scores": float32 (n,), "unknown": [raw ids]}``.
+
+  Returns:
+    ``{"items": [ids], "scores": [float], "unknown": [ids]}`` of Python values.
+  """
   return {"items": result["items"].tolist(),
           "scores": [float(s) for s in result["scores"].tolist()],
           "unknown": list(result["unknown"])}
@@ -141,6 +163,7 @@ class MicroBatcher:
     self.users = 0
 
   def start(self) -> None:
+    """Starts the worker task on the running event loop (call from inside it)."""
     self._task = asyncio.get_running_loop().create_task(self._run())
 
   async def stop(self) -> None:
@@ -165,9 +188,20 @@ class MicroBatcher:
       self._arrived.set()
 
   async def submit(self, histories: list, k: int) -> list[dict]:
-    """Per user of ``histories`` the artefact's ``recommend`` result for ``k``.
+    """Scores one request together with the others queued meanwhile.
 
-    Raises :class:`Overloaded` at once when the queue is full."""
+    Args:
+      histories: per user, a list of raw item ids (checked by :func:`parse_request`).
+      k: items per user, at most the artefact's ``k``.
+
+    Returns:
+      Per user of ``histories``, the artefact's ``recommend`` result: ``{"items": raw
+      ids (n,), "scores": float32 (n,), "unknown": [raw ids]}``.
+
+    Raises:
+      Overloaded: at once, when ``max_queue`` requests are already waiting.
+      ValueError: the artefact's scores are not finite (a diverged model).
+    """
     future = asyncio.get_running_loop().create_future()
     try:
       self._queue.put_nowait(_Entry(histories, k, future))
@@ -239,14 +273,32 @@ def _score(model, batch: Sequence[_Entry]) -> list[list[dict]]:
 
 
 def manifest_digest(folder: str) -> str:
-  """The sha256 of the artefact's manifest: it lists every file's digest, so it names the
-  whole artefact."""
+  """The digest that names a whole artefact.
+
+  Args:
+    folder: the artefact folder.
+
+  Returns:
+    The hex sha256 of its ``manifest.json``, which lists every file's digest.
+
+  Raises:
+    FileNotFoundError: the folder has no manifest.
+  """
   return serve_lib.sha256_of(os.path.join(folder, serve_lib.MANIFEST))
 
 
 def load_and_warm(folder: str):
-  """The artefact of ``folder``, verified (:func:`jax_vaecf.serve.load`) and compiled for
-  one user by a warm-up call."""
+  """Loads an artefact and compiles it for one user by a warm-up call.
+
+  Args:
+    folder: the artefact folder.
+
+  Returns:
+    Its :class:`jax_vaecf.serve.Scorer`, verified (:func:`jax_vaecf.serve.load`).
+
+  Raises:
+    jax_vaecf.serve.ArtifactError: a missing, altered or foreign file (a ValueError).
+  """
   scorer = serve_lib.load(folder)
   scorer.recommend([[]], 1)
   return scorer
@@ -263,7 +315,12 @@ class Loaded:
 
 
 class ServingState:
-  """The served artefact and its replacement; reloads run in their own thread."""
+  """The served artefact and its replacement; reloads run in their own thread.
+
+  Args:
+    folder: the artefact folder, read again at each :meth:`load`.
+    load: takes the folder, returns the scorer (default :func:`load_and_warm`).
+  """
 
   def __init__(self, folder: str, load: Callable[[str], Any] = load_and_warm):
     self.folder = folder
@@ -275,8 +332,13 @@ class ServingState:
   async def load(self) -> Loaded:
     """Loads the folder's artefact (off the event loop) and serves it from now on.
 
-    Raises the loader's error (``serve.ArtifactError`` for a damaged one); the artefact
-    served before, if any, then stays."""
+    Returns:
+      The new :class:`Loaded` (scorer, manifest digest, time, generation).
+
+    Raises:
+      Exception: the loader's error (``serve.ArtifactError`` for a damaged artefact);
+        the artefact served before, if any, then stays.
+    """
     async with self._reload_lock:
       loop = asyncio.get_running_loop()
       model, digest = await loop.run_in_executor(None, self._load_checked)
@@ -334,14 +396,28 @@ async def _read_body(request, limit: int, timeout_s: float) -> bytes:
 def create_app(folder: str, options: ServerOptions = ServerOptions(), *,
                load: Callable[[str], Any] = load_and_warm, log=sys.stderr,
                reload_signal: int | None = None):
-  """The ASGI app serving the artefact in ``folder``.
+  """The ASGI app serving the artefact in ``folder`` (endpoints: the module docstring).
 
-  The artefact is loaded and warmed up in the background once the app starts (``/health``
-  says when it is ready). ``load`` (tests) replaces :func:`load_and_warm`: it takes the
-  folder and returns an object with ``recommend(histories, k)``, ``k``, ``n_items`` and
-  ``manifest`` as :class:`jax_vaecf.serve.Scorer` has. ``log`` gets one line per request.
-  ``reload_signal`` (``signal.SIGHUP``; the main thread's event loop only) reloads the
-  artefact as ``POST /admin/reload`` does.
+  The artefact is loaded and warmed up in the background once the app starts
+  (``/health`` says when it is ready); a load that fails is reported there and in
+  ``log``, not raised.
+
+  Args:
+    folder: the artefact folder (``python -m experiments.export``).
+    options: batching and limits, checked first.
+    load: replaces :func:`load_and_warm` (tests): takes the folder, returns an object
+      with ``recommend(histories, k)``, ``k``, ``n_items`` and ``manifest`` as
+      :class:`jax_vaecf.serve.Scorer` has.
+    log: a text stream; gets one line per request and per load.
+    reload_signal: a signal number (``signal.SIGHUP``; the main thread's event loop
+      only) that reloads the artefact as ``POST /admin/reload`` does; ``None``: none.
+
+  Returns:
+    The ASGI application (Starlette, wrapped to log each request).
+
+  Raises:
+    ValueError: an option out of range (:meth:`ServerOptions.check`).
+    ImportError: Starlette is not installed (the ``serve`` extra).
   """
   from starlette.applications import Starlette  # pylint: disable=import-outside-toplevel
   from starlette.exceptions import HTTPException  # pylint: disable=import-outside-toplevel
@@ -464,8 +540,18 @@ def create_app(folder: str, options: ServerOptions = ServerOptions(), *,
 def timed_http_protocol(timeout_s: float):
   """uvicorn's h11 protocol, closing a connection whose request headers are not complete
   ``timeout_s`` seconds after it opened (or after its previous answer): slow or stalled
-  clients cannot hold connections open indefinitely. Pass as ``uvicorn.Config(http=...)``;
-  the body has its own limit in the app (408)."""
+  clients cannot hold connections open indefinitely. The body has its own limit in the
+  app (408).
+
+  Args:
+    timeout_s: seconds a client may take to send a request's headers.
+
+  Returns:
+    The protocol class, to pass as ``uvicorn.Config(http=...)``.
+
+  Raises:
+    ImportError: uvicorn is not installed (the ``serve`` extra).
+  """
   from uvicorn.protocols.http.h11_impl import H11Protocol  # pylint: disable=import-outside-toplevel
 
   class TimedH11Protocol(H11Protocol):

@@ -23,7 +23,12 @@ _SHOWN_CHARS = 60
 
 
 class RequestError(ValueError):
-  """A request the server refuses: its HTTP status and a one-line reason."""
+  """A request the server refuses: its HTTP status and a one-line reason.
+
+  Args:
+    status: the HTTP status to answer with (400, 408, 413).
+    message: one line naming the field at fault.
+  """
 
   def __init__(self, status: int, message: str):
     super().__init__(message)
@@ -97,8 +102,23 @@ def check_items(items, where: str) -> list:
 
 def parse_request(body: bytes, max_k: int, max_users: int
                   ) -> tuple[list[list], int, bool]:
-  """``(histories, k, batch)`` of a ``/recommend`` body, or :class:`RequestError` (400 or
-  413) saying what is wrong with it in one line."""
+  """Reads a ``/recommend`` body: ``{"items": [ids], "k": k}`` or ``{"users": [[ids],
+  ...], "k": k}``.
+
+  Args:
+    body: the raw request body (JSON in UTF-8, -16 or -32).
+    max_k: the artefact's ``k``: the default and the largest ``k`` allowed.
+    max_users: users one request may hold at most.
+
+  Returns:
+    ``(histories, k, batch)``: per user a list of raw ids (str or int), ``k`` an int,
+    and whether the body was a batch (``"users"``).
+
+  Raises:
+    RequestError: 400 for a body that is not such an object (bad JSON, an unknown
+      field, both or neither of ``items`` / ``users``, a bad ``k`` or id), 413 for
+      more than ``max_users`` users; its message names the field in one line.
+  """
   data = decode_body(body)
   if not isinstance(data, dict):
     raise RequestError(400, "expected a JSON object with 'items' (one user) or 'users' "

@@ -22,8 +22,18 @@ ALPHA = 0.05
 
 def bootstrap_mean_ci(d: np.ndarray, n_boot: int = 10_000, seed: int = 0,
                       alpha: float = ALPHA, chunk: int = 1_000) -> tuple[float, float]:
-  """Percentile ``1 - alpha`` interval of the mean of ``d`` (n,) over ``n_boot``
-  resamples of its entries with replacement (``numpy.random.default_rng(seed)``)."""
+  """Percentile bootstrap interval of a mean.
+
+  Args:
+    d: ``(n,)`` values (per-user differences), any float dtype.
+    n_boot: resamples of ``d``'s entries with replacement.
+    seed: seed of ``numpy.random.default_rng``.
+    alpha: the interval covers ``1 - alpha``.
+    chunk: resamples drawn at a time (bounds memory to ``chunk * n`` indices).
+
+  Returns:
+    ``(low, high)`` floats; ``(nan, nan)`` for an empty ``d``.
+  """
   d = np.asarray(d, np.float64)
   if d.size == 0:
     return float("nan"), float("nan")
@@ -38,12 +48,24 @@ def bootstrap_mean_ci(d: np.ndarray, n_boot: int = 10_000, seed: int = 0,
 
 def paired_comparison(a: np.ndarray, b: np.ndarray, n_boot: int = 10_000, seed: int = 0,
                       alpha: float = ALPHA) -> dict:
-  """``b`` against ``a``, both float (n,) over the same users in the same order.
+  """Model ``b`` against model ``a`` on one metric, user by user.
 
-  Returns ``{"n_users", "a", "b", "diff", "ci_low", "ci_high", "p_ttest",
-  "p_wilcoxon", "significant"}``: the means, ``diff = mean(b - a)``, its bootstrap
-  interval, the p-values, and whether the interval excludes 0 and the t-test's p is
-  below ``alpha``.
+  Args:
+    a: float ``(n,)`` per-user values of model A.
+    b: float ``(n,)`` per-user values of model B, the same users in the same order.
+    n_boot: bootstrap resamples (:func:`bootstrap_mean_ci`).
+    seed: seed of the bootstrap.
+    alpha: the interval covers ``1 - alpha``; the tests' level.
+
+  Returns:
+    ``{"n_users", "a", "b", "diff", "ci_low", "ci_high", "p_ttest", "p_wilcoxon",
+    "significant"}``: the user count, the means, ``diff = mean(b - a)``, its bootstrap
+    interval, the paired t-test's and Wilcoxon's p-values (1.0 when no user differs or
+    fewer than two users), and whether the interval excludes 0 and the t-test's p is
+    below ``alpha`` (a bool).
+
+  Raises:
+    ValueError: ``a`` and ``b`` are not two 1-D arrays of one shape.
   """
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   if a.shape != b.shape or a.ndim != 1:
@@ -64,8 +86,17 @@ def paired_comparison(a: np.ndarray, b: np.ndarray, n_boot: int = 10_000, seed: 
 
 def seed_comparison(a_seeds: np.ndarray, b_seeds: np.ndarray, alpha: float = ALPHA
                     ) -> dict | None:
-  """Welch's comparison of two sets of per-seed means (each (s,), s >= 2): ``{"diff",
-  "ci_low", "ci_high", "p_welch"}``; None with fewer than two seeds on a side."""
+  """Welch's comparison of two models' per-seed means.
+
+  Args:
+    a_seeds: float ``(s_a,)``: model A's mean metric for each training seed.
+    b_seeds: float ``(s_b,)``: model B's.
+    alpha: the interval covers ``1 - alpha``.
+
+  Returns:
+    ``{"diff", "ci_low", "ci_high", "p_welch"}`` floats: ``mean(b) - mean(a)``, its
+    Welch t interval and test's p-value; ``None`` with fewer than two seeds on a side.
+  """
   a, b = np.asarray(a_seeds, np.float64), np.asarray(b_seeds, np.float64)
   if a.size < 2 or b.size < 2:
     return None
@@ -82,7 +113,16 @@ def seed_comparison(a_seeds: np.ndarray, b_seeds: np.ndarray, alpha: float = ALP
 
 
 def verdict(row: dict, name_a: str, name_b: str) -> str:
-  """One word or three for a :func:`paired_comparison` row."""
+  """The outcome of a comparison in words.
+
+  Args:
+    row: a :func:`paired_comparison` result.
+    name_a: model A's name.
+    name_b: model B's name.
+
+  Returns:
+    ``"no significant difference"`` or ``"<name> higher"``.
+  """
   if not row["significant"]:
     return "no significant difference"
   return f"{name_b} higher" if row["diff"] > 0 else f"{name_a} higher"

@@ -134,6 +134,21 @@ def test_unique_sid_blank_or_empty(folder):
     paper_files.read_vaecf_dir(folder)
 
 
+@pytest.mark.parametrize("name", ["unique_sid.txt", "unique_uid.txt"])
+def test_id_files_name_a_carriage_return_that_ends_no_line(folder, name):
+  p = folder / name
+  ids = p.read_bytes().split(b"\n")[:-1]
+  p.write_bytes(b"\r\n".join(ids) + b"\r\n")  # CRLF line ends read as LF ones
+  assert _same(paper_files.read_vaecf_dir(folder).train, _tiny_split().train)
+  # A stray CR glued two ids into one: refused with its line, not read as "1011".
+  p.write_bytes(b"\n".join(ids[:1] + [ids[1] + b"\r" + ids[2]] + ids[3:]) + b"\n")
+  with pytest.raises(ValueError, match=f"{name}, line 2: holds a carriage return"):
+    paper_files.read_vaecf_dir(folder)
+  p.write_bytes(b"\r".join(ids) + b"\r")
+  with pytest.raises(ValueError, match=f"{name}: has CR-only line endings"):
+    paper_files.read_vaecf_dir(folder)
+
+
 def test_failed_write_keeps_old_files_and_no_temporaries(folder, monkeypatch):
   before = {n: (folder / n).read_bytes() for n in _PARTS}
   real = np.savetxt

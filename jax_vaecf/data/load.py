@@ -57,8 +57,21 @@ def _pair_names(entry: registry.DataSet, fold: str | None) -> tuple[str, ...] | 
 
 def split_function(dataset: str | registry.DataSet, protocol: str = "heldout_users",
                    fold: str | None = None) -> Callable[..., Split] | None:
-  """The function :func:`load_split` splits ``dataset`` with; None for a finished split
-  (vaecf_dir). ValueError for an unknown data set or protocol."""
+  """The function :func:`load_split` splits ``dataset`` with.
+
+  Args:
+    dataset: a registered name or a :class:`registry.DataSet`.
+    protocol: ``"heldout_users"`` or ``"per_user"``.
+    fold: an official train/test pair's name (ml-100k: ``"u1"``..``"u5"``, ``"ua"``,
+      ``"ub"``), or ``None``.
+
+  Returns:
+    The split function (``Interactions -> Split``), or ``None`` for a finished split
+    (vaecf_dir).
+
+  Raises:
+    ValueError: an unknown data set or protocol.
+  """
   entry = _entry(dataset)
   if entry.layout == registry.SPLIT:
     return None
@@ -81,10 +94,22 @@ def _parameters(fn: Callable) -> set[str]:
 def split_options(dataset: str | registry.DataSet, protocol: str = "heldout_users",
                   fold: str | None = None) -> tuple[str, ...]:
   """Which of a run's split settings (:data:`RUN_SPLIT_OPTIONS`) the split of
-  ``dataset`` takes: those the protocol's split function has (seed, heldout_fraction
-  and n_heldout_users for heldout_users; seed for per_user). None for a data set with
-  its own procedure (ml-20m_alt stays the reference's fixed processing), a given
-  train/test pair or a finished split."""
+  ``dataset`` takes.
+
+  Args:
+    dataset: a registered name or a :class:`registry.DataSet`.
+    protocol: ``"heldout_users"`` or ``"per_user"``.
+    fold: an official train/test pair's name, or ``None``.
+
+  Returns:
+    The names the protocol's split function has (``seed``, ``heldout_fraction`` and
+    ``n_heldout_users`` for heldout_users; ``seed`` for per_user); ``()`` for a data set
+    with its own procedure (ml-20m_alt stays the reference's fixed processing), a given
+    train/test pair or a finished split.
+
+  Raises:
+    ValueError: an unknown data set or protocol.
+  """
   entry = _entry(dataset)
   fn = split_function(entry, protocol, fold)
   if fn is None or entry.split is not None:
@@ -149,7 +174,16 @@ def load_split(dataset: str | registry.DataSet, data_dir: str | os.PathLike,
       ``string_ids``) and the options of the split function used.
 
   Returns:
-    The :class:`Split`. Call ``split.stats()`` for its statistics.
+    The :class:`Split`: CSR float32 0/1 matrices with int32 indices, ``(n_users,
+    n_items)``, and the raw ids of their rows and columns. ``split.stats()`` gives its
+    statistics.
+
+  Raises:
+    ValueError: an unknown data set or protocol, a malformed file (naming its file and
+      line), or a split that leaves no user.
+    TypeError: an option that neither the reader nor the split function takes.
+    FileNotFoundError: the data set's files are not in ``data_dir`` (the message says
+      where to get them).
   """
   entry = _entry(dataset)
   name = entry.name

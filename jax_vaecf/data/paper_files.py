@@ -108,13 +108,17 @@ def _read_pairs(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _read_ids(path: str) -> np.ndarray:
-  """One id per line: int64 (n,) when every line is an integer, else str (n,)."""
+  """One id per line: int64 (n,) when every line is an integer, else str (n,).
+
+  Raises ValueError naming the file (and line) for an empty file, a blank line or a
+  carriage return that ends no line.
+  """
   # Bytes that are not UTF-8 come back as the readers keep them (lone surrogates that
   # encode back to the same bytes), so ids written by write_vaecf_dir read back equal.
-  text = _text.read_bytes(path).decode("utf-8", _text.ID_ERRORS)
-  text = text.replace("\r", "").rstrip("\n")
-  if not text.strip():
-    raise ValueError(f"{path}: empty file, expected one id per line")
+  # LF or CRLF line ends; a CR that ends no line is refused with its line (dropped, it
+  # would glue two ids into one and shift every later column).
+  data = _text.normalize(_text.read_bytes(path), path)
+  text = data.decode("utf-8", _text.ID_ERRORS).rstrip("\n")
   # One id per line, kept whole: an id may hold spaces.
   lines = text.split("\n")
   blank = [i for i, s in enumerate(lines) if not s.strip()]

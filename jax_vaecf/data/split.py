@@ -32,6 +32,7 @@ class EvalSplit:
 
   @property
   def n_users(self) -> int:
+    """Rows (users) of ``fold_in`` and ``heldout``."""
     return self.fold_in.shape[0]
 
 
@@ -41,8 +42,8 @@ class Split:
 
   Attributes:
     train: CSR float32 (n_train_users, n_items), binary.
-    validation: held-out validation users, or None.
-    test: held-out test users.
+    validation: held-out validation users (:class:`EvalSplit`), or None.
+    test: held-out test users (:class:`EvalSplit`).
     item_ids: (n_items,) raw item id of each column; for the paper's protocol the
       columns follow the paper's ``show2id`` (first appearance in the training rows).
     train_user_ids: (n_train_users,) raw user id of each training row.
@@ -53,6 +54,10 @@ class Split:
       already been seen (earlier in the file, before any threshold or filter: see
       :data:`DUPLICATE_RULE`; or, for a given train/test pair, as a positive of the
       training file); each pair counts once.
+
+  Raises:
+    ValueError: an item id names two columns (:func:`check_distinct_ids`). The rest is
+      checked where a split enters the library (:func:`jax_vaecf.inputs.split`).
   """
 
   train: sp.csr_matrix
@@ -68,6 +73,7 @@ class Split:
 
   @property
   def n_items(self) -> int:
+    """Columns (items) of every matrix: ``len(item_ids)``."""
     return self.train.shape[1]
 
   @property
@@ -77,7 +83,15 @@ class Split:
     return self.train.shape[0]
 
   def stats(self) -> dict:
-    """Users, items, interactions and density of every part, as a nested dict."""
+    """Users, items, interactions and density of every part.
+
+    Returns:
+      ``{"protocol", "items", "users", "interactions", "density",
+      "collapsed_duplicates", "train": part, "validation": {"fold_in": part,
+      "heldout": part}, "test": {...}}``, each ``part`` ``{"users", "active_users",
+      "interactions", "density"}`` (ints; densities float); ``validation`` only when
+      there is one.
+    """
     def part(m):
       users = m.shape[0]
       return {"users": users, "active_users": int(np.count_nonzero(np.diff(m.indptr))),
@@ -107,11 +121,18 @@ class Split:
 
 
 def check_distinct_ids(ids: np.ndarray, what: str, axis: str = "column") -> None:
-  """Raises ValueError naming an id held by two columns (or, ``axis="row"``, rows) of
-  ``ids`` (n,).
+  """Checks that no raw id names two columns (or rows).
 
   Two columns under one raw id would make recommendations and ``--items`` lookups map
   that id to one of them without a word (two rows would merge two users).
+
+  Args:
+    ids: ``(n,)`` raw ids (int or str), one per column (or row).
+    what: ``"item"`` or ``"user"``, for the message.
+    axis: ``"column"`` or ``"row"``, for the message.
+
+  Raises:
+    ValueError: naming the id and the two positions that hold it.
   """
   ids = np.asarray(ids)
   if ids.size < 2:
@@ -146,8 +167,11 @@ def hold_out_validation(split: Split, fraction: float, seed: int) -> Split:
     seed: seed of the draw (the run's ``split_seed``).
 
   Returns:
-    A new :class:`Split`; ``split`` is unchanged. ``ValueError`` for a split of another
-    protocol, one that already has validation, or a fraction outside (0, 1).
+    A new :class:`Split`; ``split`` is unchanged.
+
+  Raises:
+    ValueError: a split of another protocol, one that already has validation, or a
+      fraction outside (0, 1).
   """
   if split.protocol != "per_user" or split.validation is not None:
     raise ValueError("hold_out_validation: expected a per-user split without validation "
@@ -174,7 +198,14 @@ def hold_out_validation(split: Split, fraction: float, seed: int) -> Split:
 
 
 def format_stats(stats: dict) -> str:
-  """A small human readable table of :meth:`Split.stats`."""
+  """A small human readable table of :meth:`Split.stats`.
+
+  Args:
+    stats: the dict :meth:`Split.stats` returns.
+
+  Returns:
+    The table as lines of text joined by ``\\n`` (no trailing newline).
+  """
   lines = [f"protocol {stats['protocol']}: {stats['users']:,} users, "
            f"{stats['items']:,} items, {stats['interactions']:,} interactions, "
            f"density {stats['density']:.4%}"]
@@ -193,9 +224,16 @@ def format_stats(stats: dict) -> str:
 
 
 def binary_csr(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
-  """A float32 CSR matrix with 1 at every (row, col); duplicates count once.
+  """A 0/1 matrix from the positions of its ones; duplicates count once.
 
-  Indices are int32 (what the batcher and device code expect) with sorted columns.
+  Args:
+    rows: int ``(nnz,)`` row of each one, in ``[0, shape[0])``.
+    cols: int ``(nnz,)`` column of each one, in ``[0, shape[1])``.
+    shape: ``(n_rows, n_columns)``.
+
+  Returns:
+    CSR float32 ``shape``, every stored value 1, int32 indices (what the batcher and
+    device code expect) with sorted columns; int64 ``indptr`` past ``2**31`` entries.
   """
   m = sp.csr_matrix((np.ones(rows.size, np.float32), (rows, cols)), shape=shape,
                     dtype=np.float32)
