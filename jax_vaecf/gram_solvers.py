@@ -331,21 +331,35 @@ def ndcg_at_k(scores: np.ndarray, fold_in, heldout, k: int = 100) -> float:
   return float(np.mean((rel @ discount)[has] / ideal[has]))
 
 
-def _primal_point(x, xv, d, work: np.ndarray) -> np.ndarray:
-  """Validation scores ``-(xv P) / diag(P)`` ``(v, n)`` for ``P = (G + D)^-1``, leaving
-  ``L^-1`` in ``work``'s Fortran view (lower triangle, the rest 0): Cholesky and a
-  triangular inverse, ``2 n^3 / 3``, and ``v n^2`` for the scores."""
+def _primal_point(x, xv, d, work: np.ndarray, via_p: bool = False) -> np.ndarray:
+  """Validation scores ``-(xv P) / diag(P)`` ``(v, n)`` for ``P = (G + D)^-1``: Cholesky
+  and a triangular inverse in ``work`` (``2 n^3 / 3``), then either ``xv L^-T L^-1``
+  (``v n^2``; ``L^-1`` left in ``work``'s Fortran view, the rest 0) or, with ``via_p``
+  (cheaper when ``v > n / 3``), ``P = L^-T L^-1`` in ``work`` (``lauum``, ``n^3 / 3``)
+  and the sparse ``xv @ P``."""
   gram_into(x, out=work)
   work.ravel()[::work.shape[0] + 1] += d
   lf = _factor_in_place(work, "G + D")
   trtri, = lapack.get_lapack_funcs(("trtri",), (lf,))
   _, info = trtri(lf, lower=1, overwrite_c=1)
   _lapack_check(info, "trtri", "the Cholesky factor")
+  if via_p:
+    _p_from_inverse_factor(work)
+    return (xv @ work) / -work.diagonal()[None, :]
   diag_p = np.einsum("ij,ij->i", work, work)  # column norms of L^-1 (rows of work)
   y = np.asfortranarray(xv @ work)  # xv L^-T (work is L^-T in C order)
   trmm = blas.get_blas_funcs("trmm", (lf, y))
   y = trmm(1.0, lf, y, side=1, lower=1, overwrite_b=1)  # xv L^-T L^-1 = xv P
   return y / -diag_p[None, :]
+
+
+def _p_from_inverse_factor(a: np.ndarray) -> np.ndarray:
+  """``P = L^-T L^-1`` written over ``L^-1`` (the lower triangle of ``a``'s Fortran view),
+  symmetric. ``n^3 / 3``."""
+  lauum, = lapack.get_lapack_funcs(("lauum",), (a,))
+  _, info = lauum(_fortran(a), lower=1, overwrite_c=1)
+  _lapack_check(info, "lauum", "L^-1")
+  return symmetrize_from_lower(a)
 
 
 def _dual_point(x, xv, d, dtype) -> np.ndarray:
@@ -359,6 +373,12 @@ def _dual_point(x, xv, d, dtype) -> np.ndarray:
   xp = xvd.toarray() - t @ w
   diag_p = (1.0 / d).astype(dtype) - np.einsum("ij,ij->j", w, w)
   return xp / -diag_p[None, :]
+
+
+def _scores_through_p(n_validation: int, n_items: int) -> bool:
+  """Whether a sweep point forms ``P`` (``n^3 / 3``) to score the validation users
+  rather than multiplying them through ``L^-1`` (``v n^2``)."""
+  return 3 * n_validation > n_items
 
 
 @dataclasses.dataclass
@@ -407,7 +427,10 @@ def choose_l2(x, validation_fold_in, metric: Callable[[np.ndarray], float],
   two thirds of a fit) plus the validation users' scores (``v n^2``); the grid is
   searched by golden section (:func:`_golden_grid_search`, which assumes the metric
   rises then falls along the sorted grid: about 5 of 10 values scored), and the chosen
-  ``P`` comes from its kept ``L^-1`` (``lauum``, a third of a fit). With fewer users
+  ``P`` comes from its kept ``L^-1`` (``lauum``, a third of a fit; with more than
+  ``n / 3`` validation users each point forms its ``P`` that way instead, and scores
+  with the sparse ``xv @ P``). The Gram matrix is rebuilt from the sparse rows for
+  each point rather than kept (a third matrix). With fewer users
   than items (:func:`use_dual`) each point is the users x users system, no ``n x n``
   matrix until the final ``P``. Peak: TWO ``n x n`` matrices (primal form).
 
@@ -434,12 +457,13 @@ def choose_l2(x, validation_fold_in, metric: Callable[[np.ndarray], float],
     raise ValueError(f"extra_diag: expected ({n},) values >= 0")
   dual = form == "dual" or (form == "auto" and use_dual(*x.shape))
   buffers = {} if dual else {"work": np.empty((n, n), dtype)}
+  via_p = _scores_through_p(xv.shape[0], n)
   scored, t0 = {}, time.perf_counter()
 
   def value(i):
     d = _diagonal_vector(values[i] + extra, n, np.float64)
     scores = (_dual_point(x, xv, d, dtype) if dual else
-              _primal_point(x, xv, d.astype(dtype), buffers["work"]))
+              _primal_point(x, xv, d.astype(dtype), buffers["work"], via_p))
     before = max(scored.values(), default=-np.inf)
     scored[values[i]] = float(metric(scores))
     if not dual and (len(scored) == 1 or scored[values[i]] > before):  # as the search
@@ -457,10 +481,8 @@ def choose_l2(x, validation_fold_in, metric: Callable[[np.ndarray], float],
   else:
     del buffers["work"]
     p = buffers.pop("best")
-    lauum, = lapack.get_lapack_funcs(("lauum",), (p,))
-    _, info = lauum(_fortran(p), lower=1, overwrite_c=1)  # L^-T L^-1 = P
-    _lapack_check(info, "lauum", "L^-1")
-    symmetrize_from_lower(p)
+    if not via_p:
+      _p_from_inverse_factor(p)
   return Sweep(best, p, scored, "dual" if dual else "primal")
 
 

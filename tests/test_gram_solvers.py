@@ -158,9 +158,12 @@ def _sweep_fixture(n_users, n_items, seed):
   return sp.csr_matrix(x[:n_users]), sp.csr_matrix(fold), sp.csr_matrix(held)
 
 
-@pytest.mark.parametrize("form,shape,seed", [("primal", (300, 120), 3),
-                                             ("dual", (70, 150), 0)])
-def test_sweep_chooses_the_exhaustive_grids_l2(form, shape, seed):
+@pytest.mark.parametrize("form,shape,seed,via_p", [("primal", (300, 120), 3, True),
+                                                   ("primal", (300, 120), 3, False),
+                                                   ("dual", (70, 150), 0, None)])
+def test_sweep_chooses_the_exhaustive_grids_l2(form, shape, seed, via_p, monkeypatch):
+  # Scored through P (as for many validation users) or through L^-1 (as for few).
+  monkeypatch.setattr(gs, "_scores_through_p", lambda v, n: via_p)
   x, fold, held = _sweep_fixture(*shape, seed=seed)
   metric = lambda s: gs.ndcg_at_k(s, fold, held, k=20)
   fold64 = fold.toarray().astype(np.float64)
@@ -177,12 +180,13 @@ def test_sweep_chooses_the_exhaustive_grids_l2(form, shape, seed):
   assert len(messages) >= len(sweep.scored)
 
 
-@pytest.mark.parametrize("point", ["primal", "dual"])
+@pytest.mark.parametrize("point", ["primal", "primal_via_p", "dual"])
 def test_sweep_points_score_as_x_times_b(point):
   x, fold, _ = _sweep_fixture(70, 150, seed=0)
   d = 20.0 + 0.3 * gs.gram_diagonal(x)
-  if point == "primal":
-    got = gs._primal_point(x, fold, d.astype(np.float32), np.empty((150, 150), np.float32))
+  if point.startswith("primal"):
+    got = gs._primal_point(x, fold, d.astype(np.float32), np.empty((150, 150), np.float32),
+                           via_p=point == "primal_via_p")
   else:
     got = gs._dual_point(x, fold, d, np.float32)
   want = fold.toarray() @ _b_ref(_p_ref(x, d))
