@@ -159,6 +159,13 @@ def time_fits(n_users: int, n_items: int, mean_per_user: float, n_eval_users: in
 
 
 def _measured(fn) -> tuple[float, float]:
+  """The least seconds and the largest peak MiB of ``--repeats`` runs of
+  :func:`_measured_once`."""
+  runs = [_measured_once(fn) for _ in range(FLAGS.repeats)]
+  return min(r[0] for r in runs), max(r[1] for r in runs)
+
+
+def _measured_once(fn) -> tuple[float, float]:
   """``(seconds, peak MiB above the start)`` of ``fn()`` run in a forked child, so each
   method's peak memory is its own (``VmHWM`` less the ``VmRSS`` it inherited)."""
   import os  # pylint: disable=g-import-not-at-top
@@ -208,28 +215,34 @@ def solver_rows(n_items: int, n_users: int, mean_per_user: float, sweep_users: i
   form = "dual" if gs.use_dual(n_users, n_items) else "primal"
   shape = f"{n_users:,} users x {n_items:,} items"
   rows = []
+
+  def add(row):
+    rows.append(row)
+    print(f"  {shape}  {row['row']}  {row['method']}: {row['seconds']:.2f} s, "
+          f"{row['peak_mib']:.0f} MiB", flush=True)
+
   for dtype in (np.float32, np.float64):
     t, mib = _measured(lambda dtype=dtype: gs.ease_b_from_p(gs.fit_inverse(train, l2, dtype)))
-    rows.append({"shape": shape, "row": "one fit", "seconds": t, "peak_mib": mib,
-                 "method": f"gram_solvers {form} {np.dtype(dtype).name}"})
+    add({"shape": shape, "row": "one fit", "seconds": t, "peak_mib": mib,
+         "method": f"gram_solvers {form} {np.dtype(dtype).name}"})
   for name in references:
     t, mib = _measured(lambda name=name: _reference_from_rows(train, l2, name))
-    rows.append({"shape": shape, "row": "one fit", "seconds": t, "peak_mib": mib,
-                 "method": {"numpy32": "numpy.linalg.inv float32",
-                            "numpy64": "numpy.linalg.inv float64",
-                            "scipy32": "scipy cho_factor/cho_solve float32",
-                            "scipy64": "scipy cho_factor/cho_solve float64"}[name]})
+    add({"shape": shape, "row": "one fit", "seconds": t, "peak_mib": mib,
+         "method": {"numpy32": "numpy.linalg.inv float32",
+                    "numpy64": "numpy.linalg.inv float64",
+                    "scipy32": "scipy cho_factor/cho_solve float32",
+                    "scipy64": "scipy cho_factor/cho_solve float64"}[name]})
   values = [float(v) for v in np.geomspace(10.0, 10_000.0, n_l2)]
   metric = lambda s: gs.ndcg_at_k(s, ev.fold_in, ev.heldout, k=100)
   t, mib = _measured(lambda: gs.ease_b_from_p(gs.choose_l2(train, ev.fold_in, metric,
                                                            values).p))
-  rows.append({"shape": shape, "row": f"sweep of {n_l2} l2, {sweep_users:,} users",
-               "seconds": t, "peak_mib": mib, "method": f"gram_solvers choose_l2 ({form})"})
+  add({"shape": shape, "row": f"sweep of {n_l2} l2, {sweep_users:,} users",
+       "seconds": t, "peak_mib": mib, "method": f"gram_solvers choose_l2 ({form})"})
   scipy32 = [r for r in rows if r["method"].startswith("scipy cho") and "32" in r["method"]]
   if scipy32:
-    rows.append({"shape": shape, "row": f"sweep of {n_l2} l2, {sweep_users:,} users",
-                 "seconds": n_l2 * scipy32[0]["seconds"], "peak_mib": scipy32[0]["peak_mib"],
-                 "method": f"est. {n_l2} x scipy float32 fit"})
+    add({"shape": shape, "row": f"sweep of {n_l2} l2, {sweep_users:,} users",
+         "seconds": n_l2 * scipy32[0]["seconds"], "peak_mib": scipy32[0]["peak_mib"],
+         "method": f"est. {n_l2} x scipy float32 fit"})
   return rows
 
 
@@ -310,10 +323,9 @@ def main(argv):
       if not size.isdigit() or int(size) < 2:
         raise app.UsageError(f"--solver_sizes: {size!r} is not an item count above 1")
       n = int(size)
-      for users in (3 * n, max(2, n // 10)):
+      for users in (max(2, n // 10), 3 * n):
         rows += solver_rows(n, users, FLAGS.mean_per_user, FLAGS.sweep_users, FLAGS.n_l2,
                             FLAGS.references)
-        print_solver_rows(rows[-(len(FLAGS.references) + 4):])
     print()
     print_solver_rows(rows)
     result = {"rows": rows}

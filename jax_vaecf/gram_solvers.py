@@ -28,6 +28,7 @@ Costs in flops (:func:`primal_flops`, :func:`dual_flops`): the primal fit is
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Callable, Optional, Sequence
 
@@ -97,8 +98,8 @@ def gram_into(x, out: np.ndarray | None = None, dtype=np.float32,
               progress: Progress = None) -> np.ndarray:
   """``X^T X`` written into ``out`` (``(n_items, n_items)``, C-ordered, float32 or
   float64; allocated when ``None``) from the sparse ``(n_users, n_items)`` ``x``, in row
-  blocks: the sparse product of ``_BLOCK`` item columns at a time, so the only
-  temporaries are one block's sparse rows. Binary data gives integer sums, exact in
+  blocks: the sparse product of an eighth of the item columns at a time (at most
+  ``_GRAM_BLOCK_VALUES`` values), so the only temporary is one block's sparse rows. Binary data gives integer sums, exact in
   float32 up to 2^24 users."""
   x = _check_csr(x)
   n = x.shape[1]
@@ -108,7 +109,9 @@ def gram_into(x, out: np.ndarray | None = None, dtype=np.float32,
     raise ValueError(f"out: expected a C-ordered ({n}, {n}) array, got shape {out.shape}")
   x = x.astype(out.dtype)
   xt = x.T.tocsr()  # (n_items, n_users): its row blocks are the item blocks of G's rows
-  block = max(1, min(n, _GRAM_BLOCK_VALUES // max(n, 1)))
+  # At most an eighth of the rows a block: its sparse result (8 bytes a value) stays
+  # under a quarter of the float32 matrix.
+  block = max(1, min(-(-n // 8), _GRAM_BLOCK_VALUES // max(n, 1)))
   for i0 in range(0, n, block):
     (xt[i0:i0 + block] @ x).toarray(out=out[i0:i0 + block])
   _say(progress, f"Gram matrix of {x.shape[0]:,} users x {n:,} items")
@@ -260,18 +263,31 @@ def dual_inverse(x, diag_add, dtype=np.float32, progress: Progress = None) -> np
 
 
 def fit_inverse(x, diag_add, dtype=np.float32, form: str = "auto",
-                progress: Progress = None) -> np.ndarray:
+                progress: Progress = None, solver: str = "host") -> np.ndarray:
   """``P = (X^T X + D)^-1`` ``(n, n)`` C-ordered, by the primal form (Gram matrix, then
   :func:`inverse_of_gram_plus_diagonal`: one ``n x n`` matrix) or the dual
   (:func:`dual_inverse`); ``form`` is ``"primal"``, ``"dual"`` or ``"auto"`` (the
-  cheaper by :func:`use_dual`)."""
+  cheaper by :func:`use_dual`). ``solver``: ``"host"`` (SciPy's LAPACK), ``"device"``
+  (the primal form on jax's default device, float32: :func:`device_inverse`; host peak
+  two matrices, the Gram matrix and the result) or ``"auto"`` (the device when jax's
+  default backend is not the CPU)."""
   x = _check_csr(x)
   if form not in ("auto", "primal", "dual"):
     raise ValueError(f"form: expected 'auto', 'primal' or 'dual', got {form!r}")
+  if solver not in ("auto", "host", "device"):
+    raise ValueError(f"solver: expected 'auto', 'host' or 'device', got {solver!r}")
   if form == "dual" or (form == "auto" and use_dual(*x.shape)):
     return dual_inverse(x, diag_add, dtype, progress)
+  if solver == "device" or (solver == "auto" and _accelerator_present()):
+    d = _diagonal_vector(diag_add, x.shape[1], np.float32)
+    return np.asarray(device_inverse(gram_into(x, progress=progress), d))
   return inverse_of_gram_plus_diagonal(gram_into(x, dtype=dtype, progress=progress),
                                        diag_add, progress=progress)
+
+
+def _accelerator_present() -> bool:
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.default_backend() != "cpu"
 
 
 def ease_fit(x, l2: float, dtype=np.float32, form: str = "auto",
@@ -288,15 +304,16 @@ def device_inverse(g, diag_add):
   solve against ``I`` and ``L^-T L^-1``), for a GPU, where it beats the host; ``g`` is
   donated. Holds three ``n x n`` matrices on the device. Returns a device array."""
   import jax  # pylint: disable=g-import-not-at-top
-  return _device_inverse_jit()(jax.numpy.asarray(g, jax.numpy.float32),
-                               jax.numpy.asarray(diag_add, jax.numpy.float32))
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  return _device_inverse_jit()(jnp.asarray(g, jnp.float32), jnp.asarray(diag_add, jnp.float32))
 
 
+@functools.cache
 def _device_inverse_jit():
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-  @jax.jit
+  @functools.partial(jax.jit, donate_argnums=0)
   def inv(g, d):
     n = g.shape[0]
     a = g + jnp.diag(jnp.broadcast_to(d, (n,)))

@@ -248,7 +248,9 @@ def test_ease_update_refits_when_that_is_cheaper(tall):
   _close(got, _p_ref(union, 15.0), 1e-4)
 
 
-def test_device_inverse_equals_numpy(tall):
-  g = gs.gram_into(tall)
-  got = np.asarray(gs.device_inverse(g, 25.0))
+def test_device_solver_equals_numpy(tall):
+  got = gs.fit_inverse(tall, 25.0, form="primal", solver="device")
+  assert isinstance(got, np.ndarray) and got.shape == (120, 120)
   _close(got, _p_ref(tall, 25.0), 1e-3)
+  with pytest.raises(ValueError, match="solver: expected"):
+    gs.fit_inverse(tall, 25.0, solver="gpu")
