@@ -15,7 +15,8 @@ machines.
 
 Solvers table (``--solver_sizes``): ``jax_vaecf.gram_solvers`` beside NumPy and SciPy::
 
-  python -m experiments.bench_ease --solver_sizes=3000,10000,20000 [--sweep_users=1000]
+  python -m experiments.bench_ease --solver_sizes=3000,10000,20000 --noreuse_host_memory \
+      [--sweep_users=1000]
 
 For each size ``n`` (synthetic power-law rows: ``3 n`` users with ``--mean_per_user``
 items each, and a fewer-users-than-items case of ``n / 10`` users) it times, each in a
@@ -179,6 +180,10 @@ def _measured_once(fn) -> tuple[float, float]:
   if pid == 0:  # the child: run, report, exit without cleanup
     os.close(r)
     try:
+      import ctypes  # pylint: disable=g-import-not-at-top
+      # Every allocation of 1 MiB or more mapped afresh (M_MMAP_THRESHOLD), none served
+      # from memory the parent freed, which VmHWM would not count.
+      ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)
       base = status("VmRSS")
       t0 = time.perf_counter()
       fn()
@@ -315,6 +320,9 @@ def main(argv):
     for k, v in result["numpy_float64"].items():
       print(f"{k:12s} {result['run'][k]:10.4f} {v:10.4f} {result['difference'][k]:+11.5f}")
   elif FLAGS.solver_sizes:
+    if FLAGS.reuse_host_memory:
+      raise app.UsageError("--solver_sizes measures peak memory: run it with "
+                           "--noreuse_host_memory (freed memory kept for reuse hides it)")
     bad = sorted(set(FLAGS.references) - set(REFERENCES))
     if bad:
       raise app.UsageError(f"--references: unknown {bad}; expected some of {REFERENCES}")

@@ -9,17 +9,18 @@ arrays out, no flag or global read.
 
 Memory at the peak of one fit (``n = n_items``, ``m = n_users``):
 
-* primal form (:func:`inverse_of_gram_plus_diagonal`): ONE ``n x n`` matrix. ``G`` is
-  written into it (:func:`gram_into`, row blocks of the sparse product, never a dense
-  ``users x items`` matrix), factored (``potrf``) and inverted (``potri``) in place; the
-  other triangle is filled in row blocks of ``_BLOCK`` rows.
+* primal form (:func:`inverse_of_gram_plus_diagonal`): TWO ``n x n`` matrices (ONE with
+  ``method="potri"``). ``G`` is written into the first (:func:`gram_into`, row blocks
+  of the sparse product, never a dense ``users x items`` matrix) and factored in place
+  (``potrf``); ``L^-1`` goes to the second (``trsm``), ``P = L^-T L^-1`` back into the
+  first (``syrk``); the other triangle is filled in row blocks of ``_BLOCK`` rows.
 * dual form (:func:`dual_inverse`, fewer users than items): ONE ``n x n`` matrix (``P``)
   plus the ``m x n`` matrix ``L^-1 X D^-1`` (``m < n``, so under a second ``n x n``).
 * the l2 sweep (:func:`choose_l2`): TWO ``n x n`` matrices in the primal form (the point
   being scored and the best so far), none in the dual form until the final ``P``.
 
 Costs in flops (:func:`primal_flops`, :func:`dual_flops`): the primal fit is
-``n^3 / 3`` (Cholesky) ``+ 2 n^3 / 3`` (``potri``); the dual is ``m^3 / 3 + m^2 n``
+``n^3 / 3`` (Cholesky) ``+ 2 n^3`` (``trsm`` and ``syrk``; ``potri``: ``2 n^3 / 3``); the dual is ``m^3 / 3 + m^2 n``
 (Cholesky of ``I + X D^-1 X^T``, triangular solve) ``+ m n^2`` (``P = D^-1 - W^T W``);
 :func:`fit_inverse` takes the cheaper. Sparse products (``G``, ``X D^-1 X^T``) cost
 ``sum over users of (items per user)^2``, small beside these, and are not counted.
@@ -155,33 +156,50 @@ def _factor_in_place(a: np.ndarray, what: str) -> np.ndarray:
 
 
 def inverse_of_gram_plus_diagonal(g: np.ndarray, diag_add, overwrite: bool = True,
-                                  progress: Progress = None) -> np.ndarray:
+                                  progress: Progress = None, method: str = "blas3"
+                                  ) -> np.ndarray:
   """``P = (G + diag(diag_add))^-1``, symmetric, in ``g``'s dtype (float32 or float64).
 
   Args:
     g: ``(n, n)`` Gram matrix, C- or F-ordered. With ``overwrite`` (the default) it is
-      consumed: ``P`` is written into its memory and returned, so the whole inverse needs
-      ONE ``n x n`` matrix (Cholesky ``potrf``, then ``potri``, both in place; the other
-      triangle filled in row blocks). Without it, a copy is made first (two matrices).
+      consumed: ``P`` is written into its memory and returned. Without it, a copy is
+      made first (one matrix more).
     diag_add: scalar or ``(n,)`` positive per-item diagonal.
     progress: optional ``progress(message)``, called between the stages.
+    method: after the Cholesky factor ``L`` (``potrf``, in place):
+      ``"blas3"``: ``L^-1`` by a triangular solve against ``I`` (``trsm``) into a second
+      matrix, then ``P = L^-T L^-1`` (``syrk``) back into the first: TWO ``n x n``
+      matrices at the peak, ``n^3 / 3 + 2 n^3`` flops in two large BLAS-3 calls.
+      ``"potri"``: LAPACK's ``potri`` in place: ONE matrix, ``n^3`` flops, but recursive
+      LAPACK code that this machine ran 2-3x slower per flop when its cores were shared
+      (docs/performance.md).
 
   Raises ``numpy.linalg.LinAlgError`` when ``G + D`` is not positive definite.
   """
   _check_square(g, "g")
+  if method not in ("blas3", "potri"):
+    raise ValueError(f"method: expected 'blas3' or 'potri', got {method!r}")
   a = g if overwrite else g.copy()
-  d = _diagonal_vector(diag_add, a.shape[0], a.dtype)
-  a.ravel(order="K")[::a.shape[0] + 1] += d
+  n = a.shape[0]
+  d = _diagonal_vector(diag_add, n, a.dtype)
+  a.ravel(order="K")[::n + 1] += d
   t0 = time.perf_counter()
   c = _factor_in_place(a, "G + D")
-  _say(progress, f"Cholesky factor of {a.shape[0]:,} x {a.shape[0]:,}: "
-       f"{time.perf_counter() - t0:.1f}s")
-  potri, = lapack.get_lapack_funcs(("potri",), (c,))
-  p, info = potri(c, lower=1, overwrite_c=1)
-  _lapack_check(info, "potri", "G + D")
+  _say(progress, f"Cholesky factor of {n:,} x {n:,}: {time.perf_counter() - t0:.1f}s")
+  if method == "potri":
+    potri, = lapack.get_lapack_funcs(("potri",), (c,))
+    _, info = potri(c, lower=1, overwrite_c=1)
+    _lapack_check(info, "potri", "G + D")
+  else:
+    linv = np.eye(n, dtype=a.dtype, order="F")
+    trsm, syrk = blas.get_blas_funcs(("trsm", "syrk"), (c, linv))
+    linv = trsm(1.0, c, linv, side=0, lower=1, overwrite_b=1)
+    out = syrk(1.0, linv, beta=0.0, c=c, trans=1, lower=1, overwrite_c=1)
+    del linv
+    if not np.shares_memory(out, a):
+      raise RuntimeError("syrk did not work in place")
   symmetrize_from_lower(a)
-  _say(progress, f"inverse of {a.shape[0]:,} x {a.shape[0]:,}: "
-       f"{time.perf_counter() - t0:.1f}s")
+  _say(progress, f"inverse of {n:,} x {n:,}: {time.perf_counter() - t0:.1f}s")
   return a
 
 
@@ -203,9 +221,9 @@ def ease_b_from_p(p: np.ndarray) -> np.ndarray:
 
 
 def primal_flops(n_users: int, n_items: int) -> float:
-  """Flops of a primal fit: Cholesky ``n^3/3`` plus ``potri`` ``2 n^3/3``."""
+  """Flops of a primal fit: Cholesky ``n^3/3``, then ``trsm`` and ``syrk`` ``n^3`` each."""
   del n_users
-  return float(n_items) ** 3
+  return 7.0 / 3.0 * float(n_items) ** 3
 
 
 def dual_flops(n_users: int, n_items: int) -> float:
@@ -265,9 +283,10 @@ def dual_inverse(x, diag_add, dtype=np.float32, progress: Progress = None) -> np
 def fit_inverse(x, diag_add, dtype=np.float32, form: str = "auto",
                 progress: Progress = None, solver: str = "host") -> np.ndarray:
   """``P = (X^T X + D)^-1`` ``(n, n)`` C-ordered, by the primal form (Gram matrix, then
-  :func:`inverse_of_gram_plus_diagonal`: one ``n x n`` matrix) or the dual
+  :func:`inverse_of_gram_plus_diagonal`) or the dual
   (:func:`dual_inverse`); ``form`` is ``"primal"``, ``"dual"`` or ``"auto"`` (the
-  cheaper by :func:`use_dual`). ``solver``: ``"host"`` (SciPy's LAPACK), ``"device"``
+  cheaper by :func:`use_dual`; primal: two ``n x n`` matrices at the peak, dual: one
+  plus ``m x n``). ``solver``: ``"host"`` (SciPy's LAPACK), ``"device"``
   (the primal form on jax's default device, float32: :func:`device_inverse`; host peak
   two matrices, the Gram matrix and the result) or ``"auto"`` (the device when jax's
   default backend is not the CPU)."""
