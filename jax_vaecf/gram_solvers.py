@@ -121,11 +121,13 @@ def gram_into(x, out: np.ndarray | None = None, dtype=np.float32,
 
 def symmetrize_from_lower(a: np.ndarray) -> np.ndarray:
   """Fills the strict upper triangle of the Fortran view of ``a`` (the one LAPACK left
-  alone) from its lower triangle, in place, ``_BLOCK`` rows at a time. Returns ``a``."""
+  alone) from its lower triangle, in place, at most ``_BLOCK`` rows (and at most an
+  eighth of them) at a time. Returns ``a``."""
   c = _fortran(a).T  # C view whose UPPER triangle holds the valid values
   n = c.shape[0]
-  for i0 in range(0, n, _BLOCK):
-    i1 = min(n, i0 + _BLOCK)
+  block = max(1, min(_BLOCK, -(-n // 8)))  # the diagonal block's temporaries: n^2 / 64
+  for i0 in range(0, n, block):
+    i1 = min(n, i0 + block)
     c[i0:i1, :i0] = c[:i0, i0:i1].T
     blk = c[i0:i1, i0:i1]
     blk[...] = np.triu(blk) + np.triu(blk, 1).T

@@ -255,3 +255,21 @@ def test_device_solver_equals_numpy(tall):
   _close(got, _p_ref(tall, 25.0), 1e-3)
   with pytest.raises(ValueError, match="solver: expected"):
     gs.fit_inverse(tall, 25.0, solver="gpu")
+
+
+@pytest.mark.parametrize("method,matrices", [("blas3", 2), ("potri", 1)])
+def test_a_primal_fit_holds_at_most_its_stated_matrices(method, matrices):
+  import tracemalloc
+  x = _data(500, 400, seed=6)
+  tracemalloc.start()
+  try:
+    before = tracemalloc.get_traced_memory()[0]
+    tracemalloc.reset_peak()
+    p = gs.inverse_of_gram_plus_diagonal(gs.gram_into(x), 10.0, method=method)
+    gs.ease_b_from_p(p)
+    peak = tracemalloc.get_traced_memory()[1] - before
+  finally:
+    tracemalloc.stop()
+  matrix = 4 * 400**2
+  # The stated matrices, plus at most a quarter matrix of blocks (Gram rows, triangle).
+  assert peak <= (matrices + 0.25) * matrix, f"peak {peak / matrix:.2f} matrices"
