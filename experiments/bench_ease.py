@@ -64,6 +64,8 @@ flags.DEFINE_string("check_workdir", None, "A fitted EASE run: compare its test 
 flags.DEFINE_string("out", None, "Also write the results as JSON here.")
 flags.DEFINE_list("solver_sizes", [], "Item counts of the solvers table (e.g. "
                   "3000,10000,20000); none: the table is not run.")
+flags.DEFINE_multi_enum("solver_shapes", ["wide", "tall"], ["wide", "tall"],
+                        "Shapes of the solvers table: wide (n / 10 users), tall (3 n).")
 flags.DEFINE_integer("sweep_users", 1000, "Validation users of the solvers table's sweep.",
                      lower_bound=1)
 synthetic.define_shape_flags()
@@ -331,7 +333,8 @@ def main(argv):
       if not size.isdigit() or int(size) < 2:
         raise app.UsageError(f"--solver_sizes: {size!r} is not an item count above 1")
       n = int(size)
-      for users in (max(2, n // 10), 3 * n):
+      shapes = {"wide": max(2, n // 10), "tall": 3 * n}
+      for users in (shapes[k] for k in ("wide", "tall") if k in FLAGS.solver_shapes):
         rows += solver_rows(n, users, FLAGS.mean_per_user, FLAGS.sweep_users, FLAGS.n_l2,
                             FLAGS.references)
     print()
