@@ -66,6 +66,7 @@ flags.DEFINE_list("solver_sizes", [], "Item counts of the solvers table (e.g. "
                   "3000,10000,20000); none: the table is not run.")
 flags.DEFINE_multi_enum("solver_shapes", ["wide", "tall"], ["wide", "tall"],
                         "Shapes of the solvers table: wide (n / 10 users), tall (3 n).")
+flags.DEFINE_bool("solver_sweep", True, "Time the solvers table's l2 sweep too.")
 flags.DEFINE_integer("sweep_users", 1000, "Validation users of the solvers table's sweep.",
                      lower_bound=1)
 synthetic.define_shape_flags()
@@ -239,6 +240,8 @@ def solver_rows(n_items: int, n_users: int, mean_per_user: float, sweep_users: i
                     "numpy64": "numpy.linalg.inv float64",
                     "scipy32": "scipy cho_factor/cho_solve float32",
                     "scipy64": "scipy cho_factor/cho_solve float64"}[name]})
+  if not FLAGS.solver_sweep:
+    return rows
   values = [float(v) for v in np.geomspace(10.0, 10_000.0, n_l2)]
   metric = lambda s: gs.ndcg_at_k(s, ev.fold_in, ev.heldout, k=100)
   t, mib = _measured(lambda: gs.ease_b_from_p(gs.choose_l2(train, ev.fold_in, metric,
