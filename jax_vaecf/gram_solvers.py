@@ -324,7 +324,6 @@ def device_inverse(g, diag_add):
   """``(G + D)^-1`` float32 with the device's solver (``jax``: Cholesky, a triangular
   solve against ``I`` and ``L^-T L^-1``), for a GPU, where it beats the host; ``g`` is
   donated. Holds three ``n x n`` matrices on the device. Returns a device array."""
-  import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   return _device_inverse_jit()(jnp.asarray(g, jnp.float32), jnp.asarray(diag_add, jnp.float32))
 
@@ -455,6 +454,22 @@ def _golden_grid_search(value: Callable[[int], float], n_points: int) -> int:
   return b
 
 
+def _sweep_arguments(x, validation_fold_in, grid, extra_diag):
+  """:func:`choose_l2`'s arguments checked: ``(x, xv, sorted grid, extra (n,))``."""
+  x = _check_csr(x)
+  xv = _check_csr(validation_fold_in, "validation_fold_in")
+  n = x.shape[1]
+  if xv.shape[1] != n:
+    raise ValueError(f"validation_fold_in: {xv.shape[1]} items, the training rows {n}")
+  values = sorted(set(float(v) for v in grid))
+  if not values:
+    raise ValueError("grid: no l2 value")
+  extra = np.zeros(n) if extra_diag is None else np.asarray(extra_diag, np.float64)
+  if extra.shape != (n,) or np.any(~(extra >= 0)):
+    raise ValueError(f"extra_diag: expected ({n},) values >= 0")
+  return x, xv, values, extra
+
+
 def choose_l2(x, validation_fold_in, metric: Callable[[np.ndarray], float],
               grid: Sequence[float], *, extra_diag=None, dtype=np.float32,
               form: str = "auto", progress: Progress = None) -> Sweep:
@@ -482,17 +497,8 @@ def choose_l2(x, validation_fold_in, metric: Callable[[np.ndarray], float],
     extra_diag: optional ``(n,)`` non-negative addition to the diagonal (EDLAE).
     progress: optional ``progress(message)`` after each scored value.
   """
-  x = _check_csr(x)
-  xv = _check_csr(validation_fold_in, "validation_fold_in")
+  x, xv, values, extra = _sweep_arguments(x, validation_fold_in, grid, extra_diag)
   n = x.shape[1]
-  if xv.shape[1] != n:
-    raise ValueError(f"validation_fold_in: {xv.shape[1]} items, the training rows {n}")
-  values = sorted(set(float(v) for v in grid))
-  if not values:
-    raise ValueError("grid: no l2 value")
-  extra = np.zeros(n) if extra_diag is None else np.asarray(extra_diag, np.float64)
-  if extra.shape != (n,) or np.any(~(extra >= 0)):
-    raise ValueError(f"extra_diag: expected ({n},) values >= 0")
   dual = form == "dual" or (form == "auto" and use_dual(*x.shape))
   buffers = {} if dual else {"work": np.empty((n, n), dtype)}
   via_p = _scores_through_p(xv.shape[0], n)
