@@ -13,6 +13,21 @@ sweep does) against ten single fits, each scoring the same users. Every time is 
 best of ``--repeats`` after a compiled warm-up; compare ratios, not seconds, across
 machines.
 
+Solvers table (``--solver_sizes``): ``jax_vaecf.gram_solvers`` beside NumPy and SciPy::
+
+  python -m experiments.bench_ease --solver_sizes=3000,10000,20000 --noreuse_host_memory \
+      [--sweep_users=1000]
+
+For each size ``n`` (synthetic power-law rows: ``3 n`` users with ``--mean_per_user``
+items each, and a fewer-users-than-items case of ``n / 10`` users) it times, each in a
+forked process that reports its time and peak memory above what it inherited (the data),
+one fit from the sparse rows (the Gram matrix included): ``gram_solvers.fit_inverse``
+float32 and float64 (the form its cost model picks), ``numpy.linalg.inv`` and SciPy's
+``cho_factor`` / ``cho_solve`` in float32 and float64; then ``gram_solvers.choose_l2``
+over ``--n_l2`` values scoring ``--sweep_users`` validation users (NDCG@100), beside
+what a sweep of one SciPy float32 fit per value costs (that row is the single fit times
+``--n_l2``, marked "est.", not run). Ratios are to SciPy float32's fit.
+
 Check of a fitted run (any data set)::
 
   python -m experiments.bench_ease --check_workdir=runs/ml1m_ease
@@ -47,6 +62,13 @@ flags.DEFINE_list("references", ["numpy32", "scipy32", "numpy64", "scipy64"],
 flags.DEFINE_string("check_workdir", None, "A fitted EASE run: compare its test record "
                     "with an independent float64 NumPy EASE (no timing).")
 flags.DEFINE_string("out", None, "Also write the results as JSON here.")
+flags.DEFINE_list("solver_sizes", [], "Item counts of the solvers table (e.g. "
+                  "3000,10000,20000); none: the table is not run.")
+flags.DEFINE_multi_enum("solver_shapes", ["wide", "tall"], ["wide", "tall"],
+                        "Shapes of the solvers table: wide (n / 10 users), tall (3 n).")
+flags.DEFINE_bool("solver_sweep", True, "Time the solvers table's l2 sweep too.")
+flags.DEFINE_integer("sweep_users", 1000, "Validation users of the solvers table's sweep.",
+                     lower_bound=1)
 synthetic.define_shape_flags()
 flags.adopt_module_key_flags(synthetic)
 
@@ -140,6 +162,116 @@ def time_fits(n_users: int, n_items: int, mean_per_user: float, n_eval_users: in
   return rows
 
 
+def _measured(fn) -> tuple[float, float]:
+  """The least seconds and the largest peak MiB of ``--repeats`` runs of
+  :func:`_measured_once`."""
+  runs = [_measured_once(fn) for _ in range(FLAGS.repeats)]
+  return min(r[0] for r in runs), max(r[1] for r in runs)
+
+
+def _measured_once(fn) -> tuple[float, float]:
+  """``(seconds, peak MiB above the start)`` of ``fn()`` run in a forked child, so each
+  method's peak memory is its own (``VmHWM`` less the ``VmRSS`` it inherited)."""
+  import os  # pylint: disable=g-import-not-at-top
+
+  def status(key):
+    with open("/proc/self/status") as f:
+      return next(int(l.split()[1]) for l in f if l.startswith(key + ":")) / 1024
+
+  r, w = os.pipe()
+  pid = os.fork()
+  if pid == 0:  # the child: run, report, exit without cleanup
+    os.close(r)
+    try:
+      import ctypes  # pylint: disable=g-import-not-at-top
+      # Every allocation of 1 MiB or more mapped afresh (M_MMAP_THRESHOLD), none served
+      # from memory the parent freed, which VmHWM would not count.
+      ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)
+      base = status("VmRSS")
+      t0 = time.perf_counter()
+      fn()
+      msg = f"{time.perf_counter() - t0} {status('VmHWM') - base}"
+    except BaseException as e:  # pylint: disable=broad-except
+      msg = f"error {type(e).__name__}: {e}"
+    os.write(w, msg.encode())
+    os._exit(0)
+  os.close(w)
+  with os.fdopen(r) as f:
+    msg = f.read()
+  os.waitpid(pid, 0)
+  if msg.startswith("error") or not msg:
+    raise RuntimeError(f"benchmark child failed: {msg or 'no report (killed?)'}")
+  seconds, mib = msg.split()
+  return float(seconds), float(mib)
+
+
+def _reference_from_rows(x, l2: float, name: str) -> np.ndarray:
+  return reference_fit((x.T @ x).toarray(), l2, name)
+
+
+def solver_rows(n_items: int, n_users: int, mean_per_user: float, sweep_users: int,
+                n_l2: int, references) -> list[dict]:
+  """The solvers table's rows for one shape (see the module docstring)."""
+  from jax_vaecf import gram_solvers as gs  # pylint: disable=g-import-not-at-top
+  train, ev = synthetic.make_dataset(n_users, n_items, sweep_users, mean_per_user)
+  l2 = 500.0
+  for dtype in (np.float32, np.float64):  # loads the BLAS and LAPACK paths before forking
+    gs.ease_fit(train[:, :64], l2, dtype, form="primal")
+    gs.ease_fit(train[:32, :64], l2, dtype, form="dual")
+    for name in references:
+      _reference_from_rows(train[:, :64], l2, name)
+  form = "dual" if gs.use_dual(n_users, n_items) else "primal"
+  shape = f"{n_users:,} users x {n_items:,} items"
+  rows = []
+
+  def add(row):
+    rows.append(row)
+    print(f"  {shape}  {row['row']}  {row['method']}: {row['seconds']:.2f} s, "
+          f"{row['peak_mib']:.0f} MiB", flush=True)
+
+  for dtype in (np.float32, np.float64):
+    t, mib = _measured(lambda dtype=dtype: gs.ease_b_from_p(gs.fit_inverse(train, l2, dtype)))
+    add({"shape": shape, "row": "one fit", "seconds": t, "peak_mib": mib,
+         "method": f"gram_solvers {form} {np.dtype(dtype).name}"})
+  for name in references:
+    t, mib = _measured(lambda name=name: _reference_from_rows(train, l2, name))
+    add({"shape": shape, "row": "one fit", "seconds": t, "peak_mib": mib,
+         "method": {"numpy32": "numpy.linalg.inv float32",
+                    "numpy64": "numpy.linalg.inv float64",
+                    "scipy32": "scipy cho_factor/cho_solve float32",
+                    "scipy64": "scipy cho_factor/cho_solve float64"}[name]})
+  if not FLAGS.solver_sweep:
+    return rows
+  values = [float(v) for v in np.geomspace(10.0, 10_000.0, n_l2)]
+  metric = lambda s: gs.ndcg_at_k(s, ev.fold_in, ev.heldout, k=100)
+  t, mib = _measured(lambda: gs.ease_b_from_p(gs.choose_l2(train, ev.fold_in, metric,
+                                                           values).p))
+  add({"shape": shape, "row": f"sweep of {n_l2} l2, {sweep_users:,} users",
+       "seconds": t, "peak_mib": mib, "method": f"gram_solvers choose_l2 ({form})"})
+  scipy32 = [r for r in rows if r["method"].startswith("scipy cho") and "32" in r["method"]]
+  if scipy32:
+    add({"shape": shape, "row": f"sweep of {n_l2} l2, {sweep_users:,} users",
+         "seconds": n_l2 * scipy32[0]["seconds"], "peak_mib": scipy32[0]["peak_mib"],
+         "method": f"est. {n_l2} x scipy float32 fit"})
+  return rows
+
+
+def print_solver_rows(rows: list[dict]) -> None:
+  """The solvers table as Markdown: seconds, peak MiB, ratio to SciPy float32's fit, and
+  for ours the ratio to our own float32 fit."""
+  print("| shape | row | method | seconds | peak MiB | / scipy f32 fit | / our f32 fit |")
+  print("|---|---|---|---:|---:|---:|---:|")
+  for shape in dict.fromkeys(r["shape"] for r in rows):
+    these = [r for r in rows if r["shape"] == shape]
+    ref = next((r["seconds"] for r in these if r["method"].startswith("scipy cho")
+                and "float32" in r["method"]), None)
+    ours = next(r["seconds"] for r in these if r["method"].startswith("gram_solvers"))
+    for r in these:
+      to_ref = f"{r['seconds'] / ref:.2f}" if ref else ""
+      print(f"| {shape} | {r['row']} | {r['method']} | {r['seconds']:.2f} | "
+            f"{r['peak_mib']:.0f} | {to_ref} | {r['seconds'] / ours:.2f} |", flush=True)
+
+
 def _ndcg_recall(scores: np.ndarray, heldout: list[set], k_ndcg: int, ks_recall) -> dict:
   """Plain NumPy: NDCG@k (binary gains, ideal over min(|held|, k)) and Recall@k (hits over
   min(|held|, k)) per user, averaged over users with held-out items."""
@@ -193,6 +325,25 @@ def main(argv):
     print(f"{'metric':12s} {'this run':>10s} {'numpy f64':>10s} {'difference':>11s}")
     for k, v in result["numpy_float64"].items():
       print(f"{k:12s} {result['run'][k]:10.4f} {v:10.4f} {result['difference'][k]:+11.5f}")
+  elif FLAGS.solver_sizes:
+    if FLAGS.reuse_host_memory:
+      raise app.UsageError("--solver_sizes measures peak memory: run it with "
+                           "--noreuse_host_memory (freed memory kept for reuse hides it)")
+    bad = sorted(set(FLAGS.references) - set(REFERENCES))
+    if bad:
+      raise app.UsageError(f"--references: unknown {bad}; expected some of {REFERENCES}")
+    rows = []
+    for size in FLAGS.solver_sizes:
+      if not size.isdigit() or int(size) < 2:
+        raise app.UsageError(f"--solver_sizes: {size!r} is not an item count above 1")
+      n = int(size)
+      shapes = {"wide": max(2, n // 10), "tall": 3 * n}
+      for users in (shapes[k] for k in ("wide", "tall") if k in FLAGS.solver_shapes):
+        rows += solver_rows(n, users, FLAGS.mean_per_user, FLAGS.sweep_users, FLAGS.n_l2,
+                            FLAGS.references)
+    print()
+    print_solver_rows(rows)
+    result = {"rows": rows}
   else:
     bad = sorted(set(FLAGS.references) - set(REFERENCES))
     if bad:
