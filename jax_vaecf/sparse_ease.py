@@ -9,9 +9,10 @@ RecSys 2023): never form a dense matrix, and approximate
 
 by sparse pieces of about ``k = target_density * n_items`` entries per column:
 
-1. ``G`` in column blocks from the CSR ``X`` (never densified), each column cut to its
-   ``gram_ratio * k`` largest entries (the diagonal always kept), symmetrised by the
-   union of the kept patterns, plus ``l2 I``.
+1. ``G`` in row blocks from the sparse ``X`` (never densified), keeping the diagonal and
+   the off-diagonal entries above one magnitude threshold (so ``G`` stays symmetric),
+   chosen on a random eighth of the columns so that about ``gram_ratio * k`` per column
+   remain; plus ``l2 I``.
 2. An incomplete factorisation ``G + l2 I ~ Q^T L D L^T Q`` (SciPy's SuperLU ``spilu``
    with the fill-reducing minimum-degree ordering of ``A^T + A``, no pivoting, drop
    tolerance ``drop_tol``); ``L`` (unit lower triangular) is cut to ``factor_ratio * k``
@@ -33,7 +34,7 @@ ships as source only (it needs SuiteSparse's headers and library, absent on a ma
 without a system package manager); SuperLU's ``spilu`` is in SciPy, a core dependency.
 
 Memory: with ``m = n_items`` and ``k = target_density * m``, the host holds the cut Gram
-matrix (at most ``2 * gram_ratio * k * m`` entries), SuperLU's factors (at most
+matrix (about ``gram_ratio * k * m`` entries), SuperLU's factors (at most
 ``fill_factor`` times that), ``K`` and its update (``2 * factor_ratio * k * m``) and ``B``
 (``k * m``), each entry 12 bytes (float64 value, int32 index), plus one column block's
 products (``block_size`` columns, each at most ``m`` entries before it is cut). Nothing
@@ -57,7 +58,7 @@ class Settings:
   Attributes:
     l2: EASE's ridge weight, a finite number above 0.
     target_density: share of ``B``'s ``n_items^2`` entries kept, in ``(0, 1]``; 1 is exact.
-    gram_ratio: the Gram matrix keeps this many times ``B``'s entries per column.
+    gram_ratio: the Gram matrix keeps about this many times ``B``'s entries per column.
     factor_ratio: ``L`` and ``K ~ L^-1`` keep this many times ``B``'s entries per column.
     drop_tol: SuperLU's relative drop tolerance of the incomplete factorisation.
     fill_factor: most entries of SuperLU's factors over those of the matrix.
@@ -71,7 +72,7 @@ class Settings:
   factor_ratio: float = 2.0
   drop_tol: float = 1e-4
   fill_factor: float = 10.0
-  inverse_steps: int = 3
+  inverse_steps: int = 7
   block_size: int = 2048
 
 

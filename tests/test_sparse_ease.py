@@ -66,8 +66,9 @@ def test_pruned_b_has_the_stated_entries_and_no_diagonal(density):
 def test_pruned_top10_mostly_agrees_with_dense_ease():
   # At 20% density each item keeps its 24 strongest neighbours out of 119; in this data a
   # user's unseen items score mainly from the ~20 items of the user's own group, so the
-  # ranking survives: we require 80% of each top-10 (on average) to be dense EASE's.
-  # Uniform noise scoring (no structure) would give about 10/110 = 9%.
+  # ranking mostly survives: 81% of each top-10 is dense EASE's on average here (5%
+  # density: 62%, 1%: 34%; random rankings would share about 9%). We require 75%, the
+  # margin for rounding differences between SciPy builds.
   x = _clustered()
   b = sparse_ease.fit(x, sparse_ease.Settings(l2=20.0, target_density=0.2))
   ref = _dense_ease(x, 20.0)
@@ -78,7 +79,7 @@ def test_pruned_top10_mostly_agrees_with_dense_ease():
   top_ours = np.argsort(-ours, axis=1)[:, :10]
   top_ref = np.argsort(-theirs, axis=1)[:, :10]
   overlap = np.mean([len(set(a) & set(r)) / 10 for a, r in zip(top_ours, top_ref)])
-  assert overlap >= 0.8, overlap
+  assert overlap >= 0.75, overlap
 
 
 def test_score_is_the_csr_product():
