@@ -79,10 +79,10 @@ class Settings:
 def check_inputs(x, settings: Settings) -> sp.csc_matrix:
   """``x`` as float64 CSC, after checking it and ``settings``; raises ``ValueError``
   naming the first thing wrong (before any work)."""
-  l2, density = settings.l2, settings.target_density
-  if not (isinstance(l2, (int, float)) and math.isfinite(l2) and l2 > 0):
-    raise ValueError(f"sparse EASE: l2 must be a finite number above 0, got {l2!r}")
-  if not (isinstance(density, (int, float)) and 0.0 < density <= 1.0):
+  l2, density = _number(settings.l2), _number(settings.target_density)
+  if not (math.isfinite(l2) and l2 > 0):
+    raise ValueError(f"sparse EASE: l2 must be a finite number above 0, got {settings.l2!r}")
+  if not 0.0 < density <= 1.0:
     raise ValueError(f"sparse EASE: target_density must lie in (0, 1], got {density!r}")
   for name in ("gram_ratio", "factor_ratio", "fill_factor"):
     value = getattr(settings, name)
@@ -103,6 +103,14 @@ def check_inputs(x, settings: Settings) -> sp.csc_matrix:
   if not np.isfinite(x.data).all():
     raise ValueError("sparse EASE: x holds NaN or infinite values")
   return x
+
+
+def _number(value) -> float:
+  """``value`` as a float (NumPy scalars included), NaN when it is not a number."""
+  try:
+    return float(value)
+  except (TypeError, ValueError):
+    return math.nan
 
 
 def per_column(density: float, ratio: float, n: int) -> int:

@@ -118,11 +118,19 @@ def test_keep_top_per_column_matches_a_sort():
     (10.0, 0.0, r"target_density must lie in \(0, 1\]"),
     (10.0, 1.5, r"target_density must lie in \(0, 1\]"),
     (10.0, math.nan, r"target_density must lie in \(0, 1\]"),
+    ("ten", 0.1, "l2 must be a finite number above 0"),
 ])
 def test_bad_settings_are_refused(l2, density, match):
   x = _clustered(n_users=20, n_items=12)
   with pytest.raises(ValueError, match=match):
     sparse_ease.fit(x, sparse_ease.Settings(l2=l2, target_density=density))
+
+
+def test_numpy_scalar_settings_are_accepted():
+  x = _clustered(n_users=40, n_items=20)
+  a = sparse_ease.fit(x, sparse_ease.Settings(l2=np.float32(5.0), target_density=np.float64(0.5)))
+  b = sparse_ease.fit(x, sparse_ease.Settings(l2=5.0, target_density=0.5))
+  assert (a != b).nnz == 0
 
 
 def test_bad_matrices_are_refused():
