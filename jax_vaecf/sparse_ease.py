@@ -12,7 +12,8 @@ by sparse pieces of about ``k = target_density * n_items`` entries per column:
 1. ``G`` in row blocks from the sparse ``X`` (never densified), keeping the diagonal and
    the off-diagonal entries above one magnitude threshold (so ``G`` stays symmetric),
    chosen on a random eighth of the columns so that about ``gram_ratio * k`` per column
-   remain; plus ``l2 I``.
+   remain; each dropped ``|g_ij|`` is added to ``g_ii`` and ``g_jj`` (so the result stays
+   positive definite); plus ``l2 I``.
 2. An incomplete factorisation ``G + l2 I ~ Q^T L D L^T Q`` (SciPy's SuperLU ``spilu``
    with the fill-reducing minimum-degree ordering of ``A^T + A``, no pivoting, drop
    tolerance ``drop_tol``); ``L`` (unit lower triangular) is cut to ``factor_ratio * k``
@@ -161,18 +162,24 @@ def gram_plus_ridge(xc: sp.csc_matrix, l2: float, keep: int, block_size: int,
   xr = xc.tocsr()
   threshold = 0.0 if keep >= n * (n - 1) else _gram_threshold(xc, xr, keep, block_size,
                                                                   seed)
-  blocks = []
+  blocks, moved = [], np.zeros(n)
   for start in range(0, n, block_size):
     # Rows of G (X[:, block]^T X, CSR): a third faster than its columns in SciPy.
     g = sp.csr_matrix(xc[:, start:min(n, start + block_size)].T.tocsr() @ xr)
     row = np.repeat(np.arange(g.shape[0]), np.diff(g.indptr))
-    g.data[(np.abs(g.data) < threshold) & (g.indices != row + start)] = 0.0
+    dropped = (np.abs(g.data) < threshold) & (g.indices != row + start)
+    moved[start:start + g.shape[0]] = np.bincount(row[dropped], np.abs(g.data[dropped]),
+                                                  minlength=g.shape[0])
+    g.data[dropped] = 0.0
     g.eliminate_zeros()
     blocks.append(g)
   g = sp.vstack(blocks, format="csr")
   # G is symmetric: its CSR arrays read as CSC are G itself (no conversion).
   g = sp.csc_matrix((g.data, g.indices, g.indptr), shape=(n, n))
-  return sp.csc_matrix(g + l2 * sp.identity(n, format="csc"))
+  # Each dropped g_ij moves |g_ij| onto g_ii and g_jj: what is taken away is then
+  # |g_ij| (e_i -+ e_j)(e_i -+ e_j)^T summed, positive semi-definite, so the kept matrix
+  # plus l2 I stays positive definite (plain thresholding lost definiteness on ML-1M).
+  return sp.csc_matrix(g + sp.diags(moved + l2, format="csc"))
 
 
 def _gram_threshold(xc, xr, keep: int, block_size: int, seed: int) -> float:
