@@ -28,8 +28,8 @@ from absl import app
 from absl import flags
 
 from experiments import cli
-from jax_vaecf import loop
-from jax_vaecf import reporting
+from jax_vaecf.training import engine as loop
+from jax_vaecf.training import reporting
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("root", None, "Folder for the per-seed workdirs and summary.jsonl.")
@@ -104,7 +104,7 @@ def main(argv):
       print("| " + " | ".join(more) + " |")
       print("| " + " | ".join(f"{row[k]:.4g} ± {row[k + '_se']:.2g}" for k in more)
             + f" |{label}")
-  from jax_vaecf import metrics  # pylint: disable=import-outside-toplevel
+  from jax_vaecf.evaluation import metrics  # pylint: disable=import-outside-toplevel
   for k in dict.fromkeys(METRICS + MORE_METRICS):
     if k in s and metrics.convention(k):
       print(f"{k}: {metrics.convention(k)}")

@@ -100,7 +100,7 @@ def generate(path: str, rows: int, n_users: int = 138_493, n_items: int = 26_744
 # The settings this tool reads: the split of the configured data set (whose file the
 # synthetic ratings.csv imitates). Any other setting given is refused, not ignored.
 def used_settings() -> frozenset:
-  from jax_vaecf import configs  # pylint: disable=g-import-not-at-top
+  from jax_vaecf.training import configs  # pylint: disable=g-import-not-at-top
   return frozenset(configs.tagged("split_file"))
 
 

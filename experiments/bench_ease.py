@@ -5,7 +5,7 @@ Timing (synthetic rows of a data set's shape, ML-20M's by default)::
   python -m experiments.bench_ease [--n_items=20108] [--n_users=...] [--n_eval_users=10000]
 
 prints a table: the Gram matrix from the training batches on the device against SciPy's
-sparse ``X^T X``; one fit (``jax_vaecf.ease.fit``: float32 Cholesky on the device)
+sparse ``X^T X``; one fit (``jax_vaecf.models.ease.fit``: float32 Cholesky on the device)
 against ``numpy.linalg.inv`` and ``scipy.linalg.cho_factor`` / ``cho_solve`` of the same
 Gram matrix, each with its largest difference from the float64 NumPy ``B``; and ten
 ``l2`` values scored on the evaluation users from one eigendecomposition (what a run's
@@ -13,7 +13,7 @@ sweep does) against ten single fits, each scoring the same users. Every time is 
 best of ``--repeats`` after a compiled warm-up; compare ratios, not seconds, across
 machines.
 
-Solvers table (``--solver_sizes``): ``jax_vaecf.gram_solvers`` beside NumPy and SciPy::
+Solvers table (``--solver_sizes``): ``jax_vaecf.models.gram_solvers`` beside NumPy and SciPy::
 
   python -m experiments.bench_ease --solver_sizes=3000,10000,20000 --noreuse_host_memory \
       [--sweep_users=1000]
@@ -108,7 +108,7 @@ def time_fits(n_users: int, n_items: int, mean_per_user: float, n_eval_users: in
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jax_vaecf import data as data_lib  # pylint: disable=g-import-not-at-top
-  from jax_vaecf import ease  # pylint: disable=g-import-not-at-top
+  from jax_vaecf.models import ease  # pylint: disable=g-import-not-at-top
 
   train, ev = synthetic.make_dataset(n_users, n_items, n_eval_users, mean_per_user)
   device = jax.devices()[0]
@@ -212,7 +212,7 @@ def _reference_from_rows(x, l2: float, name: str) -> np.ndarray:
 def solver_rows(n_items: int, n_users: int, mean_per_user: float, sweep_users: int,
                 n_l2: int, references) -> list[dict]:
   """The solvers table's rows for one shape (see the module docstring)."""
-  from jax_vaecf import gram_solvers as gs  # pylint: disable=g-import-not-at-top
+  from jax_vaecf.models import gram_solvers as gs  # pylint: disable=g-import-not-at-top
   train, ev = synthetic.make_dataset(n_users, n_items, sweep_users, mean_per_user)
   l2 = 500.0
   for dtype in (np.float32, np.float64):  # loads the BLAS and LAPACK paths before forking
@@ -291,10 +291,10 @@ def _ndcg_recall(scores: np.ndarray, heldout: list[set], k_ndcg: int, ks_recall)
 
 def check_workdir(workdir: str) -> dict:
   """The run's test record beside a float64 NumPy EASE on the same split and ``l2``."""
-  from jax_vaecf import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  from jax_vaecf import loop  # pylint: disable=g-import-not-at-top
-  from jax_vaecf import reporting  # pylint: disable=g-import-not-at-top
-  from jax_vaecf import run_folder  # pylint: disable=g-import-not-at-top
+  from jax_vaecf.training import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from jax_vaecf.training import engine as loop  # pylint: disable=g-import-not-at-top
+  from jax_vaecf.training import reporting  # pylint: disable=g-import-not-at-top
+  from jax_vaecf.training import run_folder  # pylint: disable=g-import-not-at-top
 
   cfg = run_folder.run_config(workdir)
   if cfg.model != "ease":

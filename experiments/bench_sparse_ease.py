@@ -1,4 +1,4 @@
-"""Sparse EASE (``jax_vaecf.sparse_ease``): fit time, peak memory and accuracy, one run.
+"""Sparse EASE (``jax_vaecf.models.sparse_ease``): fit time, peak memory and accuracy, one run.
 
 ::
 
@@ -14,7 +14,7 @@ prints two tables:
   before each fit by writing 5 to ``/proc/self/clear_refs``; it includes the data).
 * ``ml1m``: the project's ``ml1m_ease`` split (the paper's protocol: held-out users, 80%
   of each test user's items folded in), test NDCG@100 and Recall@20 by
-  :func:`jax_vaecf.metrics.ranking_metrics`, for a float64 NumPy dense EASE and sparse
+  :func:`jax_vaecf.evaluation.metrics.ranking_metrics`, for a float64 NumPy dense EASE and sparse
   EASE at several densities, all at the same ``l2``.
 
 The peer, the ``sansa`` package, is run when it imports; otherwise the line printed says
@@ -32,7 +32,7 @@ from absl import flags
 
 from experiments import cli
 from experiments import synthetic
-from jax_vaecf import sparse_ease
+from jax_vaecf.models import sparse_ease
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("sections", ["synthetic", "ml1m"], "Tables to print: synthetic, ml1m.")
@@ -104,7 +104,7 @@ def synthetic_table() -> None:
 def _test_metrics(score_fn, test) -> dict[str, float]:
   """Mean test NDCG@100 and Recall@20 over users with held-out items (the project's
   metric functions; the users' own items are not ranked)."""
-  from jax_vaecf import metrics  # pylint: disable=g-import-not-at-top
+  from jax_vaecf.evaluation import metrics  # pylint: disable=g-import-not-at-top
   sums, users = {"ndcg@100": 0.0, "recall@20": 0.0}, 0
   for start in range(0, test.n_users, 1000):
     rows = test.fold_in[start:start + 1000]
@@ -118,9 +118,9 @@ def _test_metrics(score_fn, test) -> dict[str, float]:
 
 
 def ml1m_table() -> None:
-  from jax_vaecf import configs  # pylint: disable=g-import-not-at-top
-  from jax_vaecf import ease  # pylint: disable=g-import-not-at-top
-  from jax_vaecf import loop  # pylint: disable=g-import-not-at-top
+  from jax_vaecf.training import configs  # pylint: disable=g-import-not-at-top
+  from jax_vaecf.models import ease  # pylint: disable=g-import-not-at-top
+  from jax_vaecf.training import engine as loop  # pylint: disable=g-import-not-at-top
   cfg = configs.ml1m_ease().replace(data_dir=FLAGS.data_dir_ml1m, cache_dir=FLAGS.cache_dir)
   split = loop.load_data(cfg)
   n = split.n_items

@@ -30,7 +30,7 @@ marked ``extrapolated``. Metrics are read once, after the timed steps, as the tr
 loop does. Evaluation: a first pass over the held-out users compiles, a second is timed
 (top-100 over all items with the fold-in items removed, via ``make_eval_step``).
 
-``--mesh=DxM`` runs the steps on a ``(data, model)`` mesh (:mod:`jax_vaecf.parallel`); the
+``--mesh=DxM`` runs the steps on a ``(data, model)`` mesh (:mod:`jax_vaecf.training.parallel`); the
 table reports the mesh and the bytes of the train state (parameters, Adam moments,
 weight average, frozen copies) held by one device, which falls as ``1 / M`` for the
 item-indexed arrays.
@@ -85,7 +85,7 @@ ALIASES = {"batch_size": "batch_size_train", "eval_batch_size": "batch_size_vali
 # refused, not ignored: the synthetic data has no data set, split or checkpoints, and a
 # setting that silently did nothing would make a number look like something it is not.
 def used_settings() -> frozenset:
-  from jax_vaecf import configs  # pylint: disable=g-import-not-at-top
+  from jax_vaecf.training import configs  # pylint: disable=g-import-not-at-top
   return frozenset(configs.tagged("synthetic")) | frozenset(configs.model_setting_names())
 
 
@@ -103,9 +103,9 @@ def check_settings(given: dict) -> None:
 
 
 def select_devices(cfg) -> list:
-  """The run's devices as the engine selects them (:func:`jax_vaecf.loop.select_devices`:
+  """The run's devices as the engine selects them (:func:`jax_vaecf.training.engine.select_devices`:
   ``--mesh``, ``--gpu_number`` or ``--number_of_devices``), a refusal as a usage error."""
-  from jax_vaecf import loop
+  from jax_vaecf.training import engine as loop
 
   try:
     return loop.select_devices(cfg)
@@ -123,12 +123,12 @@ def run_serving(cfg, n_items: int, k: int = 10) -> list[dict]:
   import numpy as np
 
   from experiments import serve_bench
-  from jax_vaecf import export as export_lib
-  from jax_vaecf import recommend as recommend_lib
-  from jax_vaecf import train as train_lib
+  from jax_vaecf.serving import export as export_lib
+  from jax_vaecf.serving import recommender as recommend_lib
+  from jax_vaecf.training import steps as train_lib
 
   model_name = cfg.model
-  from jax_vaecf import loop
+  from jax_vaecf.training import engine as loop
   model = loop.build_model(loop.resolve_precision(cfg), n_items)
   params = train_lib.init_params(model, jax.random.PRNGKey(cfg.seed))
   rec = recommend_lib.Recommender(model, params, np.arange(n_items, dtype=np.int64))
@@ -149,8 +149,8 @@ def _versions() -> dict:
   import numpy as np
   import optax
 
-  from jax_vaecf import machine
-  from jax_vaecf import host_memory
+  from jax_vaecf.core import machine
+  from jax_vaecf.core import host_memory
   cpu = machine.cpu_model()
   return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
           "optax": optax.__version__, "numpy": np.__version__,
@@ -208,9 +208,9 @@ def run_one(cfg, devices: list, n_items: int, *, steps: int, epochs: int,
   import jax
   import numpy as np
 
-  from jax_vaecf import loop
+  from jax_vaecf.training import engine as loop
   from jax_vaecf import data as data_lib
-  from jax_vaecf import sparse as sparse_lib
+  from jax_vaecf.core import sparse as sparse_lib
 
   f = _FLAGS
   platform_name = jax.default_backend()
@@ -365,8 +365,8 @@ def main(argv):
                          "training step to time: python -m experiments.bench_ease "
                          "times its fit")
   devices = select_devices(cfg)
-  from jax_vaecf import loop
-  from jax_vaecf import reporting
+  from jax_vaecf.training import engine as loop
+  from jax_vaecf.training import reporting
   cfg = loop.resolve_precision(cfg, reporting.print_record)
   items = [int(x) for x in f.sweep_items] or [f.n_items]
   results = []

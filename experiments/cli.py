@@ -1,6 +1,6 @@
 """What every command-line entry point of ``experiments`` does first, and how it fails.
 
-Every tool that runs a :class:`~jax_vaecf.configs.Config` (``train``, ``accuracy``,
+Every tool that runs a :class:`~jax_vaecf.training.configs.Config` (``train``, ``accuracy``,
 ``benchmark``) takes it the same way: ``--config=PRESET`` picks a preset and the flag of
 each field's name overrides that field (:func:`define_config_flags`,
 :func:`config_from_flags`), so the same flags mean the same run in every tool.
@@ -17,7 +17,7 @@ from absl import flags
 from absl import logging
 
 if TYPE_CHECKING:
-  from jax_vaecf import configs
+  from jax_vaecf.training import configs
 
 # The preset a tool starts from without --config: the paper's ML-20M run, the shape the
 # benchmark's synthetic data has, so one command line means the same run everywhere.
@@ -31,7 +31,7 @@ _aliases: dict[str, str] = {"number_of_gpus": "number_of_devices"}
 flags.DEFINE_bool(
     "reuse_host_memory", True,
     "Keep host memory that a step frees for the next step (glibc malloc settings, "
-    "jax_vaecf.host_memory): XLA CPU's per-step temporaries are not faulted in again "
+    "jax_vaecf.core.host_memory): XLA CPU's per-step temporaries are not faulted in again "
     "every step. Changes speed, never a result.")
 
 
@@ -39,7 +39,7 @@ def _configs():
   # Imported when first needed: configs imports jax, and tools that take no Config
   # (bench_data's parent process, numpy only) use this module too.
   # pylint: disable-next=g-import-not-at-top,redefined-outer-name
-  from jax_vaecf import configs
+  from jax_vaecf.training import configs
   return configs
 
 
@@ -60,7 +60,7 @@ def _define(kind: type, name: str, help_text: str, flag_values: flags.FlagValues
 
 def define_config_flags(flag_values: flags.FlagValues = flags.FLAGS, *,
                         aliases: Mapping[str, str] | None = None) -> None:
-  """Defines ``--config=PRESET``, one flag per :class:`~jax_vaecf.configs.Config` field
+  """Defines ``--config=PRESET``, one flag per :class:`~jax_vaecf.training.configs.Config` field
   (same name, type and help; unset means the preset's value), the reference's
   ``--use_tf_amp`` and ``--number_of_gpus``, and ``aliases`` (old flag name -> field,
   help "Deprecated: same as --field").
@@ -78,7 +78,7 @@ def define_config_flags(flag_values: flags.FlagValues = flags.FLAGS, *,
     flags.DEFINE_string("config", DEFAULT_PRESET,
                         "Preset that the setting flags (one per Config field) "
                         f"override: one of {sorted(configs.PRESETS)} "
-                        "(jax_vaecf/configs.py), or a JSON file of settings (a run's "
+                        "(jax_vaecf/training/configs.py), or a JSON file of settings (a run's "
                         "config.json, experiments.tune's best.json).",
                         flag_values=flag_values)
     for name in configs.setting_names():
@@ -144,7 +144,7 @@ def config_overrides(flag_values: flags.FlagValues = flags.FLAGS) -> dict[str, A
 
 def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> configs.Config:
   """The preset named by ``--config`` with every setting given on the command line,
-  validated (:func:`jax_vaecf.configs.validate`).
+  validated (:func:`jax_vaecf.training.configs.validate`).
 
   Raises ``app.UsageError`` (one line, through :func:`run`) for an unknown preset or a
   bad setting, before any work.
@@ -197,7 +197,7 @@ def run(main: Callable[[list[str]], Any]) -> None:
   def main_with_short_usage(argv):
     if flags.FLAGS.reuse_host_memory:
       # Before jax starts its CPU client: a thread that allocated keeps its arena.
-      from jax_vaecf import host_memory  # pylint: disable=g-import-not-at-top
+      from jax_vaecf.core import host_memory  # pylint: disable=g-import-not-at-top
       host_memory.reuse_freed_memory()
     try:
       return main(argv)

@@ -11,7 +11,7 @@ the users both counted: the mean difference of each ``--metrics`` entry with its
 bootstrap interval over users (``--bootstrap`` resamples, ``--seed``), the paired t-test
 and Wilcoxon p-values, and a verdict; with several seeds on both sides, also the
 difference of the seed means with Welch's interval and p-value
-(:mod:`jax_vaecf.significance`). Runs tested on different splits or users are refused,
+(:mod:`jax_vaecf.evaluation.significance`). Runs tested on different splits or users are refused,
 naming what differs. Prints a table; ``--out`` writes it as JSON.
 """
 
@@ -44,7 +44,7 @@ class Run:
   """A tested run or an accuracy root: per-user metric values averaged over its seeds."""
 
   def __init__(self, path: str):
-    from jax_vaecf import per_user  # pylint: disable=import-outside-toplevel
+    from jax_vaecf.evaluation import per_user  # pylint: disable=import-outside-toplevel
     self.path = path
     own = os.path.join(path, per_user.FILE)
     if glob.has_magic(path):  # folders named by a pattern, one seed each
@@ -74,7 +74,7 @@ class Run:
     """float64 (users,): the metric per user, the mean over the seeds."""
     for f, columns, _ in self.seeds:
       if metric not in columns:
-        from jax_vaecf import per_user  # pylint: disable=import-outside-toplevel
+        from jax_vaecf.evaluation import per_user  # pylint: disable=import-outside-toplevel
         raise ValueError(f"{f}: no column {metric!r} (it has "
                          f"{', '.join(per_user.metric_names(columns))})")
     return np.mean([c[metric] for _, c, _ in self.seeds], axis=0)
@@ -95,7 +95,7 @@ def check_same(a: dict, b: dict, where_a: str, where_b: str) -> None:
 
 def compare(paths: list[str], metrics: list[str], n_boot: int, seed: int) -> list[dict]:
   """Every later run against the first: one row per run and metric."""
-  from jax_vaecf import significance  # pylint: disable=import-outside-toplevel
+  from jax_vaecf.evaluation import significance  # pylint: disable=import-outside-toplevel
   runs = [Run(p) for p in paths]
   base = runs[0]
   rows = []
@@ -118,7 +118,7 @@ def compare(paths: list[str], metrics: list[str], n_boot: int, seed: int) -> lis
 
 
 def format_table(rows: list[dict]) -> str:
-  from jax_vaecf import metrics  # pylint: disable=import-outside-toplevel
+  from jax_vaecf.evaluation import metrics  # pylint: disable=import-outside-toplevel
   lines = []
   for b_run in dict.fromkeys(r["b_run"] for r in rows):
     mine = [r for r in rows if r["b_run"] == b_run]
@@ -155,7 +155,7 @@ def main(argv):
     sys.exit(1)
   print(format_table(rows))
   if FLAGS.out:
-    from jax_vaecf import files  # pylint: disable=import-outside-toplevel
+    from jax_vaecf.core import files  # pylint: disable=import-outside-toplevel
     files.write_text_atomic(FLAGS.out, json.dumps({"rows": rows, "argv": sys.argv[1:]},
                                                   indent=1) + "\n")
 

@@ -18,8 +18,8 @@ from absl import app
 from absl import flags
 
 from experiments import cli
-from jax_vaecf import export as export_lib
-from jax_vaecf import recommend as recommend_lib
+from jax_vaecf.serving import export as export_lib
+from jax_vaecf.serving import recommender as recommend_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A training run's directory.")

@@ -19,8 +19,8 @@ from absl import app
 from absl import flags
 
 from experiments import cli
-from jax_vaecf import loop
-from jax_vaecf import reporting
+from jax_vaecf.training import engine as loop
+from jax_vaecf.training import reporting
 from jax_vaecf.data import partition
 
 FLAGS = flags.FLAGS

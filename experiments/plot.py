@@ -33,7 +33,7 @@ flags.DEFINE_string("out_dir", "", "--runs: folder for per_user.png and populari
 
 
 def read_records(workdir: str) -> list[dict]:
-  from jax_vaecf import run_folder  # pylint: disable=g-import-not-at-top
+  from jax_vaecf.training import run_folder  # pylint: disable=g-import-not-at-top
   log = run_folder.MetricsLog(workdir)
   path = log.path
   if not os.path.exists(path):

@@ -3,7 +3,7 @@
   python -m experiments.probe_matmul                      # ML-20M shape, chunk 1,024
   python -m experiments.probe_matmul --rows=500 --n_items=295041
 
-The fused output layer (:func:`jax_vaecf.losses.output_layer_nll`) runs three products
+The fused output layer (:func:`jax_vaecf.core.losses.output_layer_nll`) runs three products
 per chunk of ``rows`` users over ``n_items`` items at width ``width``, and evaluation a
 fourth; each is timed as the step writes it and in the forms a faster layout would use:
 
@@ -18,11 +18,11 @@ Each form is jitted alone with ``preferred_element_type=float32`` (the step's
 accumulation) and timed best of ``--repeats``. The machine's CPU model and its
 AVX512-BF16 / AMX flags are printed with the table, so the next CPU generation can be
 checked in one command. Results depend on the machine's load: run it idle. Host memory is
-reused between runs as in training (``--reuse_host_memory``, :mod:`jax_vaecf.host_memory`).
+reused between runs as in training (``--reuse_host_memory``, :mod:`jax_vaecf.core.host_memory`).
 
 A second table times the first layer's sparse product ``X @ W1`` (``--per_user``
 entries per row, ``n_items x width`` kernel) and its kernel gradient in both forms of
-:func:`jax_vaecf.sparse.matmul`: the gather and scatter-add XLA emits for indexing, and
+:func:`jax_vaecf.core.sparse.matmul`: the gather and scatter-add XLA emits for indexing, and
 the entry loop the library runs on CPU.
 """
 
@@ -34,7 +34,7 @@ from absl import app
 from absl import flags
 
 from experiments import cli
-from jax_vaecf.machine import best_seconds, cpu_flags
+from jax_vaecf.core.machine import best_seconds, cpu_flags
 
 _FLAGS = flags.FLAGS
 flags.DEFINE_integer("rows", 1024, "Users per chunk (the step's --output_chunk_size, or a "
@@ -50,7 +50,7 @@ def forms(rows: int, width: int, n_items: int):
   import jax
   import jax.numpy as jnp
 
-  from jax_vaecf import losses
+  from jax_vaecf.core import losses
 
   f32 = jnp.float32
   nt = (((1,), (1,)), ((), ()))  # contract both operands' last axis
@@ -86,7 +86,7 @@ def first_layer_forms(rows: int, width: int, n_items: int, per_user: int):
   import jax.numpy as jnp
   import numpy as np
 
-  from jax_vaecf import sparse as sparse_lib
+  from jax_vaecf.core import sparse as sparse_lib
 
   rng = np.random.default_rng(0)
   nnz = rows * per_user

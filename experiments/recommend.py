@@ -36,9 +36,9 @@ from absl import app
 from absl import flags
 
 from experiments import cli
-from jax_vaecf import batch as batch_lib
-from jax_vaecf import progress as progress_lib
-from jax_vaecf import recommend as recommend_lib
+from jax_vaecf.serving import bulk as batch_lib
+from jax_vaecf.core import progress as progress_lib
+from jax_vaecf.serving import recommender as recommend_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A training run's directory.")

@@ -11,7 +11,7 @@ ready. SIGTERM (or Ctrl-C) stops accepting connections, lets the requests in fli
 finish (``--drain_timeout_s``) and exits 0; SIGHUP or ``POST /admin/reload`` (from a
 loopback address) loads the artefact folder again, keeping the old one when the new one
 fails its checks. The endpoints and the choice of Starlette are in docs/serving.md;
-:mod:`jax_vaecf.server` is the app.
+:mod:`jax_vaecf.serving.http` is the app.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ FLAGS = flags.FLAGS
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """The tool's flags, defined when it runs (not at import: other tools have flags of
   these names): the artefact, the address, and one flag per
-  :class:`jax_vaecf.server.ServerOptions` field (same name, type, default and help)."""
-  from jax_vaecf import server  # pylint: disable=import-outside-toplevel
+  :class:`jax_vaecf.serving.http.ServerOptions` field (same name, type, default and help)."""
+  from jax_vaecf.serving import http as server  # pylint: disable=import-outside-toplevel
   flags.DEFINE_string("artifact", None, "The artefact folder python -m experiments.export "
                       "wrote (reloading reads it again).", flag_values=flag_values)
   flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every "
@@ -46,7 +46,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 
 
 def options_from_flags(flag_values: flags.FlagValues = flags.FLAGS):
-  from jax_vaecf import server  # pylint: disable=import-outside-toplevel
+  from jax_vaecf.serving import http as server  # pylint: disable=import-outside-toplevel
   return server.ServerOptions(**{f.name: flag_values[f.name].value
                                  for f in dataclasses.fields(server.ServerOptions)})
 
@@ -71,7 +71,7 @@ def main(argv):
     raise app.UsageError(f"--port must be in [0, 65535], got {FLAGS.port}")
   try:
     import uvicorn  # pylint: disable=import-outside-toplevel
-    from jax_vaecf import server  # pylint: disable=import-outside-toplevel
+    from jax_vaecf.serving import http as server  # pylint: disable=import-outside-toplevel
     import starlette.applications  # pylint: disable=import-outside-toplevel
     del starlette  # imported only to fail here, with the fix, when it is missing
   except ImportError as e:
@@ -83,7 +83,7 @@ def main(argv):
     options.check()
     # Refuse a missing or damaged artefact before listening; the server loads it again
     # in the background (and /health says when it is ready).
-    from jax_vaecf import serve as serve_lib  # pylint: disable=import-outside-toplevel
+    from jax_vaecf.serving import artefact as serve_lib  # pylint: disable=import-outside-toplevel
     serve_lib.read_manifest(FLAGS.artifact)
     sock = bind(FLAGS.host, FLAGS.port)
   except ValueError as e:

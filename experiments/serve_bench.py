@@ -37,7 +37,7 @@ from absl import app
 from absl import flags
 
 from experiments import cli
-from jax_vaecf import machine
+from jax_vaecf.core import machine
 
 FLAGS = flags.FLAGS
 
@@ -67,7 +67,7 @@ def time_paths(rec, artefact: str | None, k: int, repeats: int = 50) -> list[dic
 
   Users are 20 random items each; each path is warmed up (compiled) before timing.
   """
-  from jax_vaecf import serve as serve_lib
+  from jax_vaecf.serving import artefact as serve_lib
 
   rng = np.random.default_rng(0)
   ids = [str(i) for i in rec.item_ids.tolist()]
@@ -220,8 +220,8 @@ def start_server(artifact: str, extra: list[str]) -> tuple[subprocess.Popen, int
 
 def run(artifact: str, concurrency: list[int], seconds: float, pool: int, history: int,
         k: int) -> list[dict]:
-  from jax_vaecf import serve as serve_lib  # pylint: disable=import-outside-toplevel
-  from jax_vaecf import server  # pylint: disable=import-outside-toplevel
+  from jax_vaecf.serving import artefact as serve_lib  # pylint: disable=import-outside-toplevel
+  from jax_vaecf.serving import http as server  # pylint: disable=import-outside-toplevel
   scorer = serve_lib.load(artifact)
   if not 1 <= k <= scorer.k:
     raise ValueError(f"--k={k}: the artefact answers 1 to {scorer.k} items")

@@ -13,7 +13,7 @@ default), Adam (lr 1e-3) and the paper's KL anneal. It is timed in float32 and u
 extrapolated to an epoch. ``--compare`` also runs ``experiments.benchmark`` in both
 precisions with the same shape and batch (a subprocess, so both libraries do not share
 the process) and prints each epoch as a ratio of the PyTorch one. ``--reuse_host_memory``
-(the default; :mod:`jax_vaecf.host_memory`) applies to both libraries' processes, so
+(the default; :mod:`jax_vaecf.core.host_memory`) applies to both libraries' processes, so
 ``--noreuse_host_memory`` times both with glibc's default allocator.
 
 ``--model=recvae`` times a plain PyTorch RecVAE (Shenbin et al. 2020) with the
@@ -45,7 +45,7 @@ from absl import flags
 
 from experiments import cli
 from experiments import synthetic
-from jax_vaecf import host_memory
+from jax_vaecf.core import host_memory
 
 _FLAGS = flags.FLAGS
 synthetic.define_shape_flags()
@@ -130,8 +130,8 @@ def torch_recvae_round(csr, batch_size: int, steps: int, bf16: bool, seed: int) 
   from torch import nn
   import torch.nn.functional as F
 
-  from jax_vaecf import configs
-  from jax_vaecf import recvae
+  from jax_vaecf.training import configs
+  from jax_vaecf.models import recvae
 
   cfg = configs.get_config(RECVAE_PRESET)
   # The preset's widths as the library builds them (its default: five layers of 600).
@@ -254,7 +254,7 @@ def main(argv):
   del argv
   if importlib.util.find_spec("torch") is None:
     raise app.UsageError("this script needs PyTorch: pip install torch")
-  from jax_vaecf.machine import cpu_flags
+  from jax_vaecf.core.machine import cpu_flags
 
   f = _FLAGS
   csr, _ = synthetic.make_dataset(n_users=f.n_users, n_items=f.n_items, n_eval_users=1,

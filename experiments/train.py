@@ -4,7 +4,7 @@
   python -m experiments.train --config=ml20m --data_dir=data/ml-20m --workdir=runs/ml20m
   python -m experiments.train --config=ml20m --workdir=runs/ml20m --notrain --test
 
-``--config`` picks a preset (``jax_vaecf/configs.py``, default ``ml20m``); every field of
+``--config`` picks a preset (``jax_vaecf/training/configs.py``, default ``ml20m``); every field of
 the preset can be overridden by the flag of the same name (``--help`` lists them). The
 reference's ``--use_tf_amp`` means ``--precision=bf16`` and ``--number_of_gpus`` means
 ``--number_of_devices``. ``experiments.accuracy`` and ``experiments.benchmark`` take the
@@ -19,10 +19,10 @@ import sys
 from absl import flags
 
 from experiments import cli
-from jax_vaecf import loop
-from jax_vaecf import checkpoint as checkpoint_lib
-from jax_vaecf import distributed
-from jax_vaecf import reporting
+from jax_vaecf.training import engine as loop
+from jax_vaecf.training import checkpoint as checkpoint_lib
+from jax_vaecf.core import distributed
+from jax_vaecf.training import reporting
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, config.")

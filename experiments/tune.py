@@ -1,4 +1,4 @@
-"""``python -m experiments.tune``: the command over :mod:`jax_vaecf.tune` (the search,
+"""``python -m experiments.tune``: the command over :mod:`jax_vaecf.tuning.search` (the search,
 its space, outputs and guarantees are documented there and in docs/tuning.md).
 
   python -m experiments.tune --config=ml1m --data_dir=DIR --root=runs/tune_ml1m \\
@@ -19,8 +19,8 @@ from absl import app
 from absl import flags
 
 from experiments import cli
-from jax_vaecf.tune import Settings, best_row, search
-from jax_vaecf.tune_space import SPACE, TuneError, model_params
+from jax_vaecf.tuning.search import Settings, best_row, search
+from jax_vaecf.tuning.space import SPACE, TuneError, model_params
 
 # ----------------------------------------------------------------------------- CLI
 

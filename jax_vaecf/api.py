@@ -12,11 +12,11 @@
   jax_vaecf.load("runs/mine")                    # and back (a CLI run's folder too)
 
 :func:`fit` runs the same engine as ``python -m experiments.train``
-(:func:`jax_vaecf.loop.run`): the same split, training, validation, best-keeping, early
+(:func:`jax_vaecf.training.engine.run`): the same split, training, validation, best-keeping, early
 stopping, divergence checks and test, into a run folder (a temporary one unless
 ``workdir`` is given; with one, a second call resumes it as the command line does).
 :class:`FittedModel` answers from that folder's best checkpoint through
-:class:`jax_vaecf.recommend.Recommender`, so it serves exactly what ``recommend`` and an
+:class:`jax_vaecf.serving.recommender.Recommender`, so it serves exactly what ``recommend`` and an
 exported artefact serve.
 """
 
@@ -32,15 +32,15 @@ import jax
 import numpy as np
 import scipy.sparse as sp
 
-from jax_vaecf import configs
+from jax_vaecf.training import configs
 from jax_vaecf import data as data_lib
-from jax_vaecf import export as export_lib
-from jax_vaecf import inputs
-from jax_vaecf import loop
-from jax_vaecf import metrics as metrics_lib
-from jax_vaecf import recommend as recommend_lib
-from jax_vaecf import run_folder
-from jax_vaecf import train as train_lib
+from jax_vaecf.serving import export as export_lib
+from jax_vaecf.data import inputs
+from jax_vaecf.training import engine as loop
+from jax_vaecf.evaluation import metrics as metrics_lib
+from jax_vaecf.serving import recommender as recommend_lib
+from jax_vaecf.training import run_folder
+from jax_vaecf.training import steps as train_lib
 
 Recommendations = recommend_lib.Recommendations
 
@@ -80,8 +80,8 @@ def interactions_of(data: Any, *, user_ids: Sequence | None = None,
     TypeError: ``data`` is neither a sparse matrix nor a 2- or 3-tuple, or a matrix of
       non-numbers.
     ValueError: a NaN, inf, negative or non-1 entry, a matrix without interactions,
-      ids of the wrong count or repeated (:func:`jax_vaecf.inputs.interaction_matrix`,
-      :func:`jax_vaecf.inputs.axis_ids`), or ``user_ids`` / ``item_ids`` with columns.
+      ids of the wrong count or repeated (:func:`jax_vaecf.data.inputs.interaction_matrix`,
+      :func:`jax_vaecf.data.inputs.axis_ids`), or ``user_ids`` / ``item_ids`` with columns.
   """
   if sp.issparse(data):
     m = inputs.interaction_matrix(data, "data")
@@ -150,13 +150,13 @@ def fit(data: Any = None, config: str | configs.Config = "ml20m", *,
   Args:
     data: ``None``: the config's data set (``dataset``, ``data_dir``, as on the command
       line); a :class:`jax_vaecf.data.Split`, checked whole first
-      (:func:`jax_vaecf.inputs.split`); a scipy sparse matrix ``(n_users, n_items)``,
+      (:func:`jax_vaecf.data.inputs.split`); a scipy sparse matrix ``(n_users, n_items)``,
       any numeric dtype, of 0 and 1 (non-zero = interaction) or a tuple ``(users,
       items[, ratings])`` of ``(n,)`` columns (raw ids int or str, ratings float): split
       by the config's protocol as a ``--dataset=csv`` file is (users with fewer than 5
       items dropped; with ratings, those above ``csv_threshold`` are the positives).
-    config: a preset name (``jax_vaecf.configs.PRESETS``) or a
-      :class:`jax_vaecf.configs.Config`.
+    config: a preset name (``jax_vaecf.training.configs.PRESETS``) or a
+      :class:`jax_vaecf.training.configs.Config`.
     workdir: the run folder; ``None``: a temporary one, removed with the model (keep it
       with :meth:`FittedModel.save`). A folder holding this run resumes it. With
       ``refit=True`` the model returned is the refit run's (``workdir/refit``).
@@ -172,13 +172,13 @@ def fit(data: Any = None, config: str | configs.Config = "ml20m", *,
   Raises:
     TypeError: before any work, naming the argument: ``config`` is not a preset name or
       a ``Config``, ``data`` of another kind, ``on_epoch`` not callable, ``l2`` not a
-      number (:mod:`jax_vaecf.inputs`).
+      number (:mod:`jax_vaecf.data.inputs`).
     ValueError: before any work: an unknown preset or setting, a setting of the wrong
       type or out of range, data that is not 0/1 or has no interaction, a ``Split``
       whose parts disagree.
-    jax_vaecf.loop.TrainingDivergedError: the loss or parameters became NaN / inf.
-    jax_vaecf.checkpoint.CheckpointMismatchError: ``workdir`` holds another run.
-    jax_vaecf.checkpoint.CheckpointSaveError: a checkpoint could not be written (a full
+    jax_vaecf.training.engine.TrainingDivergedError: the loss or parameters became NaN / inf.
+    jax_vaecf.training.checkpoint.CheckpointMismatchError: ``workdir`` holds another run.
+    jax_vaecf.training.checkpoint.CheckpointSaveError: a checkpoint could not be written (a full
       disk); the folder keeps the checkpoints saved before, and the same call resumes.
   """
   cfg = _config(config, settings)
@@ -230,7 +230,7 @@ def load(workdir: str | os.PathLike) -> "FittedModel":
   Raises:
     FileNotFoundError: no ``config.json``, no finished checkpoint or no ``item_ids.npy``.
     ValueError: an unreadable ``config.json``, or an item table another run wrote.
-    jax_vaecf.metrics.NonFiniteModelError: the best checkpoint's parameters are NaN /
+    jax_vaecf.evaluation.metrics.NonFiniteModelError: the best checkpoint's parameters are NaN /
       inf (the run diverged).
   """
   return FittedModel.load(workdir)
@@ -242,14 +242,14 @@ class FittedModel:
   Made by :func:`fit` and :func:`load`, not by hand.
 
   Args:
-    config: the run's :class:`jax_vaecf.configs.Config`.
+    config: the run's :class:`jax_vaecf.training.configs.Config`.
     workdir: its run folder.
     split: the :class:`jax_vaecf.data.Split` it was trained on; ``None``: read again
       from the config's data set when needed.
     results: what the run returned.
 
   Attributes:
-    config: the run's :class:`jax_vaecf.configs.Config`.
+    config: the run's :class:`jax_vaecf.training.configs.Config`.
     workdir: its run folder.
     results: what the run returned (``"train"``: the best validation metrics and epoch;
       ``"test"``: the test metrics), ``{}`` for a loaded folder.
@@ -282,7 +282,7 @@ class FittedModel:
       FileNotFoundError: no ``config.json``, no finished checkpoint or no
         ``item_ids.npy``.
       ValueError: an unreadable ``config.json``, or an item table another run wrote.
-      jax_vaecf.metrics.NonFiniteModelError: the best checkpoint is not finite.
+      jax_vaecf.evaluation.metrics.NonFiniteModelError: the best checkpoint is not finite.
     """
     workdir = os.fspath(workdir)
     model = cls(run_folder.run_config(workdir), workdir)
@@ -293,7 +293,7 @@ class FittedModel:
 
   @property
   def recommender(self) -> recommend_lib.Recommender:
-    """The :class:`jax_vaecf.recommend.Recommender` of the best checkpoint."""
+    """The :class:`jax_vaecf.serving.recommender.Recommender` of the best checkpoint."""
     if self._recommender is None:
       self._recommender = recommend_lib.Recommender.from_workdir(self.workdir)
     return self._recommender
@@ -372,7 +372,7 @@ class FittedModel:
         skipped and reported.
 
     Returns:
-      :class:`jax_vaecf.recommend.Recommendations`: per user, ``items[u]`` raw ids
+      :class:`jax_vaecf.serving.recommender.Recommendations`: per user, ``items[u]`` raw ids
       ``(n_u,)`` (the item table's dtype) and ``scores[u]`` float32 ``(n_u,)``, best
       first, ``n_u = k`` unless fewer items are left; ``unknown[u]`` the skipped ids.
 
@@ -380,7 +380,7 @@ class FittedModel:
       TypeError: an id that is not an int or str, a text for a list, ``k`` not an int.
       ValueError: both or neither of ``users`` / ``items``, a user not in the data,
         ``k`` out of range.
-      jax_vaecf.metrics.NonFiniteModelError: the model scores a user NaN / inf.
+      jax_vaecf.evaluation.metrics.NonFiniteModelError: the model scores a user NaN / inf.
     """
     k = inputs.k_value(k, self.recommender.model.n_items)
     cols, unknown = self._columns(users, items)
@@ -418,7 +418,7 @@ class FittedModel:
 
   def evaluate(self, on: str | data_lib.EvalSplit = "test",
                ks: Sequence[int] = (20, 50, 100)) -> dict:
-    """The project's metrics (:mod:`jax_vaecf.metrics`) of the best checkpoint.
+    """The project's metrics (:mod:`jax_vaecf.evaluation.metrics`) of the best checkpoint.
 
     Args:
       on: ``"test"``, ``"validation"`` or a :class:`jax_vaecf.data.EvalSplit` over the
@@ -435,7 +435,7 @@ class FittedModel:
       TypeError: ``on`` of another kind, ``ks`` not a list of ints.
       ValueError: an unknown part name, a part the data lacks, ``k`` out of range, an
         ``EvalSplit`` of another width or with entries other than 1.
-      jax_vaecf.metrics.NonFiniteModelError: the model scores a user NaN / inf.
+      jax_vaecf.evaluation.metrics.NonFiniteModelError: the model scores a user NaN / inf.
     """
     part = on
     if isinstance(on, str):
@@ -496,7 +496,7 @@ class FittedModel:
   def export(self, out_dir: str | os.PathLike, k: int = 100, *,
              platforms: Sequence[str] = ("cpu",)) -> dict:
     """Writes the scorer artefact (``docs/serving.md``) of the best checkpoint, as
-    ``python -m experiments.export`` does (:func:`jax_vaecf.export.export_run`).
+    ``python -m experiments.export`` does (:func:`jax_vaecf.serving.export.export_run`).
 
     Args:
       out_dir: a new or empty folder.

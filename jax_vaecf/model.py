@@ -2,7 +2,7 @@
 Filtering", WWW 2018) as Flax Linen modules.
 
 Both models take a batch of users' interaction rows, either dense ``(B, n_items)`` or a
-padded :class:`jax_vaecf.sparse.SparseBatch`, and return float32 logits over all items.
+padded :class:`jax_vaecf.core.sparse.SparseBatch`, and return float32 logits over all items.
 The sparse path computes the first layer as a gather-and-sum over each user's items, so
 the input side of a batch is never dense; it is the same function as the dense path
 (see ``tests/test_model.py``).
@@ -24,7 +24,7 @@ are cast back to ``dtype``; logits, ``mu`` and ``logvar`` are always float32.
 
 RNG streams: ``'dropout'`` (input dropout) and ``'noise'`` (reparameterisation), used
 only when ``train=True``. Masks and noise are functions of each user's global row
-(``row_offset + local row``) and item (:mod:`jax_vaecf.random`), so the dense and sparse
+(``row_offset + local row``) and item (:mod:`jax_vaecf.core.random`), so the dense and sparse
 paths, and one device or many, draw the same ones from the same keys.
 """
 
@@ -39,10 +39,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jax_vaecf import item_shards as item_shards_lib
-from jax_vaecf import losses
-from jax_vaecf import random as random_lib
-from jax_vaecf import sparse as sparse_lib
+from jax_vaecf.core import item_shards as item_shards_lib
+from jax_vaecf.core import losses
+from jax_vaecf.core import random as random_lib
+from jax_vaecf.core import sparse as sparse_lib
 
 Array = jax.Array
 Input = Any  # Array (B, n_items) or sparse_lib.SparseBatch
@@ -155,13 +155,13 @@ class InputDense(nn.Module):
   matmul is a gather of the kernel rows of each user's items, weighted by the normalised
   (and dropped-out) values and summed per user: ``O(nnz * features)`` work instead of
   ``O(B * n_items * features)``, taken ``gather_chunk_size`` entries at a time
-  (:func:`jax_vaecf.sparse.matmul`). Its gradient with respect to the kernel is a
+  (:func:`jax_vaecf.core.sparse.matmul`). Its gradient with respect to the kernel is a
   scatter-add over the same rows.
 
   The dropout mask of entry ``(u, i)`` is a hash of ``(key, row_offset + u, i)``, so both
   paths drop the same entries.
 
-  With ``item_shards`` (inside ``shard_map``, :mod:`jax_vaecf.item_shards`) the kernel
+  With ``item_shards`` (inside ``shard_map``, :mod:`jax_vaecf.core.item_shards`) the kernel
   holds this device's rows only (``n_items`` is then the shard's width): the rows are
   normalised and dropped out over all their items, each device gathers the entries that
   fall in its shard, and the partial products are summed over the mesh axis. Sparse
@@ -248,7 +248,7 @@ class CFModel(nn.Module):
     only ``params``);
   * ``output_layer``: the key of ``params`` holding the output layer's ``kernel``
     ``(width, n_items)`` and ``bias`` ``(n_items,)``, fused with the likelihood by the
-    training step (:func:`jax_vaecf.losses.output_layer_nll`).
+    training step (:func:`jax_vaecf.core.losses.output_layer_nll`).
 
   and may override:
 
@@ -261,10 +261,10 @@ class CFModel(nn.Module):
   is the global position of the batch's first row (dropout masks and noise are
   functions of the global row). RNG streams ``'dropout'`` and ``'noise'``.
 
-  A model-parallel step (:mod:`jax_vaecf.parallel`, a mesh with a ``model`` axis) runs
+  A model-parallel step (:mod:`jax_vaecf.training.parallel`, a mesh with a ``model`` axis) runs
   ``model.clone(n_items=shards.per_shard, item_shards=shards)`` inside ``shard_map``:
   a model passes its ``item_shards`` field to its :class:`InputDense`, and nothing else
-  changes (the item-indexed arrays are found by :func:`jax_vaecf.item_shards.item_axes`).
+  changes (the item-indexed arrays are found by :func:`jax_vaecf.core.item_shards.item_axes`).
   """
 
   # True for a model fitted in closed form (its entry's ``fit``): it has no phases, and
@@ -365,9 +365,9 @@ class MultVAE(CFModel):
     """As :meth:`__call__`, but ``logits`` holds the output layer's input ``(B, width)``.
 
     ``logits = features @ params[output_layer]['kernel'] + ...['bias']``; the training
-    step fuses that layer with the loss (:func:`jax_vaecf.losses.output_layer_nll`).
+    step fuses that layer with the loss (:func:`jax_vaecf.core.losses.output_layer_nll`).
     When training, ``kl`` is ``KL(q(z|x) || N(0, I))`` per user
-    (:func:`jax_vaecf.losses.gaussian_kl`).
+    (:func:`jax_vaecf.core.losses.gaussian_kl`).
     """
     del frozen
     mu, logvar = self.encode(x, train=train and dropout, row_offset=row_offset)
@@ -523,7 +523,7 @@ class ModelEntry:
       else its closed-form fit, ``fit(settings, problem: ClosedFormProblem) ->
       ClosedFormFit`` (the run calls it instead of training epochs).
     space: the tuner's parameters of the model's own settings
-      (:class:`jax_vaecf.space.Param`).
+      (:class:`jax_vaecf.models.space.Param`).
   """
 
   build: Callable[..., CFModel]
@@ -617,7 +617,7 @@ def _build_multdae(n_items, settings, dropout_rate, dtype):
 
 
 def _widths_space():
-  from jax_vaecf import space  # pylint: disable=g-import-not-at-top
+  from jax_vaecf.models import space  # pylint: disable=g-import-not-at-top
   return (space.hidden_dims_param("One width for every hidden layer."),)
 
 
@@ -630,9 +630,9 @@ MULTDAE = ModelEntry(_build_multdae, "Mult-DAE", MultDAESettings, space=_widths_
 _ENTRIES: dict[str, str | ModelEntry] = {
     "multvae": "jax_vaecf.model:MULTVAE",
     "multdae": "jax_vaecf.model:MULTDAE",
-    "recvae": "jax_vaecf.recvae:ENTRY",
-    "ease": "jax_vaecf.ease:ENTRY",
-    "edlae": "jax_vaecf.edlae:ENTRY",
+    "recvae": "jax_vaecf.models.recvae:ENTRY",
+    "ease": "jax_vaecf.models.ease:ENTRY",
+    "edlae": "jax_vaecf.models.edlae:ENTRY",
 }
 MODELS = tuple(_ENTRIES)  # the built-in models; names() also lists registered ones
 

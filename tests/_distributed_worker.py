@@ -74,7 +74,7 @@ def join(a):
   """Gives this process ``a.devices`` CPU devices and joins the run; its ProcessInfo."""
   os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={a.devices}"
   os.environ["JAX_PLATFORMS"] = "cpu"
-  from jax_vaecf import distributed
+  from jax_vaecf.core import distributed
   info = distributed.initialize(f"127.0.0.1:{a.port}", a.num_processes, a.process_id,
                                 initialization_timeout=60)
   assert info.process_count == a.num_processes, info
@@ -95,10 +95,10 @@ def problem(num_shards):
   import jax
   import numpy as np
   from jax_vaecf import model as model_lib
-  from jax_vaecf import parallel
-  from jax_vaecf import schedules
-  from jax_vaecf import sparse as sparse_lib
-  from jax_vaecf import train as train_lib
+  from jax_vaecf.training import parallel
+  from jax_vaecf.core import schedules
+  from jax_vaecf.core import sparse as sparse_lib
+  from jax_vaecf.training import steps as train_lib
 
   n_items = 64
   m = model_lib.build_model("multvae", n_items, hidden_dims=(16,), latent_dim=8)
@@ -122,8 +122,8 @@ def run(steps, process_index, process_count, model_shards=1):
   """Trains on ``steps`` and returns host ``(params, per-user ndcg@10, losses)``;
   ``model_shards > 1``: on a (data, model) mesh with the items split over ``model``."""
   import numpy as np
-  from jax_vaecf import distributed
-  from jax_vaecf import parallel
+  from jax_vaecf.core import distributed
+  from jax_vaecf.training import parallel
 
   devices = parallel.resolve_devices(0)
   m, options, state, batches, eval_batch = problem(len(devices) // model_shards)
@@ -147,7 +147,7 @@ def main():
   a = p.parse_args()
   info = join(a)
   import numpy as np
-  from jax_vaecf import distributed
+  from jax_vaecf.core import distributed
 
   params, ndcg, losses = run(a.steps, info.process_index, info.process_count,
                              a.model_shards)

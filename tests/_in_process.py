@@ -35,7 +35,7 @@ from absl import flags
 from absl import logging
 
 from experiments import cli
-from jax_vaecf import host_memory
+from jax_vaecf.core import host_memory
 
 # absl.app.run defines these in the global set once per process; a fresh set needs its
 # own.

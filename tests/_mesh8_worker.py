@@ -19,10 +19,10 @@ def one_step(meshes):
   import jax
   import numpy as np
   from jax_vaecf import model as model_lib
-  from jax_vaecf import parallel
-  from jax_vaecf import schedules
-  from jax_vaecf import sparse as sparse_lib
-  from jax_vaecf import train as train_lib
+  from jax_vaecf.training import parallel
+  from jax_vaecf.core import schedules
+  from jax_vaecf.core import sparse as sparse_lib
+  from jax_vaecf.training import steps as train_lib
 
   n_items = 61  # no model axis divides it
   m = model_lib.build_model("multvae", n_items, hidden_dims=(16,), latent_dim=8)
@@ -54,7 +54,7 @@ def curve(workdir):
 def main():
   tmp, out_path = sys.argv[1], sys.argv[2]
   import _runs
-  from jax_vaecf import loop
+  from jax_vaecf.training import engine as loop
 
   result = {"step": one_step(("1x1", "8x1", "2x4", "1x8"))}
   data = os.path.join(tmp, "data")

@@ -25,11 +25,11 @@ def train(batcher, validation, n_items, model_shards=1):
   """
   import jax
   import numpy as np
-  from jax_vaecf import loop
+  from jax_vaecf.training import engine as loop
   from jax_vaecf import model as model_lib
-  from jax_vaecf import parallel
-  from jax_vaecf import schedules
-  from jax_vaecf import train as train_lib
+  from jax_vaecf.training import parallel
+  from jax_vaecf.core import schedules
+  from jax_vaecf.training import steps as train_lib
 
   m = model_lib.build_model("multvae", n_items, hidden_dims=(16,), latent_dim=8)
   options = train_lib.StepOptions(beta_schedule=schedules.linear_schedule(0.2, 10))
@@ -54,7 +54,7 @@ def main():
   info = _distributed_worker.join(a)
   import numpy as np
   from jax_vaecf import data
-  from jax_vaecf import distributed
+  from jax_vaecf.core import distributed
 
   part = data.open_part(a.data, info.process_index, info.process_count)
   assert isinstance(part.train.indices, np.memmap), type(part.train.indices)

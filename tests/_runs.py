@@ -4,7 +4,7 @@ workdir, one log reader."""
 import json
 import os
 
-from jax_vaecf import configs
+from jax_vaecf.training import configs
 
 import _synthetic
 
@@ -26,7 +26,7 @@ def movielens_dir_plain(tmp_path, name: str = "data") -> str:
 
 def trained_workdir(tmp_path_factory, name: str, titles: bool = False, **changes) -> str:
   """The workdir of a 2-epoch run of :func:`small_config` (not tested) on fresh data."""
-  from jax_vaecf import loop
+  from jax_vaecf.training import engine as loop
   d = movielens_dir(tmp_path_factory, name, titles=titles)
   cfg = small_config(d, **{"cache_dir": os.path.join(d, "cache"), "number_of_epochs": 2,
                            "test": False, **changes})

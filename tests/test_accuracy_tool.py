@@ -20,8 +20,8 @@ _DRIVER = r"""
 import dataclasses, json, os, sys
 from absl import app, flags
 from experiments import accuracy, cli, train
-from jax_vaecf import loop
-from jax_vaecf import distributed
+from jax_vaecf.training import engine as loop
+from jax_vaecf.core import distributed
 
 runs = []
 def fake_run(cfg, workdir, report=None):

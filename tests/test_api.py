@@ -12,7 +12,7 @@ import pytest
 import scipy.sparse as sp
 
 import jax_vaecf
-from jax_vaecf import loop
+from jax_vaecf.training import engine as loop
 
 import _runs
 import _synthetic
@@ -79,7 +79,7 @@ def test_the_in_process_demo_fit_prints_the_command_lines_test_line(tmp_path):
 
 
 def test_columns_in_memory_split_as_the_data_sets_file_does():
-  from jax_vaecf import configs
+  from jax_vaecf.training import configs
   cfg = configs.get_config("demo")
   table = np.loadtxt(os.path.join(configs.DEMO_DATA, "ratings.csv.gz"), delimiter=",",
                      skiprows=1, usecols=(0, 1, 2))

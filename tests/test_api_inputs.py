@@ -1,4 +1,4 @@
-"""The library's input boundary (jax_vaecf.inputs): what ``fit``, ``recommend``,
+"""The library's input boundary (jax_vaecf.data.inputs): what ``fit``, ``recommend``,
 ``score``, ``evaluate``, ``save``, ``export`` and a hand-made ``Split`` accept, and the
 one clear line each gives for what it cannot answer right."""
 
@@ -12,8 +12,8 @@ import pytest
 import scipy.sparse as sp
 
 import jax_vaecf
-from jax_vaecf import configs
-from jax_vaecf import inputs
+from jax_vaecf.training import configs
+from jax_vaecf.data import inputs
 from jax_vaecf.data import split as split_lib
 
 import _synthetic
@@ -284,7 +284,7 @@ def test_save_inside_the_models_own_temporary_folder_is_refused(matrix, tmp_path
 
 
 def test_a_pickled_item_table_is_named_by_its_file(model, tmp_path):
-  from jax_vaecf import recommend
+  from jax_vaecf.serving import recommender as recommend
   folder = str(tmp_path / "copy")
   shutil.copytree(model.workdir, folder)
   path = os.path.join(folder, "item_ids.npy")

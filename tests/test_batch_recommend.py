@@ -10,11 +10,11 @@ import sys
 import numpy as np
 import pytest
 
-from jax_vaecf import loop
-from jax_vaecf import progress as progress_lib
-from jax_vaecf import batch as batch_lib
-from jax_vaecf import run_folder
-from jax_vaecf import recommend
+from jax_vaecf.training import engine as loop
+from jax_vaecf.core import progress as progress_lib
+from jax_vaecf.serving import bulk as batch_lib
+from jax_vaecf.training import run_folder
+from jax_vaecf.serving import recommender as recommend
 
 import _in_process
 import _runs

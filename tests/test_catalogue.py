@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from jax_vaecf import catalogue
+from jax_vaecf.evaluation import catalogue
 
 
 def _reference(top, pop, n_train, k):
-  """The definitions of jax_vaecf.catalogue, one loop each."""
+  """The definitions of jax_vaecf.evaluation.catalogue, one loop each."""
   n_items = len(pop)
   lists = [list(row[:k]) for row in top]
   slots = [i for row in lists for i in row]

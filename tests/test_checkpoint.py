@@ -9,9 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from jax_vaecf import checkpoint
+from jax_vaecf.training import checkpoint
 from jax_vaecf import model as model_lib
-from jax_vaecf import train as train_lib
+from jax_vaecf.training import steps as train_lib
 
 IDENTITY = {"model": "multvae", "n_items": 30, "hidden_dims": [8], "latent_dim": 3}
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from jax_vaecf import catalogue
-from jax_vaecf import per_user
-from jax_vaecf import significance
+from jax_vaecf.evaluation import catalogue
+from jax_vaecf.evaluation import per_user
+from jax_vaecf.evaluation import significance
 
 import _in_process
 import _runs

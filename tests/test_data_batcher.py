@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from jax_vaecf import sparse
+from jax_vaecf.core import sparse
 from jax_vaecf.data import EvalSplit, TrainBatcher, eval_batches, make_batch, prefetch
 
 

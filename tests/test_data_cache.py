@@ -15,7 +15,7 @@ import zlib
 import numpy as np
 import pytest
 
-from jax_vaecf import files
+from jax_vaecf.core import files
 from jax_vaecf.data import download, load_split, readers
 
 _ROWS = "".join(f"{u}::{i}::{4 + (u + i) % 2}::0\n" for u in range(1, 41)
@@ -132,7 +132,7 @@ def test_missing_files_messages(tmp_path):
     load_split("netflix", str(tmp_path))
 
 
-# Atomic writes (jax_vaecf.files), used for every file the project writes.
+# Atomic writes (jax_vaecf.core.files), used for every file the project writes.
 
 
 def _plain_open_mode(folder):

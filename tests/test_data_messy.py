@@ -399,8 +399,8 @@ def test_csv_options_change_the_cache_key(tmp_path):
 
 
 def test_csv_settings_from_the_config(tmp_path):
-  configs = pytest.importorskip("jax_vaecf.configs")
-  loop = pytest.importorskip("jax_vaecf.loop")
+  configs = pytest.importorskip("jax_vaecf.training.configs")
+  loop = pytest.importorskip("jax_vaecf.training.engine")
   grid = _grid(items=range(1, 21))
   rows = "".join(f"{i}\t{u}\t{1 + (u + i) % 5}\n" for u, i in grid)
   p = _write(tmp_path / "r.tsv", "what\twho\tstars\n" + rows)
@@ -430,7 +430,7 @@ def test_csv_settings_from_the_config(tmp_path):
     (dict(csv_threshold=float("nan")), "csv_threshold must be a finite number"),
 ])
 def test_bad_csv_settings(change, message):
-  configs = pytest.importorskip("jax_vaecf.configs")
+  configs = pytest.importorskip("jax_vaecf.training.configs")
   cfg = configs.Config(dataset="csv").replace(**change)
   with pytest.raises(ValueError, match="bad setting: .*" + message):
     configs.validate(cfg)

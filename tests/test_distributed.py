@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from jax_vaecf import distributed
-from jax_vaecf import parallel
-from jax_vaecf import sparse as sparse_lib
+from jax_vaecf.core import distributed
+from jax_vaecf.training import parallel
+from jax_vaecf.core import sparse as sparse_lib
 
 import _distributed_worker
 

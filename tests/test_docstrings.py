@@ -21,14 +21,14 @@ import pytest
 
 DOCUMENTED_MODULES = (
     "jax_vaecf.api",
-    "jax_vaecf.recommend",
-    "jax_vaecf.export",
-    "jax_vaecf.server",
+    "jax_vaecf.serving.recommender",
+    "jax_vaecf.serving.export",
+    "jax_vaecf.serving.http",
     "jax_vaecf.data.load",
     "jax_vaecf.data.split",
-    "jax_vaecf.metrics",
-    "jax_vaecf.significance",
-    "jax_vaecf.inputs",
+    "jax_vaecf.evaluation.metrics",
+    "jax_vaecf.evaluation.significance",
+    "jax_vaecf.data.inputs",
 )
 
 _SECTION = re.compile(r"^\s*([A-Z][A-Za-z ]*):\s*$", re.M)

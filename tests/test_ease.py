@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from jax_vaecf import configs
-from jax_vaecf import loop
+from jax_vaecf.training import configs
+from jax_vaecf.training import engine as loop
 from jax_vaecf import data as data_lib
-from jax_vaecf import ease
+from jax_vaecf.models import ease
 from jax_vaecf import model as model_lib
-from jax_vaecf import recommend
+from jax_vaecf.serving import recommender as recommend
 
 import _runs
 import _synthetic

@@ -11,12 +11,12 @@ import jax
 import numpy as np
 import pytest
 
-from jax_vaecf import configs
-from jax_vaecf import loop
-from jax_vaecf import run_folder
-from jax_vaecf import checkpoint
-from jax_vaecf import recommend
-from jax_vaecf import reporting
+from jax_vaecf.training import configs
+from jax_vaecf.training import engine as loop
+from jax_vaecf.training import run_folder
+from jax_vaecf.training import checkpoint
+from jax_vaecf.serving import recommender as recommend
+from jax_vaecf.training import reporting
 
 import _in_process
 import _runs

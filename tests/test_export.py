@@ -10,10 +10,10 @@ import sys
 import numpy as np
 import pytest
 
-from jax_vaecf import export as export_lib
-from jax_vaecf import files
-from jax_vaecf import recommend
-from jax_vaecf import serve
+from jax_vaecf.serving import export as export_lib
+from jax_vaecf.core import files
+from jax_vaecf.serving import recommender as recommend
+from jax_vaecf.serving import artefact as serve
 
 import _runs
 
@@ -179,7 +179,7 @@ def test_every_file_read_must_be_listed_with_its_digest_inside_the_folder(run, t
 
 
 def test_the_loaders_digest_is_the_projects(tmp_path):
-  # serve.py, copied into the artefact, cannot import jax_vaecf.files and keeps its own
+  # serve.py, copied into the artefact, cannot import jax_vaecf.core.files and keeps its own
   # sha256_of: the digests a manifest records must be the ones both compute.
   rng = np.random.default_rng(0)
   # Empty, one partial block, and past one 16 MiB block.
@@ -216,7 +216,7 @@ def test_export_refuses_an_occupied_folder_and_a_diverged_model(run, tmp_path):
 def test_mult_dae_exports_too(tmp_path):
   import jax
   from jax_vaecf import model as model_lib
-  from jax_vaecf import train as train_lib
+  from jax_vaecf.training import steps as train_lib
   m = model_lib.build_model("multdae", 60, hidden_dims=(8,))
   params = train_lib.init_params(m, jax.random.PRNGKey(3))
   ids = np.array([f"sku-{j}" for j in range(60)])

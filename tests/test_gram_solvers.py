@@ -1,10 +1,10 @@
-"""jax_vaecf.gram_solvers against float64 NumPy references on small random data."""
+"""jax_vaecf.models.gram_solvers against float64 NumPy references on small random data."""
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from jax_vaecf import gram_solvers as gs
+from jax_vaecf.models import gram_solvers as gs
 
 import _synthetic
 

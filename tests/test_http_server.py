@@ -1,4 +1,4 @@
-"""The HTTP server on an exported artefact (``experiments.serve``, ``jax_vaecf.server``):
+"""The HTTP server on an exported artefact (``experiments.serve``, ``jax_vaecf.serving.http``):
 real HTTP on a free loopback port; answers, bad input, health, the queue bound, reload
 and the drain on SIGTERM."""
 
@@ -20,10 +20,10 @@ import pytest
 pytest.importorskip("starlette")
 uvicorn = pytest.importorskip("uvicorn")
 
-from jax_vaecf import export as export_lib
-from jax_vaecf import recommend
-from jax_vaecf import serve
-from jax_vaecf import server
+from jax_vaecf.serving import export as export_lib
+from jax_vaecf.serving import recommender as recommend
+from jax_vaecf.serving import artefact as serve
+from jax_vaecf.serving import http as server
 
 import _runs
 

@@ -15,12 +15,12 @@ import jax
 import numpy as np
 import pytest
 
-from jax_vaecf import item_shards
+from jax_vaecf.core import item_shards
 from jax_vaecf import model as model_lib
-from jax_vaecf import parallel
-from jax_vaecf import schedules
-from jax_vaecf import sparse as sparse_lib
-from jax_vaecf import train as train_lib
+from jax_vaecf.training import parallel
+from jax_vaecf.core import schedules
+from jax_vaecf.core import sparse as sparse_lib
+from jax_vaecf.training import steps as train_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -233,7 +233,7 @@ def test_bad_item_sharding_requests():
 
 
 def test_bad_mesh_settings_are_refused_before_any_work():
-  from jax_vaecf import configs
+  from jax_vaecf.training import configs
   configs.validate(configs.Config().replace(mesh="2x4"))
   for changes, message in (
       ({"mesh": "2x"}, "mesh must be DATAxMODEL"),

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_vaecf import metrics
+from jax_vaecf.evaluation import metrics
 
 
 def _brute_force(scores, heldout, fold_in, k):

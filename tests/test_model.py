@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from jax_vaecf import model as model_lib
-from jax_vaecf import sparse as sparse_lib
-from jax_vaecf import train as train_lib
+from jax_vaecf.core import sparse as sparse_lib
+from jax_vaecf.training import steps as train_lib
 
 import _numpy_ref as ref
 

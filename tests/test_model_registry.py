@@ -15,13 +15,13 @@ import pytest
 import scipy.sparse as sp
 
 import jax_vaecf
-from jax_vaecf import checkpoint as checkpoint_lib
-from jax_vaecf import configs
+from jax_vaecf.training import checkpoint as checkpoint_lib
+from jax_vaecf.training import configs
 from jax_vaecf import model as model_lib
-from jax_vaecf import recommend
-from jax_vaecf import recvae as recvae_lib
-from jax_vaecf import space
-from jax_vaecf import tune
+from jax_vaecf.serving import recommender as recommend
+from jax_vaecf.models import recvae as recvae_lib
+from jax_vaecf.models import space
+from jax_vaecf.tuning import search as tune
 
 import _synthetic
 

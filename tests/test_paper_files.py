@@ -8,7 +8,7 @@ import stat
 import numpy as np
 import pytest
 
-from jax_vaecf import files
+from jax_vaecf.core import files
 from jax_vaecf.data import paper_files, read_user_lines
 from jax_vaecf.data.split import EvalSplit, Split, binary_csr
 

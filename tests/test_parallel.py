@@ -8,14 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_vaecf import checkpoint
-from jax_vaecf import metrics
+from jax_vaecf.training import checkpoint
+from jax_vaecf.evaluation import metrics
 from jax_vaecf import model as model_lib
-from jax_vaecf import parallel
-from jax_vaecf import precision
-from jax_vaecf import schedules
-from jax_vaecf import sparse as sparse_lib
-from jax_vaecf import train as train_lib
+from jax_vaecf.training import parallel
+from jax_vaecf.core import precision
+from jax_vaecf.core import schedules
+from jax_vaecf.core import sparse as sparse_lib
+from jax_vaecf.training import steps as train_lib
 
 import _synthetic
 

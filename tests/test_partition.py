@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from jax_vaecf import loop
-from jax_vaecf import catalogue
-from jax_vaecf import distributed
-from jax_vaecf import per_user
-from jax_vaecf import sparse
+from jax_vaecf.training import engine as loop
+from jax_vaecf.evaluation import catalogue
+from jax_vaecf.core import distributed
+from jax_vaecf.evaluation import per_user
+from jax_vaecf.core import sparse
 from jax_vaecf.data import (BlockBatcher, EvalSplit, Split, TrainBatcher, block_eval_batches,
                             eval_batches, open_part, partition, write_partitions)
 from jax_vaecf.data.split import binary_csr
@@ -83,7 +83,7 @@ def _same_csr(a, b):
 
 
 def test_the_data_layer_does_not_import_serving():
-  # The data layer sits below serving: jax_vaecf.serve is the artefact's own loader
+  # The data layer sits below serving: jax_vaecf.serving.artefact is the artefact's own loader
   # (copied into every export), and the server and exporter build on the library.
   code = """
 import pkgutil, sys, importlib
@@ -91,7 +91,7 @@ import jax_vaecf.data
 for m in pkgutil.iter_modules(jax_vaecf.data.__path__, "jax_vaecf.data."):
   importlib.import_module(m.name)
 print(sorted(n for n in sys.modules if n.startswith("jax_vaecf.data.")))
-print(sorted(n for n in ("jax_vaecf.serve", "jax_vaecf.server", "jax_vaecf.export")
+print(sorted(n for n in ("jax_vaecf.serving.artefact", "jax_vaecf.serving.http", "jax_vaecf.serving.export")
              if n in sys.modules))
 """
   r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,

@@ -5,10 +5,10 @@ import os
 
 import pytest
 
-from jax_vaecf import configs
-from jax_vaecf import loop
-from jax_vaecf import reporting
-from jax_vaecf import machine
+from jax_vaecf.training import configs
+from jax_vaecf.training import engine as loop
+from jax_vaecf.training import reporting
+from jax_vaecf.core import machine
 
 import _runs
 

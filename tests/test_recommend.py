@@ -12,14 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_vaecf import configs
-from jax_vaecf import loop
-from jax_vaecf import checkpoint
-from jax_vaecf import metrics
+from jax_vaecf.training import configs
+from jax_vaecf.training import engine as loop
+from jax_vaecf.training import checkpoint
+from jax_vaecf.evaluation import metrics
 from jax_vaecf import model as model_lib
-from jax_vaecf import recommend
-from jax_vaecf import sparse as sparse_lib
-from jax_vaecf import train as train_lib
+from jax_vaecf.serving import recommender as recommend
+from jax_vaecf.core import sparse as sparse_lib
+from jax_vaecf.training import steps as train_lib
 
 import _runs
 import _synthetic

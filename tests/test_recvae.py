@@ -10,12 +10,12 @@ import numpy as np
 import optax
 import pytest
 
-from jax_vaecf import loop
+from jax_vaecf.training import engine as loop
 from jax_vaecf import model as model_lib
-from jax_vaecf import parallel
-from jax_vaecf import recvae
-from jax_vaecf import sparse as sparse_lib
-from jax_vaecf import train as train_lib
+from jax_vaecf.training import parallel
+from jax_vaecf.models import recvae
+from jax_vaecf.core import sparse as sparse_lib
+from jax_vaecf.training import steps as train_lib
 
 import _runs
 
@@ -244,7 +244,7 @@ def test_settings_recvae_does_not_take_are_refused():
     model_lib.build_model("recvae", 10, hidden_dims=(8, 6))
   with pytest.raises(ValueError, match="has no setting encoder_epochs"):
     model_lib.build_model("multvae", 10, encoder_epochs=2)
-  from jax_vaecf import configs
+  from jax_vaecf.training import configs
   cfg = configs.get_config("ml20m_recvae")
   configs.validate(cfg)
   with pytest.raises(ValueError, match="bad setting: RecVAE.*one width"):
@@ -318,9 +318,9 @@ def test_a_run_stopped_inside_a_phase_resumes_to_the_uninterrupted_result(
 
 
 def test_a_recvae_run_is_served_and_exported_like_any_model(tmp_path_factory, tmp_path):
-  from jax_vaecf import recommend
-  from jax_vaecf import serve
-  from jax_vaecf import export as export_lib
+  from jax_vaecf.serving import recommender as recommend
+  from jax_vaecf.serving import artefact as serve
+  from jax_vaecf.serving import export as export_lib
   workdir = _runs.trained_workdir(tmp_path_factory, "recvae_serve", model="recvae",
                                   hidden_dims=(16,) * 3, latent_dim=8, kl_gamma=0.005,
                                   lr=5e-3, encoder_epochs=2)

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from jax_vaecf import loop
-from jax_vaecf import reporting
+from jax_vaecf.training import engine as loop
+from jax_vaecf.training import reporting
 
 import _runs
 

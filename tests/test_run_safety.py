@@ -11,11 +11,11 @@ import sys
 
 import pytest
 
-from jax_vaecf import epochs
-from jax_vaecf import loop
-from jax_vaecf import run_folder
-from jax_vaecf import checkpoint
-from jax_vaecf import files as files_lib
+from jax_vaecf.training import epochs
+from jax_vaecf.training import engine as loop
+from jax_vaecf.training import run_folder
+from jax_vaecf.training import checkpoint
+from jax_vaecf.core import files as files_lib
 
 import _in_process
 import _runs

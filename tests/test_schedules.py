@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_vaecf import schedules
+from jax_vaecf.core import schedules
 
 
 def test_linear_schedule_paper_values():

@@ -1,4 +1,4 @@
-"""What enters the HTTP server (``jax_vaecf.server_inputs``), tried in-process on the ASGI
+"""What enters the HTTP server (``jax_vaecf.serving.requests``), tried in-process on the ASGI
 app over a tiny artefact: ids that were not UTF-8, malformed and hostile bodies, wrong
 methods and paths, clients that stall or go away, reloads racing a deploy; and a
 property test that any body gets the artefact's own answer or one JSON 4xx line."""
@@ -13,9 +13,9 @@ pytest.importorskip("starlette")
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
-from jax_vaecf import export as export_lib  # noqa: E402
-from jax_vaecf import serve  # noqa: E402
-from jax_vaecf import server  # noqa: E402
+from jax_vaecf.serving import export as export_lib  # noqa: E402
+from jax_vaecf.serving import artefact as serve  # noqa: E402
+from jax_vaecf.serving import http as server  # noqa: E402
 
 from _asgi import AsgiClient  # noqa: E402
 
@@ -29,7 +29,7 @@ IDS = (["caf\udce9", "caf\udce8", "é", "x y", "\udcff\udc80"]
 def _write(folder, ids, k, seed):
   import jax
   from jax_vaecf import model as model_lib
-  from jax_vaecf import train as train_lib
+  from jax_vaecf.training import steps as train_lib
   m = model_lib.build_model("multdae", len(ids), hidden_dims=(8,))
   params = train_lib.init_params(m, jax.random.PRNGKey(seed))
   export_lib.write_artifact(folder, m, params, np.array(ids), k,

@@ -4,13 +4,13 @@ check, where two sets of settings differ."""
 import numpy as np
 import pytest
 
-from jax_vaecf import batch as batch_lib
-from jax_vaecf import differences
-from jax_vaecf import finite
-from jax_vaecf import closed_form
-from jax_vaecf import metrics
-from jax_vaecf import recommend
-from jax_vaecf import serve
+from jax_vaecf.serving import bulk as batch_lib
+from jax_vaecf.core import differences
+from jax_vaecf.core import finite
+from jax_vaecf.training import closed_form
+from jax_vaecf.evaluation import metrics
+from jax_vaecf.serving import recommender as recommend
+from jax_vaecf.serving import artefact as serve
 
 
 def test_columns_compare_raw_ids_by_text():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from jax_vaecf import sparse_ease
+from jax_vaecf.models import sparse_ease
 
 
 def _dense_ease(x: sp.spmatrix, l2: float) -> np.ndarray:

@@ -13,7 +13,7 @@ from absl import app
 from absl import flags
 
 from experiments import cli
-from jax_vaecf import configs
+from jax_vaecf.training import configs
 
 import _in_process
 

@@ -6,13 +6,13 @@ import numpy as np
 import optax
 import pytest
 
-from jax_vaecf import losses
-from jax_vaecf import metrics
+from jax_vaecf.core import losses
+from jax_vaecf.evaluation import metrics
 from jax_vaecf import model as model_lib
-from jax_vaecf import precision
-from jax_vaecf import schedules
-from jax_vaecf import sparse as sparse_lib
-from jax_vaecf import train as train_lib
+from jax_vaecf.core import precision
+from jax_vaecf.core import schedules
+from jax_vaecf.core import sparse as sparse_lib
+from jax_vaecf.training import steps as train_lib
 
 import _numpy_ref as ref
 import _synthetic

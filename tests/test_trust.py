@@ -11,11 +11,11 @@ import time
 import numpy as np
 import pytest
 
-from jax_vaecf import configs
-from jax_vaecf import loop
-from jax_vaecf import checkpoint
-from jax_vaecf import recommend
-from jax_vaecf import run_folder
+from jax_vaecf.training import configs
+from jax_vaecf.training import engine as loop
+from jax_vaecf.training import checkpoint
+from jax_vaecf.serving import recommender as recommend
+from jax_vaecf.training import run_folder
 from jax_vaecf.data import preprocess, readers
 from jax_vaecf.data.split import Split, check_distinct_ids
 
@@ -135,7 +135,7 @@ def test_a_byte_order_mark_never_hides_the_first_row(tmp_path):
   lines.write_bytes(b"\xef\xbb\xbf1 2 3\n2 3 4\n")
   assert readers.read_user_lines(str(lines)).users.tolist() == [1, 1, 2, 2]
   # The titles of recommendations too.
-  from jax_vaecf import batch as batch_lib
+  from jax_vaecf.serving import bulk as batch_lib
   titles = tmp_path / "movies.dat"
   titles.write_bytes(b"\xef\xbb\xbf1::Toy Story (1995)::Animation\n2::Caf\xc3\xa9::Drama\n")
   assert batch_lib.read_titles(str(titles)) == {"1": "Toy Story (1995)", "2": "Caf\u00e9"}

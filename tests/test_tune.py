@@ -22,10 +22,10 @@ optuna = pytest.importorskip("optuna")
 # Heartbeats, the retry callback and TPE's options are marked experimental by Optuna.
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 
-from jax_vaecf import configs  # pylint: disable=g-import-not-at-top
-from jax_vaecf import loop
-from jax_vaecf import tune
-from jax_vaecf import tune_space
+from jax_vaecf.training import configs  # pylint: disable=g-import-not-at-top
+from jax_vaecf.training import engine as loop
+from jax_vaecf.tuning import search as tune
+from jax_vaecf.tuning import space as tune_space
 from jax_vaecf.data import paper_files
 from jax_vaecf.data.split import EvalSplit, Split
 

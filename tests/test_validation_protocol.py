@@ -8,11 +8,11 @@ import os
 import numpy as np
 import pytest
 
-from jax_vaecf import configs
-from jax_vaecf import loop
-from jax_vaecf import run_folder
-from jax_vaecf import checkpoint
-from jax_vaecf import checkpoint_choice
+from jax_vaecf.training import configs
+from jax_vaecf.training import engine as loop
+from jax_vaecf.training import run_folder
+from jax_vaecf.training import checkpoint
+from jax_vaecf.training import checkpoint_choice
 from jax_vaecf.data import split as split_lib
 
 import _runs

@@ -1,4 +1,4 @@
-"""Host-side batching of CSR rows into padded :class:`~jax_vaecf.sparse.SparseBatch`es.
+"""Host-side batching of CSR rows into padded :class:`~jax_vaecf.core.sparse.SparseBatch`es.
 
 Shapes are kept to a handful so jit compiles a few programs:
 
@@ -20,7 +20,7 @@ and is padded to ``k * R`` rows with ``row_mask = 0``, so every device gets one 
 and the users of each step do not depend on the number of devices.
 
 Partitioned data (:mod:`jax_vaecf.data.partition`): the users form ``P`` fixed
-contiguous blocks (:func:`jax_vaecf.distributed.process_slice`), one per process, and
+contiguous blocks (:func:`jax_vaecf.core.distributed.process_slice`), one per process, and
 :class:`BlockBatcher` / :func:`block_eval_batches` make global batch ``b`` the
 concatenation over blocks ``p = 0 .. P-1`` of block ``p``'s ``b``-th local batch. A
 process holding one block builds only that block's rows (its shards) and, from every
@@ -38,8 +38,8 @@ import jax
 import numpy as np
 import scipy.sparse as sp
 
-from jax_vaecf import distributed
-from jax_vaecf.sparse import EvalBatch, SparseBatch
+from jax_vaecf.core import distributed
+from jax_vaecf.core.sparse import EvalBatch, SparseBatch
 
 _RATIO = 1.25
 _ALIGN = 128
@@ -292,7 +292,7 @@ class BlockBatcher:
   """Shuffled training batches in the block order of partitioned data, the same global
   batches whether one process holds every block or each process one.
 
-  Users form ``blocks = P`` contiguous blocks (:func:`jax_vaecf.distributed.process_slice`
+  Users form ``blocks = P`` contiguous blocks (:func:`jax_vaecf.core.distributed.process_slice`
   of the ``n_users = row_nnz.size`` training users). In epoch ``e`` block ``q`` is shuffled
   by ``numpy.random.default_rng([seed, e, q]).permutation`` (with one block
   ``default_rng([seed, e])``: :class:`TrainBatcher`'s order); global batch ``b`` is the

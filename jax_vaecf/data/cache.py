@@ -2,10 +2,10 @@
 
 The key hashes the processing options (as sorted JSON) and the identity of every input
 file (absolute path, size, mtime and the sha256 of its first MiB), so other options or
-a changed input give another file. Files are written with :mod:`jax_vaecf.files`
+a changed input give another file. Files are written with :mod:`jax_vaecf.core.files`
 (temporary file, fsync, rename), so a crash never leaves a half-written cache under the
 real name; temporary files left by killed writers are removed once they are an hour
-old (see :func:`jax_vaecf.files.remove_stale_temps`). On load the stored key, format
+old (see :func:`jax_vaecf.core.files.remove_stale_temps`). On load the stored key, format
 version, every array shape and every scalar field of the split are checked; a file
 that fails (truncated, corrupt, foreign, written before a field existed) is reported
 with a warning and rebuilt. A cache folder that cannot be written (read-only, full, not
@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from jax_vaecf import files
+from jax_vaecf.core import files
 from jax_vaecf.data.split import EvalSplit, Split
 
 # Bump when a stored array changes meaning. A new scalar field of Split needs no bump:
@@ -179,7 +179,7 @@ def load_split(path: str | os.PathLike, key: str) -> Split:
   return split
 
 
-# Before jax_vaecf.files, cache files were written through tempfile.mkstemp as
+# Before jax_vaecf.core.files, cache files were written through tempfile.mkstemp as
 # "tmp<random>.npz.tmp"; killed writers left those behind too.
 def _is_legacy_temp(name: str) -> bool:
   return name.startswith("tmp") and name.endswith(".npz.tmp")

@@ -23,7 +23,7 @@ import urllib.request
 import zipfile
 from typing import Callable, Sequence
 
-from jax_vaecf import files as files_lib
+from jax_vaecf.core import files as files_lib
 from jax_vaecf.data import registry
 
 GROUPLENS = registry.GROUPLENS

@@ -6,7 +6,7 @@ users first, then validation, then test users; ``sid`` = ``show2id`` column) and
 ``unique_sid.txt`` (the raw item id of each column, one per line). ``unique_uid.txt``
 (raw user id of each ``uid``) is written as an extra; the paper's code ignores it.
 
-Files are written atomically with normal permissions (:mod:`jax_vaecf.files`). Reading
+Files are written atomically with normal permissions (:mod:`jax_vaecf.core.files`). Reading
 checks what would otherwise fail far from the cause or silently: every error names the
 file and, where there is one, the line.
 """
@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 
-from jax_vaecf import files
+from jax_vaecf.core import files
 from jax_vaecf.data import _text
 from jax_vaecf.data.split import EvalSplit, Split, binary_csr
 

@@ -37,11 +37,11 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import scipy.sparse as sp
 
-from jax_vaecf import distributed
-from jax_vaecf import files as files_lib
+from jax_vaecf.core import distributed
+from jax_vaecf.core import files as files_lib
 from jax_vaecf.data import batcher as batcher_lib
 from jax_vaecf.data import split as split_lib
-from jax_vaecf.sparse import EvalBatch
+from jax_vaecf.core.sparse import EvalBatch
 
 FORMAT = 1
 MANIFEST = "manifest.json"

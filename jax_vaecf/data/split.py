@@ -57,7 +57,7 @@ class Split:
 
   Raises:
     ValueError: an item id names two columns (:func:`check_distinct_ids`). The rest is
-      checked where a split enters the library (:func:`jax_vaecf.inputs.split`).
+      checked where a split enters the library (:func:`jax_vaecf.data.inputs.split`).
   """
 
   train: sp.csr_matrix

@@ -1,0 +1,1 @@
+"""Ranking metrics, per-user records and significance tests."""

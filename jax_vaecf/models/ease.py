@@ -1,0 +1,387 @@
+"""EASE (Steck, "Embarrassingly Shallow Autoencoders for Sparse Data", WWW 2019).
+
+A closed-form item-item model: with ``X`` the ``(n_users, n_items)`` training matrix and
+``G = X^T X`` its Gram matrix,
+
+    P = (G + l2 * I)^-1,    B = I - P diag(1 / diag(P))    (so diag(B) = 0),
+
+and a user with history row ``x`` gets the scores ``x @ B``. There is no optimiser and
+no epoch: a run accumulates ``G`` on the device from the same CSR batches the VAEs train
+on (:func:`gram_matrix`; never a dense user x item matrix on the host), then factors it.
+
+* One ``l2``: :func:`fit` (Cholesky factor of ``G + l2 I``, then ``P`` from it).
+* Several: one eigendecomposition ``G = V diag(s) V^T`` (:func:`spectrum`) serves every
+  value. ``P = V diag(d) V^T`` with ``d = 1 / (s + l2)``, and on a user's unseen items
+  ``x @ B = -(x P) / diag(P)``, so the validation scores of one ``l2`` are
+  ``((x V) * d) @ (V^T / -diag(P))``: ``n_validation * n_items^2`` work each and no
+  inverse (:func:`sweep_params` for :class:`Spectral`, scored by the ordinary eval step).
+  The best value's ``B`` comes from the same decomposition (:func:`fit_from_spectrum`).
+
+The model (:class:`EASE`) is an ordinary :class:`jax_vaecf.model.CFModel` whose
+output-layer input is the dense history row and whose output layer is ``B`` (zero bias),
+so evaluation, checkpoints, the :class:`jax_vaecf.serving.recommender.Recommender` and exported
+artefacts take it unchanged: a new user folds in as ``x @ B`` with the user's own items
+excluded, as for every model. Its parameters: ``output/kernel`` ``B`` float32
+``(n_items, n_items)``, ``output/bias`` zeros ``(n_items,)`` and ``l2`` (float32 scalar,
+the value it was fitted with).
+
+Memory: ``n_items^2`` float32 values per matrix and a few of them at once
+(:func:`device_bytes_needed`); MSD's 41,140 items need 6.8 GB per matrix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Iterable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_vaecf import model as model_lib
+from jax_vaecf.core import sparse as sparse_lib
+
+Array = jax.Array
+
+# The l2 values swept when none is given: a log grid over the range the EASE paper and
+# its follow-ups report (ML-20M 500, Netflix 1,000, MSD 200; ML-1M's best lies between).
+DEFAULT_L2_GRID = (10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0)
+
+# n_items^2 float32 matrices held at once at the peak of a fit: the Gram matrix or its
+# eigenvectors, the factorisation's work space (LAPACK's syevd asks for about two), the
+# scoring matrix of one l2 and B itself.
+MATRICES_AT_PEAK = 5
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+class _ItemItem(nn.Module):
+  """``y = x @ kernel + bias`` with an ``(n_items, n_items)`` kernel, both zero at init
+  (the state's layout only: EASE's weights are fitted, never drawn)."""
+
+  features: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = self.param("kernel", nn.initializers.zeros, (x.shape[-1], self.features),
+                        self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype),
+                preferred_element_type=jnp.float32)
+    return y + bias.astype(jnp.float32)
+
+
+def _dense_rows(x: model_lib.Input, n_items: int, dtype) -> Array:
+  """A batch's history rows as a dense ``(B, n_items)`` array of ``dtype``, densified on
+  the device (EASE scores the raw rows: no normalisation, no dropout)."""
+  model_lib.check_input(x, n_items)
+  if isinstance(x, sparse_lib.SparseBatch):
+    return sparse_lib.densify(x, n_items, dtype)
+  return jnp.asarray(x).astype(dtype)
+
+
+class _ClosedForm(model_lib.CFModel):
+  """What EASE and its sweep scorer share: no training round, no KL term, an output
+  layer ``output`` over the features."""
+
+  closed_form = True  # fitted by this module's functions, not by train steps
+
+  @property
+  def output_layer(self) -> str:
+    return "output"
+
+  @property
+  def phases(self) -> tuple[model_lib.Phase, ...]:
+    return ()  # no optimiser, no training round
+
+  @property
+  def has_kl(self) -> bool:
+    return False
+
+  def __call__(self, x: model_lib.Input, *, train: bool = False, row_offset=0, **kwargs
+               ) -> model_lib.ModelOutput:
+    """Float32 scores ``(B, n_items)``: the output layer over :meth:`features`."""
+    h = self.features(x, train=train, row_offset=row_offset, **kwargs).logits
+    return model_lib.ModelOutput(self.output(h))
+
+
+class EASE(_ClosedForm):
+  """EASE's scorer ``x @ B`` as a model of the library.
+
+  Attributes:
+    n_items: number of items.
+    dtype: matmul dtype of the scores (float32, bfloat16 or float16); accumulated and
+      returned in float32.
+    param_dtype: parameter dtype (float32).
+    item_shards: always ``None`` (``B``'s two item axes are not split over devices).
+  """
+
+  n_items: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  item_shards: Any = None
+
+  def setup(self):
+    self.output = _ItemItem(self.n_items, self.dtype, self.param_dtype)
+    self.l2 = self.param("l2", nn.initializers.zeros, (), self.param_dtype)
+
+  def features(self, x: model_lib.Input, *, train: bool = False, row_offset=0,
+               dropout: bool = True, frozen: Any = None, kl: bool = True
+               ) -> model_lib.ModelOutput:
+    """``logits`` holds the history rows ``(B, n_items)`` in ``dtype``: ``B``'s input."""
+    del train, row_offset, dropout, frozen, kl
+    return model_lib.ModelOutput(_dense_rows(x, self.n_items, self.dtype))
+
+
+class Spectral(_ClosedForm):
+  """One ``l2``'s validation scores from the Gram matrix's eigendecomposition:
+  ``(x @ project) @ output/kernel``, parameters from :func:`sweep_params`. Equal to
+  :class:`EASE`'s scores on every item the user does not have (the only ones ranked)."""
+
+  n_items: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  item_shards: Any = None
+
+  def setup(self):
+    self.project = self.param("project", nn.initializers.zeros,
+                              (self.n_items, self.n_items), self.param_dtype)
+    self.output = _ItemItem(self.n_items, self.dtype, self.param_dtype)
+
+  def features(self, x: model_lib.Input, *, train: bool = False, row_offset=0,
+               dropout: bool = True, frozen: Any = None, kl: bool = True
+               ) -> model_lib.ModelOutput:
+    del train, row_offset, dropout, frozen, kl
+    h = _dense_rows(x, self.n_items, jnp.float32)
+    return model_lib.ModelOutput(jnp.dot(h, self.project, precision=_HIGHEST))
+
+
+@dataclasses.dataclass(frozen=True)
+class EASESettings:
+  """EASE's own settings."""
+
+  l2: tuple = model_lib.model_setting(
+      (), "The L2 weight lambda, or comma-separated values to try on the validation "
+      "data (the best is kept; '' = a grid from 10 to 10,000).", element=float)
+
+  def __post_init__(self):
+    l2_values(self.l2)
+
+
+def _build(n_items, settings: EASESettings, dropout_rate, dtype) -> EASE:
+  del settings, dropout_rate  # l2 shapes nothing; no input dropout
+  return EASE(n_items, dtype)
+
+
+def check_fits(n_items: int, device: jax.Device, title: str = "EASE") -> None:
+  """Raises ``MemoryError`` naming the figures when a fit of ``n_items`` items cannot fit
+  ``device``'s memory (before any work)."""
+  need = device_bytes_needed(n_items)
+  have = device_memory_bytes(device)
+  if have is not None and need > have:
+    raise MemoryError(
+        f"{title} on {n_items:,} items needs about {need / 2**30:.1f} GiB on the device "
+        f"({MATRICES_AT_PEAK} matrices of {n_items:,} x {n_items:,} float32, "
+        f"{4 * n_items**2 / 2**30:.2f} GiB each); this {device.platform} device has "
+        f"{have / 2**30:.1f} GiB. Run it on a device with more memory (a GPU), or keep "
+        f"fewer items (a stricter item filter)")
+
+
+def _space():
+  from jax_vaecf.models import space  # pylint: disable=g-import-not-at-top
+  return (space.Param("l2", "float", "EASE's L2 weight lambda (one value per trial).",
+                      1.0, 1e5, log=True, applies="model", read=space.one_value,
+                      write=space.as_list),)
+
+
+def fit_run(settings: EASESettings, problem: model_lib.ClosedFormProblem
+            ) -> model_lib.ClosedFormFit:
+  """EASE's closed-form fit (its :attr:`ModelEntry.fit`): the Gram matrix of the
+  training rows on the problem's device, then one ``l2`` fitted by Cholesky, or each of
+  several scored on the validation users from one eigendecomposition and the best kept
+  (``B`` from the same decomposition)."""
+  grid = l2_values(settings.l2)
+  t0 = time.perf_counter()
+  gram = gram_matrix(problem.train_batches(), problem.n_items, problem.device)
+  jax.block_until_ready(gram)
+  gram_s = time.perf_counter() - t0
+  if len(grid) == 1:
+    l2 = grid[0]
+    b = fit(gram, jnp.float32(l2))
+  else:
+    s, v = spectrum(gram)  # gram donated
+    del gram
+    scorer = Spectral(problem.n_items)
+    best = problem.choose([{"l2": value} for value in grid],
+                          lambda c: (scorer, sweep_params(s, v, jnp.float32(c["l2"]))))
+    l2 = best["l2"]
+    b = fit_from_spectrum(s, v, jnp.float32(l2))
+    del s, v
+  return model_lib.ClosedFormFit(params_of(b, l2), {"l2": (l2,)},
+                                 f"l2 {l2:g} (gram matrix {gram_s:.2f}s)")
+
+
+ENTRY = model_lib.ModelEntry(_build, "EASE", EASESettings, check_memory=check_fits,
+                             fit=fit_run, space=_space())
+
+
+# ------------------------------------------------------------------------------- fit
+
+
+# EASE's l2 where a float32 solve of (G + l2 I) P = I stays meaningful. Below: the Gram
+# matrix G counts users, its smallest eigenvalues are 0 for an item nobody has or two
+# items with the same users, and float32 (7 digits) rounding of entries in the thousands
+# leaves G + l2 I numerically singular (the fit "diverges"). Above: a co-occurrence of
+# one user (an entry 1 of G) is within a few float32 roundings of l2, so B = I - P/diag(P)
+# ranks by rounding noise, and from about 1e19 on P's entries (~G / l2^2) underflow to 0
+# and every item scores alike. The EASE papers' values (200 to 1,000) and the default
+# grid (10 to 10,000) lie well inside.
+L2_RANGE = (1.0, 1e6)
+
+
+def l2_values(l2: Iterable[float]) -> tuple[float, ...]:
+  """The ``l2`` values a run fits: those given (sorted, each once), or
+  :data:`DEFAULT_L2_GRID` when none is. Raises ``ValueError`` for a value outside
+  :data:`L2_RANGE`, with the reason, before any fit."""
+  values = tuple(float(v) for v in l2)
+  lo, hi = L2_RANGE
+  bad = [v for v in values if not lo <= v <= hi]
+  if bad:
+    raise ValueError(
+        f"l2: EASE's l2 must be in [{lo:g}, {hi:g}], got {bad}: below, float32 rounding "
+        "makes G + l2 I singular; above, one co-occurrence is lost in l2's rounding and "
+        "the scores are noise (jax_vaecf.models.ease.L2_RANGE)")
+  return tuple(sorted(set(values))) or DEFAULT_L2_GRID
+
+
+def device_bytes_needed(n_items: int) -> int:
+  """Device bytes a fit of ``n_items`` items needs at its peak (see
+  :data:`MATRICES_AT_PEAK`)."""
+  return MATRICES_AT_PEAK * 4 * int(n_items) ** 2
+
+
+@functools.partial(jax.jit, static_argnums=2, donate_argnums=0)
+def _add_gram(gram: Array, batch: sparse_lib.SparseBatch, n_items: int) -> Array:
+  x = sparse_lib.densify(batch, n_items)
+
+  def sparse_side(x):
+    # X^T x as the sparse matrix X^T times the dense rows: nnz * n_items additions
+    # (an entry loop on CPU, where the dense product's B * n_items^2 was 3x slower
+    # than SciPy's sparse one at ML-1M's shape).
+    return sparse_lib.matmul(batch.cols, batch.rows, batch.vals, x, n_items)
+
+  def dense(x):
+    return jnp.dot(x.T, x, precision=_HIGHEST)
+
+  return gram + jax.lax.platform_dependent(x, cpu=sparse_side, default=dense)
+
+
+def gram_matrix(batches: Iterable[sparse_lib.SparseBatch], n_items: int,
+                device: jax.Device | None = None) -> Array:
+  """``X^T X``, float32 ``(n_items, n_items)`` on ``device``, summed over the batches.
+
+  Args:
+    batches: host :class:`SparseBatch` es (one shard: leaves ``(nnz,)`` and ``(B,)``)
+      covering every training row once; each is copied to the device and densified
+      there, ``(B, n_items)`` at a time.
+    n_items: the catalogue's width.
+    device: where the sum lives (default: the first device).
+
+  Binary rows give integer sums, exact in float32 up to 2^24 users.
+  """
+  device = device or jax.devices()[0]
+  gram = jax.device_put(jnp.zeros((n_items, n_items), jnp.float32), device)
+  for batch in batches:
+    gram = _add_gram(gram, jax.device_put(batch, device), n_items)  # host -> device
+  return gram
+
+
+@jax.jit
+def fit(gram: Array, l2: Array) -> Array:
+  """``B`` float32 ``(n, n)`` for one ``l2`` from the Gram matrix ``(n, n)``: the
+  Cholesky factor of ``G + l2 I`` gives ``P``, then ``B = I - P / diag(P)`` (columns)
+  with a zero diagonal. A matrix that is not positive definite gives NaN."""
+  n = gram.shape[0]
+  eye = jnp.eye(n, dtype=jnp.float32)
+  factor = jax.scipy.linalg.cho_factor(gram + l2 * eye, lower=True)
+  p = jax.scipy.linalg.cho_solve(factor, eye)
+  return b_from_p(p)
+
+
+def b_from_p(p: Array) -> Array:
+  """``B = -P / diag(P)`` (columns) with a zero diagonal, from ``P`` float32 ``(n, n)``."""
+  p = 0.5 * (p + p.T)  # symmetric to rounding: each column's scale from its own diagonal
+  b = -p / jnp.diag(p)[None, :]
+  return b.at[jnp.diag_indices(p.shape[0])].set(0.0)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def spectrum(gram: Array) -> tuple[Array, Array]:
+  """``(s float32 (n,), V float32 (n, n))`` with ``G = V diag(s) V^T`` (the Gram matrix
+  is donated: its memory holds the result)."""
+  # Unsorted: the sweep needs no order, and the sort is an extra pass.
+  v, s = jax.lax.linalg.eigh(gram, symmetrize_input=True, sort_eigenvalues=False)
+  return s, v
+
+
+@jax.jit
+def sweep_params(s: Array, v: Array, l2: Array) -> dict:
+  """The :class:`Spectral` parameters of one ``l2``: ``project = V`` and
+  ``output/kernel = diag(d) V^T / -diag(P)`` with ``d = 1 / (s + l2)`` and
+  ``diag(P) = (V * V) @ d``."""
+  d = 1.0 / (s + l2)
+  diag_p = jnp.dot(v * v, d, precision=_HIGHEST)
+  return {"project": v,
+          "output": {"kernel": (d[:, None] * v.T) / -diag_p[None, :],
+                     "bias": jnp.zeros_like(s)}}
+
+
+@jax.jit
+def fit_from_spectrum(s: Array, v: Array, l2: Array) -> Array:
+  """``B`` for one ``l2`` from the eigendecomposition (as :func:`fit` from ``G``)."""
+  p = jnp.dot(v * (1.0 / (s + l2))[None, :], v.T, precision=_HIGHEST)
+  return b_from_p(p)
+
+
+def params_of(b: Array, l2: float) -> dict:
+  """:class:`EASE`'s parameters holding ``B``."""
+  return {"output": {"kernel": b, "bias": jnp.zeros((b.shape[0],), jnp.float32)},
+          "l2": jnp.asarray(l2, jnp.float32)}
+
+
+def host_memory_bytes() -> int | None:
+  """The host's available memory in bytes (``MemAvailable``), ``None`` when unknown."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
+
+
+def device_memory_bytes(device: jax.Device) -> int | None:
+  """What ``device`` can hold in bytes: its allocator's limit on an accelerator, the
+  host's available memory on CPU; ``None`` when unknown."""
+  if device.platform == "cpu":
+    return host_memory_bytes()
+  stats = device.memory_stats() or {}
+  return stats.get("bytes_limit")
+
+
+def numpy_ease(x: Any, l2: float) -> np.ndarray:
+  """The reference: ``B`` in float64 by ``numpy.linalg.inv`` of a dense or scipy
+  ``(n_users, n_items)`` matrix (tests and benchmarks compare :func:`fit` with it)."""
+  x = x.toarray() if hasattr(x, "toarray") else np.asarray(x)
+  x = x.astype(np.float64)
+  g = x.T @ x
+  p = np.linalg.inv(g + l2 * np.eye(g.shape[0]))
+  b = -p / np.diag(p)[None, :]
+  np.fill_diagonal(b, 0.0)
+  return b

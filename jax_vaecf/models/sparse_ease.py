@@ -1,0 +1,306 @@
+"""Sparse EASE: EASE's item-item matrix for catalogues past the dense memory wall.
+
+Dense EASE (:mod:`jax_vaecf.models.ease`) holds ``n_items^2`` float32 matrices; at 91,600 items
+(Amazon-Book's width) one is 31 GiB. This module follows SANSA (Spisak, Bartyzal and
+Vancura, "Scalable Approximate NonSymmetric Autoencoder for Collaborative Filtering",
+RecSys 2023): never form a dense matrix, and approximate
+
+    P = (G + l2 I)^-1,   B = -P / diag(P)  (columns; diag(B) = 0),   G = X^T X,
+
+by sparse pieces of about ``k = target_density * n_items`` entries per column:
+
+1. ``G`` in row blocks from the sparse ``X`` (never densified), keeping the diagonal and
+   the off-diagonal entries above one magnitude threshold (so ``G`` stays symmetric),
+   chosen on a random eighth of the columns so that about ``gram_ratio * k`` per column
+   remain; each dropped ``|g_ij|`` is added to ``g_ii`` and ``g_jj`` (so the result stays
+   positive definite); plus ``l2 I``.
+2. An incomplete factorisation ``G + l2 I ~ Q^T L D L^T Q`` (SciPy's SuperLU ``spilu``
+   with the fill-reducing minimum-degree ordering of ``A^T + A``, no pivoting, drop
+   tolerance ``drop_tol``); ``L`` (unit lower triangular) is cut to ``factor_ratio * k``
+   per column and only ``diag(U) = D`` is kept from ``U`` (for an exact factorisation of
+   a symmetric positive definite matrix ``U = D L^T``; the symmetric form keeps ``P``
+   symmetric when entries are dropped).
+3. A sparse approximate inverse ``K ~ L^-1`` by Newton-Schulz steps
+   ``K <- K + K (I - L K)`` (the residual squares each step), cut to ``factor_ratio * k``
+   per column after each, in column blocks.
+4. ``P = Q^T K^T D^-1 K Q`` in column blocks, ``diag(P)`` from ``K`` alone, each column of
+   ``B`` cut to its ``k`` largest magnitudes: ``B`` has about ``target_density *
+   n_items^2`` non-zeros.
+
+``target_density = 1.0`` drops nothing anywhere (exact factorisation, exact inverse): the
+result is dense EASE's ``B`` to rounding, which the tests check.
+
+Why SciPy only: SANSA's own package needs CHOLMOD through scikit-sparse, which PyPI
+ships as source only (it needs SuiteSparse's headers and library, absent on a machine
+without a system package manager); SuperLU's ``spilu`` is in SciPy, a core dependency.
+
+Memory: with ``m = n_items`` and ``k = target_density * m``, the host holds the cut Gram
+matrix (about ``gram_ratio * k * m`` entries), SuperLU's factors (at most
+``fill_factor`` times that), ``K`` and its update (``2 * factor_ratio * k * m``) and ``B``
+(``k * m``), each entry 12 bytes (float64 value, int32 index), plus one column block's
+products (``block_size`` columns, each at most ``m`` entries before it is cut). Nothing
+of size ``m^2`` unless ``target_density`` is 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import scipy.sparse as sp
+import scipy.sparse.linalg as sla
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What a fit needs.
+
+  Attributes:
+    l2: EASE's ridge weight, a finite number above 0.
+    target_density: share of ``B``'s ``n_items^2`` entries kept, in ``(0, 1]``; 1 is exact.
+    gram_ratio: the Gram matrix keeps about this many times ``B``'s entries per column.
+    factor_ratio: ``L`` and ``K ~ L^-1`` keep this many times ``B``'s entries per column.
+    drop_tol: SuperLU's relative drop tolerance of the incomplete factorisation.
+    fill_factor: most entries of SuperLU's factors over those of the matrix.
+    inverse_steps: Newton-Schulz steps for ``K`` (each squares the residual).
+    block_size: columns per block of every product (bounds the transient memory).
+  """
+
+  l2: float
+  target_density: float
+  gram_ratio: float = 4.0
+  factor_ratio: float = 2.0
+  drop_tol: float = 1e-4
+  fill_factor: float = 10.0
+  inverse_steps: int = 7
+  block_size: int = 2048
+
+
+def check_inputs(x, settings: Settings) -> sp.csc_matrix:
+  """``x`` as float64 CSC, after checking it and ``settings``; raises ``ValueError``
+  naming the first thing wrong (before any work)."""
+  l2, density = _number(settings.l2), _number(settings.target_density)
+  if not (math.isfinite(l2) and l2 > 0):
+    raise ValueError(f"sparse EASE: l2 must be a finite number above 0, got {settings.l2!r}")
+  if not 0.0 < density <= 1.0:
+    raise ValueError(f"sparse EASE: target_density must lie in (0, 1], got {density!r}")
+  for name in ("gram_ratio", "factor_ratio", "fill_factor"):
+    value = getattr(settings, name)
+    if not (math.isfinite(value) and value >= 1.0):
+      raise ValueError(f"sparse EASE: {name} must be a finite number >= 1, got {value!r}")
+  if not (math.isfinite(settings.drop_tol) and settings.drop_tol >= 0.0):
+    raise ValueError(f"sparse EASE: drop_tol must be >= 0, got {settings.drop_tol!r}")
+  if settings.inverse_steps < 1 or settings.block_size < 1:
+    raise ValueError(f"sparse EASE: inverse_steps and block_size must be >= 1, got "
+                     f"{settings.inverse_steps} and {settings.block_size}")
+  if not sp.issparse(x) or x.ndim != 2:
+    raise ValueError(f"sparse EASE: x must be a scipy sparse (users, items) matrix, got "
+                     f"{type(x).__name__}")
+  if x.shape[0] < 1 or x.shape[1] < 2 or x.nnz == 0:
+    raise ValueError(f"sparse EASE: x is empty (shape {x.shape}, {x.nnz} stored entries); "
+                     f"it needs at least one interaction and two items")
+  x = sp.csc_matrix(x, dtype=np.float64)
+  if not np.isfinite(x.data).all():
+    raise ValueError("sparse EASE: x holds NaN or infinite values")
+  return x
+
+
+def _number(value) -> float:
+  """``value`` as a float (NumPy scalars included), NaN when it is not a number."""
+  try:
+    return float(value)
+  except (TypeError, ValueError):
+    return math.nan
+
+
+def per_column(density: float, ratio: float, n: int) -> int:
+  """Entries kept per column: ``ratio * density * n`` rounded, at least 1, at most ``n``."""
+  return int(min(n, max(1, round(ratio * density * n))))
+
+
+def fit(x, settings: Settings) -> sp.csr_matrix:
+  """Sparse EASE's ``B``.
+
+  Args:
+    x: scipy sparse ``(n_users, n_items)`` training matrix (any format, finite values).
+    settings: the fit's :class:`Settings`.
+
+  Returns:
+    ``B``: float32 CSR ``(n_items, n_items)``, zero (absent) diagonal, at most
+    ``per_column(target_density, 1, n_items)`` entries per column; scores are ``x @ B``.
+
+  Raises:
+    ValueError: bad input (see :func:`check_inputs`), or a factorisation that lost
+      positive definiteness (a non-positive pivot): a larger ``l2`` or density helps.
+  """
+  xc = check_inputs(x, settings)
+  n = xc.shape[1]
+  exact = settings.target_density >= 1.0
+  k_b = per_column(settings.target_density, 1.0, n)
+  keep_g = n * n if exact else n * per_column(settings.target_density, settings.gram_ratio, n)
+  k_f = n if exact else per_column(settings.target_density, settings.factor_ratio, n)
+  a = gram_plus_ridge(xc, settings.l2, keep_g, settings.block_size)
+  lower, d, perm = ldl_factor(a, 0.0 if exact else settings.drop_tol,
+                              n * n / a.nnz + 1.0 if exact else settings.fill_factor)
+  del a
+  lower = keep_top_per_column(lower, k_f, keep_diagonal=True)
+  steps = max(1, math.ceil(math.log2(n)) + 1) if exact else settings.inverse_steps
+  k_inv = unit_lower_inverse(lower, steps, k_f, settings.block_size)
+  del lower
+  b = b_from_factor(k_inv, d, k_b, settings.block_size)
+  return b[perm][:, perm].tocsr().astype(np.float32)
+
+
+def gram_plus_ridge(xc: sp.csc_matrix, l2: float, keep: int, block_size: int,
+                    seed: int = 0) -> sp.csc_matrix:
+  """``X^T X + l2 I`` float64 CSC ``(n, n)`` from CSC ``xc`` ``(users, n)``, keeping the
+  diagonal and the off-diagonal entries of magnitude at least a threshold chosen so that
+  about ``keep`` remain (one threshold for the whole matrix keeps it symmetric); built
+  ``block_size`` columns at a time."""
+  n = xc.shape[1]
+  xr = xc.tocsr()
+  threshold = 0.0 if keep >= n * (n - 1) else _gram_threshold(xc, xr, keep, block_size,
+                                                                  seed)
+  blocks, moved = [], np.zeros(n)
+  for start in range(0, n, block_size):
+    # Rows of G (X[:, block]^T X, CSR): a third faster than its columns in SciPy.
+    g = sp.csr_matrix(xc[:, start:min(n, start + block_size)].T.tocsr() @ xr)
+    row = np.repeat(np.arange(g.shape[0]), np.diff(g.indptr))
+    dropped = (np.abs(g.data) < threshold) & (g.indices != row + start)
+    moved[start:start + g.shape[0]] = np.bincount(row[dropped], np.abs(g.data[dropped]),
+                                                  minlength=g.shape[0])
+    g.data[dropped] = 0.0
+    g.eliminate_zeros()
+    blocks.append(g)
+  g = sp.vstack(blocks, format="csr")
+  # G is symmetric: its CSR arrays read as CSC are G itself (no conversion).
+  g = sp.csc_matrix((g.data, g.indices, g.indptr), shape=(n, n))
+  # Each dropped g_ij moves |g_ij| onto g_ii and g_jj: what is taken away is then
+  # |g_ij| (e_i -+ e_j)(e_i -+ e_j)^T summed, positive semi-definite, so the kept matrix
+  # plus l2 I stays positive definite (plain thresholding lost definiteness on ML-1M).
+  return sp.csc_matrix(g + sp.diags(moved + l2, format="csc"))
+
+
+def _gram_threshold(xc, xr, keep: int, block_size: int, seed: int) -> float:
+  """The magnitude above which about ``keep`` off-diagonal entries of ``X^T X`` lie,
+  estimated from ``block_size`` (or an eighth of the) columns drawn at random."""
+  n = xc.shape[1]
+  cols = np.sort(np.random.default_rng(seed).choice(n, min(n, max(block_size, n // 8)),
+                                                    replace=False))
+  g = sp.csr_matrix(xc[:, cols].T.tocsr() @ xr)
+  row = np.repeat(cols, np.diff(g.indptr))
+  mag = np.abs(g.data[g.indices != row])
+  want = int(round(keep * cols.size / n))
+  if want >= mag.size:
+    return 0.0
+  t = np.partition(mag, mag.size - want - 1)[mag.size - want - 1]
+  # Integer co-occurrence counts tie often: take the side of t nearer the target.
+  above, at_least = int((mag > t).sum()), int((mag >= t).sum())
+  return float(np.nextafter(t, np.inf)) if at_least - want > want - above else float(t)
+
+
+def ldl_factor(a: sp.csc_matrix, drop_tol: float, fill_factor: float
+               ) -> tuple[sp.csc_matrix, np.ndarray, np.ndarray]:
+  """``(L, d, perm)`` with ``a[q][:, q] ~ L diag(d) L^T``, ``q = argsort(perm)``: ``L``
+  float64 CSC unit lower triangular ``(n, n)``, ``d`` float64 ``(n,)`` positive, ``perm``
+  int ``(n,)`` (SuperLU's column order). Raises ``ValueError`` on a non-positive pivot."""
+  lu = sla.spilu(a, drop_tol=drop_tol, fill_factor=fill_factor,
+                 permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
+                 options={"SymmetricMode": True, "Equil": False})
+  d = lu.U.diagonal()
+  if not np.array_equal(lu.perm_r, lu.perm_c) or not (d > 0).all():
+    raise ValueError(
+        f"sparse EASE: the incomplete factorisation of G + l2 I lost positive "
+        f"definiteness ({int((d <= 0).sum())} non-positive pivots of {d.size}); "
+        f"raise l2 or target_density, or lower drop_tol")
+  return sp.csc_matrix(lu.L), d, np.asarray(lu.perm_c)
+
+
+def unit_lower_inverse(lower: sp.csc_matrix, steps: int, keep: int, block_size: int
+                       ) -> sp.csc_matrix:
+  """``K ~ L^-1`` float64 CSC for unit lower triangular ``L``: Newton-Schulz
+  ``K <- K + K (I - L K)`` from ``K = 2I - L``, each column's residual and result cut to
+  their ``keep`` largest magnitudes (``K``'s unit diagonal kept). The residual ``I - L K``
+  squares each step, so ``ceil(log2(n)) + 1`` uncut steps give ``L^-1`` exactly."""
+  n = lower.shape[0]
+  eye = sp.identity(n, format="csc")
+  inv = keep_top_per_column(sp.csc_matrix(2.0 * eye - lower), keep, keep_diagonal=True)
+  for _ in range(steps - 1):
+    blocks, largest = [], 0.0
+    for start in range(0, n, block_size):
+      cols = slice(start, min(n, start + block_size))
+      resid = sp.csc_matrix(eye[:, cols] - lower @ inv[:, cols])
+      resid.eliminate_zeros()
+      if resid.nnz:
+        largest = max(largest, float(np.abs(resid.data).max()))
+      resid = keep_top_per_column(resid, keep)
+      update = sp.csc_matrix(inv[:, cols] + inv @ resid)
+      blocks.append(keep_top_per_column(update, keep, keep_diagonal=True,
+                                        diagonal_offset=start))
+    inv = sp.hstack(blocks, format="csc")
+    if largest == 0.0:
+      break  # exact (triangular: nilpotent residual)
+  return inv
+
+
+def b_from_factor(k_inv: sp.csc_matrix, d: np.ndarray, keep: int, block_size: int
+                  ) -> sp.csc_matrix:
+  """``B`` float64 CSC (factor order) from ``P = K^T diag(1/d) K``: ``-P / diag(P)`` per
+  column, diagonal removed, each column cut to its ``keep`` largest magnitudes."""
+  n = k_inv.shape[0]
+  scaled = sp.csc_matrix(sp.diags(1.0 / d) @ k_inv)
+  diag_p = np.asarray(k_inv.multiply(scaled).sum(axis=0)).ravel()
+  kt = k_inv.T.tocsr()
+  blocks = []
+  for start in range(0, n, block_size):
+    stop = min(n, start + block_size)
+    p = sp.csc_matrix(kt @ scaled[:, start:stop])
+    b = sp.csc_matrix(p @ sp.diags(-1.0 / diag_p[start:stop]))
+    b = _drop_diagonal(b, start)
+    blocks.append(keep_top_per_column(b, keep))
+  return sp.hstack(blocks, format="csc")
+
+
+def _drop_diagonal(m: sp.csc_matrix, offset: int) -> sp.csc_matrix:
+  """``m`` without the entries at ``(offset + j, j)``."""
+  col = np.repeat(np.arange(m.shape[1]), np.diff(m.indptr))
+  m.data[m.indices == col + offset] = 0.0
+  m.eliminate_zeros()
+  return m
+
+
+def keep_top_per_column(m: sp.csc_matrix, keep: int, *, keep_diagonal: bool = False,
+                        diagonal_offset: int = 0) -> sp.csc_matrix:
+  """CSC ``m`` with each column's ``keep`` largest magnitudes (ties: lower row first);
+  with ``keep_diagonal`` the entry at row ``diagonal_offset + j`` of column ``j`` always
+  stays (counted in ``keep``). Explicit zeros are dropped."""
+  m = sp.csc_matrix(m)
+  m.sum_duplicates()
+  m.eliminate_zeros()
+  counts = np.diff(m.indptr)
+  if counts.size == 0 or counts.max() <= keep:
+    return m
+  col = np.repeat(np.arange(m.shape[1]), counts)
+  mag = np.abs(m.data)
+  if keep_diagonal:
+    mag = np.where(m.indices == col + diagonal_offset, np.inf, mag)
+  order = np.lexsort((-mag, col))  # stable: ties keep the lower row
+  rank = np.arange(order.size) - m.indptr[col[order]]
+  kept = np.sort(order[rank < keep])
+  indptr = np.concatenate([[0], np.cumsum(np.minimum(counts, keep))])
+  out = sp.csc_matrix((m.data[kept], m.indices[kept], indptr), shape=m.shape)
+  out.has_sorted_indices = False
+  out.sort_indices()
+  return out
+
+
+def score(b: sp.spmatrix, rows) -> np.ndarray:
+  """Float32 scores ``(batch, n_items)`` of history rows ``rows`` (scipy sparse or dense
+  ``(batch, n_items)``) as the CSR product ``rows @ B`` on the host. The users' own items
+  are scored too; a caller ranking unseen items masks them."""
+  n = b.shape[0]
+  if rows.ndim != 2 or rows.shape[1] != n:
+    raise ValueError(f"sparse EASE score: rows must be (batch, {n}), got {rows.shape}")
+  rows = sp.csr_matrix(rows, dtype=np.float32)
+  return np.asarray((rows @ sp.csr_matrix(b, dtype=np.float32)).toarray(), np.float32)

@@ -1,0 +1,1 @@
+"""Settings, step builders, the training engine, run folders and checkpoints."""
