@@ -24,3 +24,68 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+# Two tiers. Plain ``pytest`` runs the fast tier (setup.cfg: -m "not slow"); ``pytest -m
+# slow`` runs the rest, and .ci/run runs both. A test is slow when it, a fixture it uses,
+# or a helper of its own module that either calls (followed through the module's own
+# functions) does one of _SLOW_WORK's things; a module may also name tests in
+# ``SLOW_TESTS`` (function names) with a comment saying why.
+import inspect  # pylint: disable=g-import-not-at-top,wrong-import-position
+import re  # pylint: disable=g-import-not-at-top,wrong-import-position
+import types  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_SLOW_WORK = {
+    # A new interpreter re-imports jax and compiles again; the multi-device workers
+    # (_distributed_worker, _mesh8_worker, _partition_worker) run this way too.
+    "starts a process": re.compile(r"\bsubprocess\.|\bPopen\("),
+    "trains a run folder": re.compile(r"\btrained_workdir\("),
+    "serves over HTTP": re.compile(r"\buvicorn\."),
+    "runs the tuner": re.compile(r"\btune_lib\.search\(|\b_search\("),
+}
+
+
+def _called_functions(func, module, seen):
+  """``func`` and the functions of ``module`` it names, followed transitively."""
+  if not isinstance(func, types.FunctionType) or func in seen:
+    return
+  seen.add(func)
+  for name in func.__code__.co_names:
+    value = getattr(module, name, None)
+    if isinstance(value, types.FunctionType) and value.__module__ == module.__name__:
+      _called_functions(value, module, seen)
+
+
+def _source(func) -> str:
+  try:
+    return inspect.getsource(func)
+  except (OSError, TypeError):
+    return ""
+
+
+def _why_slow(item) -> str | None:
+  module = item.module
+  if item.originalname in getattr(module, "SLOW_TESTS", ()):
+    return f"listed in {module.__name__}.SLOW_TESTS"
+  funcs = set()
+  _called_functions(item.function, module, funcs)
+  for defs in item._fixtureinfo.name2fixturedefs.values():  # pylint: disable=protected-access
+    for fixturedef in defs:
+      fixture_module = inspect.getmodule(fixturedef.func)
+      if fixture_module is not None and fixture_module.__name__.startswith("test_"):
+        _called_functions(fixturedef.func, fixture_module, funcs)
+  for func in funcs:
+    text = _source(func)
+    for why, pattern in _SLOW_WORK.items():
+      if pattern.search(text):
+        return f"{why} ({func.__name__})"
+  return None
+
+
+def pytest_collection_modifyitems(config, items):  # pylint: disable=unused-argument
+  for item in items:
+    why = _why_slow(item) if isinstance(item, pytest.Function) else None
+    if why:
+      item.add_marker(pytest.mark.slow(reason=why))

@@ -220,16 +220,3 @@ def test_weight_average_is_tested_served_and_part_of_the_run_identity(data_dir, 
   # Resuming that workdir without the average is refused before anything is written.
   with pytest.raises(ValueError, match="--ema_decay: the run has 0.9, this command asks 0.0"):
     loop.run(cfg.replace(ema_decay=0.0, number_of_epochs=3), workdir)
-
-
-def test_every_setting_has_one_help_line_that_the_cli_shows():
-  import dataclasses
-  import re
-  fields = dataclasses.fields(configs.Config)
-  assert all(configs.help_of(f.name).strip() for f in fields)
-  r = subprocess.run([sys.executable, "-m", "experiments.train", "--helpfull"], cwd=REPO,
-                     capture_output=True, text=True, timeout=60)
-  text = re.sub(r"\s+", " ", r.stdout + r.stderr)
-  for f in fields:
-    words = " ".join(configs.help_of(f.name).split()[:4])
-    assert re.search(rf"--(\[no\])?{f.name}: {re.escape(words)}", text), f.name
