@@ -37,11 +37,20 @@ import types  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+  """The workdir of one 2-epoch run of ``_runs.small_config`` (not tested), trained once
+  per session (per xdist worker) for every test that only reads a run folder. A test
+  that writes into a run folder trains its own (``_runs.trained_workdir``)."""
+  import _runs  # pylint: disable=g-import-not-at-top
+  return _runs.trained_workdir(tmp_path_factory, "shared_run")
+
+
 _SLOW_WORK = {
     # A new interpreter re-imports jax and compiles again; the multi-device workers
     # (_distributed_worker, _mesh8_worker, _partition_worker) run this way too.
     "starts a process": re.compile(r"\bsubprocess\.|\bPopen\("),
-    "trains a run folder": re.compile(r"\btrained_workdir\("),
+    "trains a run folder": re.compile(r"\btrained_workdir\(|\bdef trained_run\("),
     "serves over HTTP": re.compile(r"\buvicorn\."),
     "runs the tuner": re.compile(r"\btune_lib\.search\(|\b_search\("),
 }
@@ -74,7 +83,8 @@ def _why_slow(item) -> str | None:
   for defs in item._fixtureinfo.name2fixturedefs.values():  # pylint: disable=protected-access
     for fixturedef in defs:
       fixture_module = inspect.getmodule(fixturedef.func)
-      if fixture_module is not None and fixture_module.__name__.startswith("test_"):
+      if fixture_module is not None and fixture_module.__name__.startswith(
+          ("test_", "conftest")):
         _called_functions(fixturedef.func, fixture_module, funcs)
   for func in funcs:
     text = _source(func)

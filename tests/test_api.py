@@ -14,7 +14,6 @@ import scipy.sparse as sp
 import jax_vaecf
 from jax_vaecf import loop
 
-import _runs
 import _synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,7 +127,7 @@ def test_evaluate_gives_the_runs_test_metrics(fitted):
     model.evaluate("train")
 
 
-def test_save_then_load_and_a_cli_folder_loads_too(fitted, tmp_path, tmp_path_factory):
+def test_save_then_load_and_a_cli_folder_loads_too(fitted, tmp_path, trained_run):
   model, _, _, _ = fitted
   history = [["i1", "i2"], ["i7"]]
   before = model.recommend(items=history, k=5)
@@ -139,8 +138,7 @@ def test_save_then_load_and_a_cli_folder_loads_too(fitted, tmp_path, tmp_path_fa
   assert loaded.history == model.history
   with pytest.raises(ValueError, match="run's data was given in Python"):
     loaded.recommend(users=["u0"])
-  workdir = _runs.trained_workdir(tmp_path_factory, "api_cli")
-  cli_model = jax_vaecf.load(workdir)
+  cli_model = jax_vaecf.load(trained_run)
   split = cli_model.split  # read again from the run's data set
   uid = str(split.train_user_ids[0])
   recs = cli_model.recommend(users=[uid], k=5).items[0]

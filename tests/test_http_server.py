@@ -25,19 +25,17 @@ from jax_vaecf import recommend
 from jax_vaecf import serve
 from jax_vaecf import server
 
-import _runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def artefacts(tmp_path_factory):
+def artefacts(trained_run, tmp_path_factory):
   """Two artefacts of one trained model: ``a1`` (k=10) and ``a2`` (k=5) whose item
   table is permuted, so that an id names another column in each; and ``bad``, a copy of
   ``a2`` with a damaged weights file."""
-  workdir = _runs.trained_workdir(tmp_path_factory, "http")
-  rec = recommend.Recommender.from_workdir(workdir)
-  root = os.path.dirname(workdir)
+  rec = recommend.Recommender.from_workdir(trained_run)
+  root = str(tmp_path_factory.mktemp("http"))
   info = {"model": "multvae"}
   a1, a2, bad = (os.path.join(root, n) for n in ("a1", "a2", "bad"))
   export_lib.write_artifact(a1, rec.model, rec.params, rec.item_ids, 10, model_info=info)
