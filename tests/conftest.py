@@ -56,6 +56,11 @@ _SLOW_WORK = {
 }
 
 
+# A test that compares runs (a resumed run with an uninterrupted one, four devices with
+# one) trains at least twice; a test that trains once, in-process, stays fast.
+_TRAINS = re.compile(r"\bloop\.run\(|\bfit\(|\btrain_and_validate\(")
+
+
 def _called_functions(func, module, seen):
   """``func`` and the functions of ``module`` it names, followed transitively."""
   if not isinstance(func, types.FunctionType) or func in seen:
@@ -80,6 +85,9 @@ def _why_slow(item) -> str | None:
     return f"listed in {module.__name__}.SLOW_TESTS"
   funcs = set()
   _called_functions(item.function, module, funcs)
+  trainings = sum(len(_TRAINS.findall(_source(func))) for func in funcs)
+  if trainings >= 2:
+    return f"trains {trainings} times"
   for defs in item._fixtureinfo.name2fixturedefs.values():  # pylint: disable=protected-access
     for fixturedef in defs:
       fixture_module = inspect.getmodule(fixturedef.func)
