@@ -416,7 +416,7 @@ def test_options_and_a_missing_artefact_are_refused_before_listening(tmp_path):
   assert "listening" not in r.stdout
 
 
-def test_the_load_script_checks_every_answer(artefacts):
+def test_the_load_scripts_answer_check_allows_only_a_swap_of_equal_scores():
   from experiments import serve_bench
   ref = {"items": [5, 3, 9], "scores": [2.0, 1.5, 1.0], "unknown": ["x"]}
   same = json.loads(json.dumps(ref))
@@ -427,6 +427,24 @@ def test_the_load_script_checks_every_answer(artefacts):
   assert not serve_bench.matches({**same, "unknown": []}, ref)
   ties = {"items": [5, 3, 9], "scores": [2.0, 1.5, 1.5], "unknown": []}
   assert serve_bench.matches({**ties, "items": [5, 9, 3]}, ties)  # a swap of equals
+
+
+def test_the_serve_tools_flags_are_the_server_options():
+  from absl import flags
+  from experiments import serve as serve_tool
+  fv = flags.FlagValues()
+  serve_tool.define_flags(fv)
+  fv(["serve", "--artifact=a"])
+  assert serve_tool.options_from_flags(fv) == server.ServerOptions()
+  fv = flags.FlagValues()
+  serve_tool.define_flags(fv)
+  fv(["serve", "--artifact=a", "--max_queue=7", "--max_wait_ms=0.5"])
+  assert serve_tool.options_from_flags(fv) == server.ServerOptions(max_queue=7,
+                                                                   max_wait_ms=0.5)
+
+
+def test_the_load_script_checks_every_answer(artefacts):
+  from experiments import serve_bench
   rows = serve_bench.run(artefacts["a1"], [4], 0.3, pool=16, history=5, k=3)
   assert [r["path"] for r in rows] == ["in-process Scorer.recommend",
                                        *serve_bench.MODES]
