@@ -30,7 +30,8 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # slow`` runs the rest, and .ci/run runs both. A test is slow when it, a fixture it uses,
 # or a helper of its own module that either calls (followed through the module's own
 # functions) does one of _SLOW_WORK's things; a module may also name tests in
-# ``SLOW_TESTS`` (function names) with a comment saying why.
+# ``SLOW_TESTS`` (function names, or one case of one: ``name[params]``) with a comment
+# saying why.
 import inspect  # pylint: disable=g-import-not-at-top,wrong-import-position
 import re  # pylint: disable=g-import-not-at-top,wrong-import-position
 import types  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -49,7 +50,7 @@ def trained_run(tmp_path_factory):
 _SLOW_WORK = {
     # A new interpreter re-imports jax and compiles again; the multi-device workers
     # (_distributed_worker, _mesh8_worker, _partition_worker) run this way too.
-    "starts a process": re.compile(r"\bsubprocess\.|\bPopen\("),
+    "starts a process": re.compile(r"\bsubprocess\.|\bPopen\(|\brun_processes\("),
     "trains a run folder": re.compile(r"\btrained_workdir\(|\bdef trained_run\("),
     "serves over HTTP": re.compile(r"\buvicorn\."),
     "runs the tuner": re.compile(r"\btune_lib\.search\(|\b_search\("),
@@ -81,7 +82,8 @@ def _source(func) -> str:
 
 def _why_slow(item) -> str | None:
   module = item.module
-  if item.originalname in getattr(module, "SLOW_TESTS", ()):
+  listed = getattr(module, "SLOW_TESTS", ())
+  if item.originalname in listed or item.name in listed:
     return f"listed in {module.__name__}.SLOW_TESTS"
   funcs = set()
   _called_functions(item.function, module, funcs)

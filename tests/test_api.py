@@ -65,6 +65,11 @@ def test_the_python_page_runs_as_written_and_its_folder_serves_the_cli(tmp_path)
   assert os.path.exists(os.path.join(out, "manifest.json"))
 
 
+# Trains the demo preset to its end (the longest fit of the suite); the fast tier fits
+# tiny models through the same api.fit.
+SLOW_TESTS = ["test_the_in_process_demo_fit_prints_the_command_lines_test_line"]
+
+
 def test_the_in_process_demo_fit_prints_the_command_lines_test_line(tmp_path):
   # The command line's run of the demo on this machine (other CPU classes may round the
   # last digits differently), then the same preset from Python.

@@ -115,6 +115,11 @@ def _build_by_own_setting(n_items, hidden_dims, latent_dim, dropout_rate, dtype,
   return TinyAE(n_items, 3 * encoder_epochs, dropout_rate, dtype)
 
 
+# The module's longest test (a model of its own shape setting trained and rebuilt);
+# test_the_registry_refuses_what_it_cannot_rebuild keeps the registry in the fast tier.
+SLOW_TESTS = ["test_a_models_own_shape_setting_is_recorded_and_rebuilt"]
+
+
 def test_a_models_own_shape_setting_is_recorded_and_rebuilt(tmp_path):
   model_lib.register("own", model_lib.ModelEntry(
       _build_by_own_setting, (), "own width", extra=("encoder_epochs",),
