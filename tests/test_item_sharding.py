@@ -165,6 +165,10 @@ def test_state_bytes_per_device_fall_as_one_over_the_model_axis():
     assert sizes[m] / sizes[1] == pytest.approx(1 / m, rel=0.1), sizes
 
 
+# Compiles the state on every mesh shape; the module's other checks stay fast.
+SLOW_TESTS += ["test_state_moves_between_mesh_shapes"]
+
+
 def test_state_moves_between_mesh_shapes():
   name = "multvae"
   train, eval_data = _batches()
