@@ -14,7 +14,6 @@ import scipy.sparse as sp
 import jax_vaecf
 from jax_vaecf.training import engine as loop
 
-import _runs
 import _synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,6 +63,11 @@ def test_the_python_page_runs_as_written_and_its_folder_serves_the_cli(tmp_path)
                         "--k=5")
   assert exp.returncode == 0, exp.stderr[-2000:]
   assert os.path.exists(os.path.join(out, "manifest.json"))
+
+
+# Trains the demo preset to its end (the longest fit of the suite); the fast tier fits
+# tiny models through the same api.fit.
+SLOW_TESTS = ["test_the_in_process_demo_fit_prints_the_command_lines_test_line"]
 
 
 def test_the_in_process_demo_fit_prints_the_command_lines_test_line(tmp_path):
@@ -128,7 +132,7 @@ def test_evaluate_gives_the_runs_test_metrics(fitted):
     model.evaluate("train")
 
 
-def test_save_then_load_and_a_cli_folder_loads_too(fitted, tmp_path, tmp_path_factory):
+def test_save_then_load_and_a_cli_folder_loads_too(fitted, tmp_path, trained_run):
   model, _, _, _ = fitted
   history = [["i1", "i2"], ["i7"]]
   before = model.recommend(items=history, k=5)
@@ -139,8 +143,7 @@ def test_save_then_load_and_a_cli_folder_loads_too(fitted, tmp_path, tmp_path_fa
   assert loaded.history == model.history
   with pytest.raises(ValueError, match="run's data was given in Python"):
     loaded.recommend(users=["u0"])
-  workdir = _runs.trained_workdir(tmp_path_factory, "api_cli")
-  cli_model = jax_vaecf.load(workdir)
+  cli_model = jax_vaecf.load(trained_run)
   split = cli_model.split  # read again from the run's data set
   uid = str(split.train_user_ids[0])
   recs = cli_model.recommend(users=[uid], k=5).items[0]

@@ -17,14 +17,13 @@ from jax_vaecf.training import run_folder
 from jax_vaecf.serving import recommender as recommend
 
 import _in_process
-import _runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  return _runs.trained_workdir(tmp_path_factory, "batch")
+def trained(trained_run):
+  return trained_run
 
 
 @pytest.fixture(scope="module")

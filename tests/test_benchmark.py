@@ -75,8 +75,10 @@ def test_benchmark_runs_and_reports(tmp_path, devices):
   # rest (sparse first layer, softmax, Adam) adds a few percent at this shape.
   dense = 3 * 2 * 100 * (600 * 400 + 200 * 600 + 600 * 300)
   assert dense <= r["xla_gflop_per_step"] * 1e9 <= 1.2 * dense
-  assert r["xla_gflop_per_s"] == pytest.approx(r["xla_gflop_per_step"] / r["step_ms"] * 1e3,
-                                               rel=0.01)
+  # The tool rounds the rate to 0.1 GFLOP/s (0.05 off at most: 1.4% of the 3.6 GFLOP/s
+  # of a loaded 2-core machine) and its inputs to 3 and 2 decimals.
+  implied = r["xla_gflop_per_step"] / r["step_ms"] * 1e3
+  assert abs(r["xla_gflop_per_s"] - implied) <= 0.05 + 0.01 * implied, (r, implied)
   for key in ("jax", "jaxlib", "flax", "optax", "numpy", "python", "cpu_model"):
     assert record["versions"][key]
 

@@ -21,12 +21,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Run in a fresh interpreter where importing the project fails: the artefact must not
 # need it. Prints the recommendations as JSON.
-_ISOLATED = """
+# The project's own source roots leave sys.path; everything else stays, a virtual
+# environment inside the clone (``.venv/lib/.../site-packages``) included.
+_WITHOUT_PROJECT = """
+import os
+def without_project(path, repo):
+  roots = {os.path.realpath(repo), os.path.realpath(os.path.join(repo, "tests"))}
+  return [p for p in path if p not in ("", ".") and os.path.realpath(p) not in roots]
+"""
+_ISOLATED = _WITHOUT_PROJECT + """
 import json, sys
 sys.modules["jax_vaecf"] = None
 sys.modules["experiments"] = None
-repo = sys.argv[1]
-sys.path = [p for p in sys.path if p not in ("", ".") and not p.startswith(repo)]
+sys.path = without_project(sys.path, sys.argv[1])
 sys.path.insert(0, sys.argv[2])
 import serve
 scorer = serve.load(sys.argv[2])
@@ -176,6 +183,37 @@ def test_every_file_read_must_be_listed_with_its_digest_inside_the_folder(run, t
                      "has no bytes and sha256"):
     serve.load(copy)
   serve.load(artefact)  # the original still loads
+
+
+def test_the_isolated_interpreter_keeps_a_virtual_environment_inside_the_clone(tmp_path):
+  # A clone with its venv inside (as .gitignore suggests): the venv's packages stay
+  # importable; the clone's own source root does not.
+  clone = tmp_path / "clone"
+  site = clone / ".venv" / "lib" / "site-packages"
+  site.mkdir(parents=True)
+  (site / "dep.py").write_text("VALUE = 7\n")
+  (clone / "leak.py").write_text("raise AssertionError('the clone root is on sys.path')\n")
+  artefact = tmp_path / "artefact"
+  artefact.mkdir()
+  # A stand-in artefact loader: reports what it could import, in the script's format.
+  (artefact / "serve.py").write_text(
+      "import importlib.util\n"
+      "class _A(list):\n"
+      "  def tolist(self): return list(self)\n"
+      "class _S:\n"
+      "  def recommend(self, histories, k):\n"
+      "    import dep\n"
+      "    leak = importlib.util.find_spec('leak') is not None\n"
+      "    return [{'items': _A([dep.VALUE]), 'scores': _A([float(leak)]),\n"
+      "             'unknown': []}]\n"
+      "def load(path): return _S()\n")
+  (tmp_path / "h.json").write_text("[[]]")
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(clone)]))
+  r = subprocess.run([sys.executable, "-c", _ISOLATED, str(clone), str(artefact),
+                      str(tmp_path / "h.json"), "1"], cwd=str(clone), env=env,
+                     capture_output=True, text=True, timeout=60)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert json.loads(r.stdout) == [{"items": ["7"], "scores": [0.0], "unknown": []}]
 
 
 def test_the_loaders_digest_is_the_projects(tmp_path):

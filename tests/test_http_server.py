@@ -25,19 +25,17 @@ from jax_vaecf.serving import recommender as recommend
 from jax_vaecf.serving import artefact as serve
 from jax_vaecf.serving import http as server
 
-import _runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def artefacts(tmp_path_factory):
+def artefacts(trained_run, tmp_path_factory):
   """Two artefacts of one trained model: ``a1`` (k=10) and ``a2`` (k=5) whose item
   table is permuted, so that an id names another column in each; and ``bad``, a copy of
   ``a2`` with a damaged weights file."""
-  workdir = _runs.trained_workdir(tmp_path_factory, "http")
-  rec = recommend.Recommender.from_workdir(workdir)
-  root = os.path.dirname(workdir)
+  rec = recommend.Recommender.from_workdir(trained_run)
+  root = str(tmp_path_factory.mktemp("http"))
   info = {"model": "multvae"}
   a1, a2, bad = (os.path.join(root, n) for n in ("a1", "a2", "bad"))
   export_lib.write_artifact(a1, rec.model, rec.params, rec.item_ids, 10, model_info=info)
@@ -418,7 +416,7 @@ def test_options_and_a_missing_artefact_are_refused_before_listening(tmp_path):
   assert "listening" not in r.stdout
 
 
-def test_the_load_script_checks_every_answer(artefacts):
+def test_the_load_scripts_answer_check_allows_only_a_swap_of_equal_scores():
   from experiments import serve_bench
   ref = {"items": [5, 3, 9], "scores": [2.0, 1.5, 1.0], "unknown": ["x"]}
   same = json.loads(json.dumps(ref))
@@ -429,6 +427,24 @@ def test_the_load_script_checks_every_answer(artefacts):
   assert not serve_bench.matches({**same, "unknown": []}, ref)
   ties = {"items": [5, 3, 9], "scores": [2.0, 1.5, 1.5], "unknown": []}
   assert serve_bench.matches({**ties, "items": [5, 9, 3]}, ties)  # a swap of equals
+
+
+def test_the_serve_tools_flags_are_the_server_options():
+  from absl import flags
+  from experiments import serve as serve_tool
+  fv = flags.FlagValues()
+  serve_tool.define_flags(fv)
+  fv(["serve", "--artifact=a"])
+  assert serve_tool.options_from_flags(fv) == server.ServerOptions()
+  fv = flags.FlagValues()
+  serve_tool.define_flags(fv)
+  fv(["serve", "--artifact=a", "--max_queue=7", "--max_wait_ms=0.5"])
+  assert serve_tool.options_from_flags(fv) == server.ServerOptions(max_queue=7,
+                                                                   max_wait_ms=0.5)
+
+
+def test_the_load_script_checks_every_answer(artefacts):
+  from experiments import serve_bench
   rows = serve_bench.run(artefacts["a1"], [4], 0.3, pool=16, history=5, k=3)
   assert [r["path"] for r in rows] == ["in-process Scorer.recommend",
                                        *serve_bench.MODES]

@@ -95,6 +95,13 @@ def _assert_trees_close(a, b, atol):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=atol)
 
 
+# Each case compiles a model on a mesh of the four devices: the fast tier keeps the 2 x 2
+# mesh (both axes) of one model.
+SLOW_TESTS = [f"test_every_mesh_gives_one_devices_updates[mesh{m}-{n}]"
+              for m in range(3) for n in MODELS if (m, n) != (1, "multdae")]
+SLOW_TESTS += ["test_no_device_holds_a_whole_item_array_and_padding_stays_zero"]
+
+
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("mesh", [(4, 1), (2, 2), (1, 4)])
 def test_every_mesh_gives_one_devices_updates(name, mesh):
@@ -156,6 +163,10 @@ def test_state_bytes_per_device_fall_as_one_over_the_model_axis():
     sizes[m] = ps.device_bytes(ps.init_state(host))
   for m in (2, 4):
     assert sizes[m] / sizes[1] == pytest.approx(1 / m, rel=0.1), sizes
+
+
+# Compiles the state on every mesh shape; the module's other checks stay fast.
+SLOW_TESTS += ["test_state_moves_between_mesh_shapes"]
 
 
 def test_state_moves_between_mesh_shapes():

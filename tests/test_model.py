@@ -26,6 +26,11 @@ def test_paper_parameter_counts():
   assert model_lib.count_params(shapes) == 2 * 20108 * 200 + 200 + 20108
 
 
+# These compile many model variants each; the other tests of the module keep the model
+# in the fast tier.
+SLOW_TESTS = ["test_hidden_sizes_are_configurable", "test_row_offset_shifts_the_randomness"]
+
+
 def test_hidden_sizes_are_configurable():
   m = model_lib.build_model("multvae", 40, hidden_dims=(16, 8), latent_dim=4)
   p = _params(m)

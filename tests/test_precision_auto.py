@@ -27,6 +27,10 @@ def test_auto_picks_bf16_only_when_it_is_clearly_faster(monkeypatch, speedup, ch
     assert loop.resolve_precision(same) is same
 
 
+# A whole run; the module's choice-of-precision checks stay fast.
+SLOW_TESTS = ["test_a_run_records_the_chosen_precision"]
+
+
 def test_a_run_records_the_chosen_precision(monkeypatch, tmp_path, capsys):
   monkeypatch.setattr(machine, "bf16_speedup", lambda device: 3.0)
   data = _runs.movielens_dir_plain(tmp_path)

@@ -215,6 +215,12 @@ def test_phases_update_only_their_groups_and_the_prior_follows_the_encoder():
   _close(refreshed.frozen["prior"], after.params["encoder"], rtol=0, atol=0)
 
 
+# Two trainings each (four devices and one; sparse and dense input); the float64
+# gradient checks keep RecVAE in the fast tier.
+SLOW_TESTS = ["test_four_devices_give_the_one_device_round",
+              "test_sparse_and_dense_paths_train_alike"]
+
+
 @pytest.mark.parametrize("mode", ["sharded", "pmap"])
 def test_four_devices_give_the_one_device_round(mode):
   model = _tiny(dropout_rate=0.5)

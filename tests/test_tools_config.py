@@ -2,6 +2,7 @@
 and the flag of each field, listed by its ``--helpfull``, and a bad setting fails the same
 way in each."""
 
+import ast
 import dataclasses
 import os
 import re
@@ -35,14 +36,41 @@ def _tool(name, *args, timeout=60):
                         env=dict(os.environ, PYTHONPATH=REPO))
 
 
-@pytest.mark.parametrize("tool", sorted(TOOLS))
-def test_helpfull_lists_every_setting_with_its_help(tool):
-  r = _tool(tool, "--helpfull")
-  text = re.sub(r"\s+", " ", r.stdout + r.stderr)
+def _lists_every_setting_with_its_help(text):
+  text = re.sub(r"\s+", " ", text)
   assert re.search(r"--config: Preset", text)
   for name in configs.setting_names():  # the run's and every model's own
     words = " ".join(configs.help_of(name).split()[:4])
     assert re.search(rf"--(\[no\])?{name}: {re.escape(words)}", text), name
+
+
+def test_the_config_flags_help_lists_every_setting_with_its_help():
+  fields = dataclasses.fields(configs.Config)
+  assert all(configs.help_of(f.name).strip() for f in fields)
+  fv = flags.FlagValues()
+  cli.define_config_flags(fv)
+  _lists_every_setting_with_its_help(fv.get_help())
+
+
+@pytest.mark.parametrize("tool", sorted(TOOLS))
+def test_every_config_tool_defines_the_config_flags_before_it_runs(tool):
+  # What each tool's --helpfull lists is what its __main__ block defines: the config flags
+  # (checked above) must be defined there, before cli.run parses the command line.
+  with open(os.path.join(REPO, "experiments", f"{tool}.py")) as f:
+    tree = ast.parse(f.read())
+  main_blocks = [node for node in tree.body if isinstance(node, ast.If)
+                 and ast.unparse(node.test) == "__name__ == '__main__'"]
+  assert len(main_blocks) == 1, tool
+  calls = [ast.unparse(n.func) for n in ast.walk(main_blocks[0]) if isinstance(n, ast.Call)]
+  assert "cli.define_config_flags" in calls and "cli.run" in calls, calls
+  assert calls.index("cli.define_config_flags") < calls.index("cli.run"), calls
+
+
+def test_helpfull_of_a_tool_lists_every_setting_with_its_help():
+  # One process end to end (absl's --helpfull of the key flags of `python -m ...`); the
+  # other tools define the same flags the same way (checked above, in-process).
+  r = _tool("train", "--helpfull")
+  _lists_every_setting_with_its_help(r.stdout + r.stderr)
 
 
 @pytest.mark.parametrize("tool", sorted(TOOLS))

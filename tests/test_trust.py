@@ -370,8 +370,8 @@ def test_a_reader_refuses_item_ids_of_another_run(tmp_path_factory):
 
 
 def test_recommend_says_when_the_history_is_empty_and_names_a_missing_titles_file(
-    tmp_path_factory):
-  workdir = _runs.trained_workdir(tmp_path_factory, "cli")
+    trained_run, tmp_path_factory):
+  workdir = trained_run
   run = lambda *a: subprocess.run([sys.executable, "-m", "experiments.recommend",
                                    "--workdir", workdir, *a], cwd=REPO,
                                   capture_output=True, text=True, timeout=120)
