@@ -32,9 +32,18 @@ from jax_vaecf.training import engine as loop
 from jax_vaecf.training import reporting
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("root", None, "Folder for the per-seed workdirs and summary.jsonl.")
-flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"],
-                  "Training seeds: one run per seed, each as --seed.")
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The tool's command line: its own flags and the Config flags (:mod:`experiments.cli`).
+  Defined when it runs, not at import: ``--root`` is also ``experiments.tune``'s."""
+  flags.DEFINE_string("root", None, "Folder for the per-seed workdirs and summary.jsonl.",
+                      flag_values=flag_values)
+  flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"],
+                    "Training seeds: one run per seed, each as --seed.",
+                    flag_values=flag_values)
+  cli.define_config_flags(flag_values)
+
 
 METRICS = ("ndcg@100", "recall@20", "recall@50", "ndcg@20", "recalln@20")
 # The literature's other conventions and the catalogue metrics, summarised too (a second
@@ -66,9 +75,9 @@ def _seeds() -> list[int]:
 
 
 def main(argv):
-  cli.start(argv, required=("root",))
-  cfg = cli.config_from_flags()
-  given = cli.config_overrides()
+  cli.start(argv, required=("root",), flag_values=FLAGS)
+  cfg = cli.config_from_flags(FLAGS)
+  given = cli.config_overrides(FLAGS)
   # The seed is what varies between the runs; a fixed one would make them all the same.
   if "seed" in given:
     raise app.UsageError("--seed: accuracy trains one run per seed of --seeds")
@@ -119,5 +128,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.define_config_flags()
+  define_flags()
   cli.run(main)

@@ -28,12 +28,21 @@ from absl import flags
 from experiments import cli
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("rows", 20_000_000, "Rows of the synthetic ratings.csv.")
-flags.DEFINE_string("keep", None, "Folder to keep (or reuse) ratings.csv in; without it "
-                    "the file is written to a temporary folder and removed.")
-flags.DEFINE_string("child", None, "Internal: time the data layer on this ratings.csv in "
-                    "this process and print one JSON line (the parent runs it in a fresh "
-                    "child so the peak memory is the data layer's own).")
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The tool's command line: its own flags and the Config flags (:mod:`experiments.cli`).
+  Defined when it runs, not at import: other tools have flags of the same names."""
+  fv = flag_values
+  flags.DEFINE_integer("rows", 20_000_000, "Rows of the synthetic ratings.csv.",
+                       flag_values=fv)
+  flags.DEFINE_string("keep", None, "Folder to keep (or reuse) ratings.csv in; without it "
+                      "the file is written to a temporary folder and removed.",
+                      flag_values=fv)
+  flags.DEFINE_string("child", None, "Internal: time the data layer on this ratings.csv in "
+                      "this process and print one JSON line (the parent runs it in a fresh "
+                      "child so the peak memory is the data layer's own).", flag_values=fv)
+  cli.define_config_flags(fv)
 
 
 def _digits(x: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -155,9 +164,9 @@ def _child(path: str, cfg) -> dict:
 
 
 def main(argv):
-  cli.start(argv)
-  cfg = cli.config_from_flags()
-  check_settings(cfg, cli.config_overrides())
+  cli.start(argv, flag_values=FLAGS)
+  cfg = cli.config_from_flags(FLAGS)
+  check_settings(cfg, cli.config_overrides(FLAGS))
   if FLAGS.child:
     print(json.dumps(_child(FLAGS.child, cfg)))
     return
@@ -199,5 +208,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.define_config_flags()
+  define_flags()
   cli.run(main)

@@ -63,23 +63,37 @@ from experiments import cli
 from experiments import synthetic
 
 _FLAGS = flags.FLAGS
-synthetic.define_shape_flags()
-flags.adopt_module_key_flags(synthetic)
-flags.DEFINE_integer("epochs", 1, "Full epochs to time (ignored with --steps).")
-flags.DEFINE_integer("steps", 0, "If > 0, time this many steps and extrapolate to an epoch.")
-flags.DEFINE_integer("eval_users", 10_000, "Held-out users to evaluate (0: skip).")
-flags.DEFINE_list("sweep_items", [], "Item counts: report epoch time for each (uses --steps).")
-flags.DEFINE_string("json_out", "", "Also write the JSON result(s) to this path.")
-flags.DEFINE_bool("compare_multvae", True, "With --model other than multvae: first time a "
-                  "Mult-VAE epoch (the paper's widths, the same other settings) in the same "
-                  "run and report the model's epoch as a ratio of it.")
-flags.DEFINE_bool("serving", False, "Instead of training: latency at batch 1 and "
-                  "throughput at batch 10,000 of the Recommender and of an exported "
-                  "artefact, for the configured model at --n_items (random weights: the "
-                  "cost does not depend on them).")
 
 # The benchmark's names before it took the Config flags; kept so old commands still run.
 ALIASES = {"batch_size": "batch_size_train", "eval_batch_size": "batch_size_validation"}
+
+
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """The tool's command line: the data's shape (:mod:`experiments.synthetic`), its own
+  flags and the Config flags with :data:`ALIASES`. Defined when it runs, not at import:
+  other tools have flags of the same names."""
+  synthetic.define_shape_flags(fv)
+  flags.adopt_module_key_flags(synthetic, flag_values=fv)
+  flags.DEFINE_integer("epochs", 1, "Full epochs to time (ignored with --steps).",
+                       flag_values=fv)
+  flags.DEFINE_integer("steps", 0, "If > 0, time this many steps and extrapolate to an "
+                       "epoch.", flag_values=fv)
+  flags.DEFINE_integer("eval_users", 10_000, "Held-out users to evaluate (0: skip).",
+                       flag_values=fv)
+  flags.DEFINE_list("sweep_items", [], "Item counts: report epoch time for each (uses "
+                    "--steps).", flag_values=fv)
+  flags.DEFINE_string("json_out", "", "Also write the JSON result(s) to this path.",
+                      flag_values=fv)
+  flags.DEFINE_bool("compare_multvae", True, "With --model other than multvae: first time "
+                    "a Mult-VAE epoch (the paper's widths, the same other settings) in the "
+                    "same run and report the model's epoch as a ratio of it.",
+                    flag_values=fv)
+  flags.DEFINE_bool("serving", False, "Instead of training: latency at batch 1 and "
+                    "throughput at batch 10,000 of the Recommender and of an exported "
+                    "artefact, for the configured model at --n_items (random weights: the "
+                    "cost does not depend on them).", flag_values=fv)
+  cli.define_config_flags(fv, aliases=ALIASES)
+
 
 # The Config settings the benchmark reads. Any other one given on the command line is
 # refused, not ignored: the synthetic data has no data set, split or checkpoints, and a
@@ -340,9 +354,9 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv):
-  cli.start(argv)
-  cfg = cli.config_from_flags()
-  check_settings(cli.config_overrides())
+  cli.start(argv, flag_values=_FLAGS)
+  cfg = cli.config_from_flags(_FLAGS)
+  check_settings(cli.config_overrides(_FLAGS))
   from jax_vaecf import model as model_lib
 
   f = _FLAGS
@@ -405,5 +419,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.define_config_flags(aliases=ALIASES)
+  define_flags()
   cli.run(main)

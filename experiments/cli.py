@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+import weakref
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from absl import app
@@ -23,10 +25,16 @@ if TYPE_CHECKING:
 # benchmark's synthetic data has, so one command line means the same run everywhere.
 DEFAULT_PRESET = "ml20m"
 
-# Other names of Config fields, old name -> field: the reference's --number_of_gpus and
-# the names a tool gave a setting before it took the Config flags. Shared by every
-# FlagValues; config_overrides reads those defined in the one it is given.
-_aliases: dict[str, str] = {"number_of_gpus": "number_of_devices"}
+# Other names of Config fields, old name -> field: the reference's --number_of_gpus, in
+# every FlagValues that has the Config flags, and the names a tool gave a setting before
+# it took the Config flags, kept with the FlagValues they were defined in (a test's fresh
+# set of a tool's flags leaves no alias behind).
+_REFERENCE_ALIASES = {"number_of_gpus": "number_of_devices"}
+_tool_aliases: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+# The threads alive when the tool's main started (start()): those a tool may wait for
+# before it exits are the others, which its own work started.
+_threads_at_start: frozenset = frozenset()
 
 flags.DEFINE_bool(
     "reuse_host_memory", True,
@@ -94,7 +102,7 @@ def define_config_flags(flag_values: flags.FlagValues = flags.FLAGS, *,
       raise ValueError(f"alias --{old}: {name!r} is not a Config field")
     if old not in flag_values:
       _define(hints[name], old, f"Deprecated: same as --{name}.", flag_values)
-      _aliases[old] = name
+      _tool_aliases.setdefault(flag_values, {})[old] = name
       new.append(old)
   for name in new:
     # absl's --help shows the key flags of the module named sys.argv[0], the program.
@@ -128,7 +136,7 @@ def config_overrides(flag_values: flags.FlagValues = flags.FLAGS) -> dict[str, A
     value = fv[name].value
     if value is not None:
       changes[name] = _typed(name, value, name)
-  for old, name in _aliases.items():
+  for old, name in (_REFERENCE_ALIASES | _tool_aliases.get(fv, {})).items():
     if old not in fv or fv[old].value is None:
       continue
     value = _typed(name, fv[old].value, old)
@@ -159,18 +167,24 @@ def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> configs.Co
   return cfg
 
 
-def start(argv: Sequence[str], required: Sequence[str] = ()) -> None:
+def start(argv: Sequence[str], required: Sequence[str] = (),
+          flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """Quiets library logging and rejects stray arguments and missing required flags.
+
+  ``flag_values``: the tool's parsed flags (the process's ``flags.FLAGS`` on the command
+  line; a set of their own where a test calls the tool's ``main``).
 
   Raises ``app.UsageError``, which :func:`run` prints as one line and a hint.
   """
-  fl = flags.FLAGS
+  global _threads_at_start
+  _threads_at_start = frozenset(threading.enumerate())
+  fl = flag_values
   # Ids read from files keep bytes that are not UTF-8 as lone surrogates (as argv
   # does); printed, they go out as the same bytes instead of failing the print.
   for stream in (sys.stdout, sys.stderr):
     if hasattr(stream, "reconfigure"):
       stream.reconfigure(errors="surrogateescape")
-  if not fl["verbosity"].present:
+  if "verbosity" not in fl or not fl["verbosity"].present:
     # Orbax logs every checkpoint operation at INFO, and notes such as reading a
     # directory read-only at WARNING; keep the console to our own lines and errors.
     logging.set_verbosity(logging.ERROR)
@@ -179,6 +193,21 @@ def start(argv: Sequence[str], required: Sequence[str] = ()) -> None:
   for name in required:
     if not getattr(fl, name):
       raise app.UsageError(f"--{name} is required")
+
+
+def threads_started() -> list[threading.Thread]:
+  """The non-daemon threads the tool started since :func:`start` (all but the main
+  thread in a process of its own): those interpreter exit would wait for."""
+  return [t for t in threading.enumerate()
+          if t is not threading.main_thread() and not t.daemon
+          and t not in _threads_at_start]
+
+
+def print_usage_error(error: app.UsageError, program: str) -> None:
+  """What a tool prints on stderr for a usage error (it then exits with status 2):
+  ``error: <message>`` and a one-line hint naming ``program``'s ``--help``."""
+  print(f"error: {error}", file=sys.stderr)
+  print(f"hint: {program} --help lists every flag", file=sys.stderr)
 
 
 def _program() -> str:
@@ -202,8 +231,7 @@ def run(main: Callable[[list[str]], Any]) -> None:
     try:
       return main(argv)
     except app.UsageError as e:
-      print(f"error: {e}", file=sys.stderr)
-      print(f"hint: {_program()} --help lists every flag", file=sys.stderr)
+      print_usage_error(e, _program())
       sys.exit(2)
 
   app.run(main_with_short_usage)

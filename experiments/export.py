@@ -22,17 +22,25 @@ from jax_vaecf.serving import export as export_lib
 from jax_vaecf.serving import recommender as recommend_lib
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "A training run's directory.")
-flags.DEFINE_string("out", None, "The artefact folder to create (new or empty).")
-flags.DEFINE_integer("k", 100, "Recommendations per user the artefact returns (at most; "
-                     "callers may ask for fewer).")
-flags.DEFINE_list("platforms", ["cpu"], "Backends to lower the program for, e.g. "
-                  "cpu,cuda.")
-flags.DEFINE_bool("benchmark", False, "After exporting, time the Recommender and the "
-                  "loaded artefact at batch 1 and batch 10,000 on this machine.")
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The tool's flags; defined when it runs, not at import (``experiments.recommend``
+  has flags of the same names)."""
+  fv = flag_values
+  flags.DEFINE_string("workdir", None, "A training run's directory.", flag_values=fv)
+  flags.DEFINE_string("out", None, "The artefact folder to create (new or empty).",
+                      flag_values=fv)
+  flags.DEFINE_integer("k", 100, "Recommendations per user the artefact returns (at "
+                       "most; callers may ask for fewer).", flag_values=fv)
+  flags.DEFINE_list("platforms", ["cpu"], "Backends to lower the program for, e.g. "
+                    "cpu,cuda.", flag_values=fv)
+  flags.DEFINE_bool("benchmark", False, "After exporting, time the Recommender and the "
+                    "loaded artefact at batch 1 and batch 10,000 on this machine.",
+                    flag_values=fv)
 
 def main(argv):
-  cli.start(argv, required=("workdir", "out"))
+  cli.start(argv, required=("workdir", "out"), flag_values=FLAGS)
   if FLAGS.k < 1:
     raise app.UsageError(f"--k must be >= 1, got {FLAGS.k}")
   try:
@@ -55,4 +63,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   cli.run(main)

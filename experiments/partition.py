@@ -24,18 +24,25 @@ from jax_vaecf.training import reporting
 from jax_vaecf.data import partition
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("processes", None, "Processes of the runs that will read it (one "
-                     "part each).")
-flags.DEFINE_string("out", None, "The folder to create (must not exist).")
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The tool's command line: its own flags and the Config flags (:mod:`experiments.cli`).
+  Defined when it runs, not at import: other tools have flags of the same names."""
+  flags.DEFINE_integer("processes", None, "Processes of the runs that will read it (one "
+                       "part each).", flag_values=flag_values)
+  flags.DEFINE_string("out", None, "The folder to create (must not exist).",
+                      flag_values=flag_values)
+  cli.define_config_flags(flag_values)
 
 
 def main(argv):
-  cli.start(argv, required=("processes", "out"))
+  cli.start(argv, required=("processes", "out"), flag_values=FLAGS)
   if FLAGS.processes < 1:
     raise app.UsageError(f"--processes must be >= 1, got {FLAGS.processes}")
   if os.path.lexists(FLAGS.out):
     raise app.UsageError(f"--out={FLAGS.out} already exists; choose a new folder")
-  cfg = cli.config_from_flags()
+  cfg = cli.config_from_flags(FLAGS)
   if cfg.partitioned_data:
     raise app.UsageError("--partitioned_data is for training; this command reads the data "
                          "set itself")
@@ -54,5 +61,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.define_config_flags()
+  define_flags()
   cli.run(main)

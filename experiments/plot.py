@@ -22,14 +22,26 @@ from absl import flags
 from experiments import cli
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Run directory holding metrics.jsonl.")
-flags.DEFINE_string("out", "", "PNG to write ('' = <workdir>/curves.png).")
-flags.DEFINE_string("title", "", "Figure title ('' = the workdir's name).")
-flags.DEFINE_list("runs", [], "Tested run folders or accuracy roots to draw side by side "
-                  "(instead of --workdir).")
-flags.DEFINE_string("metric", "ndcg@100", "--runs: the per-user metric to draw.")
-flags.DEFINE_integer("k", 20, "--runs: the cut-off of the recommended lists.")
-flags.DEFINE_string("out_dir", "", "--runs: folder for per_user.png and popularity.png.")
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The tool's flags; defined when it runs, not at import (other tools have flags of
+  the same names)."""
+  fv = flag_values
+  flags.DEFINE_string("workdir", None, "Run directory holding metrics.jsonl.",
+                      flag_values=fv)
+  flags.DEFINE_string("out", "", "PNG to write ('' = <workdir>/curves.png).",
+                      flag_values=fv)
+  flags.DEFINE_string("title", "", "Figure title ('' = the workdir's name).",
+                      flag_values=fv)
+  flags.DEFINE_list("runs", [], "Tested run folders or accuracy roots to draw side by "
+                    "side (instead of --workdir).", flag_values=fv)
+  flags.DEFINE_string("metric", "ndcg@100", "--runs: the per-user metric to draw.",
+                      flag_values=fv)
+  flags.DEFINE_integer("k", 20, "--runs: the cut-off of the recommended lists.",
+                       flag_values=fv)
+  flags.DEFINE_string("out_dir", "", "--runs: folder for per_user.png and popularity.png.",
+                      flag_values=fv)
 
 
 def read_records(workdir: str) -> list[dict]:
@@ -172,7 +184,7 @@ def plot_runs(runs, metric: str, k: int, out_dir: str) -> list[str]:
 
 def main(argv):
   if FLAGS.runs:
-    cli.start(argv, required=("out_dir",))
+    cli.start(argv, required=("out_dir",), flag_values=FLAGS)
     from experiments import compare  # pylint: disable=g-import-not-at-top
     try:
       runs = [compare.Run(p) for p in FLAGS.runs]
@@ -184,7 +196,7 @@ def main(argv):
       print(f"error: {e}", file=sys.stderr)
       sys.exit(1)
     return
-  cli.start(argv, required=("workdir",))
+  cli.start(argv, required=("workdir",), flag_values=FLAGS)
   try:
     records = read_records(FLAGS.workdir)
   except (FileNotFoundError, ValueError) as e:
@@ -197,4 +209,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   cli.run(main)

@@ -37,12 +37,20 @@ from experiments import cli
 from jax_vaecf.core.machine import best_seconds, cpu_flags
 
 _FLAGS = flags.FLAGS
-flags.DEFINE_integer("rows", 1024, "Users per chunk (the step's --output_chunk_size, or a "
-                     "smaller batch).")
-flags.DEFINE_integer("width", 600, "Width of the output layer's input (Mult-VAE: 600).")
-flags.DEFINE_integer("n_items", 20_108, "Items (ML-20M: 20,108).")
-flags.DEFINE_integer("per_user", 73, "First-layer table: entries per row (ML-20M: ~73).")
-flags.DEFINE_integer("repeats", 5, "Timed runs of each form; the best is reported.")
+
+
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """The tool's flags; defined when it runs, not at import (other tools have flags of
+  the same names)."""
+  flags.DEFINE_integer("rows", 1024, "Users per chunk (the step's --output_chunk_size, "
+                       "or a smaller batch).", flag_values=fv)
+  flags.DEFINE_integer("width", 600, "Width of the output layer's input (Mult-VAE: 600).",
+                       flag_values=fv)
+  flags.DEFINE_integer("n_items", 20_108, "Items (ML-20M: 20,108).", flag_values=fv)
+  flags.DEFINE_integer("per_user", 73, "First-layer table: entries per row (ML-20M: ~73).",
+                       flag_values=fv)
+  flags.DEFINE_integer("repeats", 5, "Timed runs of each form; the best is reported.",
+                       flag_values=fv)
 
 
 def forms(rows: int, width: int, n_items: int):
@@ -142,4 +150,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   cli.run(main)

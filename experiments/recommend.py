@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 import time
 
 from absl import app
@@ -41,23 +40,32 @@ from jax_vaecf.core import progress as progress_lib
 from jax_vaecf.serving import recommender as recommend_lib
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "A training run's directory.")
-flags.DEFINE_list("items", [], "Raw ids of the items the user interacted with.")
-flags.DEFINE_integer("k", 10, "How many items to recommend.")
-flags.DEFINE_string("titles", "", "movies.csv, movies.dat or u.item ('' = look next to "
-                    "the run's data).")
-flags.DEFINE_bool("benchmark", False, "Measure latency at batch 1 and throughput at "
-                  "batch 10,000 instead of recommending.")
-flags.DEFINE_string("users_file", "", "Batch mode: a user,item file of histories (one "
-                    "interaction per line, further columns ignored), or 'validation' / "
-                    "'test' for the held-out users of the run's own split (a file so "
-                    "named: ./test). Needs --out.")
-flags.DEFINE_string("out", "", "Batch mode: the CSV to write (user,rank,item,score).")
-flags.DEFINE_string("users_delimiter", ",", "--users_file's field separator ('tab' for "
-                    "a tab).")
-flags.DEFINE_string("users_header", "auto", "Whether --users_file's line 1 is a header: "
-                    "auto, yes or no.")
-flags.DEFINE_integer("chunk_users", 4096, "Batch mode: users scored and written at a time.")
+
+
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """The tool's flags; defined when it runs, not at import (``experiments.export`` has
+  flags of the same names)."""
+  flags.DEFINE_string("workdir", None, "A training run's directory.", flag_values=fv)
+  flags.DEFINE_list("items", [], "Raw ids of the items the user interacted with.",
+                    flag_values=fv)
+  flags.DEFINE_integer("k", 10, "How many items to recommend.", flag_values=fv)
+  flags.DEFINE_string("titles", "", "movies.csv, movies.dat or u.item ('' = look next to "
+                      "the run's data).", flag_values=fv)
+  flags.DEFINE_bool("benchmark", False, "Measure latency at batch 1 and throughput at "
+                    "batch 10,000 instead of recommending.", flag_values=fv)
+  flags.DEFINE_string("users_file", "", "Batch mode: a user,item file of histories (one "
+                      "interaction per line, further columns ignored), or 'validation' / "
+                      "'test' for the held-out users of the run's own split (a file so "
+                      "named: ./test). Needs --out.", flag_values=fv)
+  flags.DEFINE_string("out", "", "Batch mode: the CSV to write (user,rank,item,score).",
+                      flag_values=fv)
+  flags.DEFINE_string("users_delimiter", ",", "--users_file's field separator ('tab' "
+                      "for a tab).", flag_values=fv)
+  flags.DEFINE_string("users_header", "auto", "Whether --users_file's line 1 is a "
+                      "header: auto, yes or no.", flag_values=fv)
+  flags.DEFINE_integer("chunk_users", 4096, "Batch mode: users scored and written at a "
+                       "time.", flag_values=fv)
+
 
 HELD_OUT_PARTS = batch_lib.HELD_OUT_PARTS
 
@@ -65,14 +73,14 @@ HELD_OUT_PARTS = batch_lib.HELD_OUT_PARTS
 def _fail(message: str) -> None:
   """Prints ``error: <message>`` on stderr and exits with status 1.
 
-  Non-daemon threads are joined first, as interpreter exit would, but before exit
-  hooks shut the thread pools down: orbax's CheckpointManager cleans its folder in such
-  a thread, which close() does not wait for and which, cut off, prints a traceback.
+  The threads the command started are joined first, as interpreter exit would, but
+  before exit hooks shut the thread pools down: orbax's CheckpointManager cleans its
+  folder in such a thread, which close() does not wait for and which, cut off, prints a
+  traceback.
   """
   print(f"error: {message}", file=sys.stderr)
-  for t in threading.enumerate():
-    if t is not threading.main_thread() and not t.daemon:
-      t.join()
+  for t in cli.threads_started():
+    t.join()
   sys.exit(1)
 
 
@@ -135,7 +143,7 @@ def batch(rec: recommend_lib.Recommender, users: batch_lib.Users, started: float
 
 
 def main(argv):
-  cli.start(argv, required=("workdir",))
+  cli.start(argv, required=("workdir",), flag_values=FLAGS)
   if FLAGS.k < 1:
     raise app.UsageError(f"--k must be >= 1, got {FLAGS.k}")
   _check_batch_flags()
@@ -202,4 +210,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   cli.run(main)

@@ -48,16 +48,23 @@ from experiments import synthetic
 from jax_vaecf.core import host_memory
 
 _FLAGS = flags.FLAGS
-synthetic.define_shape_flags()
-flags.adopt_module_key_flags(synthetic)
-flags.DEFINE_integer("batch_size", 500, "Users per step.")
-flags.DEFINE_integer("steps", 20, "Timed steps (after 3 warm-up steps), extrapolated.")
-flags.DEFINE_integer("seed", 0, "Data and model seed.")
-flags.DEFINE_bool("compare", False, "Also time experiments.benchmark (fp32 and bf16) "
-                  "with the same shape and batch and print the ratios.")
-flags.DEFINE_enum("model", "multvae", ["multvae", "recvae"],
-                  "The model to time: Mult-VAE (an epoch) or RecVAE (a round of 3 "
-                  "encoder and 1 decoder passes, the ml20m_recvae preset's settings).")
+
+
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """The tool's flags, with the data's shape (:mod:`experiments.synthetic`); defined when
+  it runs, not at import (other tools have flags of the same names)."""
+  synthetic.define_shape_flags(fv)
+  flags.adopt_module_key_flags(synthetic, flag_values=fv)
+  flags.DEFINE_integer("batch_size", 500, "Users per step.", flag_values=fv)
+  flags.DEFINE_integer("steps", 20, "Timed steps (after 3 warm-up steps), extrapolated.",
+                       flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Data and model seed.", flag_values=fv)
+  flags.DEFINE_bool("compare", False, "Also time experiments.benchmark (fp32 and bf16) "
+                    "with the same shape and batch and print the ratios.", flag_values=fv)
+  flags.DEFINE_enum("model", "multvae", ["multvae", "recvae"],
+                    "The model to time: Mult-VAE (an epoch) or RecVAE (a round of 3 "
+                    "encoder and 1 decoder passes, the ml20m_recvae preset's settings).",
+                    flag_values=fv)
 
 # The ml20m_recvae preset's settings, which the PyTorch RecVAE below writes out.
 RECVAE_PRESET = "ml20m_recvae"
@@ -280,4 +287,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   cli.run(main)

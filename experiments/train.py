@@ -25,17 +25,27 @@ from jax_vaecf.core import distributed
 from jax_vaecf.training import reporting
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, config.")
-flags.DEFINE_string("coordinator_address", None,
-                    "Multi-node: host:port of process 0 (with --num_processes and "
-                    "--process_id; leave all three out under SLURM).")
-flags.DEFINE_integer("num_processes", None, "Multi-node: number of processes.")
-flags.DEFINE_integer("process_id", None, "Multi-node: this process's index.")
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The tool's command line: its own flags and the Config flags (:mod:`experiments.cli`).
+  Defined when it runs, not at import: other tools have flags of the same names."""
+  fv = flag_values
+  flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, config.",
+                      flag_values=fv)
+  flags.DEFINE_string("coordinator_address", None,
+                      "Multi-node: host:port of process 0 (with --num_processes and "
+                      "--process_id; leave all three out under SLURM).", flag_values=fv)
+  flags.DEFINE_integer("num_processes", None, "Multi-node: number of processes.",
+                       flag_values=fv)
+  flags.DEFINE_integer("process_id", None, "Multi-node: this process's index.",
+                       flag_values=fv)
+  cli.define_config_flags(fv)
 
 
 def main(argv):
-  cli.start(argv, required=("workdir",))
-  cfg = cli.config_from_flags()
+  cli.start(argv, required=("workdir",), flag_values=FLAGS)
+  cfg = cli.config_from_flags(FLAGS)
   try:
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                            FLAGS.process_id, environ=os.environ)
@@ -47,5 +57,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.define_config_flags()
+  define_flags()
   cli.run(main)

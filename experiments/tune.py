@@ -28,9 +28,10 @@ FLAGS = flags.FLAGS
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
-  """The tool's own flags (besides the config flags); called under ``__main__`` only,
-  as ``--root`` is also ``experiments.accuracy``'s."""
+  """The tool's command line: the Config flags (:mod:`experiments.cli`) and its own;
+  called under ``__main__`` only, as ``--root`` is also ``experiments.accuracy``'s."""
   fv = flag_values
+  cli.define_config_flags(fv)
   flags.DEFINE_string("root", None, "Tuning folder: study.db, trials/NNNN, results.md, "
                       "best.json. Rerunning with the same folder resumes.", flag_values=fv)
   flags.DEFINE_integer("trials", 20, "Finished trials to reach, counting those already "
@@ -74,9 +75,9 @@ def _quiet_optuna() -> None:
 
 
 def main(argv):
-  cli.start(argv, required=("root",))
+  cli.start(argv, required=("root",), flag_values=FLAGS)
   root = FLAGS.root
-  base = cli.config_from_flags()
+  base = cli.config_from_flags(FLAGS)
   settings = _settings_from_flags()
   try:
     _quiet_optuna()
@@ -105,6 +106,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.define_config_flags()
   define_flags()
   cli.run(main)

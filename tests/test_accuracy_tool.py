@@ -31,7 +31,8 @@ def fake_run(cfg, workdir, report=None):
 loop.run = fake_run
 distributed.initialize = lambda *args, **kwargs: None
 
-cli.define_config_flags()
+accuracy.define_flags()
+train.define_flags()  # the same Config flags again: only --workdir is new
 FLAGS = flags.FLAGS
 FLAGS(sys.argv)
 out = {"has_set_flag": "set" in FLAGS}

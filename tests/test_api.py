@@ -51,16 +51,16 @@ def test_the_python_page_runs_as_written_and_its_folder_serves_the_cli(tmp_path)
   assert fan and len(fan.group(1).split(",")) == 5, r.stdout[-2000:]
   again = re.search(r"^\[(.*?)\]$", r.stdout, re.M)  # the loaded model's answer
   assert again and again.group(1) == fan.group(1)
-  import _in_process
+  import _tools
   workdir = str(tmp_path / "runs" / "demo_python")
-  cli = _in_process.run("experiments.recommend", f"--workdir={workdir}",
-                        "--items=1,260,1196", "--k=5")
+  cli = _tools.run("experiments.recommend", f"--workdir={workdir}",
+                   "--items=1,260,1196", "--k=5")
   assert cli.returncode == 0, cli.stderr[-2000:]
   ranked = re.findall(r"^\s*\d+\.\s+(\S+)", cli.stdout, re.M)
   assert ranked == [v.strip() for v in fan.group(1).split(",")]
   out = str(tmp_path / "artefact")
-  exp = _in_process.run("experiments.export", f"--workdir={workdir}", f"--out={out}",
-                        "--k=5")
+  exp = _tools.run("experiments.export", f"--workdir={workdir}", f"--out={out}",
+                   "--k=5")
   assert exp.returncode == 0, exp.stderr[-2000:]
   assert os.path.exists(os.path.join(out, "manifest.json"))
 
@@ -73,9 +73,9 @@ SLOW_TESTS = ["test_the_in_process_demo_fit_prints_the_command_lines_test_line"]
 def test_the_in_process_demo_fit_prints_the_command_lines_test_line(tmp_path):
   # The command line's run of the demo on this machine (other CPU classes may round the
   # last digits differently), then the same preset from Python.
-  import _in_process
-  cli = _in_process.run("experiments.train", "--config=demo",
-                        f"--workdir={tmp_path / 'cli'}")
+  import _tools
+  cli = _tools.run("experiments.train", "--config=demo",
+                   f"--workdir={tmp_path / 'cli'}")
   assert cli.returncode == 0, cli.stderr[-2000:]
   (want,) = re.findall(r"^test \(.*$", cli.stdout, re.M)
   model = jax_vaecf.fit(None, "demo", workdir=str(tmp_path / "python"))

@@ -16,7 +16,7 @@ from jax_vaecf.serving import bulk as batch_lib
 from jax_vaecf.training import run_folder
 from jax_vaecf.serving import recommender as recommend
 
-import _in_process
+import _tools
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -209,7 +209,7 @@ def test_bad_batch_input_fails_with_one_clean_line(trained, tmp_path, case):
           "one_column": ["--users_file", str(users), "--out", str(out)],
           "no_out": ["--users_file", str(users)],
           "with_items": ["--users_file", str(users), "--out", str(out), "--items", "1"]}
-  r = _in_process.run("experiments.recommend", "--workdir", trained, *args[case])
+  r = _tools.run("experiments.recommend", "--workdir", trained, *args[case])
   assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
   errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
   assert len(errors) == 1 and r.stderr.startswith("error: "), r.stderr

@@ -12,7 +12,7 @@ import pytest
 
 from experiments import synthetic
 
-import _in_process
+import _tools
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -104,8 +104,8 @@ def test_benchmark_takes_the_preset_and_the_old_flag_names(tmp_path):
     (["--parallel=pmap"], "--parallel: the benchmark times the sharded mode only"),
 ])
 def test_benchmark_refuses_settings_it_would_ignore(args, message):
-  proc = _in_process.run("experiments.benchmark", *_SHAPE, *args, "--steps=1",
-                         "--eval_users=0")
+  proc = _tools.run("experiments.benchmark", *_SHAPE, *args, "--steps=1",
+                    "--eval_users=0")
   assert proc.returncode == 2
   error, hint = proc.stderr.splitlines()  # one line and the hint, before any work
   assert error.startswith(f"error: {message}") and hint.startswith("hint: ")
@@ -114,7 +114,7 @@ def test_benchmark_refuses_settings_it_would_ignore(args, message):
 def test_benchmark_refuses_a_nonsense_data_shape():
   # The shape flags are declared once (experiments.synthetic) for the benchmark and the
   # PyTorch baseline; a shape below 1 is refused when the flags are parsed.
-  proc = _in_process.run("experiments.benchmark", *_SHAPE, "--n_users=0")
+  proc = _tools.run("experiments.benchmark", *_SHAPE, "--n_users=0")
   assert proc.returncode != 0
   assert "--n_users=0: 0 is not a positive integer" in proc.stderr
 

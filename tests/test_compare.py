@@ -14,7 +14,7 @@ from jax_vaecf.evaluation import catalogue
 from jax_vaecf.evaluation import per_user
 from jax_vaecf.evaluation import significance
 
-import _in_process
+import _tools
 import _runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -160,6 +160,6 @@ def test_plots_of_two_runs(tmp_path):
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     assert width > 400 and height > 300
   _fake_run(tmp_path / "c", rng.random(50), split={"dataset": "y"})
-  r = _in_process.run("experiments.plot", f"--runs={tmp_path / 'a'},{tmp_path / 'c'}",
-                      f"--out_dir={out}")
+  r = _tools.run("experiments.plot", f"--runs={tmp_path / 'a'},{tmp_path / 'c'}",
+                 f"--out_dir={out}")
   assert r.returncode == 1 and "tested on another split" in r.stderr

@@ -246,10 +246,10 @@ def test_several_l2_without_validation_data_is_refused(tmp_path):
 
 def test_plot_draws_the_sweep_of_a_closed_form_run(run, tmp_path):
   pytest.importorskip("matplotlib")
-  import _in_process
+  import _tools
   _, workdir, _ = run
   out = str(tmp_path / "sweep.png")
-  r = _in_process.run("experiments.plot", f"--workdir={workdir}", f"--out={out}")
+  r = _tools.run("experiments.plot", f"--workdir={workdir}", f"--out={out}")
   assert r.returncode == 0, r.stderr
   assert r.stdout.strip() == out
   with open(out, "rb") as f:

@@ -18,7 +18,7 @@ from jax_vaecf.training import checkpoint
 from jax_vaecf.serving import recommender as recommend
 from jax_vaecf.training import reporting
 
-import _in_process
+import _tools
 import _runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,7 +117,7 @@ def _cli(args, timeout=120):
     (["--bogus_flag=1"], "Unknown command line flag 'bogus_flag'"),
 ])
 def test_bad_flags_fail_fast(args, message, tmp_path):
-  r = _in_process.run("experiments.train", "--workdir", str(tmp_path / "w"), *args)
+  r = _tools.run("experiments.train", "--workdir", str(tmp_path / "w"), *args)
   assert r.returncode != 0
   assert message in r.stderr + r.stdout
   assert not os.path.exists(tmp_path / "w")  # nothing was started
@@ -131,8 +131,8 @@ def test_validate_names_the_bad_setting():
 
 
 def test_missing_data_dir_and_large_k_fail_before_work(data_dir, tmp_path):
-  r = _in_process.run("experiments.train", "--config=ml-latest-small", "--data_dir",
-                      str(tmp_path / "none"), "--workdir", str(tmp_path / "w"))
+  r = _tools.run("experiments.train", "--config=ml-latest-small", "--data_dir",
+                 str(tmp_path / "none"), "--workdir", str(tmp_path / "w"))
   assert r.returncode != 0 and "does not exist" in r.stderr
   with pytest.raises(ValueError, match=r"test_ks \[500\] exceed the \d+ items"):
     loop.run(_cfg(data_dir, tmp_path, test_ks=(500,)), str(tmp_path / "w2"))

@@ -21,7 +21,7 @@ from jax_vaecf.data import (BlockBatcher, EvalSplit, Split, TrainBatcher, block_
 from jax_vaecf.data.split import binary_csr
 
 import _distributed_worker
-import _in_process
+import _tools
 import _partition_worker
 import _runs
 
@@ -352,7 +352,7 @@ def test_command_writes_parts_and_one_part_trains_like_the_whole_data(tmp_path):
                      capture_output=True, text=True, timeout=120)
   assert r.returncode == 0, r.stderr
   assert "wrote" in r.stdout and (out / "part-00000-of-00001").is_dir()
-  again = _in_process.run("experiments.partition", *args)
+  again = _tools.run("experiments.partition", *args)
   assert again.returncode == 2 and "already exists" in again.stderr
 
   part = loop.load_data(cfg.replace(partitioned_data=str(out)))

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-import _in_process
+import _tools
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,12 +39,12 @@ def test_probe_matmul_times_every_form_in_both_precisions():
 
 
 def test_probe_matmul_refuses_a_nonsense_shape():
-  r = _in_process.run("experiments.probe_matmul", "--rows=0")
+  r = _tools.run("experiments.probe_matmul", "--rows=0")
   assert r.returncode != 0 and "--rows must be >= 1" in r.stderr
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch") is not None,
                     reason="PyTorch is installed here")
 def test_torch_baseline_says_it_needs_pytorch():
-  r = _in_process.run("experiments.torch_baseline", "--steps=1")
+  r = _tools.run("experiments.torch_baseline", "--steps=1")
   assert r.returncode != 0 and "pip install torch" in r.stderr

@@ -17,7 +17,7 @@ from jax_vaecf.training import run_folder
 from jax_vaecf.training import checkpoint
 from jax_vaecf.core import files as files_lib
 
-import _in_process
+import _tools
 import _runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -230,7 +230,7 @@ def _pieces(cfg, workdir):
     (["extra_argument"], "error: unexpected arguments: extra_argument"),
 ])
 def test_usage_errors_print_the_message_and_one_hint(args, message, tmp_path):
-  r = _in_process.run("experiments.train", f"--workdir={tmp_path / 'w'}", *args)
+  r = _tools.run("experiments.train", f"--workdir={tmp_path / 'w'}", *args)
   assert r.returncode == 2
   lines = r.stderr.strip().splitlines()
   assert lines == [message + lines[0][len(message):],

@@ -16,7 +16,7 @@ from absl import flags
 from experiments import cli
 from jax_vaecf.training import configs
 
-import _in_process
+import _tools
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,16 +54,24 @@ def test_the_config_flags_help_lists_every_setting_with_its_help():
 
 @pytest.mark.parametrize("tool", sorted(TOOLS))
 def test_every_config_tool_defines_the_config_flags_before_it_runs(tool):
-  # What each tool's --helpfull lists is what its __main__ block defines: the config flags
-  # (checked above) must be defined there, before cli.run parses the command line.
+  # What each tool's --helpfull lists is what its __main__ block defines: its
+  # define_flags, which defines the config flags (checked above), must run there, before
+  # cli.run parses the command line; the in-process calls (tests/_tools.py) define the
+  # same flags with the same function.
   with open(os.path.join(REPO, "experiments", f"{tool}.py")) as f:
     tree = ast.parse(f.read())
   main_blocks = [node for node in tree.body if isinstance(node, ast.If)
                  and ast.unparse(node.test) == "__name__ == '__main__'"]
   assert len(main_blocks) == 1, tool
   calls = [ast.unparse(n.func) for n in ast.walk(main_blocks[0]) if isinstance(n, ast.Call)]
-  assert "cli.define_config_flags" in calls and "cli.run" in calls, calls
-  assert calls.index("cli.define_config_flags") < calls.index("cli.run"), calls
+  assert "define_flags" in calls and "cli.run" in calls, calls
+  assert calls.index("define_flags") < calls.index("cli.run"), calls
+  (define,) = [node for node in tree.body if isinstance(node, ast.FunctionDef)
+               and node.name == "define_flags"]
+  assert "cli.define_config_flags" in [ast.unparse(n.func) for n in ast.walk(define)
+                                       if isinstance(n, ast.Call)], tool
+  fv = _tools.tool_flags(__import__(f"experiments.{tool}", fromlist=["_"]))
+  assert "config" in fv and all(name in fv for name in configs.setting_names()), tool
 
 
 def test_helpfull_of_a_tool_lists_every_setting_with_its_help():
@@ -76,8 +84,8 @@ def test_helpfull_of_a_tool_lists_every_setting_with_its_help():
 @pytest.mark.parametrize("tool", sorted(TOOLS))
 def test_a_bad_setting_fails_the_same_way_in_every_tool(tool, tmp_path):
   args = [a.format(tmp=tmp_path) for a in TOOLS[tool]]
-  r = _in_process.run(f"experiments.{tool}", *args, "--config=ml1m",
-                      "--batch_size_train=0")
+  r = _tools.run(f"experiments.{tool}", *args, "--config=ml1m",
+                 "--batch_size_train=0")
   assert r.returncode == 2
   assert r.stderr.splitlines() == [
       "error: bad setting: batch_size_train must be >= 1",
@@ -141,6 +149,6 @@ def test_bench_data_refuses_settings_it_would_ignore(tmp_path):
                      "use --lr"),
       (["--config=netflix"], "error: --dataset=netflix: bench_data generates a MovieLens "
                              "ratings.csv")):
-    r = _in_process.run("experiments.bench_data", f"--keep={tmp_path}/w", *args)
+    r = _tools.run("experiments.bench_data", f"--keep={tmp_path}/w", *args)
     assert r.returncode == 2 and r.stderr.splitlines()[0].startswith(message), r.stderr
     assert not os.path.exists(tmp_path / "w")

@@ -29,7 +29,7 @@ from jax_vaecf.tuning import space as tune_space
 from jax_vaecf.data import paper_files
 from jax_vaecf.data.split import EvalSplit, Split
 
-import _in_process
+import _tools
 import _runs
 import _synthetic
 
@@ -394,8 +394,8 @@ def test_space_follows_the_model():
 
 
 def test_unknown_space_name_is_a_one_line_usage_error(tmp_path):
-  proc = _in_process.run("experiments.tune", f"--root={tmp_path / 'tune'}",
-                         "--config=ml1m", "--data_dir=/nowhere", "--space=lr,bogus")
+  proc = _tools.run("experiments.tune", f"--root={tmp_path / 'tune'}",
+                    "--config=ml1m", "--data_dir=/nowhere", "--space=lr,bogus")
   assert proc.returncode == 2, proc.stderr[-2000:]
   lines = proc.stderr.strip().splitlines()
   assert lines[0].startswith("error: --space: unknown parameter 'bogus'; expected names "
