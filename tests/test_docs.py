@@ -279,6 +279,7 @@ def _listed(printed: str, label: str) -> list[str]:
   return [v.strip().strip("'\"") for v in m.group(1).split(",")]
 
 
+@pytest.mark.slow
 def test_the_architecture_train_step_block_runs_as_written(tmp_path, monkeypatch):
   printed = _run_block("ARCHITECTURE.md", 0, tmp_path, monkeypatch)
   assert re.match(r"^\(500, 1000\) float32 \[.*'loss'.*\]$", printed), printed
@@ -350,3 +351,14 @@ def test_the_demo_check_refuses_other_last_lines():
     check_demo_output("\n".join(want) + "\nanother line\n")
   with pytest.raises(AssertionError):
     check_demo_output("\n".join(reversed(want)) + "\n")
+
+
+def test_the_readme_is_read_in_five_minutes():
+  lines = _read("README.md").splitlines()
+  assert len(lines) <= 150, f"README.md has {len(lines)} lines; reference material goes to docs/"
+  first_screen = "\n".join(lines[:60])
+  for needed in ("git clone", "python3 -m venv", "pip install -e .", 'pip install -e ".[test]"',
+                 "python -m experiments.train --config=demo --workdir=runs/demo",
+                 "<!-- demo-output -->", "python -m pytest -q -n 2\n",
+                 "python -m pytest -q -n 2 -m slow"):
+    assert needed in first_screen, f"the README's first screen lacks {needed!r}"
