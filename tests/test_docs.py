@@ -340,10 +340,10 @@ def _is_the_readmes_cpu_class() -> bool:
       info = f.read()
   except OSError:
     return False
-  return "AMD EPYC" in info and " avx2" in info and " avx512f" not in info
+  return "AMD EPYC" in info and " avx512f" in info   # the README's "Zen 4, AVX-512"
 
 
-def test_the_demo_check_refuses_other_last_lines():
+def test_the_demo_check_refuses_other_last_lines(monkeypatch):
   want = readme_demo_lines()
   assert len(want) == 2 and want[0].startswith("test (") and want[1].startswith("catalogue:")
   check_demo_output("epoch 30 ...\n" + "\n".join(want) + "\n")
@@ -351,6 +351,13 @@ def test_the_demo_check_refuses_other_last_lines():
     check_demo_output("\n".join(want) + "\nanother line\n")
   with pytest.raises(AssertionError):
     check_demo_output("\n".join(reversed(want)) + "\n")
+  other_digits = want[0].replace("ndcg@20 0.", "ndcg@20 1.", 1)   # same form, one digit off
+  assert other_digits != want[0]
+  monkeypatch.setattr(sys.modules[__name__], "_is_the_readmes_cpu_class", lambda: False)
+  check_demo_output(other_digits + "\n" + want[1] + "\n")   # another CPU class: form only
+  monkeypatch.setattr(sys.modules[__name__], "_is_the_readmes_cpu_class", lambda: True)
+  with pytest.raises(AssertionError):
+    check_demo_output(other_digits + "\n" + want[1] + "\n")
 
 
 def test_the_readme_is_read_in_five_minutes():
