@@ -267,8 +267,9 @@ def _run_block(page: str, index: int, cwd, monkeypatch) -> str:
   b = python_blocks(page)[index]
   monkeypatch.chdir(cwd)
   out = io.StringIO()
+  code = compile(b.code, f"{page}:{b.line}", "exec")
   with contextlib.redirect_stdout(out):
-    exec(compile(b.code, f"{page}:{b.line}", "exec"), {"__name__": "__docs__"})  # pylint: disable=exec-used
+    exec(code, {"__name__": "__docs__"})  # pylint: disable=exec-used
   return out.getvalue()
 
 
