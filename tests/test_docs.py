@@ -370,3 +370,64 @@ def test_the_readme_is_read_in_five_minutes():
                  "<!-- demo-output -->", "python -m pytest -q -n 2\n",
                  "python -m pytest -q -n 2 -m slow"):
     assert needed in first_screen, f"the README's first screen lacks {needed!r}"
+
+
+# ARCHITECTURE.md's map: one row per module, under its room's heading.
+ROOM_HEADING = re.compile(r"^### `(jax_vaecf/(?:\w+/)?)`")
+MODULE_ROW = re.compile(r"^\| `(\w+\.py)` \|")
+PACKAGE_PATH = re.compile(r"\bjax_vaecf/(?:\w+/)*\w+\.py\b")
+
+
+def map_rows(text: str) -> list[str]:
+  """The module paths of the map's rows (`## The map` up to the next `## `): each table
+  row naming `m.py` under the heading of room `jax_vaecf/room/` is `jax_vaecf/room/m.py`;
+  a row under any other heading is returned as `?/m.py`, which names no module."""
+  rows, room, inside = [], None, False
+  for line in text.splitlines():
+    if line.startswith("## "):
+      inside = line.strip() == "## The map"
+      continue
+    if not inside:
+      continue
+    if line.startswith("### "):
+      heading = ROOM_HEADING.match(line)
+      room = heading.group(1) if heading else None
+      continue
+    row = MODULE_ROW.match(line)
+    if row:
+      rows.append((room or "?/") + row.group(1))
+  return rows
+
+
+def package_modules() -> list[str]:
+  """Every module of the package (not `__init__.py`, not the demo data), as a path."""
+  found = glob.glob(os.path.join(REPO, "jax_vaecf", "**", "*.py"), recursive=True)
+  paths = (os.path.relpath(p, REPO).replace(os.sep, "/") for p in found)
+  return sorted(p for p in paths
+                if not p.endswith("/__init__.py") and "/demo_data/" not in p)
+
+
+def test_the_map_reader_sees_rooms_rows_and_stray_rows():
+  text = ("## The map\n### `jax_vaecf/`\n| `api.py` | x |\n### `jax_vaecf/core/` (0)\n"
+          "| module | concern |\n| `files.py` | y |\n### Elsewhere\n| `lost.py` | z |\n"
+          "## Next\n| `after.py` | w |\n")
+  assert map_rows(text) == ["jax_vaecf/api.py", "jax_vaecf/core/files.py", "?/lost.py"]
+
+
+def test_the_architecture_map_names_every_module_once():
+  rows = map_rows(_read("ARCHITECTURE.md"))
+  modules = package_modules()
+  assert len(modules) > 40, modules  # the glob found the package
+  twice = sorted({r for r in rows if rows.count(r) > 1})
+  missing = sorted(set(modules) - set(rows))
+  stray = sorted(set(rows) - set(modules))
+  assert not (twice or missing or stray), (
+      f"ARCHITECTURE.md's map: modules without a row {missing}, rows naming no module "
+      f"{stray}, rows given twice {twice}")
+
+
+def test_every_package_path_in_the_architecture_exists():
+  named = sorted(set(PACKAGE_PATH.findall(_read("ARCHITECTURE.md"))))
+  assert named, "ARCHITECTURE.md names no jax_vaecf/...py path"
+  gone = [p for p in named if not os.path.isfile(os.path.join(REPO, p))]
+  assert not gone, f"ARCHITECTURE.md names files that do not exist: {gone}"
