@@ -391,25 +391,15 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv):
+  """Times the configured model's training and evaluation (or, with ``--serving``, its
+  serving paths) and prints the table and the JSON record."""
   cli.start(argv)
   cfg = cli.config_from_flags()
   check_settings(cli.config_overrides())
   from jax_vaecf import model as model_lib
 
-  f = _FLAGS
-  if f.serving:
-    from experiments import serve_bench
-    rows = run_serving(cfg, f.n_items)
-    info = _versions()
-    print(f"machine: {info['cpu_model']} ({info['cpu_count']} cores), device "
-          f"{rows[0]['device_kind']}; {cfg.model} over {f.n_items:,} items, top 10, 20 "
-          "items per user")
-    print(serve_bench.format_paths(rows))
-    record = {"serving": rows, "versions": info, "argv": sys.argv[1:]}
-    print(json.dumps(record))
-    if f.json_out:
-      with open(f.json_out, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
+  if _FLAGS.serving:
+    _serving_main(cfg)
     return
   if model_lib.model_entry(cfg.model).fit is not None:
     raise app.UsageError(f"--model={cfg.model} is fitted in closed form, with no "
@@ -419,6 +409,49 @@ def main(argv):
   from jax_vaecf import loop
   from jax_vaecf import reporting
   cfg = loop.resolve_precision(cfg, reporting.print_record)
+  results = _timed_results(cfg, devices)
+  info = _versions()
+  print(f"\nmachine: {info['cpu_model']} ({info['cpu_count']} cores), device "
+        f"{results[0]['device_kind']}; jax {info['jax']}, jaxlib {info['jaxlib']}, flax "
+        f"{info['flax']}, optax {info['optax']}, numpy {info['numpy']}, python "
+        f"{info['python']}")
+  print(format_table(results))
+  record = {"results": results, "versions": info, "argv": sys.argv[1:]}
+  line = json.dumps(record)
+  print(line)
+  _append_to_json_out(line)
+
+
+def _serving_main(cfg) -> None:
+  """``--serving``: times both serving paths of ``cfg``'s model at ``--n_items`` and
+  prints their table and the JSON record."""
+  from experiments import serve_bench
+
+  f = _FLAGS
+  rows = run_serving(cfg, f.n_items)
+  info = _versions()
+  print(f"machine: {info['cpu_model']} ({info['cpu_count']} cores), device "
+        f"{rows[0]['device_kind']}; {cfg.model} over {f.n_items:,} items, top 10, 20 "
+        "items per user")
+  print(serve_bench.format_paths(rows))
+  record = {"serving": rows, "versions": info, "argv": sys.argv[1:]}
+  print(json.dumps(record))
+  _append_to_json_out(json.dumps(record))
+
+
+def _append_to_json_out(line: str) -> None:
+  """Appends the JSON ``line`` to ``--json_out``, when given."""
+  if _FLAGS.json_out:
+    with open(_FLAGS.json_out, "a") as fh:
+      fh.write(line + "\n")
+
+
+def _timed_results(cfg, devices: list) -> list[dict]:
+  """A result (:func:`run_one`) for each item count (``--sweep_items``, else
+  ``--n_items``), each preceded, for a model other than Mult-VAE, by a Mult-VAE result
+  of the same other settings it is compared with (``--compare_multvae``); each printed
+  as a JSON line as it comes."""
+  f = _FLAGS
   items = [int(x) for x in f.sweep_items] or [f.n_items]
   results = []
   # The model's own settings go back to their defaults; every other setting is kept.
@@ -432,27 +465,23 @@ def main(argv):
     r = run_one(cfg, devices, n, steps=f.steps, epochs=f.epochs,
                 eval_users=f.eval_users if not f.sweep_items else 0)
     if base is not None:
-      r["vs_multvae_epoch"] = round(r["epoch_s"] / base["epoch_s"], 3)
-      if "xla_gflop_per_step" in r and "xla_gflop_per_step" in base:
-        # Both epochs cover every user once per pass: the round's operations over the
-        # epoch's are passes x (GFLOP per step) over GFLOP per step.
-        r["vs_multvae_epoch_gflop"] = round(
-            r["passes_per_epoch"] * r["xla_gflop_per_step"]
-            / (base["passes_per_epoch"] * base["xla_gflop_per_step"]), 3)
+      r.update(_vs_multvae(r, base))
     results.append(r)
     print(json.dumps(r), flush=True)
-  info = _versions()
-  print(f"\nmachine: {info['cpu_model']} ({info['cpu_count']} cores), device "
-        f"{results[0]['device_kind']}; jax {info['jax']}, jaxlib {info['jaxlib']}, flax "
-        f"{info['flax']}, optax {info['optax']}, numpy {info['numpy']}, python "
-        f"{info['python']}")
-  print(format_table(results))
-  record = {"results": results, "versions": info, "argv": sys.argv[1:]}
-  line = json.dumps(record)
-  print(line)
-  if f.json_out:
-    with open(f.json_out, "a") as fh:
-      fh.write(line + "\n")
+  return results
+
+
+def _vs_multvae(r: dict, base: dict) -> dict:
+  """The result ``r``'s epoch as a ratio of the Mult-VAE result ``base``'s: in time, and
+  in floating-point operations where both have XLA's count."""
+  ratios = {"vs_multvae_epoch": round(r["epoch_s"] / base["epoch_s"], 3)}
+  if "xla_gflop_per_step" in r and "xla_gflop_per_step" in base:
+    # Both epochs cover every user once per pass: the round's operations over the
+    # epoch's are passes x (GFLOP per step) over GFLOP per step.
+    ratios["vs_multvae_epoch_gflop"] = round(
+        r["passes_per_epoch"] * r["xla_gflop_per_step"]
+        / (base["passes_per_epoch"] * base["xla_gflop_per_step"]), 3)
+  return ratios
 
 
 if __name__ == "__main__":
