@@ -68,10 +68,11 @@ _FLAGS = flags.FLAGS
 ALIASES = {"batch_size": "batch_size_train", "eval_batch_size": "batch_size_validation"}
 
 
-def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """The tool's command line: the data's shape (:mod:`experiments.synthetic`), its own
   flags and the Config flags with :data:`ALIASES`. Defined when it runs, not at import:
   other tools have flags of the same names."""
+  fv = flag_values
   synthetic.define_shape_flags(fv)
   flags.adopt_module_key_flags(synthetic, flag_values=fv)
   flags.DEFINE_integer("epochs", 1, "Full epochs to time (ignored with --steps).",
@@ -218,36 +219,98 @@ def xla_work_per_step(par, state, batch, n_devices: int) -> dict:
 
 def run_one(cfg, devices: list, n_items: int, *, steps: int, epochs: int,
             eval_users: int) -> dict:
-  """Builds the data and the steps of ``cfg`` for ``n_items`` items and times them."""
-  import jax
+  """Builds the data and the steps of ``cfg`` for ``n_items`` items and times them: one
+  result (a row of the table) with the training times, the evaluation times when
+  ``eval_users`` is above 0, and the peak memory. ``FloatingPointError`` when the loss
+  after the timed steps is not finite."""
   import numpy as np
 
-  from jax_vaecf.training import engine as loop
-  from jax_vaecf import data as data_lib
-  from jax_vaecf.core import sparse as sparse_lib
-
   f = _FLAGS
-  platform_name = jax.default_backend()
-  k = len(devices)
-
   t0 = time.perf_counter()
   train_csr, eval_split = synthetic.make_dataset(
       n_users=f.n_users, n_items=n_items, n_eval_users=max(eval_users, 1),
       mean_per_user=f.mean_per_user, seed=cfg.seed)
   data_s = time.perf_counter() - t0
+  out, par, state = _timed_training(cfg, devices, train_csr, data_s, steps=steps,
+                                    epochs=epochs)
+  loss = out["final_loss"]
+  if not np.isfinite(loss):
+    raise FloatingPointError(f"training loss is {loss}")
+  if eval_users > 0:
+    out.update(_timed_evaluation(par, state, eval_split, cfg.batch_size_validation,
+                                 eval_users))
+  out.update(_peak_memory(devices))
+  return out
 
+
+def _timed_training(cfg, devices: list, train_csr, data_s: float, *, steps: int,
+                    epochs: int) -> tuple[dict, object, object]:
+  """Compiles and times the training steps of ``cfg`` on ``train_csr`` (CSR float32,
+  ``(n_users, n_items)``): the result's settings and training times (``data_s``, the
+  seconds the data took, among them), the steps and the trained state."""
+  import jax
+
+  from jax_vaecf.training import engine as loop
+  from jax_vaecf import data as data_lib
+
+  f = _FLAGS
+  n_items = train_csr.shape[1]
   # The model, optimiser, steps, placement and epoch loop of a training run: the
   # loop's own functions, so these numbers are the loop's numbers.
   built = loop.build(cfg, n_items, train_csr.shape[0])
   par = built.steps
-  input_format = cfg.input_format
   state = loop.placed_fresh_state(cfg, built)
   batcher = data_lib.TrainBatcher(train_csr, cfg.batch_size_train, cfg.seed,
                                   num_shards=par.num_shards)
-  # Compile every shape an epoch can produce, on empty batches (all rows padding).
+  state, compile_s, work = _compile_every_shape(par, state, batcher, cfg.batch_size_train,
+                                                len(devices))
+  n_steps = batcher.steps_per_epoch
+  # One epoch is one round of the model's phases: passes_per_epoch passes of the data.
+  passes = loop.passes_per_epoch(par)
+  per_pass = min(steps, n_steps) if steps > 0 else n_steps
+  state, loss, done, train_s = _train_epochs(
+      par, state, batcher, cfg.prefetch, epochs=1 if steps > 0 else epochs,
+      max_steps=per_pass if steps > 0 else None)
+  step_s = train_s / done
+  # Every pass of the round was cut to per_pass steps, so the round scales as a whole.
+  epoch_s = train_s / (done / passes) * n_steps
+  users_s = f.n_users / epoch_s
+  out = {
+      "n_users": f.n_users, "n_items": n_items, "batch_size": cfg.batch_size_train,
+      "precision": cfg.precision, "input_format": cfg.input_format,
+      "output_chunk_size": cfg.output_chunk_size, "model": cfg.model,
+      "ema_decay": cfg.ema_decay,
+      "number_of_devices": len(devices), "mesh": f"{par.num_shards}x{par.model_shards}",
+      "state_mb_per_device": round(par.device_bytes(state) / 2**20, 2),
+      "platform": jax.default_backend(),
+      "device_kind": devices[0].device_kind,
+      "train_nnz": int(train_csr.nnz), "steps_per_epoch": n_steps,
+      "passes_per_epoch": passes,
+      "timed_steps": done, "extrapolated": steps > 0 and per_pass < n_steps,
+      "compile_s": round(compile_s, 2), "step_ms": round(step_s * 1e3, 2),
+      "epoch_s": round(epoch_s, 2), "train_users_per_s": round(users_s, 1),
+      "final_loss": loss, "data_gen_s": round(data_s, 2),
+      "nnz_buckets": list(batcher.nnz_buckets),
+      **work,
+  }
+  if work:
+    out["xla_gflop_per_s"] = round(work["xla_gflop_per_step"] / step_s, 1)
+  return out, par, state
+
+
+def _compile_every_shape(par, state, batcher, batch_size: int,
+                         n_devices: int) -> tuple[object, float, dict]:
+  """Compiles every phase's step for every nnz bucket shape an epoch can produce, by
+  running it on an empty batch (all rows padding): the state after, the seconds it took,
+  and XLA's count of a step's work (:func:`xla_work_per_step`, on the middle bucket)."""
+  import jax
+  import numpy as np
+
+  from jax_vaecf.core import sparse as sparse_lib
+
   t0 = time.perf_counter()
   # A batch that does not divide over the shards is padded, as in training.
-  rows_per = -(-cfg.batch_size_train // par.num_shards)
+  rows_per = -(-batch_size // par.num_shards)
 
   def empty_batch(nnz):
     return par.put_batch(sparse_lib.SparseBatch(
@@ -263,65 +326,54 @@ def run_one(cfg, devices: list, n_items: int, *, steps: int, epochs: int,
   jax.block_until_ready((state, m))
   compile_s = time.perf_counter() - t0
   work = xla_work_per_step(
-      par, state, empty_batch(batcher.nnz_buckets[len(batcher.nnz_buckets) // 2]), k)
+      par, state, empty_batch(batcher.nnz_buckets[len(batcher.nnz_buckets) // 2]), n_devices)
+  return state, compile_s, work
 
-  n_steps = batcher.steps_per_epoch
-  # One epoch is one round of the model's phases: passes_per_epoch passes of the data.
-  passes = loop.passes_per_epoch(par)
-  per_pass = min(steps, n_steps) if steps > 0 else n_steps
+
+def _train_epochs(par, state, batcher, prefetch: int, *, epochs: int,
+                  max_steps: int | None) -> tuple[object, float, int, float]:
+  """Runs ``epochs`` epochs of the training loop (each pass cut to ``max_steps`` steps
+  unless None): the state after, the last step's loss, the steps run and the seconds
+  they took."""
+  from jax_vaecf.training import engine as loop
+
   train_s, done, host_metrics = 0.0, 0, []
-  for epoch in range(1 if steps > 0 else epochs):
+  for epoch in range(epochs):
     # Epoch numbers from 1: the warm-up above is not an epoch of the data.
     state, host_metrics, seconds = loop.train_epoch(
-        par, state, batcher, epoch + 1, cfg.prefetch,
-        max_steps=per_pass if steps > 0 else None)
+        par, state, batcher, epoch + 1, prefetch, max_steps=max_steps)
     train_s += seconds
     done += len(host_metrics)
-  loss = float(host_metrics[-1]["loss"])
-  step_s = train_s / done
-  # Every pass of the round was cut to per_pass steps, so the round scales as a whole.
-  epoch_s = train_s / (done / passes) * n_steps
-  users_s = f.n_users / epoch_s
+  return state, float(host_metrics[-1]["loss"]), done, train_s
 
-  out = {
-      "n_users": f.n_users, "n_items": n_items, "batch_size": cfg.batch_size_train,
-      "precision": cfg.precision, "input_format": input_format,
-      "output_chunk_size": cfg.output_chunk_size, "model": cfg.model,
-      "ema_decay": cfg.ema_decay,
-      "number_of_devices": k, "mesh": f"{par.num_shards}x{par.model_shards}",
-      "state_mb_per_device": round(par.device_bytes(state) / 2**20, 2),
-      "platform": platform_name,
-      "device_kind": devices[0].device_kind,
-      "train_nnz": int(train_csr.nnz), "steps_per_epoch": n_steps,
-      "passes_per_epoch": passes,
-      "timed_steps": done, "extrapolated": steps > 0 and per_pass < n_steps,
-      "compile_s": round(compile_s, 2), "step_ms": round(step_s * 1e3, 2),
-      "epoch_s": round(epoch_s, 2), "train_users_per_s": round(users_s, 1),
-      "final_loss": loss, "data_gen_s": round(data_s, 2),
-      "nnz_buckets": list(batcher.nnz_buckets),
-      **work,
-  }
-  if work:
-    out["xla_gflop_per_s"] = round(work["xla_gflop_per_step"] / step_s, 1)
-  if not np.isfinite(loss):
-    raise FloatingPointError(f"training loss is {loss}")
 
-  if eval_users > 0:
-    def eval_pass():
-      return loop.evaluate(par, state, eval_split, cfg.batch_size_validation)
+def _timed_evaluation(par, state, eval_split, batch_size: int, eval_users: int) -> dict:
+  """Evaluates ``eval_split``'s users twice (the first pass compiles every shape, the
+  second is timed): the result's evaluation fields."""
+  from jax_vaecf.training import engine as loop
 
-    t0 = time.perf_counter()
-    eval_pass()  # compiles every shape
-    eval_compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    eval_pass()
-    eval_s = time.perf_counter() - t0
-    out.update(eval_users=eval_users, eval_s=round(eval_s, 3),
-               eval_users_per_s=round(eval_users / eval_s, 1),
-               eval_first_pass_s=round(eval_compile_s, 2))
-  out["peak_host_gb"] = round(_peak_host_gb(), 2)
+  def eval_pass():
+    return loop.evaluate(par, state, eval_split, batch_size)
+
+  t0 = time.perf_counter()
+  eval_pass()  # compiles every shape
+  eval_compile_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  eval_pass()
+  eval_s = time.perf_counter() - t0
+  return dict(eval_users=eval_users, eval_s=round(eval_s, 3),
+              eval_users_per_s=round(eval_users / eval_s, 1),
+              eval_first_pass_s=round(eval_compile_s, 2))
+
+
+def _peak_memory(devices: list) -> dict:
+  """The result's peak memory fields: the host's, and the devices' largest (not on the
+  CPU backend, where it is the host's)."""
+  import jax
+
+  out = {"peak_host_gb": round(_peak_host_gb(), 2)}
   dev = _peak_device_gb(devices)
-  if dev is not None and platform_name != "cpu":
+  if dev is not None and jax.default_backend() != "cpu":
     out["peak_device_gb"] = round(dev, 2)
   return out
 
@@ -354,25 +406,15 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv):
+  """Times the configured model's training and evaluation (or, with ``--serving``, its
+  serving paths) and prints the table and the JSON record."""
   cli.start(argv, flag_values=_FLAGS)
   cfg = cli.config_from_flags(_FLAGS)
   check_settings(cli.config_overrides(_FLAGS))
   from jax_vaecf import model as model_lib
 
-  f = _FLAGS
-  if f.serving:
-    from experiments import serve_bench
-    rows = run_serving(cfg, f.n_items)
-    info = _versions()
-    print(f"machine: {info['cpu_model']} ({info['cpu_count']} cores), device "
-          f"{rows[0]['device_kind']}; {cfg.model} over {f.n_items:,} items, top 10, 20 "
-          "items per user")
-    print(serve_bench.format_paths(rows))
-    record = {"serving": rows, "versions": info, "argv": sys.argv[1:]}
-    print(json.dumps(record))
-    if f.json_out:
-      with open(f.json_out, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
+  if _FLAGS.serving:
+    _serving_main(cfg)
     return
   if model_lib.model_entry(cfg.model).fit is not None:
     raise app.UsageError(f"--model={cfg.model} is fitted in closed form, with no "
@@ -382,6 +424,49 @@ def main(argv):
   from jax_vaecf.training import engine as loop
   from jax_vaecf.training import reporting
   cfg = loop.resolve_precision(cfg, reporting.print_record)
+  results = _timed_results(cfg, devices)
+  info = _versions()
+  print(f"\nmachine: {info['cpu_model']} ({info['cpu_count']} cores), device "
+        f"{results[0]['device_kind']}; jax {info['jax']}, jaxlib {info['jaxlib']}, flax "
+        f"{info['flax']}, optax {info['optax']}, numpy {info['numpy']}, python "
+        f"{info['python']}")
+  print(format_table(results))
+  record = {"results": results, "versions": info, "argv": sys.argv[1:]}
+  line = json.dumps(record)
+  print(line)
+  _append_to_json_out(line)
+
+
+def _serving_main(cfg) -> None:
+  """``--serving``: times both serving paths of ``cfg``'s model at ``--n_items`` and
+  prints their table and the JSON record."""
+  from experiments import serve_bench
+
+  f = _FLAGS
+  rows = run_serving(cfg, f.n_items)
+  info = _versions()
+  print(f"machine: {info['cpu_model']} ({info['cpu_count']} cores), device "
+        f"{rows[0]['device_kind']}; {cfg.model} over {f.n_items:,} items, top 10, 20 "
+        "items per user")
+  print(serve_bench.format_paths(rows))
+  record = {"serving": rows, "versions": info, "argv": sys.argv[1:]}
+  print(json.dumps(record))
+  _append_to_json_out(json.dumps(record))
+
+
+def _append_to_json_out(line: str) -> None:
+  """Appends the JSON ``line`` to ``--json_out``, when given."""
+  if _FLAGS.json_out:
+    with open(_FLAGS.json_out, "a") as fh:
+      fh.write(line + "\n")
+
+
+def _timed_results(cfg, devices: list) -> list[dict]:
+  """A result (:func:`run_one`) for each item count (``--sweep_items``, else
+  ``--n_items``), each preceded, for a model other than Mult-VAE, by a Mult-VAE result
+  of the same other settings it is compared with (``--compare_multvae``); each printed
+  as a JSON line as it comes."""
+  f = _FLAGS
   items = [int(x) for x in f.sweep_items] or [f.n_items]
   results = []
   # The model's own settings go back to their defaults; every other setting is kept.
@@ -395,27 +480,23 @@ def main(argv):
     r = run_one(cfg, devices, n, steps=f.steps, epochs=f.epochs,
                 eval_users=f.eval_users if not f.sweep_items else 0)
     if base is not None:
-      r["vs_multvae_epoch"] = round(r["epoch_s"] / base["epoch_s"], 3)
-      if "xla_gflop_per_step" in r and "xla_gflop_per_step" in base:
-        # Both epochs cover every user once per pass: the round's operations over the
-        # epoch's are passes x (GFLOP per step) over GFLOP per step.
-        r["vs_multvae_epoch_gflop"] = round(
-            r["passes_per_epoch"] * r["xla_gflop_per_step"]
-            / (base["passes_per_epoch"] * base["xla_gflop_per_step"]), 3)
+      r.update(_vs_multvae(r, base))
     results.append(r)
     print(json.dumps(r), flush=True)
-  info = _versions()
-  print(f"\nmachine: {info['cpu_model']} ({info['cpu_count']} cores), device "
-        f"{results[0]['device_kind']}; jax {info['jax']}, jaxlib {info['jaxlib']}, flax "
-        f"{info['flax']}, optax {info['optax']}, numpy {info['numpy']}, python "
-        f"{info['python']}")
-  print(format_table(results))
-  record = {"results": results, "versions": info, "argv": sys.argv[1:]}
-  line = json.dumps(record)
-  print(line)
-  if f.json_out:
-    with open(f.json_out, "a") as fh:
-      fh.write(line + "\n")
+  return results
+
+
+def _vs_multvae(r: dict, base: dict) -> dict:
+  """The result ``r``'s epoch as a ratio of the Mult-VAE result ``base``'s: in time, and
+  in floating-point operations where both have XLA's count."""
+  ratios = {"vs_multvae_epoch": round(r["epoch_s"] / base["epoch_s"], 3)}
+  if "xla_gflop_per_step" in r and "xla_gflop_per_step" in base:
+    # Both epochs cover every user once per pass: the round's operations over the
+    # epoch's are passes x (GFLOP per step) over GFLOP per step.
+    ratios["vs_multvae_epoch_gflop"] = round(
+        r["passes_per_epoch"] * r["xla_gflop_per_step"]
+        / (base["passes_per_epoch"] * base["xla_gflop_per_step"]), 3)
+  return ratios
 
 
 if __name__ == "__main__":

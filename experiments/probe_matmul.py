@@ -39,9 +39,10 @@ from jax_vaecf.core.machine import best_seconds, cpu_flags
 _FLAGS = flags.FLAGS
 
 
-def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """The tool's flags; defined when it runs, not at import (other tools have flags of
   the same names)."""
+  fv = flag_values
   flags.DEFINE_integer("rows", 1024, "Users per chunk (the step's --output_chunk_size, "
                        "or a smaller batch).", flag_values=fv)
   flags.DEFINE_integer("width", 600, "Width of the output layer's input (Mult-VAE: 600).",

@@ -38,13 +38,15 @@ from experiments import cli
 from jax_vaecf.serving import bulk as batch_lib
 from jax_vaecf.core import progress as progress_lib
 from jax_vaecf.serving import recommender as recommend_lib
+from jax_vaecf.data import readers
 
 FLAGS = flags.FLAGS
 
 
-def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """The tool's flags; defined when it runs, not at import (``experiments.export`` has
   flags of the same names)."""
+  fv = flag_values
   flags.DEFINE_string("workdir", None, "A training run's directory.", flag_values=fv)
   flags.DEFINE_list("items", [], "Raw ids of the items the user interacted with.",
                     flag_values=fv)
@@ -142,45 +144,44 @@ def batch(rec: recommend_lib.Recommender, users: batch_lib.Users, started: float
         f"{n / max(scoring, 1e-9):.0f} users/s")
 
 
-def main(argv):
-  cli.start(argv, required=("workdir",), flag_values=FLAGS)
-  if FLAGS.k < 1:
-    raise app.UsageError(f"--k must be >= 1, got {FLAGS.k}")
-  _check_batch_flags()
-  inter, setup_s = None, 0.0
-  if FLAGS.users_file:
-    _check_out(FLAGS.out)
-    if FLAGS.users_file not in HELD_OUT_PARTS:
-      # Read before the model is loaded, so a bad file fails fast.
-      t0 = time.perf_counter()
-      try:
-        inter = batch_lib.read_users_file(FLAGS.users_file, FLAGS.users_delimiter,
-                                FLAGS.users_header)
-      except (FileNotFoundError, ValueError) as e:
-        _fail(f"--users_file: {e}")
-      setup_s = time.perf_counter() - t0
+def _read_users_file() -> tuple[readers.Interactions | None, float]:
+  """``(interactions of --users_file, seconds taken)``, read before the model is loaded
+  so a bad file fails fast; ``(None, 0.0)`` without one or for a held-out part."""
+  if not FLAGS.users_file or FLAGS.users_file in HELD_OUT_PARTS:
+    return None, 0.0
+  t0 = time.perf_counter()
   try:
-    rec = recommend_lib.Recommender.from_workdir(FLAGS.workdir)
+    inter = batch_lib.read_users_file(FLAGS.users_file, FLAGS.users_delimiter,
+                                      FLAGS.users_header)
+  except (FileNotFoundError, ValueError) as e:
+    _fail(f"--users_file: {e}")
+  return inter, time.perf_counter() - t0
+
+
+def _benchmark(rec: recommend_lib.Recommender) -> None:
+  """``--benchmark``: prints the latency at batch 1 and the throughput at 10,000."""
+  from experiments import serve_bench  # pylint: disable=g-import-not-at-top
+  (res,) = serve_bench.time_paths(rec, None, FLAGS.k)
+  print(f"batch 1: {res['batch1_latency_ms']:.2f} ms per request "
+        f"({res['batch1_users_per_s']:.0f} users/s); batch 10,000: "
+        f"{res['batch10000_users_per_s']:.0f} users/s")
+
+
+def _batch_mode(rec: recommend_lib.Recommender, inter: readers.Interactions | None,
+                setup_s: float) -> None:
+  """``--users_file``: the users of the file read (``inter``) or of the run's held-out
+  part, recommended into ``--out``."""
+  started = time.perf_counter()
+  try:
+    users = (batch_lib.users_from_file(inter, rec.item_ids) if inter is not None else
+             batch_lib.held_out_users(FLAGS.workdir, FLAGS.users_file, rec.item_ids))
   except (FileNotFoundError, ValueError) as e:
     _fail(str(e))
-  if FLAGS.k > rec.model.n_items:
-    raise app.UsageError(f"--k={FLAGS.k} exceeds the {rec.model.n_items} items")
-  if FLAGS.benchmark:
-    from experiments import serve_bench  # pylint: disable=g-import-not-at-top
-    (res,) = serve_bench.time_paths(rec, None, FLAGS.k)
-    print(f"batch 1: {res['batch1_latency_ms']:.2f} ms per request "
-          f"({res['batch1_users_per_s']:.0f} users/s); batch 10,000: "
-          f"{res['batch10000_users_per_s']:.0f} users/s")
-    return
-  if FLAGS.users_file:
-    started = time.perf_counter()
-    try:
-      users = (batch_lib.users_from_file(inter, rec.item_ids) if inter is not None else
-               batch_lib.held_out_users(FLAGS.workdir, FLAGS.users_file, rec.item_ids))
-    except (FileNotFoundError, ValueError) as e:
-      _fail(str(e))
-    batch(rec, users, started, setup_s)
-    return
+  batch(rec, users, started, setup_s)
+
+
+def _one_user(rec: recommend_lib.Recommender) -> None:
+  """``--items``: prints one user's recommendations, with titles when known."""
   titles_path = FLAGS.titles or batch_lib.find_titles(FLAGS.workdir)
   try:
     titles = batch_lib.read_titles(titles_path) if titles_path else {}
@@ -207,6 +208,28 @@ def main(argv):
   for rank, (item, score) in enumerate(zip(out.items[0], out.scores[0]), 1):
     title = titles.get(str(item), "")
     print(f"{rank:3d}. {item}  {score:8.3f}  {title}".rstrip())
+
+
+def main(argv):
+  cli.start(argv, required=("workdir",), flag_values=FLAGS)
+  if FLAGS.k < 1:
+    raise app.UsageError(f"--k must be >= 1, got {FLAGS.k}")
+  _check_batch_flags()
+  if FLAGS.users_file:
+    _check_out(FLAGS.out)
+  inter, setup_s = _read_users_file()
+  try:
+    rec = recommend_lib.Recommender.from_workdir(FLAGS.workdir)
+  except (FileNotFoundError, ValueError) as e:
+    _fail(str(e))
+  if FLAGS.k > rec.model.n_items:
+    raise app.UsageError(f"--k={FLAGS.k} exceeds the {rec.model.n_items} items")
+  if FLAGS.benchmark:
+    _benchmark(rec)
+  elif FLAGS.users_file:
+    _batch_mode(rec, inter, setup_s)
+  else:
+    _one_user(rec)
 
 
 if __name__ == "__main__":

@@ -35,10 +35,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
 import time
+from typing import Sequence
 
 from absl import app
 from absl import flags
@@ -50,9 +52,10 @@ from jax_vaecf.core import host_memory
 _FLAGS = flags.FLAGS
 
 
-def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """The tool's flags, with the data's shape (:mod:`experiments.synthetic`); defined when
   it runs, not at import (other tools have flags of the same names)."""
+  fv = flag_values
   synthetic.define_shape_flags(fv)
   flags.adopt_module_key_flags(synthetic, flag_values=fv)
   flags.DEFINE_integer("batch_size", 500, "Users per step.", flag_values=fv)
@@ -65,6 +68,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                     "The model to time: Mult-VAE (an epoch) or RecVAE (a round of 3 "
                     "encoder and 1 decoder passes, the ml20m_recvae preset's settings).",
                     flag_values=fv)
+
 
 # The ml20m_recvae preset's settings, which the PyTorch RecVAE below writes out.
 RECVAE_PRESET = "ml20m_recvae"
@@ -129,28 +133,66 @@ def torch_epoch(csr, batch_size: int, steps: int, bf16: bool, seed: int) -> dict
 
 def torch_recvae_round(csr, batch_size: int, steps: int, bf16: bool, seed: int) -> dict:
   """Seconds per encoder and decoder step and per round of the PyTorch RecVAE."""
-  import copy
-  import math
-
   import numpy as np
   import torch
-  from torch import nn
-  import torch.nn.functional as F
 
   from jax_vaecf.training import configs
-  from jax_vaecf.models import recvae
 
   cfg = configs.get_config(RECVAE_PRESET)
   # The preset's widths as the library builds them (its default: five layers of 600).
   dims = tuple(cfg.hidden_dims)
-  width, latent = dims[0], cfg.latent_dim
   torch.manual_seed(seed)
   torch.set_num_threads(os.cpu_count() or 1)
   n_users, n_items = csr.shape
-  log_2pi = math.log(2 * math.pi)
+  net = _TorchRecVAE(cfg, n_items, dims, bf16)
+  order = np.random.default_rng(seed).permutation(n_users)
 
-  def log_normal(x, mu, logvar):
-    return -0.5 * (logvar + log_2pi + (x - mu) ** 2 * torch.exp(-logvar))
+  def batch(i):
+    users = order[(i * batch_size) % n_users:][:batch_size]
+    return torch.from_numpy(csr[users].toarray())
+
+  enc_s, _ = _time_steps(net.encoder_step, batch, steps, net.decoder)
+  net.prior.load_state_dict(net.encoder.state_dict())
+  dec_s, loss = _time_steps(net.decoder_step, batch, steps, net.encoder)
+  per_pass = -(-n_users // batch_size)
+  passes = cfg.encoder_epochs + cfg.decoder_epochs
+  round_s = (cfg.encoder_epochs * enc_s + cfg.decoder_epochs * dec_s) * per_pass
+  return {"library": "pytorch", "model": "recvae", "precision": "bf16" if bf16 else "fp32",
+          "encoder_step_ms": round(enc_s * 1e3, 2), "decoder_step_ms": round(dec_s * 1e3, 2),
+          "step_ms": round(round_s / (passes * per_pass) * 1e3, 2),
+          "epoch_s": round(round_s, 2), "final_loss": loss, "torch": torch.__version__}
+
+
+def _time_steps(step, batch, steps: int, grads_off) -> tuple[float, float]:
+  """``(seconds per step, last loss)`` of ``step`` on ``batch(i)`` for ``steps`` steps
+  after 3 warm-up steps, with ``grads_off`` (the module the step does not train)
+  formed without gradients meanwhile."""
+  grads_off.requires_grad_(False)
+  for i in range(3):
+    step(batch(i))
+  t0 = time.perf_counter()
+  for i in range(3, 3 + steps):
+    loss = step(batch(i))
+  grads_off.requires_grad_(True)
+  return (time.perf_counter() - t0) / steps, loss
+
+
+def _log_normal(x, mu, logvar):
+  """The elementwise log density of ``x`` under N(mu, exp(logvar)) (torch tensors)."""
+  import torch
+  return -0.5 * (logvar + math.log(2 * math.pi) + (x - mu) ** 2 * torch.exp(-logvar))
+
+
+def _recvae_encoder(n_items: int, dims: Sequence[int], latent: int):
+  """The PyTorch RecVAE encoder (an ``nn.Module``): ``len(dims)`` densely connected
+  layers of ``dims[0]`` with swish and LayerNorm, then ``(mu, logvar)`` of ``latent``
+  each; ``forward(x (B, n_items), dropout)`` L2-normalises and drops out its input."""
+  from torch import nn
+  import torch.nn.functional as F
+
+  from jax_vaecf.models import recvae
+
+  width = dims[0]
 
   class Encoder(nn.Module):
     def __init__(self):
@@ -170,73 +212,71 @@ def torch_recvae_round(csr, batch_size: int, steps: int, bf16: bool, seed: int) 
         previous = previous + h
       return self.mu(h), self.logvar(h)
 
-  encoder, decoder = Encoder(), nn.Linear(latent, n_items)
-  prior = copy.deepcopy(encoder).requires_grad_(False)
-  enc_opt = torch.optim.Adam(encoder.parameters(), lr=cfg.lr)
-  dec_opt = torch.optim.Adam(decoder.parameters(), lr=cfg.lr)
-  rng = np.random.default_rng(seed)
-  order = rng.permutation(n_users)
+  return Encoder()
 
-  def nll_of(z, x):
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-      logits = decoder(z)
+
+class _TorchRecVAE:
+  """The PyTorch RecVAE being timed: its encoder, decoder (one linear layer), frozen
+  prior encoder, one Adam per phase, and its encoder and decoder training steps on a
+  dense float32 batch ``x (B, n_items)``, each returning the batch's loss."""
+
+  def __init__(self, cfg, n_items: int, dims: Sequence[int], bf16: bool):
+    import copy
+
+    import torch
+    from torch import nn
+
+    self.cfg, self.bf16 = cfg, bf16
+    # Built in this order from the seeded generator: the encoder, then the decoder.
+    self.encoder = _recvae_encoder(n_items, dims, cfg.latent_dim)
+    self.decoder = nn.Linear(cfg.latent_dim, n_items)
+    self.prior = copy.deepcopy(self.encoder).requires_grad_(False)
+    self.enc_opt = torch.optim.Adam(self.encoder.parameters(), lr=cfg.lr)
+    self.dec_opt = torch.optim.Adam(self.decoder.parameters(), lr=cfg.lr)
+
+  def nll(self, z, x):
+    """The multinomial negative log-likelihood (B,) of ``x`` given latents ``z``."""
+    import torch
+    import torch.nn.functional as F
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+      logits = self.decoder(z)
     return -(F.log_softmax(logits.float(), dim=1) * x).sum(1)
 
-  def encoder_step(x):
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-      mu, logvar = encoder(x, cfg.dropout_rate)
+  def encoder_step(self, x) -> float:
+    """One Adam step of the encoder on the NLL plus the composite-prior KL term."""
+    import torch
+    cfg = self.cfg
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+      mu, logvar = self.encoder(x, cfg.dropout_rate)
       with torch.no_grad():
-        prior_mu, prior_logvar = prior(x, 0.0)
+        prior_mu, prior_logvar = self.prior(x, 0.0)
     mu, logvar = mu.float(), logvar.float()
     prior_mu, prior_logvar = prior_mu.float(), prior_logvar.float()
     z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
     log_p = torch.logsumexp(torch.stack([
-        log_normal(z, 0.0, torch.zeros_like(z)) + math.log(3 / 20),
-        log_normal(z, prior_mu, prior_logvar) + math.log(3 / 4),
-        log_normal(z, 0.0, torch.full_like(z, 10.0)) + math.log(1 / 10)]), dim=0)
-    kl = (log_normal(z, mu, logvar) - log_p).sum(1) * cfg.kl_gamma * x.sum(1)
-    loss = (nll_of(z, x) + kl).mean()
-    enc_opt.zero_grad(set_to_none=True)
+        _log_normal(z, 0.0, torch.zeros_like(z)) + math.log(3 / 20),
+        _log_normal(z, prior_mu, prior_logvar) + math.log(3 / 4),
+        _log_normal(z, 0.0, torch.full_like(z, 10.0)) + math.log(1 / 10)]), dim=0)
+    kl = (_log_normal(z, mu, logvar) - log_p).sum(1) * cfg.kl_gamma * x.sum(1)
+    loss = (self.nll(z, x) + kl).mean()
+    self.enc_opt.zero_grad(set_to_none=True)
     loss.backward()
-    enc_opt.step()
+    self.enc_opt.step()
     return float(loss.detach())
 
-  def decoder_step(x):
+  def decoder_step(self, x) -> float:
+    """One Adam step of the decoder on the NLL, the encoder run without gradients."""
+    import torch
     with torch.no_grad():
-      with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        mu, logvar = encoder(x, 0.0)
+      with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+        mu, logvar = self.encoder(x, 0.0)
       mu, logvar = mu.float(), logvar.float()
       z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
-    loss = nll_of(z, x).mean()
-    dec_opt.zero_grad(set_to_none=True)
+    loss = self.nll(z, x).mean()
+    self.dec_opt.zero_grad(set_to_none=True)
     loss.backward()
-    dec_opt.step()
+    self.dec_opt.step()
     return float(loss.detach())
-
-  def batch(i):
-    users = order[(i * batch_size) % n_users:][:batch_size]
-    return torch.from_numpy(csr[users].toarray())
-
-  def time_steps(step, grads_off):
-    grads_off.requires_grad_(False)
-    for i in range(3):
-      step(batch(i))
-    t0 = time.perf_counter()
-    for i in range(3, 3 + steps):
-      loss = step(batch(i))
-    grads_off.requires_grad_(True)
-    return (time.perf_counter() - t0) / steps, loss
-
-  enc_s, _ = time_steps(encoder_step, decoder)
-  prior.load_state_dict(encoder.state_dict())
-  dec_s, loss = time_steps(decoder_step, encoder)
-  per_pass = -(-n_users // batch_size)
-  passes = cfg.encoder_epochs + cfg.decoder_epochs
-  round_s = (cfg.encoder_epochs * enc_s + cfg.decoder_epochs * dec_s) * per_pass
-  return {"library": "pytorch", "model": "recvae", "precision": "bf16" if bf16 else "fp32",
-          "encoder_step_ms": round(enc_s * 1e3, 2), "decoder_step_ms": round(dec_s * 1e3, 2),
-          "step_ms": round(round_s / (passes * per_pass) * 1e3, 2),
-          "epoch_s": round(round_s, 2), "final_loss": loss, "torch": torch.__version__}
 
 
 def ours(precision: str) -> dict:

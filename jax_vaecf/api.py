@@ -183,6 +183,27 @@ def fit(data: Any = None, config: str | configs.Config = "ml20m", *,
   """
   cfg = _config(config, settings)
   inputs.callback(on_epoch, "on_epoch")
+  cfg, split = _in_memory_split(cfg, data, user_ids, item_ids)
+  temporary = workdir is None
+  folder = tempfile.mkdtemp(prefix="jax_vaecf_") if temporary else os.fspath(workdir)
+  try:
+    results = loop.run(cfg, folder, on_epoch=on_epoch, split=split)
+  except BaseException:
+    if temporary:
+      shutil.rmtree(folder, ignore_errors=True)
+    raise
+  model = _best_model(cfg, folder, split, results)
+  if temporary:
+    model._owns = weakref.finalize(model, shutil.rmtree, folder, True)
+    model._temporary_root = folder
+  return model
+
+
+def _in_memory_split(cfg: configs.Config, data: Any, user_ids: Sequence | None,
+                     item_ids: Sequence | None
+                     ) -> tuple[configs.Config, data_lib.Split | None]:
+  """:func:`fit`'s ``data`` as a checked split, and the config reading it from memory;
+  ``(cfg, None)`` unchanged when ``data`` is None (the config's data set)."""
   split = None
   if isinstance(data, data_lib.Split):
     split = inputs.split(data, "data")
@@ -193,27 +214,21 @@ def fit(data: Any = None, config: str | configs.Config = "ml20m", *,
                                                          item_ids=item_ids))
   if split is not None and cfg.dataset != loop.IN_MEMORY:
     cfg = cfg.replace(dataset=loop.IN_MEMORY, data_dir="")
-  temporary = workdir is None
-  folder = tempfile.mkdtemp(prefix="jax_vaecf_") if temporary else os.fspath(workdir)
-  try:
-    results = loop.run(cfg, folder, on_epoch=on_epoch, split=split)
-  except BaseException:
-    if temporary:
-      shutil.rmtree(folder, ignore_errors=True)
-    raise
+  return cfg, split
+
+
+def _best_model(cfg: configs.Config, folder: str, split: data_lib.Split | None,
+                results: dict) -> "FittedModel":
+  """The :class:`FittedModel` of a finished run in ``folder``: the refit run's when the
+  run refit (``folder/refit``), else the run's own."""
   if "refit" in results:  # the refit model is the one tested and served
     rcfg = loop.refit_config(cfg, results["train"])
-    model = FittedModel(rcfg, os.path.join(folder, loop.REFIT_FOLDER),
-                        split=None if split is None else loop.with_validation(rcfg, split),
-                        results=results["refit"])
-  else:
-    model = FittedModel(cfg, folder,
-                        split=None if split is None else loop.with_validation(cfg, split),
-                        results=results)
-  if temporary:
-    model._owns = weakref.finalize(model, shutil.rmtree, folder, True)
-    model._temporary_root = folder
-  return model
+    return FittedModel(rcfg, os.path.join(folder, loop.REFIT_FOLDER),
+                       split=None if split is None else loop.with_validation(rcfg, split),
+                       results=results["refit"])
+  return FittedModel(cfg, folder,
+                     split=None if split is None else loop.with_validation(cfg, split),
+                     results=results)
 
 
 def load(workdir: str | os.PathLike) -> "FittedModel":

@@ -78,6 +78,8 @@ def test_the_in_process_demo_fit_prints_the_command_lines_test_line(tmp_path):
                    f"--workdir={tmp_path / 'cli'}")
   assert cli.returncode == 0, cli.stderr[-2000:]
   (want,) = re.findall(r"^test \(.*$", cli.stdout, re.M)
+  import test_docs
+  test_docs.check_demo_output(cli.stdout)   # the README's "it ends with" lines
   model = jax_vaecf.fit(None, "demo", workdir=str(tmp_path / "python"))
   assert loop.format_test(model.results["test"], model.config.test_ks) == want
 

@@ -186,7 +186,6 @@ def load_split(dataset: str | registry.DataSet, data_dir: str | os.PathLike,
       where to get them).
   """
   entry = _entry(dataset)
-  name = entry.name
   data_dir = os.fspath(data_dir)
   report = progress or (lambda message: None)
   if entry.layout == registry.SPLIT:
@@ -194,27 +193,59 @@ def load_split(dataset: str | registry.DataSet, data_dir: str | os.PathLike,
   reader_options = {k: options.pop(k) for k in entry.reader_options if k in options}
   pair_names = _pair_names(entry, fold)
   if pair_names is not None:
-    pair = []
-    for file_name in pair_names:
-      found = _gz(os.path.join(data_dir, file_name))
-      if not found:
-        raise download_lib.missing_pair_error(entry, data_dir, pair_names, file_name)
-      pair.append(found)
-    def build_pair():
-      report(f"reading {pair[0]} and {pair[1]}")
-      tr, te = entry.read(pair[0]), entry.read(pair[1])
-      report("splitting")
-      return _reported(preprocess.split_from_files(tr, te, **options), report)
-    return cache_lib.cached(build_pair, cache_dir, name,
-                            {"dataset": name, "fold": fold, **options}, pair)
+    pair = _pair_paths(entry, data_dir, pair_names)
+    return _cached_pair_split(entry, pair, cache_dir, fold, options, report)
+  path = _raw_path(entry, data_dir, cache_dir, download)
+  return _cached_split(entry, path, cache_dir, protocol, fold, reader_options, options,
+                       report)
+
+
+def _pair_paths(entry: registry.DataSet, data_dir: str,
+                pair_names: tuple[str, ...]) -> list[str]:
+  """The paths of a given (train, test) pair's files in ``data_dir`` (each plain or
+  gzipped); ``FileNotFoundError`` naming the first one missing."""
+  pair = []
+  for file_name in pair_names:
+    found = _gz(os.path.join(data_dir, file_name))
+    if not found:
+      raise download_lib.missing_pair_error(entry, data_dir, pair_names, file_name)
+    pair.append(found)
+  return pair
+
+
+def _cached_pair_split(entry: registry.DataSet, pair: list[str], cache_dir: str | None,
+                       fold: str | None, options: dict,
+                       report: Callable[[str], None]) -> Split:
+  """The :class:`Split` of a given (train, test) pair of files, from the cache when its
+  files and ``options`` (the split's) are unchanged, else read and cached."""
+  def build_pair():
+    report(f"reading {pair[0]} and {pair[1]}")
+    tr, te = entry.read(pair[0]), entry.read(pair[1])
+    report("splitting")
+    return _reported(preprocess.split_from_files(tr, te, **options), report)
+  return cache_lib.cached(build_pair, cache_dir, entry.name,
+                          {"dataset": entry.name, "fold": fold, **options}, pair)
+
+
+def _raw_path(entry: registry.DataSet, data_dir: str, cache_dir: str | None,
+              download: bool) -> str:
+  """The raw file (or, for a folder layout, the folder) to read the data set from, as
+  its layout finds it; ``FileNotFoundError`` when it is not there."""
   if entry.layout == registry.FOLDER:
-    path = _find_folder(entry, data_dir, cache_dir)
-  elif entry.layout == registry.GIVEN:
+    return _find_folder(entry, data_dir, cache_dir)
+  if entry.layout == registry.GIVEN:
     if not os.path.isfile(data_dir):
       raise download_lib.missing_files_error(entry, data_dir, cache_dir)
-    path = data_dir
-  else:
-    path = _find_file(entry, data_dir, cache_dir, download)
+    return data_dir
+  return _find_file(entry, data_dir, cache_dir, download)
+
+
+def _cached_split(entry: registry.DataSet, path: str, cache_dir: str | None, protocol: str,
+                  fold: str | None, reader_options: dict, options: dict,
+                  report: Callable[[str], None]) -> Split:
+  """The :class:`Split` of the raw data at ``path`` by the protocol's split function (the
+  data set's defaults overridden by ``options``), from the cache when the file and every
+  setting are unchanged, else read, split and cached."""
   split_fn = split_function(entry, protocol, fold)
   takes = _parameters(split_fn)
   kwargs = {k: v for k, v in entry.split_defaults.items() if k in takes}
@@ -228,6 +259,6 @@ def load_split(dataset: str | registry.DataSet, data_dir: str | os.PathLike,
       split_kwargs["threshold"] = None
     report(f"splitting {len(inter):,} interactions ({split_fn.__name__})")
     return _reported(split_fn(inter, **split_kwargs), report)
-  key_options = {"dataset": name, "protocol": protocol, "split": split_fn.__name__,
+  key_options = {"dataset": entry.name, "protocol": protocol, "split": split_fn.__name__,
                  "reader": reader_options, **kwargs}
-  return cache_lib.cached(build, cache_dir, name, key_options, [path])
+  return cache_lib.cached(build, cache_dir, entry.name, key_options, [path])

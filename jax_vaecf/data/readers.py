@@ -387,20 +387,51 @@ def read_delimited(path: str | os.PathLike, delimiter: str = ",",
   if not delim or b"\n" in delim or b"\r" in delim:
     raise ValueError(f"read_delimited: bad delimiter {delimiter!r}, expected one or more "
                      "characters other than a line break")
-  shown = delimiter
   first, rest = _text.split_header(data)
   text1 = _text.shown(first[:200])
   rows = _quoted_rows(data, delimiter, path) if _is_quoted(data, delim) else None
+  line1, line2 = _leading_fields(first, rest, delim, rows)
+  cols = _column_roles(columns, line1, path, delimiter, text1)
+  named = any(isinstance(c, str) for c in cols)
+  if header is None:
+    header = True if named else _guess_header(line1, line2, cols, path, text1)
+  elif named and not header:
+    raise ValueError(f"read_delimited: columns {columns!r} name header fields, but the "
+                     "file is said to have no header")
+  names = [f.decode("utf-8", _text.ID_ERRORS) for f in line1] if header else []
+  idx = _column_indices(cols, columns, names, path, text1)
+  body, first_line = (rest, 2) if header else (data, 1)
+  if not body:
+    raise ValueError(f"{path}: no data lines after the header")
+  if rows is not None:
+    return _from_quoted_rows(rows[1:] if header else rows, idx, path, delimiter,
+                             string_ids)
+  return _from_delimited_body(body, delim, idx, path, first_line, string_ids)
+
+
+def _leading_fields(first: bytes, rest: bytes, delim: bytes,
+                    rows: list[tuple[int, list[bytes]]] | None
+                    ) -> tuple[list[bytes], list[bytes] | None]:
+  """The stripped fields of line 1 and of line 2 (None without a second line), split
+  at ``delim``, or taken from :func:`_quoted_rows`' ``rows`` when the file is quoted."""
   if rows is None:
     line1 = [f.strip() for f in first.split(delim)]
     line2 = [f.strip() for f in rest.split(b"\n", 1)[0].split(delim)] if rest else None
   else:
     line1 = [f.strip() for f in rows[0][1]]
     line2 = [f.strip() for f in rows[1][1]] if len(rows) > 1 else None
+  return line1, line2
+
+
+def _column_roles(columns: Sequence[int | str | None] | None, line1: list[bytes],
+                  path: str, delimiter: str, text1: str) -> list[int | str | None]:
+  """:func:`read_delimited`'s ``columns`` as four entries (user, item, rating, time),
+  each a 0-based index, a header name or None; by position from line 1's field count
+  when ``columns`` is None. Raises ValueError for a malformed setting."""
   if columns is None:
     if len(line1) < 2:
       raise ValueError(f"{path}, line 1: expected at least 2 fields (user, item) "
-                       f"separated by {shown!r}, got 1: {text1!r}")
+                       f"separated by {delimiter!r}, got 1: {text1!r}")
     cols = [0, 1, 2 if len(line1) > 2 else None, 3 if len(line1) > 3 else None]
   else:
     cols = list(columns)
@@ -413,13 +444,15 @@ def read_delimited(path: str | os.PathLike, delimiter: str = ",",
         isinstance(c, (int, np.integer)) and not isinstance(c, bool) and c >= 0)):
       raise ValueError(f"read_delimited: {role} column {c!r}: expected a 0-based index, "
                        "a header name or None")
-  named = any(isinstance(c, str) for c in cols)
-  if header is None:
-    header = True if named else _guess_header(line1, line2, cols, path, text1)
-  elif named and not header:
-    raise ValueError(f"read_delimited: columns {columns!r} name header fields, but the "
-                     "file is said to have no header")
-  names = [f.decode("utf-8", _text.ID_ERRORS) for f in line1] if header else []
+  return cols
+
+
+def _column_indices(cols: list[int | str | None],
+                    columns: Sequence[int | str | None] | None, names: list[str],
+                    path: str, text1: str) -> list[int | None]:
+  """The four column roles (:func:`_column_roles`) as 0-based indices or None, header
+  names looked up in ``names``. Raises ValueError for a name not in the header, a
+  missing user or item column, or one column used twice."""
   idx = []
   for role, c in zip(_COLUMN_ROLES, cols):
     if isinstance(c, str):
@@ -435,11 +468,14 @@ def read_delimited(path: str | os.PathLike, delimiter: str = ",",
   if len(set(used)) != len(used):
     raise ValueError(f"read_delimited: columns {columns!r} use one column twice "
                      f"(indices {idx})")
-  body, first_line = (rest, 2) if header else (data, 1)
-  if not body:
-    raise ValueError(f"{path}: no data lines after the header")
-  if rows is not None:
-    return _from_quoted_rows(rows[1:] if header else rows, idx, path, shown, string_ids)
+  return idx
+
+
+def _from_delimited_body(body: bytes, delim: bytes, idx: list[int | None], path: str,
+                         first_line: int, string_ids: bool) -> Interactions:
+  """:func:`read_delimited`'s columns ``idx`` (user, item, rating, time; None absent)
+  from the unquoted data lines ``body``, whose first line is line ``first_line``."""
+  used = [i for i in idx if i is not None]
   buf, fs, fe = _text.fields(body, delim, max(used) + 1, path, first_line,
                              min_fields=True)
   out = {}

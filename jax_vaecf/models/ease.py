@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_vaecf import model as model_lib
+from jax_vaecf.models import base as model_lib
 from jax_vaecf.core import sparse as sparse_lib
 
 Array = jax.Array

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_vaecf.models import ease
-from jax_vaecf import model as model_lib
+from jax_vaecf.models import base as model_lib
 
 Array = jax.Array
 

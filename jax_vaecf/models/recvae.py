@@ -35,7 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jax_vaecf import model as model_lib
+from jax_vaecf.models import base as model_lib
 
 Array = jax.Array
 

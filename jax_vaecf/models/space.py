@@ -1,5 +1,5 @@
 """A searched setting of the tuner (:class:`Param`), declared where the setting lives:
-the run-level ones in :mod:`jax_vaecf.tuning.search`, a model's own in its registry entry
+the run-level ones in :mod:`jax_vaecf.tuning.space` (`RUN_SPACE`), a model's own in its registry entry
 (:attr:`jax_vaecf.model.ModelEntry.space`). Pure data: importing it imports no optional
 package.
 """

@@ -123,44 +123,16 @@ def write_artifact(out_dir: str | os.PathLike, model, params, item_ids: np.ndarr
     raise ValueError(f"item_ids: expected shape ({model.n_items},), got {item_ids.shape}")
   recommend_lib.check_finite_params(params)
   exported = export_scorer(model, params, k, platforms)
-  try:
-    program = bytes(exported.serialize())
-  except ImportError as e:  # jax serialises with flatbuffers, an optional package of jax
-    raise ValueError(f"cannot serialise the program ({e}); pip install "
-                     "'jax_vaecf[export]' (or flatbuffers)") from None
+  program = _serialized(exported)
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
   # os.mkdir applies the umask, as the rename keeps the folder's mode (mkdtemp: 0700).
   staging = os.path.join(parent, f".{os.path.basename(out_dir)}.{secrets.token_hex(4)}.tmp")
   os.mkdir(staging, 0o777)
   try:
-    files_lib.write_bytes_atomic(os.path.join(staging, PROGRAM), program)
-    with files_lib.atomic_write(os.path.join(staging, PARAMS), "wb") as f:
-      np.savez(f, **_flat_params(params))
-    with files_lib.atomic_write(os.path.join(staging, ITEM_IDS), "wb") as f:
-      np.save(f, item_ids, allow_pickle=False)
-    files_lib.write_text_atomic(os.path.join(staging, LOADER), inspect.getsource(serve_lib))
-    names = (PROGRAM, PARAMS, ITEM_IDS, LOADER)
-    manifest = {
-        "format": serve_lib.FORMAT,
-        "program": PROGRAM, "params": PARAMS, "item_ids": ITEM_IDS, "loader": LOADER,
-        "model": dict(model_info),
-        "n_items": int(model.n_items),
-        "k": int(k),
-        "platforms": list(exported.platforms),
-        "inputs": {"rows": ["nnz", "int32"], "cols": ["nnz", "int32"],
-                   "vals": ["nnz", "float32"], "row_mask": ["B", "float32"]},
-        "outputs": {"scores": ["B", int(k), "float32"], "columns": ["B", int(k), "int32"]},
-        "param_shapes": {name: [list(a.shape), str(a.dtype)]
-                         for name, a in _flat_params(params).items()},
-        "item_id_dtype": str(item_ids.dtype),
-        "user_buckets": list(serve_lib.USER_BUCKETS),
-        "versions": _versions(),
-        "metrics": dict(metrics or {}),
-        "files": {name: {"sha256": serve_lib.sha256_of(os.path.join(staging, name)),
-                         "bytes": os.path.getsize(os.path.join(staging, name))}
-                  for name in names},
-    }
+    _write_payload(staging, program, params, item_ids)
+    manifest = _manifest(staging, model, params, item_ids, k, exported.platforms,
+                         model_info, metrics)
     files_lib.write_text_atomic(os.path.join(staging, serve_lib.MANIFEST),
                                 json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     if os.path.isdir(out_dir):
@@ -171,6 +143,55 @@ def write_artifact(out_dir: str | os.PathLike, model, params, item_ids: np.ndarr
     raise
   return manifest
 
+
+def _serialized(exported) -> bytes:
+  """The serialised bytes of the ``jax.export.Exported`` program; ValueError when the
+  optional serialiser is missing."""
+  try:
+    return bytes(exported.serialize())
+  except ImportError as e:  # jax serialises with flatbuffers, an optional package of jax
+    raise ValueError(f"cannot serialise the program ({e}); pip install "
+                     "'jax_vaecf[export]' (or flatbuffers)") from None
+
+
+def _write_payload(folder: str, program: bytes, params, item_ids: np.ndarray) -> None:
+  """Writes the artefact's files other than the manifest into ``folder``: the program,
+  the flat parameters (npz), the item ids (npy, no pickle) and the loader's source."""
+  files_lib.write_bytes_atomic(os.path.join(folder, PROGRAM), program)
+  with files_lib.atomic_write(os.path.join(folder, PARAMS), "wb") as f:
+    np.savez(f, **_flat_params(params))
+  with files_lib.atomic_write(os.path.join(folder, ITEM_IDS), "wb") as f:
+    np.save(f, item_ids, allow_pickle=False)
+  files_lib.write_text_atomic(os.path.join(folder, LOADER), inspect.getsource(serve_lib))
+
+
+def _manifest(folder: str, model, params, item_ids: np.ndarray, k: int,
+              platforms: Sequence[str], model_info: Mapping[str, Any],
+              metrics: Mapping[str, Any] | None) -> dict:
+  """The manifest (JSON-ready dict) of the payload :func:`_write_payload` wrote into
+  ``folder``: format, file names, model facts, input and output signature, parameter
+  shapes, versions, metrics, and each file's sha256 and size."""
+  names = (PROGRAM, PARAMS, ITEM_IDS, LOADER)
+  return {
+      "format": serve_lib.FORMAT,
+      "program": PROGRAM, "params": PARAMS, "item_ids": ITEM_IDS, "loader": LOADER,
+      "model": dict(model_info),
+      "n_items": int(model.n_items),
+      "k": int(k),
+      "platforms": list(platforms),
+      "inputs": {"rows": ["nnz", "int32"], "cols": ["nnz", "int32"],
+                 "vals": ["nnz", "float32"], "row_mask": ["B", "float32"]},
+      "outputs": {"scores": ["B", int(k), "float32"], "columns": ["B", int(k), "int32"]},
+      "param_shapes": {name: [list(a.shape), str(a.dtype)]
+                       for name, a in _flat_params(params).items()},
+      "item_id_dtype": str(item_ids.dtype),
+      "user_buckets": list(serve_lib.USER_BUCKETS),
+      "versions": _versions(),
+      "metrics": dict(metrics or {}),
+      "files": {name: {"sha256": serve_lib.sha256_of(os.path.join(folder, name)),
+                       "bytes": os.path.getsize(os.path.join(folder, name))}
+                for name in names},
+  }
 
 
 def checkpoint_metrics(workdir: str, epoch: int | None) -> dict:

@@ -424,24 +424,50 @@ def create_app(folder: str, options: ServerOptions = ServerOptions(), *,
   from starlette.routing import Route  # pylint: disable=import-outside-toplevel
 
   options.check()
-  holder: dict[str, Any] = {}
+  service = _Service(folder, options, load, log, reload_signal)
+  app = Starlette(routes=[Route("/recommend", service.recommend, methods=["POST"]),
+                          Route("/health", service.health, methods=["GET"]),
+                          Route("/metadata", service.metadata, methods=["GET"]),
+                          Route("/admin/reload", service.reload, methods=["POST"])],
+                  lifespan=service.lifespan,
+                  exception_handlers={HTTPException: _http_error, Exception: _server_error})
+  return _RequestLog(app, log)
 
-  def served() -> Loaded | None:
-    state = holder.get("state")
-    return None if state is None else state.current
 
-  async def recommend(request):
-    current = served()
+_STILL_LOADING = "the artefact is still loading; see GET /health"
+
+
+class _Service:
+  """The app's endpoints and what they share: the serving state and the micro-batcher,
+  both made when the app starts (:meth:`lifespan`) and None before."""
+
+  def __init__(self, folder: str, options: ServerOptions, load: Callable[[str], Any],
+               log, reload_signal: int | None):
+    self.folder = folder
+    self.options = options
+    self._load = load
+    self.log = log
+    self.reload_signal = reload_signal
+    self.state: ServingState | None = None
+    self.batcher: MicroBatcher | None = None
+
+  def served(self) -> Loaded | None:
+    """The artefact being served, or None while none is loaded."""
+    return None if self.state is None else self.state.current
+
+  async def recommend(self, request):
+    """``POST /recommend``: one user's or a batch's recommendations."""
+    current = self.served()
     if current is None:
-      return _json(503, {"error": "the artefact is still loading; see GET /health"})
-    batcher = holder["batcher"]
+      return _json(503, {"error": _STILL_LOADING})
+    options = self.options
     try:
-      with batcher.incoming():
+      with self.batcher.incoming():
         body = await _read_body(request, options.max_body_bytes,
                                 options.request_timeout_s)
         histories, k, batch = parse_request(body, current.model.k,
                                             options.max_request_users)
-      results = await batcher.submit(histories, k)
+      results = await self.batcher.submit(histories, k)
     except RequestError as e:
       return _json(e.status, {"error": str(e)})
     except Overloaded as e:
@@ -452,18 +478,20 @@ def create_app(folder: str, options: ServerOptions = ServerOptions(), *,
       return _json(200, {"users": [answer(r) for r in results]})
     return _json(200, answer(results[0]))
 
-  async def health(request):
-    state = holder.get("state")
+  async def health(self, request):
+    """``GET /health``: ready (200), or loading or failed (503)."""
+    state = self.state
     if state is not None and state.current is not None:
       return _json(200, {"status": "ready", "generation": state.current.generation})
     if state is not None and state.error is not None:
       return _json(503, {"status": "failed", "error": state.error})
     return _json(503, {"status": "loading"})
 
-  async def metadata(request):
-    current = served()
+  async def metadata(self, request):
+    """``GET /metadata``: what is served, since when, and the batching so far."""
+    current = self.served()
     if current is None:
-      return _json(503, {"error": "the artefact is still loading; see GET /health"})
+      return _json(503, {"error": _STILL_LOADING})
     manifest = current.model.manifest
     return _json(200, {
         "format": manifest.get("format"), "model": manifest.get("model"),
@@ -471,16 +499,18 @@ def create_app(folder: str, options: ServerOptions = ServerOptions(), *,
         "platforms": manifest.get("platforms"), "metrics": manifest.get("metrics"),
         "artifact_sha256": current.digest, "generation": current.generation,
         "loaded_at": current.loaded_at,
-        "batching": {"max_wait_ms": options.max_wait_ms,
-                     "max_batch_users": options.max_batch_users,
-                     "batches": holder["batcher"].batches,
-                     "users": holder["batcher"].users}})
+        "batching": {"max_wait_ms": self.options.max_wait_ms,
+                     "max_batch_users": self.options.max_batch_users,
+                     "batches": self.batcher.batches,
+                     "users": self.batcher.users}})
 
-  async def reload(request):
+  async def reload(self, request):
+    """``POST /admin/reload`` (loopback only): loads the folder again; 409 keeps the
+    artefact served before when the new one is refused."""
     if not server_inputs.is_loopback(request.client.host if request.client else None):
       return _json(403, {"error": "reloading is allowed from a loopback address only"})
     try:
-      current = await holder["state"].load()
+      current = await self.state.load()
     except Exception as e:  # pylint: disable=broad-except
       return _json(409, {"error": f"the new artefact was refused ({_first_line(e)}); the "
                                   "one loaded before keeps serving"})
@@ -488,53 +518,48 @@ def create_app(folder: str, options: ServerOptions = ServerOptions(), *,
                        "generation": current.generation})
 
   @contextlib.asynccontextmanager
-  async def lifespan(app):
+  async def lifespan(self, app):
+    """Starts the batcher and the first load (in the background), installs the reload
+    signal's handler; on shutdown undoes them and drains the batcher."""
     executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="scorer")
-    state = ServingState(folder, load)
-    batcher = MicroBatcher(lambda: state.current.model, options, executor)
-    holder.update(state=state, batcher=batcher)
+    state = ServingState(self.folder, self._load)
+    batcher = MicroBatcher(lambda: state.current.model, self.options, executor)
+    self.state, self.batcher = state, batcher
     batcher.start()
-
-    async def first_load():
-      try:
-        await state.load()
-        print(f"ready: serving {folder} ({state.current.model.n_items} items, k="
-              f"{state.current.model.k})", file=log, flush=True)
-      except Exception as e:  # pylint: disable=broad-except
-        state.error = _first_line(e)
-        print(f"error: {state.error}", file=log, flush=True)
-
     loop = asyncio.get_running_loop()
-    loader = loop.create_task(first_load())
-    holder["loader"] = loader
-    if reload_signal is not None:
-      loop.add_signal_handler(reload_signal, lambda: loop.create_task(reload_logged()))
-
-    async def reload_logged():
-      try:
-        current = await state.load()
-        print(f"reloaded: generation {current.generation}, sha256 {current.digest}",
-              file=log, flush=True)
-      except Exception as e:  # pylint: disable=broad-except
-        print(f"error: the new artefact was refused ({_first_line(e)}); the one loaded "
-              "before keeps serving", file=log, flush=True)
-
+    loader = loop.create_task(self._first_load())
+    if self.reload_signal is not None:
+      loop.add_signal_handler(self.reload_signal,
+                              lambda: loop.create_task(self._reload_logged()))
     try:
       yield
     finally:
-      if reload_signal is not None:
-        loop.remove_signal_handler(reload_signal)
+      if self.reload_signal is not None:
+        loop.remove_signal_handler(self.reload_signal)
       loader.cancel()
       await batcher.stop()
       executor.shutdown(wait=True)
 
-  app = Starlette(routes=[Route("/recommend", recommend, methods=["POST"]),
-                          Route("/health", health, methods=["GET"]),
-                          Route("/metadata", metadata, methods=["GET"]),
-                          Route("/admin/reload", reload, methods=["POST"])],
-                  lifespan=lifespan,
-                  exception_handlers={HTTPException: _http_error, Exception: _server_error})
-  return _RequestLog(app, log)
+  async def _first_load(self) -> None:
+    """Loads the artefact when the app starts; a failure is kept for ``/health``."""
+    state = self.state
+    try:
+      await state.load()
+      print(f"ready: serving {self.folder} ({state.current.model.n_items} items, k="
+            f"{state.current.model.k})", file=self.log, flush=True)
+    except Exception as e:  # pylint: disable=broad-except
+      state.error = _first_line(e)
+      print(f"error: {state.error}", file=self.log, flush=True)
+
+  async def _reload_logged(self) -> None:
+    """The reload signal's reload: as ``POST /admin/reload``, answered in the log."""
+    try:
+      current = await self.state.load()
+      print(f"reloaded: generation {current.generation}, sha256 {current.digest}",
+            file=self.log, flush=True)
+    except Exception as e:  # pylint: disable=broad-except
+      print(f"error: the new artefact was refused ({_first_line(e)}); the one loaded "
+            "before keeps serving", file=self.log, flush=True)
 
 
 def timed_http_protocol(timeout_s: float):

@@ -739,11 +739,23 @@ def _mesh_model_axis(text: str) -> int | None:
 
 
 def validate(cfg: Config) -> None:
-  """Raises ``ValueError`` naming the first nonsensical setting, before any work."""
-  csv_columns = [c.strip() for c in cfg.csv_columns.split(",")] if cfg.csv_columns else []
-  csv_named = [c for c in csv_columns if c]
-  model_axis = _mesh_model_axis(cfg.mesh)
-  checks = [
+  """Raises ``ValueError`` naming the first nonsensical setting, before any work.
+
+  The checks run in one fixed order (training, devices, annealing and split, CSV input,
+  task), so that of several bad settings the same one is always named."""
+  checks = [*_training_checks(cfg), *_device_checks(cfg), *_schedule_and_split_checks(cfg),
+            *_csv_checks(cfg), *_task_checks(cfg)]
+  for ok, message in checks:
+    if not ok:
+      raise ValueError(f"bad setting: {message}")
+  _check_model_settings(cfg)
+
+
+def _training_checks(cfg: Config) -> list[tuple[bool, str]]:
+  """The checks, as (passed, message) pairs, of the numbers that shape training and its
+  evaluation: epochs, batch sizes, rates, early stopping, checkpoints, the held-out split,
+  the model's name."""
+  return [
       (cfg.number_of_epochs >= 0, "number_of_epochs must be >= 0"),
       (cfg.number_of_epochs >= 1 or not cfg.train,
        "number_of_epochs=0 with --train trains nothing: give at least 1, or --notrain "
@@ -769,7 +781,14 @@ def validate(cfg: Config) -> None:
       (cfg.n_heldout_users >= 0, "n_heldout_users must be >= 0"),
       (cfg.model in model_lib.names(), f"model must be one of {model_lib.names()}"),
       (cfg.kl_gamma >= 0, "kl_gamma must be >= 0"),
+  ]
 
+
+def _device_checks(cfg: Config) -> list[tuple[bool, str]]:
+  """The checks, as (passed, message) pairs, of how the run is laid out on the devices:
+  precision, input format, output chunks, the parallel mode and the mesh."""
+  model_axis = _mesh_model_axis(cfg.mesh)
+  return [
       (cfg.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
       (cfg.input_format in train_lib.INPUT_FORMATS,
        f"input_format must be one of {train_lib.INPUT_FORMATS}"),
@@ -782,9 +801,25 @@ def validate(cfg: Config) -> None:
        "a mesh with a model axis above 1 needs --input_format=sparse"),
       (model_axis in (None, 1) or cfg.parallel == "sharded",
        "a mesh with a model axis above 1 needs --parallel=sharded"),
+  ]
+
+
+def _schedule_and_split_checks(cfg: Config) -> list[tuple[bool, str]]:
+  """The checks, as (passed, message) pairs, of the annealing schedule's and the split
+  protocol's names."""
+  return [
       (cfg.anneal_schedule in schedules.SCHEDULES,
        f"anneal_schedule must be one of {schedules.SCHEDULES}"),
       (cfg.protocol in split_lib.PROTOCOLS, f"protocol must be one of {split_lib.PROTOCOLS}"),
+  ]
+
+
+def _csv_checks(cfg: Config) -> list[tuple[bool, str]]:
+  """The checks, as (passed, message) pairs, of how a CSV file is read: delimiter,
+  columns, header, rating threshold."""
+  csv_columns = [c.strip() for c in cfg.csv_columns.split(",")] if cfg.csv_columns else []
+  csv_named = [c for c in csv_columns if c]
+  return [
       (cfg.csv_delimiter != "" and "\n" not in cfg.csv_delimiter
        and "\r" not in cfg.csv_delimiter,
        "csv_delimiter must be one or more characters other than a line break "
@@ -801,6 +836,13 @@ def validate(cfg: Config) -> None:
        f"csv_columns={cfg.csv_columns!r} names header columns but csv_header=no"),
       (-float("inf") < cfg.csv_threshold < float("inf"),
        "csv_threshold must be a finite number"),
+  ]
+
+
+def _task_checks(cfg: Config) -> list[tuple[bool, str]]:
+  """The checks, as (passed, message) pairs, of what the run is asked to do: train, test,
+  benchmark, refit."""
+  return [
       (cfg.train or cfg.test or cfg.benchmark, "nothing to do: give --train, --test or --benchmark"),
       (not cfg.refit or (cfg.protocol == "per_user" and cfg.validation_fraction > 0),
        "refit retrains on the validation targets cut from the training rows: it needs "
@@ -808,10 +850,6 @@ def validate(cfg: Config) -> None:
        "protocol trains on every training user already)"),
       (not cfg.refit or cfg.train, "refit follows training: give --train"),
   ]
-  for ok, message in checks:
-    if not ok:
-      raise ValueError(f"bad setting: {message}")
-  _check_model_settings(cfg)
 
 
 def _check_model_settings(cfg: Config) -> None:
