@@ -14,7 +14,9 @@ patched.
 
 Left to the tool's own process (a check of these keeps its subprocess): ``--help``,
 absl's once-per-process set-up, the host allocator settings of :func:`experiments.cli.run`
-(speed only) and whatever happens at interpreter exit.
+(speed only), what a tool reads from ``sys.argv`` (the benchmark's record of its command
+line, bench_data's child process), which stays the test process's, and whatever happens
+at interpreter exit.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import logging as pylogging
 import os
 import subprocess
 import sys
+import threading
 
 from absl import flags
 from absl import logging
@@ -24,11 +25,15 @@ TOOLS = ("accuracy", "bench_data", "benchmark", "export", "partition", "plot",
 
 def test_the_same_status_and_output_as_a_new_process(tmp_path):
   args = [f"--workdir={tmp_path / 'w'}", "--number_of_gpus=2", "--number_of_devices=4"]
-  sub = subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=REPO,
-                       capture_output=True, text=True, timeout=60)
+  # A usage error, and a flag that does not parse.
+  for module, argv in [("experiments.train", args),
+                       ("experiments.recommend", ["--bogus"])]:
+    sub = subprocess.run([sys.executable, "-m", module, *argv], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    here = _tools.run(module, *argv)
+    assert (here.returncode, here.stdout, here.stderr) == (
+        sub.returncode, sub.stdout, sub.stderr), module
   here = _tools.run("experiments.train", *args)
-  assert (here.returncode, here.stdout, here.stderr) == (
-      sub.returncode, sub.stdout, sub.stderr)
   assert here.returncode == 2 and here.stderr.splitlines() == [
       "error: --number_of_gpus is --number_of_devices: give one of them",
       "hint: python -m experiments.train --help lists every flag"]
@@ -39,6 +44,26 @@ def test_a_flag_that_does_not_parse_gives_absls_message_and_status_1():
   assert here.returncode == 1 and here.stderr.splitlines() == [
       "FATAL Flags parsing error: Unknown command line flag 'bogus'",
       "Pass --helpshort or --helpfull to see help on flags."]
+
+
+def test_a_tool_waits_only_for_the_threads_it_started():
+  # recommend's _fail joins them before it exits: a thread of the test process that
+  # lives on (an idle pool's worker) must not be waited for.
+  stop = threading.Event()
+  older = threading.Thread(target=stop.wait)
+  older.start()
+  try:
+    fv = flags.FlagValues()
+    flags.DEFINE_integer("verbosity", -1, "", flag_values=fv)
+    fv(["tool", "--verbosity=0"])
+    cli.start(["tool"], flag_values=fv)
+    newer = threading.Thread(target=stop.wait)
+    newer.start()
+    daemon = threading.Thread(target=stop.wait, daemon=True)
+    daemon.start()
+    assert cli.threads_started() == [newer]
+  finally:
+    stop.set()
 
 
 def test_the_test_process_is_left_as_it_was(tmp_path):
