@@ -4,6 +4,7 @@ way in each."""
 
 import ast
 import dataclasses
+import importlib
 import os
 import re
 import subprocess
@@ -70,7 +71,7 @@ def test_every_config_tool_defines_the_config_flags_before_it_runs(tool):
                and node.name == "define_flags"]
   assert "cli.define_config_flags" in [ast.unparse(n.func) for n in ast.walk(define)
                                        if isinstance(n, ast.Call)], tool
-  fv = _tools.tool_flags(__import__(f"experiments.{tool}", fromlist=["_"]))
+  fv = _tools.tool_flags(importlib.import_module(f"experiments.{tool}"))
   assert "config" in fv and all(name in fv for name in configs.setting_names()), tool
 
 
