@@ -74,9 +74,10 @@ def define_config_flags(flag_values: flags.FlagValues = flags.FLAGS, *,
   help "Deprecated: same as --field").
 
   A tool calls it from its ``define_flags``, which its ``if __name__ == "__main__"``
-  block runs before :func:`run` (and a test on a fresh set of its own), not at import: ~50 global flags defined by importing a tool would clash with another tool's
-  own flags of the same name (``recommend --benchmark``) wherever both are imported, as
-  in the tests. The flags are made key flags of the main program, so ``--help`` lists
+  block runs before :func:`run` (and a test on a fresh set of its own), not at import:
+  ~50 global flags defined by importing a tool would clash with another tool's own
+  flags of the same name (``recommend --benchmark``) wherever both are imported, as in
+  the tests. The flags are made key flags of the main program, so ``--help`` lists
   them. Calling it again on the same ``flag_values`` only adds new aliases.
   """
   configs = _configs()
