@@ -15,6 +15,7 @@ import scipy.sparse as sp
 
 from jax_vaecf.training import configs
 from jax_vaecf.training import engine as loop
+from jax_vaecf.training import reporting
 from jax_vaecf import data as data_lib
 from jax_vaecf.models import ease
 from jax_vaecf import model as model_lib
@@ -113,12 +114,12 @@ def test_l2_values_and_settings_are_checked():
   assert ease.l2_values(()) == ease.DEFAULT_L2_GRID
   assert ease.l2_values((500, 100.0, 500)) == (100.0, 500.0)
   for bad in ((0.0,), (-1.0,), (float("nan"),), (float("inf"),)):
-    with pytest.raises(ValueError, match=r"l2: EASE's l2 must be in \[1, 1e\+06\]"):
+    with pytest.raises(ValueError, match=r"^l2 must be in \[1, 1e\+06\]"):
       ease.l2_values(bad)
   base = configs.get_config("ml1m_ease")
   configs.validate(base)
   for changes, message in [
-      (dict(l2=(-5.0,)), r"l2: EASE's l2 must be in \[1, 1e\+06\]"),
+      (dict(l2=(-5.0,)), r"EASE: l2 must be in \[1, 1e\+06\]"),
       (dict(ema_decay=0.9), "no weights to average"),
       (dict(mesh="1x2"), "keeps its item-item matrix whole"),
       (dict(partitioned_data="parts"), "--partitioned_data does not apply"),
@@ -191,7 +192,7 @@ def test_the_run_serves_float64_eases_items_by_raw_id(run):
 def test_a_second_run_fits_nothing_again(run, capsys):
   cfg, workdir, _ = run
   before = _runs.records(workdir)
-  loop.run(cfg.replace(test=False), workdir)
+  loop.run(cfg.replace(test=False), workdir, report=reporting.print_record)
   assert "was fitted already" in capsys.readouterr().out
   assert _runs.records(workdir) == before
 

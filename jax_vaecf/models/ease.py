@@ -253,7 +253,7 @@ def l2_values(l2: Iterable[float]) -> tuple[float, ...]:
   bad = [v for v in values if not lo <= v <= hi]
   if bad:
     raise ValueError(
-        f"l2: EASE's l2 must be in [{lo:g}, {hi:g}], got {bad}: below, float32 rounding "
+        f"l2 must be in [{lo:g}, {hi:g}], got {bad}: below, float32 rounding "
         "makes G + l2 I singular; above, one co-occurrence is lost in l2's rounding and "
         "the scores are noise (jax_vaecf.models.ease.L2_RANGE)")
   return tuple(sorted(set(values))) or DEFAULT_L2_GRID
