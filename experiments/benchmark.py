@@ -217,6 +217,14 @@ def xla_work_per_step(par, state, batch, n_devices: int) -> dict:
   return work
 
 
+_START = time.perf_counter()
+
+
+def _note(message: str) -> None:
+  """A progress line on stderr (stdout holds the results), with the seconds so far."""
+  print(f"[{time.perf_counter() - _START:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
 def run_one(cfg, devices: list, n_items: int, *, steps: int, epochs: int,
             eval_users: int) -> dict:
   """Builds the data and the steps of ``cfg`` for ``n_items`` items and times them: one
@@ -227,6 +235,7 @@ def run_one(cfg, devices: list, n_items: int, *, steps: int, epochs: int,
 
   f = _FLAGS
   t0 = time.perf_counter()
+  _note(f"{cfg.model}, {n_items:,} items: making {f.n_users:,} synthetic users")
   train_csr, eval_split = synthetic.make_dataset(
       n_users=f.n_users, n_items=n_items, n_eval_users=max(eval_users, 1),
       mean_per_user=f.mean_per_user, seed=cfg.seed)
@@ -236,7 +245,9 @@ def run_one(cfg, devices: list, n_items: int, *, steps: int, epochs: int,
   loss = out["final_loss"]
   if not np.isfinite(loss):
     raise FloatingPointError(f"training loss is {loss}")
+  _note(f"trained: {out['step_ms']:.1f} ms a step, final loss {loss:.4f}")
   if eval_users > 0:
+    _note(f"timing the evaluation of {eval_users:,} users")
     out.update(_timed_evaluation(par, state, eval_split, cfg.batch_size_validation,
                                  eval_users))
   out.update(_peak_memory(devices))
@@ -262,8 +273,12 @@ def _timed_training(cfg, devices: list, train_csr, data_s: float, *, steps: int,
   state = loop.placed_fresh_state(cfg, built)
   batcher = data_lib.TrainBatcher(train_csr, cfg.batch_size_train, cfg.seed,
                                   num_shards=par.num_shards)
+  _note(f"compiling the step for {len(batcher.nnz_buckets)} batch shapes")
   state, compile_s, work = _compile_every_shape(par, state, batcher, cfg.batch_size_train,
                                                 len(devices))
+  _note(f"compiled in {compile_s:.1f}s; timing "
+        + (f"{min(steps, batcher.steps_per_epoch)} steps" if steps > 0
+           else f"{epochs} epochs"))
   n_steps = batcher.steps_per_epoch
   # One epoch is one round of the model's phases: passes_per_epoch passes of the data.
   passes = loop.passes_per_epoch(par)

@@ -441,3 +441,24 @@ def test_ease_searches_l2_and_nothing_of_the_trained_models(data, tmp_path):
   fitted = loop.run(cfg.replace(test=False), str(tmp_path / "again"))
   assert fitted["train"]["best_validation"]["ndcg@100"] == pytest.approx(best["value"],
                                                                          abs=1e-6)
+
+
+def test_only_the_best_and_the_interrupted_trials_keep_their_checkpoints(tmp_path):
+  root = str(tmp_path)
+  rows = [{"trial": 0, "state": "complete", "value": 0.30},
+          {"trial": 1, "state": "complete", "value": 0.35},   # the best
+          {"trial": 2, "state": "pruned", "value": None},
+          {"trial": 3, "state": "fail", "value": None, "error": "training diverged"},
+          {"trial": 4, "state": "fail", "value": None},        # interrupted: resumes
+          {"trial": 5, "state": "running", "value": None}]
+  for r in rows:
+    os.makedirs(os.path.join(tune.trial_dir(root, r["trial"]), "checkpoints", "latest"))
+    open(os.path.join(tune.trial_dir(root, r["trial"]), "metrics.jsonl"), "w").close()
+  assert tune.drop_spent_checkpoints(root, rows) == [0, 2, 3]
+  kept = [r["trial"] for r in rows
+          if os.path.isdir(os.path.join(tune.trial_dir(root, r["trial"]), "checkpoints"))]
+  assert kept == [1, 4, 5]
+  # The logs stay: a finished trial's curve is still read from them.
+  assert all(os.path.exists(os.path.join(tune.trial_dir(root, r["trial"]), "metrics.jsonl"))
+             for r in rows)
+  assert tune.drop_spent_checkpoints(root, rows) == []  # nothing left to remove

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import queue
+import shutil
 import threading
 import time
 from typing import Any, Callable
@@ -384,6 +385,24 @@ class Outcome:
   table: str
 
 
+def drop_spent_checkpoints(root: str, rows: list[dict]) -> list[int]:
+  """Removes the checkpoints of every finished trial but the best (its model is the one
+  worth serving or testing): a complete, pruned or diverged trial never trains again, and
+  its metrics log keeps its curve. An interrupted trial keeps them (it resumes from
+  them). Returns the trials whose checkpoints were removed."""
+  best = best_row(rows)
+  spent = [r["trial"] for r in rows
+           if (r["state"] in ("complete", "pruned") or r.get("error"))
+           and (best is None or r["trial"] != best["trial"])]
+  removed = []
+  for position in spent:
+    folder = os.path.join(trial_dir(root, position), "checkpoints")
+    if os.path.isdir(folder):
+      shutil.rmtree(folder)
+      removed.append(position)
+  return removed
+
+
 def write_outputs(root: str, base: configs.Config, base_name: str, space: Space,
                   study) -> Outcome:
   """Writes ``results.md`` and (when a trial completed) ``best.json``, atomically."""
@@ -473,6 +492,7 @@ def search(base: configs.Config, root: str, settings: Settings, *, base_name: st
     report(f"trial {positions(study.get_trials(deepcopy=False))[frozen.number]}: "
            f"{frozen.state.name.lower()}{value}" + (f" ({error})" if error else ""))
     write_outputs(root, base, base_name, space, study)
+    drop_spent_checkpoints(root, trial_rows(study))
     if sum(_counts(study)) >= settings.trials:  # those running (here or not) will finish
       study.stop()
 
