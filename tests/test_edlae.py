@@ -15,6 +15,7 @@ from jax_vaecf import data as data_lib
 from jax_vaecf.models import ease
 from jax_vaecf.models import edlae
 from jax_vaecf.training import engine as loop
+from jax_vaecf.training import reporting
 from jax_vaecf.serving import recommender as recommend
 from jax_vaecf.tuning import search as tune
 
@@ -113,7 +114,7 @@ def test_a_run_sweeps_p_and_l2_and_serves_the_best_as_numpy_does(run):
 def test_a_second_run_fits_nothing_and_a_refit_keeps_the_choice(run, capsys):
   cfg, workdir, results = run
   before = _runs.records(workdir)
-  again = loop.run(cfg.replace(test=False), workdir)
+  again = loop.run(cfg.replace(test=False), workdir, report=reporting.print_record)
   assert "was fitted already" in capsys.readouterr().out
   assert _runs.records(workdir) == before
   assert again["train"]["chosen"] == results["train"]["chosen"]

@@ -145,7 +145,7 @@ def test_golden_search_finds_every_peak(n):
       calls.append(i)
       return -abs(i - peak)
 
-    assert gs._golden_grid_search(value, n) == peak
+    assert gs.golden_grid_search(value, n) == peak
     assert len(calls) <= max(1, int(np.ceil(np.log(n + 1) / np.log(1.618))) + 1)
 
 
