@@ -230,22 +230,40 @@ def fit_run(settings: EASESettings, problem: model_lib.ClosedFormProblem
 def fit_on_host(grid: tuple[float, ...], problem: model_lib.ClosedFormProblem
                 ) -> model_lib.ClosedFormFit:
   """EASE on the host (:mod:`jax_vaecf.models.gram_solvers`): one ``l2`` fitted, or the
-  sorted ``grid`` searched by golden section on the validation users (one fit per
-  scored value) and the best fitted again. :data:`HOST_MATRICES_AT_PEAK` matrices."""
+  sorted ``grid`` searched by golden section on the validation users, one fit per
+  scored value. :data:`HOST_MATRICES_AT_PEAK` matrices: a primal sweep fits each value
+  in one matrix (``potri``) and keeps the best ``B`` so far beside it; a dual one (each
+  value's ``P`` and ``W`` near two matrices) fits the chosen value again instead."""
   x = training_rows(problem.train_batches(), problem.n_items)
   form = host_form(x, problem.progress)
-  scorer, fits = EASE(problem.n_items), []
+  keep = form == "primal" and len(grid) > 1
+  scorer, fits, latest, kept = EASE(problem.n_items), [], {}, {}
 
-  def params(candidate):
-    fits.append(candidate["l2"])
-    b = host_b(x, candidate["l2"], form, f"l2 {candidate['l2']:g}", problem.progress)
-    return params_of(jax.device_put(b, problem.device), candidate["l2"])
+  def params(l2):
+    fits.append(l2)
+    b = host_b(x, l2, form, f"l2 {l2:g}", problem.progress,
+               method="potri" if keep else "blas3")
+    return params_of(jax.device_put(b, problem.device), l2)
 
-  best = problem.choose([{"l2": v} for v in grid], lambda c: (scorer, params(c)),
-                        search=gram_solvers.golden_grid_search)
-  fitted = params(best)
-  return model_lib.ClosedFormFit(fitted, {"l2": (best["l2"],)},
-                                 f"l2 {best['l2']:g} ({len(fits)} {form} fits on the host)")
+  def scored(candidate):
+    latest[candidate["l2"]] = params(candidate["l2"])
+    return scorer, latest[candidate["l2"]]
+
+  def search(value, n):
+    def value_keeping_the_best(i):  # the search's own rule: the first largest value
+      v = value(i)
+      if keep and v > kept.get("ndcg", -float("inf")):
+        kept.clear()
+        kept.update(ndcg=v, l2=grid[i], params=latest[grid[i]])
+      latest.clear()
+      return v
+    return gram_solvers.golden_grid_search(value_keeping_the_best, n)
+
+  l2 = problem.choose([{"l2": v} for v in grid], scored, search=search)["l2"]
+  fitted = kept["params"] if kept.get("l2") == l2 else params(l2)
+  kept.clear()
+  return model_lib.ClosedFormFit(fitted, {"l2": (l2,)},
+                                 f"l2 {l2:g} ({len(fits)} {form} fits on the host)")
 
 
 def fit_on_device(grid: tuple[float, ...], problem: model_lib.ClosedFormProblem
@@ -354,16 +372,17 @@ def host_form(x: sp.csr_matrix, progress=None) -> str:
   return form
 
 
-def host_b(x: sp.csr_matrix, diag_add, form: str, setting: str, progress=None
-           ) -> np.ndarray:
+def host_b(x: sp.csr_matrix, diag_add, form: str, setting: str, progress=None,
+           method: str = "blas3") -> np.ndarray:
   """``B = I - P / diag(P)`` float32 ``(n, n)`` with ``P = (X^T X + diag(diag_add))^-1``
   from the sparse ``(m, n)`` ``x`` by :func:`gram_solvers.fit_inverse` in ``form``
   (``"primal"`` or ``"dual"``), in the memory ``P`` was computed in (C-ordered, aligned
   for ``jax.device_put`` to share it). ``diag_add``: scalar or ``(n,)``, above 0.
   ``numpy.linalg.LinAlgError`` naming ``setting`` (e.g. ``"l2 10"``) when the matrix is
-  not positive definite in float32."""
+  not positive definite in float32. ``method``: the primal form's inverse (``"blas3"``:
+  two matrices at the peak; ``"potri"``: one, in place)."""
   try:
-    p = gram_solvers.fit_inverse(x, diag_add, np.float32, form, progress)
+    p = gram_solvers.fit_inverse(x, diag_add, np.float32, form, progress, method=method)
   except np.linalg.LinAlgError as e:
     raise np.linalg.LinAlgError(
         f"the fit with {setting} failed in float32 ({e}): give a larger l2") from None

@@ -300,7 +300,8 @@ def dual_inverse(x, diag_add, dtype=np.float32, progress: Progress = None) -> np
 
 
 def fit_inverse(x, diag_add, dtype=np.float32, form: str = "auto",
-                progress: Progress = None, solver: str = "host") -> np.ndarray:
+                progress: Progress = None, solver: str = "host", method: str = "blas3"
+                ) -> np.ndarray:
   """``P = (X^T X + D)^-1`` ``(n, n)`` C-ordered, by the primal form (Gram matrix, then
   :func:`inverse_of_gram_plus_diagonal`) or the dual
   (:func:`dual_inverse`); ``form`` is ``"primal"``, ``"dual"`` or ``"auto"`` (the
@@ -308,7 +309,8 @@ def fit_inverse(x, diag_add, dtype=np.float32, form: str = "auto",
   plus ``m x n``). ``solver``: ``"host"`` (SciPy's LAPACK), ``"device"``
   (the primal form on jax's default device, float32: :func:`device_inverse`; host peak
   two matrices, the Gram matrix and the result) or ``"auto"`` (the device when jax's
-  default backend is not the CPU)."""
+  default backend is not the CPU). ``method``: the primal host inverse's
+  (:func:`inverse_of_gram_plus_diagonal`; ``"potri"``: one ``n x n`` matrix)."""
   x = _check_csr(x)
   if form not in ("auto", "primal", "dual"):
     raise ValueError(f"form: expected 'auto', 'primal' or 'dual', got {form!r}")
@@ -320,7 +322,7 @@ def fit_inverse(x, diag_add, dtype=np.float32, form: str = "auto",
     d = _diagonal_vector(diag_add, x.shape[1], np.float32)
     return np.asarray(device_inverse(gram_into(x, progress=progress), d))
   return inverse_of_gram_plus_diagonal(gram_into(x, dtype=dtype, progress=progress),
-                                       diag_add, progress=progress)
+                                       diag_add, progress=progress, method=method)
 
 
 def _accelerator_present() -> bool:
