@@ -16,7 +16,8 @@ no epoch: a run reads the same CSR batches the VAEs train on, and fits in one of
   matrices at the peak), or the users x users (Woodbury) form when it costs fewer flops
   (fewer users than items). Several ``l2``: one fit per scored value, the values searched
   by golden section along the sorted grid (about 5 of 10 scored; it assumes the
-  validation NDCG rises then falls), and the best fitted again (no third matrix kept).
+  validation NDCG rises then falls); the best ``B`` so far is kept beside the next
+  value's one-matrix fit (primal form), or the chosen value fitted again (dual form).
 * On an accelerator (:func:`fit_on_device`): ``G`` on the device (:func:`gram_matrix`);
   one ``l2`` by :func:`fit` (Cholesky factor of ``G + l2 I``, then ``P`` from it);
   several from one eigendecomposition ``G = V diag(s) V^T`` (:func:`spectrum`):
