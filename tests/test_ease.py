@@ -18,6 +18,7 @@ from jax_vaecf.training import engine as loop
 from jax_vaecf.training import reporting
 from jax_vaecf import data as data_lib
 from jax_vaecf.models import ease
+from jax_vaecf.models import gram_solvers
 from jax_vaecf import model as model_lib
 from jax_vaecf.serving import recommender as recommend
 
@@ -162,11 +163,21 @@ def test_a_run_sweeps_l2_on_validation_and_keeps_the_best(run):
   cfg, workdir, results = run
   recs = _runs.records(workdir)
   sweep = [r for r in recs if r["split"] == "sweep"]
-  assert [r["swept"] for r in sweep] == [{"l2": 3.0}, {"l2": 30.0}, {"l2": 300.0}]
+  # The golden-section search over the sorted grid, replayed on the recorded metrics,
+  # scores the same values in the same order (30 first: the middle of three).
+  grid, order = [3.0, 30.0, 300.0], []
+  recorded = {r["swept"]["l2"]: r["val_ndcg@100"] for r in sweep}
+
+  def value(i):
+    order.append(grid[i])
+    return recorded[grid[i]]
+
+  chosen = grid[gram_solvers.golden_grid_search(value, len(grid))]
+  assert [r["swept"] for r in sweep] == [{"l2": v} for v in order] and order[0] == 30.0
   best = max(sweep, key=lambda r: r["val_ndcg@100"])
-  assert results["train"]["chosen"] == {"l2": [best["swept"]["l2"]]}
+  assert results["train"]["chosen"] == {"l2": [best["swept"]["l2"]]} == {"l2": [chosen]}
   (train,) = [r for r in recs if r["split"] == "train"]
-  # The kept model (fitted again from the decomposition) scores as the sweep said.
+  # The kept model (fitted again) scores as the sweep said.
   assert train["val_ndcg@100"] == pytest.approx(best["val_ndcg@100"], abs=1e-6)
   (test,) = [r for r in recs if r["split"] == "test"]
   assert test["epoch"] == 1 and 0.0 < test["ndcg@100"] <= 1.0
@@ -226,7 +237,7 @@ def test_a_catalogue_too_big_for_the_device_is_refused_before_any_work(tmp_path,
                            hidden_dims=(), l2=(30.0,), number_of_epochs=1)
   monkeypatch.setattr(ease, "device_memory_bytes", lambda device: 100_000)
   workdir = str(tmp_path / "run")
-  with pytest.raises(MemoryError, match=r"EASE on 150 items needs about 0\.0 GiB .*5 "
+  with pytest.raises(MemoryError, match=r"EASE on 150 items needs about 0\.0 GiB .*2 "
                                         r"matrices of 150 x 150 float32.*has 0\.0 GiB"):
     loop.run(cfg, workdir)
   assert not os.path.exists(workdir)  # nothing written: the run claimed and released it
@@ -255,3 +266,137 @@ def test_plot_draws_the_sweep_of_a_closed_form_run(run, tmp_path):
   assert r.stdout.strip() == out
   with open(out, "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------- the host's solvers against jax's
+
+
+def _problem(x, validation=None, batch_size=64, log=None):
+  """A closed-form problem over the sparse rows ``x`` on the first CPU device; with
+  ``validation`` rows (dense), a scorer of their NDCG@10 (as ``ndcg@100``) on a fifth of
+  each one's items held out."""
+  log = [] if log is None else log
+  batcher = data_lib.TrainBatcher(sp.csr_matrix(x), batch_size, seed=0)
+  score = None
+  if validation is not None:
+    fold_in, held = (sp.csr_matrix(a) for a in _synthetic.fold_in_split(validation))
+
+    def score(model, params):
+      logits = model.apply({"params": params}, jnp.asarray(fold_in.toarray())).logits
+      ndcg = gram_solvers.ndcg_at_k(np.asarray(logits), fold_in, held, k=10)
+      return {"ndcg@100": ndcg, "recall@20": 0.0, "recall@50": 0.0}
+  return model_lib.ClosedFormProblem(
+      lambda: batcher.epoch_batches(0), x.shape[1], x.shape[0], jax.devices()[0], score,
+      log.append, progress=log.append)
+
+
+def _factor_rows(n_users, n_validation, n_items=120, rank=4, seed=0, offset=3.0):
+  """Training and validation rows drawn from one rank-``rank`` logistic model (about 20
+  items a user at 120 items), whose validation NDCG rises then falls along a log grid
+  of l2; a larger ``offset`` gives fewer items a user."""
+  rng = np.random.default_rng(seed)
+  v = rng.normal(size=(n_items, rank))
+
+  def rows(n):
+    u = rng.normal(size=(n, rank))
+    p = 1.0 / (1.0 + np.exp(-(3.0 * u @ v.T / np.sqrt(rank) - offset)))
+    return (rng.random(p.shape) < p).astype(np.float32)
+  return sp.csr_matrix(rows(n_users)), rows(n_validation)
+
+
+@pytest.mark.parametrize("n_users,form", [(300, "primal"), (40, "dual")])
+def test_the_host_fit_equals_the_jax_fit(matrix, n_users, form):
+  x = matrix[:n_users]
+  log = []
+  host = ease.fit_on_host((50.0,), _problem(x, log=log))
+  device = ease.fit_on_device((50.0,), _problem(x))
+  assert log[0].startswith(f"{form} form for {n_users:,} users x 120 items")
+  assert any("inverse of 120 x 120" in line for line in log)
+  got, want = (np.asarray(f.params["output"]["kernel"]) for f in (host, device))
+  assert got.dtype == np.float32 and got.shape == (120, 120)
+  np.testing.assert_array_equal(np.diag(got), 0.0)
+  np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+  np.testing.assert_allclose(got, ease.numpy_ease(x, 50.0), rtol=0,
+                             atol=2e-5 * np.abs(want).max())
+  assert host.chosen == device.chosen == {"l2": (50.0,)}
+  assert float(host.params["l2"]) == 50.0
+
+
+@pytest.mark.parametrize("n_users,form", [(300, "primal"), (80, "dual")])
+def test_the_host_sweep_chooses_as_the_jax_sweep(n_users, form):
+  x, validation = _factor_rows(n_users, 500)
+  grid = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0)
+  host_log, device_log = [], []
+  host = ease.fit_on_host(grid, _problem(x, validation, log=host_log))
+  device = ease.fit_on_device(grid, _problem(x, validation, log=device_log))
+  assert host_log[0].startswith(f"{form} form")
+  host_swept = {r["swept"]["l2"]: r["val_ndcg@100"] for r in host_log
+                if isinstance(r, dict)}
+  device_swept = {r["swept"]["l2"]: r["val_ndcg@100"] for r in device_log}
+  assert sorted(device_swept) == list(grid)  # the jax path scores every value
+  assert 3 <= len(host_swept) <= 6  # golden section: fewer
+  for l2, ndcg in host_swept.items():  # the same scores, up to float32 rounding
+    assert ndcg == pytest.approx(device_swept[l2], abs=1e-4)
+  # The validation curve rises then falls, so the search finds the exhaustive grid's best.
+  curve = np.array([device_swept[l2] for l2 in grid])
+  peak = int(np.argmax(curve))
+  assert np.all(np.diff(curve[:peak + 1]) > 0) and np.all(np.diff(curve[peak:]) < 0)
+  assert host.chosen == device.chosen == {"l2": (grid[peak],)}
+  assert grid[peak] in host_swept
+  want = ease.numpy_ease(x, grid[peak])
+  np.testing.assert_allclose(np.asarray(host.params["output"]["kernel"]), want, rtol=0,
+                             atol=2e-5 * np.abs(want).max())
+
+
+def test_training_rows_are_the_batches_rows_without_empty_ones(matrix):
+  x = matrix.tolil()
+  x[7] = 0  # a user without items adds nothing to the Gram matrix
+  x = x.tocsr()
+  for shards in (None, 4):
+    batcher = data_lib.TrainBatcher(x, 64, seed=3, num_shards=shards)
+    got = ease.training_rows(batcher.epoch_batches(0), 120)
+    assert got.shape == (299, 120) and got.dtype == np.float32
+    np.testing.assert_array_equal((got.T @ got).toarray(), (x.T @ x).toarray())
+    assert sorted(map(tuple, got.toarray().tolist())) == sorted(
+        tuple(r) for r in x.toarray().tolist() if any(r))
+
+
+@pytest.mark.parametrize("grid", [(100.0,), (10.0, 100.0, 1000.0, 10000.0)])
+def test_a_fit_or_sweep_on_the_host_holds_two_matrices(grid):
+  import tracemalloc
+  x, validation = _factor_rows(1800, 40, n_items=1500, rank=8, offset=7.0)
+  assert 10 < x.nnz / 1800 < 40  # items a user: sparse rows, as real data
+  problem = _problem(x, validation, batch_size=600)
+  matrix_bytes = 4 * 1500**2
+  tracemalloc.start()
+  try:
+    ease.fit_on_host((100.0,), problem)  # warm-up: jax's compilations
+    tracemalloc.reset_peak()
+    before = tracemalloc.get_traced_memory()[0]
+    fitted = ease.fit_on_host(grid, problem)
+    peak = tracemalloc.get_traced_memory()[1] - before
+  finally:
+    tracemalloc.stop()
+  assert ease.HOST_MATRICES_AT_PEAK == 2
+  # B shares its memory with jax (tracemalloc still counts it): two matrices, plus in a
+  # sweep the next value's Gram blocks beside the kept B (an eighth of the rows at a
+  # time: up to a quarter matrix at this size, at most 2^24 values for a large
+  # catalogue) and the validation users' scores.
+  limit = 2.1 if len(grid) == 1 else 2.4
+  assert 1.9 * matrix_bytes < peak <= limit * matrix_bytes, peak / matrix_bytes
+  assert fitted.params["output"]["kernel"].shape == (1500, 1500)
+
+
+def test_a_matrix_singular_in_float32_names_the_setting():
+  x = sp.csr_matrix(np.ones((20_000, 2), np.float32))  # two items with the same users
+  with pytest.raises(np.linalg.LinAlgError, match="the fit with l2 1e-06 failed in "
+                                                  "float32 .*give a larger l2"):
+    ease.host_b(x, 1e-6, "primal", "l2 1e-06")
+
+
+def test_the_memory_check_counts_two_matrices_on_a_cpu_and_five_elsewhere():
+  class Device:
+    def __init__(self, platform):
+      self.platform = platform
+  assert ease.device_bytes_needed(1000, Device("cpu")) == 2 * 4 * 1000**2
+  assert ease.device_bytes_needed(1000, Device("gpu")) == 5 * 4 * 1000**2

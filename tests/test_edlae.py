@@ -14,6 +14,7 @@ from jax_vaecf.training import configs
 from jax_vaecf import data as data_lib
 from jax_vaecf.models import ease
 from jax_vaecf.models import edlae
+from jax_vaecf.models import gram_solvers
 from jax_vaecf.training import engine as loop
 from jax_vaecf.training import reporting
 from jax_vaecf.serving import recommender as recommend
@@ -132,3 +133,41 @@ def test_the_tuner_searches_its_own_settings():
   assert trial.model_settings == edlae.EDLAESettings(dropout_p=(0.4,), l2=(20.0,))
   with pytest.raises(tune.TuneError, match="cannot start from the base"):
     tune.make_space(configs.get_config("ml1m_edlae"), ("l2",), n_train_users=lambda: 1)
+
+
+@pytest.mark.parametrize("n_users,form", [(300, "primal"), (30, "dual")])
+def test_the_host_fit_equals_the_jax_fit_and_chooses_alike(matrix, n_users, form):
+  import jax
+  from jax_vaecf import model as model_lib
+  x = matrix[:n_users]
+  rows = _synthetic.low_rank_interactions(n_users=200, n_items=60, seed=8)
+  fold_in, held = (sp.csr_matrix(a) for a in _synthetic.fold_in_split(rows))
+
+  def problem(log, scored):
+    batcher = data_lib.TrainBatcher(x, 64, seed=0)
+
+    def score(model, params):
+      logits = np.asarray(model.apply({"params": params},
+                                      jnp.asarray(fold_in.toarray())).logits)
+      scored.append(np.where(fold_in.toarray() > 0, 0.0, logits))  # the ranked ones
+      return {"ndcg@100": gram_solvers.ndcg_at_k(logits, fold_in, held, 10),
+              "recall@20": 0.0, "recall@50": 0.0}
+    return model_lib.ClosedFormProblem(lambda: batcher.epoch_batches(0), 60, n_users,
+                                       jax.devices()[0], score, log.append, log.append)
+
+  grid = edlae.EDLAESettings(dropout_p=(0.1, 0.5), l2=(3.0, 30.0)).grid()
+  host_log, device_log, host_scores, device_scores = [], [], [], []
+  host = edlae.fit_on_host(grid, problem(host_log, host_scores))
+  device = edlae.fit_on_device(grid, problem(device_log, device_scores))
+  assert host_log[0].startswith(f"{form} form for {n_users} users x 60 items")
+  host_swept = [r for r in host_log if isinstance(r, dict)]
+  assert [r["swept"] for r in host_swept] == [r["swept"] for r in device_log] == grid
+  for h, d in zip(host_scores, device_scores):  # every candidate scores alike
+    np.testing.assert_allclose(h, d, rtol=0, atol=2e-5 * np.abs(d).max())
+  assert host.chosen == device.chosen
+  (p,), (l2,) = host.chosen["dropout_p"], host.chosen["l2"]
+  got, want = (np.asarray(f.params["output"]["kernel"]) for f in (host, device))
+  reference = edlae.numpy_edlae(x, p, l2)
+  np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(reference).max())
+  np.testing.assert_allclose(got, reference, rtol=0, atol=2e-5 * np.abs(reference).max())
+  assert float(host.params["dropout_p"]) == pytest.approx(p)

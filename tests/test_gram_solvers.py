@@ -145,7 +145,7 @@ def test_golden_search_finds_every_peak(n):
       calls.append(i)
       return -abs(i - peak)
 
-    assert gs._golden_grid_search(value, n) == peak
+    assert gs.golden_grid_search(value, n) == peak
     assert len(calls) <= max(1, int(np.ceil(np.log(n + 1) / np.log(1.618))) + 1)
 
 
@@ -273,3 +273,26 @@ def test_a_primal_fit_holds_at_most_its_stated_matrices(method, matrices):
   matrix = 4 * 400**2
   # The stated matrices, plus at most a quarter matrix of blocks (Gram rows, triangle).
   assert peak <= (matrices + 0.25) * matrix, f"peak {peak / matrix:.2f} matrices"
+
+
+@pytest.mark.parametrize("form", ["primal", "dual"])
+def test_a_fitted_matrix_is_handed_to_jax_without_a_copy(tall, form):
+  import jax
+  p = gs.fit_inverse(tall, 25.0, form=form)
+  assert p.ctypes.data % 64 == 0 and p.flags.c_contiguous
+  b = gs.ease_b_from_p(p)
+  want = b.copy()
+  on_device = jax.device_put(b, jax.devices("cpu")[0])
+  # The CPU client shares the memory of a 64-byte aligned array (NumPy's own 16-byte
+  # alignment makes it copy): B is not a third matrix beside the Gram matrix and L^-1.
+  assert on_device.unsafe_buffer_pointer() == b.ctypes.data
+  del b, p
+  np.testing.assert_array_equal(np.asarray(on_device), want)
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_aligned_empty(order):
+  for shape, dtype in (((7, 5), np.float32), ((3, 1, 9), np.float64)):
+    a = gs.aligned_empty(shape, dtype, order)
+    assert a.shape == shape and a.dtype == dtype and a.ctypes.data % 64 == 0
+    assert a.flags.c_contiguous if order == "C" else a.flags.f_contiguous

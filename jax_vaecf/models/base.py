@@ -372,6 +372,8 @@ class ClosedFormProblem:
       ``ndcg@100``, ``recall@20``, ``recall@50``); ``None`` when the split has none.
     report: ``record -> None``: a sweep's record (``{"split": "sweep", ...}``), logged
       and printed by the run.
+    progress: ``message -> None``: a note on a long fit's progress (a stage done and its
+      time), shown by the run but not logged; ``None``: nowhere.
   """
 
   train_batches: Callable[[], Any]
@@ -380,14 +382,18 @@ class ClosedFormProblem:
   device: Any
   score: Callable[[CFModel, Any], dict] | None
   report: Callable[[dict], None]
+  progress: Callable[[str], None] | None = None
 
   def choose(self, candidates: Sequence[dict],
-             scorer: Callable[[dict], tuple[CFModel, Any]]) -> dict:
+             scorer: Callable[[dict], tuple[CFModel, Any]],
+             search: Callable[[Callable[[int], float], int], int] | None = None) -> dict:
     """The candidate settings (``{name: value}`` each) with the best validation
     NDCG@100: each one's ``scorer(candidate) -> (model, params)`` scored on the
     validation users and reported as a ``{"split": "sweep", "swept": candidate, ...}``
     record. One candidate is returned unscored; several need validation users
-    (``ValueError`` otherwise)."""
+    (``ValueError`` otherwise). ``search(value, n) -> index`` picks which to score
+    (``value(i)`` scores candidate ``i`` and returns its NDCG@100), e.g. a golden-section
+    search along candidates sorted by one setting; ``None``: every one, in order."""
     if len(candidates) == 1:
       return dict(candidates[0])
     if self.score is None:
@@ -395,17 +401,28 @@ class ClosedFormProblem:
                        f"{', '.join(sorted(candidates[0]))}) but the split has no "
                        "validation data; give one value each (or validation users: "
                        "--validation_fraction above 0 in the per-user protocol)")
-    best, best_ndcg = None, -float("inf")
-    for candidate in candidates:
+
+    def value(i: int) -> float:
       t0 = time.perf_counter()
-      vm = self.score(*scorer(candidate))
-      self.report({"split": "sweep", "swept": dict(candidate),
+      vm = self.score(*scorer(candidates[i]))
+      self.report({"split": "sweep", "swept": dict(candidates[i]),
                    **{f"val_{k}": float(vm[k]) for k in ("ndcg@100", "recall@20",
                                                           "recall@50")},
                    "val_time_s": time.perf_counter() - t0})
-      if vm["ndcg@100"] > best_ndcg:
-        best, best_ndcg = dict(candidate), vm["ndcg@100"]
-    return best
+      return vm["ndcg@100"]
+
+    return dict(candidates[(search or _first_best)(value, len(candidates))])
+
+
+def _first_best(value: Callable[[int], float], n: int) -> int:
+  """The index of the largest ``value(i)`` over ``0..n-1``, each called once in order
+  (the first of equal ones)."""
+  best, best_value = None, -float("inf")
+  for i in range(n):
+    v = value(i)
+    if v > best_value:
+      best, best_value = i, v
+  return best
 
 
 class ClosedFormFit(NamedTuple):

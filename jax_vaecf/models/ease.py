@@ -6,12 +6,22 @@ A closed-form item-item model: with ``X`` the ``(n_users, n_items)`` training ma
     P = (G + l2 * I)^-1,    B = I - P diag(1 / diag(P))    (so diag(B) = 0),
 
 and a user with history row ``x`` gets the scores ``x @ B``. There is no optimiser and
-no epoch: a run accumulates ``G`` on the device from the same CSR batches the VAEs train
-on (:func:`gram_matrix`; never a dense user x item matrix on the host), then factors it.
+no epoch: a run reads the same CSR batches the VAEs train on, and fits in one of two ways
+(:func:`fit_run`, by the problem's device):
 
-* One ``l2``: :func:`fit` (Cholesky factor of ``G + l2 I``, then ``P`` from it).
-* Several: one eigendecomposition ``G = V diag(s) V^T`` (:func:`spectrum`) serves every
-  value. ``P = V diag(d) V^T`` with ``d = 1 / (s + l2)``, and on a user's unseen items
+* On a CPU device (:func:`fit_on_host`): the batches become a sparse matrix on the host
+  (:func:`training_rows`; never a dense user x item matrix) and every ``B`` comes from
+  :mod:`jax_vaecf.models.gram_solvers`' in-place LAPACK solvers: the Gram matrix written
+  straight into a dense matrix, its Cholesky factor and inverse in place (TWO ``n x n``
+  matrices at the peak), or the users x users (Woodbury) form when it costs fewer flops
+  (fewer users than items). Several ``l2``: one fit per scored value, the values searched
+  by golden section along the sorted grid (about 5 of 10 scored; it assumes the
+  validation NDCG rises then falls); the best ``B`` so far is kept beside the next
+  value's one-matrix fit (primal form), or the chosen value fitted again (dual form).
+* On an accelerator (:func:`fit_on_device`): ``G`` on the device (:func:`gram_matrix`);
+  one ``l2`` by :func:`fit` (Cholesky factor of ``G + l2 I``, then ``P`` from it);
+  several from one eigendecomposition ``G = V diag(s) V^T`` (:func:`spectrum`):
+  ``P = V diag(d) V^T`` with ``d = 1 / (s + l2)``, and on a user's unseen items
   ``x @ B = -(x P) / diag(P)``, so the validation scores of one ``l2`` are
   ``((x V) * d) @ (V^T / -diag(P))``: ``n_validation * n_items^2`` work each and no
   inverse (:func:`sweep_params` for :class:`Spectral`, scored by the ordinary eval step).
@@ -25,8 +35,9 @@ excluded, as for every model. Its parameters: ``output/kernel`` ``B`` float32
 ``(n_items, n_items)``, ``output/bias`` zeros ``(n_items,)`` and ``l2`` (float32 scalar,
 the value it was fitted with).
 
-Memory: ``n_items^2`` float32 values per matrix and a few of them at once
-(:func:`device_bytes_needed`); MSD's 41,140 items need 6.8 GB per matrix.
+Memory: ``n_items^2`` float32 values per matrix, :func:`matrices_at_peak` of them at
+once (:func:`device_bytes_needed`: 2 on a CPU device, 5 on an accelerator); MSD's 41,140
+items need 6.3 GiB per matrix.
 """
 
 from __future__ import annotations
@@ -40,8 +51,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.sparse as sp
 
 from jax_vaecf.models import base as model_lib
+from jax_vaecf.models import gram_solvers
 from jax_vaecf.core import sparse as sparse_lib
 
 Array = jax.Array
@@ -50,10 +63,16 @@ Array = jax.Array
 # its follow-ups report (ML-20M 500, Netflix 1,000, MSD 200; ML-1M's best lies between).
 DEFAULT_L2_GRID = (10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0)
 
-# n_items^2 float32 matrices held at once at the peak of a fit: the Gram matrix or its
-# eigenvectors, the factorisation's work space (LAPACK's syevd asks for about two), the
-# scoring matrix of one l2 and B itself.
-MATRICES_AT_PEAK = 5
+# n_items^2 float32 matrices held at once at the peak of a fit on an accelerator (jax's
+# solvers): the Gram matrix or its eigenvectors, the factorisation's work space
+# (LAPACK's syevd asks for about two), the scoring matrix of one l2 and B itself.
+DEVICE_MATRICES_AT_PEAK = 5
+
+# The same on a CPU device (gram_solvers on the host, one fit per l2, one or several):
+# the Gram matrix (factored, inverted and turned into B in place) and L^-1 in the
+# primal form; P and the users x items W (fewer users than items) in the dual form. The
+# B handed to jax shares its memory (gram_solvers.aligned_empty).
+HOST_MATRICES_AT_PEAK = 2
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -181,15 +200,15 @@ def _build(n_items, settings: EASESettings, dropout_rate, dtype) -> EASE:
 def check_fits(n_items: int, device: jax.Device, title: str = "EASE") -> None:
   """Raises ``MemoryError`` naming the figures when a fit of ``n_items`` items cannot fit
   ``device``'s memory (before any work)."""
-  need = device_bytes_needed(n_items)
+  need = device_bytes_needed(n_items, device)
   have = device_memory_bytes(device)
   if have is not None and need > have:
     raise MemoryError(
         f"{title} on {n_items:,} items needs about {need / 2**30:.1f} GiB on the device "
-        f"({MATRICES_AT_PEAK} matrices of {n_items:,} x {n_items:,} float32, "
+        f"({matrices_at_peak(device)} matrices of {n_items:,} x {n_items:,} float32, "
         f"{4 * n_items**2 / 2**30:.2f} GiB each); this {device.platform} device has "
-        f"{have / 2**30:.1f} GiB. Run it on a device with more memory (a GPU), or keep "
-        f"fewer items (a stricter item filter)")
+        f"{have / 2**30:.1f} GiB. Run it where there is more memory, or keep fewer items "
+        f"(a stricter item filter)")
 
 
 def _space():
@@ -201,11 +220,59 @@ def _space():
 
 def fit_run(settings: EASESettings, problem: model_lib.ClosedFormProblem
             ) -> model_lib.ClosedFormFit:
-  """EASE's closed-form fit (its :attr:`ModelEntry.fit`): the Gram matrix of the
-  training rows on the problem's device, then one ``l2`` fitted by Cholesky, or each of
-  several scored on the validation users from one eigendecomposition and the best kept
-  (``B`` from the same decomposition)."""
+  """EASE's closed-form fit (its :attr:`ModelEntry.fit`): :func:`fit_on_host` when the
+  problem's device is a CPU, else :func:`fit_on_device`."""
   grid = l2_values(settings.l2)
+  if problem.device.platform == "cpu":
+    return fit_on_host(grid, problem)
+  return fit_on_device(grid, problem)
+
+
+def fit_on_host(grid: tuple[float, ...], problem: model_lib.ClosedFormProblem
+                ) -> model_lib.ClosedFormFit:
+  """EASE on the host (:mod:`jax_vaecf.models.gram_solvers`): one ``l2`` fitted, or the
+  sorted ``grid`` searched by golden section on the validation users, one fit per
+  scored value. :data:`HOST_MATRICES_AT_PEAK` matrices: a primal sweep fits each value
+  in one matrix (``potri``) and keeps the best ``B`` so far beside it; a dual one (each
+  value's ``P`` and ``W`` near two matrices) fits the chosen value again instead."""
+  x = training_rows(problem.train_batches(), problem.n_items)
+  form = host_form(x, problem.progress)
+  keep = form == "primal" and len(grid) > 1
+  scorer, fits, latest, kept = EASE(problem.n_items), [], {}, {}
+
+  def params(l2):
+    fits.append(l2)
+    b = host_b(x, l2, form, f"l2 {l2:g}", problem.progress,
+               method="potri" if keep else "blas3")
+    return params_of(jax.device_put(b, problem.device), l2)
+
+  def scored(candidate):
+    latest[candidate["l2"]] = params(candidate["l2"])
+    return scorer, latest[candidate["l2"]]
+
+  def search(value, n):
+    def value_keeping_the_best(i):  # the search's own rule: the first largest value
+      v = value(i)
+      if keep and v > kept.get("ndcg", -float("inf")):
+        kept.clear()
+        kept.update(ndcg=v, l2=grid[i], params=latest[grid[i]])
+      latest.clear()
+      return v
+    return gram_solvers.golden_grid_search(value_keeping_the_best, n)
+
+  l2 = problem.choose([{"l2": v} for v in grid], scored, search=search)["l2"]
+  fitted = kept["params"] if kept.get("l2") == l2 else params(l2)
+  kept.clear()
+  return model_lib.ClosedFormFit(fitted, {"l2": (l2,)},
+                                 f"l2 {l2:g} ({len(fits)} {form} fits on the host)")
+
+
+def fit_on_device(grid: tuple[float, ...], problem: model_lib.ClosedFormProblem
+                  ) -> model_lib.ClosedFormFit:
+  """EASE with jax's solvers on the problem's device: the Gram matrix of the training
+  rows there, then one ``l2`` fitted by Cholesky, or each of several scored on the
+  validation users from one eigendecomposition and the best kept (``B`` from the same
+  decomposition). :data:`DEVICE_MATRICES_AT_PEAK` matrices."""
   t0 = time.perf_counter()
   gram = gram_matrix(problem.train_batches(), problem.n_items, problem.device)
   jax.block_until_ready(gram)
@@ -259,10 +326,68 @@ def l2_values(l2: Iterable[float]) -> tuple[float, ...]:
   return tuple(sorted(set(values))) or DEFAULT_L2_GRID
 
 
-def device_bytes_needed(n_items: int) -> int:
-  """Device bytes a fit of ``n_items`` items needs at its peak (see
-  :data:`MATRICES_AT_PEAK`)."""
-  return MATRICES_AT_PEAK * 4 * int(n_items) ** 2
+def matrices_at_peak(device: jax.Device) -> int:
+  """``n_items^2`` float32 matrices a fit on ``device`` holds at its peak:
+  :data:`HOST_MATRICES_AT_PEAK` on a CPU device, else :data:`DEVICE_MATRICES_AT_PEAK`."""
+  return HOST_MATRICES_AT_PEAK if device.platform == "cpu" else DEVICE_MATRICES_AT_PEAK
+
+
+def device_bytes_needed(n_items: int, device: jax.Device) -> int:
+  """Bytes a fit of ``n_items`` items on ``device`` needs at its peak
+  (:func:`matrices_at_peak`)."""
+  return matrices_at_peak(device) * 4 * int(n_items) ** 2
+
+
+def training_rows(batches: Iterable[sparse_lib.SparseBatch], n_items: int
+                  ) -> sp.csr_matrix:
+  """The training rows in ``batches`` (host :class:`SparseBatch` es covering each row
+  once, 1-D or with a leading shard axis) as a float32 CSR ``(n_users, n_items)`` on the
+  host; rows without an item (padding) are left out, duplicate entries add up."""
+  rows, cols, vals, offset = [], [], [], 0
+  for batch in batches:
+    r, mask = np.asarray(batch.rows, np.int64), np.asarray(batch.row_mask)
+    if r.ndim == 2:  # each shard counts its rows from 0
+      r = r + (np.arange(r.shape[0]) * mask.shape[-1])[:, None]
+    v = np.asarray(batch.vals, np.float32).ravel()
+    real = v != 0  # padding entries hold 0 at (0, 0)
+    rows.append(r.ravel()[real] + offset)
+    cols.append(np.asarray(batch.cols).ravel()[real])
+    vals.append(v[real])
+    offset += mask.size
+  if not rows:
+    raise ValueError("training_rows: no batch (the split has no training rows)")
+  x = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                    shape=(offset, n_items), dtype=np.float32)
+  return x[np.diff(x.indptr) > 0]
+
+
+def host_form(x: sp.csr_matrix, progress=None) -> str:
+  """``"dual"`` (users x users system) when it costs fewer flops than ``"primal"`` for
+  the sparse ``(n_users, n_items)`` ``x`` (:func:`gram_solvers.use_dual`), said to
+  ``progress`` with a fit's cost."""
+  m, n = x.shape
+  form = "dual" if gram_solvers.use_dual(m, n) else "primal"
+  flops = (gram_solvers.dual_flops if form == "dual" else gram_solvers.primal_flops)(m, n)
+  if progress is not None:
+    progress(f"{form} form for {m:,} users x {n:,} items, {flops / 1e9:,.0f} GFLOP a fit")
+  return form
+
+
+def host_b(x: sp.csr_matrix, diag_add, form: str, setting: str, progress=None,
+           method: str = "blas3") -> np.ndarray:
+  """``B = I - P / diag(P)`` float32 ``(n, n)`` with ``P = (X^T X + diag(diag_add))^-1``
+  from the sparse ``(m, n)`` ``x`` by :func:`gram_solvers.fit_inverse` in ``form``
+  (``"primal"`` or ``"dual"``), in the memory ``P`` was computed in (C-ordered, aligned
+  for ``jax.device_put`` to share it). ``diag_add``: scalar or ``(n,)``, above 0.
+  ``numpy.linalg.LinAlgError`` naming ``setting`` (e.g. ``"l2 10"``) when the matrix is
+  not positive definite in float32. ``method``: the primal form's inverse (``"blas3"``:
+  two matrices at the peak; ``"potri"``: one, in place)."""
+  try:
+    p = gram_solvers.fit_inverse(x, diag_add, np.float32, form, progress, method=method)
+  except np.linalg.LinAlgError as e:
+    raise np.linalg.LinAlgError(
+        f"the fit with {setting} failed in float32 ({e}): give a larger l2") from None
+  return gram_solvers.ease_b_from_p(p)
 
 
 @functools.partial(jax.jit, static_argnums=2, donate_argnums=0)

@@ -11,9 +11,12 @@ full rank its solution is EASE's with the L2 weight replaced by a per-item one: 
 
 (The paper's section 3, full emphasis on the dropped-out coordinates; the zero diagonal
 is the limit the emphasis enforces. The same formula as irspack's ``EDLAERecommender``.)
-``p = 0`` is EASE. A run fits each ``(p, l2)`` of its settings from one Gram matrix,
-scores each on the validation users and keeps the best; the model scores a user's row
-as ``x @ B``, as :class:`jax_vaecf.models.ease.EASE`, and records its ``p`` and ``l2``.
+``p = 0`` is EASE. A run fits each ``(p, l2)`` of its settings, scores each on the
+validation users and keeps the best: on a CPU device with EASE's host solvers
+(:func:`fit_on_host`: the sparse training rows, one in-place fit per pair, the users x
+users form when cheaper, two ``n_items^2`` matrices at the peak), on an accelerator from
+one Gram matrix on the device (:func:`fit_on_device`). The model scores a user's row as
+``x @ B``, as :class:`jax_vaecf.models.ease.EASE`, and records its ``p`` and ``l2``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_vaecf.models import ease
+from jax_vaecf.models import gram_solvers
 from jax_vaecf.models import base as model_lib
 
 Array = jax.Array
@@ -110,8 +114,42 @@ def numpy_edlae(x: Any, dropout_p: float, l2: float) -> np.ndarray:
 
 def fit_run(settings: EDLAESettings, problem: model_lib.ClosedFormProblem
             ) -> model_lib.ClosedFormFit:
-  """EDLAE's closed-form fit (its :attr:`ModelEntry.fit`): the Gram matrix once, then
-  each ``(p, l2)`` fitted and scored on the validation users, the best kept."""
+  """EDLAE's closed-form fit (its :attr:`ModelEntry.fit`): :func:`fit_on_host` when the
+  problem's device is a CPU, else :func:`fit_on_device`."""
+  if problem.device.platform == "cpu":
+    return fit_on_host(settings.grid(), problem)
+  return fit_on_device(settings.grid(), problem)
+
+
+def fit_on_host(grid: list[dict], problem: model_lib.ClosedFormProblem
+                ) -> model_lib.ClosedFormFit:
+  """EDLAE on the host (:func:`jax_vaecf.models.ease.host_b`, EASE's solvers with the
+  per-item diagonal ``Lambda``): each ``(p, l2)`` of ``grid`` fitted and scored on the
+  validation users, then the best fitted again (two ``n_items^2`` matrices at the peak,
+  :data:`jax_vaecf.models.ease.HOST_MATRICES_AT_PEAK`)."""
+  x = ease.training_rows(problem.train_batches(), problem.n_items)
+  form = ease.host_form(x, problem.progress)
+  diag_g = gram_solvers.gram_diagonal(x)
+  scorer, fits = EDLAE(problem.n_items), []
+
+  def params(c):
+    fits.append(c)
+    weight = c["dropout_p"] / (1.0 - c["dropout_p"]) * diag_g + c["l2"]
+    b = ease.host_b(x, weight, form, f"dropout_p {c['dropout_p']:g}, l2 {c['l2']:g}",
+                    problem.progress)
+    return params_of(jax.device_put(b, problem.device), c["dropout_p"], c["l2"])
+
+  best = problem.choose(grid, lambda c: (scorer, params(c)))
+  return model_lib.ClosedFormFit(
+      params(best), {"dropout_p": (best["dropout_p"],), "l2": (best["l2"],)},
+      f"dropout_p {best['dropout_p']:g}, l2 {best['l2']:g} ({len(fits)} {form} fits on "
+      "the host)")
+
+
+def fit_on_device(grid: list[dict], problem: model_lib.ClosedFormProblem
+                  ) -> model_lib.ClosedFormFit:
+  """EDLAE with jax's solvers on the problem's device: the Gram matrix once, then each
+  ``(p, l2)`` of ``grid`` fitted and scored on the validation users, the best kept."""
   t0 = time.perf_counter()
   gram = ease.gram_matrix(problem.train_batches(), problem.n_items, problem.device)
   jax.block_until_ready(gram)
@@ -122,7 +160,7 @@ def fit_run(settings: EDLAESettings, problem: model_lib.ClosedFormProblem
     return params_of(fit(gram, jnp.float32(c["dropout_p"]), jnp.float32(c["l2"])),
                      c["dropout_p"], c["l2"])
 
-  best = problem.choose(settings.grid(), lambda c: (scorer, fitted(c)))
+  best = problem.choose(grid, lambda c: (scorer, fitted(c)))
   return model_lib.ClosedFormFit(
       fitted(best), {"dropout_p": (best["dropout_p"],), "l2": (best["l2"],)},
       f"dropout_p {best['dropout_p']:g}, l2 {best['l2']:g} (gram matrix {gram_s:.2f}s)")

@@ -47,6 +47,11 @@ _BLOCK = 1024
 # at most this many, about 12 bytes each).
 _GRAM_BLOCK_VALUES = 2**24
 
+# Byte alignment of the n x n matrices this module allocates: jax's CPU client takes an
+# array aligned so without copying it (jax.device_put aliases the memory), so a fitted B
+# handed to a jax model is not a third matrix. NumPy alone aligns to 16 bytes.
+_ALIGNMENT = 64
+
 
 def _say(progress: Progress, message: str) -> None:
   if progress is not None:
@@ -88,6 +93,17 @@ def _check_csr(x, name: str = "x") -> sp.csr_matrix:
 # ------------------------------------------------------------------ dense building blocks
 
 
+def aligned_empty(shape: tuple[int, ...], dtype, order: str = "C") -> np.ndarray:
+  """An uninitialised array of ``shape`` and ``dtype`` (C- or F-ordered) whose data
+  starts on a ``_ALIGNMENT``-byte boundary, so that ``jax.device_put`` on a CPU device
+  shares its memory instead of copying it (the array must then not be written to)."""
+  dtype = np.dtype(dtype)
+  nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+  raw = np.empty(nbytes + _ALIGNMENT, np.uint8)
+  start = -raw.ctypes.data % _ALIGNMENT
+  return raw[start:start + nbytes].view(dtype).reshape(shape, order=order)
+
+
 def gram_diagonal(x) -> np.ndarray:
   """``diag(X^T X)`` float64 ``(n_items,)``: per-item sums of squares (EDLAE's diagonal
   needs it before any ``n x n`` matrix exists)."""
@@ -105,7 +121,7 @@ def gram_into(x, out: np.ndarray | None = None, dtype=np.float32,
   x = _check_csr(x)
   n = x.shape[1]
   if out is None:
-    out = np.empty((n, n), dtype=dtype)
+    out = aligned_empty((n, n), dtype)
   if out.shape != (n, n) or not out.flags.c_contiguous:
     raise ValueError(f"out: expected a C-ordered ({n}, {n}) array, got shape {out.shape}")
   x = x.astype(out.dtype)
@@ -272,7 +288,8 @@ def dual_inverse(x, diag_add, dtype=np.float32, progress: Progress = None) -> np
   t0 = time.perf_counter()
   _, w = _dual_factor(x, d, dtype)
   _say(progress, f"dual system of {x.shape[0]:,} users: {time.perf_counter() - t0:.1f}s")
-  p = np.zeros((n, n), dtype=dtype, order="F")
+  p = aligned_empty((n, n), dtype, order="F")
+  p.fill(0)
   p.ravel(order="K")[::n + 1] = 1.0 / d
   syrk = blas.get_blas_funcs("syrk", (w,))
   p = syrk(-1.0, w, beta=1.0, c=p, trans=1, lower=1, overwrite_c=1)
@@ -283,7 +300,8 @@ def dual_inverse(x, diag_add, dtype=np.float32, progress: Progress = None) -> np
 
 
 def fit_inverse(x, diag_add, dtype=np.float32, form: str = "auto",
-                progress: Progress = None, solver: str = "host") -> np.ndarray:
+                progress: Progress = None, solver: str = "host", method: str = "blas3"
+                ) -> np.ndarray:
   """``P = (X^T X + D)^-1`` ``(n, n)`` C-ordered, by the primal form (Gram matrix, then
   :func:`inverse_of_gram_plus_diagonal`) or the dual
   (:func:`dual_inverse`); ``form`` is ``"primal"``, ``"dual"`` or ``"auto"`` (the
@@ -291,7 +309,8 @@ def fit_inverse(x, diag_add, dtype=np.float32, form: str = "auto",
   plus ``m x n``). ``solver``: ``"host"`` (SciPy's LAPACK), ``"device"``
   (the primal form on jax's default device, float32: :func:`device_inverse`; host peak
   two matrices, the Gram matrix and the result) or ``"auto"`` (the device when jax's
-  default backend is not the CPU)."""
+  default backend is not the CPU). ``method``: the primal host inverse's
+  (:func:`inverse_of_gram_plus_diagonal`; ``"potri"``: one ``n x n`` matrix)."""
   x = _check_csr(x)
   if form not in ("auto", "primal", "dual"):
     raise ValueError(f"form: expected 'auto', 'primal' or 'dual', got {form!r}")
@@ -303,7 +322,7 @@ def fit_inverse(x, diag_add, dtype=np.float32, form: str = "auto",
     d = _diagonal_vector(diag_add, x.shape[1], np.float32)
     return np.asarray(device_inverse(gram_into(x, progress=progress), d))
   return inverse_of_gram_plus_diagonal(gram_into(x, dtype=dtype, progress=progress),
-                                       diag_add, progress=progress)
+                                       diag_add, progress=progress, method=method)
 
 
 def _accelerator_present() -> bool:
@@ -428,7 +447,7 @@ class Sweep:
   form: str
 
 
-def _golden_grid_search(value: Callable[[int], float], n_points: int) -> int:
+def golden_grid_search(value: Callable[[int], float], n_points: int) -> int:
   """The index of the largest ``value(i)`` over ``0..n_points-1`` when the values rise
   then fall (unimodal): a golden-section bracket ``a < b < c`` with ``value(b)`` the
   largest seen, ``a = -1`` and ``c = n_points`` standing for minus infinity; about
@@ -478,7 +497,7 @@ def choose_l2(x, validation_fold_in, metric: Callable[[np.ndarray], float],
 
   Each scored ``l2`` costs a Cholesky factor and its triangular inverse (``2 n^3 / 3``,
   two thirds of a fit) plus the validation users' scores (``v n^2``); the grid is
-  searched by golden section (:func:`_golden_grid_search`, which assumes the metric
+  searched by golden section (:func:`golden_grid_search`, which assumes the metric
   rises then falls along the sorted grid: about 5 of 10 values scored), and the chosen
   ``P`` comes from its kept ``L^-1`` (``lauum``, a third of a fit; with more than
   ``n / 3`` validation users each point forms its ``P`` that way instead, and scores
@@ -518,7 +537,7 @@ def choose_l2(x, validation_fold_in, metric: Callable[[np.ndarray], float],
          f"({len(scored)} scored, {time.perf_counter() - t0:.1f}s)")
     return scored[values[i]]
 
-  best = values[_golden_grid_search(value, len(values))]
+  best = values[golden_grid_search(value, len(values))]
   d = best + extra
   if dual:
     p = dual_inverse(x, d, dtype, progress)

@@ -53,8 +53,9 @@ def _problem(cfg: configs.Config, split: data_lib.Split, built: Built,
              log: run_folder.MetricsLog | None, report: reporting.Report
              ) -> model_lib.ClosedFormProblem:
   """What the entry's ``fit`` reads: the training batches, the sizes, the device, a
-  scorer of candidate parameters on the validation users (``None`` without them) and a
-  reporter of each swept point (to the metrics log and ``report``)."""
+  scorer of candidate parameters on the validation users (``None`` without them), a
+  reporter of each swept point (to the metrics log and ``report``) and of the fit's
+  progress (to ``report`` only)."""
   steps = built.steps
   sweep_steps: dict = {}
 
@@ -71,10 +72,14 @@ def _problem(cfg: configs.Config, split: data_lib.Split, built: Built,
       log.write(record)
     report({"event": "swept", "record": record})
 
+  def progress(message):
+    report({"event": "fit_progress", "model": cfg.model, "message": message})
+
   batcher = data_lib.TrainBatcher(split.train, cfg.batch_size_train, seed=cfg.seed)
   return model_lib.ClosedFormProblem(
       lambda: batcher.epoch_batches(0), split.n_items, split.n_train_users,
-      steps.devices[0], score if split.validation is not None else None, swept)
+      steps.devices[0], score if split.validation is not None else None, swept,
+      progress)
 
 
 def _fitted_record(cfg, split, built, state, chosen, fit_s) -> tuple[dict, Standing]:

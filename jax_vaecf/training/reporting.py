@@ -19,6 +19,7 @@ dict whose ``event`` says what happened, and the caller decides where it goes.
   holds it);
 - ``fitted``: ``model``, ``summary``, ``record`` (a closed-form fit's training record);
 - ``fitted_already``: ``model``, ``chosen`` (a resumed closed-form run).
+- ``fit_progress``: ``model``, ``message`` (a closed-form fit's stage done, a note).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from jax_vaecf import data as data_lib
 Report = Callable[[dict], None]
 
 # Events whose lines are progress notes rather than results (stderr when printed).
-_NOTES = frozenset({"preprocessing"})
+_NOTES = frozenset({"preprocessing", "fit_progress"})
 
 
 def format_epoch(r: dict) -> str:
@@ -126,6 +127,7 @@ _FORMATS: dict[str, Callable[[dict], str]] = {
     "fitted": format_fitted,
     "fitted_already": lambda r: (f"{r['model']} was fitted already ({r['chosen']}): "
                                  "nothing to fit"),
+    "fit_progress": lambda r: f"fitting {r['model']}: {r['message']}",
 }
 
 
