@@ -25,7 +25,7 @@ def _second_touch_faults(settings: bool) -> tuple[str, int]:
   what :func:`reuse_freed_memory` returned (``""`` without it)."""
   out = _python(
       "import resource, ctypes\n"
-      "from jax_vaecf import host_memory\n"
+      "from jax_vaecf.core import host_memory\n"
       f"print(host_memory.reuse_freed_memory() if {settings} else '')\n"
       "libc = ctypes.CDLL(None)\n"
       "libc.malloc.restype = ctypes.c_void_p\n"

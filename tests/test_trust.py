@@ -333,7 +333,7 @@ def test_a_second_writer_stops_at_once_naming_the_holder(tmp_path):
 
 def test_the_lock_is_refused_to_a_second_holder_and_left_by_a_dead_one(tmp_path):
   folder = str(tmp_path / "f")
-  code = ("import sys, time; from jax_vaecf import run_folder; "
+  code = ("import sys, time; from jax_vaecf.training import run_folder; "
           "run_folder.RunLock(sys.argv[1]).acquire(); print('held', flush=True); "
           "time.sleep(60)")
   holder = subprocess.Popen([sys.executable, "-c", code, folder], cwd=REPO,
