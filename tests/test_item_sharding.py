@@ -295,3 +295,7 @@ def test_state_made_on_the_mesh_equals_the_host_state(name):
     for a, b in zip(jax.tree_util.tree_leaves(ps.to_host(made)),
                     jax.tree_util.tree_leaves(host)):
       np.testing.assert_array_equal(a, np.asarray(b))
+
+
+# RecVAE's state on the mesh (8 s); Mult-VAE's and Mult-DAE's stay in the fast tier.
+SLOW_TESTS += ['test_state_made_on_the_mesh_equals_the_host_state[recvae]']

@@ -200,3 +200,7 @@ def test_lam_changes_the_gradient():
     np.testing.assert_allclose(diff, 2 * 0.1 * np.asarray(params[layer]["kernel"]),
                                rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(g1[layer]["bias"], g0[layer]["bias"], atol=1e-7)
+
+
+# Two compiled gradients of a full model (6 s); the L2 penalty's value is checked fast beside it.
+SLOW_TESTS = ['test_lam_changes_the_gradient']

@@ -367,3 +367,7 @@ def test_weight_average_in_parallel_equals_one_device_and_is_what_eval_scores(mo
   of_weights = ps.metrics_to_host(ps.eval_step(ps.init_state(host).params, put))["ndcg@10"]
   np.testing.assert_array_equal(of_state, of_average)
   assert not np.array_equal(of_state, of_weights)
+
+
+# Sixteen shards (8 s); the other shard counts stay in the fast tier.
+SLOW_TESTS += ['test_parallel_steps_equal_one_device[16-sharded]']

@@ -309,3 +309,8 @@ def test_weight_average_needs_a_matching_state():
   averaged = train_lib.create_train_state(m, opt, jax.random.PRNGKey(0), avg_options)
   with pytest.raises(ValueError, match="needs a state without ema_params"):
     train_lib.make_train_step(m, plain_options)(averaged, batch)
+
+
+# Many steps each (11 s, 7 s); the exact-SGD, padding and sharding checks keep the step in the fast tier, and
+# tests/test_parallel.py's loss-scaling recovery the fp16 path.
+SLOW_TESTS = ['test_training_learns_the_low_rank_structure', 'test_fp16_loss_scaling_recovers_from_overflow']

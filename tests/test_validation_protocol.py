@@ -260,3 +260,11 @@ def test_settings_file_round_trip_and_errors(tmp_path):
 def test_bad_selection_settings_are_refused(name, value):
   with pytest.raises(ValueError, match=f"bad setting: {name}"):
     configs.validate(configs.Config().replace(**{name: value}))
+
+
+# A whole per-user run with validation (12 s); test_anneal_epochs_in_a_run_log keeps a run in the fast tier.
+SLOW_TESTS = ['test_per_user_protocol_chooses_the_epoch_on_validation_items_only']
+
+
+# A second whole per-user run (12 s).
+SLOW_TESTS += ['test_per_user_protocol_without_validation_tests_the_last_epoch']
