@@ -51,26 +51,35 @@ from experiments import cli
 from experiments import synthetic
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("n_eval_users", 10_000, "Users scored by each l2 (ML-20M: 10,000).",
-                     lower_bound=1)
-flags.DEFINE_integer("n_l2", 10, "l2 values of the sweep row.", lower_bound=1)
-flags.DEFINE_integer("repeats", 1, "Timed runs of each row after the warm-up (best kept).",
-                     lower_bound=1)
-flags.DEFINE_list("references", ["numpy32", "scipy32", "numpy64", "scipy64"],
-                  "Reference fits to time: numpy32, numpy64 (numpy.linalg.inv), scipy32, "
-                  "scipy64 (scipy.linalg.cho_factor + cho_solve).")
-flags.DEFINE_string("check_workdir", None, "A fitted EASE run: compare its test record "
-                    "with an independent float64 NumPy EASE (no timing).")
-flags.DEFINE_string("out", None, "Also write the results as JSON here.")
-flags.DEFINE_list("solver_sizes", [], "Item counts of the solvers table (e.g. "
-                  "3000,10000,20000); none: the table is not run.")
-flags.DEFINE_multi_enum("solver_shapes", ["wide", "tall"], ["wide", "tall"],
-                        "Shapes of the solvers table: wide (n / 10 users), tall (3 n).")
-flags.DEFINE_bool("solver_sweep", True, "Time the solvers table's l2 sweep too.")
-flags.DEFINE_integer("sweep_users", 1000, "Validation users of the solvers table's sweep.",
-                     lower_bound=1)
-synthetic.define_shape_flags()
-flags.adopt_module_key_flags(synthetic)
+
+
+def define_flags(flag_values: flags.FlagValues | None = None) -> None:
+  """The tool's flags, defined when it runs (importing it defines none)."""
+  fv = flags.FLAGS if flag_values is None else flag_values
+  flags.DEFINE_integer("n_eval_users", 10_000, "Users scored by each l2 (ML-20M: 10,000).",
+                       lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("n_l2", 10, "l2 values of the sweep row.", lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_integer("repeats", 1, "Timed runs of each row after the warm-up (best kept).",
+                       lower_bound=1, flag_values=fv)
+  flags.DEFINE_list("references", ["numpy32", "scipy32", "numpy64", "scipy64"],
+                    "Reference fits to time: numpy32, numpy64 (numpy.linalg.inv), scipy32, "
+                    "scipy64 (scipy.linalg.cho_factor + cho_solve).", flag_values=fv)
+  flags.DEFINE_string("check_workdir", None, "A fitted EASE run: compare its test record "
+                      "with an independent float64 NumPy EASE (no timing).", flag_values=fv)
+  flags.DEFINE_string("out", None, "Also write the results as JSON here.", flag_values=fv)
+  flags.DEFINE_list("solver_sizes", [], "Item counts of the solvers table (e.g. "
+                    "3000,10000,20000); none: the table is not run.", flag_values=fv)
+  flags.DEFINE_multi_enum("solver_shapes", ["wide", "tall"], ["wide", "tall"],
+                          "Shapes of the solvers table: wide (n / 10 users), tall (3 n).",
+                          flag_values=fv)
+  flags.DEFINE_bool("solver_sweep", True, "Time the solvers table's l2 sweep too.",
+                    flag_values=fv)
+  flags.DEFINE_integer("sweep_users", 1000, "Validation users of the solvers table's sweep.",
+                       lower_bound=1, flag_values=fv)
+  synthetic.define_shape_flags(fv)
+  flags.adopt_module_key_flags(synthetic, flag_values=fv)
+
 
 REFERENCES = ("numpy32", "numpy64", "scipy32", "scipy64")
 
@@ -369,4 +378,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   cli.run(main)

@@ -77,3 +77,36 @@ def test_training_is_the_same_with_and_without_the_settings(tmp_path):
                                                        and GLIBC)
     losses[flag] = record["results"][0]["final_loss"]
   assert losses["--reuse_host_memory"] == losses["--noreuse_host_memory"]
+
+
+# In-process checks of the two ways the settings are not applied (the fast tier's test
+# of the module; the tests above measure the allocator in fresh processes).
+def test_off_linux_nothing_is_set_and_applied_stays_false(monkeypatch):
+  from jax_vaecf.core import host_memory
+  monkeypatch.setattr(host_memory.sys, "platform", "darwin")
+  monkeypatch.setattr(host_memory, "_applied", False)
+  assert host_memory.reuse_freed_memory() == "not Linux"
+  assert not host_memory.applied()
+
+
+def test_a_refused_setting_is_named_and_applied_stays_false(monkeypatch):
+  from jax_vaecf.core import host_memory
+  calls = []
+
+  class _LibC:
+    def gnu_get_libc_version(self):
+      return b"2.36"
+
+    class mallopt:  # pylint: disable=invalid-name
+      argtypes = restype = None
+
+      def __new__(cls, param, value):
+        calls.append((param, value))
+        return 1 if param == host_memory._M_ARENA_MAX else 0  # refuses the second
+
+  monkeypatch.setattr(host_memory.sys, "platform", "linux")
+  monkeypatch.setattr(host_memory.ctypes, "CDLL", lambda name: _LibC())
+  monkeypatch.setattr(host_memory, "_applied", False)
+  assert host_memory.reuse_freed_memory() == "mallopt refused M_MMAP_MAX=0"
+  assert calls == [(host_memory._M_ARENA_MAX, 1), (host_memory._M_MMAP_MAX, 0)]
+  assert not host_memory.applied()
