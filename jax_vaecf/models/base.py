@@ -10,14 +10,7 @@ parameters) and its :class:`ModelEntry` (build, settings, search space, closed-f
 (:mod:`jax_vaecf.models.multvae`, ``recvae``, ``ease``, ``edlae``); :mod:`jax_vaecf.model`
 is their public face.
 
-Precision: parameters are stored in ``param_dtype`` (float32); each matmul runs in
-``dtype`` (float32, bfloat16 or float16) and accumulates into float32; hidden activations
-are cast back to ``dtype``; logits, ``mu`` and ``logvar`` are always float32.
-
-RNG streams: ``'dropout'`` (input dropout) and ``'noise'`` (reparameterisation), used
-only when ``train=True``. Masks and noise are functions of each user's global row
-(``row_offset + local row``) and item (:mod:`jax_vaecf.core.random`), so the dense and sparse
-paths, and one device or many, draw the same ones from the same keys.
+Precision and randomness, shared by every model: see :mod:`jax_vaecf.models.multvae`.
 """
 
 from __future__ import annotations
