@@ -38,11 +38,13 @@ def test_paired_comparison_against_the_formulas():
   assert row["ci_low"] == pytest.approx(d.mean() - 1.96 * se, abs=0.3 * se)
   assert row["ci_high"] == pytest.approx(d.mean() + 1.96 * se, abs=0.3 * se)
   assert row["significant"] == (row["ci_low"] > 0 and row["p_ttest"] < 0.05)
-  assert significance.verdict(row, "A", "B") in ("B higher", "no significant difference")
-  # The same values: no difference, p = 1.
+  assert row["significant"] and significance.verdict(row, "A", "B") == "B higher"
+  # The same values: no difference, p = 1, and the verdict says why.
   same = significance.paired_comparison(a, a.copy())
   assert same["diff"] == 0 and same["p_ttest"] == 1.0 and not same["significant"]
-  assert significance.verdict(same, "A", "B") == "no significant difference"
+  assert significance.verdict(same, "A", "B") == (
+      "no significant difference over users (the 95% interval [+0.0000, +0.0000] covers "
+      "0; paired t p = 1 >= 0.05)")
   # A clear loss.
   worse = significance.paired_comparison(a, a - 0.1 - 0.01 * rng.random(300))
   assert worse["significant"] and significance.verdict(worse, "A", "B") == "A higher"
@@ -67,18 +69,19 @@ def test_seed_comparison_is_welch():
 # ------------------------------------------------------------------ the tool
 
 
-def _fake_run(folder, values, split=None, seed=0):
-  """A test_users.npz with ndcg@100 = ``values`` (NaN: not counted)."""
+def _fake_run(folder, values, split=None, seed=0, model="multvae", first_user=100):
+  """A test_users.npz with ndcg@100 = ``values`` (NaN: not counted); its folder."""
   os.makedirs(folder, exist_ok=True)
   values = np.asarray(values, np.float64)
   n = values.size
   counted = ~np.isnan(values)
-  per_user.write(os.path.join(folder, per_user.FILE), np.arange(n) + 100,
+  per_user.write(os.path.join(folder, per_user.FILE), np.arange(n) + first_user,
                  {"counted": counted, "n_heldout": counted.astype(np.int64),
                   "ndcg@100": values, "top": np.zeros((n, 3), np.int32)},
                  np.arange(5), np.ones(5, np.int64),
                  {"split": split or {"dataset": "x", "items_digest": "abc"},
-                  "run": {"seed": seed}})
+                  "run": {"seed": seed, "model": model}})
+  return str(folder)
 
 
 def test_compare_runs_and_roots_of_seeds(tmp_path):
@@ -90,7 +93,7 @@ def test_compare_runs_and_roots_of_seeds(tmp_path):
   # A root of two seeds: each user's value is their mean.
   s0, s1 = base + 0.05 + 0.01 * rng.random(200), base + 0.03
   _fake_run(tmp_path / "b" / "seed_0", s0)
-  _fake_run(tmp_path / "b" / "seed_1", s1)
+  _fake_run(tmp_path / "b" / "seed_1", s1, seed=1)
   rows = compare.compare([str(tmp_path / "a"), str(tmp_path / "b")], ["ndcg@100"],
                          2000, 0)
   (row,) = rows
@@ -98,9 +101,12 @@ def test_compare_runs_and_roots_of_seeds(tmp_path):
   want = significance.paired_comparison(base[keep], ((s0 + s1) / 2)[keep], 2000, 0)
   assert {k: row[k] for k in want} == want
   assert row["n_users"] == 199 and row["b_seeds"] == 2 and row["a_seeds"] == 1
-  assert row["verdict"] == "b higher" and "seeds" not in row  # one seed on a side
-  table = compare.format_table(rows)
-  assert "| ndcg@100 | " in table and "b higher |" in table
+  # One seed on a side: the seed condition cannot apply, and the row says so.
+  assert row["seeds"] is None and row["seed_rule"] == "1 v 2 seeds: users only"
+  assert row["verdict"] == "b higher (users only: 1 v 2 seeds)"
+  table = compare.format_table(rows, "verdict: the rule")
+  assert "| ndcg@100 | " in table and "| 1 v 2 seeds: users only | - | b higher" in table
+  assert table.splitlines()[4] == "verdict: the rule"  # under the table
   assert "ndcg@100: NDCG, ideal DCG over min(k, n)" in table  # the convention, by name
   # Another split is refused, naming what differs.
   _fake_run(tmp_path / "c", base, split={"dataset": "x", "items_digest": "zzz"})
@@ -118,7 +124,9 @@ def test_compare_runs_and_roots_of_seeds(tmp_path):
                       f"--out={out}"], cwd=REPO,
                      capture_output=True, text=True, timeout=120)
   assert r.returncode == 0, r.stderr
-  assert json.loads(out.read_text())["rows"][0]["diff"] == pytest.approx(row["diff"])
+  record = json.loads(out.read_text())
+  assert record["rows"][0]["diff"] == pytest.approx(row["diff"])
+  assert record["rule"] == significance.RULE.statement(1) in r.stdout.splitlines()
 
 
 def test_a_test_writes_every_user_and_the_catalogue_metrics(tmp_path_factory):
