@@ -96,8 +96,9 @@ def side_files(arg: str) -> list[str]:
   for f in files:
     real = os.path.realpath(f)
     if real in seen:
-      raise ValueError(f"{arg}: {f} is listed twice (also as {seen[real]}); a side "
-                       "lists each seed once")
+      also = "" if seen[real] == f else f" (also as {seen[real]})"
+      raise ValueError(f"{f} is listed twice in one side{also}; a side lists each seed "
+                       "once")
     seen[real] = f
   return files
 

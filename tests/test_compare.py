@@ -66,6 +66,109 @@ def test_seed_comparison_is_welch():
   assert significance.seed_comparison(a[:1], b) is None
 
 
+def test_the_rule_states_itself_and_refuses_nonsense():
+  three = significance.RULE.statement(3)
+  assert three.startswith("verdict: B - A is significant when its 95% bootstrap interval")
+  for words in ("Holm-adjusted over the 3 metrics", "Wilcoxon shown for reference, it "
+                "does not decide", "with >= 2 seeds on each side", "else users only"):
+    assert words in three
+  plain = significance.Rule(correction="none").statement(3)
+  assert "Holm" not in plain and plain.endswith(
+      "each of the 3 metrics is tested on its own (no correction for testing several)")
+  assert "95% Welch interval" in plain
+  with pytest.raises(ValueError, match="alpha must be in"):
+    significance.Rule(alpha=0)
+  with pytest.raises(ValueError, match="min_seeds must be >= 2"):
+    significance.Rule(min_seeds=1)
+  with pytest.raises(ValueError, match="correction must be one of"):
+    significance.Rule(correction="bonferroni")
+
+
+def test_holm_by_hand():
+  # Sorted 0.01, 0.03, 0.04 times 3, 2, 1 is 0.03, 0.06, 0.04; then the running maximum.
+  assert significance.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+  assert significance.holm([0.6, 0.002]) == pytest.approx([0.6, 0.004])
+  assert significance.holm([0.7, 0.8]) == pytest.approx([1.0, 1.0])  # 0.7 * 2, capped
+
+
+def test_paired_comparison_refuses_users_not_counted():
+  a = np.array([0.1, np.nan, 0.3])
+  with pytest.raises(ValueError, match=r"a: 1 of 3 per-user values are not finite"):
+    significance.paired_comparison(a, np.array([0.2, 0.2, 0.2]))
+
+
+def test_wilcoxon_alone_does_not_decide():
+  # Many small gains, a few larger losses: the signed ranks favour B, the mean barely.
+  a = np.linspace(0.2, 0.6, 100)
+  b = a + np.where(np.arange(100) < 80, 0.01, -0.03)
+  row = significance.compare_users(a, b, n_boot=2000)
+  assert row["p_wilcoxon"] < 0.05 <= row["p_ttest"] and row["ci_low"] < 0 < row["ci_high"]
+  assert not row["significant"] and not row["users_significant"]
+  assert row["verdict"] == (
+      f"no significant difference over users (the 95% interval [{row['ci_low']:+.4f}, "
+      f"{row['ci_high']:+.4f}] covers 0; paired t p = {row['p_ttest']:.2g} >= 0.05); "
+      f"Wilcoxon p = {row['p_wilcoxon']:.2g} < 0.05 is shown for reference and does not "
+      "decide")
+
+
+def _seeded(rng, base, offsets, noise=0.002):
+  """(seeds, users): ``base`` plus one offset per seed plus a little per-user noise."""
+  return np.stack([base + o + noise * rng.standard_normal(base.size) for o in offsets])
+
+
+def test_the_seed_rule():
+  rng = np.random.default_rng(5)
+  base = rng.random(300)
+  a = _seeded(rng, base, [0.0, 0.001, -0.001])
+  wobbly = _seeded(rng, base, [0.03, -0.01, 0.01])  # +0.01 on average, seeds disagree
+  steady = _seeded(rng, base, [0.011, 0.009, 0.010])
+  both = dict(n_boot=1000, name_a="a", name_b="b")
+
+  def seeds_of(x):
+    return x.mean(axis=0), x.mean(axis=1)
+
+  (ua, sa), (uw, sw), (us, ss) = map(seeds_of, (a, wobbly, steady))
+  row = significance.compare_users(ua, uw, sa, sw, **both)
+  welch = significance.seed_comparison(sa, sw)
+  assert row["users_significant"] and row["seeds"] == welch and welch["p_welch"] >= 0.05
+  assert row["seed_rule"] == "applied" and not row["significant"]
+  assert row["verdict"] == (f"b higher over users, not over seeds (3 v 3 seeds: Welch "
+                            f"p = {welch['p_welch']:.2g} >= 0.05)")
+  # The seed means are over the same users: the two differences are one number.
+  assert welch["diff"] == pytest.approx(row["diff"], abs=1e-12)
+  row = significance.compare_users(ua, us, sa, ss, **both)
+  assert row["significant"]
+  assert row["verdict"] == "b higher over users and over seeds (3 v 3 seeds)"
+  # One seed on a side: users only, said.
+  row = significance.compare_users(a[0], us, None, ss, **both)
+  assert row["seeds"] is None and row["seed_rule"] == "1 v 3 seeds: users only"
+  assert row["significant"] and row["verdict"] == "b higher (users only: 1 v 3 seeds)"
+  # Seed means over other users than the per-user values are refused.
+  with pytest.raises(ValueError, match="seeds_b: the seed means average .* take both over"):
+    significance.compare_users(ua, us, sa, ss + 0.01, **both)
+
+
+def test_holm_across_the_metrics_of_a_pair():
+  # Two metrics, each with paired t = 2.2 over 100 users (p = 0.03): significant one by
+  # one, not together (Holm: 0.03 * 2 = 0.06 for the smaller, 0.06 for the other).
+  a = np.linspace(0.2, 0.6, 100)
+  e = np.where(np.arange(100) % 2 == 0, 0.01, -0.01)
+  shift = 2.2 * np.std(e, ddof=1) / 10
+  rows = [significance.compare_users(a, a + shift + e, n_boot=2000),
+          significance.compare_users(a[::-1], a[::-1] + shift + e, n_boot=2000)]
+  assert all(0.025 < r["p_ttest"] < 0.035 and r["significant"] for r in rows)
+  alone = significance.compare_metrics(rows, rule=significance.Rule(correction="none"))
+  assert [r["verdict"] for r in alone] == ["B higher (users only: 1 seed)"] * 2
+  together = significance.compare_metrics(rows)
+  for r, p in zip(together, significance.holm([r["p_ttest"] for r in rows])):
+    assert r["p_ttest_adjusted"] == p >= 0.05 and not r["significant"]
+    assert r["verdict"] == (
+        f"no significant difference over users (paired t p = {p:.2g} (Holm) >= 0.05); "
+        f"Wilcoxon p = {r['p_wilcoxon']:.2g} < 0.05 is shown for reference and does not "
+        "decide")
+  assert rows[0]["significant"] and "p_ttest_adjusted" not in rows[0]  # not changed
+
+
 # ------------------------------------------------------------------ the tool
 
 
@@ -171,3 +274,87 @@ def test_plots_of_two_runs(tmp_path):
   r = _tools.run("experiments.plot", f"--runs={tmp_path / 'a'},{tmp_path / 'c'}",
                  f"--out_dir={out}")
   assert r.returncode == 1 and "tested on another split" in r.stderr
+
+
+def _seed_lists(tmp_path, rng, n=120):
+  """Model a as three sibling folders a_s0..2, model b as a root of seed_0..2: b is
+  higher by 0.01 over users, but its seeds disagree (+0.03, -0.01, +0.01)."""
+  base = rng.random(n)
+  a = [_fake_run(tmp_path / f"a_s{s}", base + o + 0.002 * rng.standard_normal(n), seed=s)
+       for s, o in enumerate([0.0, 0.001, -0.001])]
+  for s, o in enumerate([0.03, -0.01, 0.01]):
+    _fake_run(tmp_path / "b" / f"seed_{s}", base + o + 0.002 * rng.standard_normal(n),
+              seed=s)
+  return a, str(tmp_path / "b")
+
+
+def test_the_tool_compares_seeds_and_states_its_rule(tmp_path):
+  a, b = _seed_lists(tmp_path, np.random.default_rng(3))
+  out = tmp_path / "cmp.json"
+  r = _tools.run("experiments.compare", ",".join(a), b, "--bootstrap=500",
+                 "--metrics=ndcg@100", f"--out={out}")
+  assert r.returncode == 0, r.stderr
+  record = json.loads(out.read_text())
+  rule = significance.RULE.statement(1)
+  assert record["rule"] == rule and rule in r.stdout.splitlines()
+  assert record["rule_settings"] == {"alpha": 0.05, "min_seeds": 2, "correction": "holm"}
+  (row,) = record["rows"]
+  assert row["a_seeds"] == row["b_seeds"] == 3 and row["seed_rule"] == "applied"
+  assert row["users_significant"] and not row["significant"]
+  assert row["verdict"].startswith("b higher over users, not over seeds (3 v 3 seeds: ")
+  assert f"| {row['verdict']} |" in r.stdout  # the side of sibling runs is named "a"
+  assert r.stdout.startswith(f"B = {b} (3 seeds) against A = {','.join(a)} (3 seeds), "
+                             "120 test users:")
+  # The list side is each user's mean over the three runs.
+  want = np.mean([per_user.read(os.path.join(f, per_user.FILE))[0]["ndcg@100"]
+                  for f in a], axis=0).mean()
+  assert row["a"] == pytest.approx(want, rel=1e-12)
+
+
+def test_a_side_that_is_not_one_models_seeds_is_refused(tmp_path):
+  from experiments import compare
+  rng = np.random.default_rng(4)
+  a, b = _seed_lists(tmp_path, rng)
+  values = rng.random(120)
+  for name, kwargs, message in [
+      ("other_split", dict(split={"dataset": "x", "items_digest": "zzz"}, seed=7),
+       r"other_split/test_users.npz was tested on another split than .*a_s0/test_users"
+       r".npz \(items_digest: 'abc' against 'zzz'\)"),
+      ("other_users", dict(seed=7, first_user=500),
+       r"other_users/test_users.npz: other test users than .*a_s0"),
+      ("same_seed", dict(seed=1), r"same_seed.*: seed 1, as .*a_s1.*different training "
+       "seeds"),
+      ("other_model", dict(seed=7, model="recvae"), r"model 'recvae', but .* is "
+       "'multvae'; a side is one model's seeds")]:
+    bad = _fake_run(tmp_path / name, values, **kwargs)
+    with pytest.raises(ValueError, match=message):
+      compare.compare([",".join(a + [bad]), b], ["ndcg@100"], 100, 0)
+  with pytest.raises(ValueError, match=r"a_s0/test_users.npz is listed twice in one side"):
+    compare.compare([",".join(a + [a[0] + "/"]), b], ["ndcg@100"], 100, 0)
+  with pytest.raises(ValueError, match=r"an empty entry"):
+    compare.compare([a[0] + ",", b], ["ndcg@100"], 100, 0)
+  with pytest.raises(ValueError, match=r"share .*seed_0.*must be separate runs"):
+    compare.compare([b, b + "/seed_0"], ["ndcg@100"], 100, 0)
+  # From the command line: one line on stderr, status 1.
+  r = _tools.run("experiments.compare", ",".join(a + [a[1]]), b, "--bootstrap=100")
+  assert r.returncode == 1 and r.stdout == "" and len(r.stderr.splitlines()) == 1
+
+
+def test_sibling_seeds_are_not_two_models_unless_asked(tmp_path):
+  a, b = _seed_lists(tmp_path, np.random.default_rng(5))
+  r = _tools.run("experiments.compare", a[0], a[1], "--bootstrap=100")
+  assert r.returncode == 1 and r.stderr.splitlines() == [
+      f"error: {a[0]} and {a[1]} differ only by a seed suffix: two seeds of one model, "
+      f"not two models; give a model's seeds as one argument, comma-separated "
+      f"({a[0]},{a[1]}), or pass --allow_seed_siblings"]
+  r = _tools.run("experiments.compare", a[0], a[1], "--bootstrap=100",
+                 "--allow_seed_siblings", "--metrics=ndcg@100")
+  assert r.returncode == 0, r.stderr
+  assert "| 1 seed: users only | - |" in r.stdout and "against A = " + a[0] in r.stdout
+  # Folders that only end in digits, or that differ otherwise, are two models.
+  from experiments import compare
+  compare.check_not_seed_siblings(["runs/model1", "runs/model2", "runs/a_s0",
+                                   "other/a_s1", "runs/b_s0", "runs/a_s0/refit"])
+  for pair in (["r/x_seed1", "r/x_seed2"], ["r/seed_0", "r/seed_3"], ["r/x-3", "r/x-4"]):
+    with pytest.raises(ValueError, match="differ only by a seed suffix"):
+      compare.check_not_seed_siblings(pair)

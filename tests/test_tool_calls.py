@@ -19,7 +19,7 @@ import _tools
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Every tool a test calls in-process: its flags are defined by its define_flags only.
-TOOLS = ("accuracy", "bench_data", "benchmark", "export", "partition", "plot",
+TOOLS = ("accuracy", "bench_data", "benchmark", "compare", "export", "partition", "plot",
          "probe_matmul", "recommend", "torch_baseline", "train", "tune")
 
 

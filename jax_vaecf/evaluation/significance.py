@@ -336,8 +336,8 @@ def verdict(row: dict, name_a: str, name_b: str) -> str:
 
   Returns:
     ``"<name> higher"`` (a bare :func:`paired_comparison` row),
-    ``"<name> higher over users and over seeds (3 v 3)"``, ``"<name> higher (users
-    only: 1 v 3 seeds)"``, ``"<name> higher over users, not over seeds (3 v 3: Welch p =
+    ``"<name> higher over users and over seeds (3 v 3 seeds)"``, ``"<name> higher (users
+    only: 1 v 3 seeds)"``, ``"<name> higher over users, not over seeds (3 v 3 seeds: Welch p =
     ...)"``, or ``"no significant difference over users (<reasons>)"``, where a
     Wilcoxon p below ``alpha`` is named as not deciding and a seed difference is named
     as not enough.
