@@ -2,7 +2,7 @@
 experiments.compare SIDE_A SIDE_B [SIDE_C ...]``.
 
   python -m experiments.compare runs/acc_ml1m runs/acc_ml1m_recvae --out compare.json
-  python -m experiments.compare runs/a_s0,runs/a_s1,runs/a_s2 runs/b_s0,runs/b_s1,runs/b_s2
+  python -m experiments.compare runs/a_s0,runs/a_s1,runs/a_s2 runs/b_s0,runs/b_s1
 
 Each argument is one side, one model with all its training seeds, given as:
 
@@ -171,7 +171,8 @@ def check_same(a: dict, b: dict, where_a: str, where_b: str) -> None:
   diff = [f"{k}: {a.get(k)!r} against {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
   if diff:
     raise ValueError(f"{where_b} was tested on another split than {where_a} ("
-                     + "; ".join(diff) + "); a paired comparison needs the same test users")
+                     + "; ".join(diff)
+                     + "); a paired comparison needs the same test users")
 
 
 def check_not_seed_siblings(paths: list[str]) -> None:
@@ -225,6 +226,10 @@ def compare(paths: list[str], metrics: list[str], n_boot: int, seed: int,
   return rows
 
 
+def _seeds(n: int) -> str:
+  return f"{n} seed" + ("s" if n != 1 else "")
+
+
 def _p_text(p: float, adjusted: float | None) -> str:
   return f"{p:.2g}" if adjusted is None else f"{p:.2g} (Holm {adjusted:.2g})"
 
@@ -241,14 +246,15 @@ def _row_line(r: dict) -> str:
 
 
 def format_table(rows: list[dict], rule_line: str) -> str:
-  """The markdown table of :func:`compare`'s rows, one per pair, the rule line under it."""
+  """The markdown table of :func:`compare`'s rows, one per pair; the rule line under
+  it."""
   from jax_vaecf.evaluation import metrics  # pylint: disable=import-outside-toplevel
   lines = []
   for b_run in dict.fromkeys(r["b_run"] for r in rows):
     mine = [r for r in rows if r["b_run"] == b_run]
     r0 = mine[0]
-    lines += [f"B = {r0['b_run']} ({r0['b_seeds']} seeds) against A = {r0['a_run']} "
-              f"({r0['a_seeds']} seeds), {r0['n_users']} test users:",
+    lines += [f"B = {r0['b_run']} ({_seeds(r0['b_seeds'])}) against A = {r0['a_run']} "
+              f"({_seeds(r0['a_seeds'])}), {r0['n_users']} test users:",
               "| metric | A | B | B - A | 95% CI (users) | p (paired t) | p (Wilcoxon) | "
               "B - A over seeds, 95% CI (Welch) | p (Welch) | verdict |",
               "|---|---|---|---|---|---|---|---|---|---|"]

@@ -175,16 +175,17 @@ class Rule:
     holm = self.correction == "holm" and n_metrics > 1
     t_test = (f"the paired t-test p, Holm-adjusted over the {n_metrics} metrics of the "
               f"pair, is < {level}" if holm else f"the paired t-test p < {level}")
-    seeds = (f"Welch's test over the seed means must also give p < {level} (Holm-adjusted "
-             "likewise; intervals unadjusted)" if holm else
-             f"the {conf} Welch interval of B - A over the seed means must also exclude 0")
+    seeds = (f"Welch's test over the seed means must also give p < {level} "
+             "(Holm-adjusted likewise; intervals unadjusted)" if holm else
+             f"the {conf} Welch interval of B - A over the seed means must also "
+             "exclude 0")
     tail = ("" if holm or n_metrics == 1 else
             f"; each of the {n_metrics} metrics is tested on its own (no correction for "
             "testing several)")
-    return (f"verdict: B - A is significant when its {conf} bootstrap interval over users "
-            f"excludes 0 and {t_test} (Wilcoxon shown for reference, it does not decide); "
-            f"with >= {self.min_seeds} seeds on each side, {seeds}, else users only"
-            + tail)
+    return (f"verdict: B - A is significant when its {conf} bootstrap interval over "
+            f"users excludes 0 and {t_test} (Wilcoxon shown for reference, it does not "
+            f"decide); with >= {self.min_seeds} seeds on each side, {seeds}, else users "
+            "only" + tail)
 
 
 RULE = Rule()
@@ -336,11 +337,11 @@ def verdict(row: dict, name_a: str, name_b: str) -> str:
 
   Returns:
     ``"<name> higher"`` (a bare :func:`paired_comparison` row),
-    ``"<name> higher over users and over seeds (3 v 3 seeds)"``, ``"<name> higher (users
-    only: 1 v 3 seeds)"``, ``"<name> higher over users, not over seeds (3 v 3 seeds: Welch p =
-    ...)"``, or ``"no significant difference over users (<reasons>)"``, where a
-    Wilcoxon p below ``alpha`` is named as not deciding and a seed difference is named
-    as not enough.
+    ``"<name> higher over users and over seeds (3 v 3 seeds)"``, ``"<name> higher
+    (users only: 1 v 3 seeds)"``, ``"<name> higher over users, not over seeds (3 v 3
+    seeds: Welch p = ...)"``, or ``"no significant difference over users
+    (<reasons>)"``, where a Wilcoxon p below ``alpha`` is named as not deciding and a
+    seed difference alone is named as not enough.
   """
   alpha = row.get("alpha", ALPHA)
   higher = f"{name_b if row['diff'] > 0 else name_a} higher"
