@@ -143,6 +143,16 @@ def test_the_seed_rule():
   row = significance.compare_users(a[0], us, None, ss, **both)
   assert row["seeds"] is None and row["seed_rule"] == "1 v 3 seeds: users only"
   assert row["significant"] and row["verdict"] == "b higher (users only: 1 v 3 seeds)"
+  # The other way round: steady seeds, but users too noisy to tell.
+  noisy = _seeded(rng, base + 0.2 * rng.standard_normal(base.size), [0.01, 0.0101, 0.0099])
+  (un, sn), = map(seeds_of, (noisy,))
+  row = significance.compare_users(ua, un, sa, sn, **both)
+  assert row["seeds_significant"] and not row["users_significant"]
+  assert not row["significant"] and row["verdict"].startswith(
+      "no significant difference over users (the 95% interval")
+  assert row["verdict"].endswith(
+      f"; b higher over seeds (3 v 3 seeds: Welch p = {row['seeds']['p_welch']:.2g}), but "
+      "the rule needs both")
   # Seed means over other users than the per-user values are refused.
   with pytest.raises(ValueError,
                      match="seeds_b: the seed means average .* take both over"):
