@@ -238,3 +238,26 @@ def test_an_old_run_folder_trains_on_where_it_stopped(tmp_path):
     saved = json.load(f)
   assert "heldout_fraction" not in saved
   assert (saved["heldout_users_fraction"], saved["heldout_items_fraction"]) == (0.2, 0.2)
+
+
+# Heartbeats and the retry callback are marked experimental by Optuna.
+@pytest.mark.filterwarnings("ignore:.*experimental")
+def test_a_search_of_an_earlier_version_resumes_under_the_new_name(tmp_path):
+  pytest.importorskip("optuna")
+  from jax_vaecf.tuning import search as tune  # pylint: disable=import-outside-toplevel
+  csv = tmp_path / "ratings.csv"
+  _write_csv(csv)
+  base = _runs.small_config(str(csv), dataset="csv", cache_dir=str(tmp_path / "cache"),
+                            heldout_users_fraction=0.2)
+  root, settings = str(tmp_path / "tune"), tune.Settings(space=("lr",))
+  study, _ = tune._prepare(base, root, settings, lambda line: None)  # pylint: disable=protected-access
+  saved = study.user_attrs["settings"]
+  old_base = dict(saved["base"])
+  old_base["heldout_fraction"] = old_base.pop("heldout_users_fraction")
+  del old_base["heldout_items_fraction"]
+  study.set_user_attr("settings", {**saved, "base": old_base})
+  tune._prepare(base, root, settings, lambda line: None)  # pylint: disable=protected-access
+  with pytest.raises(tune.TuneError, match=re.escape(
+      "--heldout_users_fraction: the study has 0.2, this command 0.1")):
+    tune._prepare(base.replace(heldout_users_fraction=0.1), root, settings,  # pylint: disable=protected-access
+                  lambda line: None)
