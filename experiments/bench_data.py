@@ -143,8 +143,9 @@ def _child(path: str, cfg) -> dict:
   n_users = np.unique(inter.users).size
   if "n_heldout_users" in options:
     options["n_heldout_users"] = min(options["n_heldout_users"], n_users // 10)
-  split = preprocess.split_heldout_users(inter, heldout_fraction=cfg.heldout_fraction,
-                                         seed=cfg.split_seed, **options)
+  split = preprocess.split_heldout_users(
+      inter, heldout_users_fraction=cfg.heldout_users_fraction,
+      heldout_items_fraction=cfg.heldout_items_fraction, seed=cfg.split_seed, **options)
   out["split_s"] = time.perf_counter() - t1
   out["preprocess_s"] = time.perf_counter() - t0
   out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -70,8 +70,9 @@ def define_config_flags(flag_values: flags.FlagValues = flags.FLAGS, *,
                         aliases: Mapping[str, str] | None = None) -> None:
   """Defines ``--config=PRESET``, one flag per :class:`~jax_vaecf.training.configs.Config` field
   (same name, type and help; unset means the preset's value), the reference's
-  ``--use_tf_amp`` and ``--number_of_gpus``, and ``aliases`` (old flag name -> field,
-  help "Deprecated: same as --field").
+  ``--use_tf_amp`` and ``--number_of_gpus``, the old names of renamed settings
+  (``configs.RENAMED``: ``--heldout_fraction``), and ``aliases`` (old flag name ->
+  field, help "Deprecated: same as --field").
 
   A tool calls it from its ``define_flags``, which its ``if __name__ == "__main__"``
   block runs before :func:`run` (and a test on a fresh set of its own), not at import:
@@ -96,8 +97,10 @@ def define_config_flags(flag_values: flags.FlagValues = flags.FLAGS, *,
                       flag_values=flag_values)
     _define(int, "number_of_gpus", "Reference flag: same as --number_of_devices (0 = all).",
             flag_values)
+    for old, name in configs.RENAMED.items():
+      _define(hints[name], old, f"Old name of --{name}: same meaning.", flag_values)
     new += ["config", *configs.setting_names(), "use_tf_amp",
-            "number_of_gpus"]
+            "number_of_gpus", *configs.RENAMED]
   for old, name in (aliases or {}).items():
     if name not in hints:
       raise ValueError(f"alias --{old}: {name!r} is not a Config field")
@@ -137,7 +140,8 @@ def config_overrides(flag_values: flags.FlagValues = flags.FLAGS) -> dict[str, A
     value = fv[name].value
     if value is not None:
       changes[name] = _typed(name, value, name)
-  for old, name in (_REFERENCE_ALIASES | _tool_aliases.get(fv, {})).items():
+  for old, name in (_REFERENCE_ALIASES | configs.RENAMED
+                    | _tool_aliases.get(fv, {})).items():
     if old not in fv or fv[old].value is None:
       continue
     value = _typed(name, fv[old].value, old)

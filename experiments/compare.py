@@ -167,6 +167,11 @@ def _check_one_model(seeds: list) -> None:
 
 def check_same(a: dict, b: dict, where_a: str, where_b: str) -> None:
   """Raises ValueError listing every key on which two runs' split identities differ."""
+  if a != b:
+    # A results file of an earlier version may name a data setting otherwise, or lack
+    # one added since: compared in the current names.
+    from jax_vaecf.training import configs  # pylint: disable=import-outside-toplevel
+    a, b = configs.current_names(a, where_a), configs.current_names(b, where_b)
   keys = sorted(set(a) | set(b))
   diff = [f"{k}: {a.get(k)!r} against {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
   if diff:

@@ -89,19 +89,20 @@ def _rows(rng: np.random.Generator, n_users: int, n_items: int, mean_per_user: f
 
 def make_dataset(n_users: int = ML20M_TRAIN_USERS, n_items: int = ML20M_ITEMS,
                  n_eval_users: int = 10_000, mean_per_user: float = ML20M_MEAN_PER_USER,
-                 min_per_user: int = 5, zipf: float = 0.9, heldout_fraction: float = 0.2,
+                 min_per_user: int = 5, zipf: float = 0.9,
+                 heldout_items_fraction: float = 0.2,
                  seed: int = 0) -> tuple[sp.csr_matrix, EvalSplit]:
   """Training rows and an evaluation split with the given shape.
 
   Args:
     n_users: training users (rows of the first result).
     n_items: items (columns).
-    n_eval_users: held-out users; each keeps ``1 - heldout_fraction`` of their items as
-      fold-in and the rest (at least one, when they have 5 or more) as held-out.
+    n_eval_users: held-out users; each keeps ``1 - heldout_items_fraction`` of their
+      items as fold-in and the rest (at least one, when they have 5 or more) as held-out.
     mean_per_user: mean interactions per user.
     min_per_user: fewest interactions a user has.
     zipf: popularity exponent (rank ``r`` has weight ``r ** -zipf``).
-    heldout_fraction: share of an evaluation user's items to predict.
+    heldout_items_fraction: share of an evaluation user's items to predict.
     seed: the numpy seed.
 
   Returns:
@@ -119,7 +120,7 @@ def make_dataset(n_users: int = ML20M_TRAIN_USERS, n_items: int = ML20M_ITEMS,
   starts = np.searchsorted(row_sorted, np.arange(n_eval_users))
   rank = np.arange(ev.nnz) - starts[row_sorted]
   n_row = np.bincount(ev.row, minlength=n_eval_users)
-  n_held = np.where(n_row >= 5, np.maximum(1, np.floor(heldout_fraction * n_row)), 0)
+  n_held = np.where(n_row >= 5, np.maximum(1, np.floor(heldout_items_fraction * n_row)), 0)
   held = np.zeros(ev.nnz, bool)
   held[order] = rank < n_held[row_sorted]
   shape = (n_eval_users, n_items)

@@ -54,7 +54,9 @@ def _config(config: str | configs.Config, settings: dict) -> configs.Config:
   unknown = sorted(set(settings) - set(known))
   if unknown:
     raise ValueError(f"unknown settings {unknown}: expected fields of Config or a "
-                     "model's own settings")
+                     "model's own settings" + "".join(
+                         f" ({k} is now {configs.RENAMED[k]})" for k in unknown
+                         if k in configs.RENAMED))
   model = settings.get("model", cfg.model)
   check = lambda obj, source: configs.from_json({"model": model, **obj}, source)
   is_list = lambda name: isinstance(configs.default_of(name), tuple)

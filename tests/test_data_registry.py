@@ -117,8 +117,9 @@ def test_a_data_set_registered_at_run_time_loads_through_load_split(tmp_path,
   per_user = load_split("pipes", tmp_path / "raw", None, protocol="per_user")
   assert per_user.protocol == "per_user"
   assert split_function("pipes", "per_user") is preprocess.split_per_user
-  assert split_options("pipes", "per_user") == ("seed",)
-  assert split_options("pipes") == ("seed", "heldout_fraction", "n_heldout_users")
+  assert split_options("pipes", "per_user") == ("seed", "heldout_items_fraction")
+  assert split_options("pipes") == ("seed", "heldout_users_fraction", "heldout_items_fraction",
+                                    "n_heldout_users")
 
 
 def test_an_unregistered_entry_loads_when_passed_directly(tmp_path):
@@ -167,12 +168,17 @@ def test_missing_file_errors_name_the_files_and_the_folder(tmp_path):
     load_split("csv", os.path.join(empty, "x.csv"))
 
 
+_HELDOUT_USERS_OPTIONS = ("seed", "heldout_users_fraction", "heldout_items_fraction",
+                          "n_heldout_users")
+
+
 @pytest.mark.parametrize("name,protocol,fold,expected", [
-    # The split settings the experiments passed before the registry, data set by data set.
-    ("ml-20m", "heldout_users", None, ("seed", "heldout_fraction", "n_heldout_users")),
-    ("msd", "per_user", None, ("seed",)),
-    ("csv", "heldout_users", None, ("seed", "heldout_fraction", "n_heldout_users")),
-    ("ml-100k", "per_user", None, ("seed",)),
+    # The split settings the experiments passed before the registry, data set by data set,
+    # and the share of each held-out user's items, which both protocols' draws take.
+    ("ml-20m", "heldout_users", None, _HELDOUT_USERS_OPTIONS),
+    ("msd", "per_user", None, ("seed", "heldout_items_fraction")),
+    ("csv", "heldout_users", None, _HELDOUT_USERS_OPTIONS),
+    ("ml-100k", "per_user", None, ("seed", "heldout_items_fraction")),
     ("ml-100k", "per_user", "u1", ()),
     ("ngcf", "heldout_users", None, ()),
     ("ml-20m_alt", "heldout_users", None, ()),

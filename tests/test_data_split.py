@@ -167,7 +167,7 @@ def test_bit_exact_with_min_sc(tmp_path):
 
 def test_split_rules():
   x = _random_ratings(seed=1)
-  s = preprocess.split_heldout_users(x, heldout_fraction=0.1)
+  s = preprocess.split_heldout_users(x, heldout_users_fraction=0.1)
   n_users = s.train.shape[0] + 2 * s.test.n_users
   assert s.test.n_users == s.validation.n_users == round(0.1 * n_users)
   # Every item column is used by some training user.

@@ -27,7 +27,7 @@ import _runs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-SETTINGS = {"dataset": "fixture", "split_seed": 1, "heldout_fraction": 0.1}
+SETTINGS = {"dataset": "fixture", "split_seed": 1, "heldout_users_fraction": 0.1}
 
 
 def _csr(rng, n_users, n_items, lo, hi, exclude=None):

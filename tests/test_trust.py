@@ -209,7 +209,7 @@ def test_too_few_users_says_how_many_are_needed(n_users):
   text = str(e.value)
   assert f"few: {n_users} users left after filtering" in text
   assert "needs at least 2 * H + 1 users, 3 at the least" in text
-  assert f"heldout_fraction 0.1 of them is {round(0.1 * n_users)}" in text
+  assert f"heldout_users_fraction 0.1 of them is {round(0.1 * n_users)}" in text
   assert "2 * 0" not in text
 
 

@@ -5,7 +5,7 @@ get it) is its entry in :mod:`registry`; ``print(registry.describe())`` lists th
 Every default can be overridden by keyword.
 
 The split: ``protocol='heldout_users'`` (the paper's, :func:`split_heldout_users`) or
-``'per_user'`` (:func:`split_per_user`: ``test_prop``, ``by_time``, ``seed``,
+``'per_user'`` (:func:`split_per_user`: ``heldout_items_fraction``, ``by_time``, ``seed``,
 ``threshold``, ``min_uc``), unless the data set has its own procedure (ml-20m_alt:
 :func:`split_nvidia_alt`), is a given train/test pair (ngcf; ml-100k with ``fold``:
 :func:`split_from_files`) or a finished split (vaecf_dir, read as written and never
@@ -34,7 +34,8 @@ DATASETS = registry.names()
 
 # A run's split settings, passed by callers (the experiments) to the split functions
 # that take them: see split_options.
-RUN_SPLIT_OPTIONS = ("seed", "heldout_fraction", "n_heldout_users")
+RUN_SPLIT_OPTIONS = ("seed", "heldout_users_fraction", "heldout_items_fraction",
+                     "n_heldout_users")
 
 
 def _entry(dataset: str | registry.DataSet) -> registry.DataSet:
@@ -102,8 +103,9 @@ def split_options(dataset: str | registry.DataSet, protocol: str = "heldout_user
     fold: an official train/test pair's name, or ``None``.
 
   Returns:
-    The names the protocol's split function has (``seed``, ``heldout_fraction`` and
-    ``n_heldout_users`` for heldout_users; ``seed`` for per_user); ``()`` for a data set
+    The names the protocol's split function has (``seed``, ``heldout_users_fraction``,
+    ``heldout_items_fraction`` and ``n_heldout_users`` for heldout_users; ``seed`` and
+    ``heldout_items_fraction`` for per_user); ``()`` for a data set
     with its own procedure (ml-20m_alt stays the reference's fixed processing), a given
     train/test pair or a finished split.
 

@@ -14,7 +14,8 @@
   validation/test rows restricted to those items;
 * each held-out block is split by a fresh ``RandomState(seed)``: users in sorted id
   order, rows in file order, ``choice(n, int(0.2 n), replace=False)`` marks the items
-  to predict when ``n >= 5``; smaller users keep everything as fold-in.
+  to predict when ``n >= 5`` (0.2 is ``heldout_items_fraction``, the paper's
+  ``test_prop``); smaller users keep everything as fold-in.
 
 The paper's code used numpy's global legacy generator; ``RandomState(seed)`` produces
 the same stream without touching global state.
@@ -162,7 +163,7 @@ def _lookup(uniq: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarra
   return pos, uniq[pos] == values
 
 
-def _split_proportion(users: np.ndarray, rs: np.random.RandomState, test_prop: float,
+def _split_proportion(users: np.ndarray, rs: np.random.RandomState, fraction: float,
                       min_items: int, order_key: np.ndarray | None = None) -> np.ndarray:
   """The paper's ``split_train_test_proportion`` as a mask of rows to predict.
 
@@ -180,20 +181,20 @@ def _split_proportion(users: np.ndarray, rs: np.random.RandomState, test_prop: f
   for s, e in zip(starts.tolist(), ends.tolist()):
     n = e - s
     if n >= min_items:
-      # int(test_prop * n) in Python floats, exactly as the paper computes it.
-      pick = rs.choice(n, size=int(test_prop * n), replace=False)
+      # int(test_prop * n) (the paper's name) in Python floats, as the paper computes it.
+      pick = rs.choice(n, size=int(fraction * n), replace=False)
       heldout[order[s + pick]] = True
   return heldout
 
 
-def _last_fraction(users, times, test_prop, min_items):
-  """Marks each user's latest ``int(test_prop * n)`` rows (ties: later in file)."""
+def _last_fraction(users, times, fraction, min_items):
+  """Marks each user's latest ``int(fraction * n)`` rows (ties: later in file)."""
   order = np.lexsort((np.arange(users.size), times, users))
   bounds = np.flatnonzero(np.diff(users[order])) + 1
   starts = np.concatenate([[0], bounds])
   ends = np.concatenate([bounds, [users.size]])
   n = ends - starts
-  k = np.where(n >= min_items, (test_prop * n).astype(np.int64), 0)
+  k = np.where(n >= min_items, (fraction * n).astype(np.int64), 0)
   rank = np.arange(users.size) - np.repeat(starts, n)
   heldout = np.zeros(users.size, bool)
   heldout[order] = rank >= np.repeat(n - k, n)
@@ -215,35 +216,41 @@ def _train_columns(items: np.ndarray, is_train: np.ndarray):
   return uniq_sid, column, item_pos, in_train, sid_order
 
 
-def _heldout_count(n: int, n_heldout_users: int | None, heldout_fraction: float,
+def _heldout_count(n: int, n_heldout_users: int | None, heldout_users_fraction: float,
                    context: str) -> int:
   """H, the number of validation users (and again of test users) among ``n``; at least
   one of each and one user left to train on."""
-  h = int(round(heldout_fraction * n)) if n_heldout_users is None else int(n_heldout_users)
+  h = (int(round(heldout_users_fraction * n)) if n_heldout_users is None
+       else int(n_heldout_users))
   if h < 1 or n - 2 * h < 1:
-    given = (f"heldout_fraction {heldout_fraction} of them is {h}"
+    given = (f"heldout_users_fraction {heldout_users_fraction} of them is {h}"
              if n_heldout_users is None else f"n_heldout_users is {h}")
     raise ValueError(
         f"{context}; this protocol holds out H validation and H test users, "
         f"H >= 1, and trains on the rest, so it needs at least 2 * H + 1 users, 3 at "
         f"the least ({given}); give more data or another n_heldout_users / "
-        "heldout_fraction")
+        "heldout_users_fraction")
   return h
 
 
 def split_heldout_users(inter: Interactions, n_heldout_users: int | None = None,
-                        heldout_fraction: float = 0.1, *, threshold: float | None = 3.5,
-                        min_uc: int = 5, min_sc: int = 0, test_prop: float = 0.2,
+                        heldout_users_fraction: float = 0.1, *,
+                        threshold: float | None = 3.5, min_uc: int = 5, min_sc: int = 0,
+                        heldout_items_fraction: float = 0.2,
                         min_items_to_split: int = 5, seed: int = PAPER_SEED) -> Split:
   """The paper's strong-generalisation split (see the module docstring).
 
   Args:
     inter: raw interactions in file order.
     n_heldout_users: validation users, and again test users (H); when None,
-      ``round(heldout_fraction * n_users)``.
+      ``round(heldout_users_fraction * n_users)``.
+    heldout_users_fraction: H as a fraction of the users left after filtering (when
+      ``n_heldout_users`` is None): 0.1 holds out 10% for validation and 10% for test.
     threshold: keep ratings strictly above it; None keeps every row.
     min_uc, min_sc: the paper's user and item minimum counts.
-    test_prop: fraction of a held-out user's items to predict.
+    heldout_items_fraction: fraction of each held-out user's items to predict (the
+      paper's ``test_prop``): ``int(heldout_items_fraction * n)`` of its ``n`` items;
+      the rest is its fold-in.
     min_items_to_split: held-out users with fewer items keep all in fold-in.
     seed: seeds both the user permutation and (afresh) each held-out block's split.
 
@@ -259,7 +266,7 @@ def split_heldout_users(inter: Interactions, n_heldout_users: int | None = None,
     raise ValueError(
         f"{inter.source}: no user left after filtering (threshold={threshold}, "
         f"min_uc={min_uc}, min_sc={min_sc}); expected at least one")
-  h = _heldout_count(n, n_heldout_users, heldout_fraction,
+  h = _heldout_count(n, n_heldout_users, heldout_users_fraction,
                      f"{inter.source}: {n} users left after filtering (threshold="
                      f"{threshold}, min_uc={min_uc})")
   perm = np.random.RandomState(seed).permutation(n)
@@ -277,7 +284,7 @@ def split_heldout_users(inter: Interactions, n_heldout_users: int | None = None,
   def heldout_block(lo):
     rows = (profile >= lo) & (profile < lo + h) & in_train_items
     users = kept.users[rows]
-    te = _split_proportion(users, np.random.RandomState(seed), test_prop,
+    te = _split_proportion(users, np.random.RandomState(seed), heldout_items_fraction,
                            min_items_to_split)
     r, c = profile[rows] - lo, cols[rows]
     return EvalSplit(
@@ -292,14 +299,16 @@ def split_heldout_users(inter: Interactions, n_heldout_users: int | None = None,
                protocol="heldout_users", collapsed_duplicates=n_dup)
 
 
-def split_per_user(inter: Interactions, test_prop: float = 0.2, *, by_time: bool = False,
-                   threshold: float | None = None, min_uc: int = 0,
+def split_per_user(inter: Interactions, heldout_items_fraction: float = 0.2, *,
+                   by_time: bool = False, threshold: float | None = None, min_uc: int = 0,
                    min_items_to_split: int = 2, seed: int = PAPER_SEED) -> Split:
   """Weak generalisation: each user's own rows split into train and test.
 
-  Random: users in sorted id order, ``RandomState(seed).choice(n, int(test_prop * n),
-  replace=False)`` rows to test (the paper's draw, one stream for all users). By time:
-  each user's latest ``int(test_prop * n)`` rows. Users with fewer than
+  ``heldout_items_fraction`` (the paper's ``test_prop``) of each user's ``n`` rows go to
+  test. Random: users in sorted id order, ``RandomState(seed).choice(n,
+  int(heldout_items_fraction * n), replace=False)`` rows to test (the paper's draw, one
+  stream for all users). By time: each user's latest ``int(heldout_items_fraction * n)``
+  rows. Users with fewer than
   ``min_items_to_split`` rows keep all in train. Columns: items of the training rows in
   first-appearance order; test rows of other items are dropped. Rows: every user, in
   sorted id order; ``test.fold_in`` is the training matrix itself. No validation set.
@@ -312,9 +321,10 @@ def split_per_user(inter: Interactions, test_prop: float = 0.2, *, by_time: bool
   if by_time:
     if kept.timestamps is None:
       raise ValueError(f"{inter.source}: a time split needs a timestamp column")
-    te = _last_fraction(kept.users, kept.timestamps, test_prop, min_items_to_split)
+    te = _last_fraction(kept.users, kept.timestamps, heldout_items_fraction,
+                        min_items_to_split)
   else:
-    te = _split_proportion(kept.users, np.random.RandomState(seed), test_prop,
+    te = _split_proportion(kept.users, np.random.RandomState(seed), heldout_items_fraction,
                            min_items_to_split)
   return _per_user_split(inter, kept.select(~te), kept.select(te), kept.users, n_dup)
 

@@ -208,7 +208,7 @@ def describe() -> str:
 # The built-in data sets. Split defaults follow the paper (Liang et al. 2018): its three
 # sets keep ratings above 3.5 (ML-20M, Netflix) or every play (MSD, whose users and
 # songs must have >= 20 and >= 200 plays) and hold out a fixed number of users; the
-# others hold out 10% of users twice (heldout_fraction).
+# others hold out 10% of users twice (heldout_users_fraction).
 _ML20M = grouplens("ml-20m", "cd245b17a1ae2cc31bb14903e1204af3")
 _RATED = dict(threshold=3.5, min_uc=5)
 _IMPLICIT = dict(threshold=None, min_uc=5)

@@ -142,16 +142,28 @@ class Config:
                       tags=("data",))
   n_heldout_users: int = setting(0, "Validation and test users each (0 = the data set's "
                                     "default).", tags=("data", "split_file"))
-  heldout_fraction: float = setting(0.1, "Fraction of users held out for validation and "
-                                         "for test when no count is given.",
-                                    tags=("data", "split_file"))
+  heldout_users_fraction: float = setting(
+      0.1, "--protocol=heldout_users: fraction of the users held out for validation, and "
+           "the same fraction again for test (0.1: 10% and 10%, 80% train), when no "
+           "count is given (--n_heldout_users 0 and none in the data set's entry).",
+      tags=("data", "split_file"))
+  heldout_items_fraction: float = setting(
+      0.2, "Fraction of each held-out user's items hidden as the targets to predict: "
+           "of each validation and test user (--protocol=heldout_users; the rest is "
+           "the fold-in the model reads; the paper's 0.2), or of each user, as test "
+           "items (--protocol=per_user; a given train/test pair, such as --fold=u1, "
+           "keeps its own).",
+      tags=("data", "split_file"))
   split_seed: int = setting(98765, "Seed of the user permutation and fold-in split (paper: "
                                    "98765).", tags=("data", "split_file"))
   validation_fraction: float = setting(0.1, "--protocol=per_user: fraction of each user's "
-                                            "training items held out (seeded by "
-                                            "--split_seed) as validation targets to choose "
-                                            "the best epoch; 0 = no validation, the last "
-                                            "epoch is tested.", tags=("data",))
+                                            "TRAINING items (not of the users, not of the "
+                                            "test items) taken out of training, drawn "
+                                            "with --split_seed, as that user's validation "
+                                            "targets to choose the best epoch; users with "
+                                            "fewer than 5 training items give none; 0 = "
+                                            "no validation, the last epoch is tested.",
+                                       tags=("data",))
   # --dataset=csv: a user,item[,rating[,time]] file.
   csv_delimiter: str = setting(",", "--dataset=csv: field separator, one or more "
                                     "characters (tab or \\t for a tab).", tags=("data",))
@@ -319,7 +331,8 @@ class Config:
                                    else self._carried_to(model))
     for name in list(own):
       if name not in model_setting_names():
-        raise ValueError(f"bad setting: Config has no setting {name!r}")
+        raise ValueError(f"bad setting: Config has no setting {name!r}" + (
+            f" (its new name is {RENAMED[name]})" if name in RENAMED else ""))
       owners = _owners(name)
       if model not in owners:
         # Another model's setting at its default says nothing (as in a settings file
@@ -634,6 +647,35 @@ def read_settings_file(path: str) -> dict:
     raise ValueError(f"{path}: unreadable ({e})") from None
 
 
+# Settings renamed since a run folder, a settings file or a command line could give them,
+# old name -> name: read under the old name everywhere (--heldout_fraction counted users,
+# which its name did not say).
+RENAMED = {"heldout_fraction": "heldout_users_fraction"}
+
+# Settings added since runs recorded their data settings, with the value a record made
+# before one existed was made with (the split then hid a fixed 20% of each held-out
+# user's items).
+ADDED = {"heldout_items_fraction": 0.2}
+
+
+def current_names(obj: dict, source: str) -> dict:
+  """A settings JSON object (a ``config.json``, a settings file, the data settings a
+  partitioned folder or a per-user results file records) in the current names:
+  each :data:`RENAMED` setting under its new name, each :data:`ADDED` one that it lacks
+  with the value it was made with. ``ValueError`` naming ``source`` when it gives a
+  setting under both names."""
+  out = dict(obj)
+  for old, name in RENAMED.items():
+    if old in out:
+      if name in out:
+        raise ValueError(f"{source}: gives both {old} and {name} (its new name); "
+                         f"keep {name}")
+      out[name] = out.pop(old)
+  for name, value in ADDED.items():
+    out.setdefault(name, value)
+  return out
+
+
 def to_json(cfg: Config) -> dict:
   """The settings as a JSON object (tuples as lists): the form of ``config.json``."""
   return json.loads(json.dumps(dataclasses.asdict(cfg), default=list))
@@ -656,6 +698,7 @@ def from_json(obj, source: str, *, ignore_unknown: bool = False) -> Config:
   type, or a model's setting the model does not have."""
   if not isinstance(obj, dict):
     raise ValueError(f"{source}: expected a JSON object of settings")
+  obj = current_names(obj, source)
   fields = Config.__dataclass_fields__
   model = obj.get("model", Config.model)
   if model not in model_lib.names():
@@ -778,7 +821,8 @@ def _training_checks(cfg: Config) -> list[tuple[bool, str]]:
       (cfg.warm_up_epochs >= 0, "warm_up_epochs must be >= 0"),
       (cfg.number_of_devices >= 0, "number_of_devices must be >= 0"),
       (all(int(k) >= 1 for k in cfg.test_ks) and cfg.test_ks, "test_ks must be positive"),
-      (0.0 < cfg.heldout_fraction < 0.5, "heldout_fraction must be in (0, 0.5)"),
+      (0.0 < cfg.heldout_users_fraction < 0.5, "heldout_users_fraction must be in (0, 0.5)"),
+      (0.0 < cfg.heldout_items_fraction < 1.0, "heldout_items_fraction must be in (0, 1)"),
       (cfg.n_heldout_users >= 0, "n_heldout_users must be >= 0"),
       (cfg.model in model_lib.names(), f"model must be one of {model_lib.names()}"),
       (cfg.kl_gamma >= 0, "kl_gamma must be >= 0"),

@@ -27,6 +27,19 @@ def data_settings(cfg: configs.Config) -> dict:
   return {name: getattr(cfg, name) for name in DATA_SETTINGS}
 
 
+def _part_settings(cfg: configs.Config) -> dict:
+  """The run's data settings in the terms of its partitioned folder: a folder written
+  before a setting was renamed or added (:data:`configs.RENAMED`, :data:`configs.ADDED`)
+  records the same split under the old names, and is read as it is."""
+  settings = data_settings(cfg)
+  try:
+    recorded = data_lib.partition.read_manifest(cfg.partitioned_data)["settings"]
+    same = configs.current_names(recorded, cfg.partitioned_data) == settings
+  except (OSError, ValueError, KeyError, TypeError):
+    return settings  # open_part says what is wrong with the folder
+  return recorded if same else settings
+
+
 IN_MEMORY = "in_memory"  # the data set of a run given its data in Python (jax_vaecf.api)
 
 
@@ -34,7 +47,8 @@ def _split_settings(cfg: configs.Config, dataset: str) -> dict[str, Any]:
   """The run's split settings that the split of ``dataset`` takes: the data set's
   registry entry decides (a given train/test pair, the paper's folder and ml-20m_alt's
   own procedure take none)."""
-  settings = {"seed": cfg.split_seed, "heldout_fraction": cfg.heldout_fraction}
+  settings = {"seed": cfg.split_seed, "heldout_users_fraction": cfg.heldout_users_fraction,
+              "heldout_items_fraction": cfg.heldout_items_fraction}
   if cfg.n_heldout_users:  # 0 leaves the data set's default
     settings["n_heldout_users"] = cfg.n_heldout_users
   takes = data_lib.split_options(dataset, cfg.protocol, cfg.fold or None)
@@ -79,7 +93,7 @@ def load_data(cfg: configs.Config, report: Callable[[dict], None] | None = None
   since the call)."""
   if cfg.partitioned_data:
     return data_lib.open_part(cfg.partitioned_data, jax.process_index(),
-                              jax.process_count(), settings=data_settings(cfg))
+                              jax.process_count(), settings=_part_settings(cfg))
   if cfg.dataset == IN_MEMORY:
     raise ValueError(f"the run's data was given in Python (--dataset={IN_MEMORY}): "
                      "give it again (jax_vaecf.api.fit), or a data set and --data_dir")

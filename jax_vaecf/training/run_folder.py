@@ -300,11 +300,13 @@ def run_config(workdir: str, *, ignore_unknown: bool = False) -> configs.Config:
 
 
 def _saved_config(workdir: str) -> dict:
+  """The run's ``config.json`` in the current setting names (an older run's too)."""
   try:
-    return read_run_config(workdir)
+    saved = read_run_config(workdir)
   except FileNotFoundError as e:
     raise ValueError(f"{e}, but the workdir holds checkpoints; cannot tell what they "
                      "were trained with. Use another --workdir") from None
+  return configs.current_names(saved, os.path.join(workdir, "config.json"))
 
 
 def config_changes(saved: dict, cfg: configs.Config) -> dict:

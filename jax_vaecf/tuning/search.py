@@ -464,6 +464,9 @@ def _prepare(base: configs.Config, root: str, settings: Settings, report: Report
     if saved is not None and saved.get("format") != STUDY_FORMAT:
       raise TuneError(f"--root={root} holds a search of an earlier version of this tool "
                       "(its trials cannot be resumed); use another --root")
+    if saved is not None and isinstance(saved.get("base"), dict):
+      # A study of an earlier version names a renamed setting by its old name.
+      saved = {**saved, "base": configs.current_names(saved["base"], root)}
     if saved is None:
       study.set_user_attr("settings", fingerprint)
     elif saved != fingerprint:
