@@ -44,6 +44,7 @@ from jax_vaecf.tuning.space import require_optuna as _optuna
 STUDY_NAME = "jax_vaecf"
 METRIC = "val_ndcg@100"
 PRUNED_PREFIX = "pruned by optuna"
+STOPPED_PREFIX = "pruned at epoch"  # a caller's stop rule (``search(stop=...)``)
 STUDY_FORMAT = 2  # 1: the tuner's own ask-and-tell batches
 TPE_STARTUP_TRIALS = 10  # trials drawn at random before TPE models the finished ones
 # Settings a resumed search may change: those that change no trial's result. The run
@@ -53,6 +54,10 @@ RESUMABLE_FIELDS = configs.RESUMABLE_FIELDS - {
 DIVERGED = (loop.TrainingDivergedError, metrics_lib.NonFiniteModelError)
 
 Report = Callable[[str], None]
+# ``stop(trial, epoch, best)``: a caller's own rule, asked after a trial other than trial
+# 0 validated an epoch the pruner may stop at (``may_prune``), with its best validation
+# NDCG@100 so far; a reason (a string) stops the trial as pruned, ``None`` goes on.
+Stop = Callable[[int, int, float], "str | None"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,7 +261,8 @@ def _curve(workdir: str) -> tuple[list[tuple[int, float]], list[dict]]:
 def _pruned(workdir: str) -> str | None:
   """The pruner's reason when it stopped the run in ``workdir``."""
   return next((r["stopped"] for r in _curve(workdir)[1]
-               if str(r.get("stopped", "")).startswith(PRUNED_PREFIX)), None)
+               if str(r.get("stopped", "")).startswith((PRUNED_PREFIX, STOPPED_PREFIX))),
+              None)
 
 
 def may_prune(cfg: configs.Config, epoch: int, record: dict) -> bool:
@@ -273,9 +279,10 @@ def may_prune(cfg: configs.Config, epoch: int, record: dict) -> bool:
 
 
 def _pruning_hook(trial, cfg: configs.Config, workdir: str, reported: set,
-                  prunable: bool):
+                  position: int, stop: Stop | None = None):
   """``loop.run``'s ``on_validation``: reports the best-so-far validation NDCG@100 of
-  each validated epoch (a resumed run's earlier ones too) and asks the pruner."""
+  each validated epoch (a resumed run's earlier ones too) and asks the pruner, then
+  ``stop``; trial 0 (``position`` 0), the reference, is never stopped."""
 
   def on_validation(epoch: int, record: dict) -> str | None:
     curve = [(e, v) for e, v in _curve(workdir)[0] if e < epoch]
@@ -284,15 +291,18 @@ def _pruning_hook(trial, cfg: configs.Config, workdir: str, reported: set,
       if e not in reported:
         trial.report(v, e)
         reported.add(e)
-    if prunable and may_prune(cfg, epoch, record) and trial.should_prune():
+    if position == 0 or not may_prune(cfg, epoch, record):
+      return None
+    if trial.should_prune():
       return f"{PRUNED_PREFIX} at epoch {epoch}"
-    return None
+    reason = stop(position, epoch, best) if stop is not None else None
+    return f"{STOPPED_PREFIX} {epoch}: {reason}" if reason else None
 
   return on_validation
 
 
 def _objective(study, base: configs.Config, root: str, space: Space,
-               devices: queue.Queue | None, report: Report):
+               devices: queue.Queue | None, report: Report, stop: Stop | None = None):
   """The function Optuna maximises: trains a trial (resuming its workdir; on a device of
   its own from ``devices``, when given) and returns its best validation NDCG@100. Raises
   ``optuna.TrialPruned`` when the pruner stopped it; records the reason of a failure."""
@@ -308,7 +318,7 @@ def _objective(study, base: configs.Config, root: str, space: Space,
     try:
       if not _pruned(workdir):  # a retry of a trial the pruner had stopped
         hook = _pruning_hook(trial, cfg, workdir,  # the base, the reference, runs whole
-                             set(stored[trial.number].intermediate_values), position > 0)
+                             set(stored[trial.number].intermediate_values), position, stop)
         loop.run(cfg if device is None else cfg.replace(gpu_number=device), workdir,
                  on_validation=hook)
     except DIVERGED as e:
@@ -477,14 +487,15 @@ def _prepare(base: configs.Config, root: str, settings: Settings, report: Report
 
 
 def search(base: configs.Config, root: str, settings: Settings, *, base_name: str = "",
-           report: Report = lambda line: None) -> Outcome:
+           report: Report = lambda line: None, stop: Stop | None = None) -> Outcome:
   """Runs (or resumes) the search of ``settings`` around ``base`` in ``root`` until
   ``settings.trials`` trials have finished or the time is up; ``report(line)`` is told
-  what happens. Raises :class:`TuneError` for a search that cannot start; an error of a
+  what happens; ``stop``: a rule of the caller's that may stop a trial as pruned
+  (:data:`Stop`). Raises :class:`TuneError` for a search that cannot start; an error of a
   trial other than divergence stops the search (the next call runs that trial again)."""
   study, space = _prepare(base, root, settings, report)
   objective = _objective(study, base, root, space,
-                         _device_slots(base, settings.parallel_trials), report)
+                         _device_slots(base, settings.parallel_trials), report, stop)
 
   def after_trial(study, frozen) -> None:
     error = frozen.user_attrs.get("error")
