@@ -131,9 +131,11 @@ def storage_url(root: str) -> str:
   return "sqlite:///" + os.path.abspath(os.path.join(root, "study.db"))
 
 
-def open_study(root: str, settings: Settings | None = None, *, create: bool = False):
+def open_study(root: str, settings: Settings | None = None, *, create: bool = False,
+               base_values: dict | None = None):
   """The study in ``ROOT/study.db`` (``create``: made when missing), with heartbeats,
-  the retry callback, the pruner and the sampler of ``settings`` (default: Settings())."""
+  the retry callback, the pruner and the sampler of ``settings`` (default: Settings());
+  ``base_values``: trial 0's parameters, which the sampler gives it (:func:`_sampler`)."""
   optuna, s = _optuna(), settings or Settings()
   name = ("heartbeat_stale_trial_callback" if hasattr(
       optuna.storages, "RetryHeartbeatStaleTrialCallback") else "failed_trial_callback")
@@ -145,7 +147,7 @@ def open_study(root: str, settings: Settings | None = None, *, create: bool = Fa
     raise TuneError(f"{root}: no search there (no study {STUDY_NAME!r} in study.db)")
   return optuna.create_study(
       storage=storage, study_name=STUDY_NAME, direction="maximize", load_if_exists=True,
-      sampler=_sampler(s.tune_seed), pruner=optuna.pruners.MedianPruner(
+      sampler=_sampler(s.tune_seed, base_values), pruner=optuna.pruners.MedianPruner(
           n_startup_trials=s.prune_startup_trials, n_warmup_steps=s.prune_warmup_epochs))
 
 
@@ -154,17 +156,19 @@ def sampler_seed(tune_seed: int, position: int) -> int:
   return int(np.random.SeedSequence([tune_seed, position]).generate_state(1)[0])
 
 
-def _sampler(tune_seed: int):
+def _sampler(tune_seed: int, base_values: dict | None = None):
   """Optuna's TPE (multivariate, constant liar for running trials), made afresh for each
   trial with the seed of (``tune_seed``, its position): what a trial draws does not
   depend on what this process asked before (a resumed search asks what an uninterrupted
-  one would)."""
+  one would). The trial at position 0 is given ``base_values`` instead: the base is
+  trial 0 without Optuna's queue of waiting trials, whose pop is not atomic on SQLite
+  (two threads could both take an enqueued trial 0)."""
   tpe_sampler = _optuna().samplers.TPESampler
 
   class PerTrialTPE(_optuna().samplers.BaseSampler):
 
     def __init__(self):
-      self.tpe, self.lock = {}, threading.Lock()
+      self.tpe, self.base, self.lock = {}, set(), threading.Lock()
 
     def before_trial(self, study, trial):
       at = positions(study.get_trials(deepcopy=False))[trial.number]
@@ -172,20 +176,29 @@ def _sampler(tune_seed: int):
         self.tpe[trial.number] = tpe_sampler(
             seed=sampler_seed(tune_seed, at), multivariate=True, constant_liar=True,
             n_startup_trials=TPE_STARTUP_TRIALS)
+        if at == 0 and base_values is not None:
+          self.base.add(trial.number)
       self.tpe[trial.number].before_trial(study, trial)
 
     def infer_relative_search_space(self, study, trial):
+      if trial.number in self.base:
+        return {}
       return self.tpe[trial.number].infer_relative_search_space(study, trial)
 
     def sample_relative(self, study, trial, search_space):
+      if trial.number in self.base:
+        return {}
       return self.tpe[trial.number].sample_relative(study, trial, search_space)
 
     def sample_independent(self, study, trial, name, dist):
+      if trial.number in self.base:
+        return base_values[name]
       return self.tpe[trial.number].sample_independent(study, trial, name, dist)
 
     def after_trial(self, study, trial, state, values):
       with self.lock:
         tpe = self.tpe.pop(trial.number, None)
+        self.base.discard(trial.number)
       if tpe is not None:
         tpe.after_trial(study, trial, state, values)
 
@@ -469,7 +482,7 @@ def _prepare(base: configs.Config, root: str, settings: Settings, report: Report
         and os.listdir(trials_dir)):
       raise TuneError(f"--root={root} holds trials/ but no study.db: trials of another "
                       "search; use an empty --root")
-    study = open_study(root, settings, create=True)
+    study = open_study(root, settings, create=True, base_values=dict(space.base_values))
     saved = study.user_attrs.get("settings")
     if saved is not None and saved.get("format") != STUDY_FORMAT:
       raise TuneError(f"--root={root} holds a search of an earlier version of this tool "
@@ -480,8 +493,6 @@ def _prepare(base: configs.Config, root: str, settings: Settings, report: Report
       raise TuneError(f"--root={root} holds a search with other settings ("
                       + "; ".join(_differences(saved, fingerprint))
                       + "). Use another --root, or this search's own settings")
-    if not study.get_trials(deepcopy=False):  # (also when a first start died here)
-      study.enqueue_trial(dict(space.base_values))  # trial 0: the base
     recover(study, settings, report)
   return study, space
 
