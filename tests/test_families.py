@@ -129,6 +129,12 @@ def test_each_family_starts_from_the_base_switched_to_its_model():
   assert rec.number_of_epochs == base.number_of_epochs and rec.protocol == "per_user"
   dae = fam.family_config(base.replace(model="recvae", lr=5e-4, kl_gamma=0.005), "multdae")
   assert dae.kl_gamma == 0.0
+  # The ml1m preset averages its weights: a closed-form model has none to average.
+  ml1m = configs.get_config("ml1m")
+  assert fam.check_families(ml1m, ("multvae", "ease", "edlae"), tune.Settings()) == (
+      "ease", "edlae", "multvae")
+  assert fam.family_config(ml1m, "ease").ema_decay == 0.0
+  assert fam.family_config(ml1m, "multvae").ema_decay == ml1m.ema_decay
   ease = fam.family_config(base, "ease")
   assert ease.model == "ease" and ease.l2 == () and not ease.refit and not ease.test
   # A closed-form family that is not the base's model sweeps its own grid.

@@ -49,7 +49,7 @@ from jax_vaecf.tuning.space import TuneError
 Report = Callable[[str], None]
 STATE_FILE = "families.json"
 STATE_FORMAT = 1
-PRUNE_BELOW_BEST = 0.8  # the default fraction of stop_rule
+PRUNE_BELOW_BEST = 0.7  # the default fraction of stop_rule (docs/tuning.md: why)
 
 
 def closed_form(family: str) -> bool:
@@ -70,12 +70,13 @@ def _trained_defaults(family: str) -> dict:
 def family_config(base: configs.Config, family: str) -> configs.Config:
   """The configuration family ``family`` starts from: ``base`` itself when it is the
   base's model; else ``base`` switched to the model (its shared settings carried,
-  ``Config._carried_to``), a closed-form model with its own default sweep, a trained
-  one with :func:`_trained_defaults`. Never a refit or a test (the winner's come last)."""
+  ``Config._carried_to``), a closed-form model with its own default sweep and no
+  weight average, a trained one with :func:`_trained_defaults`. Never a refit or a test (the winner's come last)."""
   cfg = base
   if family != base.model:
     if closed_form(family):
-      cfg = base.replace(model=family, model_settings=model_lib.make_settings(family, None))
+      cfg = base.replace(model=family, model_settings=model_lib.make_settings(family, None),
+                         ema_decay=0.0)  # no optimiser steps to average
     else:
       cfg = base.replace(model=family, **_trained_defaults(family))
   return cfg.replace(train=True, test=False, refit=False, benchmark=False)
