@@ -4,6 +4,11 @@ its space, outputs and guarantees are documented there and in docs/tuning.md).
   python -m experiments.tune --config=ml1m --data_dir=DIR --root=runs/tune_ml1m \\
       --trials=40 [--space=lr,dropout_rate,anneal_cap] [--parallel_trials=4]
 
+With ``--families=ease,edlae,multdae,multvae,recvae`` it searches several models, the
+closed-form ones first, then ``--trials`` trials of each trained one, and tests the
+winner once (:mod:`jax_vaecf.tuning.families`; docs/tuning.md, "Which model for my own
+data").
+
 Needs Optuna (``pip install -e .[tune]``). ``--parallel_trials=K`` runs K trials at
 once in this process (Optuna's ``n_jobs``); several commands may also share one
 ``--root`` (each on its own devices or cores) and run the one study together.

@@ -71,7 +71,8 @@ def family_config(base: configs.Config, family: str) -> configs.Config:
   """The configuration family ``family`` starts from: ``base`` itself when it is the
   base's model; else ``base`` switched to the model (its shared settings carried,
   ``Config._carried_to``), a closed-form model with its own default sweep and no
-  weight average, a trained one with :func:`_trained_defaults`. Never a refit or a test (the winner's come last)."""
+  weight average, a trained one with :func:`_trained_defaults`. Never a refit or a
+  test (the winner's come last)."""
   cfg = base
   if family != base.model:
     if closed_form(family):
@@ -307,8 +308,8 @@ def _seconds(s: float) -> str:
 
 def families_table(results: list[dict]) -> str:
   """The markdown table of the families, in the order they ran."""
-  lines = ["| family | trials | best validation NDCG@100 | its settings | wall time | disk |",
-           "|---|---|---|---|---|---|"]
+  lines = ["| family | trials | best validation NDCG@100 | its settings | wall time "
+           "| disk |", "|---|---|---|---|---|---|"]
   for r in results:
     value = "" if r.get("value") is None else f"{r['value']:.4f}"
     settings = r.get("settings") or r.get("error", "")
