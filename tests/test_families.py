@@ -170,6 +170,11 @@ def test_a_folder_of_another_family_search_is_refused(tmp_path):
     fam.open_state(str(tmp_path), other)
   assert "families: the folder has ['ease', 'multvae'], this command ['ease']" in str(e.value)
   assert "--lr: the folder has 0.001, this command 0.01" in str(e.value)
+  one = tmp_path / "one"  # the folder of a search of one model
+  one.mkdir()
+  (one / "study.db").write_bytes(b"")
+  with pytest.raises(TuneError, match="holds a search of one model"):
+    fam.open_state(str(one), saved)
 
 
 def test_a_bad_families_flag_is_a_one_line_usage_error(tmp_path):

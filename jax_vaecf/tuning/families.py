@@ -278,6 +278,9 @@ def open_state(root: str, fingerprint: dict) -> dict:
   a family search with other settings."""
   path = os.path.join(root, STATE_FILE)
   if not os.path.exists(path):
+    if os.path.exists(os.path.join(root, "study.db")):
+      raise TuneError(f"--root={root} holds a search of one model (study.db), not of "
+                      "families; use another --root")
     os.makedirs(root, exist_ok=True)
     return {"format": STATE_FORMAT, "settings": fingerprint, "results": {}}
   try:
