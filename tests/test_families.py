@@ -5,7 +5,7 @@ again."""
 
 import json
 import os
-import re
+import shutil
 
 import pytest
 
@@ -242,6 +242,26 @@ def test_the_family_search_end_to_end_on_the_demo_data(tmp_path, monkeypatch):
   assert calls == []
   assert "ease: searched already" in again.stdout
   assert open(os.path.join(root, "families.md")).read() == text
+
+
+def test_a_held_out_users_winner_is_tested_as_it_is(trained_run, tmp_path):
+  root = str(tmp_path)
+  workdir = os.path.join(root, "multvae", "trials", "0000")
+  shutil.copytree(trained_run, workdir)
+  best = max(r["val_ndcg@100"] for r in _records(workdir) if r.get("val_ndcg@100"))
+  # The best checkpoint scored again, user by user, gives the value the run recorded.
+  ndcg, counted, users = fam.validation_users(workdir)
+  assert ndcg.shape == counted.shape == users.shape and counted.any()
+  assert ndcg[counted].mean() == pytest.approx(best, abs=1e-5)
+  config = json.load(open(os.path.join(workdir, "config.json")))
+  assert config["protocol"] == "heldout_users" and not config["test"]
+  winner = {"family": "multvae", "workdir": os.path.relpath(workdir, root),
+            "best_epoch": 2, "config": config}
+  tested = fam.test_winner(winner, root)
+  assert not tested["refit"] and tested["folder"] == winner["workdir"]
+  assert not os.path.exists(os.path.join(workdir, loop.REFIT_FOLDER))
+  (test,) = [r for r in _records(workdir) if r["split"] == "test"]
+  assert tested["metrics"]["ndcg@100"] == pytest.approx(test["ndcg@100"])
 
 
 def _records(workdir):
