@@ -4,6 +4,11 @@ its space, outputs and guarantees are documented there and in docs/tuning.md).
   python -m experiments.tune --config=ml1m --data_dir=DIR --root=runs/tune_ml1m \\
       --trials=40 [--space=lr,dropout_rate,anneal_cap] [--parallel_trials=4]
 
+With ``--families=ease,edlae,multdae,multvae,recvae`` it searches several models, the
+closed-form ones first, then ``--trials`` trials of each trained one, and tests the
+winner once (:mod:`jax_vaecf.tuning.families`; docs/tuning.md, "Which model for my own
+data").
+
 Needs Optuna (``pip install -e .[tune]``). ``--parallel_trials=K`` runs K trials at
 once in this process (Optuna's ``n_jobs``); several commands may also share one
 ``--root`` (each on its own devices or cores) and run the one study together.
@@ -19,6 +24,7 @@ from absl import app
 from absl import flags
 
 from experiments import cli
+from jax_vaecf.tuning import families as families_lib
 from jax_vaecf.tuning.search import Settings, best_row, search
 from jax_vaecf.tuning.space import SPACE, TuneError, model_params
 
@@ -50,6 +56,16 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                        "this epoch on.", flag_values=fv)
   flags.DEFINE_integer("prune_startup_trials", 5, "Pruning starts once this many trials "
                        "have completed.", flag_values=fv)
+  flags.DEFINE_list("families", [], "Search several models (e.g. ease,edlae,multdae,"
+                    "multvae,recvae), each from the base switched to it: the closed-form "
+                    "ones first (one fit each), then --trials trials of each trained one "
+                    "in ROOT/<model>; the winner is compared with the runner-up and "
+                    "tested once (docs/tuning.md). Empty: search the base's model.",
+                    flag_values=fv)
+  flags.DEFINE_float("prune_below_best", families_lib.PRUNE_BELOW_BEST, "With --families: "
+                     "from --prune_warmup_epochs on, a trial (not a family's trial 0) "
+                     "stops when its best validation NDCG@100 is below this fraction "
+                     "of the best of the families before (0 = never).", flag_values=fv)
   flags.DEFINE_integer("heartbeat_seconds", 10, "A running trial records that it is alive "
                        "this often; one silent for twice as long is run again (its "
                        "process died).", flag_values=fv)
@@ -74,6 +90,16 @@ def _quiet_optuna() -> None:
   warnings.filterwarnings("ignore", message="Fixed parameter .* is out of range")
 
 
+def _search_families(base, settings) -> None:
+  families = tuple(f.strip() for f in FLAGS.families if f.strip())
+  state = families_lib.search_families(base, FLAGS.root, families, settings,
+                                       prune_below_best=FLAGS.prune_below_best,
+                                       report=lambda line: print(line, flush=True))
+  print(families_lib.families_table(list(state["results"].values())), flush=True)
+  print(f"table in {os.path.join(FLAGS.root, 'families.md')}, the winner's settings in "
+        f"{os.path.join(FLAGS.root, 'winner.json')}", flush=True)
+
+
 def main(argv):
   cli.start(argv, required=("root",), flag_values=FLAGS)
   root = FLAGS.root
@@ -84,6 +110,8 @@ def main(argv):
   except ImportError:
     pass  # search says how to install it
   try:
+    if FLAGS.families:
+      return _search_families(base, settings)
     outcome = search(base, root, settings, base_name=FLAGS.config,
                      report=lambda line: print(line, flush=True))
   except TuneError as e:

@@ -44,6 +44,7 @@ from jax_vaecf.tuning.space import require_optuna as _optuna
 STUDY_NAME = "jax_vaecf"
 METRIC = "val_ndcg@100"
 PRUNED_PREFIX = "pruned by optuna"
+STOPPED_PREFIX = "pruned at epoch"  # a caller's stop rule (``search(stop=...)``)
 STUDY_FORMAT = 2  # 1: the tuner's own ask-and-tell batches
 TPE_STARTUP_TRIALS = 10  # trials drawn at random before TPE models the finished ones
 # Settings a resumed search may change: those that change no trial's result. The run
@@ -53,6 +54,10 @@ RESUMABLE_FIELDS = configs.RESUMABLE_FIELDS - {
 DIVERGED = (loop.TrainingDivergedError, metrics_lib.NonFiniteModelError)
 
 Report = Callable[[str], None]
+# ``stop(trial, epoch, best)``: a caller's own rule, asked after a trial other than trial
+# 0 validated an epoch the pruner may stop at (``may_prune``), with its best validation
+# NDCG@100 so far; a reason (a string) stops the trial as pruned, ``None`` goes on.
+Stop = Callable[[int, int, float], "str | None"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,9 +131,11 @@ def storage_url(root: str) -> str:
   return "sqlite:///" + os.path.abspath(os.path.join(root, "study.db"))
 
 
-def open_study(root: str, settings: Settings | None = None, *, create: bool = False):
+def open_study(root: str, settings: Settings | None = None, *, create: bool = False,
+               base_values: dict | None = None):
   """The study in ``ROOT/study.db`` (``create``: made when missing), with heartbeats,
-  the retry callback, the pruner and the sampler of ``settings`` (default: Settings())."""
+  the retry callback, the pruner and the sampler of ``settings`` (default: Settings());
+  ``base_values``: trial 0's parameters, which the sampler gives it (:func:`_sampler`)."""
   optuna, s = _optuna(), settings or Settings()
   name = ("heartbeat_stale_trial_callback" if hasattr(
       optuna.storages, "RetryHeartbeatStaleTrialCallback") else "failed_trial_callback")
@@ -140,7 +147,7 @@ def open_study(root: str, settings: Settings | None = None, *, create: bool = Fa
     raise TuneError(f"{root}: no search there (no study {STUDY_NAME!r} in study.db)")
   return optuna.create_study(
       storage=storage, study_name=STUDY_NAME, direction="maximize", load_if_exists=True,
-      sampler=_sampler(s.tune_seed), pruner=optuna.pruners.MedianPruner(
+      sampler=_sampler(s.tune_seed, base_values), pruner=optuna.pruners.MedianPruner(
           n_startup_trials=s.prune_startup_trials, n_warmup_steps=s.prune_warmup_epochs))
 
 
@@ -149,17 +156,19 @@ def sampler_seed(tune_seed: int, position: int) -> int:
   return int(np.random.SeedSequence([tune_seed, position]).generate_state(1)[0])
 
 
-def _sampler(tune_seed: int):
+def _sampler(tune_seed: int, base_values: dict | None = None):
   """Optuna's TPE (multivariate, constant liar for running trials), made afresh for each
   trial with the seed of (``tune_seed``, its position): what a trial draws does not
   depend on what this process asked before (a resumed search asks what an uninterrupted
-  one would)."""
+  one would). The trial at position 0 is given ``base_values`` instead: the base is
+  trial 0 without Optuna's queue of waiting trials, whose pop is not atomic on SQLite
+  (two threads could both take an enqueued trial 0)."""
   tpe_sampler = _optuna().samplers.TPESampler
 
   class PerTrialTPE(_optuna().samplers.BaseSampler):
 
     def __init__(self):
-      self.tpe, self.lock = {}, threading.Lock()
+      self.tpe, self.base, self.lock = {}, set(), threading.Lock()
 
     def before_trial(self, study, trial):
       at = positions(study.get_trials(deepcopy=False))[trial.number]
@@ -167,20 +176,29 @@ def _sampler(tune_seed: int):
         self.tpe[trial.number] = tpe_sampler(
             seed=sampler_seed(tune_seed, at), multivariate=True, constant_liar=True,
             n_startup_trials=TPE_STARTUP_TRIALS)
+        if at == 0 and base_values is not None:
+          self.base.add(trial.number)
       self.tpe[trial.number].before_trial(study, trial)
 
     def infer_relative_search_space(self, study, trial):
+      if trial.number in self.base:
+        return {}
       return self.tpe[trial.number].infer_relative_search_space(study, trial)
 
     def sample_relative(self, study, trial, search_space):
+      if trial.number in self.base:
+        return {}
       return self.tpe[trial.number].sample_relative(study, trial, search_space)
 
     def sample_independent(self, study, trial, name, dist):
+      if trial.number in self.base:
+        return base_values[name]
       return self.tpe[trial.number].sample_independent(study, trial, name, dist)
 
     def after_trial(self, study, trial, state, values):
       with self.lock:
         tpe = self.tpe.pop(trial.number, None)
+        self.base.discard(trial.number)
       if tpe is not None:
         tpe.after_trial(study, trial, state, values)
 
@@ -256,7 +274,8 @@ def _curve(workdir: str) -> tuple[list[tuple[int, float]], list[dict]]:
 def _pruned(workdir: str) -> str | None:
   """The pruner's reason when it stopped the run in ``workdir``."""
   return next((r["stopped"] for r in _curve(workdir)[1]
-               if str(r.get("stopped", "")).startswith(PRUNED_PREFIX)), None)
+               if str(r.get("stopped", "")).startswith((PRUNED_PREFIX, STOPPED_PREFIX))),
+              None)
 
 
 def may_prune(cfg: configs.Config, epoch: int, record: dict) -> bool:
@@ -273,9 +292,10 @@ def may_prune(cfg: configs.Config, epoch: int, record: dict) -> bool:
 
 
 def _pruning_hook(trial, cfg: configs.Config, workdir: str, reported: set,
-                  prunable: bool):
+                  position: int, stop: Stop | None = None):
   """``loop.run``'s ``on_validation``: reports the best-so-far validation NDCG@100 of
-  each validated epoch (a resumed run's earlier ones too) and asks the pruner."""
+  each validated epoch (a resumed run's earlier ones too) and asks the pruner, then
+  ``stop``; trial 0 (``position`` 0), the reference, is never stopped."""
 
   def on_validation(epoch: int, record: dict) -> str | None:
     curve = [(e, v) for e, v in _curve(workdir)[0] if e < epoch]
@@ -284,15 +304,18 @@ def _pruning_hook(trial, cfg: configs.Config, workdir: str, reported: set,
       if e not in reported:
         trial.report(v, e)
         reported.add(e)
-    if prunable and may_prune(cfg, epoch, record) and trial.should_prune():
+    if position == 0 or not may_prune(cfg, epoch, record):
+      return None
+    if trial.should_prune():
       return f"{PRUNED_PREFIX} at epoch {epoch}"
-    return None
+    reason = stop(position, epoch, best) if stop is not None else None
+    return f"{STOPPED_PREFIX} {epoch}: {reason}" if reason else None
 
   return on_validation
 
 
 def _objective(study, base: configs.Config, root: str, space: Space,
-               devices: queue.Queue | None, report: Report):
+               devices: queue.Queue | None, report: Report, stop: Stop | None = None):
   """The function Optuna maximises: trains a trial (resuming its workdir; on a device of
   its own from ``devices``, when given) and returns its best validation NDCG@100. Raises
   ``optuna.TrialPruned`` when the pruner stopped it; records the reason of a failure."""
@@ -308,7 +331,7 @@ def _objective(study, base: configs.Config, root: str, space: Space,
     try:
       if not _pruned(workdir):  # a retry of a trial the pruner had stopped
         hook = _pruning_hook(trial, cfg, workdir,  # the base, the reference, runs whole
-                             set(stored[trial.number].intermediate_values), position > 0)
+                             set(stored[trial.number].intermediate_values), position, stop)
         loop.run(cfg if device is None else cfg.replace(gpu_number=device), workdir,
                  on_validation=hook)
     except DIVERGED as e:
@@ -459,7 +482,7 @@ def _prepare(base: configs.Config, root: str, settings: Settings, report: Report
         and os.listdir(trials_dir)):
       raise TuneError(f"--root={root} holds trials/ but no study.db: trials of another "
                       "search; use an empty --root")
-    study = open_study(root, settings, create=True)
+    study = open_study(root, settings, create=True, base_values=dict(space.base_values))
     saved = study.user_attrs.get("settings")
     if saved is not None and saved.get("format") != STUDY_FORMAT:
       raise TuneError(f"--root={root} holds a search of an earlier version of this tool "
@@ -473,21 +496,20 @@ def _prepare(base: configs.Config, root: str, settings: Settings, report: Report
       raise TuneError(f"--root={root} holds a search with other settings ("
                       + "; ".join(_differences(saved, fingerprint))
                       + "). Use another --root, or this search's own settings")
-    if not study.get_trials(deepcopy=False):  # (also when a first start died here)
-      study.enqueue_trial(dict(space.base_values))  # trial 0: the base
     recover(study, settings, report)
   return study, space
 
 
 def search(base: configs.Config, root: str, settings: Settings, *, base_name: str = "",
-           report: Report = lambda line: None) -> Outcome:
+           report: Report = lambda line: None, stop: Stop | None = None) -> Outcome:
   """Runs (or resumes) the search of ``settings`` around ``base`` in ``root`` until
   ``settings.trials`` trials have finished or the time is up; ``report(line)`` is told
-  what happens. Raises :class:`TuneError` for a search that cannot start; an error of a
+  what happens; ``stop``: a rule of the caller's that may stop a trial as pruned
+  (:data:`Stop`). Raises :class:`TuneError` for a search that cannot start; an error of a
   trial other than divergence stops the search (the next call runs that trial again)."""
   study, space = _prepare(base, root, settings, report)
   objective = _objective(study, base, root, space,
-                         _device_slots(base, settings.parallel_trials), report)
+                         _device_slots(base, settings.parallel_trials), report, stop)
 
   def after_trial(study, frozen) -> None:
     error = frozen.user_attrs.get("error")
