@@ -194,6 +194,8 @@ def fit(data: Any = None, config: str | configs.Config = "ml20m", *,
       shutil.rmtree(folder, ignore_errors=True)
     raise
   model = _best_model(cfg, folder, split, results)
+  if split is not None:  # data given in Python: the folder keeps it (load, update)
+    update_lib.keep_split(model.workdir, model.split)
   if temporary:
     model._owns = weakref.finalize(model, shutil.rmtree, folder, True)
     model._temporary_root = folder
@@ -230,18 +232,6 @@ def _best_model(cfg: configs.Config, folder: str, split: data_lib.Split | None,
   return FittedModel(cfg, folder,
                      split=None if split is None else loop.with_validation(cfg, split),
                      results=results)
-
-
-def _next_version(workdir: str) -> str:
-  """``<workdir>-update-<N>`` for the first ``N`` not taken (counted on from the ``N``
-  of a ``workdir`` that is itself such a version)."""
-  base, _, n = workdir.rstrip(os.sep).rpartition("-update-")
-  if not base or not n.isdigit():
-    base, n = workdir.rstrip(os.sep), "0"
-  n = int(n) + 1
-  while os.path.exists(f"{base}-update-{n}"):
-    n += 1
-  return f"{base}-update-{n}"
 
 
 def load(workdir: str | os.PathLike) -> "FittedModel":
@@ -522,7 +512,7 @@ class FittedModel:
     users, items = update_lib.positives(inter, self.config)
     temporary = out is None and self._temporary_root is not None
     folder = (tempfile.mkdtemp(prefix="jax_vaecf_") if temporary
-              else _next_version(self.workdir) if out is None else os.fspath(out))
+              else update_lib.next_version(self.workdir) if out is None else os.fspath(out))
     try:
       cfg, split, results = update_lib.update_run(
           self.config, self.workdir, users, items, folder, n_steps=steps, replay=replay,

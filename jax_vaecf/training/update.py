@@ -63,6 +63,12 @@ _SPLIT_KEY = "updated run"  # the key save_split stores, checked on load
 _ROWS_AT_A_TIME = 1024
 
 
+def keep_split(workdir: str, split: data_lib.Split) -> None:
+  """Writes ``split`` (the data a run in ``workdir`` was trained on, when it is not a
+  data set's) as ``workdir/split.npz``, atomically, for :func:`run_split`."""
+  cache_lib.save_split(os.path.join(workdir, SPLIT_FILE), split, _SPLIT_KEY)
+
+
 def run_split(cfg: configs.Config, workdir: str) -> data_lib.Split:
   """The data the run in ``workdir`` was trained on: its ``split.npz`` (an updated run),
   else the config's data set (:func:`jax_vaecf.training.engine.load_data`)."""
@@ -70,6 +76,18 @@ def run_split(cfg: configs.Config, workdir: str) -> data_lib.Split:
   if os.path.exists(path):
     return cache_lib.load_split(path, _SPLIT_KEY)
   return engine.load_data(cfg)
+
+
+def next_version(workdir: str) -> str:
+  """``<workdir>-update-<N>`` for the first ``N`` not taken (counted on from the ``N``
+  of a ``workdir`` that is itself such a version)."""
+  base, _, n = workdir.rstrip(os.sep).rpartition("-update-")
+  if not base or not n.isdigit():
+    base, n = workdir.rstrip(os.sep), "0"
+  n = int(n) + 1
+  while os.path.exists(f"{base}-update-{n}"):
+    n += 1
+  return f"{base}-update-{n}"
 
 
 # ----------------------------------------------------------------------- the data
@@ -350,7 +368,7 @@ def _keep(cfg: configs.Config, out: str, split: data_lib.Split, built: run_state
   validation users when there are some), ``metrics.jsonl``, then its test. Returns
   ``{"train": record, "test": the test metrics}``."""
   run_folder.write_run_files(cfg, out, split, 0)
-  cache_lib.save_split(os.path.join(out, SPLIT_FILE), split, _SPLIT_KEY)
+  keep_split(out, split)
   epoch = int(record["epoch"])
   standing = Standing(best_epoch=epoch)
   if split.validation is not None:
@@ -403,7 +421,7 @@ def _refit_run(cfg, workdir, change, out, report) -> tuple[configs.Config, dict]
   chosen = checkpoint_lib.read_best_meta(workdir).get("chosen") or {}
   cfg = cfg.replace(**chosen)
   results = engine.run(cfg, out, split=change.split, report=report)
-  cache_lib.save_split(os.path.join(out, SPLIT_FILE), change.split, _SPLIT_KEY)
+  keep_split(out, change.split)
   results["train"]["how"] = "refit"
   return cfg, results
 
