@@ -256,6 +256,15 @@ def test_a_vae_trained_on_ranks_its_users_new_items_higher(vae_model, tmp_path):
   assert record["epoch"] == epoch + 1 and record["step"] == step + 30
   after = _mean_rank(new, histories, wanted)
   assert after < 0.5 * before, (before, after)
+  # Only a held-out user's fold-in row grows: nothing is trained, the weights stay.
+  test = split.test
+  have = set(test.fold_in[0].indices.tolist()) | set(test.heldout[0].indices.tolist())
+  item = next(str(split.item_ids[c]) for c in range(split.n_items) if c not in have)
+  same = vae_model.update(([str(test.user_ids[0])], [item]), out=tmp_path / "vae3")
+  assert same.results["train"]["update_steps"] == 0
+  assert same.split.test.fold_in[0, list(same.item_ids).index(item)] == 1
+  np.testing.assert_array_equal(same.score(items=histories[:3]),
+                                vae_model.score(items=histories[:3]))
 
 
 def test_edlae_is_refitted_with_its_chosen_settings(tmp_path):

@@ -134,8 +134,8 @@ class Change:
   new_users: int
 
 
-def _item_table(old_ids: np.ndarray, new: list) -> np.ndarray:
-  """The item ids with ``new`` appended: int64 when every id is an int, else text."""
+def _ids_with(old_ids: np.ndarray, new: list) -> np.ndarray:
+  """An id table with ``new`` appended: int64 when every id is an int, else text."""
   old_ids = np.asarray(old_ids)
   if not new:
     return old_ids
@@ -177,6 +177,43 @@ def _eval_part(part: data_lib.EvalSplit | None, width: int, user_cols: dict
   return new, len(rows)
 
 
+def _columns_by_user(split: data_lib.Split, users: Sequence[Any], items: Sequence[Any]
+                     ) -> tuple[dict[str, set], list, list]:
+  """``({user's text: the item columns given}, new users' raw ids, new items' raw ids)``
+  in order of first appearance; a new item's column is ``n_items`` on."""
+  column = {t: j for j, t in enumerate(_texts(np.asarray(split.item_ids).tolist()))}
+  known = set(_texts(np.asarray(split.train_user_ids).tolist()))
+  for part in (split.validation, split.test):
+    if part is not None:
+      known.update(_texts(np.asarray(part.user_ids).tolist()))
+  user_cols: dict[str, set] = {}
+  new_users, new_items = [], []
+  for u, i, ut, it in zip(users, items, _texts(users), _texts(items)):
+    if it not in column:
+      column[it] = split.n_items + len(new_items)
+      new_items.append(i)
+    if ut not in known and ut not in user_cols:
+      new_users.append(u)
+    user_cols.setdefault(ut, set()).add(column[it])
+  return user_cols, new_users, new_items
+
+
+def _train_entries(train: sp.csr_matrix, train_row: dict[str, int],
+                   user_cols: dict[str, set]) -> tuple[list[int], list[int]]:
+  """``(rows, columns)`` of the given items a training row (old or new) lacks."""
+  rows, cols = [], []
+  for ut, cs in user_cols.items():
+    r = train_row.get(ut)
+    if r is None:
+      continue
+    have = (set(train.indices[train.indptr[r]:train.indptr[r + 1]].tolist())
+            if r < train.shape[0] else set())
+    for c in sorted(cs - have):
+      rows.append(r)
+      cols.append(c)
+  return rows, cols
+
+
 def merge(split: data_lib.Split, users: Sequence[Any], items: Sequence[Any]) -> Change:
   """``split`` with the interactions ``(users[j], items[j])`` (raw ids) added.
 
@@ -190,57 +227,25 @@ def merge(split: data_lib.Split, users: Sequence[Any], items: Sequence[Any]) -> 
   """
   if len(users) != len(items):
     raise ValueError(f"data: {len(users)} users but {len(items)} items")
-  n = split.n_items
-  column = {t: j for j, t in enumerate(_texts(np.asarray(split.item_ids).tolist()))}
-  new_items: list = []
-  train_row = {t: r for r, t in enumerate(_texts(np.asarray(split.train_user_ids).tolist()))}
-  held = set()
-  for part in (split.validation, split.test):
-    if part is not None:
-      held.update(_texts(np.asarray(part.user_ids).tolist()))
-  user_cols: dict[str, set] = {}
-  new_users: list = []
-  for u, i, ut, it in zip(users, items, _texts(users), _texts(items)):
-    if it not in column:
-      column[it] = n + len(new_items)
-      new_items.append(i)
-    if ut not in train_row and ut not in held and ut not in user_cols:
-      new_users.append(u)
-    user_cols.setdefault(ut, set()).add(column[it])
+  n, m = split.n_items, split.n_train_users
+  user_cols, new_users, new_items = _columns_by_user(split, users, items)
   width = n + len(new_items)
-  for j, u in enumerate(new_users):
-    train_row[_texts([u])[0]] = split.n_train_users + j
+  user_ids = _ids_with(split.train_user_ids, new_users)
+  train_row = {t: r for r, t in enumerate(_texts(user_ids.tolist()))}
   train = sp.csr_matrix(split.train)
-  rows, cols = [], []
-  for ut, cs in user_cols.items():
-    r = train_row.get(ut)
-    if r is None:
-      continue
-    have = (set(train.indices[train.indptr[r]:train.indptr[r + 1]].tolist())
-            if r < train.shape[0] else set())
-    for c in sorted(cs - have):
-      rows.append(r)
-      cols.append(c)
-  n_rows = split.n_train_users + len(new_users)
-  new_train = _grown(train, n_rows, width, rows, cols)
+  rows, cols = _train_entries(train, train_row, user_cols)
   validation, v_added = _eval_part(split.validation, width, user_cols)
   test, t_added = _eval_part(split.test, width, user_cols)
-  given = sum(len(cs) for cs in user_cols.values())
   if not rows and not v_added and not t_added:
-    raise ValueError(f"data: all {given} interactions given are in the model's data "
-                     "already; nothing to update")
+    raise ValueError(f"data: all {sum(len(c) for c in user_cols.values())} interactions "
+                     "given are in the model's data already; nothing to update")
   changed = np.unique(np.asarray(rows, np.int64))
-  old = changed[changed < split.n_train_users]
+  old = changed[changed < m]
   old_rows = sp.vstack([train[old], sp.csr_matrix((len(changed) - len(old), n),
                                                   dtype=np.float32)]).tocsr()
-  user_ids = np.asarray(split.train_user_ids)
-  if new_users:
-    user_ids = (np.concatenate([user_ids, np.asarray(new_users, np.int64)])
-                if user_ids.dtype.kind in "iu" and all(
-                    isinstance(u, (int, np.integer)) for u in new_users)
-                else np.asarray(_texts(user_ids.tolist()) + _texts(new_users)))
-  new = dataclasses.replace(split, train=new_train, validation=validation, test=test,
-                            item_ids=_item_table(split.item_ids, new_items),
+  new = dataclasses.replace(split, train=_grown(train, m + len(new_users), width, rows, cols),
+                            validation=validation, test=test,
+                            item_ids=_ids_with(split.item_ids, new_items),
                             train_user_ids=user_ids)
   return Change(new, changed, old_rows, new_items, len(rows), v_added + t_added,
                 len(new_users))
@@ -321,6 +326,26 @@ def update_rows(change: Change, n_old_users: int, replay: float, seed: int
   return sp.csr_matrix(change.split.train)[rows]
 
 
+def _train_on(cfg: configs.Config, built: run_state.Built, state: train_lib.TrainState,
+              x: sp.csr_matrix, n_steps: int | None, seed: int
+              ) -> tuple[train_lib.TrainState, list[dict], int]:
+  """``state`` trained on the rows ``x`` for ``n_steps`` batches of each pass (``None``:
+  one pass; no row: none); returns the state, each step's host metrics and the steps."""
+  if not x.shape[0]:
+    return state, [], 0  # only held-out users' fold-in rows changed: nothing to train on
+  batcher = data_lib.TrainBatcher(x, cfg.batch_size_train, seed=seed,
+                                  num_shards=built.steps.num_shards)
+  n_steps = batcher.steps_per_epoch if n_steps is None else n_steps
+  done, host = 0, []
+  while done < n_steps:
+    take = min(n_steps - done, batcher.steps_per_epoch)
+    state, metrics, _ = epochs.train_epoch(built.steps, state, batcher, done, cfg.prefetch,
+                                           max_steps=take)
+    host += metrics
+    done += take
+  return state, host, n_steps
+
+
 def continue_training(cfg: configs.Config, workdir: str, old: data_lib.Split,
                       change: Change, n_steps: int | None, replay: float
                       ) -> tuple[run_state.Built, train_lib.TrainState, dict, dict]:
@@ -340,21 +365,14 @@ def continue_training(cfg: configs.Config, workdir: str, old: data_lib.Split,
   state, meta = built.steps.init_state(restored[0]), restored[1]
   epoch = int(meta["epoch"])
   x = update_rows(change, old.n_train_users, replay, cfg.seed + epoch)
-  batcher = data_lib.TrainBatcher(x, cfg.batch_size_train, seed=cfg.seed + epoch,
-                                  num_shards=built.steps.num_shards)
-  n_steps = batcher.steps_per_epoch if n_steps is None else n_steps
-  done, host, t0 = 0, [], time.perf_counter()
-  while done < n_steps:
-    take = min(n_steps - done, batcher.steps_per_epoch)
-    state, metrics, _ = epochs.train_epoch(built.steps, state, batcher, done, cfg.prefetch,
-                                           max_steps=take)
-    host += metrics
-    done += take
+  t0 = time.perf_counter()
+  state, host, n_steps = _train_on(cfg, built, state, x, n_steps, cfg.seed + epoch)
   epochs.check_finite(cfg, state, host, epoch + 1, epoch)
   seconds = time.perf_counter() - t0
   record = {"split": "train", "epoch": epoch + 1, "step": int(built.steps.to_host(state.step)),
             "update_rows": int(x.shape[0]), "update_steps": int(n_steps),
-            "loss": float(np.mean([m["loss"] for m in host])), "epoch_time_s": seconds}
+            "loss": float(np.mean([m["loss"] for m in host])) if host else None,
+            "epoch_time_s": seconds}
   return built, state, meta, record
 
 
