@@ -8,6 +8,7 @@
   model.recommend(items=[["a", "b"]], k=10)      # a new user's raw item ids
   model.evaluate("test")                         # the project's metrics, held-out items
   model.history                                  # one dict per epoch (pandas takes it)
+  new = model.update((users, items))             # new interactions: a new run folder
   model.save("runs/mine")                        # a run folder every CLI tool reads
   jax_vaecf.load("runs/mine")                    # and back (a CLI run's folder too)
 
