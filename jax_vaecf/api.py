@@ -8,6 +8,7 @@
   model.recommend(items=[["a", "b"]], k=10)      # a new user's raw item ids
   model.evaluate("test")                         # the project's metrics, held-out items
   model.history                                  # one dict per epoch (pandas takes it)
+  new = model.update((users, items))             # new interactions: a new run folder
   model.save("runs/mine")                        # a run folder every CLI tool reads
   jax_vaecf.load("runs/mine")                    # and back (a CLI run's folder too)
 
@@ -41,6 +42,7 @@ from jax_vaecf.evaluation import metrics as metrics_lib
 from jax_vaecf.serving import recommender as recommend_lib
 from jax_vaecf.training import run_folder
 from jax_vaecf.training import steps as train_lib
+from jax_vaecf.training import update as update_lib
 
 Recommendations = recommend_lib.Recommendations
 
@@ -195,6 +197,8 @@ def fit(data: Any = None, config: str | configs.Config = "ml20m", *,
       shutil.rmtree(folder, ignore_errors=True)
     raise
   model = _best_model(cfg, folder, split, results)
+  if split is not None:  # data given in Python: the folder keeps it (load, update)
+    update_lib.keep_split(model.workdir, model.split)
   if temporary:
     model._owns = weakref.finalize(model, shutil.rmtree, folder, True)
     model._temporary_root = folder
@@ -324,7 +328,7 @@ class FittedModel:
   def split(self) -> data_lib.Split:
     """The data the run was trained and tested on (read again for a loaded run)."""
     if self._split is None:
-      self._split = loop.load_data(self.config)
+      self._split = update_lib.run_split(self.config, self.workdir)
     return self._split
 
   @property
@@ -475,6 +479,56 @@ class FittedModel:
     for batch in data_lib.eval_batches(part, self.config.batch_size_validation):
       acc.add(jax.device_get(step(rec.params, batch)))
     return acc.result()
+
+  # ------------------------------------------------------------------ new data
+
+  def update(self, data: Any, *, out: str | os.PathLike | None = None,
+             steps: int | None = None, replay: float = 1.0,
+             user_ids: Sequence | None = None, item_ids: Sequence | None = None
+             ) -> "FittedModel":
+    """The model with new interactions, without a full retrain, as a NEW run folder
+    (this one is only read): EASE changed exactly (a low-rank update, or a refit with
+    the same ``l2`` when that is cheaper), EDLAE refitted with its chosen settings, a
+    VAE trained on from its best checkpoint (weights and Adam state) on the changed
+    users and ``replay`` times as many others (:mod:`jax_vaecf.training.update`).
+
+    Args:
+      data: the interactions to add, as :func:`fit` takes them (a scipy matrix with
+        ``user_ids`` / ``item_ids``, or raw-id columns ``(users, items[, ratings])``):
+        known users' new items, new users, and (EASE, EDLAE) new items.
+      out: the new run folder (new or empty); ``None``: ``<workdir>-update-<N>`` beside
+        this one (a temporary folder when this model's is).
+      steps: a VAE's training steps (``None``: one pass over the rows it trains on).
+      replay: a VAE's unchanged users drawn per changed user.
+      user_ids, item_ids: a matrix's raw row and column ids.
+
+    Returns:
+      The new :class:`FittedModel` (``results["train"]["how"]``: ``"update"``,
+      ``"refit"`` or ``"continued"``; ``results["test"]``: its test metrics).
+
+    Raises:
+      TypeError: ``data`` of another kind.
+      ValueError: before any work: nothing new, new items for a VAE, ``out`` not a new
+        or empty folder, a bad ``steps`` or ``replay``.
+    """
+    inter = interactions_of(data, user_ids=user_ids, item_ids=item_ids)
+    users, items = update_lib.positives(inter, self.config)
+    temporary = out is None and self._temporary_root is not None
+    folder = (tempfile.mkdtemp(prefix="jax_vaecf_") if temporary
+              else update_lib.next_version(self.workdir) if out is None else os.fspath(out))
+    try:
+      cfg, split, results = update_lib.update_run(
+          self.config, self.workdir, users, items, folder, n_steps=steps, replay=replay,
+          split=self.split)
+    except BaseException:
+      if temporary:
+        shutil.rmtree(folder, ignore_errors=True)
+      raise
+    model = FittedModel(cfg, folder, split=split, results=results)
+    if temporary:
+      model._owns = weakref.finalize(model, shutil.rmtree, folder, True)
+      model._temporary_root = folder
+    return model
 
   # ------------------------------------------------------------------ files
 
