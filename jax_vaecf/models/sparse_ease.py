@@ -31,8 +31,16 @@ by sparse pieces of about ``k = target_density * n_items`` entries per column:
 result is dense EASE's ``B`` to rounding, which the tests check.
 
 Why SciPy only: SANSA's own package needs CHOLMOD through scikit-sparse, which PyPI
-ships as source only (it needs SuiteSparse's headers and library, absent on a machine
-without a system package manager); SuperLU's ``spilu`` is in SciPy, a core dependency.
+ships as source only (its build needs SuiteSparse's headers and library from a system
+package manager, and its 0.5 release a newer SuiteSparse than Debian 12's);
+SuperLU's ``spilu`` is in SciPy, a core dependency. ``sansa`` is the benchmark's peer
+(``experiments/bench_sparse_ease.py``), never imported here.
+
+The model (``--model=sparse_ease``, :data:`ENTRY`): :func:`fit_run` fits ``B`` on the
+host from the run's training rows (each ``l2`` of its settings, the best on the
+validation users kept) and :class:`SparseEASE` scores ``x @ B`` in jax from ``B`` held
+column by column (:func:`to_columns`: each column's ``k`` rows and values, zero-padded),
+so evaluation, checkpoints, the recommender and exported artefacts take it as any model.
 
 Memory: with ``m = n_items`` and ``k = target_density * m``, the host holds the cut Gram
 matrix (about ``gram_ratio * k * m`` entries), SuperLU's factors (at most
@@ -46,10 +54,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
+from typing import Any
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as sla
+
+from jax_vaecf.core import sparse as sparse_lib
+from jax_vaecf.models import base as model_lib
+from jax_vaecf.models import ease
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,9 +94,8 @@ class Settings:
   block_size: int = 2048
 
 
-def check_inputs(x, settings: Settings) -> sp.csc_matrix:
-  """``x`` as float64 CSC, after checking it and ``settings``; raises ``ValueError``
-  naming the first thing wrong (before any work)."""
+def check_settings(settings: Settings) -> None:
+  """Raises ``ValueError`` naming the first of ``settings`` out of its range."""
   l2, density = _number(settings.l2), _number(settings.target_density)
   if not (math.isfinite(l2) and l2 > 0):
     raise ValueError(f"sparse EASE: l2 must be a finite number above 0, got {settings.l2!r}")
@@ -94,6 +110,12 @@ def check_inputs(x, settings: Settings) -> sp.csc_matrix:
   if settings.inverse_steps < 1 or settings.block_size < 1:
     raise ValueError(f"sparse EASE: inverse_steps and block_size must be >= 1, got "
                      f"{settings.inverse_steps} and {settings.block_size}")
+
+
+def check_inputs(x, settings: Settings) -> sp.csc_matrix:
+  """``x`` as float64 CSC, after checking it and ``settings``; raises ``ValueError``
+  naming the first thing wrong (before any work)."""
+  check_settings(settings)
   if not sp.issparse(x) or x.ndim != 2:
     raise ValueError(f"sparse EASE: x must be a scipy sparse (users, items) matrix, got "
                      f"{type(x).__name__}")
@@ -304,3 +326,229 @@ def score(b: sp.spmatrix, rows) -> np.ndarray:
     raise ValueError(f"sparse EASE score: rows must be (batch, {n}), got {rows.shape}")
   rows = sp.csr_matrix(rows, dtype=np.float32)
   return np.asarray((rows @ sp.csr_matrix(b, dtype=np.float32)).toarray(), np.float32)
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def to_columns(b: sp.spmatrix, keep: int) -> tuple[np.ndarray, np.ndarray]:
+  """``B`` ``(n, n)`` with at most ``keep`` entries per column as ``(rows int32 (keep,
+  n), vals float32 (keep, n))``: column ``j``'s entries ``rows[:, j]``, ``vals[:, j]``,
+  padded with row 0 and value 0. ``ValueError`` for a column holding more."""
+  bc = sp.csc_matrix(b, dtype=np.float32)
+  bc.sum_duplicates()
+  counts = np.diff(bc.indptr)
+  if counts.size and counts.max() > keep:
+    raise ValueError(f"sparse EASE: a column of B holds {counts.max()} entries, more "
+                     f"than the {keep} its density keeps")
+  col = np.repeat(np.arange(bc.shape[1]), counts)
+  slot = np.arange(bc.nnz) - bc.indptr[col]
+  rows = np.zeros((keep, bc.shape[1]), np.int32)
+  vals = np.zeros((keep, bc.shape[1]), np.float32)
+  rows[slot, col] = bc.indices
+  vals[slot, col] = bc.data
+  return rows, vals
+
+
+def column_product(h: jax.Array, rows: jax.Array, vals: jax.Array) -> jax.Array:
+  """``h @ B`` float32 ``(batch, n)`` for dense ``h`` ``(batch, n)`` and ``B`` held as
+  :func:`to_columns`' ``rows`` / ``vals`` ``(k, n)``: ``k`` gathers of ``h``'s columns,
+  one ``(batch, n)`` array at a time (``k * batch * n`` work, no ``(batch, nnz)``
+  temporary)."""
+  h = h.astype(jnp.float32)
+
+  def add_slot(acc, slot):
+    r, v = slot
+    return acc + jnp.take(h, r, axis=1) * v.astype(jnp.float32)[None, :], None
+
+  out, _ = jax.lax.scan(add_slot, jnp.zeros((h.shape[0], rows.shape[1]), jnp.float32),
+                        (rows, vals))
+  return out
+
+
+class _Columns(nn.Module):
+  """``B``'s columns as parameters: ``rows`` int32 and ``vals`` float32 ``(k, n)``, zero
+  at init (the state's layout only: they are fitted, never drawn)."""
+
+  n_items: int
+  per_column: int
+
+  @nn.compact
+  def __call__(self, h: jax.Array) -> jax.Array:
+    shape = (self.per_column, self.n_items)
+    rows = self.param("rows", nn.initializers.zeros, shape, jnp.int32)
+    vals = self.param("vals", nn.initializers.zeros, shape, jnp.float32)
+    return column_product(h, rows, vals)
+
+
+class SparseEASE(model_lib.CFModel):
+  """Sparse EASE's scorer ``x @ B`` as a model of the library: the raw history row (no
+  normalisation, no dropout) times ``B`` held column by column (:func:`to_columns`).
+
+  Attributes:
+    n_items: number of items.
+    per_column: ``k``, entries kept per column of ``B`` (:func:`per_column` of the
+      target density).
+    dtype: unused (the scores are float32 gathers, nothing to speed up in bf16).
+    param_dtype: float32.
+    item_shards: always ``None``.
+
+  Parameters: ``output/rows`` int32 ``(k, n_items)``, ``output/vals`` float32
+  ``(k, n_items)``, ``l2`` float32 scalar (the value fitted with).
+  """
+
+  n_items: int
+  per_column: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  item_shards: Any = None
+
+  closed_form = True
+
+  @property
+  def output_layer(self) -> str:
+    return "output"
+
+  @property
+  def phases(self) -> tuple[model_lib.Phase, ...]:
+    return ()
+
+  @property
+  def has_kl(self) -> bool:
+    return False
+
+  def setup(self):
+    self.output = _Columns(self.n_items, self.per_column)
+    self.l2 = self.param("l2", nn.initializers.zeros, (), self.param_dtype)
+
+  def features(self, x: model_lib.Input, *, train: bool = False, row_offset=0,
+               dropout: bool = True, frozen: Any = None, kl: bool = True
+               ) -> model_lib.ModelOutput:
+    """``logits`` holds the history rows float32 ``(B, n_items)``: ``B``'s input."""
+    del train, row_offset, dropout, frozen, kl
+    model_lib.check_input(x, self.n_items)
+    if isinstance(x, sparse_lib.SparseBatch):
+      return model_lib.ModelOutput(sparse_lib.densify(x, self.n_items, jnp.float32))
+    return model_lib.ModelOutput(jnp.asarray(x).astype(jnp.float32))
+
+  def __call__(self, x: model_lib.Input, *, train: bool = False, row_offset=0, **kwargs
+               ) -> model_lib.ModelOutput:
+    h = self.features(x, train=train, row_offset=row_offset, **kwargs).logits
+    return model_lib.ModelOutput(self.output(h))
+
+  def output_logits(self, params: Any, h: jax.Array) -> jax.Array:
+    """The output layer outside ``apply``: float32 scores ``(B, n_items)`` of the
+    features ``h`` ``(B, n_items)`` (the chunked evaluation step has no dense kernel to
+    multiply here)."""
+    layer = params[self.output_layer]
+    return column_product(h, layer["rows"], layer["vals"])
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseEASESettings:
+  """Sparse EASE's own settings (``target_density`` shapes the parameters)."""
+
+  l2: tuple = model_lib.model_setting(
+      (500.0,), "The L2 weight lambda, or comma-separated values to try on the "
+      "validation data (a whole fit each; the best is kept).", element=float)
+  target_density: float = model_lib.model_setting(
+      0.01, "Share of B's n_items^2 entries kept, in (0, 1] (1: dense EASE exactly; "
+      "each column keeps its round(target_density * n_items) largest).", shapes=True)
+  gram_ratio: float = model_lib.model_setting(
+      4.0, "The thresholded Gram matrix keeps about this many times B's entries, >= 1 "
+      "(more: closer to EASE, slower).")
+  factor_ratio: float = model_lib.model_setting(
+      2.0, "The factor L and its inverse keep this many times B's entries per column, "
+      ">= 1.")
+  drop_tol: float = model_lib.model_setting(
+      1e-4, "Relative drop tolerance of the incomplete LDL^T factorisation, >= 0.")
+  inverse_steps: int = model_lib.model_setting(
+      7, "Newton-Schulz steps of the sparse inverse of L, >= 1.")
+
+  def __post_init__(self):
+    if not self.l2:
+      raise ValueError("sparse EASE needs at least one l2 value")
+    ease.l2_values(self.l2)
+    for l2 in self.l2:
+      check_settings(self.fit_settings(l2))
+
+  def fit_settings(self, l2: float) -> Settings:
+    """The :class:`Settings` of one fit."""
+    return Settings(l2=float(l2), target_density=self.target_density,
+                    gram_ratio=self.gram_ratio, factor_ratio=self.factor_ratio,
+                    drop_tol=self.drop_tol, inverse_steps=self.inverse_steps)
+
+
+def fit_bytes_floor(n_items: int, settings: Settings) -> int:
+  """Bytes a fit holds at least at its peak: the cut Gram matrix, ``K`` and its update,
+  ``B`` on the host (12 bytes an entry) and ``B``'s columns on the device (8 bytes);
+  SuperLU's fill comes on top."""
+  n = int(n_items)
+  if settings.target_density >= 1.0:
+    return (3 * 12 + 8) * n * n
+  k = per_column(settings.target_density, 1.0, n)
+  entries = (per_column(settings.target_density, settings.gram_ratio, n)
+             + 2 * per_column(settings.target_density, settings.factor_ratio, n) + k)
+  return 12 * n * entries + 8 * n * k
+
+
+def check_host_memory(n_items: int, settings: Settings) -> None:
+  """``MemoryError`` with the figures when :func:`fit_bytes_floor` exceeds the host's
+  available memory (before any work)."""
+  need, have = fit_bytes_floor(n_items, settings), ease.host_memory_bytes()
+  if have is not None and need > have:
+    raise MemoryError(
+        f"sparse EASE on {n_items:,} items at target_density "
+        f"{settings.target_density:g} needs at least {need / 2**30:.1f} GiB; the host "
+        f"has {have / 2**30:.1f} GiB available. Lower target_density")
+
+
+def params_of(b: sp.spmatrix, keep: int, l2: float) -> dict:
+  """:class:`SparseEASE`'s parameters holding ``B`` (host arrays)."""
+  rows, vals = to_columns(b, keep)
+  return {"output": {"rows": rows, "vals": vals}, "l2": np.float32(l2)}
+
+
+def fit_run(settings: SparseEASESettings, problem: model_lib.ClosedFormProblem
+            ) -> model_lib.ClosedFormFit:
+  """Sparse EASE's closed-form fit (its :attr:`ModelEntry.fit`), on the host whatever
+  the device: each ``l2`` of ``settings`` fitted (:func:`fit`), scored on the validation
+  users when there are several, the best kept."""
+  grid = ease.l2_values(settings.l2)
+  n = problem.n_items
+  check_host_memory(n, settings.fit_settings(grid[0]))
+  x = ease.training_rows(problem.train_batches(), n)
+  keep = per_column(settings.target_density, 1.0, n)
+  scorer, fitted = SparseEASE(n, keep), {}
+
+  def params(c):
+    if c["l2"] not in fitted:
+      t0 = time.perf_counter()
+      b = fit(x, settings.fit_settings(c["l2"]))
+      if problem.progress is not None:
+        problem.progress(f"l2 {c['l2']:g}: B with {b.nnz:,} entries in "
+                         f"{time.perf_counter() - t0:.1f}s")
+      fitted[c["l2"]] = jax.device_put(params_of(b, keep, c["l2"]), problem.device)
+    return fitted[c["l2"]]
+
+  best = problem.choose([{"l2": v} for v in grid], lambda c: (scorer, params(c)))
+  return model_lib.ClosedFormFit(
+      params(best), {"l2": (best["l2"],)},
+      f"l2 {best['l2']:g}, target_density {settings.target_density:g} ({len(fitted)} "
+      "sparse fits on the host)")
+
+
+def _build(n_items, settings: SparseEASESettings, dropout_rate, dtype) -> SparseEASE:
+  del dropout_rate, dtype  # no input dropout; float32 gathers
+  return SparseEASE(n_items, per_column(settings.target_density, 1.0, n_items))
+
+
+def _space():
+  from jax_vaecf.models import space  # pylint: disable=g-import-not-at-top
+  return (space.Param("l2", "float", "Sparse EASE's L2 weight lambda (one value per "
+                      "trial).", 1.0, 1e5, log=True, applies="model",
+                      read=space.one_value, write=space.as_list),)
+
+
+ENTRY = model_lib.ModelEntry(_build, "sparse EASE", SparseEASESettings, fit=fit_run,
+                             space=_space())
