@@ -161,3 +161,201 @@ def test_bad_matrices_are_refused():
   bad.data[1] = np.nan
   with pytest.raises(ValueError, match="NaN or infinite"):
     sparse_ease.fit(bad, settings)
+
+
+# ------------------------------------------------------ the model through the registry
+
+
+def test_the_model_scores_dense_and_sparse_rows_as_x_times_b():
+  import jax.numpy as jnp
+  from jax_vaecf import model as model_lib
+  from jax_vaecf.core import sparse as sparse_lib
+  x = _clustered(n_users=60, n_items=40)
+  b = sparse_ease.fit(x, sparse_ease.Settings(l2=5.0, target_density=0.25))
+  model = model_lib.build_model("sparse_ease", 40, target_density=0.25)
+  assert model.per_column == 10 and model.closed_form
+  params = sparse_ease.params_of(b, model.per_column, 5.0)
+  assert params["output"]["rows"].shape == (10, 40) and params["output"]["rows"].dtype == np.int32
+  rows = x[:9].toarray()
+  want = rows.astype(np.float64) @ b.toarray().astype(np.float64)
+  dense = np.asarray(model.apply({"params": params}, rows).logits)
+  sparse = np.asarray(model.apply({"params": params}, sparse_lib.from_dense(rows)).logits)
+  outside = np.asarray(model.output_logits(params, jnp.asarray(rows)))
+  for got in (dense, sparse, outside):
+    assert got.dtype == np.float32 and got.shape == (9, 40)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_to_columns_keeps_every_entry_and_refuses_a_column_past_its_density():
+  b = sp.random(12, 12, density=0.3, random_state=5, format="csc", dtype=np.float32)
+  k = int(np.diff(b.indptr).max())
+  rows, vals = sparse_ease.to_columns(b, k + 2)
+  assert rows.shape == vals.shape == (k + 2, 12)
+  back = sp.csc_matrix((vals.ravel(), (rows.ravel(), np.tile(np.arange(12), k + 2))),
+                       shape=(12, 12))
+  np.testing.assert_array_equal(back.toarray(), b.toarray())
+  with pytest.raises(ValueError, match=f"holds {k} entries, more than the {k - 1}"):
+    sparse_ease.to_columns(b, k - 1)
+
+
+@pytest.mark.parametrize("values, match", [
+    ({"target_density": 0.0}, r"target_density must lie in \(0, 1\]"),
+    ({"target_density": 1.5}, r"target_density must lie in \(0, 1\]"),
+    ({"l2": []}, "needs at least one l2"),
+    ({"l2": [0.5]}, r"l2 must be in \[1, 1e\+06\]"),
+    ({"gram_ratio": 0.5}, "gram_ratio must be a finite number >= 1"),
+    ({"drop_tol": -1.0}, "drop_tol must be >= 0"),
+    ({"inverse_steps": 0}, "inverse_steps and block_size must be >= 1"),
+    ({"target_density": "0.1"}, "target_density = '0.1', expected float"),
+])
+def test_bad_model_settings_are_refused_by_name(values, match):
+  from jax_vaecf import model as model_lib
+  with pytest.raises(ValueError, match=match):
+    model_lib.make_settings("sparse_ease", values, source="flags")
+
+
+def test_target_density_shapes_the_parameters_and_l2_does_not():
+  from jax_vaecf import model as model_lib
+  from jax_vaecf.training import configs
+  assert model_lib.model_entry("sparse_ease").shape == ("target_density",)
+  cfg = configs.get_config("ml1m_sparse_ease")
+  assert cfg.model == "sparse_ease" and cfg.l2 == (500.0,)
+  assert configs.get_config("ml1m_ease").replace(model="sparse_ease").l2 == (500.0,)
+
+
+def test_a_fit_that_cannot_fit_the_host_is_refused_before_any_work(monkeypatch):
+  from jax_vaecf.models import ease
+  monkeypatch.setattr(ease, "host_memory_bytes", lambda: 10_000_000)
+  settings = sparse_ease.Settings(l2=10.0, target_density=0.01)
+  need = sparse_ease.fit_bytes_floor(5_000, settings)
+  # k = 50 per column: Gram 200, K twice 100 each, B 50 (12 bytes each) and B's
+  # columns on the device (8 bytes).
+  assert need == 12 * 5_000 * (200 + 200 + 50) + 8 * 5_000 * 50
+  with pytest.raises(MemoryError, match=r"5,000 items at target_density 0\.01 needs at "
+                                        r"least 0\.0 GiB"):
+    sparse_ease.check_host_memory(5_000, settings)
+  sparse_ease.check_host_memory(100, settings)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  import os
+  import _runs
+  from jax_vaecf.training import engine as loop
+  d = _runs.movielens_dir(tmp_path_factory, "sparse_ease")
+  cfg = _runs.small_config(d, cache_dir=os.path.join(d, "cache"), model="sparse_ease",
+                           hidden_dims=(), l2=(3.0, 30.0, 300.0), target_density=0.2,
+                           number_of_epochs=1)
+  workdir = os.path.join(d, "run")
+  return cfg, workdir, loop.run(cfg, workdir)
+
+
+def test_a_run_scores_every_l2_on_validation_and_tests_the_best(run):
+  import _runs
+  cfg, workdir, results = run
+  recs = _runs.records(workdir)
+  sweep = [r for r in recs if r["split"] == "sweep"]
+  assert [r["swept"] for r in sweep] == [{"l2": 3.0}, {"l2": 30.0}, {"l2": 300.0}]
+  best = max(sweep, key=lambda r: r["val_ndcg@100"])
+  assert results["train"]["chosen"]["l2"] == [best["swept"]["l2"]]
+  assert results["train"]["chosen"]["target_density"] == 0.2
+  (train,) = [r for r in recs if r["split"] == "train"]
+  assert train["val_ndcg@100"] == pytest.approx(best["val_ndcg@100"], abs=1e-6)
+  (test,) = [r for r in recs if r["split"] == "test"]
+  assert 0.0 < test["ndcg@100"] <= 1.0
+
+
+def test_the_run_serves_the_sparse_fit_of_its_training_rows(run):
+  from jax_vaecf.serving import recommender as recommend
+  from jax_vaecf.training import engine as loop
+  cfg, workdir, results = run
+  split = loop.load_data(cfg)
+  rec = recommend.Recommender.from_workdir(workdir)
+  (l2,) = results["train"]["chosen"]["l2"]
+  n = split.n_items
+  assert float(rec.params["l2"]) == l2
+  assert rec.params["output"]["vals"].shape == (round(0.2 * n), n)
+  b = sparse_ease.fit(split.train, sparse_ease.Settings(l2=l2, target_density=0.2))
+  fold_in = split.test.fold_in[:20]
+  scores = np.where(fold_in.toarray() > 0, -np.inf,
+                    fold_in.toarray().astype(np.float64) @ b.toarray())
+  histories = [[str(split.item_ids[j]) for j in fold_in[u].indices] for u in range(20)]
+  got = rec.recommend(histories, k=10)
+  for u in range(20):
+    want = np.argsort(-scores[u], kind="stable")[:10]
+    np.testing.assert_allclose(np.sort(got.scores[u])[::-1], scores[u][want], rtol=1e-5,
+                               atol=1e-6)
+    assert not set(map(str, got.items[u])) & set(histories[u])
+
+
+def test_a_second_run_fits_nothing_again(run, capsys):
+  import _runs
+  from jax_vaecf.training import engine as loop
+  from jax_vaecf.training import reporting
+  cfg, workdir, _ = run
+  before = _runs.records(workdir)
+  loop.run(cfg.replace(test=False), workdir, report=reporting.print_record)
+  assert "was fitted already" in capsys.readouterr().out
+  assert _runs.records(workdir) == before
+
+
+def test_another_density_in_the_run_folder_is_refused(run):
+  import _runs
+  from jax_vaecf.training import engine as loop
+  cfg, workdir, _ = run
+  before = _runs.records(workdir)
+  with pytest.raises(ValueError, match="target_density"):
+    loop.run(cfg.replace(target_density=0.1), workdir)
+  assert _runs.records(workdir) == before
+
+
+def test_the_exported_artefact_holds_b_sparse_and_serves_the_same_items(run, tmp_path):
+  import json
+  from jax_vaecf.serving import artefact
+  from jax_vaecf.serving import export
+  from jax_vaecf.serving import recommender as recommend
+  _, workdir, _ = run
+  out = str(tmp_path / "artefact")
+  export.export_run(workdir, out, k=10)
+  rec = recommend.Recommender.from_workdir(workdir)
+  n = len(rec.item_ids)
+  with open(f"{out}/manifest.json") as f:
+    shapes = json.load(f)["param_shapes"]
+  assert shapes["output/rows"] == [[round(0.2 * n), n], "int32"]
+  assert shapes["output/vals"] == [[round(0.2 * n), n], "float32"]
+  ids = [str(i) for i in rec.item_ids.tolist()]
+  rng = np.random.default_rng(1)
+  histories = [[ids[j] for j in rng.choice(n, rng.integers(0, 30), replace=False)]
+               for _ in range(30)] + [["unknown-id"], []]
+  got = artefact.load(out).recommend(histories, k=10)
+  want = rec.recommend(histories, k=10)
+  for g, items in zip(got, want.items):
+    assert [str(i) for i in g["items"]] == [str(i) for i in items.tolist()]
+
+
+def test_the_python_api_fits_recommends_and_reloads(tmp_path):
+  import jax_vaecf
+  x = _clustered(n_users=200, n_items=120)
+  model = jax_vaecf.fit(x, "ml-latest-small", workdir=str(tmp_path / "run"),
+                        model="sparse_ease", l2=(20.0,), target_density=0.1,
+                        batch_size_validation=64, test_ks=(5, 10))
+  assert model.results["train"]["chosen"]["l2"] == [20.0]
+  got = model.recommend(items=[[0, 6, 12], [1]], k=5)
+  assert not {0, 6, 12} & set(np.asarray(got.items[0]).tolist())
+  loaded = jax_vaecf.load(str(tmp_path / "run"))
+  again = loaded.recommend(items=[[0, 6, 12], [1]], k=5)
+  assert [list(a) for a in again.items] == [list(b) for b in got.items]
+
+
+def test_the_train_tool_takes_the_model_by_name(tmp_path):
+  import _runs
+  import _tools
+  d = _runs.movielens_dir_plain(tmp_path)
+  r = _tools.run("experiments.train", "--config=ml-latest-small", f"--data_dir={d}",
+                 f"--cache_dir={tmp_path / 'cache'}", f"--workdir={tmp_path / 'run'}",
+                 "--model=sparse_ease", "--l2=30", "--target_density=0.1",
+                 "--batch_size_validation=64", "--test_ks=5,10")
+  assert r.returncode == 0, r.stderr[-2000:]
+  # 150 items, 15 kept per column.
+  assert "fitting sparse_ease: l2 30: B with 2,250 entries" in r.stderr
+  assert "test (" in r.stdout
