@@ -33,11 +33,12 @@ def _clustered(n_users=400, n_items=120, n_groups=6, seed=0) -> sp.csr_matrix:
 
 def test_full_density_equals_dense_ease():
   x = _clustered()
-  b = sparse_ease.fit(x, sparse_ease.Settings(l2=20.0, target_density=1.0))
+  f = sparse_ease.fit(x, sparse_ease.Settings(l2=20.0, target_density=1.0))
   ref = _dense_ease(x, 20.0)
-  assert b.format == "csr" and b.dtype == np.float32 and b.shape == ref.shape
-  # float32 storage of float64 values of magnitude < 1: rounding is about 6e-8.
-  np.testing.assert_allclose(b.toarray(), ref, rtol=0, atol=1e-6)
+  assert f.rows.shape == f.encode.shape == f.decode.shape == (120, 120)
+  assert f.rows.dtype == np.int32 and f.encode.dtype == f.decode.dtype == np.float32
+  # float32 storage of the factors' float64 values: rounding is about 1e-7 relative.
+  np.testing.assert_allclose(f.dense_b(), ref, rtol=0, atol=1e-6)
 
 
 def test_full_density_equals_dense_ease_with_counts_and_a_cold_item():
@@ -46,35 +47,42 @@ def test_full_density_equals_dense_ease_with_counts_and_a_cold_item():
   x[:, 7] = 0  # an item nobody has: its column of B is all zero in EASE too
   x = sp.csr_matrix(x)
   x.data = rng.integers(1, 5, x.nnz).astype(np.float32)
-  b = sparse_ease.fit(x, sparse_ease.Settings(l2=3.0, target_density=1.0))
-  np.testing.assert_allclose(b.toarray(), _dense_ease(x, 3.0), rtol=0, atol=1e-6)
+  f = sparse_ease.fit(x, sparse_ease.Settings(l2=3.0, target_density=1.0))
+  np.testing.assert_allclose(f.dense_b(), _dense_ease(x, 3.0), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("density", [0.05, 0.2])
-def test_pruned_b_has_the_stated_entries_and_no_diagonal(density):
+def test_pruned_factors_have_the_stated_entries_and_b_no_diagonal(density):
   x = _clustered()
   n = x.shape[1]
-  b = sparse_ease.fit(x, sparse_ease.Settings(l2=20.0, target_density=density))
+  f = sparse_ease.fit(x, sparse_ease.Settings(l2=20.0, target_density=density))
   k = sparse_ease.per_column(density, 1.0, n)
   assert k == round(density * n)
-  np.testing.assert_array_equal(np.diff(sp.csc_matrix(b).indptr), np.full(n, k))
-  assert b.nnz == k * n
-  assert not b.diagonal().any()
-  assert np.isfinite(b.data).all()
+  assert f.rows.shape == f.encode.shape == f.decode.shape == (k, n)
+  m, w = f.matrices()
+  # Each column of M keeps at most k entries; K ~ L^-1 is triangular, so the column at
+  # the factor's position p holds at most n - p: up to k columns may hold fewer. W has
+  # the same pattern; B = I + M^T W has a zero diagonal up to float32 rounding.
+  counts = np.diff(m.indptr)
+  assert counts.max() == k and counts.min() >= 1 and np.sum(counts < k) <= k
+  np.testing.assert_array_equal(m.indices, w.indices)
+  np.testing.assert_allclose(np.diag(f.dense_b()), 0.0, atol=1e-6)
+  assert np.isfinite(f.encode).all() and np.isfinite(f.decode).all()
 
 
 def test_pruned_top10_mostly_agrees_with_dense_ease():
-  # At 20% density each item keeps its 24 strongest neighbours out of 119; in this data a
+  # At 20% density each factor keeps 24 entries per column out of 120; in this data a
   # user's unseen items score mainly from the ~20 items of the user's own group, so the
-  # ranking mostly survives: 82% of each top-10 is dense EASE's on average here (5%
-  # density: 68%, 1%: 35%; random rankings would share about 9%). We require 75%, the
-  # margin for rounding differences between SciPy builds.
+  # ranking mostly survives: 86% of each top-10 is dense EASE's on average here (5%
+  # density: 69%; 1%, one entry per column, the factor's diagonal alone: 10%, as random
+  # rankings, about 9%). We require 75%, the margin for rounding differences between
+  # SciPy builds.
   x = _clustered()
-  b = sparse_ease.fit(x, sparse_ease.Settings(l2=20.0, target_density=0.2))
+  f = sparse_ease.fit(x, sparse_ease.Settings(l2=20.0, target_density=0.2))
   ref = _dense_ease(x, 20.0)
   rows = x[:100]
   seen = rows.toarray() > 0
-  ours = np.where(seen, -np.inf, sparse_ease.score(b, rows))
+  ours = np.where(seen, -np.inf, sparse_ease.score(f, rows))
   theirs = np.where(seen, -np.inf, rows.toarray() @ ref)
   top_ours = np.argsort(-ours, axis=1)[:, :10]
   top_ref = np.argsort(-theirs, axis=1)[:, :10]
@@ -98,14 +106,14 @@ def test_thresholded_gram_stays_positive_definite():
   assert np.linalg.eigvalsh(a).min() >= 1.0 - 1e-9
 
 
-def test_score_is_the_csr_product():
+def test_score_is_x_times_b():
   x = _clustered(n_users=50, n_items=40)
-  b = sparse_ease.fit(x, sparse_ease.Settings(l2=5.0, target_density=0.3))
-  scores = sparse_ease.score(b, x[:7])
+  f = sparse_ease.fit(x, sparse_ease.Settings(l2=5.0, target_density=0.3))
+  scores = sparse_ease.score(f, x[:7])
   assert scores.dtype == np.float32 and scores.shape == (7, 40)
-  np.testing.assert_allclose(scores, x[:7].toarray() @ b.toarray(), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(scores, x[:7].toarray() @ f.dense_b(), rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match=r"rows must be \(batch, 40\)"):
-    sparse_ease.score(b, x[:7, :39])
+    sparse_ease.score(f, x[:7, :39])
 
 
 def test_keep_top_per_column_matches_a_sort():
@@ -124,6 +132,34 @@ def test_keep_top_per_column_matches_a_sort():
     want |= set(order[:3 - len(want)])
     assert set(np.flatnonzero(out[:, j])) == want, j
     np.testing.assert_array_equal(out[list(want), j], dense[list(want), j])
+
+
+@pytest.mark.parametrize("keep_diagonal", [False, True])
+def test_keep_top_per_column_breaks_ties_by_the_lower_row_as_a_full_sort(keep_diagonal):
+  # Small integer values tie often (co-occurrence counts do); a tiny chunk forces several
+  # groups of columns in the partition.
+  rng = np.random.default_rng(3)
+  m = sp.random(300, 90, density=0.4, random_state=6, format="csc")
+  m.data = rng.integers(-4, 5, m.nnz).astype(np.float64)
+  m.eliminate_zeros()
+  m.sort_indices()
+  counts = np.diff(m.indptr)
+  col = np.repeat(np.arange(90), counts)
+  mag = np.abs(m.data)
+  if keep_diagonal:
+    mag = np.where(m.indices == col + 7, np.inf, mag)
+  order = np.lexsort((-mag, col))
+  rank = np.arange(order.size) - m.indptr[col[order]]
+  want = np.sort(order[rank < 11])
+  got = sparse_ease.keep_top_per_column(m, 11, keep_diagonal=keep_diagonal,
+                                        diagonal_offset=7)
+  np.testing.assert_array_equal(np.diff(got.indptr), np.minimum(counts, 11))
+  np.testing.assert_array_equal(got.indices, m.indices[want])
+  np.testing.assert_array_equal(got.data, m.data[want])
+  long = np.flatnonzero(counts > 11)
+  np.testing.assert_array_equal(
+      sparse_ease._kth_largest(mag, m.indptr, long, 11, chunk=500),
+      [np.sort(mag[m.indptr[j]:m.indptr[j + 1]])[-11] for j in long])
 
 
 @pytest.mark.parametrize("l2, density, match", [
@@ -146,7 +182,8 @@ def test_numpy_scalar_settings_are_accepted():
   x = _clustered(n_users=40, n_items=20)
   a = sparse_ease.fit(x, sparse_ease.Settings(l2=np.float32(5.0), target_density=np.float64(0.5)))
   b = sparse_ease.fit(x, sparse_ease.Settings(l2=5.0, target_density=0.5))
-  assert (a != b).nnz == 0
+  for got, want in zip(a, b):
+    np.testing.assert_array_equal(got, want)
 
 
 def test_bad_matrices_are_refused():
@@ -171,16 +208,18 @@ def test_the_model_scores_dense_and_sparse_rows_as_x_times_b():
   from jax_vaecf import model as model_lib
   from jax_vaecf.core import sparse as sparse_lib
   x = _clustered(n_users=60, n_items=40)
-  b = sparse_ease.fit(x, sparse_ease.Settings(l2=5.0, target_density=0.25))
+  f = sparse_ease.fit(x, sparse_ease.Settings(l2=5.0, target_density=0.25))
   model = model_lib.build_model("sparse_ease", 40, target_density=0.25)
   assert model.per_column == 10 and model.closed_form
-  params = sparse_ease.params_of(b, model.per_column, 5.0)
+  params = sparse_ease.params_of(f, 5.0)
   assert params["output"]["rows"].shape == (10, 40) and params["output"]["rows"].dtype == np.int32
   rows = x[:9].toarray()
-  want = rows.astype(np.float64) @ b.toarray().astype(np.float64)
+  want = rows.astype(np.float64) @ f.dense_b()
   dense = np.asarray(model.apply({"params": params}, rows).logits)
   sparse = np.asarray(model.apply({"params": params}, sparse_lib.from_dense(rows)).logits)
-  outside = np.asarray(model.output_logits(params, jnp.asarray(rows)))
+  h = model.apply({"params": params}, rows, method="features").logits
+  assert h.shape == (9, 80)
+  outside = np.asarray(model.output_logits(params, h))
   for got in (dense, sparse, outside):
     assert got.dtype == np.float32 and got.shape == (9, 40)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
@@ -228,9 +267,9 @@ def test_a_fit_that_cannot_fit_the_host_is_refused_before_any_work(monkeypatch):
   monkeypatch.setattr(ease, "host_memory_bytes", lambda: 10_000_000)
   settings = sparse_ease.Settings(l2=10.0, target_density=0.01)
   need = sparse_ease.fit_bytes_floor(5_000, settings)
-  # k = 50 per column: Gram 200, K twice 100 each, B 50 (12 bytes each) and B's
-  # columns on the device (8 bytes).
-  assert need == 12 * 5_000 * (200 + 200 + 50) + 8 * 5_000 * 50
+  # k = 50 per column: Gram 200, K twice 100 each (12 bytes an entry), the factors'
+  # three (50, 5000) arrays on the host and on the device (24 bytes a column entry).
+  assert need == 12 * 5_000 * (200 + 200) + 24 * 5_000 * 50
   with pytest.raises(MemoryError, match=r"5,000 items at target_density 0\.01 needs at "
                                         r"least 0\.0 GiB"):
     sparse_ease.check_host_memory(5_000, settings)
@@ -274,11 +313,11 @@ def test_the_run_serves_the_sparse_fit_of_its_training_rows(run):
   (l2,) = results["train"]["chosen"]["l2"]
   n = split.n_items
   assert float(rec.params["l2"]) == l2
-  assert rec.params["output"]["vals"].shape == (round(0.2 * n), n)
-  b = sparse_ease.fit(split.train, sparse_ease.Settings(l2=l2, target_density=0.2))
+  assert rec.params["output"]["decode"].shape == (round(0.2 * n), n)
+  f = sparse_ease.fit(split.train, sparse_ease.Settings(l2=l2, target_density=0.2))
   fold_in = split.test.fold_in[:20]
   scores = np.where(fold_in.toarray() > 0, -np.inf,
-                    fold_in.toarray().astype(np.float64) @ b.toarray())
+                    fold_in.toarray().astype(np.float64) @ f.dense_b())
   histories = [[str(split.item_ids[j]) for j in fold_in[u].indices] for u in range(20)]
   got = rec.recommend(histories, k=10)
   for u in range(20):
@@ -321,8 +360,9 @@ def test_the_exported_artefact_holds_b_sparse_and_serves_the_same_items(run, tmp
   n = len(rec.item_ids)
   with open(f"{out}/manifest.json") as f:
     shapes = json.load(f)["param_shapes"]
-  assert shapes["output/rows"] == [[round(0.2 * n), n], "int32"]
-  assert shapes["output/vals"] == [[round(0.2 * n), n], "float32"]
+  k = round(0.2 * n)
+  assert shapes["output/rows"] == [[k, n], "int32"]
+  assert shapes["output/encode"] == shapes["output/decode"] == [[k, n], "float32"]
   ids = [str(i) for i in rec.item_ids.tolist()]
   rng = np.random.default_rng(1)
   histories = [[ids[j] for j in rng.choice(n, rng.integers(0, 30), replace=False)]
@@ -356,6 +396,6 @@ def test_the_train_tool_takes_the_model_by_name(tmp_path):
                  "--model=sparse_ease", "--l2=30", "--target_density=0.1",
                  "--batch_size_validation=64", "--test_ks=5,10")
   assert r.returncode == 0, r.stderr[-2000:]
-  # 150 items, 15 kept per column.
-  assert "fitting sparse_ease: l2 30: B with 2,250 entries" in r.stderr
+  # 150 items, 15 entries per column of each factor.
+  assert "fitting sparse_ease: l2 30: factors of 15 x 150 in" in r.stderr
   assert "test (" in r.stdout
