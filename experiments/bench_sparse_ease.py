@@ -20,17 +20,18 @@ prints one table per section:
   memory high-water mark during the fit (``VmHWM`` of ``/proc/self/status``, reset
   before each fit by writing 5 to ``/proc/self/clear_refs``; it includes the data, so
   run with ``--noreuse_host_memory``).
-* ``scoring``: ``x @ B`` for ``--score_users`` users of the data of the other sections
-  (sparse EASE's ``B`` of the last fit of each): the host CSR product
-  (:func:`jax_vaecf.models.sparse_ease.score`), jax's ``BCOO`` matmul, and the model's
-  column gathers (:func:`jax_vaecf.models.sparse_ease.column_product`, what a run, the
-  recommender and exported artefacts use), each the best of ``--repeats`` after one
-  warm-up call.
+* ``scoring``: ``x @ B = x + (x @ M^T) @ W`` for ``--score_users`` users of the data
+  of the other sections (sparse EASE's factors of the last fit of each): two host CSR
+  products (:func:`jax_vaecf.models.sparse_ease.score`), two jax ``BCOO`` matmuls, and
+  the model's scatter-adds and gathers from the users' sparse rows
+  (:func:`jax_vaecf.models.sparse_ease.sparse_scatter_product`, ``column_product``: what
+  a run, the recommender and exported artefacts use), each the best of ``--repeats``
+  after one warm-up call.
 
 ``sansa`` (``pip install .[sparse]``: scikit-sparse needs SuiteSparse's headers) is the
-peer; when it does not import, its rows say why and the rest runs. Its ``B`` is the
-product of two sparse factors ``W^T W_r``, each of ``weight_matrix_density``; its
-``nnz`` column counts both.
+peer; when it does not import, its rows say why and the rest runs. Both keep ``B`` as
+two sparse factors (``sansa``: ``W^T W_r``, each of ``weight_matrix_density``; sparse
+EASE: ``I + M^T W``, each ``target_density``); the ``weights`` column counts both.
 """
 
 from __future__ import annotations
@@ -119,10 +120,11 @@ def timed(fn, *args):
 
 
 def fit_ours(x, l2: float, density: float):
-  """Sparse EASE's ``B`` (CSR) and a scorer ``rows -> float32 (batch, n)``."""
-  b = sparse_ease.fit(x, sparse_ease.Settings(l2=l2, target_density=density,
+  """Sparse EASE's :class:`~jax_vaecf.models.sparse_ease.Factors`, their weights'
+  entries (both factors) and a scorer ``rows -> float32 (batch, n)``."""
+  f = sparse_ease.fit(x, sparse_ease.Settings(l2=l2, target_density=density,
                                               gram_ratio=FLAGS.gram_ratio))
-  return b, b.nnz, lambda rows: sparse_ease.score(b, rows)
+  return f, 2 * int(np.count_nonzero(f.encode)), lambda rows: sparse_ease.score(f, rows)
 
 
 def fit_sansa(x, l2: float, density: float, factorizer: str):
@@ -188,7 +190,7 @@ def ml1m_table(kept: dict) -> None:
   dense = _test_metrics(lambda rows: rows.toarray() @ dense_b, split.test)
   print(f"ML-1M ({split.train.shape[0]:,} training users, {n:,} items, "
         f"{split.test.n_users:,} test users), l2 {l2:g}")
-  print("| model | density | nnz(B) | fit s | NDCG@100 | Recall@20 | NDCG@100 vs dense |")
+  print("| model | density | weights | fit s | NDCG@100 | Recall@20 | NDCG@100 vs dense |")
   print("|---|---:|---:|---:|---:|---:|---:|")
   print(_metric_row("dense EASE (NumPy float64)", 1, n * (n - 1), f"{dense_s:.1f}", dense,
                     dense), flush=True)
@@ -196,7 +198,8 @@ def ml1m_table(kept: dict) -> None:
     cut = sparse_ease.keep_top_per_column(sparse_ease.sp.csc_matrix(dense_b),
                                           sparse_ease.per_column(density, 1.0, n))
     got = _test_metrics(lambda rows, b=cut: sparse_ease.score(b, rows), split.test)
-    print(_metric_row("dense EASE cut to the density", density, cut.nnz, "", got, dense))
+    print(_metric_row("dense EASE's B cut to k per column", density, cut.nnz, "", got,
+                      dense))
     for label, fit in _sides("cholmod"):
       if isinstance(fit, str):
         print(f"| {label} | {density:g} | {fit} | | | | |", flush=True)
@@ -215,7 +218,7 @@ def ml1m_table(kept: dict) -> None:
 def synthetic_table(kept: dict) -> None:
   print(f"Synthetic shapes, l2 {FLAGS.synthetic_l2:g}, density "
         f"{FLAGS.synthetic_density:g}")
-  print("| shape | users | items | interactions | model | nnz(B) | fit s | peak RSS GB |")
+  print("| shape | users | items | interactions | model | weights | fit s | peak RSS GB |")
   print("|---|---:|---:|---:|---|---:|---:|---:|")
   for name in FLAGS.shapes:
     n_users, n_items, mean, least = SHAPES[name]
@@ -241,35 +244,49 @@ def synthetic_table(kept: dict) -> None:
       del b
 
 
-def scorers(b) -> dict:
-  """``{name: rows (CSR) -> float32 (batch, n) scores}`` of ``B``: the host CSR product,
-  jax's BCOO matmul, the model's column gathers (each jitted once per shape)."""
+def scorers(f: sparse_ease.Factors) -> dict:
+  """``{name: rows (CSR) -> float32 (batch, n) scores}`` of ``x @ B = x + (x @ M^T) @ W``:
+  two host CSR products, two jax BCOO matmuls, the model's scatter-adds and gathers
+  (each jitted once per shape)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jax.experimental import sparse as jsparse  # pylint: disable=g-import-not-at-top
-  bcoo = jsparse.BCOO.from_scipy_sparse(sparse_ease.sp.csr_matrix(b, dtype=np.float32))
-  rows, vals = sparse_ease.to_columns(b, int(np.diff(b.tocsc().indptr).max()))
-  rows, vals = jnp.asarray(rows), jnp.asarray(vals)
-  bcoo_product = jax.jit(lambda h, m: h @ m)
-  column_product = jax.jit(sparse_ease.column_product)
+  from jax_vaecf.core import sparse as sparse_lib  # pylint: disable=g-import-not-at-top
+  m, w = f.matrices()
+  mt = jsparse.BCOO.from_scipy_sparse(m.T.tocsr())
+  wb = jsparse.BCOO.from_scipy_sparse(w.tocsr())
+  bcoo = jax.jit(lambda h, mt, wb: h + (h @ mt) @ wb)
+  rows, enc, dec = (jnp.asarray(a) for a in f)
 
-  def on_device(fn, *params):
-    return lambda x: np.asarray(fn(jnp.asarray(x.toarray(), jnp.float32), *params))
+  def model(batch, rows, enc, dec):
+    h = sparse_ease.sparse_scatter_product(batch, rows, enc)
+    return sparse_lib.densify(batch, rows.shape[1]) + sparse_ease.column_product(
+        h, rows, dec)
 
-  return {"host CSR product (SciPy)": lambda x: sparse_ease.score(b, x),
-          "jax BCOO matmul": on_device(bcoo_product, bcoo),
-          "jax column gathers (the model's)": on_device(column_product, rows, vals)}
+  jitted = jax.jit(model)
+
+  def on_device_bcoo(x):
+    return np.asarray(bcoo(jnp.asarray(x.toarray(), jnp.float32), mt, wb))
+
+  def on_device_model(x):
+    batch = sparse_lib.from_dense(x.toarray())
+    return np.asarray(jitted(batch, rows, enc, dec))
+
+  return {"host CSR products (SciPy)": lambda x: sparse_ease.score(f, x),
+          "jax BCOO matmuls": on_device_bcoo,
+          "jax scatter-adds and gathers (the model's)": on_device_model}
 
 
 def scoring_table(kept: dict) -> None:
   print(f"Scoring {FLAGS.score_users:,} users: x @ B as float32 (users, items), best of "
         f"{FLAGS.repeats} after a warm-up")
-  print("| data | items | nnz(B) | scorer | ms | users/s | max difference to the host |")
+  print("| data | items | weights | scorer | ms | users/s | max difference to the host |")
   print("|---|---:|---:|---|---:|---:|---:|")
-  for name, (b, fold_in) in kept.items():
+  for name, (f, fold_in) in kept.items():
     x = fold_in[:FLAGS.score_users]
+    head = f"| {name} | {f.rows.shape[1]:,} | {2 * np.count_nonzero(f.encode):,}"
     want = None
-    for scorer, fn in scorers(b).items():
+    for scorer, fn in scorers(f).items():
       try:
         got = fn(x)
         times = []
@@ -278,13 +295,12 @@ def scoring_table(kept: dict) -> None:
           fn(x)
           times.append(time.perf_counter() - t0)
       except Exception as e:  # pylint: disable=broad-except  (out of memory is a result)
-        print(f"| {name} | {b.shape[0]:,} | {b.nnz:,} | {scorer} | failed: "
-              f"{type(e).__name__}: {str(e).splitlines()[0][:120]} | | |", flush=True)
+        print(f"{head} | {scorer} | failed: {type(e).__name__}: "
+              f"{str(e).splitlines()[0][:120]} | | |", flush=True)
         continue
       want = got if want is None else want
-      print(f"| {name} | {b.shape[0]:,} | {b.nnz:,} | {scorer} | {1e3 * min(times):,.1f} "
-            f"| {x.shape[0] / min(times):,.0f} | {np.abs(got - want).max():.1e} |",
-            flush=True)
+      print(f"{head} | {scorer} | {1e3 * min(times):,.1f} | {x.shape[0] / min(times):,.0f} "
+            f"| {np.abs(got - want).max():.1e} |", flush=True)
 
 
 def main(argv):
