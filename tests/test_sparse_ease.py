@@ -399,3 +399,18 @@ def test_the_train_tool_takes_the_model_by_name(tmp_path):
   # 150 items, 15 entries per column of each factor.
   assert "fitting sparse_ease: l2 30: factors of 15 x 150 in" in r.stderr
   assert "test (" in r.stdout
+
+
+def test_the_tuner_searches_l2_and_a_refit_keeps_the_chosen_settings(run):
+  from jax_vaecf.training import configs
+  from jax_vaecf.training import engine as loop
+  from jax_vaecf.tuning import search as tune
+  base = configs.get_config("ml1m_sparse_ease")
+  space = tune.make_space(base, n_train_users=lambda: 100)
+  assert {p.name for p in space.params} == {"l2"}
+  assert space.base_values == {"l2": 500.0}
+  trial = space.trial_config(base, {"l2": 80.0})
+  assert trial.l2 == (80.0,) and trial.target_density == base.target_density
+  cfg, _, results = run
+  refit = loop.refit_config(cfg, results["train"])
+  assert refit.l2 == tuple(results["train"]["chosen"]["l2"]) and refit.target_density == 0.2
