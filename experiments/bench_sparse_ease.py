@@ -124,6 +124,8 @@ def fit_ours(x, l2: float, density: float):
   entries (both factors) and a scorer ``rows -> float32 (batch, n)``."""
   f = sparse_ease.fit(x, sparse_ease.Settings(l2=l2, target_density=density,
                                               gram_ratio=FLAGS.gram_ratio))
+  if f.shift:
+    print(f"(sparse EASE: the factorisation's diagonal was raised by {f.shift:.1%})")
   return f, 2 * int(np.count_nonzero(f.encode)), lambda rows: sparse_ease.score(f, rows)
 
 
@@ -256,7 +258,7 @@ def scorers(f: sparse_ease.Factors) -> dict:
   mt = jsparse.BCOO.from_scipy_sparse(m.T.tocsr())
   wb = jsparse.BCOO.from_scipy_sparse(w.tocsr())
   bcoo = jax.jit(lambda h, mt, wb: h + (h @ mt) @ wb)
-  rows, enc, dec = (jnp.asarray(a) for a in f)
+  rows, enc, dec = (jnp.asarray(a) for a in (f.rows, f.encode, f.decode))
 
   def model(batch, rows, enc, dec):
     h = sparse_ease.sparse_scatter_product(batch, rows, enc)

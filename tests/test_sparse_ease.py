@@ -414,3 +414,28 @@ def test_the_tuner_searches_l2_and_a_refit_keeps_the_chosen_settings(run):
   cfg, _, results = run
   refit = loop.refit_config(cfg, results["train"])
   assert refit.l2 == tuple(results["train"]["chosen"]["l2"]) and refit.target_density == 0.2
+
+
+def test_a_failed_factorisation_is_retried_with_a_raised_diagonal(monkeypatch):
+  real, seen = sparse_ease.ldl_factor, []
+
+  def fails_twice(a, drop_tol, fill_factor):
+    seen.append(a.diagonal().copy())
+    if len(seen) <= 2:
+      raise sparse_ease.NotPositiveDefinite("test")
+    return real(a, drop_tol, fill_factor)
+
+  monkeypatch.setattr(sparse_ease, "ldl_factor", fails_twice)
+  x = _clustered(n_users=80, n_items=30)
+  f = sparse_ease.fit(x, sparse_ease.Settings(l2=5.0, target_density=0.3))
+  # Tried as is, then + 0.1% and + 0.2% of the diagonal; the last one factored.
+  assert f.shift == 2e-3 and len(seen) == 3
+  np.testing.assert_allclose(seen[1], seen[0] * 1.001)
+  np.testing.assert_allclose(seen[2], seen[0] * 1.002)
+  monkeypatch.setattr(sparse_ease, "ldl_factor", lambda *a: (_ for _ in ()).throw(
+      sparse_ease.NotPositiveDefinite("never")))
+  with pytest.raises(ValueError, match="never"):
+    sparse_ease.fit(x, sparse_ease.Settings(l2=5.0, target_density=0.3))
+  # The exact fit (density 1) is never shifted: it fails instead.
+  with pytest.raises(ValueError, match="never"):
+    sparse_ease.fit(x, sparse_ease.Settings(l2=5.0, target_density=1.0))

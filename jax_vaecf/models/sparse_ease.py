@@ -155,11 +155,14 @@ class Factors(NamedTuple):
     rows: int32 ``(k, n)``.
     encode: float32 ``(k, n)``.
     decode: float32 ``(k, n)``.
+    shift: the diagonal shift the incomplete factorisation needed (0: none;
+      :func:`shifted_ldl_factor`).
   """
 
   rows: np.ndarray
   encode: np.ndarray
   decode: np.ndarray
+  shift: float = 0.0
 
   def matrices(self) -> tuple[sp.csc_matrix, sp.csc_matrix]:
     """``(M, W)``, float32 CSC ``(n, n)`` each."""
@@ -197,18 +200,21 @@ def fit(x, settings: Settings) -> Factors:
   keep_g = n * n if exact else n * per_column(settings.target_density, settings.gram_ratio, n)
   k_f = n if exact else per_column(settings.target_density, settings.factor_ratio, n)
   a = gram_plus_ridge(xc, settings.l2, keep_g, settings.block_size)
-  lower, d, perm = ldl_factor(a, 0.0 if exact else settings.drop_tol,
-                              n * n / a.nnz + 1.0 if exact else settings.fill_factor)
+  if exact:
+    lower, d, perm = ldl_factor(a, 0.0, n * n / a.nnz + 1.0)
+    shift = 0.0
+  else:
+    lower, d, perm, shift = shifted_ldl_factor(a, settings.drop_tol, settings.fill_factor)
   del a
   lower = keep_top_per_column(lower, k_f, keep_diagonal=True)
   steps = max(1, math.ceil(math.log2(n)) + 1) if exact else settings.inverse_steps
   k_inv = unit_lower_inverse(lower, steps, k_f, settings.block_size)
   del lower
-  return factors_of(keep_top_per_column(k_inv, k, keep_diagonal=True), d, perm, k)
+  return factors_of(keep_top_per_column(k_inv, k, keep_diagonal=True), d, perm, k, shift)
 
 
-def factors_of(k_inv: sp.csc_matrix, d: np.ndarray, perm: np.ndarray, keep: int
-               ) -> Factors:
+def factors_of(k_inv: sp.csc_matrix, d: np.ndarray, perm: np.ndarray, keep: int,
+               shift: float = 0.0) -> Factors:
   """:class:`Factors` of ``K ~ L^-1`` (CSC ``(n, n)``, factor order, at most ``keep``
   per column), the pivots ``d`` ``(n,)`` and the factor's order ``perm`` (item ``i`` is
   the factor's position ``perm[i]``)."""
@@ -216,7 +222,7 @@ def factors_of(k_inv: sp.csc_matrix, d: np.ndarray, perm: np.ndarray, keep: int
   diag_p = np.asarray(m.multiply(m).T @ (1.0 / d)).ravel()
   rows, encode = to_columns(m, keep)
   decode = -encode.astype(np.float64) / d[rows] / diag_p[None, :]
-  return Factors(rows, encode, decode.astype(np.float32))
+  return Factors(rows, encode, decode.astype(np.float32), shift)
 
 
 def gram_plus_ridge(xc: sp.csc_matrix, l2: float, keep: int, block_size: int,
@@ -267,17 +273,45 @@ def _gram_threshold(xc, xr, keep: int, block_size: int, seed: int) -> float:
   return float(np.nextafter(t, np.inf)) if at_least - want > want - above else float(t)
 
 
+class NotPositiveDefinite(ValueError):
+  """A non-positive pivot in the (incomplete) factorisation."""
+
+
+# SANSA's answer to a failed incomplete factorisation: add a share of the diagonal and
+# try again, the share doubling from 1e-3 (here: at most 6 more tries, up to 3.2%).
+SHIFT_STEP = 1e-3
+SHIFT_TRIES = 6
+
+
+def shifted_ldl_factor(a: sp.csc_matrix, drop_tol: float, fill_factor: float
+                       ) -> tuple[sp.csc_matrix, np.ndarray, np.ndarray, float]:
+  """:func:`ldl_factor` of ``a``, or of ``a + shift * diag(a)`` with the first shift of
+  ``SHIFT_STEP * 2^i`` that factors when ``a`` itself loses positive definiteness;
+  returns ``(L, d, perm, shift)``. ``NotPositiveDefinite`` when no shift does."""
+  shift = 0.0
+  for attempt in range(SHIFT_TRIES + 1):
+    shifted = a if shift == 0.0 else sp.csc_matrix(a + sp.diags(shift * a.diagonal()))
+    try:
+      return (*ldl_factor(shifted, drop_tol, fill_factor), shift)
+    except NotPositiveDefinite:
+      if attempt == SHIFT_TRIES:
+        raise
+      shift = SHIFT_STEP * 2.0 ** attempt
+  raise AssertionError("unreachable")
+
+
 def ldl_factor(a: sp.csc_matrix, drop_tol: float, fill_factor: float
                ) -> tuple[sp.csc_matrix, np.ndarray, np.ndarray]:
   """``(L, d, perm)`` with ``a[q][:, q] ~ L diag(d) L^T``, ``q = argsort(perm)``: ``L``
   float64 CSC unit lower triangular ``(n, n)``, ``d`` float64 ``(n,)`` positive, ``perm``
-  int ``(n,)`` (SuperLU's column order). Raises ``ValueError`` on a non-positive pivot."""
+  int ``(n,)`` (SuperLU's column order). Raises :class:`NotPositiveDefinite` (a
+  ``ValueError``) on a non-positive pivot."""
   lu = sla.spilu(a, drop_tol=drop_tol, fill_factor=fill_factor,
                  permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
                  options={"SymmetricMode": True, "Equil": False})
   d = lu.U.diagonal()
   if not np.array_equal(lu.perm_r, lu.perm_c) or not (d > 0).all():
-    raise ValueError(
+    raise NotPositiveDefinite(
         f"sparse EASE: the incomplete factorisation of G + l2 I lost positive "
         f"definiteness ({int((d <= 0).sum())} non-positive pivots of {d.size}); "
         f"raise l2 or target_density, or lower drop_tol")
@@ -617,8 +651,10 @@ def fit_run(settings: SparseEASESettings, problem: model_lib.ClosedFormProblem
       t0 = time.perf_counter()
       factors = fit(x, settings.fit_settings(c["l2"]))
       if problem.progress is not None:
+        shifted = (f", the factorisation's diagonal raised by {factors.shift:.1%} (it "
+                   "lost positive definiteness without)" if factors.shift else "")
         problem.progress(f"l2 {c['l2']:g}: factors of {keep} x {n:,} in "
-                         f"{time.perf_counter() - t0:.1f}s")
+                         f"{time.perf_counter() - t0:.1f}s{shifted}")
       fitted[c["l2"]] = jax.device_put(params_of(factors, c["l2"]), problem.device)
     return fitted[c["l2"]]
 
