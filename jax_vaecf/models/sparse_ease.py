@@ -662,7 +662,7 @@ def fit_run(settings: SparseEASESettings, problem: model_lib.ClosedFormProblem
   return model_lib.ClosedFormFit(
       params(best), {"l2": (best["l2"],)},
       f"l2 {best['l2']:g}, target_density {settings.target_density:g} ({len(fitted)} "
-      "sparse fits on the host)")
+      f"sparse fit{'s' if len(fitted) > 1 else ''} on the host)")
 
 
 def _build(n_items, settings: SparseEASESettings, dropout_rate, dtype) -> SparseEASE:
