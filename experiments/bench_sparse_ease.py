@@ -79,6 +79,8 @@ def define_flags(flag_values: flags.FlagValues | None = None) -> None:
                     "target_density values of the ML-1M sparse fits.", flag_values=fv)
   flags.DEFINE_float("gram_ratio", 4.0, "Sparse EASE's gram_ratio (every fit).",
                      flag_values=fv)
+  flags.DEFINE_enum("ordering", "colamd", ["colamd", "mmd"],
+                    "Sparse EASE's ordering (every fit).", flag_values=fv)
   flags.DEFINE_enum("sansa_factorizer", "auto", ["auto", "cholmod", "icf"],
                     "sansa's factorisation (auto: CHOLMOD on ML-1M, ICF on the "
                     "synthetic shapes, as its README advises).", flag_values=fv)
@@ -123,7 +125,8 @@ def fit_ours(x, l2: float, density: float):
   """Sparse EASE's :class:`~jax_vaecf.models.sparse_ease.Factors`, their weights'
   entries (both factors) and a scorer ``rows -> float32 (batch, n)``."""
   f = sparse_ease.fit(x, sparse_ease.Settings(l2=l2, target_density=density,
-                                              gram_ratio=FLAGS.gram_ratio))
+                                              gram_ratio=FLAGS.gram_ratio,
+                                              ordering=FLAGS.ordering))
   if f.shift:
     print(f"(sparse EASE: the factorisation's diagonal was raised by {f.shift:.1%})")
   return f, 2 * int(np.count_nonzero(f.encode)), lambda rows: sparse_ease.score(f, rows)
@@ -149,7 +152,8 @@ def _sides(factorizer: str):
   """``[(label, fit(x, l2, density) -> (B or model, nnz, scorer) or a reason)]``."""
   sides = []
   if "ours" in FLAGS.sides:
-    sides.append((f"sparse EASE (gram_ratio {FLAGS.gram_ratio:g})", fit_ours))
+    sides.append((f"sparse EASE (gram_ratio {FLAGS.gram_ratio:g}, {FLAGS.ordering})",
+                  fit_ours))
   if "sansa" in FLAGS.sides:
     why = sansa_problem()
     if FLAGS.sansa_factorizer != "auto":

@@ -31,9 +31,11 @@ def _clustered(n_users=400, n_items=120, n_groups=6, seed=0) -> sp.csr_matrix:
   return sp.csr_matrix(np.array(rows))
 
 
-def test_full_density_equals_dense_ease():
+@pytest.mark.parametrize("ordering", ["colamd", "mmd"])
+def test_full_density_equals_dense_ease(ordering):
   x = _clustered()
-  f = sparse_ease.fit(x, sparse_ease.Settings(l2=20.0, target_density=1.0))
+  f = sparse_ease.fit(x, sparse_ease.Settings(l2=20.0, target_density=1.0,
+                                              ordering=ordering))
   ref = _dense_ease(x, 20.0)
   assert f.rows.shape == f.encode.shape == f.decode.shape == (120, 120)
   assert f.rows.dtype == np.int32 and f.encode.dtype == f.decode.dtype == np.float32
@@ -246,6 +248,7 @@ def test_to_columns_keeps_every_entry_and_refuses_a_column_past_its_density():
     ({"drop_tol": -1.0}, "drop_tol must be >= 0"),
     ({"inverse_steps": 0}, "inverse_steps and block_size must be >= 1"),
     ({"target_density": "0.1"}, "target_density = '0.1', expected float"),
+    ({"ordering": "amd"}, r"ordering must be one of \['colamd', 'mmd'\], got 'amd'"),
 ])
 def test_bad_model_settings_are_refused_by_name(values, match):
   from jax_vaecf import model as model_lib
@@ -419,11 +422,11 @@ def test_the_tuner_searches_l2_and_a_refit_keeps_the_chosen_settings(run):
 def test_a_failed_factorisation_is_retried_with_a_raised_diagonal(monkeypatch):
   real, seen = sparse_ease.ldl_factor, []
 
-  def fails_twice(a, drop_tol, fill_factor):
+  def fails_twice(a, drop_tol, fill_factor, ordering):
     seen.append(a.diagonal().copy())
     if len(seen) <= 2:
       raise sparse_ease.NotPositiveDefinite("test")
-    return real(a, drop_tol, fill_factor)
+    return real(a, drop_tol, fill_factor, ordering)
 
   monkeypatch.setattr(sparse_ease, "ldl_factor", fails_twice)
   x = _clustered(n_users=80, n_items=30)

@@ -15,7 +15,8 @@ by sparse pieces of about ``k = target_density * n_items`` entries per column:
    remain; each dropped ``|g_ij|`` is added to ``g_ii`` and ``g_jj`` (so the result stays
    positive definite); plus ``l2 I``.
 2. An incomplete factorisation ``G + l2 I ~ Q^T L D L^T Q`` (SciPy's SuperLU ``spilu``
-   with the fill-reducing COLAMD ordering, no pivoting, drop
+   with a fill-reducing order (``ordering``: COLAMD or the minimum-degree order of
+   ``A^T + A``), no pivoting, drop
    tolerance ``drop_tol``); ``L`` (unit lower triangular) is cut to ``factor_ratio * k``
    per column and only ``diag(U) = D`` is kept from ``U`` (for an exact factorisation of
    a symmetric positive definite matrix ``U = D L^T``; the symmetric form keeps ``P``
@@ -83,6 +84,8 @@ class Settings:
     fill_factor: most entries of SuperLU's factors over those of the matrix.
     inverse_steps: Newton-Schulz steps for ``K`` (each squares the residual).
     block_size: columns per block of every product (bounds the transient memory).
+    ordering: the incomplete factorisation's fill-reducing order, a key of
+      :data:`ORDERINGS`.
   """
 
   l2: float
@@ -93,6 +96,14 @@ class Settings:
   fill_factor: float = 10.0
   inverse_steps: int = 7
   block_size: int = 2048
+  ordering: str = "colamd"
+
+
+# SuperLU's orders (permc_spec) by the name a setting gives. Measured: at Amazon-Book's
+# shape the factorisation took 7 s in COLAMD's order against 94 s in the minimum-degree
+# order of A^T + A; on ML-1M the minimum-degree order was the more accurate (test
+# NDCG@100 0.4144 against 0.4043 at 5% density, docs/results.md).
+ORDERINGS = {"colamd": "COLAMD", "mmd": "MMD_AT_PLUS_A"}
 
 
 def check_settings(settings: Settings) -> None:
@@ -108,6 +119,9 @@ def check_settings(settings: Settings) -> None:
       raise ValueError(f"sparse EASE: {name} must be a finite number >= 1, got {value!r}")
   if not (math.isfinite(settings.drop_tol) and settings.drop_tol >= 0.0):
     raise ValueError(f"sparse EASE: drop_tol must be >= 0, got {settings.drop_tol!r}")
+  if settings.ordering not in ORDERINGS:
+    raise ValueError(f"sparse EASE: ordering must be one of {sorted(ORDERINGS)}, got "
+                     f"{settings.ordering!r}")
   if settings.inverse_steps < 1 or settings.block_size < 1:
     raise ValueError(f"sparse EASE: inverse_steps and block_size must be >= 1, got "
                      f"{settings.inverse_steps} and {settings.block_size}")
@@ -201,10 +215,11 @@ def fit(x, settings: Settings) -> Factors:
   k_f = n if exact else per_column(settings.target_density, settings.factor_ratio, n)
   a = gram_plus_ridge(xc, settings.l2, keep_g, settings.block_size)
   if exact:
-    lower, d, perm = ldl_factor(a, 0.0, n * n / a.nnz + 1.0)
+    lower, d, perm = ldl_factor(a, 0.0, n * n / a.nnz + 1.0, settings.ordering)
     shift = 0.0
   else:
-    lower, d, perm, shift = shifted_ldl_factor(a, settings.drop_tol, settings.fill_factor)
+    lower, d, perm, shift = shifted_ldl_factor(a, settings.drop_tol, settings.fill_factor,
+                                               settings.ordering)
   del a
   lower = keep_top_per_column(lower, k_f, keep_diagonal=True)
   steps = max(1, math.ceil(math.log2(n)) + 1) if exact else settings.inverse_steps
@@ -283,7 +298,8 @@ SHIFT_STEP = 1e-3
 SHIFT_TRIES = 6
 
 
-def shifted_ldl_factor(a: sp.csc_matrix, drop_tol: float, fill_factor: float
+def shifted_ldl_factor(a: sp.csc_matrix, drop_tol: float, fill_factor: float,
+                       ordering: str = "colamd"
                        ) -> tuple[sp.csc_matrix, np.ndarray, np.ndarray, float]:
   """:func:`ldl_factor` of ``a``, or of ``a + shift * diag(a)`` with the first shift of
   ``SHIFT_STEP * 2^i`` that factors when ``a`` itself loses positive definiteness;
@@ -292,7 +308,7 @@ def shifted_ldl_factor(a: sp.csc_matrix, drop_tol: float, fill_factor: float
   for attempt in range(SHIFT_TRIES + 1):
     shifted = a if shift == 0.0 else sp.csc_matrix(a + sp.diags(shift * a.diagonal()))
     try:
-      return (*ldl_factor(shifted, drop_tol, fill_factor), shift)
+      return (*ldl_factor(shifted, drop_tol, fill_factor, ordering), shift)
     except NotPositiveDefinite:
       if attempt == SHIFT_TRIES:
         raise
@@ -300,16 +316,15 @@ def shifted_ldl_factor(a: sp.csc_matrix, drop_tol: float, fill_factor: float
   raise AssertionError("unreachable")
 
 
-def ldl_factor(a: sp.csc_matrix, drop_tol: float, fill_factor: float
+def ldl_factor(a: sp.csc_matrix, drop_tol: float, fill_factor: float,
+               ordering: str = "colamd"
                ) -> tuple[sp.csc_matrix, np.ndarray, np.ndarray]:
   """``(L, d, perm)`` with ``a[q][:, q] ~ L diag(d) L^T``, ``q = argsort(perm)``: ``L``
   float64 CSC unit lower triangular ``(n, n)``, ``d`` float64 ``(n,)`` positive, ``perm``
-  int ``(n,)`` (SuperLU's column order). Raises :class:`NotPositiveDefinite` (a
+  int ``(n,)`` (SuperLU's column order, :data:`ORDERINGS` ``[ordering]``). Raises :class:`NotPositiveDefinite` (a
   ``ValueError``) on a non-positive pivot."""
   lu = sla.spilu(a, drop_tol=drop_tol, fill_factor=fill_factor,
-                 # COLAMD: at Amazon-Book's shape the factorisation took 7 s in its
-                 # order against 94 s in the minimum-degree order of A^T + A.
-                 permc_spec="COLAMD", diag_pivot_thresh=0.0,
+                 permc_spec=ORDERINGS[ordering], diag_pivot_thresh=0.0,
                  options={"SymmetricMode": True, "Equil": False})
   d = lu.U.diagonal()
   if not np.array_equal(lu.perm_r, lu.perm_c) or not (d > 0).all():
@@ -590,6 +605,10 @@ class SparseEASESettings:
       1e-4, "Relative drop tolerance of the incomplete LDL^T factorisation, >= 0.")
   inverse_steps: int = model_lib.model_setting(
       7, "Newton-Schulz steps of the sparse inverse of L, >= 1.")
+  ordering: str = model_lib.model_setting(
+      "colamd", "Fill-reducing order of the incomplete factorisation: colamd (fast on "
+      "wide catalogues) or mmd (minimum degree of A^T + A; more accurate on ML-1M, 13x "
+      "slower at Amazon-Book's shape).", choices=tuple(ORDERINGS))
 
   def __post_init__(self):
     if not self.l2:
@@ -602,7 +621,8 @@ class SparseEASESettings:
     """The :class:`Settings` of one fit."""
     return Settings(l2=float(l2), target_density=self.target_density,
                     gram_ratio=self.gram_ratio, factor_ratio=self.factor_ratio,
-                    drop_tol=self.drop_tol, inverse_steps=self.inverse_steps)
+                    drop_tol=self.drop_tol, inverse_steps=self.inverse_steps,
+                    ordering=self.ordering)
 
 
 def fit_bytes_floor(n_items: int, settings: Settings) -> int:
