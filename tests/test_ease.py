@@ -129,8 +129,8 @@ def test_l2_values_and_settings_are_checked():
   ]:
     with pytest.raises(ValueError, match=message):
       configs.validate(base.replace(**changes))
-  with pytest.raises(ValueError, match="l2 is a setting of --model=ease or edlae, not of "
-                                      "multvae"):
+  with pytest.raises(ValueError, match="l2 is a setting of --model=ease or edlae or "
+                                      "sparse_ease, not of multvae"):
     configs.validate(configs.get_config("ml1m").replace(l2=(100.0,)))
 
 

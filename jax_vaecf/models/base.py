@@ -438,6 +438,7 @@ _ENTRIES: dict[str, str | ModelEntry] = {
     "recvae": "jax_vaecf.models.recvae:ENTRY",
     "ease": "jax_vaecf.models.ease:ENTRY",
     "edlae": "jax_vaecf.models.edlae:ENTRY",
+    "sparse_ease": "jax_vaecf.models.sparse_ease:ENTRY",
 }
 MODELS = tuple(_ENTRIES)  # the built-in models; names() also lists registered ones
 

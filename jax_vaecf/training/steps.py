@@ -564,9 +564,14 @@ def _chunked_metrics(model: nn.Module, output_chunk_size: int, chunk_metrics: Ca
   """
   fi = batch.fold_in
   h = model.apply({"params": params}, fi, train=False, method="features").logits
-  layer = params[model.output_layer]
-  kernel = layer["kernel"].astype(model.dtype)
-  bias = layer["bias"].astype(jnp.float32)
+  # A model whose output layer is no dense kernel (sparse EASE) forms its own logits.
+  output_logits = getattr(model, "output_logits", None)
+  if output_logits is None:
+    layer = params[model.output_layer]
+    kernel = layer["kernel"].astype(model.dtype)
+    bias = layer["bias"].astype(jnp.float32)
+    output_logits = lambda _, h_c: jnp.dot(h_c, kernel,
+                                           preferred_element_type=jnp.float32) + bias
   b = h.shape[0]
   n_chunks, size = sparse_lib.equal_chunks(b, output_chunk_size)
   pad = n_chunks * size - b
@@ -575,7 +580,7 @@ def _chunked_metrics(model: nn.Module, output_chunk_size: int, chunk_metrics: Ca
 
   def one_chunk(args):
     h_c, mask_c, c = args
-    logits = jnp.dot(h_c, kernel, preferred_element_type=jnp.float32) + bias
+    logits = output_logits(params, h_c)
     return chunk_metrics(logits, batch, c, size, mask_c)
 
   out = jax.lax.map(one_chunk, (hs, mask, jnp.arange(n_chunks)))

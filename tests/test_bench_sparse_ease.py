@@ -1,0 +1,44 @@
+"""experiments.bench_sparse_ease in-process on a tiny synthetic shape: both sides' rows,
+and the three scorers of the scoring table agreeing with the host's products."""
+
+import re
+
+import pytest
+
+import _tools
+from experiments import bench_sparse_ease as bench
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+  monkeypatch.setitem(bench.SHAPES, "tiny", (600, 300, 12.0, 5))
+  # The peer's row must not depend on whether sansa is installed here.
+  monkeypatch.setattr(bench, "sansa_problem", lambda: "not installed (test)")
+
+
+def test_synthetic_and_scoring_rows_on_a_tiny_shape(tiny):
+  r = _tools.run("experiments.bench_sparse_ease", "--sections=synthetic,scoring",
+                 "--shapes=tiny", "--synthetic_density=0.05", "--score_users=50",
+                 "--repeats=1")
+  assert r.returncode == 0, r.stderr[-2000:]
+  lines = r.stdout.splitlines()
+  (ours,) = [l for l in lines if l.startswith("| tiny |") and "sparse EASE" in l]
+  cells = [c.strip() for c in ours.split("|")[1:-1]]
+  assert cells[1:3] == ["600", "300"]
+  # 15 entries per column of each factor, at most: at most 2 * 15 * 300 weights.
+  assert 0 < int(cells[5].replace(",", "")) <= 2 * 15 * 300
+  assert any("sansa" in l and "not installed (test)" in l for l in lines)
+  scoring = [l for l in lines if l.startswith("| tiny | 300 |")]
+  assert len(scoring) == 3, r.stdout
+  for line in scoring:
+    assert "failed" not in line
+    assert float(line.split("|")[-2]) <= 1e-5, line  # max difference to the host
+
+
+def test_unknown_sections_and_sides_are_usage_errors():
+  r = _tools.run("experiments.bench_sparse_ease", "--sections=nope")
+  assert r.returncode == 2 and re.search(r"--sections: unknown \['nope'\]", r.stderr)
+  r = _tools.run("experiments.bench_sparse_ease", "--sides=other")
+  assert r.returncode == 2 and "--sides: unknown ['other']" in r.stderr
+  r = _tools.run("experiments.bench_sparse_ease", "--sides=sansa", "--sections=scoring")
+  assert r.returncode == 2 and "keep ours in --sides" in r.stderr
