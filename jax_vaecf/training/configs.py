@@ -571,8 +571,10 @@ def yelp2018() -> Config:
   (``anneal_epochs`` 100) instead of never (200,000 steps are 3,100 epochs of this
   data's 64 batches), and the epoch is chosen on validation targets cut from 10% of
   each user's training items, then the model is trained again on the full rows for
-  that many epochs (``refit``) and tested. Expected on Yelp2018 (2-core AMD EPYC):
-  EXPECTED.
+  that many epochs (``refit``) and tested. Expected on Yelp2018 (2-core AMD EPYC): the
+  best validation epoch 20 of 28, test Recall@20 (hits / n) 0.0612 and NDCG@20 0.0489
+  (seeds 1 and 2 refit for 20 epochs: 0.0619 / 0.0491, 0.0607 / 0.0484), where the
+  LightGCN paper reports 0.0584 / 0.0450 for Mult-VAE.
   """
   return ml20m().replace(dataset="ngcf", data_dir="data/yelp2018", protocol="per_user",
                          anneal_epochs=100.0, number_of_epochs=80, validation_step=2,
