@@ -62,6 +62,23 @@ def _pipelined(fn, params, host_batches, put):
     yield pending
 
 
+def read_best_state(cfg: configs.Config, workdir: str, data, built: run_state.Built,
+                    missing: str) -> tuple:
+  """``(state, meta)`` of the best checkpoint of ``workdir``, read without writing
+  (``data``: the run's split or its sizes, for the folder's identity). Raises
+  ``FileNotFoundError(f"{workdir}: {missing}")`` when the folder has none."""
+  ck = checkpoint_lib.RunCheckpoints(workdir, run_folder.identity(cfg, data),
+                                     keep_best=cfg.keep_best, best_metric=BEST_METRIC,
+                                     read_only=True)
+  try:
+    restored = ck.restore_best(run_state.state_layout(cfg, built))
+  finally:
+    ck.close()
+  if restored is None:
+    raise FileNotFoundError(f"{workdir}: {missing}")
+  return restored
+
+
 def test_best(cfg: configs.Config, workdir: str, split: data_lib.Split,
               ck: checkpoint_lib.RunCheckpoints, built: run_state.Built) -> dict:
   """Scores the best checkpoint of ``workdir`` on the test users."""

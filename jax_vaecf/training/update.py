@@ -54,7 +54,8 @@ from jax_vaecf.training import run_folder
 from jax_vaecf.training import run_state
 from jax_vaecf.training import steps as train_lib
 from jax_vaecf.training.checkpoint_choice import Standing
-from jax_vaecf.training.evaluate import BEST_METRIC, VALIDATION_RECORD, evaluate, test_best
+from jax_vaecf.training.evaluate import (BEST_METRIC, VALIDATION_RECORD, evaluate,
+                                         read_best_state, test_best)
 
 SPLIT_FILE = "split.npz"  # an updated run's data, in its folder
 _SPLIT_KEY = "updated run"  # the key save_split stores, checked on load
@@ -354,14 +355,7 @@ def continue_training(cfg: configs.Config, workdir: str, old: data_lib.Split,
   (Mult-VAE: ``n_steps`` Adam steps; ``None``: one pass over those rows). Returns the
   built steps, the state, the checkpoint's meta and the update's training record."""
   built = engine.build(cfg, old.n_items, old.n_train_users)  # the run's KL schedule
-  ck = checkpoint_lib.RunCheckpoints(workdir, run_folder.identity(cfg, old),
-                                     read_only=True)
-  try:
-    restored = ck.restore_best(run_state.state_layout(cfg, built))
-  finally:
-    ck.close()
-  if restored is None:
-    raise FileNotFoundError(f"{workdir}: no finished checkpoint to update")
+  restored = read_best_state(cfg, workdir, old, built, "no finished checkpoint to update")
   state, meta = built.steps.init_state(restored[0]), restored[1]
   epoch = int(meta["epoch"])
   x = update_rows(change, old.n_train_users, replay, cfg.seed + epoch)

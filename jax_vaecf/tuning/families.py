@@ -37,12 +37,9 @@ from jax_vaecf import model as model_lib
 from jax_vaecf.core import files as files_lib
 from jax_vaecf.evaluation import metrics as metrics_lib
 from jax_vaecf.evaluation import significance
-from jax_vaecf.training import checkpoint as checkpoint_lib
 from jax_vaecf.training import configs
 from jax_vaecf.training import engine as loop
-from jax_vaecf.training import run_folder
-from jax_vaecf.training import run_state
-from jax_vaecf.training.evaluate import BEST_METRIC, evaluate
+from jax_vaecf.training.evaluate import BEST_METRIC, evaluate, read_best_state
 from jax_vaecf.tuning import search as search_lib
 from jax_vaecf.tuning.space import TuneError
 
@@ -214,15 +211,7 @@ def validation_users(workdir: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   cfg = configs.get_config(os.path.join(workdir, "config.json"))
   split = loop.load_data(cfg)
   built = loop.build(cfg, split.n_items, split.n_train_users)
-  ck = checkpoint_lib.RunCheckpoints(workdir, run_folder.identity(cfg, split),
-                                     keep_best=cfg.keep_best, best_metric=BEST_METRIC,
-                                     read_only=True)
-  try:
-    restored = ck.restore_best(run_state.state_layout(cfg, built))
-  finally:
-    ck.close()
-  if restored is None:
-    raise FileNotFoundError(f"{workdir}: no best checkpoint to score")
+  restored = read_best_state(cfg, workdir, split, built, "no best checkpoint to score")
   acc = metrics_lib.MetricAccumulator()
   evaluate(built.steps, built.steps.init_state(restored[0]), split.validation,
            cfg.batch_size_validation, accumulator=acc)
