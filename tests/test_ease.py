@@ -400,3 +400,25 @@ def test_the_memory_check_counts_two_matrices_on_a_cpu_and_five_elsewhere():
       self.platform = platform
   assert ease.device_bytes_needed(1000, Device("cpu")) == 2 * 4 * 1000**2
   assert ease.device_bytes_needed(1000, Device("gpu")) == 5 * 4 * 1000**2
+
+
+def test_sparse_rows_are_scored_by_gathers_when_items_far_outnumber_entries():
+  # 400 items, 3 items a row: 133 items per stored entry, above GATHER_ITEMS_PER_ENTRY.
+  rng = np.random.default_rng(5)
+  n, users = 400, 24
+  rows = np.repeat(np.arange(users), 3)
+  cols = np.concatenate([rng.choice(n, 3, replace=False) for _ in range(users)])
+  x = sp.csr_matrix((np.ones(rows.size, np.float32), (rows, cols)), shape=(users, n))
+  batch = jax.tree_util.tree_map(
+      jnp.asarray, data_lib.make_batch(x, np.arange(users), users, (rows.size,)))
+  assert ease.gathers_cheaper(batch, n)
+  assert not ease.gathers_cheaper(batch, ease.GATHER_ITEMS_PER_ENTRY * 3)
+  assert not ease.gathers_cheaper(jnp.zeros((users, n)), n)  # dense rows stay dense
+  model = model_lib.build_model("ease", n)
+  b = rng.standard_normal((n, n)).astype(np.float32)
+  np.fill_diagonal(b, 0)
+  params = ease.params_of(jnp.asarray(b), 10.0)
+  got = model.apply({"params": params}, batch).logits
+  np.testing.assert_allclose(np.asarray(got), x.toarray() @ b, rtol=1e-5, atol=1e-5)
+  dense = model.apply({"params": params}, jnp.asarray(x.toarray())).logits
+  np.testing.assert_allclose(np.asarray(got), np.asarray(dense), rtol=1e-5, atol=1e-5)

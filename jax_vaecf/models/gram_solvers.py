@@ -37,6 +37,8 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.linalg import blas, lapack
 
+from jax_vaecf.core import lapack as lapack_lib
+
 Progress = Optional[Callable[[str], None]]
 
 # Rows per block when a dense matrix is filled or symmetrised piece by piece: bounds the
@@ -162,12 +164,9 @@ def _lapack_check(info: int, routine: str, what: str) -> None:
 def _factor_in_place(a: np.ndarray, what: str) -> np.ndarray:
   """Lower Cholesky factor of the Fortran view of ``a``, in place (other triangle 0)."""
   f = _fortran(a)
-  potrf, = lapack.get_lapack_funcs(("potrf",), (f,))
-  c, info = potrf(f, lower=1, clean=1, overwrite_a=1)
-  _lapack_check(info, "potrf", what)
-  if not np.shares_memory(c, a):
-    raise RuntimeError("potrf did not work in place")  # a copy would double the memory
-  return c
+  # Blocked: OpenBLAS's threaded potrf crashes from about 28,000 rows (core/lapack.py).
+  _lapack_check(lapack_lib.cholesky_in_place(f), "potrf", what)
+  return f
 
 
 # ---------------------------------------------------------------------- one inverse
@@ -245,58 +244,78 @@ def primal_flops(n_users: int, n_items: int) -> float:
 
 
 def dual_flops(n_users: int, n_items: int) -> float:
-  """Flops of a dual fit: Cholesky of the ``m x m`` system ``m^3/3``, the triangular solve
-  ``m^2 n``, and ``P = D^-1 - W^T W`` (a symmetric rank-``m`` product) ``m n^2``."""
-  m, n = float(n_users), float(n_items)
-  return m**3 / 3 + m * m * n + m * n * n
+  """Flops of a dual fit: the inverse of the ``m x m`` system (``potrf`` ``m^3/3``,
+  ``potri`` ``2 m^3 / 3``); its sparse products (``nnz * (m + n)``) are not counted."""
+  del n_items
+  return float(n_users) ** 3
 
 
 def use_dual(n_users: int, n_items: int) -> bool:
-  """Whether the users x users form is the cheaper (by :func:`dual_flops`)."""
-  return dual_flops(n_users, n_items) < primal_flops(n_users, n_items)
+  """Whether the users x users form is taken: fewer users than items, where it costs
+  fewer flops (:func:`dual_flops`) and holds under two ``n x n`` matrices."""
+  return n_users < n_items and dual_flops(n_users, n_items) < primal_flops(n_users, n_items)
 
 
-def _dual_factor(x: sp.csr_matrix, d: np.ndarray, dtype):
-  """``(L, W)`` with ``L L^T = I + X D^-1 X^T`` (``m x m``) and ``W = L^-1 X D^-1``
-  ``(m, n)`` Fortran-ordered."""
-  x = x.astype(dtype)
-  xd = x @ sp.diags((1.0 / d).astype(dtype))
-  k = (xd @ x.T).toarray(order="F")
-  k.ravel(order="K")[::k.shape[0] + 1] += 1
+def _dual_system_inverse(x: sp.csr_matrix, d: np.ndarray, dtype, progress: Progress = None
+                         ) -> tuple[np.ndarray, sp.csr_matrix]:
+  """``(K^-1, S^T)``: ``K^-1`` ``(m, m)`` C-ordered, symmetric, with
+  ``K = I + X D^-1 X^T``, and ``S^T = (X D^-1)^T`` CSR ``(n, m)`` in ``dtype``.
+
+  ``K`` is written in row blocks of the sparse product (:func:`gram_into` of
+  ``(X D^-1/2)^T``), then inverted in place (``potrf``, ``potri``: ``m^3`` flops, ONE
+  ``m x m`` matrix)."""
+  t0 = time.perf_counter()
+  x = x.astype(np.float64)
+  half = (x @ sp.diags(1.0 / np.sqrt(d))).T.tocsr().astype(dtype)  # (n, m)
+  k = gram_into(half, dtype=dtype)  # (X D^-1/2)(X D^-1/2)^T, m x m
+  del half
+  k.ravel()[::k.shape[0] + 1] += 1
   lf = _factor_in_place(k, "I + X D^-1 X^T")
-  w = xd.toarray(order="F")
-  trsm = blas.get_blas_funcs("trsm", (lf, w))
-  w = trsm(1.0, lf, w, side=0, lower=1, overwrite_b=1)
-  return lf, w
+  potri, = lapack.get_lapack_funcs(("potri",), (lf,))
+  _, info = potri(lf, lower=1, overwrite_c=1)
+  _lapack_check(info, "potri", "I + X D^-1 X^T")
+  symmetrize_from_lower(k)
+  _say(progress, f"inverse of the {x.shape[0]:,} x {x.shape[0]:,} users system: "
+       f"{time.perf_counter() - t0:.1f}s")
+  st = (x @ sp.diags(1.0 / d)).T.tocsr().astype(dtype)
+  return k, st
 
 
 def dual_inverse(x, diag_add, dtype=np.float32, progress: Progress = None) -> np.ndarray:
   """``P = (X^T X + D)^-1`` from the users x users system (Woodbury):
-  ``P = D^-1 - W^T W`` with ``W = L^-1 X D^-1``, ``L L^T = I + X D^-1 X^T``.
+  ``P = D^-1 - S^T K^-1 S`` with ``S = X D^-1`` (sparse) and ``K = I + X D^-1 X^T``.
+
+  ``K^-1`` costs ``m^3`` flops (:func:`_dual_system_inverse`); ``V = S^T K^-1``
+  ``(n, m)`` and ``P``'s column blocks ``S^T V[block]^T`` are sparse-times-dense
+  products (``nnz * m`` and ``nnz * n`` multiply-adds, single-threaded SciPy).
 
   Args:
     x: sparse ``(m, n)`` training matrix (cheaper than the primal form when ``m`` is
-      below about ``n``: :func:`use_dual`).
+      below ``n``: :func:`use_dual`).
     diag_add: scalar or ``(n,)`` positive diagonal ``d``.
     dtype: float32 or float64.
 
-  Returns ``P`` ``(n, n)`` of ``dtype``. Peak: ``P`` plus ``W`` (``m x n``).
+  Returns ``P`` ``(n, n)`` of ``dtype``, C-ordered. Peak: ``K^-1`` and ``V``
+  (``m^2 + m n``), then ``V`` and ``P`` (``m n + n^2``).
   """
   x = _check_csr(x)
   n = x.shape[1]
   d = _diagonal_vector(diag_add, n, np.float64)
   t0 = time.perf_counter()
-  _, w = _dual_factor(x, d, dtype)
-  _say(progress, f"dual system of {x.shape[0]:,} users: {time.perf_counter() - t0:.1f}s")
-  p = aligned_empty((n, n), dtype, order="F")
-  p.fill(0)
-  p.ravel(order="K")[::n + 1] = 1.0 / d
-  syrk = blas.get_blas_funcs("syrk", (w,))
-  p = syrk(-1.0, w, beta=1.0, c=p, trans=1, lower=1, overwrite_c=1)
-  del w
-  symmetrize_from_lower(p)
+  kinv, st = _dual_system_inverse(x, d, dtype, progress)
+  v = st @ kinv  # (n, m): S^T K^-1, so V[block]^T = K^-1 S[:, block]
+  del kinv
+  p = aligned_empty((n, n), dtype)
+  block = max(1, min(_BLOCK, -(-n // 8)))
+  for i0 in range(0, n, block):
+    i1 = min(n, i0 + block)
+    # (S^T K^-1 S)[:, i0:i1] as rows i0:i1 (P is symmetric).
+    p[i0:i1] = (st @ np.ascontiguousarray(v[i0:i1].T)).T
+  del v
+  p *= -1
+  p.ravel()[::n + 1] += (1.0 / d).astype(dtype)
   _say(progress, f"inverse of {n:,} x {n:,} (dual): {time.perf_counter() - t0:.1f}s")
-  return p.T  # symmetric: the C-ordered view of the same memory
+  return p
 
 
 def fit_inverse(x, diag_add, dtype=np.float32, form: str = "auto",
@@ -420,14 +439,20 @@ def _p_from_inverse_factor(a: np.ndarray) -> np.ndarray:
 
 def _dual_point(x, xv, d, dtype) -> np.ndarray:
   """As :func:`_primal_point` from the users x users system, no ``n x n`` matrix:
-  ``xv P = xv D^-1 - (xv D^-1 X^T) L^-T W`` and ``diag(P) = 1/d - colsum(W^2)``."""
-  lf, w = _dual_factor(x, d, dtype)
-  xvd = xv.astype(dtype) @ sp.diags((1.0 / d).astype(dtype))
-  t = np.asfortranarray((xvd @ x.astype(dtype).T).toarray())
-  trsm = blas.get_blas_funcs("trsm", (lf, t))
-  t = trsm(1.0, lf, t, side=1, lower=1, trans_a=1, overwrite_b=1)
-  xp = xvd.toarray() - t @ w
-  diag_p = (1.0 / d).astype(dtype) - np.einsum("ij,ij->j", w, w)
+  ``xv P = Sv - (Sv X^T) K^-1 S`` (``Sv = xv D^-1``; ``v m^2`` and ``nnz * v``) and
+  ``diag(P) = 1/d - rowsum(S^T * (S^T K^-1))`` over item blocks (``nnz * m``)."""
+  kinv, st = _dual_system_inverse(x, d, dtype)
+  sv = (xv.astype(np.float64) @ sp.diags(1.0 / d)).astype(dtype).tocsr()
+  r = (sv @ x.astype(dtype).T).toarray() @ kinv  # (v, m)
+  xp = sv.toarray() - (st @ np.ascontiguousarray(r.T)).T
+  del r
+  n = x.shape[1]
+  diag_p = (1.0 / d).astype(dtype)
+  block = max(1, min(_BLOCK, -(-n // 8)))
+  for i0 in range(0, n, block):
+    rows = st[i0:i0 + block]
+    diag_p[i0:i0 + block] -= np.asarray(rows.multiply(rows @ kinv).sum(axis=1),
+                                        dtype).ravel()
   return xp / -diag_p[None, :]
 
 
