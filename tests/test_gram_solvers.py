@@ -296,3 +296,19 @@ def test_aligned_empty(order):
     a = gs.aligned_empty(shape, dtype, order)
     assert a.shape == shape and a.dtype == dtype and a.ctypes.data % 64 == 0
     assert a.flags.c_contiguous if order == "C" else a.flags.f_contiguous
+
+
+def test_a_large_blas3_inverse_takes_potris_route(monkeypatch):
+  x = _data(500, 400, seed=8)
+  want = _p_ref(x, 15.0)
+  monkeypatch.setattr(gs, "BLAS3_MAX_ROWS", 100)  # 400 rows: "large"
+  tracemalloc = __import__("tracemalloc")
+  g = gs.gram_into(x)
+  tracemalloc.start()
+  try:
+    p = gs.inverse_of_gram_plus_diagonal(g, 15.0, method="blas3")
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  assert peak < 0.5 * g.nbytes  # no second matrix (L^-1) was made
+  _close(p, want, 1e-4)

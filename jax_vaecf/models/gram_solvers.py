@@ -14,16 +14,19 @@ Memory at the peak of one fit (``n = n_items``, ``m = n_users``):
   of the sparse product, never a dense ``users x items`` matrix) and factored in place
   (``potrf``); ``L^-1`` goes to the second (``trsm``), ``P = L^-T L^-1`` back into the
   first (``syrk``); the other triangle is filled in row blocks of ``_BLOCK`` rows.
-* dual form (:func:`dual_inverse`, fewer users than items): ONE ``n x n`` matrix (``P``)
-  plus the ``m x n`` matrix ``L^-1 X D^-1`` (``m < n``, so under a second ``n x n``).
+* dual form (:func:`dual_inverse`, fewer users than items): ``K^-1`` ``(m, m)`` and
+  ``V = S^T K^-1`` ``(n, m)``, then ``V`` and ``P`` (``m < n``: under two ``n x n``).
 * the l2 sweep (:func:`choose_l2`): TWO ``n x n`` matrices in the primal form (the point
   being scored and the best so far), none in the dual form until the final ``P``.
 
 Costs in flops (:func:`primal_flops`, :func:`dual_flops`): the primal fit is
-``n^3 / 3`` (Cholesky) ``+ 2 n^3`` (``trsm`` and ``syrk``; ``potri``: ``2 n^3 / 3``); the dual is ``m^3 / 3 + m^2 n``
-(Cholesky of ``I + X D^-1 X^T``, triangular solve) ``+ m n^2`` (``P = D^-1 - W^T W``);
-:func:`fit_inverse` takes the cheaper. Sparse products (``G``, ``X D^-1 X^T``) cost
-``sum over users of (items per user)^2``, small beside these, and are not counted.
+``n^3 / 3`` (Cholesky) ``+ 2 n^3`` (``trsm`` and ``syrk``; ``potri``: ``2 n^3 / 3``);
+the dual is ``m^3`` (``K = I + X D^-1 X^T`` inverted by ``potrf`` and ``potri``), then
+``P = D^-1 - S^T K^-1 S`` (``S = X D^-1``) by sparse-times-dense products;
+:func:`fit_inverse` takes the dual when ``m < n``. Sparse products (``G``, ``K``,
+``S^T K^-1``, ``S^T V^T``) cost ``sum over users of (items per user)^2`` and
+``nnz * (m + n)``, small beside these, and are not counted. Every Cholesky factor is
+blocked (:func:`jax_vaecf.core.lapack.cholesky_in_place`).
 """
 
 from __future__ import annotations
@@ -48,6 +51,11 @@ _BLOCK = 1024
 # Values of G computed per sparse product in gram_into (a block's sparse result holds
 # at most this many, about 12 bytes each).
 _GRAM_BLOCK_VALUES = 2**24
+
+# Rows above which inverse_of_gram_plus_diagonal's "blas3" method takes potri's route:
+# OpenBLAS's threaded syrk crashed the process on a 27,572 x 4,096 operand
+# (core/lapack.py), while trtri and lauum (potri's two halves) ran at 31,668 rows.
+BLAS3_MAX_ROWS = 16_384
 
 # Byte alignment of the n x n matrices this module allocates: jax's CPU client takes an
 # array aligned so without copying it (jax.device_put aliases the memory), so a fitted B
@@ -186,7 +194,8 @@ def inverse_of_gram_plus_diagonal(g: np.ndarray, diag_add, overwrite: bool = Tru
     method: after the Cholesky factor ``L`` (``potrf``, in place):
       ``"blas3"``: ``L^-1`` by a triangular solve against ``I`` (``trsm``) into a second
       matrix, then ``P = L^-T L^-1`` (``syrk``) back into the first: TWO ``n x n``
-      matrices at the peak, ``n^3 / 3 + 2 n^3`` flops in two large BLAS-3 calls.
+      matrices at the peak, ``n^3 / 3 + 2 n^3`` flops in two large BLAS-3 calls (above
+      :data:`BLAS3_MAX_ROWS` rows, ``"potri"``'s route).
       ``"potri"``: LAPACK's ``potri`` in place: ONE matrix, ``n^3`` flops, but recursive
       LAPACK code that this machine ran 2-3x slower per flop when its cores were shared
       (docs/performance.md).
@@ -203,7 +212,7 @@ def inverse_of_gram_plus_diagonal(g: np.ndarray, diag_add, overwrite: bool = Tru
   t0 = time.perf_counter()
   c = _factor_in_place(a, "G + D")
   _say(progress, f"Cholesky factor of {n:,} x {n:,}: {time.perf_counter() - t0:.1f}s")
-  if method == "potri":
+  if method == "potri" or n > BLAS3_MAX_ROWS:
     potri, = lapack.get_lapack_funcs(("potri",), (c,))
     _, info = potri(c, lower=1, overwrite_c=1)
     _lapack_check(info, "potri", "G + D")
