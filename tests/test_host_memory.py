@@ -110,3 +110,32 @@ def test_a_refused_setting_is_named_and_applied_stays_false(monkeypatch):
   assert host_memory.reuse_freed_memory() == "mallopt refused M_MMAP_MAX=0"
   assert calls == [(host_memory._M_ARENA_MAX, 1), (host_memory._M_MMAP_MAX, 0)]
   assert not host_memory.applied()
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's allocator settings")
+def test_memory_freed_and_kept_for_reuse_counts_as_available_to_the_process():
+  # Under the settings a freed 512 MB block stays in the process, where MemAvailable
+  # does not count it; what EASE's memory check sees (ease.host_memory_bytes) must (a
+  # refit in the validated run's process was refused on Yelp2018 for that reason).
+  out = json.loads(_python(
+      "import ctypes, json\n"
+      "from jax_vaecf.core import host_memory\n"
+      "host_memory.reuse_freed_memory()\n"
+      "from jax_vaecf.models import ease\n"
+      "libc = ctypes.CDLL(None)\n"
+      "libc.malloc.restype = ctypes.c_void_p\n"
+      "libc.free.argtypes = [ctypes.c_void_p]\n"
+      "def avail():\n"
+      "  return [int(l.split()[1]) * 1024 for l in open('/proc/meminfo')\n"
+      "          if l.startswith('MemAvailable:')][0]\n"
+      "before = (avail(), ease.host_memory_bytes(), host_memory.free_heap_bytes())\n"
+      "p = libc.malloc(512 << 20)\n"
+      "ctypes.memset(p, 1, 512 << 20)\n"
+      "libc.free(p)\n"
+      "after = (avail(), ease.host_memory_bytes(), host_memory.free_heap_bytes())\n"
+      "print(json.dumps([before, after]))\n"))
+  (avail0, seen0, free0), (avail1, seen1, free1) = out
+  block = 512 << 20
+  assert free1 - free0 > 0.9 * block
+  assert seen1 - avail1 > 0.9 * block  # the check counts it beside MemAvailable
+  del avail0, seen0

@@ -68,3 +68,22 @@ def applied() -> bool:
   """Whether :func:`reuse_freed_memory` has put its settings in effect in this process
   (what a benchmark records beside its times)."""
   return _applied
+
+
+class _MallInfo2(ctypes.Structure):
+  _fields_ = [(name, ctypes.c_size_t) for name in (
+      "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+      "fordblks", "keepcost")]
+
+
+def free_heap_bytes() -> int:
+  """Bytes this process has freed but glibc keeps for reuse (``mallinfo2().fordblks``):
+  after :func:`reuse_freed_memory` they never return to the kernel, so the host's
+  ``MemAvailable`` no longer counts them, though this process can allocate them again.
+  0 where unknown (not glibc, or glibc before 2.33)."""
+  try:
+    mallinfo2 = ctypes.CDLL(None).mallinfo2
+  except (OSError, AttributeError):
+    return 0
+  mallinfo2.argtypes, mallinfo2.restype = (), _MallInfo2
+  return int(mallinfo2().fordblks)

@@ -55,6 +55,7 @@ import scipy.sparse as sp
 
 from jax_vaecf.models import base as model_lib
 from jax_vaecf.models import gram_solvers
+from jax_vaecf.core import host_memory
 from jax_vaecf.core import sparse as sparse_lib
 
 Array = jax.Array
@@ -527,12 +528,16 @@ def params_of(b: Array, l2: float) -> dict:
 
 
 def host_memory_bytes() -> int | None:
-  """The host's available memory in bytes (``MemAvailable``), ``None`` when unknown."""
+  """The memory this process can allocate in bytes: the host's available memory
+  (``MemAvailable``) plus what the process freed and keeps for reuse
+  (:func:`jax_vaecf.core.host_memory.free_heap_bytes`: a run's refit, in the process of
+  the validated run, would otherwise not count the memory that run let go); ``None``
+  when unknown."""
   try:
     with open("/proc/meminfo") as f:
       for line in f:
         if line.startswith("MemAvailable:"):
-          return int(line.split()[1]) * 1024
+          return int(line.split()[1]) * 1024 + host_memory.free_heap_bytes()
   except OSError:
     pass
   return None

@@ -17,6 +17,7 @@ metrics as an uninterrupted run.
 from __future__ import annotations
 
 import math
+import gc
 import os
 import time
 
@@ -214,6 +215,10 @@ def _run_claimed(cfg: configs.Config, workdir: str,
   finally:
     if ck is not None:
       ck.close()
+  # The refit builds its own model and data: the validated run's are let go first, or a
+  # model near the memory limit (EASE's n_items^2 B) would find it taken.
+  del built, ck, split
+  gc.collect()
   if cfg.refit:
     results["refit"] = refit(cfg, workdir, results["train"], on_epoch=on_epoch,
                              split=given, report=report)
