@@ -16,6 +16,7 @@ once in this process (Optuna's ``n_jobs``); several commands may also share one
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import warnings
@@ -62,6 +63,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                     "in ROOT/<model>; the winner is compared with the runner-up and "
                     "tested once (docs/tuning.md). Empty: search the base's model.",
                     flag_values=fv)
+  flags.DEFINE_string("family_settings", "", "With --families: a JSON object of model "
+                      "settings per family over its defaults, e.g. '{\"ease\": {\"l2\": "
+                      "[200, 400]}, \"edlae\": {\"dropout_p\": [0.25]}}' (a closed-form "
+                      "family's grid, a trained one's trial 0).", flag_values=fv)
   flags.DEFINE_float("prune_below_best", families_lib.PRUNE_BELOW_BEST, "With --families: "
                      "from --prune_warmup_epochs on, a trial (not a family's trial 0) "
                      "stops when its best validation NDCG@100 is below this fraction "
@@ -90,11 +95,24 @@ def _quiet_optuna() -> None:
   warnings.filterwarnings("ignore", message="Fixed parameter .* is out of range")
 
 
+def _family_settings() -> dict:
+  if not FLAGS.family_settings:
+    return {}
+  try:
+    value = json.loads(FLAGS.family_settings)
+  except json.JSONDecodeError as e:
+    raise TuneError(f"--family_settings: not JSON ({e})") from None
+  if not isinstance(value, dict):
+    raise TuneError("--family_settings: expected a JSON object {family: {setting: value}}")
+  return value
+
+
 def _search_families(base, settings) -> None:
   families = tuple(f.strip() for f in FLAGS.families if f.strip())
   state = families_lib.search_families(base, FLAGS.root, families, settings,
                                        prune_below_best=FLAGS.prune_below_best,
-                                       report=lambda line: print(line, flush=True))
+                                       report=lambda line: print(line, flush=True),
+                                       family_settings=_family_settings())
   print(families_lib.families_table(list(state["results"].values())), flush=True)
   print(f"table in {os.path.join(FLAGS.root, 'families.md')}, the winner's settings in "
         f"{os.path.join(FLAGS.root, 'winner.json')}", flush=True)
@@ -110,6 +128,8 @@ def main(argv):
   except ImportError:
     pass  # search says how to install it
   try:
+    if FLAGS.family_settings and not FLAGS.families:
+      raise TuneError("--family_settings needs --families")
     if FLAGS.families:
       return _search_families(base, settings)
     outcome = search(base, root, settings, base_name=FLAGS.config,

@@ -267,3 +267,30 @@ def test_a_held_out_users_winner_is_tested_as_it_is(trained_run, tmp_path):
 def _records(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
+
+
+def test_family_settings_set_a_familys_grid_and_are_checked():
+  base, settings = configs.get_config("demo"), tune.Settings()
+  given = {"ease": {"l2": [400]}, "edlae": {"dropout_p": [0.25, 0.5], "l2": [100.0]},
+           "multvae": {"latent_dim": 50}}
+  ease = fam.family_config(base, "ease", given)
+  assert ease.l2 == (400.0,) and ease.model == "ease"
+  edlae = fam.family_config(base, "edlae", given)
+  assert (edlae.dropout_p, edlae.l2) == ((0.25, 0.5), (100.0,))
+  own = fam.family_config(base, "multvae", given)
+  assert own.latent_dim == 50 and own.hidden_dims == base.hidden_dims
+  assert fam.family_config(base, "recvae", given).latent_dim == base.latent_dim
+  assert fam.check_families(base, ("multvae", "ease", "edlae"), settings, given) == (
+      "ease", "edlae", "multvae")
+  # A resumed search with other settings is another search.
+  assert (fam._fingerprint(base, ("ease",), settings, 0.7, {"ease": {"l2": [400]}})
+          != fam._fingerprint(base, ("ease",), settings, 0.7, None))
+  with pytest.raises(TuneError, match="names recvae, not in --families=ease"):
+    fam.check_families(base, ("ease",), settings, {"recvae": {"latent_dim": 50}})
+  with pytest.raises(TuneError, match=r"--family_settings ease: EASE \(--model=ease\) has "
+                     "no setting dropout_p"):
+    fam.check_families(base, ("ease",), settings, {"ease": {"dropout_p": [0.5]}})
+  with pytest.raises(TuneError, match=r"expected \{setting: value\}"):
+    fam.check_families(base, ("ease",), settings, {"ease": [400]})
+  with pytest.raises(TuneError, match="l2 must be in"):
+    fam.check_families(base, ("ease",), settings, {"ease": {"l2": [0.0]}})

@@ -64,12 +64,15 @@ def _trained_defaults(family: str) -> dict:
   return {"kl_gamma": 0.0}
 
 
-def family_config(base: configs.Config, family: str) -> configs.Config:
+def family_config(base: configs.Config, family: str,
+                  family_settings: dict | None = None) -> configs.Config:
   """The configuration family ``family`` starts from: ``base`` itself when it is the
   base's model; else ``base`` switched to the model (its shared settings carried,
   ``Config._carried_to``), a closed-form model with its own default sweep and no
-  weight average, a trained one with :func:`_trained_defaults`. Never a refit or a
-  test (the winner's come last)."""
+  weight average, a trained one with :func:`_trained_defaults`. ``family_settings``
+  (``{family: {setting: value}}``, :func:`check_family_settings`): the family's own
+  model settings over those (a closed-form family's grid, a trained family's trial 0).
+  Never a refit or a test (the winner's come last)."""
   cfg = base
   if family != base.model:
     if closed_form(family):
@@ -77,11 +80,37 @@ def family_config(base: configs.Config, family: str) -> configs.Config:
                          ema_decay=0.0)  # no optimiser steps to average
     else:
       cfg = base.replace(model=family, **_trained_defaults(family))
+  given = (family_settings or {}).get(family)
+  if given:
+    cfg = cfg.replace(model_settings=model_lib.make_settings(
+        family, given, source=f"--family_settings {family}", base=cfg.model_settings))
   return cfg.replace(train=True, test=False, refit=False, benchmark=False)
 
 
+def check_family_settings(families: tuple[str, ...], family_settings: dict | None) -> dict:
+  """``family_settings`` (``{family: {setting: value}}``, e.g. parsed from
+  ``--family_settings='{"ease": {"l2": [200, 400]}}'``) checked: every key a searched
+  family, every value a dict of that model's settings. Returns it (``{}`` for ``None``);
+  :class:`TuneError` naming what is wrong."""
+  family_settings = dict(family_settings or {})
+  stray = sorted(set(family_settings) - set(families))
+  if stray:
+    raise TuneError(f"--family_settings names {', '.join(stray)}, not in --families="
+                    f"{','.join(families)}")
+  for family, values in family_settings.items():
+    if not isinstance(values, dict):
+      raise TuneError(f"--family_settings {family}: expected {{setting: value}}, got "
+                      f"{values!r}")
+    try:
+      model_lib.make_settings(family, values, source=f"--family_settings {family}")
+    except ValueError as e:
+      raise TuneError(str(e)) from None
+  return family_settings
+
+
 def check_families(base: configs.Config, families: tuple[str, ...],
-                   settings: search_lib.Settings) -> tuple[str, ...]:
+                   settings: search_lib.Settings,
+                   family_settings: dict | None = None) -> tuple[str, ...]:
   """The families in the order they run (closed-form first, else as given); a
   :class:`TuneError` for a list the search cannot run."""
   known = model_lib.names()
@@ -100,8 +129,9 @@ def check_families(base: configs.Config, families: tuple[str, ...],
                     "closed-form base has no training settings (epochs, learning rate) "
                     "for the trained families; start from a trained model's preset "
                     "(e.g. --config=ml1m)")
+  check_family_settings(families, family_settings)
   for family in families:
-    search_lib.check_base(family_config(base, family))
+    search_lib.check_base(family_config(base, family, family_settings))
   return tuple(f for f in families if closed_form(f)) + tuple(trained)
 
 
@@ -182,12 +212,12 @@ def run_trained(cfg: configs.Config, root: str, family: str,
 
 def run_family(base: configs.Config, root: str, family: str,
                settings: search_lib.Settings, stop: search_lib.Stop | None,
-               report: Report) -> dict:
+               report: Report, family_settings: dict | None = None) -> dict:
   """Searches one family; its result: ``value`` (best validation NDCG@100, ``None``
   when nothing completed), ``trials``, ``best_epoch``, ``settings`` (text), ``chosen``
   (a closed-form fit's choice), ``workdir`` (the best run's, relative to ``root``),
   ``config`` (JSON of the best settings, testing on), ``seconds`` and ``disk``."""
-  cfg, t0 = family_config(base, family), time.perf_counter()
+  cfg, t0 = family_config(base, family, family_settings), time.perf_counter()
   if closed_form(family):
     result = run_closed_form(cfg, root, family, report)
   else:
@@ -254,9 +284,12 @@ def test_winner(winner: dict, root: str) -> dict:
 
 
 def _fingerprint(base: configs.Config, order: tuple[str, ...],
-                 settings: search_lib.Settings, fraction: float) -> dict:
+                 settings: search_lib.Settings, fraction: float,
+                 family_settings: dict | None = None) -> dict:
   """What a resumed family search must share with the one in the folder."""
+  extra = {"family_settings": family_settings} if family_settings else {}
   return {"families": list(order), "trials": settings.trials, "prune_below_best": fraction,
+          **extra,
           "prune_warmup_epochs": settings.prune_warmup_epochs,
           "base": {k: v for k, v in configs.to_json(base).items()
                    if k not in search_lib.RESUMABLE_FIELDS}}
@@ -357,7 +390,8 @@ def write_outputs(root: str, state: dict) -> None:
 def search_families(base: configs.Config, root: str, families: tuple[str, ...],
                     settings: search_lib.Settings, *,
                     prune_below_best: float = PRUNE_BELOW_BEST,
-                    report: Report = lambda line: None) -> dict:
+                    report: Report = lambda line: None,
+                    family_settings: dict | None = None) -> dict:
   """Searches every family (:func:`run_family`), then compares the winner with the
   runner-up (:func:`compare`) and tests it (:func:`test_winner`), resuming what
   ``root/families.json`` holds; returns that state (``results``: family -> result,
@@ -365,8 +399,9 @@ def search_families(base: configs.Config, root: str, families: tuple[str, ...],
   settings.check()
   if not 0 <= prune_below_best < 1:
     raise TuneError("--prune_below_best must be in [0, 1)")
-  order = check_families(base, tuple(families), settings)
-  state = open_state(root, _fingerprint(base, order, settings, prune_below_best))
+  order = check_families(base, tuple(families), settings, family_settings)
+  state = open_state(root, _fingerprint(base, order, settings, prune_below_best,
+                                        family_settings))
   for family in order:
     if family in state["results"]:
       value = state["results"][family]["value"]
@@ -376,7 +411,8 @@ def search_families(base: configs.Config, root: str, families: tuple[str, ...],
     done = ranked(list(state["results"].values()))
     stop = stop_rule(done[0]["value"] if done else None, prune_below_best,
                      settings.prune_warmup_epochs)
-    state["results"][family] = run_family(base, root, family, settings, stop, report)
+    state["results"][family] = run_family(base, root, family, settings, stop, report,
+                                          family_settings)
     save_state(root, state)
     write_outputs(root, state)
   ranking = ranked(list(state["results"].values()))
