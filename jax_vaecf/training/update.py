@@ -7,7 +7,7 @@ and writes the result as a NEW run folder; the old one is only read. By model:
 * EASE: ``P = (G + l2 I)^-1`` is rebuilt from the checkpoint's ``B`` and the training
   rows (:func:`ease_diag_p`: ``diag(P)``, which ``B`` divides out, from
   ``(G + l2 I)(I - B) = diag(1 / diag(P))``), then changed exactly by
-  :func:`jax_vaecf.models.gram_solvers.ease_update` (a Woodbury update of the changed
+  :func:`jax_vaecf.models.gram_updates.ease_update` (a Woodbury update of the changed
   users' rows, a border update for new items) when that costs fewer flops than a refit,
   else refitted on the new rows with the same ``l2``. Either way ``B`` equals a refit on
   the new rows (to float32 rounding).
@@ -44,6 +44,7 @@ from jax_vaecf.data import inputs
 from jax_vaecf.models import base as model_lib
 from jax_vaecf.models import ease as ease_lib
 from jax_vaecf.models import gram_solvers
+from jax_vaecf.models import gram_updates
 from jax_vaecf.training import checkpoint as checkpoint_lib
 from jax_vaecf.training import closed_form
 from jax_vaecf.training import configs
@@ -306,9 +307,9 @@ def ease_params(cfg: configs.Config, workdir: str, old: data_lib.Split, change: 
   b = np.array(params["output"]["kernel"], np.float32, order="C")  # P is written over it
   l2 = float(params["l2"])
   diag_p = ease_diag_p(sp.csr_matrix(old.train), b, l2)
-  p = gram_solvers.symmetrize_from_lower(gram_solvers.p_from_ease_b(b, diag_p))
+  p = gram_solvers.symmetrize_from_lower(gram_updates.p_from_ease_b(b, diag_p))
   x = sp.csr_matrix(change.split.train, dtype=np.float32)
-  p, how = gram_solvers.ease_update(p, change.old_rows, x[change.rows], l2, x)
+  p, how = gram_updates.ease_update(p, change.old_rows, x[change.rows], l2, x)
   return ease_lib.params_of(jax.device_put(gram_solvers.ease_b_from_p(p)), l2), how
 
 
