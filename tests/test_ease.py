@@ -414,6 +414,13 @@ def test_sparse_rows_are_scored_by_gathers_when_items_far_outnumber_entries():
   assert ease.gathers_cheaper(batch, n)
   assert not ease.gathers_cheaper(batch, ease.GATHER_ITEMS_PER_ENTRY * 3)
   assert not ease.gathers_cheaper(jnp.zeros((users, n)), n)  # dense rows stay dense
+  # An exported program's batch has symbolic sizes: the dense product, whatever they are.
+  from jax_vaecf.core import sparse as sparse_lib  # pylint: disable=g-import-not-at-top
+  b, = jax.export.symbolic_shape("b")
+  spec = lambda size, dtype: jax.ShapeDtypeStruct((size,), dtype)
+  symbolic = sparse_lib.SparseBatch(spec(3 * b, jnp.int32), spec(3 * b, jnp.int32),
+                                    spec(3 * b, jnp.float32), spec(b, jnp.float32))
+  assert not ease.gathers_cheaper(symbolic, n)
   model = model_lib.build_model("ease", n)
   b = rng.standard_normal((n, n)).astype(np.float32)
   np.fill_diagonal(b, 0)

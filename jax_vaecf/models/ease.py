@@ -122,10 +122,13 @@ def sparse_rows_product(x: sparse_lib.SparseBatch, kernel: Array) -> Array:
 def gathers_cheaper(x: model_lib.Input, n_items: int) -> bool:
   """Whether ``x`` (a :class:`SparseBatch`) is scored faster by
   :func:`sparse_rows_product` than densified (:data:`GATHER_ITEMS_PER_ENTRY`); decided
-  from static shapes, at trace time."""
+  from static shapes, at trace time (never for symbolic ones)."""
   if not isinstance(x, sparse_lib.SparseBatch):
     return False
-  return n_items > GATHER_ITEMS_PER_ENTRY * x.rows.shape[0] / max(x.batch_size, 1)
+  entries, rows = x.rows.shape[0], x.batch_size
+  if not (isinstance(entries, int) and isinstance(rows, int)):
+    return False  # symbolic shapes (an exported program): the dense product, any size
+  return n_items > GATHER_ITEMS_PER_ENTRY * entries / max(rows, 1)
 
 
 def _dense_rows(x: model_lib.Input, n_items: int, dtype) -> Array:
