@@ -282,9 +282,11 @@ def test_family_settings_set_a_familys_grid_and_are_checked():
   assert fam.family_config(base, "recvae", given).latent_dim == base.latent_dim
   assert fam.check_families(base, ("multvae", "ease", "edlae"), settings, given) == (
       "ease", "edlae", "multvae")
-  # A resumed search with other settings is another search.
-  assert (fam._fingerprint(base, ("ease",), settings, 0.7, {"ease": {"l2": [400]}})
-          != fam._fingerprint(base, ("ease",), settings, 0.7, None))
+  # A resumed search with other settings is another search; 400 and 400.0 are one.
+  fingerprint = lambda given: fam._fingerprint(base, ("ease",), settings, 0.7, given)
+  assert fingerprint({"ease": {"l2": [400]}}) != fingerprint(None)
+  assert fingerprint({"ease": {"l2": [400]}}) == fingerprint({"ease": {"l2": [400.0]}})
+  assert fingerprint({"ease": {"l2": [400]}}) != fingerprint({"ease": {"l2": [300]}})
   with pytest.raises(TuneError, match="names recvae, not in --families=ease"):
     fam.check_families(base, ("ease",), settings, {"recvae": {"latent_dim": 50}})
   with pytest.raises(TuneError, match=r"--family_settings ease: EASE \(--model=ease\) has "

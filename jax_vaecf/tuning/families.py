@@ -287,7 +287,10 @@ def _fingerprint(base: configs.Config, order: tuple[str, ...],
                  settings: search_lib.Settings, fraction: float,
                  family_settings: dict | None = None) -> dict:
   """What a resumed family search must share with the one in the folder."""
-  extra = {"family_settings": family_settings} if family_settings else {}
+  # As typed settings, so that l2 300 and 300.0 are the same search.
+  extra = {"family_settings": {
+      f: model_lib.settings_json(model_lib.make_settings(f, v))
+      for f, v in sorted(family_settings.items())}} if family_settings else {}
   return {"families": list(order), "trials": settings.trials, "prune_below_best": fraction,
           **extra,
           "prune_warmup_epochs": settings.prune_warmup_epochs,
