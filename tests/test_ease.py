@@ -348,6 +348,37 @@ def test_the_host_sweep_chooses_as_the_jax_sweep(n_users, form):
                              atol=2e-5 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("free_gib", [None, 1e-6])
+def test_a_dual_sweep_keeps_the_best_b_when_the_memory_allows(monkeypatch, free_gib):
+  x, validation = _factor_rows(80, 500)
+  grid = (10.0, 100.0, 1000.0, 10000.0)
+  if free_gib is not None:  # too little memory for a second B: the best is fitted again
+    monkeypatch.setattr(ease, "host_memory_bytes", lambda: int(free_gib * 2**30))
+  log = []
+  host = ease.fit_on_host(grid, _problem(x, validation, log=log))
+  scored = [r for r in log if isinstance(r, dict)]
+  fits = sum(1 for line in log if isinstance(line, str) and "inverse of 120 x 120" in line)
+  kept = free_gib is None
+  assert any(isinstance(line, str) and line.startswith(
+      "the best B so far is " + ("kept beside each fit" if kept else "not kept"))
+      for line in log)
+  assert fits == len(scored) + (0 if kept else 1)
+  assert host.summary.endswith(f"({fits} dual fits on the host)")
+  want = ease.numpy_ease(x, host.chosen["l2"][0])
+  np.testing.assert_allclose(np.asarray(host.params["output"]["kernel"]), want, rtol=0,
+                             atol=2e-5 * np.abs(want).max())
+
+
+def test_keeping_the_best_b_counts_one_matrix_beside_a_dual_fit(monkeypatch):
+  m, n = 30_000, 38_000
+  need = (ease.dual_bytes_at_peak(m, n) + 4 * n * n) * 1.1
+  assert ease.dual_bytes_at_peak(m, n) == 4 * (n * m + n * n)
+  assert ease.keeps_best_b("primal", (m, n))  # a one-matrix fit beside it
+  for have, keep in ((need, True), (need - 1, False), (None, False)):
+    monkeypatch.setattr(ease, "host_memory_bytes", lambda have=have: have)
+    assert ease.keeps_best_b("dual", (m, n)) is keep
+
+
 def test_training_rows_are_the_batches_rows_without_empty_ones(matrix):
   x = matrix.tolil()
   x[7] = 0  # a user without items adds nothing to the Gram matrix

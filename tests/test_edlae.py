@@ -171,3 +171,4 @@ def test_the_host_fit_equals_the_jax_fit_and_chooses_alike(matrix, n_users, form
   np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(reference).max())
   np.testing.assert_allclose(got, reference, rtol=0, atol=2e-5 * np.abs(reference).max())
   assert float(host.params["dropout_p"]) == pytest.approx(p)
+  assert host.summary.endswith(f"({len(grid)} {form} fits on the host)")  # best kept

@@ -404,10 +404,10 @@ class ClosedFormProblem:
                    "val_time_s": time.perf_counter() - t0})
       return vm["ndcg@100"]
 
-    return dict(candidates[(search or _first_best)(value, len(candidates))])
+    return dict(candidates[(search or first_best)(value, len(candidates))])
 
 
-def _first_best(value: Callable[[int], float], n: int) -> int:
+def first_best(value: Callable[[int], float], n: int) -> int:
   """The index of the largest ``value(i)`` over ``0..n-1``, each called once in order
   (the first of equal ones)."""
   best, best_value = None, -float("inf")

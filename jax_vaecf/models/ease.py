@@ -17,7 +17,8 @@ no epoch: a run reads the same CSR batches the VAEs train on, and fits in one of
   (fewer users than items). Several ``l2``: one fit per scored value, the values searched
   by golden section along the sorted grid (about 5 of 10 scored; it assumes the
   validation NDCG rises then falls); the best ``B`` so far is kept beside the next
-  value's one-matrix fit (primal form), or the chosen value fitted again (dual form).
+  value's fit (primal form: a one-matrix fit; dual form: when the memory allows,
+  :func:`keeps_best_b`), else the chosen value fitted again.
 * On an accelerator (:func:`fit_on_device`): ``G`` on the device (:func:`gram_matrix`);
   one ``l2`` by :func:`fit` (Cholesky factor of ``G + l2 I``, then ``P`` from it);
   several from one eigendecomposition ``G = V diag(s) V^T`` (:func:`spectrum`):
@@ -283,39 +284,87 @@ def fit_on_host(grid: tuple[float, ...], problem: model_lib.ClosedFormProblem
                 ) -> model_lib.ClosedFormFit:
   """EASE on the host (:mod:`jax_vaecf.models.gram_solvers`): one ``l2`` fitted, or the
   sorted ``grid`` searched by golden section on the validation users, one fit per
-  scored value. :data:`HOST_MATRICES_AT_PEAK` matrices: a primal sweep fits each value
-  in one matrix (``potri``) and keeps the best ``B`` so far beside it; a dual one (each
-  value's ``P`` and ``W`` near two matrices) fits the chosen value again instead."""
+  scored value and the best ``B`` kept (:func:`choose_on_host`)."""
   x = training_rows(problem.train_batches(), problem.n_items)
   form = host_form(x, problem.progress)
-  keep = form == "primal" and len(grid) > 1
-  scorer, fits, latest, kept = EASE(problem.n_items), [], {}, {}
 
-  def params(l2):
-    fits.append(l2)
-    b = host_b(x, l2, form, f"l2 {l2:g}", problem.progress,
-               method="potri" if keep else "blas3")
-    return params_of(jax.device_put(b, problem.device), l2)
+  def fitted(c, method):
+    b = host_b(x, c["l2"], form, f"l2 {c['l2']:g}", problem.progress, method=method)
+    return params_of(jax.device_put(b, problem.device), c["l2"])
 
-  def scored(candidate):
-    latest[candidate["l2"]] = params(candidate["l2"])
-    return scorer, latest[candidate["l2"]]
+  best, params, fits = choose_on_host([{"l2": v} for v in grid], problem, EASE(
+      problem.n_items), fitted, form, x.shape, search=gram_solvers.golden_grid_search)
+  return model_lib.ClosedFormFit(params, {"l2": (best["l2"],)},
+                                 f"l2 {best['l2']:g} ({fits} {form} fits on the host)")
 
-  def search(value, n):
-    def value_keeping_the_best(i):  # the search's own rule: the first largest value
+
+def dual_bytes_at_peak(n_users: int, n_items: int) -> int:
+  """Bytes of float32 dense matrices at the peak of one users x users fit:
+  ``K^-1`` ``(m, m)`` beside ``W`` ``(n, m)``, then ``W`` beside ``P`` ``(n, n)``."""
+  m, n = int(n_users), int(n_items)
+  return 4 * max(m * m + n * m, n * m + n * n)
+
+
+def keeps_best_b(form: str, shape: tuple[int, int], progress=None) -> bool:
+  """Whether a host sweep keeps the best ``B`` so far beside the next fit rather than
+  fitting the chosen setting again at the end (one fit more). Primal form: always (each
+  fit then takes LAPACK's one-matrix ``potri`` route, so the kept ``B`` is the second
+  matrix). Users x users form: when this process can allocate one ``n x n`` matrix
+  beside a fit's peak (:func:`dual_bytes_at_peak`) with a tenth to spare; said to
+  ``progress`` either way."""
+  if form == "primal":
+    return True
+  n = shape[1]
+  need = (dual_bytes_at_peak(*shape) + 4 * n * n) * 1.1
+  have = host_memory_bytes()
+  keep = have is not None and have >= need
+  if progress is not None:
+    progress(f"the best B so far is {'kept beside each fit' if keep else 'not kept'}: "
+             f"{need / 2**30:.1f} GiB needed, "
+             f"{'unknown' if have is None else f'{have / 2**30:.1f} GiB'} free"
+             f"{'' if keep else '; the chosen setting is fitted again'}")
+  return keep
+
+
+def choose_on_host(candidates: list[dict], problem: model_lib.ClosedFormProblem,
+                   model: nn.Module, fitted, form: str, shape: tuple[int, int],
+                   search=None) -> tuple[dict, dict, int]:
+  """The host sweep of a closed-form model: each candidate fitted by
+  ``fitted(candidate, method) -> params`` (``method``: the primal inverse,
+  :func:`host_b`) and scored by ``problem.choose`` (``search`` picks which; ``None``:
+  all). The best ``B`` so far is kept beside the next fit when :func:`keeps_best_b`
+  says so (primal fits then take the one-matrix ``"potri"`` route), so the sweep costs
+  one fit per scored candidate; else the chosen one is fitted again.
+
+  Returns ``(chosen candidate, its params, fits made)``. ``shape``: the training rows'
+  ``(n_users, n_items)``."""
+  keep = len(candidates) > 1 and keeps_best_b(form, shape, problem.progress)
+  method = "potri" if keep and form == "primal" else "blas3"
+  latest, kept, fits = {}, {}, [0]
+
+  def scorer(c):
+    fits[0] += 1
+    latest["params"] = fitted(c, method)
+    return model, latest["params"]
+
+  def keeping(value, n):
+    def value_keeping_the_best(i):  # the searches' own rule: the first largest value
       v = value(i)
       if keep and v > kept.get("ndcg", -float("inf")):
         kept.clear()
-        kept.update(ndcg=v, l2=grid[i], params=latest[grid[i]])
-      latest.clear()
+        kept.update(ndcg=v, index=i, params=latest["params"])
+      latest.clear()  # a worse B is freed before the next fit
       return v
-    return gram_solvers.golden_grid_search(value_keeping_the_best, n)
+    return (search or model_lib.first_best)(value_keeping_the_best, n)
 
-  l2 = problem.choose([{"l2": v} for v in grid], scored, search=search)["l2"]
-  fitted = kept["params"] if kept.get("l2") == l2 else params(l2)
-  kept.clear()
-  return model_lib.ClosedFormFit(fitted, {"l2": (l2,)},
-                                 f"l2 {l2:g} ({len(fits)} {form} fits on the host)")
+  best = problem.choose(candidates, scorer, search=keeping)
+  if "index" in kept and candidates[kept["index"]] == best:
+    params = kept.pop("params")
+  else:
+    kept.clear()
+    fits[0] += 1
+    params = fitted(best, "blas3")
+  return best, params, fits[0]
 
 
 def fit_on_device(grid: tuple[float, ...], problem: model_lib.ClosedFormProblem

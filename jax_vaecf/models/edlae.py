@@ -125,24 +125,24 @@ def fit_on_host(grid: list[dict], problem: model_lib.ClosedFormProblem
                 ) -> model_lib.ClosedFormFit:
   """EDLAE on the host (:func:`jax_vaecf.models.ease.host_b`, EASE's solvers with the
   per-item diagonal ``Lambda``): each ``(p, l2)`` of ``grid`` fitted and scored on the
-  validation users, then the best fitted again (two ``n_items^2`` matrices at the peak,
-  :data:`jax_vaecf.models.ease.HOST_MATRICES_AT_PEAK`)."""
+  validation users, the best ``B`` kept as EASE's sweep keeps it
+  (:func:`jax_vaecf.models.ease.choose_on_host`; two ``n_items^2`` matrices at the peak
+  in the primal form, :data:`jax_vaecf.models.ease.HOST_MATRICES_AT_PEAK`)."""
   x = ease.training_rows(problem.train_batches(), problem.n_items)
   form = ease.host_form(x, problem.progress)
   diag_g = gram_solvers.gram_diagonal(x)
-  scorer, fits = EDLAE(problem.n_items), []
 
-  def params(c):
-    fits.append(c)
+  def fitted(c, method):
     weight = c["dropout_p"] / (1.0 - c["dropout_p"]) * diag_g + c["l2"]
     b = ease.host_b(x, weight, form, f"dropout_p {c['dropout_p']:g}, l2 {c['l2']:g}",
-                    problem.progress)
+                    problem.progress, method=method)
     return params_of(jax.device_put(b, problem.device), c["dropout_p"], c["l2"])
 
-  best = problem.choose(grid, lambda c: (scorer, params(c)))
+  best, params, fits = ease.choose_on_host(grid, problem, EDLAE(problem.n_items),
+                                           fitted, form, x.shape)
   return model_lib.ClosedFormFit(
-      params(best), {"dropout_p": (best["dropout_p"],), "l2": (best["l2"],)},
-      f"dropout_p {best['dropout_p']:g}, l2 {best['l2']:g} ({len(fits)} {form} fits on "
+      params, {"dropout_p": (best["dropout_p"],), "l2": (best["l2"],)},
+      f"dropout_p {best['dropout_p']:g}, l2 {best['l2']:g} ({fits} {form} fits on "
       "the host)")
 
 

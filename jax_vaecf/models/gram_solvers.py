@@ -177,6 +177,15 @@ def _factor_in_place(a: np.ndarray, what: str) -> np.ndarray:
   return f
 
 
+def _inverse_from_factor_in_place(c: np.ndarray, what: str) -> None:
+  """``(L L^T)^-1``'s lower triangle written over the lower factor ``L`` (Fortran-ordered
+  ``c``) by LAPACK's ``potri`` (``2 n^3 / 3``, ONE matrix); the other triangle is left
+  as it was (:func:`symmetrize_from_lower` completes it)."""
+  potri, = lapack.get_lapack_funcs(("potri",), (c,))
+  _, info = potri(c, lower=1, overwrite_c=1)
+  _lapack_check(info, "potri", what)
+
+
 # ---------------------------------------------------------------------- one inverse
 
 
@@ -213,9 +222,7 @@ def inverse_of_gram_plus_diagonal(g: np.ndarray, diag_add, overwrite: bool = Tru
   c = _factor_in_place(a, "G + D")
   _say(progress, f"Cholesky factor of {n:,} x {n:,}: {time.perf_counter() - t0:.1f}s")
   if method == "potri" or n > BLAS3_MAX_ROWS:
-    potri, = lapack.get_lapack_funcs(("potri",), (c,))
-    _, info = potri(c, lower=1, overwrite_c=1)
-    _lapack_check(info, "potri", "G + D")
+    _inverse_from_factor_in_place(c, "G + D")
   else:
     linv = np.eye(n, dtype=a.dtype, order="F")
     trsm, syrk = blas.get_blas_funcs(("trsm", "syrk"), (c, linv))
@@ -261,8 +268,9 @@ def dual_flops(n_users: int, n_items: int) -> float:
 
 def use_dual(n_users: int, n_items: int) -> bool:
   """Whether the users x users form is taken: fewer users than items, where it costs
-  fewer flops (:func:`dual_flops`) and holds under two ``n x n`` matrices."""
-  return n_users < n_items and dual_flops(n_users, n_items) < primal_flops(n_users, n_items)
+  fewer flops (:func:`dual_flops` ``m^3`` under :func:`primal_flops` ``7 n^3 / 3``, and
+  under the primal ``potri`` route's ``n^3``) and holds under two ``n x n`` matrices."""
+  return n_users < n_items
 
 
 def _dual_system_inverse(x: sp.csr_matrix, d: np.ndarray, dtype, progress: Progress = None
@@ -279,10 +287,7 @@ def _dual_system_inverse(x: sp.csr_matrix, d: np.ndarray, dtype, progress: Progr
   k = gram_into(half, dtype=dtype)  # (X D^-1/2)(X D^-1/2)^T, m x m
   del half
   k.ravel()[::k.shape[0] + 1] += 1
-  lf = _factor_in_place(k, "I + X D^-1 X^T")
-  potri, = lapack.get_lapack_funcs(("potri",), (lf,))
-  _, info = potri(lf, lower=1, overwrite_c=1)
-  _lapack_check(info, "potri", "I + X D^-1 X^T")
+  _inverse_from_factor_in_place(_factor_in_place(k, "I + X D^-1 X^T"), "I + X D^-1 X^T")
   symmetrize_from_lower(k)
   _say(progress, f"inverse of the {x.shape[0]:,} x {x.shape[0]:,} users system: "
        f"{time.perf_counter() - t0:.1f}s")
