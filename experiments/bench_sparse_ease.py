@@ -3,7 +3,7 @@ peak memory, accuracy and scoring speed, both sides in one run.
 
 ::
 
-  nice -n 10 python -m experiments.bench_sparse_ease --sections=ml1m,synthetic,scoring \\
+  nice -n 10 python -m experiments.bench_sparse_ease --sections=ml1m,yelp2018,synthetic,scoring \\
       --data_dir_ml1m=../shared/data/ml-1m --noreuse_host_memory
 
 prints one table per section:
@@ -14,6 +14,12 @@ prints one table per section:
   dense EASE's ``B`` cut to each column's largest entries (the best any ``B`` of that
   density can do by this cut), sparse EASE and ``sansa`` at each density, all at the
   same ``l2``.
+* ``yelp2018``: NGCF / LightGCN's Yelp2018 files (``--data_dir_yelp2018``: ``train.txt``
+  and ``test.txt``; 31,668 users x 38,048 items), every training row fitted (the refit's
+  data) at the dense EASE's validated ``l2`` (400), tested on ``test.txt`` with the
+  LightGCN papers' metrics (NDCG@20, Recall@20 as hits / n) and NDCG@100: the project's
+  dense EASE (float32, the users x users form on the host), sparse EASE and ``sansa``
+  at each density, with each fit's time and peak resident memory.
 * ``synthetic``: an Amazon-Book shape (52,600 users x 91,600 items, about 2.98M
   interactions, Zipf item popularity) and a 200,000-item shape, built by
   :mod:`experiments.synthetic`; each side's fit wall time and the process's resident
@@ -36,6 +42,7 @@ EASE: ``I + M^T W``, each ``target_density``); the ``weights`` column counts bot
 
 from __future__ import annotations
 
+import functools
 import time
 
 import numpy as np
@@ -48,7 +55,7 @@ from jax_vaecf.models import sparse_ease
 
 FLAGS = flags.FLAGS
 
-SECTIONS = ("ml1m", "synthetic", "scoring")
+SECTIONS = ("ml1m", "yelp2018", "synthetic", "scoring")
 
 # (users, items, mean interactions per user, fewest per user): Amazon-Book (LightGCN's
 # split: 52,643 users, 91,599 items, 2,984,108 interactions, 10-core) and a catalogue
@@ -73,6 +80,12 @@ def define_flags(flag_values: flags.FlagValues | None = None) -> None:
                       flag_values=fv)
   flags.DEFINE_string("cache_dir", "/tmp/bench_sparse_ease_cache", "Processed splits.",
                       flag_values=fv)
+  flags.DEFINE_string("data_dir_yelp2018", "../shared/data/yelp2018-lightgcn",
+                      "NGCF / LightGCN's Yelp2018 train.txt and test.txt.", flag_values=fv)
+  flags.DEFINE_float("yelp2018_l2", 400.0, "l2 of every Yelp2018 fit (dense EASE's "
+                     "validated choice).", flag_values=fv)
+  flags.DEFINE_list("yelp2018_densities", ["0.0005", "0.001"],
+                    "target_density of the sparse Yelp2018 fits.", flag_values=fv)
   flags.DEFINE_float("ml1m_l2", 500.0, "l2 of every ML-1M fit (ml1m_ease's choice).",
                      flag_values=fv)
   flags.DEFINE_list("ml1m_densities", ["0.01", "0.05", "0.1"],
@@ -163,15 +176,16 @@ def _sides(factorizer: str):
   return sides
 
 
-def _test_metrics(score_fn, test) -> dict[str, float]:
-  """Mean test NDCG@100 and Recall@20 over users with held-out items (the project's
-  metric functions; the users' own items are not ranked)."""
+def _test_metrics(score_fn, test, names=("ndcg@100", "recall@20")) -> dict[str, float]:
+  """Mean test metrics ``names`` (NDCG@100 and Recall@20 by default) over users with
+  held-out items (the project's metric functions; the users' own items are not
+  ranked)."""
   from jax_vaecf.evaluation import metrics  # pylint: disable=g-import-not-at-top
-  sums, users = {"ndcg@100": 0.0, "recall@20": 0.0}, 0
+  sums, users = {k: 0.0 for k in names}, 0
   for start in range(0, test.n_users, 1000):
     rows = test.fold_in[start:start + 1000]
     out = metrics.ranking_metrics(score_fn(rows), test.heldout[start:start + 1000].toarray(),
-                                  rows.toarray(), ks=(20, 100))
+                                  rows.toarray(), ks={int(k.split("@")[1]) for k in names})
     valid = np.asarray(out["valid"])
     users += int(valid.sum())
     for k in sums:
@@ -220,6 +234,53 @@ def ml1m_table(kept: dict) -> None:
       print(_metric_row(label, density, nnz, f"{seconds:.1f}", got, dense), flush=True)
       if fit is fit_ours:
         kept["ML-1M"] = (b, split.test.fold_in)
+
+
+def _dense_scores(b: np.ndarray, rows) -> np.ndarray:
+  return np.asarray(rows @ b, np.float32)  # sparse rows: nnz * n multiply-adds
+
+
+def yelp2018_table(kept: dict) -> None:
+  from jax_vaecf.models import ease  # pylint: disable=g-import-not-at-top
+  from jax_vaecf.training import configs  # pylint: disable=g-import-not-at-top
+  from jax_vaecf.training import engine as loop  # pylint: disable=g-import-not-at-top
+  cfg = configs.yelp2018().replace(model="ease", data_dir=FLAGS.data_dir_yelp2018,
+                                   cache_dir=FLAGS.cache_dir)
+  test = loop.load_data(cfg).test  # fold-in: every user's training items
+  x, l2, n = test.fold_in.astype(np.float32), FLAGS.yelp2018_l2, test.fold_in.shape[1]
+  names = ("ndcg@20", "recalln@20", "ndcg@100")
+  print(f"Yelp2018 ({x.shape[0]:,} users, {n:,} items, {x.nnz:,} training interactions, "
+        f"{test.heldout.nnz:,} test), l2 {l2:g}")
+  print("| model | density | weights | fit s | peak RSS GB | NDCG@20 | Recall@20 (hits/n) "
+        "| NDCG@100 | NDCG@20 vs dense |")
+  print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+  def row(label, density, nnz, seconds, peak, got, dense):
+    return (f"| {label} | {density:g} | {nnz:,} | {seconds:.1f} | {peak:.2f} | "
+            f"{got['ndcg@20']:.4f} | {got['recalln@20']:.4f} | {got['ndcg@100']:.4f} | "
+            f"{100 * (got['ndcg@20'] / dense['ndcg@20'] - 1):+.2f}% |")
+
+  form = ease.host_form(x)
+  dense_b, seconds, peak = timed(lambda: ease.host_b(x, l2, form, f"l2 {l2:g}"))
+  dense = _test_metrics(functools.partial(_dense_scores, dense_b), test, names)
+  print(row(f"dense EASE (float32, {form} form)", 1, n * (n - 1), seconds, peak, dense,
+            dense), flush=True)
+  del dense_b
+  for density in (float(d) for d in FLAGS.yelp2018_densities):
+    for label, fit in _sides("icf"):
+      if isinstance(fit, str):
+        print(f"| {label} | {density:g} | {fit} | | | | | | |", flush=True)
+        continue
+      try:
+        (b, nnz, score), seconds, peak = timed(fit, x, l2, density)
+      except (ValueError, MemoryError) as e:
+        print(f"| {label} | {density:g} | refused: {e} | | | | | | |", flush=True)
+        continue
+      got = _test_metrics(score, test, names)
+      print(row(label, density, nnz, seconds, peak, got, dense), flush=True)
+      if fit is fit_ours:
+        kept["Yelp2018"] = (b, test.fold_in)
+      del b
 
 
 def synthetic_table(kept: dict) -> None:
@@ -328,6 +389,8 @@ def main(argv):
   kept: dict = {}
   if "ml1m" in FLAGS.sections:
     ml1m_table(kept)
+  if "yelp2018" in FLAGS.sections:
+    yelp2018_table(kept)
   if "synthetic" in FLAGS.sections:
     synthetic_table(kept)
   if "scoring" in FLAGS.sections:
