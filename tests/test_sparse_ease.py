@@ -164,6 +164,20 @@ def test_keep_top_per_column_breaks_ties_by_the_lower_row_as_a_full_sort(keep_di
       [np.sort(mag[m.indptr[j]:m.indptr[j + 1]])[-11] for j in long])
 
 
+def test_kth_largest_over_columns_of_very_unequal_lengths():
+  # A few long columns among short ones (popular items), in shuffled order: grouped by
+  # length, each column's k-th largest is still its own, in the caller's order.
+  rng = np.random.default_rng(5)
+  lengths = rng.permutation(np.concatenate([np.full(60, 12), [40, 150, 299, 300]]))
+  indptr = np.concatenate([[0], np.cumsum(lengths)])
+  mag = rng.random(indptr[-1])
+  cols = np.flatnonzero(lengths > 11)
+  for chunk in (1, 300, 500, 1 << 24):
+    np.testing.assert_array_equal(
+        sparse_ease._kth_largest(mag, indptr, cols, 11, chunk=chunk),
+        [np.sort(mag[indptr[j]:indptr[j + 1]])[-11] for j in cols])
+
+
 @pytest.mark.parametrize("l2, density, match", [
     (-1.0, 0.1, "l2 must be a finite number above 0"),
     (0.0, 0.1, "l2 must be a finite number above 0"),

@@ -395,21 +395,28 @@ def keep_top_per_column(m: sp.csc_matrix, keep: int, *, keep_diagonal: bool = Fa
 def _kth_largest(mag: np.ndarray, indptr: np.ndarray, cols: np.ndarray, keep: int,
                  chunk: int = 1 << 24) -> np.ndarray:
   """The ``keep``-th largest of ``mag[indptr[j]:indptr[j + 1]]`` for each ``j`` of
-  ``cols`` (each holding more than ``keep``), float64 ``(len(cols),)``: the columns
-  padded with -1 into rows of a dense array (at most about ``chunk`` entries at a time)
-  and partitioned, linear in their entries where a sort of them all was the fit's slowest
-  step."""
+  ``cols`` (each holding more than ``keep``), float64 ``(len(cols),)``: the columns, in
+  order of length, padded with -1 into rows of a dense array (at most about ``chunk``
+  entries at a time) and partitioned, linear in their entries where a sort of them all
+  was the fit's slowest step. Columns of like length share an array, so a few long ones
+  (a popular item's) do not widen every row."""
   out = np.empty(cols.size)
   counts = indptr[cols + 1] - indptr[cols]
-  group = max(1, chunk // int(counts.max()))
-  for g in range(0, cols.size, group):
-    c, n = cols[g:g + group], counts[g:g + group]
+  order = np.argsort(counts, kind="stable")
+  start = 0
+  while start < order.size:
+    group = max(1, chunk // int(counts[order[start]]))
+    while group > 1 and group * int(counts[order[min(order.size, start + group) - 1]]) > chunk:
+      group //= 2
+    pick = order[start:start + group]
+    c, n = cols[pick], counts[pick]
     width = int(n.max())
     padded = np.full((c.size, width), -1.0)
     owner = np.repeat(np.arange(c.size), n)
     slot = np.arange(owner.size) - np.repeat(np.cumsum(n) - n, n)
     padded[owner, slot] = mag[indptr[c][owner] + slot]
-    out[g:g + group] = np.partition(padded, width - keep, axis=1)[:, width - keep]
+    out[pick] = np.partition(padded, width - keep, axis=1)[:, width - keep]
+    start += group
   return out
 
 
