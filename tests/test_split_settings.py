@@ -118,6 +118,19 @@ def test_out_of_range_fractions_are_refused_in_one_line(name, value, message):
   assert str(e.value) == f"bad setting: {message}"
 
 
+@pytest.mark.parametrize("name,value", [("heldout_users_fraction", 0.2),
+                                        ("n_heldout_users", 500)])
+def test_a_user_share_under_the_per_user_protocol_is_refused_not_ignored(name, value):
+  cfg = configs.Config().replace(protocol="per_user")
+  configs.validate(cfg)  # the defaults stand
+  with pytest.raises(ValueError) as e:
+    configs.validate(cfg.replace(**{name: value}))
+  assert str(e.value).startswith(f"bad setting: n_heldout_users=") and (
+      "--protocol=per_user holds out no users" in str(e.value))
+  assert "\n" not in str(e.value)
+  configs.validate(cfg.replace(protocol="heldout_users", **{name: value}))
+
+
 def test_the_command_line_refuses_an_out_of_range_item_share_in_one_line(tmp_path):
   r = _tools.run("experiments.train", "--config=demo", f"--workdir={tmp_path / 'w'}",
                  "--heldout_items_fraction=1")

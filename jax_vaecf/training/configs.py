@@ -911,6 +911,13 @@ def _schedule_and_split_checks(cfg: Config) -> list[tuple[bool, str]]:
       (cfg.anneal_schedule in schedules.SCHEDULES,
        f"anneal_schedule must be one of {schedules.SCHEDULES}"),
       (cfg.protocol in split_lib.PROTOCOLS, f"protocol must be one of {split_lib.PROTOCOLS}"),
+      (cfg.protocol != "per_user" or (
+          cfg.n_heldout_users == 0
+          and cfg.heldout_users_fraction == default_of("heldout_users_fraction")),
+       f"n_heldout_users={cfg.n_heldout_users}, heldout_users_fraction="
+       f"{cfg.heldout_users_fraction:g}: --protocol=per_user holds out no users (each "
+       "user's items are split: --heldout_items_fraction for test, "
+       "--validation_fraction for validation); leave both at their defaults"),
   ]
 
 
