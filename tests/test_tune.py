@@ -276,6 +276,37 @@ def test_trial_0_is_the_base_without_a_queue_two_threads_could_both_take(data, t
   assert space.suggest(second) != space.base_values
 
 
+def test_two_threads_never_both_take_one_queued_trial(tmp_path, monkeypatch):
+  # A trial queued again after an interruption waits in Optuna's queue; two trial
+  # threads may read it as waiting at the same moment (made certain here: each waits
+  # for the other after its read). One takes it, the other is told it is gone.
+  from optuna.storages._rdb import models  # pylint: disable=g-import-not-at-top
+  study = tune.open_study(str(tmp_path), create=True)
+  study.enqueue_trial({"lr": 0.001})
+  (waiting,) = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+  find, barrier = models.TrialModel.find_or_raise_by_id, threading.Barrier(2, timeout=2)
+
+  def find_then_wait(trial_id, session, for_update=False):
+    row = find(trial_id, session, for_update=for_update)
+    try:
+      barrier.wait()
+    except threading.BrokenBarrierError:
+      pass
+    return row
+
+  monkeypatch.setattr(models.TrialModel, "find_or_raise_by_id",
+                      staticmethod(find_then_wait))
+  storage, taken = study._storage, []  # pylint: disable=protected-access
+  threads = [threading.Thread(target=lambda: taken.append(storage.set_trial_state_values(
+      waiting._trial_id, optuna.trial.TrialState.RUNNING)))  # pylint: disable=protected-access
+             for _ in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert sorted(taken) == [False, True]
+
+
 def _curves(root):
   """The search's trial -> its best-so-far validation NDCG@100 by epoch."""
   at = tune.positions(_trials(root))

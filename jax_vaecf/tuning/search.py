@@ -131,6 +131,27 @@ def storage_url(root: str) -> str:
   return "sqlite:///" + os.path.abspath(os.path.join(root, "study.db"))
 
 
+# Serialises, within this process, Optuna's taking of a queued trial (WAITING -> RUNNING):
+# on SQLite the row lock RDBStorage asks for (SELECT ... FOR UPDATE) does nothing, so two
+# trial threads could both read a re-queued trial as waiting and both run it.
+_TAKE_LOCK = threading.Lock()
+
+
+def _storage_class():
+  """RDBStorage whose move of a trial to RUNNING is taken under :data:`_TAKE_LOCK`."""
+  optuna = _optuna()
+
+  class Storage(optuna.storages.RDBStorage):
+
+    def set_trial_state_values(self, trial_id, state, values=None):
+      if state != optuna.trial.TrialState.RUNNING:
+        return super().set_trial_state_values(trial_id, state, values)
+      with _TAKE_LOCK:  # the state read and its change committed before another reads
+        return super().set_trial_state_values(trial_id, state, values)
+
+  return Storage
+
+
 def open_study(root: str, settings: Settings | None = None, *, create: bool = False,
                base_values: dict | None = None):
   """The study in ``ROOT/study.db`` (``create``: made when missing), with heartbeats,
@@ -139,7 +160,7 @@ def open_study(root: str, settings: Settings | None = None, *, create: bool = Fa
   optuna, s = _optuna(), settings or Settings()
   name = ("heartbeat_stale_trial_callback" if hasattr(
       optuna.storages, "RetryHeartbeatStaleTrialCallback") else "failed_trial_callback")
-  storage = optuna.storages.RDBStorage(
+  storage = _storage_class()(
       storage_url(root), engine_kwargs={"connect_args": {"timeout": 300}},
       heartbeat_interval=s.heartbeat_seconds, grace_period=2 * s.heartbeat_seconds,
       **{name: _retry_callback()})
