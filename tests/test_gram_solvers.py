@@ -313,25 +313,3 @@ def test_a_large_blas3_inverse_takes_potris_route(monkeypatch):
     tracemalloc.stop()
   assert peak < 0.5 * g.nbytes  # no second matrix (L^-1) was made
   _close(p, want, 1e-4)
-
-
-@pytest.mark.parametrize("form,method", [("primal", "blas3"), ("primal", "potri"),
-                                         ("dual", "blas3")])
-def test_mapped_matrices_give_the_same_inverse_and_go_back_to_the_system(
-    monkeypatch, form, method):
-  import gc
-  import jax
-  x = _data(150, 200, seed=12) if form == "dual" else _data(500, 200, seed=12)
-  heap = gs.fit_inverse(x, 7.0, form=form, method=method)
-  monkeypatch.setattr(gs, "_MAPPED_MIN_BYTES", 0)  # every matrix from its own map
-  mapped = gs.fit_inverse(x, 7.0, form=form, method=method)
-  assert mapped.base is not None and mapped.ctypes.data % 4096 == 0
-  np.testing.assert_array_equal(mapped, heap)  # where the memory lives changes nothing
-  np.testing.assert_allclose(mapped, _p_ref(x, 7.0), rtol=0, atol=1e-5)
-  b = gs.ease_b_from_p(mapped)
-  on_device = jax.device_put(b, jax.devices("cpu")[0])
-  assert on_device.unsafe_buffer_pointer() == b.ctypes.data  # shared, not copied
-  want = b.copy()
-  del b, mapped
-  gc.collect()
-  np.testing.assert_array_equal(np.asarray(on_device), want)  # jax keeps the map alive

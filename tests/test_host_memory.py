@@ -139,33 +139,3 @@ def test_memory_freed_and_kept_for_reuse_counts_as_available_to_the_process():
   assert free1 - free0 > 0.9 * block
   assert seen1 - avail1 > 0.9 * block  # the check counts it beside MemAvailable
   del avail0, seen0
-
-
-@pytest.mark.skipif(not GLIBC, reason="glibc's allocator settings")
-@pytest.mark.parametrize("mapped", [True, False])
-def test_a_freed_solver_matrix_goes_back_to_the_system_under_the_settings(mapped):
-  # gram_solvers maps its large matrices itself: under the settings (freed heap memory
-  # kept, M_MMAP_MAX=0) a freed 256 MB matrix then leaves the process at once, where
-  # from the heap it would stay (and the next matrix of another size would not fit its
-  # hole: a Yelp2018 run grew to twice its live matrices).
-  out = json.loads(_python(
-      "import gc, json\n"
-      "from jax_vaecf.core import host_memory\n"
-      "host_memory.reuse_freed_memory()\n"
-      "import numpy as np\n"
-      "from jax_vaecf.models import gram_solvers as gs\n"
-      f"gs._MAPPED_MIN_BYTES = {1 << 27 if mapped else 1 << 40}\n"
-      "def rss():\n"
-      "  for line in open('/proc/self/status'):\n"
-      "    if line.startswith('VmRSS:'):\n"
-      "      return int(line.split()[1]) << 10\n"
-      "a = gs.aligned_empty((8192, 8192), np.float32)\n"
-      "a[...] = 1.0\n"
-      "held = rss()\n"
-      "del a\n"
-      "gc.collect()\n"
-      "print(json.dumps({'freed': held - rss()}))\n"))
-  if mapped:
-    assert out["freed"] > 200 << 20, out
-  else:
-    assert out["freed"] < 50 << 20, out  # what the mapping is for

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import mmap
 import time
 from typing import Callable, Optional, Sequence
 
@@ -62,13 +61,6 @@ BLAS3_MAX_ROWS = 16_384
 # array aligned so without copying it (jax.device_put aliases the memory), so a fitted B
 # handed to a jax model is not a third matrix. NumPy alone aligns to 16 bytes.
 _ALIGNMENT = 64
-
-# Matrices of at least this many bytes are mapped from the kernel (anonymous mmap,
-# page-aligned) instead of taken from malloc: freed, they go back to the system at once.
-# From glibc's heap, which the runs keep for reuse (core/host_memory), they stayed in the
-# process, and the next matrix of another size did not fit the hole: a Yelp2018 EDLAE
-# run grew to 21.7 GB resident where its live matrices peaked at 10.6 GB.
-_MAPPED_MIN_BYTES = 1 << 27
 
 
 def _say(progress: Progress, message: str) -> None:
@@ -114,25 +106,12 @@ def _check_csr(x, name: str = "x") -> sp.csr_matrix:
 def aligned_empty(shape: tuple[int, ...], dtype, order: str = "C") -> np.ndarray:
   """An uninitialised array of ``shape`` and ``dtype`` (C- or F-ordered) whose data
   starts on a ``_ALIGNMENT``-byte boundary, so that ``jax.device_put`` on a CPU device
-  shares its memory instead of copying it (the array must then not be written to).
-  From :data:`_MAPPED_MIN_BYTES` on, its own anonymous memory map (zero-filled), given
-  back to the system when the last reference (the array's or jax's) goes."""
+  shares its memory instead of copying it (the array must then not be written to)."""
   dtype = np.dtype(dtype)
   nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-  if nbytes >= _MAPPED_MIN_BYTES:
-    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    return np.frombuffer(buf, np.uint8).view(dtype).reshape(shape, order=order)
   raw = np.empty(nbytes + _ALIGNMENT, np.uint8)
   start = -raw.ctypes.data % _ALIGNMENT
   return raw[start:start + nbytes].view(dtype).reshape(shape, order=order)
-
-
-def _identity(n: int, dtype, order: str = "C") -> np.ndarray:
-  """``I`` ``(n, n)`` in :func:`aligned_empty`'s memory."""
-  a = aligned_empty((n, n), dtype, order)
-  a[...] = 0
-  a.ravel(order="K")[::n + 1] = 1
-  return a
 
 
 def gram_diagonal(x) -> np.ndarray:
@@ -245,7 +224,7 @@ def inverse_of_gram_plus_diagonal(g: np.ndarray, diag_add, overwrite: bool = Tru
   if method == "potri" or n > BLAS3_MAX_ROWS:
     _inverse_from_factor_in_place(c, "G + D")
   else:
-    linv = _identity(n, a.dtype, order="F")
+    linv = np.eye(n, dtype=a.dtype, order="F")
     trsm, syrk = blas.get_blas_funcs(("trsm", "syrk"), (c, linv))
     linv = trsm(1.0, c, linv, side=0, lower=1, overwrite_b=1)
     out = syrk(1.0, linv, beta=0.0, c=c, trans=1, lower=1, overwrite_c=1)
@@ -338,12 +317,10 @@ def dual_inverse(x, diag_add, dtype=np.float32, progress: Progress = None) -> np
   d = _diagonal_vector(diag_add, n, np.float64)
   t0 = time.perf_counter()
   kinv, st = _dual_system_inverse(x, d, dtype, progress)
-  v = aligned_empty((n, kinv.shape[0]), kinv.dtype)  # S^T K^-1: V[block]^T = K^-1 S[:, block]
-  block = max(1, min(_BLOCK, -(-n // 8)))
-  for i0 in range(0, n, block):
-    v[i0:i0 + block] = st[i0:i0 + block] @ kinv
+  v = st @ kinv  # (n, m): S^T K^-1, so V[block]^T = K^-1 S[:, block]
   del kinv
   p = aligned_empty((n, n), dtype)
+  block = max(1, min(_BLOCK, -(-n // 8)))
   for i0 in range(0, n, block):
     i1 = min(n, i0 + block)
     # (S^T K^-1 S)[:, i0:i1] as rows i0:i1 (P is symmetric).
