@@ -22,7 +22,8 @@ For each size ``n`` (synthetic power-law rows: ``3 n`` users with ``--mean_per_u
 items each, and a fewer-users-than-items case of ``n / 10`` users) it times, each in a
 forked process that reports its time and peak memory above what it inherited (the data),
 one fit from the sparse rows (the Gram matrix included): ``gram_solvers.fit_inverse``
-float32 and float64 (the form its cost model picks), ``numpy.linalg.inv`` and SciPy's
+float32 and float64 (the form its cost model picks; in the primal form also float32 by
+``potri``, the one-matrix route each fit of a run's sweep takes), ``numpy.linalg.inv`` and SciPy's
 ``cho_factor`` / ``cho_solve`` in float32 and float64; then ``gram_solvers.choose_l2``
 over ``--n_l2`` values scoring ``--sweep_users`` validation users (NDCG@100), beside
 what a sweep of one SciPy float32 fit per value costs (that row is the single fit times
@@ -242,6 +243,11 @@ def solver_rows(n_items: int, n_users: int, mean_per_user: float, sweep_users: i
     t, mib = _measured(lambda dtype=dtype: gs.ease_b_from_p(gs.fit_inverse(train, l2, dtype)))
     add({"shape": shape, "row": "one fit", "seconds": t, "peak_mib": mib,
          "method": f"gram_solvers {form} {np.dtype(dtype).name}"})
+  if form == "primal":  # the one-matrix route a run's sweep takes (ease.choose_on_host)
+    t, mib = _measured(lambda: gs.ease_b_from_p(gs.fit_inverse(train, l2, np.float32,
+                                                               method="potri")))
+    add({"shape": shape, "row": "one fit", "seconds": t, "peak_mib": mib,
+         "method": "gram_solvers primal float32 potri"})
   for name in references:
     t, mib = _measured(lambda name=name: _reference_from_rows(train, l2, name))
     add({"shape": shape, "row": "one fit", "seconds": t, "peak_mib": mib,
