@@ -12,8 +12,8 @@ no epoch: a run reads the same CSR batches the VAEs train on, and fits in one of
 * On a CPU device (:func:`fit_on_host`): the batches become a sparse matrix on the host
   (:func:`training_rows`; never a dense user x item matrix) and every ``B`` comes from
   :mod:`jax_vaecf.models.gram_solvers`' in-place LAPACK solvers: the Gram matrix written
-  straight into a dense matrix, its Cholesky factor and inverse in place (TWO ``n x n``
-  matrices at the peak), or the users x users (Woodbury) form when it costs fewer flops
+  straight into a dense matrix, its Cholesky factor and inverse in place (ONE ``n x n``
+  matrix; a sweep keeps the best ``B`` beside it), or the users x users (Woodbury) form when it costs fewer flops
   (fewer users than items). Several ``l2``: one fit per scored value, the values searched
   by golden section along the sorted grid (about 5 of 10 scored; it assumes the
   validation NDCG rises then falls); the best ``B`` so far is kept beside the next
@@ -71,9 +71,10 @@ DEFAULT_L2_GRID = (10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0
 DEVICE_MATRICES_AT_PEAK = 5
 
 # The same on a CPU device (gram_solvers on the host, one fit per l2, one or several):
-# the Gram matrix (factored, inverted and turned into B in place) and L^-1 in the
-# primal form; P and the users x items W (fewer users than items) in the dual form. The
-# B handed to jax shares its memory (gram_solvers.aligned_empty).
+# the Gram matrix (factored, inverted and turned into B in place) and the best B of a
+# sweep kept beside it in the primal form; P and the users x items W (fewer users than
+# items) in the dual form. The B handed to jax shares its memory
+# (gram_solvers.aligned_empty).
 HOST_MATRICES_AT_PEAK = 2
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -288,8 +289,8 @@ def fit_on_host(grid: tuple[float, ...], problem: model_lib.ClosedFormProblem
   x = training_rows(problem.train_batches(), problem.n_items)
   form = host_form(x, problem.progress)
 
-  def fitted(c, method):
-    b = host_b(x, c["l2"], form, f"l2 {c['l2']:g}", problem.progress, method=method)
+  def fitted(c):
+    b = host_b(x, c["l2"], form, f"l2 {c['l2']:g}", problem.progress)
     return params_of(jax.device_put(b, problem.device), c["l2"])
 
   best, params, fits = choose_on_host([{"l2": v} for v in grid], problem, EASE(
@@ -307,9 +308,8 @@ def dual_bytes_at_peak(n_users: int, n_items: int) -> int:
 
 def keeps_best_b(form: str, shape: tuple[int, int], progress=None) -> bool:
   """Whether a host sweep keeps the best ``B`` so far beside the next fit rather than
-  fitting the chosen setting again at the end (one fit more). Primal form: always (each
-  fit then takes LAPACK's one-matrix ``potri`` route, so the kept ``B`` is the second
-  matrix). Users x users form: when this process can allocate, beside a fit's peak
+  fitting the chosen setting again at the end (one fit more). Primal form: always (a
+  fit is one matrix, LAPACK's ``potri`` in place, so the kept ``B`` is the second). Users x users form: when this process can allocate, beside a fit's peak
   (:func:`dual_bytes_at_peak`), the kept ``B`` and the two ``n x n`` copies of a
   candidate's ``B`` that scoring and checkpointing it make in jax's memory (the eval
   step's replicated parameters, the run's state), with a tenth to spare: on Yelp2018
@@ -333,21 +333,19 @@ def choose_on_host(candidates: list[dict], problem: model_lib.ClosedFormProblem,
                    model: nn.Module, fitted, form: str, shape: tuple[int, int],
                    search=None) -> tuple[dict, dict, int]:
   """The host sweep of a closed-form model: each candidate fitted by
-  ``fitted(candidate, method) -> params`` (``method``: the primal inverse,
-  :func:`host_b`) and scored by ``problem.choose`` (``search`` picks which; ``None``:
-  all). The best ``B`` so far is kept beside the next fit when :func:`keeps_best_b`
-  says so (primal fits then take the one-matrix ``"potri"`` route), so the sweep costs
-  one fit per scored candidate; else the chosen one is fitted again.
+  ``fitted(candidate) -> params`` (:func:`host_b`) and scored by ``problem.choose``
+  (``search`` picks which; ``None``: all). The best ``B`` so far is kept beside the next
+  fit when :func:`keeps_best_b` says so (a primal fit is one matrix, ``potri``), so the
+  sweep costs one fit per scored candidate; else the chosen one is fitted again.
 
   Returns ``(chosen candidate, its params, fits made)``. ``shape``: the training rows'
   ``(n_users, n_items)``."""
   keep = len(candidates) > 1 and keeps_best_b(form, shape, problem.progress)
-  method = "potri" if keep and form == "primal" else "blas3"
   latest, kept, fits = {}, {}, [0]
 
   def scorer(c):
     fits[0] += 1
-    latest["params"] = fitted(c, method)
+    latest["params"] = fitted(c)
     return model, latest["params"]
 
   def keeping(value, n):
@@ -366,7 +364,7 @@ def choose_on_host(candidates: list[dict], problem: model_lib.ClosedFormProblem,
   else:
     kept.clear()
     fits[0] += 1
-    params = fitted(best, "blas3")
+    params = fitted(best)
   return best, params, fits[0]
 
 
@@ -477,14 +475,14 @@ def host_form(x: sp.csr_matrix, progress=None) -> str:
 
 
 def host_b(x: sp.csr_matrix, diag_add, form: str, setting: str, progress=None,
-           method: str = "blas3") -> np.ndarray:
+           method: str = "potri") -> np.ndarray:
   """``B = I - P / diag(P)`` float32 ``(n, n)`` with ``P = (X^T X + diag(diag_add))^-1``
   from the sparse ``(m, n)`` ``x`` by :func:`gram_solvers.fit_inverse` in ``form``
   (``"primal"`` or ``"dual"``), in the memory ``P`` was computed in (C-ordered, aligned
   for ``jax.device_put`` to share it). ``diag_add``: scalar or ``(n,)``, above 0.
   ``numpy.linalg.LinAlgError`` naming ``setting`` (e.g. ``"l2 10"``) when the matrix is
-  not positive definite in float32. ``method``: the primal form's inverse (``"blas3"``:
-  two matrices at the peak; ``"potri"``: one, in place)."""
+  not positive definite in float32. ``method``: the primal form's inverse (``"potri"``:
+  one matrix, in place; ``"blas3"``: two at the peak)."""
   try:
     p = gram_solvers.fit_inverse(x, diag_add, np.float32, form, progress, method=method)
   except np.linalg.LinAlgError as e:

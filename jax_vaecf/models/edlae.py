@@ -132,10 +132,10 @@ def fit_on_host(grid: list[dict], problem: model_lib.ClosedFormProblem
   form = ease.host_form(x, problem.progress)
   diag_g = gram_solvers.gram_diagonal(x)
 
-  def fitted(c, method):
+  def fitted(c):
     weight = c["dropout_p"] / (1.0 - c["dropout_p"]) * diag_g + c["l2"]
     b = ease.host_b(x, weight, form, f"dropout_p {c['dropout_p']:g}, l2 {c['l2']:g}",
-                    problem.progress, method=method)
+                    problem.progress)
     return params_of(jax.device_put(b, problem.device), c["dropout_p"], c["l2"])
 
   best, params, fits = ease.choose_on_host(grid, problem, EDLAE(problem.n_items),

@@ -9,18 +9,19 @@ arrays out, no flag or global read.
 
 Memory at the peak of one fit (``n = n_items``, ``m = n_users``):
 
-* primal form (:func:`inverse_of_gram_plus_diagonal`): TWO ``n x n`` matrices (ONE with
-  ``method="potri"``). ``G`` is written into the first (:func:`gram_into`, row blocks
-  of the sparse product, never a dense ``users x items`` matrix) and factored in place
-  (``potrf``); ``L^-1`` goes to the second (``trsm``), ``P = L^-T L^-1`` back into the
-  first (``syrk``); the other triangle is filled in row blocks of ``_BLOCK`` rows.
+* primal form (:func:`inverse_of_gram_plus_diagonal`): ONE ``n x n`` matrix (TWO with
+  ``method="blas3"``). ``G`` is written into it (:func:`gram_into`, row blocks of the
+  sparse product, never a dense ``users x items`` matrix), factored in place
+  (``potrf``) and inverted in place (``potri``); the other triangle is filled in row
+  blocks of ``_BLOCK`` rows.
 * dual form (:func:`dual_inverse`, fewer users than items): ``K^-1`` ``(m, m)`` and
   ``V = S^T K^-1`` ``(n, m)``, then ``V`` and ``P`` (``m < n``: under two ``n x n``).
 * the l2 sweep (:func:`choose_l2`): TWO ``n x n`` matrices in the primal form (the point
   being scored and the best so far), none in the dual form until the final ``P``.
 
 Costs in flops (:func:`primal_flops`, :func:`dual_flops`): the primal fit is
-``n^3 / 3`` (Cholesky) ``+ 2 n^3`` (``trsm`` and ``syrk``; ``potri``: ``2 n^3 / 3``);
+``n^3 / 3`` (Cholesky) ``+ 2 n^3 / 3`` (``potri``; ``"blas3"``'s ``trsm`` and ``syrk``:
+``2 n^3``);
 the dual is ``m^3`` (``K = I + X D^-1 X^T`` inverted by ``potrf`` and ``potri``), then
 ``P = D^-1 - S^T K^-1 S`` (``S = X D^-1``) by sparse-times-dense products;
 :func:`fit_inverse` takes the dual when ``m < n``. Sparse products (``G``, ``K``,
@@ -190,7 +191,7 @@ def _inverse_from_factor_in_place(c: np.ndarray, what: str) -> None:
 
 
 def inverse_of_gram_plus_diagonal(g: np.ndarray, diag_add, overwrite: bool = True,
-                                  progress: Progress = None, method: str = "blas3"
+                                  progress: Progress = None, method: str = "potri"
                                   ) -> np.ndarray:
   """``P = (G + diag(diag_add))^-1``, symmetric, in ``g``'s dtype (float32 or float64).
 
@@ -201,13 +202,13 @@ def inverse_of_gram_plus_diagonal(g: np.ndarray, diag_add, overwrite: bool = Tru
     diag_add: scalar or ``(n,)`` positive per-item diagonal.
     progress: optional ``progress(message)``, called between the stages.
     method: after the Cholesky factor ``L`` (``potrf``, in place):
+      ``"potri"``: LAPACK's ``potri`` in place: ONE matrix, ``n^3`` flops in all; on a
+      quiet 2-core machine 2x faster than ``"blas3"`` at 10,000 items
+      (docs/performance.md).
       ``"blas3"``: ``L^-1`` by a triangular solve against ``I`` (``trsm``) into a second
       matrix, then ``P = L^-T L^-1`` (``syrk``) back into the first: TWO ``n x n``
       matrices at the peak, ``n^3 / 3 + 2 n^3`` flops in two large BLAS-3 calls (above
       :data:`BLAS3_MAX_ROWS` rows, ``"potri"``'s route).
-      ``"potri"``: LAPACK's ``potri`` in place: ONE matrix, ``n^3`` flops, but recursive
-      LAPACK code that this machine ran 2-3x slower per flop when its cores were shared
-      (docs/performance.md).
 
   Raises ``numpy.linalg.LinAlgError`` when ``G + D`` is not positive definite.
   """
@@ -254,9 +255,9 @@ def ease_b_from_p(p: np.ndarray) -> np.ndarray:
 
 
 def primal_flops(n_users: int, n_items: int) -> float:
-  """Flops of a primal fit: Cholesky ``n^3/3``, then ``trsm`` and ``syrk`` ``n^3`` each."""
+  """Flops of a primal fit: Cholesky ``n^3/3``, then ``potri`` ``2 n^3 / 3``."""
   del n_users
-  return 7.0 / 3.0 * float(n_items) ** 3
+  return float(n_items) ** 3
 
 
 def dual_flops(n_users: int, n_items: int) -> float:
@@ -268,8 +269,8 @@ def dual_flops(n_users: int, n_items: int) -> float:
 
 def use_dual(n_users: int, n_items: int) -> bool:
   """Whether the users x users form is taken: fewer users than items, where it costs
-  fewer flops (:func:`dual_flops` ``m^3`` under :func:`primal_flops` ``7 n^3 / 3``, and
-  under the primal ``potri`` route's ``n^3``) and holds under two ``n x n`` matrices."""
+  fewer flops (:func:`dual_flops` ``m^3`` under :func:`primal_flops` ``n^3``) and holds
+  under two ``n x n`` matrices."""
   return n_users < n_items
 
 
@@ -333,17 +334,18 @@ def dual_inverse(x, diag_add, dtype=np.float32, progress: Progress = None) -> np
 
 
 def fit_inverse(x, diag_add, dtype=np.float32, form: str = "auto",
-                progress: Progress = None, solver: str = "host", method: str = "blas3"
+                progress: Progress = None, solver: str = "host", method: str = "potri"
                 ) -> np.ndarray:
   """``P = (X^T X + D)^-1`` ``(n, n)`` C-ordered, by the primal form (Gram matrix, then
   :func:`inverse_of_gram_plus_diagonal`) or the dual
   (:func:`dual_inverse`); ``form`` is ``"primal"``, ``"dual"`` or ``"auto"`` (the
-  cheaper by :func:`use_dual`; primal: two ``n x n`` matrices at the peak, dual: one
-  plus ``m x n``). ``solver``: ``"host"`` (SciPy's LAPACK), ``"device"``
+  cheaper by :func:`use_dual`; primal: one ``n x n`` matrix at the peak, two with
+  ``method="blas3"``; dual: one plus ``m x n``). ``solver``: ``"host"`` (SciPy's
+  LAPACK), ``"device"``
   (the primal form on jax's default device, float32: :func:`device_inverse`; host peak
   two matrices, the Gram matrix and the result) or ``"auto"`` (the device when jax's
   default backend is not the CPU). ``method``: the primal host inverse's
-  (:func:`inverse_of_gram_plus_diagonal`; ``"potri"``: one ``n x n`` matrix)."""
+  (:func:`inverse_of_gram_plus_diagonal`)."""
   x = _check_csr(x)
   if form not in ("auto", "primal", "dual"):
     raise ValueError(f"form: expected 'auto', 'primal' or 'dual', got {form!r}")
