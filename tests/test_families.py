@@ -110,6 +110,14 @@ def test_outputs_name_the_winner_and_its_margin_and_refit_under_per_user(tmp_pat
           "p = 2e-08): ease higher.") in text
   winner = configs.get_config(str(tmp_path / "winner.json"))
   assert winner.model == "ease" and winner.l2 == (100.0,) and not winner.refit
+  state["test"] = {"refit": True, "folder": "ease/run/refit", "metrics": {
+      "ndcg@100": 0.1047, "recall@20": 0.0721, "recalln@20": 0.0698, "ndcg@20": 0.0569,
+      "recall@50": 0.1332, "mrr@20": 0.117}}
+  fam.write_outputs(str(tmp_path), state)
+  assert ("Test (refitted on every training item, ease/run/refit): ndcg@20 0.0569, "
+          "recall@20 0.0721, recalln@20 0.0698, ndcg@100 0.1047, recall@50 0.1332.\n"
+          ) in open(tmp_path / "families.md").read()
+  del state["test"]
   # Under the per-user protocol the winner's settings ask for the refit it was tested by.
   state["results"]["ease"]["config"] = configs.to_json(
       demo.replace(model="ease", protocol="per_user"))

@@ -367,8 +367,10 @@ def summary_lines(state: dict) -> list[str]:
     how = ("refitted on every training item" if t["refit"] else
            "its best checkpoint as it is: the held-out-users protocol has no refit")
     m = t["metrics"]
+    # recalln@20 (hits / |held-out items|) is the recall NGCF / LightGCN splits publish.
     lines.append(f"Test ({how}, {t['folder']}): " + ", ".join(
-        f"{k} {m[k]:.4f}" for k in ("ndcg@100", "recall@20", "recall@50") if k in m) + ".")
+        f"{k} {m[k]:.4f}" for k in ("ndcg@20", "recall@20", "recalln@20", "ndcg@100",
+                                    "recall@50") if k in m) + ".")
   return lines
 
 
