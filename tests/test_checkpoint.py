@@ -239,7 +239,9 @@ def test_after_a_failed_save_only_callbacks_into_closed_loops_are_silenced(
   sys.unraisablehook = reported.append
   try:
     _write_finished_after_its_loop_closed(new_loop())
-    assert [str(u.exc_value) for u in reported] == ["Event loop is closed"]  # not yet
+    # Not yet filtered. (A late callback of an earlier test's failed save may be
+    # reported here too, as the same error.)
+    assert reported and {str(u.exc_value) for u in reported} == {"Event loop is closed"}
     ck = checkpoint.RunCheckpoints(str(tmp_path), IDENTITY)
 
     def failing_save(*args, **kwargs):
